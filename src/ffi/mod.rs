@@ -1,0 +1,111 @@
+//! The C boundary: type conversion, NULL and UTF-8 checks, panic catching, result codes and
+//! the last-error text. No migration logic lives here.
+
+pub mod qmp;
+pub mod remote;
+pub mod tunnel;
+
+use crate::error::{Error, Kind, Result};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// Success.
+pub const MTUNNEL_OK: c_int = 0;
+/// An argument was NULL, not UTF-8, malformed JSON, or refused by validation.
+pub const MTUNNEL_ERR_INVALID_ARGUMENT: c_int = Kind::InvalidArgument as c_int;
+/// A deadline passed.
+pub const MTUNNEL_ERR_TIMEOUT: c_int = Kind::Timeout as c_int;
+/// ssh exited or failed to connect; the last error holds its stderr tail.
+pub const MTUNNEL_ERR_SSH_EXITED: c_int = Kind::SshExited as c_int;
+/// The remote side sent something the protocol does not allow (strange greeting, garbage).
+pub const MTUNNEL_ERR_PROTOCOL: c_int = Kind::Protocol as c_int;
+/// The target node has no quorum.
+pub const MTUNNEL_ERR_NO_QUORUM: c_int = Kind::NoQuorum as c_int;
+/// The remote side refused a command (`ERR: …`) or a remote command exited non-zero.
+pub const MTUNNEL_ERR_REMOTE: c_int = Kind::Remote as c_int;
+/// QEMU answered with a QMP error; the last error holds its class and description.
+pub const MTUNNEL_ERR_QMP: c_int = Kind::Qmp as c_int;
+/// A local system call failed.
+pub const MTUNNEL_ERR_IO: c_int = Kind::Io as c_int;
+/// The tunnel was already closed.
+pub const MTUNNEL_ERR_CLOSED: c_int = Kind::Closed as c_int;
+/// A bug in the library was caught (a Rust panic); nothing unwound into the caller.
+pub const MTUNNEL_ERR_PANIC: c_int = Kind::Panic as c_int;
+
+/// Log level of errors.
+pub const MTUNNEL_LOG_ERROR: c_int = crate::log::Level::Error as c_int;
+/// Log level of warnings (ssh's stderr, forced kills).
+pub const MTUNNEL_LOG_WARN: c_int = crate::log::Level::Warn as c_int;
+/// Log level of progress messages.
+pub const MTUNNEL_LOG_INFO: c_int = crate::log::Level::Info as c_int;
+/// Log level of debugging details.
+pub const MTUNNEL_LOG_DEBUG: c_int = crate::log::Level::Debug as c_int;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs the body of an exported function: clears the last error, catches panics, maps errors
+/// to result codes.
+pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> c_int {
+    set_last_error("");
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => MTUNNEL_OK,
+        Ok(Err(e)) => {
+            set_last_error(&e.message);
+            e.kind as c_int
+        }
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            set_last_error(&format!("internal error in mtunnel (panic): {what}"));
+            MTUNNEL_ERR_PANIC
+        }
+    }
+}
+
+/// A required string argument.
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::invalid(format!("{name} is NULL")));
+    }
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))
+}
+
+/// An optional string argument (NULL = absent).
+pub(crate) unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str>> {
+    if p.is_null() { Ok(None) } else { unsafe { str_arg(p, name) }.map(Some) }
+}
+
+/// Stores a library-owned string in an out-parameter (NULL out = the caller does not want it).
+pub(crate) unsafe fn put_string(out: *mut *mut c_char, s: String) {
+    if !out.is_null() {
+        let c = CString::new(s.replace('\0', "\\u0000")).unwrap_or_default();
+        unsafe { *out = c.into_raw() };
+    }
+}
+
+/// Returns the text describing the last failed call on this thread ("" after a success).
+///
+/// Ownership: the string belongs to the library and stays valid until the next call into the
+/// library on the same thread; copy it if you need it longer. Never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn mtunnel_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Frees a string returned by the library through an out-parameter.
+///
+/// NULL is a no-op. Passing a pointer not returned by this library, or freeing twice, is
+/// undefined behaviour.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mtunnel_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        drop(unsafe { CString::from_raw(s) });
+    }
+}

@@ -1,0 +1,73 @@
+//! C functions speaking QMP to a VM's monitor socket. Each call opens its own connection and
+//! closes it before returning.
+
+use super::{boundary, opt_str_arg, put_string, str_arg};
+use crate::error::Error;
+use crate::{options, qmp};
+use std::ffi::{c_char, c_int};
+
+/// Starts a migration of the VM behind `qmp_socket` to `uri` (`unix:/PATH` or `tcp:HOST:PORT`):
+/// `migrate-set-capabilities` (if any), `migrate-set-parameters` (always, with `max-bandwidth`
+/// defaulting to 8192 MiB/s because QEMU's default is 128 MiB/s), then `migrate`. Returns once
+/// QEMU accepted the command; poll `qmp_query_migrate` for progress.
+///
+/// `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
+/// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000}`.
+/// `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
+/// `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
+/// hung monitor), `MTUNNEL_ERR_IO` (no such socket) or `MTUNNEL_ERR_PROTOCOL`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate(qmp_socket: *const c_char, uri: *const c_char, options_json: *const c_char) -> c_int {
+    boundary(|| {
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        let uri = unsafe { str_arg(uri, "uri") }?;
+        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?)?;
+        qmp::migrate(path, uri, &opts)
+    })
+}
+
+/// Runs `query-migrate` and writes QEMU's answer as JSON to `*status_out` (free with
+/// `mtunnel_string_free`; may be NULL). Unknown statuses are passed through unchanged: treat
+/// them as still running. `qmp_socket` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Same codes as
+/// `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_query_migrate(qmp_socket: *const c_char, timeout_ms: i64, status_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        let reply = qmp::query_migrate(path, timeout_ms)?;
+        unsafe { put_string(status_out, reply.to_string()) };
+        Ok(())
+    })
+}
+
+/// Sends `migrate_cancel`, then polls until the migration is cancelled, failed or completed
+/// (or there was none), all within `timeout_ms`. The last `query-migrate` answer goes to
+/// `*status_out` (free with `mtunnel_string_free`; may be NULL). Same codes as `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_cancel(qmp_socket: *const c_char, timeout_ms: i64, status_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        let reply = qmp::migrate_cancel(path, timeout_ms)?;
+        unsafe { put_string(status_out, reply.to_string()) };
+        Ok(())
+    })
+}
+
+/// Runs any QMP command (`cont`, `quit`, `query-status`, …) with optional JSON-object
+/// `arguments_json` (NULL = none) and writes its `return` value as JSON to `*reply_out` (free
+/// with `mtunnel_string_free`; may be NULL). `qmp_socket` or `command` NULL →
+/// `MTUNNEL_ERR_INVALID_ARGUMENT`. Same codes as `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_execute(qmp_socket: *const c_char, command: *const c_char, arguments_json: *const c_char, timeout_ms: i64, reply_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        let command = unsafe { str_arg(command, "command") }?;
+        let args = match unsafe { opt_str_arg(arguments_json, "arguments_json") }? {
+            None => None,
+            Some(text) => Some(serde_json::from_str(text).map_err(|e| Error::invalid(format!("arguments_json is not valid JSON: {e}")))?),
+        };
+        let reply = qmp::execute(path, command, args, timeout_ms)?;
+        unsafe { put_string(reply_out, reply.to_string()) };
+        Ok(())
+    })
+}

@@ -1,0 +1,72 @@
+//! C functions for one-shot remote commands and the target's start output.
+
+use super::{boundary, put_string, str_arg};
+use crate::error::{Error, Result};
+use crate::io::Deadline;
+use crate::process::Exit;
+use crate::ssh::{self, Ssh};
+use crate::{options, target, validate};
+use serde_json::{Value, json};
+use std::ffi::{c_char, c_int};
+
+fn run(opts: &Value) -> Result<Value> {
+    options::only_known(opts, &["ssh", "command", "input", "timeout_ms", "check", "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max"])?;
+    let ssh = Ssh::from_options(opts)?;
+    let command = options::string_list(opts, "command")?.ok_or_else(|| Error::invalid("missing option 'command'"))?;
+    let input = options::string(opts, "input")?.unwrap_or_default();
+    let deadline = Deadline::after_ms(options::timeout_ms(opts, "timeout_ms", 60_000)?);
+    let out = if options::boolean(opts, "check", true)? {
+        ssh::run_checked(&ssh, &command, input.as_bytes(), deadline)?
+    } else {
+        ssh::run(&ssh, &command, input.as_bytes(), deadline)?
+    };
+    let (code, signal) = match out.exit {
+        Exit::Code(c) => (json!(c), Value::Null),
+        Exit::Signal(s) => (Value::Null, json!(s)),
+        Exit::Unknown => (Value::Null, Value::Null),
+    };
+    Ok(json!({
+        "exit_code": code,
+        "signal": signal,
+        "stdout": String::from_utf8_lossy(&out.stdout),
+        "stderr": String::from_utf8_lossy(&out.stderr),
+    }))
+}
+
+/// Runs one remote command over ssh and collects its output, e.g. `qm start VMID
+/// --migratedfrom NODE`. Every word of the command is shell-quoted for the remote shell.
+///
+/// `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
+/// "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
+/// keepalive options of `tunnel_open`. With `"check": true` a non-zero exit is an error
+/// (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
+/// last error). On success `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
+/// `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
+/// On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ssh_run(options_json: *const c_char, result_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
+        let result = run(&opts)?;
+        unsafe { put_string(result_out, result.to_string()) };
+        Ok(())
+    })
+}
+
+/// Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
+/// `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
+/// or `port N`; `storage migration listens on nbd:unix:…`; `spice listens on port N`;
+/// `QEMU: …`. On success `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
+/// `{"uri": …, "socket": … (unix only), "nbd": [{"drive", "uri", "socket", "volume"}],
+/// "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
+/// `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn migrate_listen_parse(output: *const c_char, vmid: *const c_char, result_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let output = unsafe { str_arg(output, "output") }?;
+        let vmid = unsafe { str_arg(vmid, "vmid") }?;
+        let result = target::parse_start_output(output, vmid, validate::DEFAULT_SOCKET_DIR)?;
+        unsafe { put_string(result_out, result.to_string()) };
+        Ok(())
+    })
+}

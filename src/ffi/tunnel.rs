@@ -1,0 +1,147 @@
+//! C functions on a tunnel handle.
+
+use super::{boundary, opt_str_arg, put_string, str_arg};
+use crate::error::{Error, Result};
+use crate::log::{Level, Log};
+use crate::options;
+use crate::tunnel::{CloseOptions, OpenOptions, Tunnel};
+use std::ffi::{CString, c_char, c_int, c_void};
+
+/// An open tunnel: an ssh child with its forwards. Opaque; create with `tunnel_open`,
+/// release with `tunnel_free`. Not safe to use from two threads at once.
+#[allow(non_camel_case_types)]
+pub struct mtunnel_tunnel {
+    tunnel: Tunnel,
+}
+
+/// Log callback: `userdata` as given to `tunnel_open`, a `MTUNNEL_LOG_*` level and a
+/// NUL-terminated message valid only during the call. Called synchronously on the caller's
+/// thread, only from within calls on the tunnel it was given to.
+#[allow(non_camel_case_types)]
+pub type mtunnel_log_fn = Option<unsafe extern "C" fn(userdata: *mut c_void, level: c_int, msg: *const c_char)>;
+
+unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
+    if t.is_null() {
+        return Err(Error::invalid("tunnel is NULL"));
+    }
+    Ok(unsafe { &mut (*t).tunnel })
+}
+
+/// Starts `ssh … -o ExitOnForwardFailure=yes -L SOCK:SOCK … -- qm mtunnel` and returns a handle
+/// at once; call `tunnel_wait_ready` next.
+///
+/// `options_json` (required) is an object:
+/// - `"ssh"`: argv prefix, the binary, its options and `user@host` last (required); the library
+///   adds `-e none -o BatchMode=yes -o ExitOnForwardFailure=yes` ahead of it, and
+///   `ConnectTimeout`/`ServerAlive*` defaults after it (yours win);
+/// - `"forwards"`: socket paths, each forwarded to the same path on the remote (default `[]`);
+///   each must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket there
+///   is removed, anything else is refused;
+/// - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
+/// - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
+///   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
+///   (15, 0 = off), `"server_alive_count_max"` (3).
+///
+/// `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
+/// On success `*tunnel_out` receives the handle (owned by the caller; release with
+/// `tunnel_free`). `tunnel_out` must not be NULL.
+/// Returns `MTUNNEL_OK`, `MTUNNEL_ERR_INVALID_ARGUMENT` (bad options, path, destination) or
+/// `MTUNNEL_ERR_IO` (ssh could not be started).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_open(options_json: *const c_char, log: mtunnel_log_fn, userdata: *mut c_void, tunnel_out: *mut *mut mtunnel_tunnel) -> c_int {
+    boundary(|| {
+        if tunnel_out.is_null() {
+            return Err(Error::invalid("tunnel_out is NULL"));
+        }
+        let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
+        let opts = OpenOptions::from_json(&opts)?;
+        let log = match log {
+            None => Log::none(),
+            Some(cb) => Log::new(move |level: Level, msg: &str| {
+                let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+                unsafe { cb(userdata, level as c_int, c.as_ptr()) };
+            }),
+        };
+        let tunnel = Tunnel::open(opts, log)?;
+        unsafe { *tunnel_out = Box::into_raw(Box::new(mtunnel_tunnel { tunnel })) };
+        Ok(())
+    })
+}
+
+/// Waits until the tunnel is ready: `tunnel online` and `ver N` received (each within its
+/// own deadline), and every forward is a listening socket held by our ssh. Never connects to
+/// the forwarded socket. `timeout_ms` bounds the whole wait (negative = only the greeting
+/// deadlines apply). Calling it again on a ready tunnel returns at once.
+///
+/// `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_TIMEOUT`,
+/// `MTUNNEL_ERR_SSH_EXITED` (with ssh's stderr), `MTUNNEL_ERR_NO_QUORUM`,
+/// `MTUNNEL_ERR_PROTOCOL` (strange greeting or version) or `MTUNNEL_ERR_CLOSED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_wait_ready(tunnel: *mut mtunnel_tunnel, timeout_ms: i64) -> c_int {
+    boundary(|| unsafe { handle(tunnel) }?.wait_ready(timeout_ms))
+}
+
+/// Sends one protocol-v1 command line (`resume VMID`, `quit`) and waits up to `timeout_ms`
+/// for its reply. Reads the greeting first if `tunnel_wait_ready` was not called.
+///
+/// On success `*reply_out` (if not NULL) receives the reply (`"OK"`), to be freed with
+/// `mtunnel_string_free`. `tunnel` or `command` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`.
+/// Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote replied `ERR: …`),
+/// `MTUNNEL_ERR_PROTOCOL`, `MTUNNEL_ERR_TIMEOUT` (an unknown command gets no reply),
+/// `MTUNNEL_ERR_SSH_EXITED` or `MTUNNEL_ERR_CLOSED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_command(tunnel: *mut mtunnel_tunnel, command: *const c_char, timeout_ms: i64, reply_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let t = unsafe { handle(tunnel) }?;
+        let cmd = unsafe { str_arg(command, "command") }?;
+        let reply = t.command(cmd, timeout_ms)?;
+        unsafe { put_string(reply_out, reply) };
+        Ok(())
+    })
+}
+
+/// Closes the tunnel in stages: `quit` and its `OK`, EOF, wait for ssh to exit, SIGTERM,
+/// SIGKILL; reaps ssh; removes the local socket files (only if they are sockets) and, unless
+/// disabled, the remote ones over a second ssh with quoted arguments. Everything is cleaned
+/// up even when a stage fails; the first failure is returned.
+///
+/// `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
+/// "remote_cleanup": true}`. Idempotent: closing a closed tunnel returns `MTUNNEL_OK`.
+/// `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
+/// handle, only the child's fds are released; the parent's ssh is not touched.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_close(tunnel: *mut mtunnel_tunnel, options_json: *const c_char) -> c_int {
+    boundary(|| {
+        if tunnel.is_null() {
+            return Ok(());
+        }
+        let opts = options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?;
+        let opts = CloseOptions::from_json(&opts)?;
+        unsafe { handle(tunnel) }?.close(&opts)
+    })
+}
+
+/// Writes the tunnel's state as JSON to `*status_out` (free with `mtunnel_string_free`):
+/// `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,
+/// "forwards": [...]}`. `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_status(tunnel: *mut mtunnel_tunnel, status_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let status = unsafe { handle(tunnel) }?.status().to_string();
+        unsafe { put_string(status_out, status) };
+        Ok(())
+    })
+}
+
+/// Closes the tunnel with default options if still open, then frees the handle. NULL is a
+/// no-op. The handle must not be used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_free(tunnel: *mut mtunnel_tunnel) {
+    if !tunnel.is_null() {
+        // Drop closes; a panic inside must not unwind into C.
+        let _ = boundary(|| {
+            drop(unsafe { Box::from_raw(tunnel) });
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,355 @@
+//! Child processes started without threads, tracked by pidfd.
+//!
+//! A Perl host may have `$SIG{CHLD}='IGNORE'` or its own `waitpid(-1)` reaper, may block or
+//! ignore signals, and does not mark its fds close-on-exec. So the child is created with
+//! `clone(CLONE_PIDFD)`: every wait and signal goes through the pidfd (never a pid that could
+//! be reused), a status collected by someone else is tolerated, and the child resets signal
+//! dispositions and mask, keeps only fds 0–2, and asks for SIGTERM when its parent dies.
+
+use crate::error::{Error, Kind, Result};
+use crate::io::{self, Deadline};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus};
+use std::ffi::{CString, c_char, c_int};
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+unsafe extern "C" {
+    static environ: *const *const c_char;
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this status code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Exited, but its status was collected by another waiter in the host process.
+    Unknown,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+            Exit::Unknown => f.write_str("exited (status reaped by another waiter)"),
+        }
+    }
+}
+
+/// A running or finished child process.
+#[derive(Debug)]
+pub struct Child {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    owner: libc::pid_t,
+    exit: Option<Exit>,
+}
+
+/// Finds `prog` on `PATH` unless it contains a slash; resolved before clone so the child
+/// only calls async-signal-safe functions.
+fn resolve(prog: &str) -> Result<CString> {
+    let to_c = |s: &str| CString::new(s).map_err(|_| Error::invalid(format!("program '{}' contains a NUL byte", io::printable(prog.as_bytes(), 80))));
+    if prog.contains('/') {
+        return to_c(prog);
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = format!("{dir}/{prog}");
+        let c = to_c(&candidate)?;
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+            return Ok(c);
+        }
+    }
+    Err(Error::invalid(format!("program '{}' not found in PATH", io::printable(prog.as_bytes(), 80))))
+}
+
+/// Moves an fd to 3 or above (close-on-exec), so that installing the child's stdio with dup2
+/// cannot overwrite another of its sources.
+fn above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if raw < 0 {
+        return Err(Error::io("fcntl(F_DUPFD_CLOEXEC)", Errno::last()));
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The kernel's `struct sigaction` on x86_64 (differs from glibc's).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Runs in the child between clone and exec: async-signal-safe calls only, no allocation.
+unsafe fn exec_child(prog: *const c_char, argv: *const *const c_char, envp: *const *const c_char, stdio: [RawFd; 3], report: RawFd, parent: libc::pid_t) -> ! {
+    unsafe {
+        // The raw syscall also resets the signals glibc reserves (32, 33), which an
+        // ignoring parent may have set and signal(3) refuses to touch.
+        let dfl = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(libc::SYS_rt_sigaction, sig, &dfl as *const KernelSigaction, std::ptr::null_mut::<KernelSigaction>(), 8usize);
+            }
+        }
+        for (target, &fd) in stdio.iter().enumerate() {
+            if libc::dup2(fd, target as c_int) < 0 {
+                fail(report);
+            }
+        }
+        // Everything above stdio closes at exec, including the report pipe on success.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::setsid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        if libc::getppid() != parent {
+            libc::_exit(126);
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(prog, argv, envp);
+        fail(report)
+    }
+}
+
+unsafe fn fail(report: RawFd) -> ! {
+    unsafe {
+        let errno = *libc::__errno_location();
+        libc::write(report, (&errno as *const c_int).cast(), std::mem::size_of::<c_int>());
+        libc::_exit(127)
+    }
+}
+
+impl Child {
+    /// Starts `argv` with the given fds as its stdin, stdout and stderr. Returns once exec
+    /// succeeded, or with the reason it failed.
+    pub fn spawn(argv: &[String], stdio: [BorrowedFd<'_>; 3]) -> Result<Child> {
+        let prog_name = argv.first().ok_or_else(|| Error::invalid("empty argv"))?;
+        let prog = resolve(prog_name)?;
+        let args: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_str()).map_err(|_| Error::invalid(format!("argument '{}' contains a NUL byte", io::printable(a.as_bytes(), 80)))))
+            .collect::<Result<_>>()?;
+        let mut arg_ptrs: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        arg_ptrs.push(std::ptr::null());
+        let moved: Vec<OwnedFd> = stdio.iter().map(|fd| above_stdio(fd.as_fd())).collect::<Result<_>>()?;
+        let child_stdio = [moved[0].as_raw_fd(), moved[1].as_raw_fd(), moved[2].as_raw_fd()];
+        let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
+        let parent = unsafe { libc::getpid() };
+        let envp = unsafe { environ };
+
+        // Block every signal across clone so that no host handler runs in the child before it
+        // has reset the dispositions.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
+        let mut pidfd: c_int = -1;
+        let pid = unsafe {
+            libc::syscall(libc::SYS_clone, (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong, 0usize, &mut pidfd as *mut c_int, 0usize, 0usize)
+        };
+        if pid == 0 {
+            unsafe { exec_child(prog.as_ptr(), arg_ptrs.as_ptr(), envp, child_stdio, report_w.as_raw_fd(), parent) }
+        }
+        let clone_errno = Errno::last();
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        if pid < 0 {
+            return Err(Error::io("clone", clone_errno));
+        }
+        drop(report_w);
+        drop(moved);
+        let mut child = Child { pid: pid as libc::pid_t, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, owner: parent, exit: None };
+
+        // EOF on the report pipe means exec succeeded (close-on-exec); 4 bytes are its errno.
+        let mut buf = [0u8; 4];
+        let n = loop {
+            match nix::unistd::read(report_r.as_raw_fd(), &mut buf) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(Error::io("read exec status", e)),
+                Ok(n) => break n,
+            }
+        };
+        if n == 4 {
+            let errno = Errno::from_raw(i32::from_ne_bytes(buf));
+            child.wait(Deadline::after_ms(5000))?;
+            return Err(Error::new(Kind::Io, format!("cannot execute '{}': {}", io::printable(prog_name.as_bytes(), 80), errno.desc())));
+        }
+        Ok(child)
+    }
+
+    /// The child's pid (for logs and /proc lookups; never used to signal or wait).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// The pidfd, readable once the child has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Whether the current process is the one that spawned the child (false in a fork).
+    pub fn owned_here(&self) -> bool {
+        self.owner == unsafe { libc::getpid() }
+    }
+
+    /// How the child ended, if it has; reaps it.
+    pub fn try_wait(&mut self) -> Result<Option<Exit>> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        let status = loop {
+            match nix::sys::wait::waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+                Err(Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        self.exit = match status {
+            Ok(WaitStatus::Exited(_, code)) => Some(Exit::Code(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Some(Exit::Signal(sig as i32)),
+            Ok(_) => None,
+            // Someone else reaped it (SIGCHLD ignored, or a waitpid(-1) reaper): the pidfd
+            // still tells whether it has exited.
+            Err(Errno::ECHILD) => {
+                let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+                if io::poll(&mut fds, Deadline::after_ms(0))? > 0 { Some(Exit::Unknown) } else { None }
+            }
+            Err(e) => return Err(Error::io("waitid", e)),
+        };
+        Ok(self.exit)
+    }
+
+    /// Waits until the child exits or the deadline passes.
+    pub fn wait(&mut self, deadline: Deadline) -> Result<Option<Exit>> {
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            if io::poll(&mut fds, deadline)? == 0 {
+                return self.try_wait();
+            }
+        }
+    }
+
+    /// Sends `sig` through the pidfd; a child that already exited is left alone.
+    pub fn signal(&mut self, sig: c_int) -> Result<()> {
+        if self.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0u32) };
+        match rc {
+            0 => Ok(()),
+            _ if Errno::last() == Errno::ESRCH => Ok(()),
+            _ => Err(Error::io(format!("signal {sig} to pid {}", self.pid), Errno::last())),
+        }
+    }
+
+    /// Waits until `grace` passes, then SIGTERM, then SIGKILL, and reaps. Returns how it ended
+    /// and whether it had to be signalled.
+    pub fn terminate(&mut self, grace: Deadline) -> Result<(Exit, bool)> {
+        if let Some(exit) = self.wait(grace)? {
+            return Ok((exit, false));
+        }
+        self.signal(libc::SIGTERM)?;
+        if let Some(exit) = self.wait(Deadline::after_ms(2000))? {
+            return Ok((exit, true));
+        }
+        self.signal(libc::SIGKILL)?;
+        match self.wait(Deadline::after_ms(10_000))? {
+            Some(exit) => Ok((exit, true)),
+            None => Err(Error::new(Kind::Timeout, format!("pid {} did not exit after SIGKILL", self.pid))),
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // Never leave a zombie or an orphaned ssh behind; in a fork the child belongs to the parent.
+        if self.exit.is_none() && self.owned_here() {
+            let _ = self.signal(libc::SIGKILL);
+            let _ = self.wait(Deadline::after_ms(5000));
+        }
+    }
+}
+
+/// Sleeps briefly; used by polling loops that have no fd to wait on.
+pub fn pause(deadline: Deadline, step_ms: u64) {
+    deadline.sleep(Duration::from_millis(step_ms));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+    fn devnull() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    fn run(argv: &[&str]) -> (Exit, String) {
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let null = devnull();
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let mut child = Child::spawn(&argv, [null.as_fd(), theirs.as_fd(), null.as_fd()]).unwrap();
+        drop(theirs);
+        let mut out = Vec::new();
+        let f = std::fs::File::from(ours);
+        use std::io::Read;
+        (&f).read_to_end(&mut out).unwrap();
+        let exit = child.wait(Deadline::after_ms(10_000)).unwrap().unwrap();
+        (exit, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn child_reports_exit_code_via_pidfd() {
+        assert_eq!(run(&["sh", "-c", "exit 7"]).0, Exit::Code(7));
+    }
+
+    #[test]
+    fn child_inherits_only_stdio() {
+        // An fd without close-on-exec in the parent must not reach the child.
+        let leaked = unsafe { libc::dup(1) };
+        unsafe { libc::fcntl(leaked, libc::F_SETFD, 0) };
+        let (_, out) = run(&["sh", "-c", "ls /proc/self/fd"]);
+        unsafe { libc::close(leaked) };
+        let mut fds: Vec<&str> = out.split_whitespace().collect();
+        fds.sort();
+        // 0-2 plus the fd ls uses to read the directory.
+        assert!(fds.len() <= 4 && fds.starts_with(&["0", "1", "2"]), "child saw fds {fds:?}");
+    }
+
+    #[test]
+    fn child_starts_with_empty_mask_and_default_dispositions() {
+        let (_, out) = run(&["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"]);
+        for line in out.lines() {
+            let value = line.split_whitespace().nth(1).unwrap();
+            assert!(value.chars().all(|c| c == '0'), "child has {line}");
+        }
+    }
+
+    #[test]
+    fn missing_program_is_a_clear_error_and_leaves_no_zombie() {
+        let null = devnull();
+        let err = Child::spawn(&["/nonexistent/ssh".to_string()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap_err();
+        assert!(err.message.contains("cannot execute '/nonexistent/ssh'"), "{}", err.message);
+        let err = Child::spawn(&["no-such-program-mtunnel".to_string()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap_err();
+        assert!(err.message.contains("not found in PATH"), "{}", err.message);
+    }
+
+    #[test]
+    fn terminate_escalates_to_sigterm() {
+        let null = devnull();
+        let mut child = Child::spawn(&["sleep".into(), "60".into()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap();
+        let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
+        assert!(signalled);
+        assert_eq!(exit, Exit::Signal(libc::SIGTERM));
+    }
+}

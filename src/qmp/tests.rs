@@ -1,0 +1,179 @@
+//! QMP against a scripted socket server (a thread in the test; the library has none).
+
+use super::*;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+
+struct Server {
+    dir: std::path::PathBuf,
+    path: String,
+    handle: Option<std::thread::JoinHandle<Vec<Value>>>,
+}
+
+impl Server {
+    /// Serves one client: sends `greeting` (if any), then answers each request with
+    /// `respond(request)` lines. Returns the requests it saw.
+    fn start(tag: &str, greeting: Option<&'static str>, respond: impl Fn(&Value) -> Vec<String> + Send + 'static) -> Server {
+        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("100.qmp");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut w = conn.try_clone().unwrap();
+            let mut seen = Vec::new();
+            if let Some(g) = greeting {
+                w.write_all(g.as_bytes()).unwrap();
+            }
+            for line in BufReader::new(conn).lines() {
+                let Ok(line) = line else { break };
+                let req: Value = serde_json::from_str(&line).unwrap();
+                for reply in respond(&req) {
+                    if w.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+                seen.push(req);
+            }
+            seen
+        });
+        Server { path: path.to_str().unwrap().into(), dir, handle: Some(handle) }
+    }
+
+    fn requests(mut self) -> Vec<Value> {
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const GREETING: &str = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n";
+
+fn ok(req: &Value, ret: Value) -> String {
+    format!("{}\r\n", json!({"return": ret, "id": req["id"]}))
+}
+
+#[test]
+fn decode_tells_greeting_event_return_and_error_apart() {
+    assert!(matches!(decode(br#"{"QMP": {}}"#).unwrap(), Message::Greeting(_)));
+    assert_eq!(decode(br#"{"event": "STOP", "timestamp": {}}"#).unwrap(), Message::Event("STOP".into()));
+    assert_eq!(decode(br#"{"return": {}, "id": 1}"#).unwrap(), Message::Return(Some(json!(1)), json!({})));
+    assert_eq!(
+        decode(br#"{"error": {"class": "GenericError", "desc": "no"}}"#).unwrap(),
+        Message::Error(None, "GenericError".into(), "no".into())
+    );
+    for bad in [&b"garbage"[..], b"[]", b"{}", b"{\"event\": 5}"] {
+        assert_eq!(decode(bad).unwrap_err().kind, Kind::Protocol);
+    }
+}
+
+#[test]
+fn migrate_sets_capabilities_then_parameters_with_max_bandwidth_then_migrates() {
+    let server = Server::start("migrate", Some(GREETING), |req| {
+        // Events before and between replies must be skipped.
+        vec!["{\"event\": \"RESUME\", \"timestamp\": {}}\r\n".to_string(), ok(req, json!({}))]
+    });
+    let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true}, "parameters": {"downtime-limit": 100}})).unwrap();
+    migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
+    let reqs = server.requests();
+    let names: Vec<&str> = reqs.iter().map(|r| r["execute"].as_str().unwrap()).collect();
+    assert_eq!(names, ["qmp_capabilities", "migrate-set-capabilities", "migrate-set-parameters", "migrate"]);
+    assert_eq!(reqs[1]["arguments"], json!({"capabilities": [{"capability": "xbzrle", "state": true}]}));
+    assert_eq!(reqs[2]["arguments"], json!({"downtime-limit": 100, "max-bandwidth": DEFAULT_MAX_BANDWIDTH}));
+    assert_eq!(reqs[3]["arguments"], json!({"uri": "unix:/run/qemu-server/100.migrate"}));
+}
+
+#[test]
+fn callers_max_bandwidth_wins_over_the_default() {
+    let mut p = Map::new();
+    p.insert("max-bandwidth".into(), json!(1000));
+    assert_eq!(parameters_with_bandwidth(&p)["max-bandwidth"], json!(1000));
+}
+
+#[test]
+fn qmp_error_carries_class_and_desc() {
+    let server = Server::start("error", Some(GREETING), |req| {
+        if req["execute"] == "migrate" {
+            vec![format!("{}\r\n", json!({"error": {"class": "GenericError", "desc": "There's a migration process in progress"}, "id": req["id"]}))]
+        } else {
+            vec![ok(req, json!({}))]
+        }
+    });
+    let err = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &MigrateOptions { timeout_ms: 5000, ..Default::default() }).unwrap_err();
+    assert_eq!(err.kind, Kind::Qmp);
+    assert_eq!(err.message, "QMP command 'migrate' failed: GenericError: There's a migration process in progress");
+}
+
+#[test]
+fn query_migrate_returns_qemus_answer() {
+    let server = Server::start("query", Some(GREETING), |req| {
+        if req["execute"] == "query-migrate" {
+            vec![ok(req, json!({"status": "active", "ram": {"transferred": 123}}))]
+        } else {
+            vec![ok(req, json!({}))]
+        }
+    });
+    let reply = query_migrate(&server.path, 5000).unwrap();
+    assert_eq!(status(&reply), "active");
+    assert_eq!(reply["ram"]["transferred"], 123);
+}
+
+#[test]
+fn silent_monitor_times_out_naming_the_greeting() {
+    let server = Server::start("silent", None, |_| vec![]);
+    let err = query_migrate(&server.path, 200).unwrap_err();
+    assert_eq!(err.kind, Kind::Timeout);
+    assert!(err.message.contains("no QMP greeting"), "{}", err.message);
+}
+
+#[test]
+fn garbage_from_the_monitor_is_a_protocol_error() {
+    let server = Server::start("garbage", Some("this is not json\r\n"), |_| vec![]);
+    let err = query_migrate(&server.path, 2000).unwrap_err();
+    assert_eq!(err.kind, Kind::Protocol);
+    assert!(err.message.contains("unexpected QMP message 'this is not json'"), "{}", err.message);
+}
+
+#[test]
+fn missing_socket_is_named() {
+    let err = query_migrate("/nonexistent-mtunnel/100.qmp", 1000).unwrap_err();
+    assert!(err.message.contains("'/nonexistent-mtunnel/100.qmp' does not exist"), "{}", err.message);
+}
+
+#[test]
+fn cancel_waits_for_cancelled() {
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let server = Server::start("cancel", Some(GREETING), move |req| {
+        if req["execute"] == "query-migrate" {
+            let n = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let status = if n < 2 { "cancelling" } else { "cancelled" };
+            vec![ok(req, json!({"status": status}))]
+        } else {
+            vec![ok(req, json!({}))]
+        }
+    });
+    let reply = migrate_cancel(&server.path, 5000).unwrap();
+    assert_eq!(status(&reply), "cancelled");
+    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["qmp_capabilities", "migrate_cancel", "query-migrate", "query-migrate", "query-migrate"]);
+}
+
+#[test]
+fn unknown_statuses_count_as_running() {
+    assert!(!is_finished("pre-switchover"));
+    assert!(!is_finished("some-future-status"));
+    assert!(is_finished("completed") && is_finished("failed") && is_finished("cancelled"));
+}
+
+#[test]
+fn uri_must_be_unix_or_tcp() {
+    assert!(check_uri("unix:/run/qemu-server/100.migrate").is_ok());
+    assert!(check_uri("tcp:198.18.0.2:60000").is_ok());
+    assert!(check_uri("exec:rm -rf /").is_err());
+    assert!(check_uri("unix:/x\n").is_err());
+}

@@ -1,0 +1,318 @@
+//! The ssh command line, and one-shot remote commands (`qm start`, remote cleanup).
+
+use crate::error::{Error, Kind, Result};
+use crate::io::{self, Deadline, LineDecoder, Read};
+use crate::process::{Child, Exit};
+use crate::validate;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use serde_json::Value;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+/// How much of ssh's stderr is kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// An ssh invocation: the caller's argv prefix (binary, options, `user@host`) plus the options
+/// the library always adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ssh {
+    prefix: Vec<String>,
+    /// `ConnectTimeout` in seconds (0 = leave ssh's default).
+    pub connect_timeout_s: u32,
+    /// `ServerAliveInterval` in seconds (0 = off).
+    pub server_alive_interval_s: u32,
+    /// `ServerAliveCountMax`.
+    pub server_alive_count_max: u32,
+}
+
+impl Ssh {
+    /// Validates a prefix such as `["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"]`:
+    /// at least a binary and a destination, which must not look like an option.
+    pub fn new(prefix: Vec<String>) -> Result<Ssh> {
+        if prefix.len() < 2 {
+            return Err(Error::invalid("ssh prefix needs at least the ssh binary and user@host"));
+        }
+        validate::destination(prefix.last().unwrap())?;
+        Ok(Ssh { prefix, connect_timeout_s: 10, server_alive_interval_s: 15, server_alive_count_max: 3 })
+    }
+
+    /// Reads the prefix and the optional keepalive settings from a JSON options object.
+    pub fn from_options(opts: &Value) -> Result<Ssh> {
+        let prefix = crate::options::string_list(opts, "ssh")?.ok_or_else(|| Error::invalid("missing option 'ssh' (the ssh argv prefix)"))?;
+        let mut ssh = Ssh::new(prefix)?;
+        if let Some(v) = crate::options::uint(opts, "connect_timeout_s")? {
+            ssh.connect_timeout_s = v;
+        }
+        if let Some(v) = crate::options::uint(opts, "server_alive_interval_s")? {
+            ssh.server_alive_interval_s = v;
+        }
+        if let Some(v) = crate::options::uint(opts, "server_alive_count_max")? {
+            ssh.server_alive_count_max = v;
+        }
+        Ok(ssh)
+    }
+
+    /// `user@host`, for messages.
+    pub fn destination(&self) -> &str {
+        self.prefix.last().unwrap()
+    }
+
+    /// The full argv. `enforced` options go right after the binary, so they win over the
+    /// caller's (ssh keeps the first value of an option); the keepalive defaults go after the
+    /// caller's options, so a caller can override them. The remote command is quoted word by
+    /// word, because ssh joins it into one string for the remote shell.
+    pub fn argv(&self, enforced: &[String], remote: &[String]) -> Vec<String> {
+        let mut argv = vec![self.prefix[0].clone()];
+        for opt in ["-e", "none", "-o", "BatchMode=yes"] {
+            argv.push(opt.into());
+        }
+        argv.extend(enforced.iter().cloned());
+        argv.extend(self.prefix[1..].iter().cloned());
+        if self.connect_timeout_s > 0 {
+            argv.extend(["-o".into(), format!("ConnectTimeout={}", self.connect_timeout_s)]);
+        }
+        if self.server_alive_interval_s > 0 {
+            argv.extend(["-o".into(), format!("ServerAliveInterval={}", self.server_alive_interval_s)]);
+            argv.extend(["-o".into(), format!("ServerAliveCountMax={}", self.server_alive_count_max)]);
+        }
+        argv.push("--".into());
+        argv.push(validate::shell_join(remote));
+        argv
+    }
+
+    /// Starts ssh with one socket as its stdin and stdout (writes use MSG_NOSIGNAL) and a pipe
+    /// as stderr. Returns the child and our ends, both non-blocking.
+    pub fn spawn(&self, enforced: &[String], remote: &[String]) -> Result<(Child, OwnedFd, OwnedFd)> {
+        if remote.is_empty() {
+            return Err(Error::invalid("remote command is empty"));
+        }
+        let argv = self.argv(enforced, remote);
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+            .map_err(|e| Error::io("socketpair", e))?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
+        // Only our end is non-blocking; ssh gets blocking fds as usual.
+        nix::fcntl::fcntl(err_r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).map_err(|e| Error::io("fcntl", e))?;
+        nix::fcntl::fcntl(theirs.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).map_err(|e| Error::io("fcntl", e))?;
+        let child = Child::spawn(&argv, [theirs.as_fd(), theirs.as_fd(), err_w.as_fd()])
+            .map_err(|e| e.context(format!("starting ssh to {}", self.destination())))?;
+        Ok((child, ours, err_r))
+    }
+}
+
+/// The last few KiB of a child's stderr, for error messages.
+#[derive(Debug, Default)]
+pub struct StderrTail {
+    buf: Vec<u8>,
+}
+
+impl StderrTail {
+    /// Appends bytes, keeping only the tail.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > STDERR_TAIL {
+            let cut = self.buf.len() - STDERR_TAIL;
+            self.buf.drain(..cut);
+        }
+    }
+
+    /// The tail as one line of text (lines joined with " | "), empty if nothing was written.
+    pub fn text(&self) -> String {
+        let text = String::from_utf8_lossy(&self.buf);
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+    }
+
+    /// ", ssh said: …" or nothing.
+    pub fn suffix(&self) -> String {
+        let t = self.text();
+        if t.is_empty() { String::new() } else { format!("; stderr: {t}") }
+    }
+}
+
+/// What a one-shot remote command produced.
+#[derive(Debug)]
+pub struct Output {
+    /// How ssh ended (ssh passes the remote command's exit code through; 255 = ssh error).
+    pub exit: Exit,
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr (both the remote command's and ssh's own).
+    pub stderr: Vec<u8>,
+}
+
+/// Cap on captured output of a one-shot command.
+const MAX_OUTPUT: usize = 4 << 20;
+
+/// Runs `remote` on the destination, feeding `input` on stdin (for secrets: never argv) and
+/// collecting output until ssh exits. On deadline, ssh is terminated and reaped.
+pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
+    let (mut child, sock, err_r) = ssh.spawn(&[], remote)?;
+    let what = format!("'{}' on {}", validate::shell_join(remote), ssh.destination());
+    let result = collect(&mut child, &sock, &err_r, input, deadline);
+    match result {
+        Ok((stdout, stderr)) => {
+            let exit = child.wait(deadline.min(Deadline::after_ms(5000)))?.ok_or_else(|| Error::new(Kind::Timeout, format!("ssh for {what} closed its output but did not exit")))?;
+            Ok(Output { exit, stdout, stderr })
+        }
+        Err(e) => {
+            let _ = child.terminate(Deadline::after_ms(0));
+            Err(e.context(format!("running {what}")))
+        }
+    }
+}
+
+fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], deadline: Deadline) -> Result<(Vec<u8>, Vec<u8>)> {
+    if !input.is_empty() {
+        // A remote that exits without reading its input is not our error; its exit code tells.
+        let _ = io::send_all(sock.as_fd(), input, deadline);
+    }
+    let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(sock), nix::sys::socket::Shutdown::Write);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let mut fds = Vec::new();
+        if out_open {
+            fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
+        }
+        if err_open {
+            fds.push(PollFd::new(err_r.as_fd(), PollFlags::POLLIN));
+        }
+        if io::poll(&mut fds, deadline)? == 0 {
+            return Err(Error::new(Kind::Timeout, "no result before the deadline"));
+        }
+        if out_open && io::read_some(sock.as_fd(), &mut out)? == Read::Eof {
+            out_open = false;
+        }
+        if err_open && io::read_some(err_r.as_fd(), &mut err)? == Read::Eof {
+            err_open = false;
+        }
+        if out.len() + err.len() > MAX_OUTPUT {
+            return Err(Error::new(Kind::Protocol, format!("more than {MAX_OUTPUT} bytes of output")));
+        }
+        // A remote process that keeps our pipes open after ssh exits would hang us: stop at exit.
+        if child.try_wait()?.is_some() {
+            let _ = io::read_some(sock.as_fd(), &mut out);
+            let _ = io::read_some(err_r.as_fd(), &mut err);
+            break;
+        }
+    }
+    Ok((out, err))
+}
+
+/// Helper for callers that treat any non-zero exit as failure: the error names the command,
+/// the exit and the stderr tail. Exit 255 is ssh's own failure.
+pub fn run_checked(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
+    let out = run(ssh, remote, input, deadline)?;
+    if out.exit == Exit::Code(0) {
+        return Ok(out);
+    }
+    let mut tail = StderrTail::default();
+    tail.push(&out.stderr);
+    let kind = if out.exit == Exit::Code(255) { Kind::SshExited } else { Kind::Remote };
+    Err(Error::new(kind, format!("'{}' on {} failed: {}{}", validate::shell_join(remote), ssh.destination(), out.exit, tail.suffix())))
+}
+
+/// Reads the next line of a tunnel-style stream, draining stderr into `tail` meanwhile and
+/// noticing when the child exits. Returns `Ok(None)` on EOF.
+pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, tail: &mut StderrTail, child: &mut Child, deadline: Deadline, mut on_stderr: impl FnMut(&str)) -> Result<Option<Vec<u8>>> {
+    let mut eof = false;
+    loop {
+        if let Some(line) = lines.next_line()? {
+            return Ok(Some(line));
+        }
+        if eof {
+            return Ok(None);
+        }
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN), PollFd::new(err_r.as_fd(), PollFlags::POLLIN)];
+        if io::poll(&mut fds, deadline)? == 0 {
+            return Err(Error::new(Kind::Timeout, "deadline passed"));
+        }
+        let mut err_bytes = Vec::new();
+        while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut err_bytes)? {}
+        if !err_bytes.is_empty() {
+            tail.push(&err_bytes);
+            for l in String::from_utf8_lossy(&err_bytes).lines().filter(|l| !l.trim().is_empty()) {
+                on_stderr(l.trim());
+            }
+        }
+        if io::read_some(sock.as_fd(), lines.buffer())? == Read::Eof {
+            // ssh closed its stdout: it is exiting. Give it a moment so its stderr and exit
+            // status make it into the error.
+            let _ = child.wait(deadline.min(Deadline::after_ms(2000)));
+            let mut rest = Vec::new();
+            while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut rest)? {}
+            tail.push(&rest);
+            eof = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix() -> Vec<String> {
+        ["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn argv_puts_enforced_options_before_the_callers_and_quotes_the_remote_command() {
+        let ssh = Ssh::new(prefix()).unwrap();
+        let argv = ssh.argv(&["-o".into(), "ExitOnForwardFailure=yes".into()], &["qm".into(), "stop".into(), "$(touch /tmp/x)".into()]);
+        assert_eq!(
+            argv,
+            [
+                "/usr/bin/ssh", "-e", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+                "-o", "HostKeyAlias=node2", "root@198.18.0.2",
+                "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
+                "--", "qm stop '$(touch /tmp/x)'"
+            ]
+        );
+    }
+
+    #[test]
+    fn prefix_must_end_in_a_destination_that_is_not_an_option() {
+        assert!(Ssh::new(vec!["/usr/bin/ssh".into()]).is_err());
+        let err = Ssh::new(vec!["/usr/bin/ssh".into(), "-oProxyCommand=sh".into()]).unwrap_err();
+        assert!(err.message.contains("invalid ssh destination"), "{}", err.message);
+    }
+
+    #[test]
+    fn keepalive_options_can_be_turned_off() {
+        let mut ssh = Ssh::new(prefix()).unwrap();
+        ssh.connect_timeout_s = 0;
+        ssh.server_alive_interval_s = 0;
+        let argv = ssh.argv(&[], &["true".into()]);
+        assert!(!argv.iter().any(|a| a.starts_with("ConnectTimeout") || a.starts_with("ServerAlive")), "{argv:?}");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_the_end_and_joins_lines() {
+        let mut t = StderrTail::default();
+        t.push(b"first\n\n");
+        t.push(b"Permission denied (publickey).\r\n");
+        assert_eq!(t.text(), "first | Permission denied (publickey).");
+        t.push(&vec![b'x'; STDERR_TAIL * 2]);
+        assert_eq!(t.text().len(), STDERR_TAIL);
+    }
+
+    #[test]
+    fn run_collects_output_input_and_exit_code_of_a_fake_ssh() {
+        // A stand-in for ssh that runs the remote command locally: enough to test plumbing.
+        let dir = std::env::temp_dir().join(format!("mtunnel-fake-ssh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("ssh");
+        std::fs::write(&fake, "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec sh -c \"$1\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let ssh = Ssh::new(vec![fake.to_str().unwrap().into(), "root@node".into()]).unwrap();
+        let out = run(&ssh, &["sh".into(), "-c".into(), "read x; echo got $x; echo oops >&2; exit 3".into()], b"secret\n", Deadline::after_ms(10_000)).unwrap();
+        assert_eq!(out.exit, Exit::Code(3));
+        assert_eq!(out.stdout, b"got secret\n");
+        assert_eq!(out.stderr, b"oops\n");
+        let err = run_checked(&ssh, &["sh".into(), "-c".into(), "echo denied >&2; exit 255".into()], b"", Deadline::after_ms(10_000)).unwrap_err();
+        assert_eq!(err.kind, Kind::SshExited);
+        assert!(err.message.contains("exit code 255; stderr: denied"), "{}", err.message);
+        let err = run(&ssh, &["sleep".into(), "30".into()], b"", Deadline::after_ms(200)).unwrap_err();
+        assert_eq!(err.kind, Kind::Timeout);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

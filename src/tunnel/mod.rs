@@ -1,0 +1,307 @@
+//! The migration tunnel: `ssh … -L SOCK:SOCK … qm mtunnel`, its greeting, readiness, v1
+//! commands and a staged close.
+
+pub mod protocol;
+pub mod ready;
+pub mod sockfile;
+
+use crate::error::{Error, Kind, Result};
+use crate::io::{self, Deadline, LineDecoder};
+use crate::log::{Level, Log};
+use crate::options;
+use crate::process::{Child, Exit};
+use crate::ssh::{self, Ssh, StderrTail};
+use crate::validate;
+use nix::poll::{PollFd, PollFlags};
+use serde_json::{Value, json};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+/// Tunnel lines are short; anything longer is garbage.
+const MAX_LINE: usize = 4096;
+
+/// What `tunnel_open` takes.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// The ssh invocation (prefix and keepalive settings).
+    pub ssh: Ssh,
+    /// Socket paths forwarded with `-L PATH:PATH`; may be empty (command-only tunnel).
+    pub forwards: Vec<String>,
+    /// Remote command, default `qm mtunnel`.
+    pub command: Vec<String>,
+    /// Directory the forwards must live in.
+    pub socket_dir: String,
+    /// Deadline for `tunnel online` (PVE: 60 s).
+    pub greeting_timeout_ms: i64,
+    /// Deadline for `ver N` after the greeting (PVE: 10 s).
+    pub version_timeout_ms: i64,
+}
+
+impl OpenOptions {
+    /// Reads and validates the JSON options of `tunnel_open`.
+    pub fn from_json(opts: &Value) -> Result<OpenOptions> {
+        options::only_known(opts, &[
+            "ssh", "forwards", "command", "socket_dir", "greeting_timeout_ms", "version_timeout_ms",
+            "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max",
+        ])?;
+        let ssh = Ssh::from_options(opts)?;
+        let socket_dir = options::string(opts, "socket_dir")?.unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
+        validate::socket_dir(&socket_dir)?;
+        let forwards = options::string_list(opts, "forwards")?.unwrap_or_default();
+        for f in &forwards {
+            validate::socket_path(f, &socket_dir)?;
+        }
+        let command = options::string_list(opts, "command")?.unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
+        if command.is_empty() {
+            return Err(Error::invalid("option 'command' must not be empty"));
+        }
+        Ok(OpenOptions {
+            ssh,
+            forwards,
+            command,
+            socket_dir,
+            greeting_timeout_ms: options::timeout_ms(opts, "greeting_timeout_ms", 60_000)?,
+            version_timeout_ms: options::timeout_ms(opts, "version_timeout_ms", 10_000)?,
+        })
+    }
+}
+
+/// What `tunnel_close` takes.
+#[derive(Debug, Clone)]
+pub struct CloseOptions {
+    /// Deadline for the reply to `quit`.
+    pub quit_timeout_ms: i64,
+    /// How long ssh may take to exit after `quit` before it is sent SIGTERM (then SIGKILL).
+    pub exit_timeout_ms: i64,
+    /// Also remove leftover socket files on the remote node (one more ssh connection).
+    pub remote_cleanup: bool,
+}
+
+impl Default for CloseOptions {
+    fn default() -> Self {
+        CloseOptions { quit_timeout_ms: 10_000, exit_timeout_ms: 5_000, remote_cleanup: true }
+    }
+}
+
+impl CloseOptions {
+    /// Reads the JSON options of `tunnel_close`.
+    pub fn from_json(opts: &Value) -> Result<CloseOptions> {
+        options::only_known(opts, &["quit_timeout_ms", "exit_timeout_ms", "remote_cleanup"])?;
+        let d = CloseOptions::default();
+        Ok(CloseOptions {
+            quit_timeout_ms: options::timeout_ms(opts, "quit_timeout_ms", d.quit_timeout_ms)?,
+            exit_timeout_ms: options::timeout_ms(opts, "exit_timeout_ms", d.exit_timeout_ms)?,
+            remote_cleanup: options::boolean(opts, "remote_cleanup", d.remote_cleanup)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum State {
+    Started,
+    Online,
+    Greeted,
+    Ready,
+    Closed,
+}
+
+/// One ssh tunnel to a target node.
+pub struct Tunnel {
+    opts: OpenOptions,
+    child: Child,
+    sock: Option<OwnedFd>,
+    stderr: OwnedFd,
+    lines: LineDecoder,
+    tail: StderrTail,
+    state: State,
+    version: Option<u32>,
+    log: Log,
+}
+
+impl Tunnel {
+    /// Validates the forwards, clears stale sockets and starts ssh. Does not wait for the
+    /// greeting: that is [`Tunnel::wait_ready`], so the caller can do other work meanwhile.
+    pub fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
+        for path in &opts.forwards {
+            if sockfile::prepare(path)? {
+                log.emit(Level::Info, &format!("removed stale socket {path}"));
+            }
+        }
+        let mut enforced = vec!["-o".into(), "ExitOnForwardFailure=yes".into()];
+        for path in &opts.forwards {
+            enforced.extend(["-L".to_string(), format!("{path}:{path}")]);
+        }
+        let argv = opts.ssh.argv(&enforced, &opts.command);
+        log.emit(Level::Debug, &format!("starting {}", argv.iter().map(|a| validate::shell_quote(a)).collect::<Vec<_>>().join(" ")));
+        let (child, sock, stderr) = opts.ssh.spawn(&enforced, &opts.command)?;
+        Ok(Tunnel { opts, child, sock: Some(sock), stderr, lines: LineDecoder::new(MAX_LINE), tail: StderrTail::default(), state: State::Started, version: None, log })
+    }
+
+    /// The pid of the ssh child.
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    /// The protocol version the remote announced, once greeted.
+    pub fn version(&self) -> Option<u32> {
+        self.version
+    }
+
+    /// State, pid, version and forwards as JSON.
+    pub fn status(&self) -> Value {
+        let state = match self.state {
+            State::Started => "started",
+            State::Online => "online",
+            State::Greeted => "greeted",
+            State::Ready => "ready",
+            State::Closed => "closed",
+        };
+        json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": self.opts.forwards})
+    }
+
+    fn dest(&self) -> &str {
+        self.opts.ssh.destination()
+    }
+
+    /// Reads one line; maps EOF and timeouts to errors that say what we were waiting for.
+    fn line(&mut self, deadline: Deadline, waiting_for: &str) -> Result<Vec<u8>> {
+        let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
+        let log = &mut self.log;
+        let got = ssh::read_line(&mut self.lines, sock, &self.stderr, &mut self.tail, &mut self.child, deadline, |l| log.emit(Level::Warn, &format!("ssh: {l}")));
+        match got {
+            Ok(Some(line)) => Ok(line),
+            Ok(None) => Err(self.exited(waiting_for)),
+            Err(e) if e.kind == Kind::Timeout => Err(Error::new(Kind::Timeout, format!("no reply from tunnel to {} while waiting for {waiting_for}{}", self.dest(), self.tail.suffix()))),
+            Err(e) => Err(e.context(format!("tunnel to {}", self.dest()))),
+        }
+    }
+
+    fn exited(&mut self, waiting_for: &str) -> Error {
+        let how = match self.child.try_wait() {
+            Ok(Some(exit)) => exit.to_string(),
+            _ => "closed its output".into(),
+        };
+        Error::new(Kind::SshExited, format!("ssh to {} {how} while waiting for {waiting_for}{}", self.dest(), self.tail.suffix()))
+    }
+
+    /// Reads `tunnel online` and `ver N`, each with its own deadline, capped by `overall`.
+    fn greet(&mut self, overall: Deadline) -> Result<()> {
+        if self.state == State::Closed {
+            return Err(Error::new(Kind::Closed, "tunnel is closed"));
+        }
+        if self.state == State::Started {
+            let line = self.line(overall.min(Deadline::after_ms(self.opts.greeting_timeout_ms)), "'tunnel online'")?;
+            protocol::online(&line)?;
+            self.state = State::Online;
+        }
+        if self.state == State::Online {
+            let line = self.line(overall.min(Deadline::after_ms(self.opts.version_timeout_ms)), "'ver N'")?;
+            let ver = protocol::version(&line)?;
+            self.version = Some(ver);
+            self.state = State::Greeted;
+            self.log.emit(Level::Info, &format!("ssh tunnel ver {ver}"));
+        }
+        Ok(())
+    }
+
+    /// Waits for the greeting and until every forward is a listening socket held by our ssh.
+    pub fn wait_ready(&mut self, timeout_ms: i64) -> Result<()> {
+        let overall = Deadline::after_ms(timeout_ms);
+        self.greet(overall)?;
+        if self.state >= State::Ready {
+            return Ok(());
+        }
+        // ssh binds -L before it opens the session, so this normally holds at once.
+        for i in 0..self.opts.forwards.len() {
+            loop {
+                let path = &self.opts.forwards[i];
+                if ready::is_listening(path, self.child.pid())? {
+                    break;
+                }
+                if self.child.try_wait()?.is_some() {
+                    let what = format!("forward {path} to listen");
+                    return Err(self.exited(&what));
+                }
+                if overall.expired() {
+                    return Err(Error::new(Kind::Timeout, format!("forward {path} is not a listening socket of ssh (pid {}) within {timeout_ms} ms", self.child.pid())));
+                }
+                let mut fds = [PollFd::new(self.child.pidfd(), PollFlags::POLLIN)];
+                io::poll(&mut fds, overall.min(Deadline::after_ms(10)))?;
+            }
+        }
+        self.state = State::Ready;
+        Ok(())
+    }
+
+    /// Sends a v1 command (`resume VMID`, `quit`) and returns the `OK` reply.
+    pub fn command(&mut self, cmd: &str, timeout_ms: i64) -> Result<String> {
+        protocol::command(cmd)?;
+        let deadline = Deadline::after_ms(timeout_ms);
+        self.greet(deadline)?;
+        let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
+        if let Err(e) = io::send_all(sock.as_fd(), format!("{cmd}\n").as_bytes(), deadline) {
+            let _ = self.child.wait(Deadline::after_ms(500));
+            return Err(match e.kind {
+                Kind::Timeout => Error::new(Kind::Timeout, format!("writing '{cmd}' to tunnel to {} timed out", self.dest())),
+                _ => self.exited(&format!("writing '{cmd}' ({e})")),
+            });
+        }
+        let line = self.line(deadline, &format!("the reply to '{cmd}'"))?;
+        protocol::reply(&line, cmd)
+    }
+
+    /// Closes in stages: `quit` and its `OK`, EOF, wait for exit, SIGTERM, SIGKILL; reaps
+    /// ssh, removes the local socket files and, if asked, the remote ones. Idempotent. In a
+    /// forked child (the handle was inherited) it only lets go of its fds.
+    pub fn close(&mut self, opts: &CloseOptions) -> Result<()> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        if !self.child.owned_here() {
+            self.state = State::Closed;
+            self.sock = None;
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        let greeted = self.state >= State::Greeted;
+        if greeted && self.child.try_wait()?.is_none() {
+            if let Err(e) = self.command("quit", opts.quit_timeout_ms) {
+                errors.push(e.context("closing tunnel"));
+            }
+        }
+        if let Some(sock) = self.sock.take() {
+            let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        match self.child.terminate(Deadline::after_ms(opts.exit_timeout_ms)) {
+            Ok((exit, true)) => self.log.emit(Level::Warn, &format!("ssh tunnel to {} did not exit in time and was terminated ({exit})", self.dest())),
+            Ok((Exit::Code(0) | Exit::Unknown, false)) => {}
+            Ok((exit, false)) => self.log.emit(Level::Debug, &format!("ssh tunnel ended with {exit}")),
+            Err(e) => errors.push(e.context("stopping ssh")),
+        }
+        self.state = State::Closed;
+        for path in &self.opts.forwards {
+            if let Err(e) = sockfile::remove_socket(path) {
+                errors.push(e);
+            }
+        }
+        if opts.remote_cleanup && greeted && !self.opts.forwards.is_empty() {
+            // Only ever a socket, on the remote side too; paths are validated and quoted.
+            let mut cmd: Vec<String> = ["sh", "-c", "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; fi; done", "sh"].iter().map(|s| s.to_string()).collect();
+            cmd.extend(self.opts.forwards.iter().cloned());
+            if let Err(e) = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000)) {
+                errors.push(e.context("removing remote sockets"));
+            }
+        }
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Err(e) = self.close(&CloseOptions::default()) {
+            self.log.emit(Level::Warn, &format!("closing tunnel on drop: {e}"));
+        }
+    }
+}
