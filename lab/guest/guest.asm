@@ -13,7 +13,11 @@
 ;      (QEMU caps 0x34/0x35 at 0xffff, i.e. it describes memory below 4 GiB only;
 ;      for the lab's guests of a few hundred MiB that is all RAM),
 ;   4. load a flat GDT (4 GiB code + data segments) and enter 32-bit protected mode,
-;   5. loop forever over every 4 KiB page from 1 MiB up to ram_end:
+;   5. zero byte 0 of every page >= 1 MiB (SeaBIOS left tables at the top of RAM),
+;   6. publish a status block at 0x500 (read by `guest-check --wait` with HMP xp):
+;        0x500 dword "MTLG"   the loop runs     0x504 dword  completed passes
+;        0x508 dword ram_end
+;   7. loop forever over every 4 KiB page from 1 MiB up to ram_end:
 ;        inc byte [page]            ; byte 0 of the page
 ;        busy-wait DELAY TSC ticks  ; rdtsc-based, ~100k ticks/page
 ;      At ~2.4 GHz that is ~24k pages/s (~100 MiB/s dirtied): the guest keeps
@@ -25,6 +29,8 @@
 ; Everything the code touches (code, GDT, stack) lives below 1 MiB.
 
 DELAY       equ 100000          ; TSC ticks between two pages
+INFO        equ 0x500           ; status block (free memory after the BIOS data area)
+MAGIC       equ 0x474c544d      ; "MTLG" as a little-endian dword
 START       equ 0x100000        ; first page dirtied: 1 MiB
 PAGE        equ 4096
 
@@ -100,8 +106,24 @@ pm32:
 .have:
         and eax, ~(PAGE - 1)
         mov ebp, eax
+        mov dword [INFO + 8], eax
+        mov dword [INFO + 4], 0
+
+        ; zero byte 0 of every page first: SeaBIOS leaves tables (ACPI, its
+        ; high zone) at the top of RAM, whose first bytes would break the pattern
+        mov edi, START
+.clear:
+        mov byte [edi], 0
+        add edi, PAGE
+        cmp edi, ebp
+        jb .clear
+        mov dword [INFO], MAGIC     ; now the loop runs
+
+        jmp .first
 
 .pass:
+        inc dword [INFO + 4]        ; one more pass completed
+.first:
         mov edi, START
 .page:
         cmp edi, ebp

@@ -13,34 +13,50 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 /// Success.
 pub const MTUNNEL_OK: c_int = 0;
 /// An argument was NULL, not UTF-8, malformed JSON, or refused by validation.
-pub const MTUNNEL_ERR_INVALID_ARGUMENT: c_int = Kind::InvalidArgument as c_int;
+pub const MTUNNEL_ERR_INVALID_ARGUMENT: c_int = 1;
 /// A deadline passed.
-pub const MTUNNEL_ERR_TIMEOUT: c_int = Kind::Timeout as c_int;
+pub const MTUNNEL_ERR_TIMEOUT: c_int = 2;
 /// ssh exited or failed to connect; the last error holds its stderr tail.
-pub const MTUNNEL_ERR_SSH_EXITED: c_int = Kind::SshExited as c_int;
+pub const MTUNNEL_ERR_SSH_EXITED: c_int = 3;
 /// The remote side sent something the protocol does not allow (strange greeting, garbage).
-pub const MTUNNEL_ERR_PROTOCOL: c_int = Kind::Protocol as c_int;
+pub const MTUNNEL_ERR_PROTOCOL: c_int = 4;
 /// The target node has no quorum.
-pub const MTUNNEL_ERR_NO_QUORUM: c_int = Kind::NoQuorum as c_int;
+pub const MTUNNEL_ERR_NO_QUORUM: c_int = 5;
 /// The remote side refused a command (`ERR: …`) or a remote command exited non-zero.
-pub const MTUNNEL_ERR_REMOTE: c_int = Kind::Remote as c_int;
+pub const MTUNNEL_ERR_REMOTE: c_int = 6;
 /// QEMU answered with a QMP error; the last error holds its class and description.
-pub const MTUNNEL_ERR_QMP: c_int = Kind::Qmp as c_int;
+pub const MTUNNEL_ERR_QMP: c_int = 7;
 /// A local system call failed.
-pub const MTUNNEL_ERR_IO: c_int = Kind::Io as c_int;
+pub const MTUNNEL_ERR_IO: c_int = 8;
 /// The tunnel was already closed.
-pub const MTUNNEL_ERR_CLOSED: c_int = Kind::Closed as c_int;
+pub const MTUNNEL_ERR_CLOSED: c_int = 9;
 /// A bug in the library was caught (a Rust panic); nothing unwound into the caller.
-pub const MTUNNEL_ERR_PANIC: c_int = Kind::Panic as c_int;
+pub const MTUNNEL_ERR_PANIC: c_int = 10;
 
 /// Log level of errors.
-pub const MTUNNEL_LOG_ERROR: c_int = crate::log::Level::Error as c_int;
+pub const MTUNNEL_LOG_ERROR: c_int = 1;
 /// Log level of warnings (ssh's stderr, forced kills).
-pub const MTUNNEL_LOG_WARN: c_int = crate::log::Level::Warn as c_int;
+pub const MTUNNEL_LOG_WARN: c_int = 2;
 /// Log level of progress messages.
-pub const MTUNNEL_LOG_INFO: c_int = crate::log::Level::Info as c_int;
+pub const MTUNNEL_LOG_INFO: c_int = 3;
 /// Log level of debugging details.
-pub const MTUNNEL_LOG_DEBUG: c_int = crate::log::Level::Debug as c_int;
+pub const MTUNNEL_LOG_DEBUG: c_int = 4;
+
+// The C values are fixed; these fail the build if the Rust enums ever drift from them.
+const _: () = assert!(MTUNNEL_ERR_INVALID_ARGUMENT == Kind::InvalidArgument as c_int);
+const _: () = assert!(MTUNNEL_ERR_TIMEOUT == Kind::Timeout as c_int);
+const _: () = assert!(MTUNNEL_ERR_SSH_EXITED == Kind::SshExited as c_int);
+const _: () = assert!(MTUNNEL_ERR_PROTOCOL == Kind::Protocol as c_int);
+const _: () = assert!(MTUNNEL_ERR_NO_QUORUM == Kind::NoQuorum as c_int);
+const _: () = assert!(MTUNNEL_ERR_REMOTE == Kind::Remote as c_int);
+const _: () = assert!(MTUNNEL_ERR_QMP == Kind::Qmp as c_int);
+const _: () = assert!(MTUNNEL_ERR_IO == Kind::Io as c_int);
+const _: () = assert!(MTUNNEL_ERR_CLOSED == Kind::Closed as c_int);
+const _: () = assert!(MTUNNEL_ERR_PANIC == Kind::Panic as c_int);
+const _: () = assert!(MTUNNEL_LOG_ERROR == crate::log::Level::Error as c_int);
+const _: () = assert!(MTUNNEL_LOG_WARN == crate::log::Level::Warn as c_int);
+const _: () = assert!(MTUNNEL_LOG_INFO == crate::log::Level::Info as c_int);
+const _: () = assert!(MTUNNEL_LOG_DEBUG == crate::log::Level::Debug as c_int);
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());

@@ -1,0 +1,459 @@
+#!/bin/bash
+# mtunnel lab: a multi-node test bed on this machine (see lab/README.md).
+#
+#   lab/lab.sh up [NODES]          (default 2) - first tears down stale state of the same lab
+#   lab/lab.sh down                idempotent; works after a crash or a partial up
+#   lab/lab.sh exec NODE CMD...    run CMD in NODE's network + mount namespaces
+#   lab/lab.sh status
+#
+# Environment: MTUNNEL_LAB (lab name, default "default"; [A-Za-z0-9_], so that two
+# labs can coexist), MTUNNEL_LAB_ACCEL (auto|kvm|tcg: default accelerator of the
+# VMs that lab/qm starts, written to $LAB/env; a VM config's "accel:" wins).
+#
+# Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24,
+# all veths on a bridge in namespace mtl-NAME-br; a persistent mount namespace
+# ($LAB/node$i/mnt) with private tmpfs on /run/qemu-server and /usr/local/sbin
+# (wrappers qm, qmp, guest-check); an sshd on 198.18.0.$i:22 with the lab's own
+# config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
+# lab's namespaces; addresses are from 198.18.0.0/15 only.
+
+set -euo pipefail
+
+LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+NAME=${MTUNNEL_LAB:-default}
+BASE=/run/mtunnel-lab
+LAB=$BASE/$NAME
+PFX=mtl-$NAME
+NS_BR=$PFX-br
+LOCK=/run/mtunnel-lab.lock
+MAX_NODES=50
+LOCKED=0
+
+die() { echo "lab.sh: error: $*" >&2; exit 1; }
+log() { echo "lab[$NAME]: $*" >&2; }
+
+[[ $NAME =~ ^[A-Za-z0-9_]{1,20}$ ]] || die "invalid MTUNNEL_LAB '$NAME' (1-20 chars of [A-Za-z0-9_])"
+
+ns_node() { echo "$PFX-n$1"; }
+ip_node() { echo "198.18.0.$1"; }
+
+lock() {
+    [ "$LOCKED" = 1 ] && return 0
+    exec 9>>"$LOCK"
+    flock -w 300 9 || die "cannot lock $LOCK"
+    LOCKED=1
+}
+
+is_mountpoint() {   # exact mount point in our mount namespace
+    awk -v p="$1" '$5 == p { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+now() { date +%s.%N; }
+
+# ---------------------------------------------------------------- exec
+
+# node_exec N CMD... : run in node N's namespaces (cwd kept, PATH has /usr/local/sbin)
+node_exec() {
+    local i=$1; shift
+    nsenter --net="/run/netns/$(ns_node "$i")" --mount="$LAB/node$i/mnt" -- \
+        /bin/sh -c 'cd "$1" 2>/dev/null || cd /; shift
+                    case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH=/usr/local/sbin:$PATH; export PATH;; esac
+                    exec "$@"' lab-exec "$PWD" "$@" 9>&-
+}
+
+node_index() {   # node1 | 1 -> 1
+    local n=$1
+    n=${n#node}
+    [[ $n =~ ^[0-9]+$ ]] || die "invalid node '$1' (want nodeN)"
+    echo $((10#$n))
+}
+
+cmd_exec() {
+    [ $# -ge 2 ] || die "usage: lab.sh exec NODE CMD..."
+    local i
+    i=$(node_index "$1"); shift
+    [ -e "/run/netns/$(ns_node "$i")" ] && [ -e "$LAB/node$i/mnt" ] ||
+        die "node$i of lab '$NAME' is not up"
+    node_exec "$i" "$@"
+}
+
+# ---------------------------------------------------------------- down
+
+# lab netns names (from ip netns: works even when $LAB is gone)
+lab_netns() {
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$PFX-(n[0-9]+|br)\$" || true
+}
+
+lab_node_indices() {
+    {
+        lab_netns | sed -n "s/^$PFX-n\([0-9]*\)\$/\1/p"
+        for d in "$LAB"/node*; do
+            [ -d "$d" ] && basename "$d" | sed -n 's/^node\([0-9]*\)$/\1/p'
+        done
+    } | sort -un
+}
+
+ns_inode() { stat -L -c %i "$1" 2>/dev/null || true; }
+
+# the pids that must survive: this script and its ancestors
+ancestors() {
+    local p=$$
+    while [ -n "$p" ] && [ "$p" -gt 1 ] 2>/dev/null; do
+        echo "$p"
+        p=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    done
+}
+
+alive() {   # pid exists and is no zombie
+    local st
+    st=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+collect_pids() {
+    local netns_ino=() mnt_ino=() ns f pid i
+    for ns in $(lab_netns); do
+        netns_ino+=("$(ns_inode "/run/netns/$ns")")
+        ip netns pids "$ns" 2>/dev/null || true
+    done
+    for i in $(lab_node_indices); do
+        f=$LAB/node$i/mnt
+        mountpoint -q "$f" 2>/dev/null && mnt_ino+=("$(ns_inode "$f")")
+        # daemons the lab started (pidfiles), checked against their command line
+        for f in "$LAB/node$i/sshd.pid" "$LAB"/node"$i"/qemu-*.pid; do
+            [ -f "$f" ] || continue
+            pid=$(head -c 20 "$f" | tr -dc 0-9)
+            [ -n "$pid" ] || continue
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$LAB/"; then
+                echo "$pid"
+            fi
+        done
+    done
+    # safety net: anything living in one of the lab's namespaces
+    if [ ${#netns_ino[@]} -gt 0 ] || [ ${#mnt_ino[@]} -gt 0 ]; then
+        local want=" ${netns_ino[*]:-} ${mnt_ino[*]:-} "
+        for f in /proc/[0-9]*; do
+            pid=${f#/proc/}
+            for ns in net mnt; do
+                local l
+                l=$(readlink "$f/ns/$ns" 2>/dev/null) || continue
+                l=${l#*[}; l=${l%]}
+                case "$want" in *" $l "*) echo "$pid"; break;; esac
+            done
+        done
+    fi
+}
+
+kill_lab_procs() {
+    local keep pids=() p sig round
+    keep=" $(ancestors | tr '\n' ' ') "
+    for sig in TERM KILL; do
+        pids=()
+        for p in $(collect_pids | sort -un); do
+            case "$keep" in *" $p "*) continue;; esac
+            alive "$p" && pids+=("$p")
+        done
+        [ ${#pids[@]} -eq 0 ] && return 0
+        [ $sig = KILL ] && log "down: SIGKILL to ${pids[*]}"
+        kill -s $sig "${pids[@]}" 2>/dev/null || true
+        for round in $(seq 100); do      # up to 5 s
+            local left=0
+            for p in "${pids[@]}"; do alive "$p" && left=1 && break; done
+            [ $left = 0 ] && break
+            sleep 0.05
+        done
+    done
+    for p in "${pids[@]}"; do
+        alive "$p" && log "down: warning: pid $p survived SIGKILL"
+    done
+    return 0
+}
+
+do_down() (
+    set +e
+    kill_lab_procs
+    local i f ns m
+    # mount namespaces: drop the bind mounts that keep them alive
+    for i in $(lab_node_indices); do
+        f=$LAB/node$i/mnt
+        for _ in 1 2 3; do
+            mountpoint -q "$f" 2>/dev/null || break
+            umount "$f" 2>/dev/null || umount -l "$f" 2>/dev/null
+        done
+    done
+    # anything else still mounted under $LAB (should be nothing)
+    awk -v p="$LAB/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null; done
+    for ns in $(lab_netns); do
+        ip netns del "$ns" 2>/dev/null || log "down: warning: cannot delete netns $ns"
+    done
+    if [ -d "$LAB" ]; then
+        case "$LAB" in
+            /run/mtunnel-lab/?*) rm -rf --one-file-system "$LAB" ;;
+        esac
+        [ -e "$LAB" ] && log "down: warning: $LAB not removed"
+    fi
+    # last lab gone: undo the global bits we created
+    if [ -d "$BASE" ] && [ -z "$(ls -A "$BASE" | grep -v '^\.created-')" ]; then
+        if [ -e "$BASE/.created-run-sshd" ]; then
+            rmdir /run/sshd 2>/dev/null; rm -f "$BASE/.created-run-sshd"
+        fi
+        if [ -e "$BASE/.created-run-qemu-server" ]; then
+            rmdir /run/qemu-server 2>/dev/null; rm -f "$BASE/.created-run-qemu-server"
+        fi
+        for _ in 1 2 3; do
+            is_mountpoint "$BASE" || break
+            umount "$BASE" 2>/dev/null || umount -l "$BASE" 2>/dev/null
+        done
+        is_mountpoint "$BASE" || rmdir "$BASE" 2>/dev/null
+    fi
+    return 0
+)
+
+cmd_down() {
+    [ $# -eq 0 ] || die "usage: lab.sh down"
+    lock
+    do_down
+    log "down"
+}
+
+# ---------------------------------------------------------------- up
+
+need_tools() {
+    local t missing=()
+    for t in ip ping nsenter unshare mount umount mountpoint flock nasm perl \
+             /usr/sbin/sshd /usr/bin/ssh ssh-keygen qemu-system-x86_64 truncate; do
+        command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (run lab/setup-packages)"
+    [ "$(id -u)" = 0 ] || die "must run as root"
+}
+
+ensure_base() {
+    mkdir -p "$BASE"
+    # nsfs bind mounts (unshare --mount=FILE) need a non-shared parent mount
+    if ! is_mountpoint "$BASE"; then
+        mount --bind "$BASE" "$BASE"
+    fi
+    mount --make-private "$BASE"
+    if [ ! -d /run/sshd ]; then       # sshd's privilege separation directory
+        mkdir -m 0755 /run/sshd && touch "$BASE/.created-run-sshd"
+    fi
+    if [ ! -d /run/qemu-server ]; then   # only a mount point for the nodes' tmpfs
+        mkdir -m 0755 /run/qemu-server && touch "$BASE/.created-run-qemu-server"
+    fi
+}
+
+no_ipv6() {   # only 198.18.0.0/15 addresses in the lab: no IPv6 link-local either
+    nsenter --net="/run/netns/$1" -- /bin/sh -c '
+        [ -d /proc/sys/net/ipv6 ] || exit 0
+        echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6
+        echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6'
+}
+
+# runs inside a node's new mount namespace (sh): $1=LAB $2=index $3=LAB_SRC
+NODE_MNT_SETUP='
+set -eu
+LAB=$1 i=$2 SRC=$3
+# copies of namespace bind mounts (other nodes/labs, /run/netns/*) would keep
+# those namespaces alive after their lab is down: drop them in this namespace
+awk "\$0 ~ / - nsfs / {print \$5}" /proc/self/mountinfo | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+done
+mount -t tmpfs -o mode=0755,size=50% mtl-qemu-server /run/qemu-server
+if [ ! -d /usr/local/sbin ]; then
+    # no /usr/local/sbin on this host: never create it there - overlay /usr/local
+    # in this namespace only, the upper layer on a tmpfs
+    [ -d /usr/local ] || { echo "no /usr/local" >&2; exit 1; }
+    o=$LAB/node$i/.ovl
+    mkdir -p "$o"
+    mount -t tmpfs -o mode=0755 mtl-ovl "$o"
+    mkdir "$o/upper" "$o/work"
+    mount -t overlay -o "lowerdir=/usr/local,upperdir=$o/upper,workdir=$o/work" mtl-usr-local /usr/local
+    mkdir -m 0755 /usr/local/sbin
+fi
+s=$LAB/node$i/.sbin
+mkdir -p "$s"
+mount -t tmpfs -o mode=0755 mtl-sbin "$s"
+cp -a /usr/local/sbin/. "$s/"
+for t in qm qmp guest-check; do
+    printf "#!/bin/sh\nexec env MTUNNEL_LAB_DIR=%s MTUNNEL_LAB_NODE=node%s perl %s/%s \"\$@\"\n" \
+        "$LAB" "$i" "$SRC" "$t" > "$s/$t"
+    chmod 0755 "$s/$t"
+done
+mount --move "$s" /usr/local/sbin
+'
+
+write_sshd_config() {
+    local i=$1 d=$LAB/node$1
+    cat >"$d/sshd_config" <<EOF
+# mtunnel lab sshd for node$i (generated by lab/lab.sh; no Include of /etc/ssh)
+ListenAddress $(ip_node "$i")
+Port 22
+AddressFamily inet
+HostKey $d/ssh_host_ed25519_key
+PidFile $d/sshd.pid
+AuthorizedKeysFile $LAB/authorized_keys
+StrictModes no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitUserRC no
+PermitUserEnvironment no
+AcceptEnv none
+X11Forwarding no
+PrintMotd no
+PrintLastLog no
+UseDNS no
+LogLevel VERBOSE
+EOF
+}
+
+cmd_up() {
+    local n=${1:-2} t0 i ns ipaddr
+    [ $# -le 1 ] || die "usage: lab.sh up [NODES]"
+    [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le $MAX_NODES ] ||
+        die "NODES must be 1..$MAX_NODES"
+    local accel=${MTUNNEL_LAB_ACCEL:-auto}
+    [[ $accel =~ ^(auto|kvm|tcg)$ ]] || die "MTUNNEL_LAB_ACCEL must be auto, kvm or tcg"
+    need_tools
+    lock
+    t0=$(now)
+    do_down
+    trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed - tearing down"; do_down; fi' EXIT
+
+    ensure_base
+    mkdir -m 0700 "$LAB"
+    mkdir -p "$LAB/pve/qemu-server"
+
+    # guest image: the boot sector in a 1 MiB raw disk
+    nasm -f bin -o "$LAB/guest.bin" "$LAB_SRC/guest/guest.asm"
+    [ "$(stat -c %s "$LAB/guest.bin")" = 512 ] || die "guest.bin is not 512 bytes"
+    cp "$LAB/guest.bin" "$LAB/guest.img"
+    truncate -s 1M "$LAB/guest.img"
+
+    # client key
+    ssh-keygen -q -t ed25519 -N '' -C "mtunnel-lab-$NAME" -f "$LAB/id_ed25519"
+    cp "$LAB/id_ed25519.pub" "$LAB/authorized_keys"
+    chmod 0600 "$LAB/authorized_keys"
+    : >"$LAB/known_hosts"
+
+    # network: a bridge in its own namespace, one veth per node
+    ip netns add "$NS_BR"
+    no_ipv6 "$NS_BR"
+    ip -n "$NS_BR" link set lo up
+    ip -n "$NS_BR" link add br0 type bridge
+    ip -n "$NS_BR" link set br0 up
+    for i in $(seq "$n"); do
+        ns=$(ns_node "$i")
+        ipaddr=$(ip_node "$i")
+        mkdir "$LAB/node$i"
+        ip netns add "$ns"
+        no_ipv6 "$ns"
+        ip -n "$ns" link set lo up
+        ip -n "$NS_BR" link add "veth$i" type veth peer name eth0 netns "$ns"
+        ip -n "$NS_BR" link set "veth$i" master br0
+        ip -n "$NS_BR" link set "veth$i" up
+        ip -n "$ns" addr add "$ipaddr/24" dev eth0
+        ip -n "$ns" link set eth0 up
+
+        # persistent mount namespace
+        touch "$LAB/node$i/mnt"
+        unshare --mount="$LAB/node$i/mnt" --propagation private -- \
+            /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" 9>&- ||
+            die "node$i: mount namespace setup failed"
+
+        # sshd
+        ssh-keygen -q -t ed25519 -N '' -C "node$i" -f "$LAB/node$i/ssh_host_ed25519_key"
+        echo "node$i,$ipaddr $(cut -d' ' -f1,2 "$LAB/node$i/ssh_host_ed25519_key.pub")" >>"$LAB/known_hosts"
+        write_sshd_config "$i"
+        /usr/sbin/sshd -t -f "$LAB/node$i/sshd_config" || die "node$i: bad sshd config"
+        node_exec "$i" /usr/sbin/sshd -f "$LAB/node$i/sshd_config" -E "$LAB/node$i/sshd.log" \
+            </dev/null >/dev/null 2>>"$LAB/node$i/sshd.log" ||
+            die "node$i: sshd failed to start (see $LAB/node$i/sshd.log)"
+
+        printf '%s\n' /usr/bin/ssh -e none -o BatchMode=yes -o "HostKeyAlias=node$i" \
+            -o "UserKnownHostsFile=$LAB/known_hosts" -o GlobalKnownHostsFile=/dev/null \
+            -o IdentitiesOnly=yes -i "$LAB/id_ed25519" -F /dev/null "root@$ipaddr" \
+            >"$LAB/ssh_prefix_node$i"
+    done
+
+    {
+        echo "# mtunnel lab '$NAME' (generated by lab/lab.sh up)"
+        echo "MTUNNEL_LAB=$NAME"
+        echo "LAB_DIR=$LAB"
+        echo "LAB_SRC=$LAB_SRC"
+        echo "LAB_NODES=$n"
+        echo "LAB_NODE_NAMES='$(for i in $(seq "$n"); do printf 'node%s ' "$i"; done | sed 's/ $//')'"
+        echo "LAB_ACCEL=$accel"
+        echo "LAB_BRIDGE_NETNS=$NS_BR"
+        for i in $(seq "$n"); do
+            echo "LAB_node${i}_IP=$(ip_node "$i")"
+            echo "LAB_node${i}_NETNS=$(ns_node "$i")"
+            echo "LAB_node${i}_MNT=$LAB/node$i/mnt"
+        done
+    } >"$LAB/env"
+
+    # checks: ping every node from node1, then wait until every sshd accepts
+    for i in $(seq 2 "$n"); do
+        node_exec 1 ping -q -n -c 1 -W 3 "$(ip_node "$i")" >/dev/null ||
+            die "ping node1 -> node$i ($(ip_node "$i")) failed"
+    done
+    for i in $(seq "$n"); do
+        local ok=0 try prefix
+        mapfile -t prefix <"$LAB/ssh_prefix_node$i"
+        for try in $(seq 50); do
+            if node_exec 1 "${prefix[@]}" -o ConnectTimeout=3 true </dev/null 2>"$LAB/node$i/ssh-check.err"; then
+                ok=1; break
+            fi
+            sleep 0.2
+        done
+        [ $ok = 1 ] || die "sshd on node$i does not accept: $(tail -3 "$LAB/node$i/ssh-check.err")"
+        rm -f "$LAB/node$i/ssh-check.err"
+    done
+
+    trap - EXIT
+    log "up: $n nodes in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')s, dir $LAB, accel $accel"
+}
+
+# ---------------------------------------------------------------- status
+
+cmd_status() {
+    if [ ! -f "$LAB/env" ]; then
+        echo "lab '$NAME': down"
+        [ -n "$(lab_netns)" ] && echo "  stale netns: $(lab_netns | tr '\n' ' ')"
+        [ -d "$LAB" ] && echo "  stale dir: $LAB"
+        return 0
+    fi
+    # shellcheck disable=SC1091
+    . "$LAB/env"
+    echo "lab '$NAME': up, $LAB_NODES nodes, dir $LAB, accel $LAB_ACCEL"
+    local i pid f st vms
+    for i in $(seq "$LAB_NODES"); do
+        st=down
+        pid=$(cat "$LAB/node$i/sshd.pid" 2>/dev/null || true)
+        [ -n "$pid" ] && alive "$pid" && st="up (pid $pid)"
+        vms=""
+        for f in "$LAB"/node"$i"/qemu-*.pid; do
+            [ -f "$f" ] || continue
+            pid=$(cat "$f")
+            f=${f##*/qemu-}; f=${f%.pid}
+            alive "$pid" && vms="$vms $f(pid $pid)"
+        done
+        echo "  node$i $(ip_node "$i") netns $(ns_node "$i") sshd $st vms:${vms:- none}"
+    done
+}
+
+# ---------------------------------------------------------------- main
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    up) cmd_up "$@" ;;
+    down) cmd_down "$@" ;;
+    exec) cmd_exec "$@" ;;
+    status) cmd_status "$@" ;;
+    *) die "usage: lab.sh up [NODES] | down | exec NODE CMD... | status" ;;
+esac
