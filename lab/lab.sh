@@ -8,7 +8,8 @@
 #
 # Environment: MTUNNEL_LAB (lab name, default "default"; [A-Za-z0-9_], so that two
 # labs can coexist), MTUNNEL_LAB_ACCEL (auto|kvm|tcg: default accelerator of the
-# VMs that lab/qm starts, written to $LAB/env; a VM config's "accel:" wins).
+# VMs that lab/qm starts, written to $LAB/env; a VM config's "accel:" wins),
+# MTUNNEL_LAB_KEEP_BASHRC=1 (keep the host's /root/.bashrc visible on the nodes).
 #
 # Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24,
 # all veths on a bridge in namespace mtl-NAME-br; a persistent mount namespace
@@ -131,16 +132,11 @@ collect_pids() {
     done
     # safety net: anything living in one of the lab's namespaces
     if [ ${#netns_ino[@]} -gt 0 ] || [ ${#mnt_ino[@]} -gt 0 ]; then
-        local want=" ${netns_ino[*]:-} ${mnt_ino[*]:-} "
-        for f in /proc/[0-9]*; do
-            pid=${f#/proc/}
-            for ns in net mnt; do
-                local l
-                l=$(readlink "$f/ns/$ns" 2>/dev/null) || continue
-                l=${l#*[}; l=${l%]}
-                case "$want" in *" $l "*) echo "$pid"; break;; esac
-            done
-        done
+        find /proc/[0-9]*/ns -maxdepth 1 \( -name net -o -name mnt \) -printf '%h %l\n' 2>/dev/null |
+            awk -v want=" ${netns_ino[*]:-} ${mnt_ino[*]:-} " '{
+                ino = $2; gsub(/^[a-z]+:\[|\]$/, "", ino)
+                if (index(want, " " ino " ")) { split($1, p, "/"); print p[3] }
+            }'
     fi
 }
 
@@ -271,6 +267,13 @@ if [ ! -d /usr/local/sbin ]; then
     mkdir "$o/upper" "$o/work"
     mount -t overlay -o "lowerdir=/usr/local,upperdir=$o/upper,workdir=$o/work" mtl-usr-local /usr/local
     mkdir -m 0755 /usr/local/sbin
+fi
+# a neutral root ~/.bashrc, as on a PVE host: the host one (pyenv init, cargo env)
+# would run for every remote command (+0.17 s each); MTUNNEL_LAB_KEEP_BASHRC=1 keeps it
+if [ -f /root/.bashrc ] && [ "${MTUNNEL_LAB_KEEP_BASHRC:-0}" != 1 ]; then
+    printf "%s\n" "# mtunnel lab node (lab.sh): the host root bashrc is hidden in this mount namespace" \
+        "[ -z \"\${PS1:-}\" ] && return" > "$LAB/node$i/bashrc"
+    mount --bind "$LAB/node$i/bashrc" /root/.bashrc
 fi
 s=$LAB/node$i/.sbin
 mkdir -p "$s"

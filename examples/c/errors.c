@@ -1,0 +1,58 @@
+/*
+ * errors: the library's argument checks seen from C. NULL and malformed input must give a
+ * result code and a message, never a crash. Prints TAP so `prove` could read it too.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "mtunnel.h"
+
+static int failures, count;
+
+static void expect(int got, int want, const char *what, const char *needle)
+{
+    const char *msg = mtunnel_last_error();
+    int ok = got == want && (!needle || strstr(msg, needle));
+    count++;
+    if (!ok)
+        failures++;
+    printf("%s %d - %s (rc %d, \"%s\")\n", ok ? "ok" : "not ok", count, what, got, msg);
+}
+
+int main(void)
+{
+    mtunnel_tunnel *t = NULL;
+    char *out = NULL;
+
+    expect(tunnel_open(NULL, NULL, NULL, &t), MTUNNEL_ERR_INVALID_ARGUMENT, "NULL options are refused", "options_json is NULL");
+    expect(tunnel_open("{}", NULL, NULL, NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "NULL tunnel_out is refused", "tunnel_out is NULL");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"-oProxyCommand=x\"]}", NULL, NULL, &t), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "a destination starting with '-' is refused", "invalid ssh destination");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"forwards\": [\"/run/qemu-server/../x.migrate\"]}", NULL, NULL, &t),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "'..' in a forward is refused", "invalid socket path");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"frwards\": []}", NULL, NULL, &t),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "a misspelt option is refused", "unknown option 'frwards'");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"", NULL, NULL, &t), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "malformed JSON is refused", "not valid JSON");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"\xff@198.18.0.2\"]}", NULL, NULL, &t), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "invalid UTF-8 is refused", "not valid UTF-8");
+    expect(t == NULL, 1, "no handle was written on failure", NULL);
+    expect(tunnel_wait_ready(NULL, 0), MTUNNEL_ERR_INVALID_ARGUMENT, "wait_ready(NULL) is refused", "tunnel is NULL");
+    expect(tunnel_command(NULL, "quit", 0, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "command(NULL) is refused", "tunnel is NULL");
+    expect(tunnel_close(NULL, NULL), MTUNNEL_OK, "close(NULL) is a no-op", NULL);
+    tunnel_free(NULL);
+    mtunnel_string_free(NULL);
+    expect(qmp_migrate(NULL, "unix:/x", NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_migrate(NULL socket) is refused", "qmp_socket is NULL");
+    expect(qmp_migrate("/nonexistent/100.qmp", "exec:rm -rf /", NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "an exec: URI is refused", "invalid migration URI");
+    expect(qmp_query_migrate("/nonexistent/100.qmp", 1000, &out), MTUNNEL_ERR_IO, "a missing QMP socket is named", "does not exist");
+    expect(out == NULL, 1, "no output was written on failure", NULL);
+    expect(migrate_listen_parse("garbage\n", "100", &out), MTUNNEL_ERR_PROTOCOL, "output without an address is refused",
+           "unable to detect remote migration address");
+    expect(migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100", &out), MTUNNEL_OK,
+           "a listen line is parsed", NULL);
+    expect(out && strstr(out, "\"uri\":\"unix:/run/qemu-server/100.migrate\"") != NULL, 1, "the parsed URI is returned", NULL);
+    mtunnel_string_free(out);
+    printf("1..%d\n", count);
+    printf("RESULT: %d passed, %d failed\n", count - failures, failures);
+    return failures != 0;
+}

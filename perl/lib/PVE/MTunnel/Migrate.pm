@@ -1,0 +1,240 @@
+package PVE::MTunnel::Migrate;
+
+# A QemuMigrate.pm-style live migration driver on PVE::MTunnel: phase2 (start the target,
+# tunnel, migrate, poll), phase3 (resume on the target, close, stop the source) and
+# phase2_cleanup (cancel, cont the source, stop the target, close). The control flow is
+# PVE's; sockets, processes and QMP are the library's.
+
+use strict;
+use warnings;
+
+use POSIX qw(strftime);
+use Time::HiRes qw(usleep time);
+
+use PVE::MTunnel;
+
+# Statuses during which QEMU is still working on the migration. Anything not final counts as
+# running, so a status added by a newer QEMU does not abort a migration.
+my %FINAL = map { $_ => 1 } qw(completed failed cancelled);
+
+sub new {
+    my ($class, %param) = @_;
+    for my $k (qw(vmid node target ssh)) {
+	die "PVE::MTunnel::Migrate->new: missing '$k'\n" if !defined($param{$k});
+    }
+    die "invalid VMID '$param{vmid}'\n" if $param{vmid} !~ m/^[1-9][0-9]{0,8}$/;
+    my $vmid = $param{vmid};
+    my $self = bless {
+	qm => ['qm'],
+	socket_dir => '/run/qemu-server',
+	capabilities => { 'auto-converge' => 1, xbzrle => 1 },
+	parameters => {},
+	downtime_ms => 100,
+	poll_interval_ms => 1000,
+	tunnel_options => {},
+	%param,
+    }, $class;
+    $self->{qmp_socket} //= "$self->{socket_dir}/$vmid.qmp";
+    $self->{log} //= sub { my ($level, $msg) = @_; print "$msg\n" };
+    return $self;
+}
+
+# PVE's task log style: "2026-11-26 23:00:00 message".
+sub log {
+    my ($self, $level, $msg) = @_;
+    chomp $msg;
+    for my $line (split /\n/, $msg) {
+	$self->{log}->($level, strftime("%F %H:%M:%S", localtime) . " $line");
+    }
+}
+
+sub render_bytes {
+    my ($v) = @_;
+    my @units = qw(B KiB MiB GiB TiB);
+    my $i = 0;
+    while ($v >= 1024 && $i < $#units) { $v /= 1024; $i++ }
+    return $i == 0 ? "$v B" : sprintf("%.1f %s", $v, $units[$i]);
+}
+
+sub remote {
+    my ($self, @cmd) = @_;
+    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @cmd], timeout_ms => 120_000);
+}
+
+sub migrate {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    $self->log('info', "starting migration of VM $vmid to node '$self->{target}'");
+    my $start = time();
+    eval { $self->phase2(); $self->phase3(); };
+    if (my $err = $@) {
+	$self->log('err', "migration failed: $err");
+	$self->phase2_cleanup($err);
+	die $err;
+    }
+    $self->log('info', sprintf("migration finished successfully (duration %s)", strftime("%H:%M:%S", gmtime(time() - $start))));
+    return $self;
+}
+
+sub phase2 {
+    my ($self) = @_;
+    my ($vmid, $node) = @$self{qw(vmid node)};
+
+    $self->log('info', "starting VM $vmid on remote node '$self->{target}'");
+    # From here on the target may be running; cleanup must stop it.
+    $self->{target_started} = 1;
+    my $res = $self->remote('start', $vmid, '--migratedfrom', $node, '--migration_type', 'secure', '--stateuri', 'unix');
+    my $listen = PVE::MTunnel::migrate_listen_parse($res->{stdout}, $vmid);
+    $self->log('info', "[$self->{target}] $_") for @{$listen->{messages}};
+    die "only UNIX socket migration is supported by this driver\n" if !$listen->{socket};
+    $self->{ruri} = $listen->{uri};
+
+    $self->log('info', "start remote tunnel");
+    $self->{tunnel} = PVE::MTunnel->open(
+	ssh => $self->{ssh},
+	forwards => [ $listen->{socket}, map { $_->{socket} } @{$listen->{nbd}} ],
+	command => [@{$self->{qm}}, 'mtunnel'],
+	socket_dir => $self->{socket_dir},
+	log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
+	%{$self->{tunnel_options}},
+    );
+    my $t0 = time();
+    $self->{tunnel}->wait_ready(timeout_ms => 70_000);
+    $self->{timing}{open_to_ready} = time() - $t0;
+
+    my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
+    if ($self->{capabilities}{xbzrle} && $self->{memory_mib} && !defined($params->{'xbzrle-cache-size'})) {
+	# As PVE: a tenth of guest memory, rounded down to a power of two.
+	my $cache = int($self->{memory_mib} * 1024 * 1024 / 10);
+	my $pow = 1; $pow *= 2 while $pow * 2 <= $cache;
+	$params->{'xbzrle-cache-size'} = $pow;
+    }
+    $self->log('info', "starting online/live migration on $self->{ruri}");
+    $self->{migration_started} = 1;
+    PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { capabilities => $self->{capabilities}, parameters => $params });
+    $self->wait_for_completion($params->{'downtime-limit'});
+}
+
+sub wait_for_completion {
+    my ($self, $downtime) = @_;
+    my $usleep = $self->{poll_interval_ms} * 1000;
+    my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) = (-1, undef, 0, 0, 0, '');
+    my $start = time();
+    while (1) {
+	$i++;
+	usleep($usleep);
+	my $stat = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}) };
+	if (my $err = $@) {
+	    $self->log('info', "query migrate failed: $err");
+	    die "too many query migrate failures - aborting\n" if ++$errors > 5;
+	    next;
+	}
+	$errors = 0;
+	my $status = $stat->{status} // 'none';
+	my $ram = $stat->{ram} // {};
+	if ($status eq 'completed') {
+	    $self->{timing}{migration} = time() - $start;
+	    $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
+	    $self->{completed_stat} = $stat;
+	    my $delay = time() - $start;
+	    $self->log('info', sprintf("average migration speed: %s/s - downtime %s ms",
+		render_bytes(($ram->{total} // 0) / ($delay || 1)), $stat->{downtime} // 0));
+	    $self->log('info', "migration status: completed");
+	    return $stat;
+	}
+	if ($FINAL{$status}) {
+	    my $message = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
+	    $self->log('info', "migration status error: $message");
+	    die "aborting phase 2 - $message\n";
+	}
+	if ($status ne 'active') {
+	    $self->log('info', "migration status: $status") if $status ne $laststatus;
+	    $laststatus = $status;
+	    next;
+	}
+	$laststatus = $status;
+	my $trans = $ram->{transferred} // 0;
+	next if $trans == $lasttrans;
+	my $rem = $ram->{remaining} // 0;
+	my $speed = ($ram->{'pages-per-second'} // 0) * ($ram->{'page-size'} // 0);
+	my $dirty = ($ram->{'dirty-pages-rate'} // 0) * ($ram->{'page-size'} // 0);
+	# Poll faster near the end, so completion is noticed quickly; log less often then.
+	$usleep = 100_000 if $speed && $rem < $speed;
+	if ($usleep > 100_000 || $i % 10 == 0) {
+	    my $progress = sprintf("transferred %s of %s VM-state, %s/s", render_bytes($trans), render_bytes($ram->{total} // 0), render_bytes($speed));
+	    $progress .= ", VM dirties lots of memory: " . render_bytes($dirty) . "/s" if $dirty > $speed;
+	    $self->log('info', "migration active, $progress");
+	}
+	$downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
+	$lastrem = $rem;
+	if ($downtimecounter > 5) {
+	    $downtimecounter = 0;
+	    $downtime *= 2;
+	    $self->log('info', "auto-increased downtime to continue migration: $downtime ms");
+	    eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'migrate-set-parameters', { 'downtime-limit' => int($downtime) }) };
+	    $self->log('info', "migrate-set-parameters error: $@") if $@;
+	}
+	$lasttrans = $trans;
+    }
+}
+
+sub phase3 {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
+    if (my $err = $@) {
+	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
+	$self->remote('resume', $vmid, '--skiplock', '--nocheck');
+    }
+    # From here on the VM runs on the target; the source must never be continued.
+    $self->{target_resumed} = 1;
+    my $tunnel = delete $self->{tunnel};
+    eval { $tunnel->close() };
+    $self->log('warn', "closing tunnel: $@") if $@;
+    $self->stop_source();
+}
+
+# As vm_stop on the source: QMP quit, then wait for the process to go away.
+sub stop_source {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    my $pidfile = "$self->{socket_dir}/$vmid.pid";
+    my $pid = -f $pidfile ? do { open(my $fh, '<', $pidfile); my $p = <$fh>; chomp $p if defined $p; $p } : undef;
+    eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'quit') };
+    $self->log('warn', "stopping source VM: $@") if $@;
+    if ($pid && $pid =~ /^\d+$/) {
+	for (1 .. 100) { last if !kill(0, $pid); usleep(100_000) }
+	if (kill(0, $pid)) { kill('KILL', $pid); $self->log('warn', "source VM $vmid did not quit, killed") }
+    }
+    $self->log('info', "stopped VM $vmid on source node '$self->{node}'");
+}
+
+sub phase2_cleanup {
+    my ($self, $err) = @_;
+    my $vmid = $self->{vmid};
+    return if $self->{target_resumed};
+    $self->log('info', "aborting phase 2 - cleanup resources");
+    if ($self->{migration_started}) {
+	$self->log('info', "migrate_cancel");
+	eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
+	$self->log('info', "migrate_cancel error: $@") if $@;
+    }
+    # The source ends in postmigrate if the failure came after convergence: continue it.
+    my $status = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status')->{status} };
+    $self->log('err', "query-status error: $@") if $@;
+    if (($status // '') eq 'postmigrate') {
+	eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') };
+	$self->log('err', "resuming VM failed: $@") if $@;
+    }
+    if ($self->{target_started}) {
+	eval { $self->remote('stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}) };
+	$self->log('err', "stopping target VM failed: $@") if $@;
+    }
+    # Only after the target is stopped, as PVE does.
+    if (my $tunnel = delete $self->{tunnel}) {
+	eval { $tunnel->close() };
+	$self->log('err', "closing tunnel failed: $@") if $@;
+    }
+}
+
+1;
