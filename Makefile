@@ -1,0 +1,48 @@
+# mtunnel — make demo | make test | make bench | make header
+SHELL   := /bin/bash
+CARGO   ?= cargo
+PROVE   ?= prove
+LIB     := target/release/libmtunnel.so
+PERL5   := -Iperl/lib -It/lib
+
+.PHONY: all setup build header header-check examples test test-rust test-c test-perl demo bench lab-down clean
+
+all: build
+
+# Debian packages the lab, the tests and the demo need (idempotent; skips apt when present).
+setup:
+	@lab/setup-packages
+
+build: setup
+	$(CARGO) build --release --locked
+	$(MAKE) -C examples/c
+
+# Regenerates the committed C header from src/ffi/.
+header:
+	MTUNNEL_WRITE_HEADER=1 $(CARGO) build --release --locked
+
+examples: build
+
+test: build
+	@$(MAKE) --no-print-directory test-rust test-c test-perl
+	@echo "make test: all passed"
+
+test-rust:
+	$(CARGO) test --release --locked
+
+test-c:
+	@echo "== C example: argument checks (no lab) =="
+	examples/c/build/errors
+
+test-perl:
+	MTUNNEL_LIB=$(CURDIR)/$(LIB) $(PROVE) -v $(PERL5) t/ 2>&1 | tee target/prove.log | grep -E '^(t/|ok|not ok|#|Files=|Result:|All tests)' ; exit $${PIPESTATUS[0]}
+
+demo: build
+	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/demo.sh
+
+lab-down:
+	lab/lab.sh down
+
+clean:
+	$(CARGO) clean
+	$(MAKE) -C examples/c clean

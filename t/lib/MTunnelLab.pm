@@ -1,0 +1,334 @@
+package MTunnelLab;
+
+# Test helper: brings up the multi-node lab (lab/lab.sh) for prove tests and
+# always tears it down again (explicit down, DESTROY, END, SIGINT/SIGTERM).
+#
+#   use lib 't/lib';
+#   use MTunnelLab;
+#   my $lab = MTunnelLab->up(nodes => 2, name => 'mig');   # dies with lab.sh's output
+#   $lab->write_vm_config(100, memory => 256);
+#   $lab->run_ok('node1', qw(qm start 100));
+#   my ($rc, $out, $err) = $lab->run('node2', qw(qm status 100 --verbose));
+#   my $rem_ssh = $lab->ssh_prefix('node2');   # ['/usr/bin/ssh', ..., 'root@198.18.0.2']
+#   $lab->enter('node1');   # this process now lives in node1's net + mount namespaces
+#   ...                     # e.g. PVE::MTunnel->open(ssh => $rem_ssh, ...)
+#   $lab->leave;
+#   $lab->down;
+#
+# Options of up(): nodes (default 2), name (default: derived from the test
+# file's name, so that `prove -j` runs distinct labs), accel (auto|kvm|tcg:
+# the default accelerator of lab/qm's VMs).
+# Needs root. Only core modules.
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+use Cwd qw(getcwd abs_path);
+use File::Basename qw(dirname basename);
+use File::Temp ();
+use POSIX ();
+use Scalar::Util qw(weaken);
+use Config;
+
+my $LABSH = abs_path(dirname(abs_path(__FILE__)) . '/../../lab/lab.sh');
+
+use constant {
+    CLONE_NEWNS  => 0x00020000,
+    CLONE_NEWNET => 0x40000000,
+};
+my %SYS_SETNS = ('x86_64' => 308, 'aarch64' => 268, 'i386' => 346, 'i686' => 346);
+
+my %LIVE;    # name => weak ref to every lab this process brought up
+
+sub _default_name {
+    my $n = basename($0);
+    $n =~ s/\.t\z//;
+    $n =~ s/[^A-Za-z0-9_]/_/g;
+    $n = substr("t_$n", 0, 20);
+    return $n;
+}
+
+sub up {
+    my ($class, %opt) = @_;
+    my $nodes = $opt{nodes} // 2;
+    my $name = $opt{name} // _default_name();
+    croak "invalid lab name '$name'" if $name !~ /^[A-Za-z0-9_]{1,20}$/;
+    croak "invalid node count '$nodes'" if $nodes !~ /^[1-9][0-9]*$/;
+    croak "lab.sh not found next to t/lib" if !$LABSH || !-x $LABSH;
+    croak "the lab needs root" if $> != 0;
+
+    my $self = bless {
+        name => $name,
+        nodes => $nodes,
+        dir => "/run/mtunnel-lab/$name",
+        owner => $$,
+        up => 0,
+    }, $class;
+    # register before lab.sh runs: a half-built lab is torn down too
+    $LIVE{$name} = $self;
+    weaken($LIVE{$name});
+    _install_signal_handlers();
+
+    my ($rc, $out, $err) = $self->_lab_sh({ accel => $opt{accel} }, 'up', $nodes);
+    if ($rc != 0) {
+        delete $LIVE{$name};
+        die "lab up failed (exit $rc):\n$out$err";
+    }
+    $self->{up} = 1;
+    $self->{env} = $self->_read_env;
+    return $self;
+}
+
+sub name { $_[0]->{name} }
+sub dir { $_[0]->{dir} }
+sub nodes { map { "node$_" } 1 .. $_[0]->{nodes} }
+sub lab_sh { $LABSH }
+
+sub _node {
+    my ($self, $node) = @_;
+    croak "invalid node '" . ($node // 'undef') . "'"
+        if !defined $node || $node !~ /^node([1-9][0-9]*)\z/ || $1 > $self->{nodes};
+    return $node;
+}
+
+sub _read_env {
+    my ($self) = @_;
+    my %env;
+    open(my $fh, '<', "$self->{dir}/env") or die "cannot read $self->{dir}/env: $!\n";
+    while (my $line = <$fh>) {
+        $env{$1} = $2 if $line =~ /^([A-Za-z_][A-Za-z0-9_]*)='?([^']*?)'?\s*$/;
+    }
+    close $fh;
+    return \%env;
+}
+
+sub ip {
+    my ($self, $node) = @_;
+    return $self->{env}->{"LAB_${\ $self->_node($node)}_IP"};
+}
+
+sub netns {
+    my ($self, $node) = @_;
+    return $self->{env}->{"LAB_${\ $self->_node($node)}_NETNS"};
+}
+
+# arrayref: the ssh argv prefix a client on another node uses to reach $node
+sub ssh_prefix {
+    my ($self, $node) = @_;
+    my $path = "$self->{dir}/ssh_prefix_" . $self->_node($node);
+    open(my $fh, '<', $path) or die "cannot read $path: $!\n";
+    chomp(my @argv = <$fh>);
+    close $fh;
+    return \@argv;
+}
+
+sub write_vm_config {
+    my ($self, $vmid, %conf) = @_;
+    croak "invalid vmid '$vmid'" if $vmid !~ /^[1-9][0-9]*\z/;
+    my $path = "$self->{dir}/pve/qemu-server/$vmid.conf";
+    open(my $fh, '>', "$path.tmp") or die "cannot write $path: $!\n";
+    print $fh "$_: $conf{$_}\n" for sort keys %conf;
+    close($fh) or die "cannot write $path: $!\n";
+    rename("$path.tmp", $path) or die "cannot rename $path: $!\n";
+    return $path;
+}
+
+# ------------------------------------------------------------ running commands
+
+# fork + exec with stdin </dev/null, stdout/stderr captured in temp files;
+# the child first returns to the host namespaces if this process entered a node.
+sub _capture {
+    my ($self, $env, @cmd) = @_;
+    my $out = File::Temp->new(TMPDIR => 1);
+    my $err = File::Temp->new(TMPDIR => 1);
+    local $SIG{CHLD} = 'DEFAULT';    # a test's 'IGNORE' would eat our child's status
+    my $pid = fork() // die "fork: $!\n";
+    if (!$pid) {
+        eval {
+            $self->_setns_host if $self->{entered};
+            open(STDIN, '<', '/dev/null') or die "stdin: $!\n";
+            open(STDOUT, '>&', $out) or die "stdout: $!\n";
+            open(STDERR, '>&', $err) or die "stderr: $!\n";
+            $ENV{$_} = $env->{$_} for keys %$env;
+            exec { $cmd[0] } @cmd or die "exec $cmd[0]: $!\n";
+        };
+        print STDERR $@;
+        POSIX::_exit(127);    # no END blocks, no DESTROY in the child
+    }
+    my $r;
+    do { $r = waitpid($pid, 0) } while ($r == -1 && $!{EINTR});
+    die "waitpid: $!\n" if $r != $pid;
+    my $status = $?;
+    my $rc = ($status & 127) ? 128 + ($status & 127) : $status >> 8;
+    return ($rc, _slurp($out->filename), _slurp($err->filename));
+}
+
+sub _slurp {
+    my ($path) = @_;
+    open(my $fh, '<:raw', $path) or return '';
+    local $/;
+    my $s = <$fh> // '';
+    close $fh;
+    return $s;
+}
+
+sub _lab_sh {
+    my ($self, $opt, @args) = @_;
+    my %env = (MTUNNEL_LAB => $self->{name});
+    $env{MTUNNEL_LAB_ACCEL} = $opt->{accel} if $opt && $opt->{accel};
+    return $self->_capture(\%env, $LABSH, @args);
+}
+
+# ($exit_code, $stdout, $stderr) of CMD run in NODE (lab.sh exec)
+sub run {
+    my ($self, $node, @cmd) = @_;
+    croak "run: no command" if !@cmd;
+    return $self->_lab_sh(undef, 'exec', $self->_node($node), @cmd);
+}
+
+# like run, dies on a non-zero exit; returns stdout (list context: stdout, stderr)
+sub run_ok {
+    my ($self, $node, @cmd) = @_;
+    my ($rc, $out, $err) = $self->run($node, @cmd);
+    die "'@cmd' on $node failed (exit $rc):\n$out$err" if $rc != 0;
+    return wantarray ? ($out, $err) : $out;
+}
+
+# ------------------------------------------------------------ namespaces
+
+sub _setns {
+    my ($fh, $type, $what) = @_;
+    my $arch = (split /-/, $Config{archname})[0];
+    my $nr = $SYS_SETNS{$arch} // die "setns: unknown syscall number on $arch\n";
+    my $r = syscall($nr, fileno($fh), $type);
+    die "setns($what): $!\n" if $r != 0;
+}
+
+sub _setns_host {
+    my ($self) = @_;
+    my $e = $self->{entered} or return;
+    _setns($e->{host_mnt}, CLONE_NEWNS, 'host mnt');
+    _setns($e->{host_net}, CLONE_NEWNET, 'host net');
+}
+
+# make THIS process live in $node's network and mount namespaces
+sub enter {
+    my ($self, $node) = @_;
+    $self->_node($node);
+    croak "already entered $self->{entered}->{node}" if $self->{entered};
+    croak "lab is not up" if !$self->{up};
+    my $cwd = getcwd() // '/';
+    my %e = (node => $node, cwd => $cwd);
+    open($e{host_net}, '<', '/proc/self/ns/net') or die "open /proc/self/ns/net: $!\n";
+    open($e{host_mnt}, '<', '/proc/self/ns/mnt') or die "open /proc/self/ns/mnt: $!\n";
+    my $netns = '/run/netns/' . $self->netns($node);
+    open(my $net, '<', $netns) or die "open $netns: $!\n";
+    open(my $mnt, '<', "$self->{dir}/$node/mnt") or die "open $self->{dir}/$node/mnt: $!\n";
+    _setns($net, CLONE_NEWNET, "$node net");
+    if (!eval { _setns($mnt, CLONE_NEWNS, "$node mnt"); 1 }) {
+        my $err = $@;
+        _setns($e{host_net}, CLONE_NEWNET, 'host net');
+        die $err;
+    }
+    close $net;
+    close $mnt;
+    $self->{entered} = \%e;
+    chdir($cwd) or chdir('/');    # setns(mnt) reset cwd to the namespace's root
+    return $self;
+}
+
+sub leave {
+    my ($self) = @_;
+    my $e = $self->{entered} or return $self;
+    return $self if $self->{owner} != $$;
+    my $cwd = getcwd() // $e->{cwd};
+    $self->_setns_host;
+    delete $self->{entered};
+    chdir($cwd) or chdir($e->{cwd}) or chdir('/');
+    return $self;
+}
+
+sub entered { $_[0]->{entered} ? $_[0]->{entered}->{node} : undef }
+
+# ------------------------------------------------------------ inspection
+
+# live QEMU pids that lab/qm started on $node
+sub qemu_pids {
+    my ($self, $node) = @_;
+    my $dir = "$self->{dir}/" . $self->_node($node);
+    my @pids;
+    for my $f (sort glob("$dir/qemu-*.pid")) {
+        open(my $fh, '<', $f) or next;
+        my $pid = <$fh>;
+        close $fh;
+        next if !defined $pid || $pid !~ /^\s*([0-9]+)/;
+        $pid = $1;
+        next if !kill(0, $pid);
+        my $stat = _slurp("/proc/$pid/stat");
+        next if $stat =~ /^\d+ \(.*\) [ZX] /s;
+        push @pids, $pid + 0;
+    }
+    return @pids;
+}
+
+# paths of *.migrate files in $node's /run/qemu-server
+sub socket_files {
+    my ($self, $node) = @_;
+    my ($rc, $out, $err) = $self->run($node, 'find', '/run/qemu-server', '-mindepth', '1',
+        '-maxdepth', '1', '-name', '*.migrate');
+    die "socket_files($node): $err" if $rc != 0;
+    return sort split /\n/, $out;
+}
+
+# pids living in $node's network namespace (without this process)
+sub procs_in {
+    my ($self, $node) = @_;
+    my ($rc, $out, $err) = $self->_capture({}, 'ip', 'netns', 'pids', $self->netns($node));
+    die "procs_in($node): $err" if $rc != 0;
+    return grep { $_ != $$ } map { $_ + 0 } grep { /^[0-9]+$/ } split /\n/, $out;
+}
+
+# ------------------------------------------------------------ teardown
+
+sub down {
+    my ($self) = @_;
+    return 1 if $self->{owner} != $$;    # a forked child never tears down
+    $self->leave;
+    return 1 if $self->{down_done};
+    $self->{down_done} = 1;
+    delete $LIVE{$self->{name}};
+    my ($rc, $out, $err) = $self->_lab_sh(undef, 'down');
+    $self->{up} = 0;
+    if ($rc != 0) {
+        warn "lab down ($self->{name}) failed (exit $rc):\n$out$err";
+        return 0;
+    }
+    return 1;
+}
+
+sub DESTROY {
+    my ($self) = @_;
+    local ($@, $!, $?);
+    $self->down if $self->{owner} == $$;
+}
+
+my $handlers_installed;
+sub _install_signal_handlers {
+    return if $handlers_installed++;
+    for my $sig (qw(INT TERM HUP)) {
+        next if defined $SIG{$sig} && $SIG{$sig} ne '' && $SIG{$sig} ne 'DEFAULT';
+        my $num = $sig eq 'INT' ? 2 : $sig eq 'TERM' ? 15 : 1;
+        $SIG{$sig} = sub { exit(128 + $num) };    # exit runs END: the labs go down
+    }
+}
+
+END {
+    my $status = $?;
+    for my $lab (grep { defined } values %LIVE) {
+        $lab->down if $lab->{owner} == $$;
+    }
+    $? = $status;
+}
+
+1;
