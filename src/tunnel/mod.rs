@@ -165,12 +165,13 @@ impl Tunnel {
     /// Reads one line; maps EOF and timeouts to errors that say what we were waiting for.
     fn line(&mut self, deadline: Deadline, waiting_for: &str) -> Result<Vec<u8>> {
         let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
+        let started = std::time::Instant::now();
         let log = &mut self.log;
         let got = ssh::read_line(&mut self.lines, sock, &self.stderr, &mut self.tail, &mut self.child, deadline, |l| log.emit(Level::Warn, &format!("ssh: {l}")));
         match got {
             Ok(Some(line)) => Ok(line),
             Ok(None) => Err(self.exited(waiting_for)),
-            Err(e) if e.kind == Kind::Timeout => Err(Error::new(Kind::Timeout, format!("no reply from tunnel to {} while waiting for {waiting_for}{}", self.dest(), self.tail.suffix()))),
+            Err(e) if e.kind == Kind::Timeout => Err(Error::new(Kind::Timeout, format!("no reply from tunnel to {} within {} ms while waiting for {waiting_for}{}", self.dest(), started.elapsed().as_millis(), self.tail.suffix()))),
             Err(e) => Err(e.context(format!("tunnel to {}", self.dest()))),
         }
     }

@@ -146,7 +146,11 @@ sub _capture {
     my $pid = fork() // die "fork: $!\n";
     if (!$pid) {
         eval {
-            $self->_setns_host if $self->{entered};
+            if ($self->{entered}) {
+                my $cwd = getcwd() // '/';
+                $self->_setns_host;
+                chdir($cwd) or chdir('/');
+            }
             open(STDIN, '<', '/dev/null') or die "stdin: $!\n";
             open(STDOUT, '>&', $out) or die "stdout: $!\n";
             open(STDERR, '>&', $err) or die "stderr: $!\n";
