@@ -1,0 +1,169 @@
+#!/usr/bin/perl
+# PVE::MTunnel tunnels on the lab: real sshd on node2, the test process living in node1.
+# Readiness, commands, staged close, stale sockets, and the ssh-side failures each give a
+# clear error, with no socket file, ssh child or zombie left behind.
+
+use strict;
+use warnings;
+use Test::More;
+use IO::Socket::UNIX;
+use Time::HiRes qw(time);
+
+use MTunnelLab;
+use PVE::MTunnel;
+
+my $lab = MTunnelLab->up(nodes => 2);
+my $lab_dir = $lab->dir;
+$lab->enter('node1');
+
+my @ssh = @{$lab->ssh_prefix('node2')};
+my $sock = '/run/qemu-server/100.migrate';
+
+sub children {
+    my @kids;
+    for my $stat (glob('/proc/[0-9]*/stat')) {
+        open(my $fh, '<', $stat) or next;
+        my $line = <$fh> // next;
+        my ($pid, $state, $ppid) = $line =~ /^(\d+) \(.*\) (\S) (\d+)/s or next;
+        push @kids, "$pid($state)" if $ppid == $$;
+    }
+    return @kids;
+}
+
+sub gone_ok {
+    my ($pid, $name) = @_;
+    ok(!-e "/proc/$pid", "$name: ssh (pid $pid) is reaped, no zombie")
+	or diag(`cat /proc/$pid/status 2>&1 | head -3`);
+    is_deeply([children()], [], "$name: no child process left");
+}
+
+sub error_like {
+    my ($code, $re, $errcode, $name) = @_;
+    my $t0 = time();
+    eval { $code->() };
+    my $err = $@;
+    like($err, $re, $name) or diag("got: $err");
+    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{$errcode}, "$name: result code is $errcode");
+    return time() - $t0;
+}
+
+{
+    my @log;
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock], log => sub { push @log, [@_] });
+    my $pid = $t->pid;
+    my $t0 = time();
+    $t->wait_ready(timeout_ms => 30_000);
+    diag(sprintf("open -> ready: %.3f s", time() - $t0));
+    my $st = $t->status;
+    is($st->{state}, 'ready', 'tunnel is ready');
+    is($st->{version}, 1, 'remote speaks protocol v1');
+    ok(grep({ $_->[0] eq 'info' && $_->[1] eq 'ssh tunnel ver 1' } @log), 'log callback got "ssh tunnel ver 1"');
+    ok(-S $sock, 'forwarded socket exists locally');
+    is((stat($sock))[2] & 07777, 0600, 'forwarded socket is mode 0600');
+    is_deeply([map { s/\(.\)$//r } children()], [$pid], 'ssh is our only child');
+
+    error_like(sub { $t->command('resume 999') }, qr/^tunnel replied 'ERR: .*999.*' to command 'resume 999'$/, 'remote',
+	'ERR reply to resume is an error naming the command');
+
+    $t->close;
+    ok(!-e $sock, 'close removed the local socket file');
+    is_deeply([$lab->socket_files('node2')], [], 'no socket file on node2');
+    gone_ok($pid, 'close');
+    is($t->status->{state}, 'closed', 'status says closed');
+    eval { $t->close };
+    is($@, '', 'second close is a no-op');
+    error_like(sub { $t->command('quit') }, qr/^tunnel is closed$/, 'closed', 'command after close fails clearly');
+}
+
+{
+    # A socket file left by a crashed run: nobody listens on it.
+    my $stale = IO::Socket::UNIX->new(Local => $sock, Listen => 1) or die "bind $sock: $!";
+    close($stale);
+    ok(-S $sock, 'stale socket file is present before open');
+    my @log;
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock], log => sub { push @log, $_[1] });
+    $t->wait_ready(timeout_ms => 30_000);
+    ok(grep({ $_ eq "removed stale socket $sock" } @log), 'stale socket was removed and logged');
+    is($t->status->{state}, 'ready', 'tunnel is ready despite the stale socket');
+    my $pid = $t->pid;
+    undef $t;
+    ok(!-e $sock, 'DESTROY closed the tunnel and removed the socket');
+    gone_ok($pid, 'DESTROY');
+}
+
+{
+    # The remote shell gets every word quoted: nothing in an argument is ever executed.
+    my $canary = "$lab_dir/pwned";
+    my $res = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['echo', "\$(touch $canary)", "`touch $canary`;", "'"]);
+    is($res->{stdout}, "\$(touch $canary) `touch $canary`; '\n", 'remote argv arrives literally');
+    ok(!-e $canary, 'no command substitution ran on the remote node');
+    my $in = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['cat'], input => "spice-ticket-secret\n");
+    is($in->{stdout}, "spice-ticket-secret\n", 'input reaches the remote command on stdin');
+    is_deeply([children()], [], 'ssh_run leaves no child');
+}
+
+my %fault = (
+    'auth refused' => {
+	ssh => [ map { $_ eq "$lab_dir/id_ed25519" ? '/dev/null' : $_ } @ssh ],
+	re => qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*Permission denied \(publickey\)/,
+	code => 'ssh_exited',
+    },
+    'unknown host key' => {
+	ssh => [ map { s/^HostKeyAlias=node2$/HostKeyAlias=node-unknown/r } @ssh ],
+	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*Host key verification failed/,
+	code => 'ssh_exited',
+    },
+    'host unreachable' => {
+	ssh => [ @ssh[0 .. $#ssh - 1], 'root@198.18.0.99' ],
+	opts => { connect_timeout_s => 2 },
+	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*198\.18\.0\.99/,
+	code => 'ssh_exited',
+    },
+    'remote command missing' => {
+	command => ['qm-does-not-exist', 'mtunnel'],
+	re => qr/exit code 127 while waiting for 'tunnel online'; stderr: .*qm-does-not-exist.*not found/,
+	code => 'ssh_exited',
+    },
+    'remote exits at once' => {
+	command => ['true'],
+	re => qr/exit code 0 while waiting for 'tunnel online'/,
+	code => 'ssh_exited',
+    },
+    'no quorum' => {
+	command => ['echo', 'no quorum'],
+	re => qr/^no quorum on target node$/,
+	code => 'no_quorum',
+    },
+    'remote prints garbage' => {
+	command => ['echo', 'Welcome to node2'],
+	re => qr/^got strange reply from tunnel \('Welcome to node2'\)$/,
+	code => 'protocol',
+    },
+    'bad version line' => {
+	command => ['printf', 'tunnel online\nver one\n'],
+	re => qr/^received invalid tunnel version string 'ver one'$/,
+	code => 'protocol',
+    },
+    'remote is silent' => {
+	command => ['sleep', '60'],
+	opts => { greeting_timeout_ms => 1000 },
+	re => qr/^no reply from tunnel to root\@198\.18\.0\.2 within \d+ ms while waiting for 'tunnel online'$/,
+	code => 'timeout',
+    },
+);
+
+for my $name (sort keys %fault) {
+    my $f = $fault{$name};
+    my $t = PVE::MTunnel->open(ssh => $f->{ssh} // \@ssh, forwards => [$sock],
+	($f->{command} ? (command => $f->{command}) : ()), %{$f->{opts} // {}});
+    my $pid = $t->pid;
+    my $took = error_like(sub { $t->wait_ready(timeout_ms => 30_000) }, $f->{re}, $f->{code}, $name);
+    ok($took < 30, "$name: failed before the overall deadline");
+    $t->close(remote_cleanup => 0);
+    ok(!-e $sock, "$name: no socket file left");
+    gone_ok($pid, $name);
+}
+
+$lab->leave;
+$lab->down;
+done_testing();
