@@ -1,0 +1,56 @@
+#!/usr/bin/perl
+# End to end: a 256 MiB VM is live-migrated from node1 to node2 by the QemuMigrate-style Perl
+# driver, through the Rust library, over a real ssh tunnel to a real sshd, into a real QEMU.
+# The guest keeps writing memory; afterwards its page pattern proves nothing was lost.
+
+use strict;
+use warnings;
+use Test::More;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+
+use MTunnelLab;
+
+my $top = abs_path(dirname(__FILE__) . '/..');
+my $vmid = 100;
+my $mem = 256;
+
+my $lab = MTunnelLab->up(nodes => 2);
+$lab->write_vm_config($vmid, memory => $mem);
+$lab->run_ok('node1', 'qm', 'start', $vmid);
+like(scalar($lab->run_ok('node1', 'qm', 'status', $vmid, '--verbose')), qr/qmpstatus: running/, 'source VM runs on node1');
+sleep(2);    # let the guest dirty its memory for a while
+
+my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+    '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2', '--memory', $mem);
+is($rc, 0, 'driver exits 0') or diag("$out$err");
+like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ssh tunnel ver 1$/m, 'task log shows the tunnel version');
+like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d starting online\/live migration on unix:\/run\/qemu-server\/$vmid\.migrate$/m,
+    'task log shows the migration URI');
+like($out, qr/migration status: completed$/m, 'migration completed');
+like($out, qr/^TASK OK$/m, 'task OK');
+my ($timing) = $out =~ /^(TIMING .*)$/m;
+diag($timing // 'no timing line');
+note($out);
+
+like(scalar($lab->run_ok('node2', 'qm', 'status', $vmid, '--verbose')), qr/qmpstatus: running/, 'target VM is running on node2');
+like(scalar($lab->run_ok('node1', 'qm', 'status', $vmid)), qr/^status: stopped$/m, 'VM is stopped on node1');
+is_deeply([$lab->qemu_pids('node1')], [], 'no QEMU process left on node1');
+
+my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
+is($crc, 0, 'guest memory pattern intact after migration') or diag($check);
+like($check, qr/^guest memory ok: /m, 'guest-check reports ok');
+diag($check);
+$lab->run_ok('node2', 'qm', 'stop', $vmid);
+
+is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
+for my $node (qw(node1 node2)) {
+    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' } $lab->procs_in($node);
+    is_deeply(\@left, [], "no ssh, QEMU or other process left in $node (besides sshd)")
+	or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
+}
+my @zombies = grep { (`cat /proc/$_/stat 2>/dev/null` =~ /^\d+ \(.*\) Z /s) } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
+is_deeply(\@zombies, [], 'no zombie process on the machine');
+
+$lab->down;
+done_testing();
