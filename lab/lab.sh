@@ -53,13 +53,16 @@ now() { date +%s.%N; }
 
 # ---------------------------------------------------------------- exec
 
+# setns(mnt) resets the cwd to / : go back to the caller's cwd (if it exists there)
+EXEC_SH='cd "$1" 2>/dev/null || cd /; shift
+case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH=/usr/local/sbin:$PATH; export PATH;; esac
+exec "$@"'
+
 # node_exec N CMD... : run in node N's namespaces (cwd kept, PATH has /usr/local/sbin)
 node_exec() {
     local i=$1; shift
     nsenter --net="/run/netns/$(ns_node "$i")" --mount="$LAB/node$i/mnt" -- \
-        /bin/sh -c 'cd "$1" 2>/dev/null || cd /; shift
-                    case ":$PATH:" in *:/usr/local/sbin:*) ;; *) PATH=/usr/local/sbin:$PATH; export PATH;; esac
-                    exec "$@"' lab-exec "$PWD" "$@" 9>&-
+        /bin/sh -c "$EXEC_SH" lab-exec "$PWD" "$@" 9>&-
 }
 
 node_index() {   # node1 | 1 -> 1
@@ -75,7 +78,9 @@ cmd_exec() {
     i=$(node_index "$1"); shift
     [ -e "/run/netns/$(ns_node "$i")" ] && [ -e "$LAB/node$i/mnt" ] ||
         die "node$i of lab '$NAME' is not up"
-    node_exec "$i" "$@"
+    # exec all the way down (nsenter, sh): the pid of `lab.sh exec` is CMD's pid
+    exec nsenter --net="/run/netns/$(ns_node "$i")" --mount="$LAB/node$i/mnt" -- \
+        /bin/sh -c "$EXEC_SH" lab-exec "$PWD" "$@"
 }
 
 # ---------------------------------------------------------------- down
@@ -114,7 +119,9 @@ alive() {   # pid exists and is no zombie
 collect_pids() {
     local netns_ino=() mnt_ino=() ns f pid i
     for ns in $(lab_netns); do
-        netns_ino+=("$(ns_inode "/run/netns/$ns")")
+        f=/run/netns/$ns
+        mountpoint -q "$f" 2>/dev/null || continue    # not (yet) a namespace
+        netns_ino+=("$(ns_inode "$f")")
         ip netns pids "$ns" 2>/dev/null || true
     done
     for i in $(lab_node_indices); do
@@ -133,16 +140,18 @@ collect_pids() {
     # safety net: anything living in one of the lab's namespaces
     if [ ${#netns_ino[@]} -gt 0 ] || [ ${#mnt_ino[@]} -gt 0 ]; then
         find /proc/[0-9]*/ns -maxdepth 1 \( -name net -o -name mnt \) -printf '%h %l\n' 2>/dev/null |
-            awk -v want=" ${netns_ino[*]:-} ${mnt_ino[*]:-} " '{
-                ino = $2; gsub(/^[a-z]+:\[|\]$/, "", ino)
-                if (index(want, " " ino " ")) { split($1, p, "/"); print p[3] }
-            }'
+            awk -v want="${netns_ino[*]:-} ${mnt_ino[*]:-}" '
+                BEGIN { n = split(want, w, " "); for (j = 1; j <= n; j++) if (w[j] ~ /^[0-9]+$/) set[w[j]] = 1 }
+                {
+                    ino = $2; gsub(/^[a-z]+:\[|\]$/, "", ino)
+                    if (ino ~ /^[0-9]+$/ && (ino in set)) { split($1, p, "/"); print p[3] }
+                }'
     fi
 }
 
 kill_lab_procs() {
     local keep pids=() p sig round
-    keep=" $(ancestors | tr '\n' ' ') "
+    keep=" 1 2 $BASHPID $(ancestors | tr '\n' ' ') "
     for sig in TERM KILL; do
         pids=()
         for p in $(collect_pids | sort -un); do
@@ -181,7 +190,10 @@ do_down() (
     awk -v p="$LAB/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null; done
     for ns in $(lab_netns); do
-        ip netns del "$ns" 2>/dev/null || log "down: warning: cannot delete netns $ns"
+        ip netns del "$ns" 2>/dev/null && continue
+        # a plain file left from a reboot (/run on disk) is no namespace any more
+        mountpoint -q "/run/netns/$ns" 2>/dev/null || { rm -f "/run/netns/$ns"; continue; }
+        log "down: warning: cannot delete netns $ns"
     done
     if [ -d "$LAB" ]; then
         case "$LAB" in

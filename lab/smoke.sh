@@ -54,6 +54,7 @@ no_lab_procs() {   # no process mentions $LAB/ in its argv (pure bash: no grep m
 cleanup() {
     local rc=$?
     if [ -n "$SSH_PID" ]; then kill "$SSH_PID" 2>/dev/null || true; fi
+    rm -f "/tmp/smoke-tunnel.$$" "/tmp/smoke-selftest.$$"
     if [ $rc -ne 0 ]; then
         echo "smoke: failed (rc $rc) - tearing the lab down" >&2
         "$LABSH" down || true
@@ -158,6 +159,7 @@ wait "$SSH_PID" 2>/dev/null && ok "tunnel: ssh exit code 0" || fail "tunnel: ssh
 SSH_PID=
 rm -f /tmp/smoke-tunnel.$$
 
+check "node2: target QEMU removed its incoming socket after accepting" x node2 test ! -e "$SOCK"
 st=$(x node2 qm status $VMID --verbose)
 echo "$st" | sed 's/^/    node2: /'
 check "node2: status running" grep -qx 'status: running' <<<"$st"

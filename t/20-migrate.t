@@ -19,7 +19,9 @@ my $lab = MTunnelLab->up(nodes => 2);
 $lab->write_vm_config($vmid, memory => $mem);
 $lab->run_ok('node1', 'qm', 'start', $vmid);
 like(scalar($lab->run_ok('node1', 'qm', 'status', $vmid, '--verbose')), qr/qmpstatus: running/, 'source VM runs on node1');
-sleep(2);    # let the guest dirty its memory for a while
+# KVM guests spend seconds in SeaBIOS: wait until the page loop runs, then let it dirty memory.
+$lab->run_ok("node1", "$top/lab/guest-check", "--wait", $vmid);
+sleep(1);
 
 my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
     '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2', '--memory', $mem);

@@ -19,7 +19,7 @@ my ($vmid, $mem) = (101, 128);
 my $lab = MTunnelLab->up(nodes => 2);
 $lab->write_vm_config($vmid, memory => $mem);
 $lab->run_ok('node1', 'qm', 'start', $vmid);
-sleep(1);
+$lab->run_ok("node1", "$top/lab/guest-check", "--wait", $vmid);
 
 my ($rc, $out, $err) = $lab->run('node1', $bin, $vmid, 'node1', $lab->dir . '/ssh_prefix_node2');
 is($rc, 0, 'C example exits 0') or diag("$out$err");

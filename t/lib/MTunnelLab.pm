@@ -271,6 +271,8 @@ sub qemu_pids {
         next if !kill(0, $pid);
         my $stat = _slurp("/proc/$pid/stat");
         next if $stat =~ /^\d+ \(.*\) [ZX] /s;
+        # the pid may have been reused: it must be a QEMU of this lab
+        next if index(_slurp("/proc/$pid/cmdline"), "$self->{dir}/guest.img") < 0;
         push @pids, $pid + 0;
     }
     return @pids;
