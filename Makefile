@@ -34,11 +34,12 @@ test-c:
 	@echo "== C example: argument checks (no lab) =="
 	examples/c/build/errors
 
+# reap-run: the lab's daemons are reaped by us, as systemd would on a PVE host.
 test-perl:
-	MTUNNEL_LIB=$(CURDIR)/$(LIB) $(PROVE) -v $(PERL5) t/ 2>&1 | tee target/prove.log | grep -E '^(t/|ok|not ok|#|Files=|Result:|All tests)' ; exit $${PIPESTATUS[0]}
+	MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run $(PROVE) -v $(PERL5) t/ 2>&1 | tee target/prove.log | grep -E '^(t/|ok|not ok|#|Files=|Result:|All tests)' ; exit $${PIPESTATUS[0]}
 
 demo: build
-	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/demo.sh
+	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run lab/demo.sh
 
 lab-down:
 	lab/lab.sh down

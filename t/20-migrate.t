@@ -51,8 +51,7 @@ for my $node (qw(node1 node2)) {
     is_deeply(\@left, [], "no ssh, QEMU or other process left in $node (besides sshd)")
 	or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
 }
-my @zombies = grep { (`cat /proc/$_/stat 2>/dev/null` =~ /^\d+ \(.*\) Z /s) } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
-is_deeply(\@zombies, [], 'no zombie process on the machine');
+is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left by this test');
 
 $lab->down;
 done_testing();

@@ -295,6 +295,23 @@ sub procs_in {
     return grep { $_ != $$ } map { $_ + 0 } grep { /^[0-9]+$/ } split /\n/, $out;
 }
 
+# zombies (as "pid(comm)") that were started at or after epoch second $since: the ones a
+# test may have caused. Older zombies of the machine's non-reaping pid 1 are not ours.
+sub zombies_since {
+    my ($since) = @_;
+    my ($btime) = _slurp('/proc/stat') =~ /^btime (\d+)$/m;
+    my $hz = POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100;
+    my @z;
+    for my $f (glob('/proc/[0-9]*/stat')) {
+        my $stat = _slurp($f);
+        my ($pid, $comm, $rest) = $stat =~ /^(\d+) \((.*)\) (.*)$/s or next;
+        my @f = split / /, $rest;    # $f[0] = state, $f[19] = starttime
+        next if $f[0] ne 'Z';
+        push @z, "$pid($comm)" if $btime + $f[19] / $hz >= $since - 1;
+    }
+    return @z;
+}
+
 # ------------------------------------------------------------ teardown
 
 sub down {
