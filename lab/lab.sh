@@ -132,7 +132,7 @@ collect_pids() {
             [ -f "$f" ] || continue
             pid=$(head -c 20 "$f" | tr -dc 0-9)
             [ -n "$pid" ] || continue
-            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$LAB/"; then
+            if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF "$LAB/"; then
                 echo "$pid"
             fi
         done

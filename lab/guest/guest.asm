@@ -13,7 +13,8 @@
 ;      (QEMU caps 0x34/0x35 at 0xffff, i.e. it describes memory below 4 GiB only;
 ;      for the lab's guests of a few hundred MiB that is all RAM),
 ;   4. load a flat GDT (4 GiB code + data segments) and enter 32-bit protected mode,
-;   5. zero byte 0 of every page >= 1 MiB (SeaBIOS left tables at the top of RAM),
+;   5. set byte 0 of every page >= 1 MiB to 1 (SeaBIOS left tables at the top of RAM;
+;      and a non-zero page is a real page to migrate, not QEMU's cheap zero page),
 ;   6. publish a status block at 0x500 (read by `guest-check --wait` with HMP xp):
 ;        0x500 dword "MTLG"   the loop runs     0x504 dword  completed passes
 ;        0x508 dword ram_end
@@ -109,11 +110,12 @@ pm32:
         mov dword [INFO + 8], eax
         mov dword [INFO + 4], 0
 
-        ; zero byte 0 of every page first: SeaBIOS leaves tables (ACPI, its
-        ; high zone) at the top of RAM, whose first bytes would break the pattern
+        ; set byte 0 of every page to 1 first: SeaBIOS leaves tables (ACPI, its
+        ; high zone) at the top of RAM, whose first bytes would break the pattern,
+        ; and all-zero pages would migrate as zero pages instead of real data
         mov edi, START
 .clear:
-        mov byte [edi], 0
+        mov byte [edi], 1
         add edi, PAGE
         cmp edi, ebp
         jb .clear
