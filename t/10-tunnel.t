@@ -92,6 +92,23 @@ sub error_like {
 }
 
 {
+    # ssh dies under us: writing to it must not raise SIGPIPE in this (default-SIGPIPE) host,
+    # and the error says what happened.
+    local $SIG{PIPE} = 'DEFAULT';
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock]);
+    $t->wait_ready(timeout_ms => 30_000);
+    my $pid = $t->pid;
+    kill('KILL', $pid);
+    select(undef, undef, undef, 0.2);
+    error_like(sub { $t->command('resume 100') }, qr/^ssh to root\@198\.18\.0\.2 killed by signal 9 while (writing|waiting for the reply to) 'resume 100'/,
+	'ssh_exited', 'command to a killed ssh fails clearly');
+    pass('host process survived the write to a dead ssh (no SIGPIPE)');
+    $t->close(remote_cleanup => 0);
+    ok(!-e $sock, 'socket of the killed ssh is removed on close');
+    gone_ok($pid, 'killed ssh');
+}
+
+{
     # The remote shell gets every word quoted: nothing in an argument is ever executed.
     my $canary = "$lab_dir/pwned";
     my $res = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['echo', "\$(touch $canary)", "`touch $canary`;", "'"]);

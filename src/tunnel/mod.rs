@@ -170,18 +170,18 @@ impl Tunnel {
         let got = ssh::read_line(&mut self.lines, sock, &self.stderr, &mut self.tail, &mut self.child, deadline, |l| log.emit(Level::Warn, &format!("ssh: {l}")));
         match got {
             Ok(Some(line)) => Ok(line),
-            Ok(None) => Err(self.exited(waiting_for)),
+            Ok(None) => Err(self.exited(&format!("waiting for {waiting_for}"))),
             Err(e) if e.kind == Kind::Timeout => Err(Error::new(Kind::Timeout, format!("no reply from tunnel to {} within {} ms while waiting for {waiting_for}{}", self.dest(), started.elapsed().as_millis(), self.tail.suffix()))),
             Err(e) => Err(e.context(format!("tunnel to {}", self.dest()))),
         }
     }
 
-    fn exited(&mut self, waiting_for: &str) -> Error {
+    fn exited(&mut self, during: &str) -> Error {
         let how = match self.child.try_wait() {
             Ok(Some(exit)) => exit.to_string(),
             _ => "closed its output".into(),
         };
-        Error::new(Kind::SshExited, format!("ssh to {} {how} while waiting for {waiting_for}{}", self.dest(), self.tail.suffix()))
+        Error::new(Kind::SshExited, format!("ssh to {} {how} while {during}{}", self.dest(), self.tail.suffix()))
     }
 
     /// Reads `tunnel online` and `ver N`, each with its own deadline, capped by `overall`.
@@ -219,7 +219,7 @@ impl Tunnel {
                     break;
                 }
                 if self.child.try_wait()?.is_some() {
-                    let what = format!("forward {path} to listen");
+                    let what = format!("waiting for forward {path} to listen");
                     return Err(self.exited(&what));
                 }
                 if overall.expired() {
@@ -243,7 +243,7 @@ impl Tunnel {
             let _ = self.child.wait(Deadline::after_ms(500));
             return Err(match e.kind {
                 Kind::Timeout => Error::new(Kind::Timeout, format!("writing '{cmd}' to tunnel to {} timed out", self.dest())),
-                _ => self.exited(&format!("writing '{cmd}' ({e})")),
+                _ => self.exited(&format!("writing '{cmd}'")),
             });
         }
         let line = self.line(deadline, &format!("the reply to '{cmd}'"))?;
