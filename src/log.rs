@@ -13,8 +13,10 @@ pub enum Level {
     Debug = 4,
 }
 
+type Sink = Box<dyn FnMut(Level, &str)>;
+
 /// A log sink; `Log::none()` discards.
-pub struct Log(Option<Box<dyn FnMut(Level, &str)>>);
+pub struct Log(Option<Sink>);
 
 impl Log {
     /// Discards every message.

@@ -154,8 +154,8 @@ mod tests {
             .iter().map(|s| s.to_string()).collect();
         let script = format!("printf '%s\\0' {}", shell_join(&words));
         let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
-        let got: Vec<String> = out.stdout.split(|&b| b == 0).filter(|s| !s.is_empty() || false)
-            .map(|s| String::from_utf8(s.to_vec()).unwrap()).collect();
+        let body = out.stdout.strip_suffix(b"\0").unwrap();
+        let got: Vec<String> = body.split(|&b| b == 0).map(|s| String::from_utf8(s.to_vec()).unwrap()).collect();
         assert_eq!(got, words);
     }
 }
