@@ -348,6 +348,10 @@ cmd_up() {
     [ "$(stat -c %s "$LAB/guest.bin")" = 512 ] || die "guest.bin is not 512 bytes"
     cp "$LAB/guest.bin" "$LAB/guest.img"
     truncate -s 1M "$LAB/guest.img"
+    # idle variant: writes the pattern once, then halts (VM config "guest: idle")
+    nasm -f bin -DIDLE -o "$LAB/guest-idle.bin" "$LAB_SRC/guest/guest.asm"
+    cp "$LAB/guest-idle.bin" "$LAB/guest-idle.img"
+    truncate -s 1M "$LAB/guest-idle.img"
 
     # client key
     ssh-keygen -q -t ed25519 -N '' -C "mtunnel-lab-$NAME" -f "$LAB/id_ed25519"

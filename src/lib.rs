@@ -44,6 +44,7 @@ pub mod process;
 pub mod qmp;
 pub mod ssh;
 pub mod target;
+pub mod throttle;
 pub mod tunnel;
 pub mod validate;
 

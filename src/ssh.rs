@@ -23,7 +23,16 @@ pub struct Ssh {
     pub server_alive_interval_s: u32,
     /// `ServerAliveCountMax`.
     pub server_alive_count_max: u32,
+    /// Concurrent handshakes to this destination across processes (0 = no limit).
+    pub handshake_slots: u32,
+    /// How often a connection that failed before authentication is retried.
+    pub connect_retries: u32,
+    /// Directory of the handshake slot files.
+    pub lock_dir: String,
 }
+
+/// Option keys [`Ssh::from_options`] reads, for callers that check for unknown keys.
+pub const OPTION_KEYS: [&str; 7] = ["ssh", "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max", "handshake_slots", "connect_retries", "lock_dir"];
 
 impl Ssh {
     /// Validates a prefix such as `["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"]`:
@@ -33,7 +42,16 @@ impl Ssh {
             return Err(Error::invalid("ssh prefix needs at least the ssh binary and user@host"));
         }
         validate::destination(prefix.last().unwrap())?;
-        Ok(Ssh { prefix, connect_timeout_s: 10, server_alive_interval_s: 15, server_alive_count_max: 3 })
+        Ok(Ssh {
+            prefix,
+            connect_timeout_s: 10,
+            server_alive_interval_s: 15,
+            server_alive_count_max: 3,
+            // Below sshd's default MaxStartups (10) so that our own handshakes are never dropped.
+            handshake_slots: 8,
+            connect_retries: 4,
+            lock_dir: crate::throttle::DEFAULT_LOCK_DIR.into(),
+        })
     }
 
     /// Reads the prefix and the optional keepalive settings from a JSON options object.
@@ -49,6 +67,16 @@ impl Ssh {
         if let Some(v) = crate::options::uint(opts, "server_alive_count_max")? {
             ssh.server_alive_count_max = v;
         }
+        if let Some(v) = crate::options::uint(opts, "handshake_slots")? {
+            ssh.handshake_slots = v;
+        }
+        if let Some(v) = crate::options::uint(opts, "connect_retries")? {
+            ssh.connect_retries = v;
+        }
+        if let Some(dir) = crate::options::string(opts, "lock_dir")? {
+            validate::socket_dir(&dir).map_err(|_| Error::invalid(format!("invalid lock_dir '{}': must be an absolute, normalized path", io::printable(dir.as_bytes(), 120))))?;
+            ssh.lock_dir = dir;
+        }
         Ok(ssh)
     }
 
@@ -57,13 +85,27 @@ impl Ssh {
         self.prefix.last().unwrap()
     }
 
+    /// Waits for a handshake slot to this destination (see [`crate::throttle`]).
+    pub fn handshake_slot(&self, deadline: Deadline) -> Result<Option<crate::throttle::Slot>> {
+        crate::throttle::acquire(&self.lock_dir, self.destination(), self.handshake_slots, deadline)
+    }
+
+    /// Whether a failed attempt may be retried, and after how long: only failures before
+    /// authentication (no remote command can have run), and only `connect_retries` times.
+    pub fn retry_after(&self, attempt: u32, exit: Exit, stdout_empty: bool, stderr: &Stderr) -> Option<std::time::Duration> {
+        let before_auth = !stderr.authenticated() && crate::throttle::failed_before_auth(exit == Exit::Code(255), stdout_empty, &stderr.text());
+        (before_auth && attempt < self.connect_retries).then(|| crate::throttle::backoff(attempt + 1))
+    }
+
     /// The full argv. `enforced` options go right after the binary, so they win over the
     /// caller's (ssh keeps the first value of an option); the keepalive defaults go after the
     /// caller's options, so a caller can override them. The remote command is quoted word by
     /// word, because ssh joins it into one string for the remote shell.
     pub fn argv(&self, enforced: &[String], remote: &[String]) -> Vec<String> {
         let mut argv = vec![self.prefix[0].clone()];
-        for opt in ["-e", "none", "-o", "BatchMode=yes"] {
+        // VERBOSE makes ssh say "Authenticated to …": the end of the handshake, and proof
+        // that a failure before it ran no remote command. Those lines are filtered out.
+        for opt in ["-e", "none", "-o", "BatchMode=yes", "-o", "LogLevel=VERBOSE"] {
             argv.push(opt.into());
         }
         argv.extend(enforced.iter().cloned());
@@ -99,29 +141,69 @@ impl Ssh {
     }
 }
 
-/// The last few KiB of a child's stderr, for error messages.
+/// ssh's stderr as it arrives: split into lines, ssh's own `LogLevel=VERBOSE` lines taken
+/// out (the one saying "Authenticated to" marks the end of the handshake), the last few KiB
+/// kept for error messages.
 #[derive(Debug, Default)]
-pub struct StderrTail {
-    buf: Vec<u8>,
+pub struct Stderr {
+    partial: Vec<u8>,
+    tail: std::collections::VecDeque<String>,
+    tail_len: usize,
+    authenticated: bool,
 }
 
-impl StderrTail {
-    /// Appends bytes, keeping only the tail.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() > STDERR_TAIL {
-            let cut = self.buf.len() - STDERR_TAIL;
-            self.buf.drain(..cut);
+impl Stderr {
+    /// Takes freshly read bytes; returns the complete lines that are not ssh's verbose chatter.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.partial.extend_from_slice(bytes);
+        let mut lines = Vec::new();
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = self.partial.drain(..=pos).collect();
+            if let Some(line) = self.accept(&raw) {
+                lines.push(line);
+            }
         }
+        if self.partial.len() > STDERR_TAIL {
+            let raw = std::mem::take(&mut self.partial);
+            lines.extend(self.accept(&raw));
+        }
+        lines
     }
 
-    /// The tail as one line of text (lines joined with " | "), empty if nothing was written.
+    /// Flushes an unterminated last line (at EOF).
+    pub fn finish(&mut self) -> Vec<String> {
+        let raw = std::mem::take(&mut self.partial);
+        self.accept(&raw).into_iter().collect()
+    }
+
+    fn accept(&mut self, raw: &[u8]) -> Option<String> {
+        let line = String::from_utf8_lossy(raw).trim().to_string();
+        if line.starts_with("Authenticated to ") {
+            self.authenticated = true;
+            return None;
+        }
+        if line.is_empty() || line.starts_with("Transferred: sent ") || line.starts_with("Bytes per second: ") {
+            return None;
+        }
+        self.tail_len += line.len();
+        self.tail.push_back(line.clone());
+        while self.tail_len > STDERR_TAIL && self.tail.len() > 1 {
+            self.tail_len -= self.tail.pop_front().map_or(0, |l| l.len());
+        }
+        Some(line)
+    }
+
+    /// Whether ssh reported that authentication succeeded (the remote command may run).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// The kept lines joined with " | ", empty if there were none.
     pub fn text(&self) -> String {
-        let text = String::from_utf8_lossy(&self.buf);
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+        self.tail.iter().map(String::as_str).collect::<Vec<_>>().join(" | ")
     }
 
-    /// ", ssh said: …" or nothing.
+    /// "; stderr: …" or nothing.
     pub fn suffix(&self) -> String {
         let t = self.text();
         if t.is_empty() { String::new() } else { format!("; stderr: {t}") }
@@ -143,15 +225,32 @@ pub struct Output {
 const MAX_OUTPUT: usize = 4 << 20;
 
 /// Runs `remote` on the destination, feeding `input` on stdin (for secrets: never argv) and
-/// collecting output until ssh exits. On deadline, ssh is terminated and reaped.
+/// collecting output until ssh exits. On deadline, ssh is terminated and reaped. Holds a
+/// handshake slot until ssh has authenticated; retries a connection that failed before.
 pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
+    let mut attempt = 0;
+    loop {
+        let mut slot = ssh.handshake_slot(deadline)?;
+        let (out, stderr) = run_once(ssh, remote, input, &mut slot, deadline)?;
+        drop(slot);
+        match ssh.retry_after(attempt, out.exit, out.stdout.is_empty(), &stderr) {
+            Some(pause) if deadline.remaining().is_none_or(|left| left > pause) => {
+                attempt += 1;
+                std::thread::sleep(pause);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+fn run_once(ssh: &Ssh, remote: &[String], input: &[u8], slot: &mut Option<crate::throttle::Slot>, deadline: Deadline) -> Result<(Output, Stderr)> {
     let (mut child, sock, err_r) = ssh.spawn(&[], remote)?;
     let what = format!("'{}' on {}", validate::shell_join(remote), ssh.destination());
-    let result = collect(&mut child, &sock, &err_r, input, deadline);
+    let result = collect(&mut child, &sock, &err_r, input, slot, deadline);
     match result {
-        Ok((stdout, stderr)) => {
+        Ok((stdout, stderr_lines, stderr)) => {
             let exit = child.wait(deadline.min(Deadline::after_ms(5000)))?.ok_or_else(|| Error::new(Kind::Timeout, format!("ssh for {what} closed its output but did not exit")))?;
-            Ok(Output { exit, stdout, stderr })
+            Ok((Output { exit, stdout, stderr: stderr_lines }, stderr))
         }
         Err(e) => {
             let _ = child.terminate(Deadline::after_ms(0));
@@ -160,13 +259,25 @@ pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Re
     }
 }
 
-fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], deadline: Deadline) -> Result<(Vec<u8>, Vec<u8>)> {
+fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], slot: &mut Option<crate::throttle::Slot>, deadline: Deadline) -> Result<(Vec<u8>, Vec<u8>, Stderr)> {
     if !input.is_empty() {
         // A remote that exits without reading its input is not our error; its exit code tells.
         let _ = io::send_all(sock.as_fd(), input, deadline);
     }
-    let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(sock), nix::sys::socket::Shutdown::Write);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    let (mut out, mut err_text, mut stderr) = (Vec::new(), Vec::new(), Stderr::default());
+    let mut take_err = |bytes: &[u8], stderr: &mut Stderr, eof: bool| {
+        let mut lines = stderr.push(bytes);
+        if eof {
+            lines.extend(stderr.finish());
+        }
+        for l in lines {
+            if err_text.len() < MAX_OUTPUT {
+                err_text.extend_from_slice(l.as_bytes());
+                err_text.push(b'\n');
+            }
+        }
+    };
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         let mut fds = Vec::new();
@@ -182,20 +293,28 @@ fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], dea
         if out_open && io::read_some(sock.as_fd(), &mut out)? == Read::Eof {
             out_open = false;
         }
-        if err_open && io::read_some(err_r.as_fd(), &mut err)? == Read::Eof {
-            err_open = false;
+        if err_open {
+            let mut bytes = Vec::new();
+            err_open = io::read_some(err_r.as_fd(), &mut bytes)? != Read::Eof;
+            take_err(&bytes, &mut stderr, !err_open);
+            if stderr.authenticated() {
+                // The handshake is over: let the next connection to this node start.
+                *slot = None;
+            }
         }
-        if out.len() + err.len() > MAX_OUTPUT {
+        if out.len() > MAX_OUTPUT {
             return Err(Error::new(Kind::Protocol, format!("more than {MAX_OUTPUT} bytes of output")));
         }
         // A remote process that keeps our pipes open after ssh exits would hang us: stop at exit.
         if child.try_wait()?.is_some() {
             let _ = io::read_some(sock.as_fd(), &mut out);
-            let _ = io::read_some(err_r.as_fd(), &mut err);
+            let mut bytes = Vec::new();
+            let _ = io::read_some(err_r.as_fd(), &mut bytes);
+            take_err(&bytes, &mut stderr, true);
             break;
         }
     }
-    Ok((out, err))
+    Ok((out, err_text, stderr))
 }
 
 /// Helper for callers that treat any non-zero exit as failure: the error names the command,
@@ -205,15 +324,15 @@ pub fn run_checked(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadlin
     if out.exit == Exit::Code(0) {
         return Ok(out);
     }
-    let mut tail = StderrTail::default();
+    let mut tail = Stderr::default();
     tail.push(&out.stderr);
     let kind = if out.exit == Exit::Code(255) { Kind::SshExited } else { Kind::Remote };
     Err(Error::new(kind, format!("'{}' on {} failed: {}{}", validate::shell_join(remote), ssh.destination(), out.exit, tail.suffix())))
 }
 
-/// Reads the next line of a tunnel-style stream, draining stderr into `tail` meanwhile and
-/// noticing when the child exits. Returns `Ok(None)` on EOF.
-pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, tail: &mut StderrTail, child: &mut Child, deadline: Deadline, mut on_stderr: impl FnMut(&str)) -> Result<Option<Vec<u8>>> {
+/// Reads the next line of a tunnel-style stream, draining ssh's stderr meanwhile (each new
+/// line goes to `on_stderr`) and noticing when the child exits. Returns `Ok(None)` on EOF.
+pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, stderr: &mut Stderr, child: &mut Child, deadline: Deadline, mut on_stderr: impl FnMut(&str)) -> Result<Option<Vec<u8>>> {
     let mut eof = false;
     loop {
         if let Some(line) = lines.next_line()? {
@@ -228,11 +347,8 @@ pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, tail:
         }
         let mut err_bytes = Vec::new();
         while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut err_bytes)? {}
-        if !err_bytes.is_empty() {
-            tail.push(&err_bytes);
-            for l in String::from_utf8_lossy(&err_bytes).lines().filter(|l| !l.trim().is_empty()) {
-                on_stderr(l.trim());
-            }
+        for l in stderr.push(&err_bytes) {
+            on_stderr(&l);
         }
         if io::read_some(sock.as_fd(), lines.buffer())? == Read::Eof {
             // ssh closed its stdout: it is exiting. Give it a moment so its stderr and exit
@@ -240,7 +356,8 @@ pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, tail:
             let _ = child.wait(deadline.min(Deadline::after_ms(2000)));
             let mut rest = Vec::new();
             while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut rest)? {}
-            tail.push(&rest);
+            stderr.push(&rest);
+            stderr.finish();
             eof = true;
         }
     }
@@ -261,7 +378,7 @@ mod tests {
         assert_eq!(
             argv,
             [
-                "/usr/bin/ssh", "-e", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+                "/usr/bin/ssh", "-e", "none", "-o", "BatchMode=yes", "-o", "LogLevel=VERBOSE", "-o", "ExitOnForwardFailure=yes",
                 "-o", "HostKeyAlias=node2", "root@198.18.0.2",
                 "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
                 "--", "qm stop '$(touch /tmp/x)'"
@@ -286,13 +403,24 @@ mod tests {
     }
 
     #[test]
-    fn stderr_tail_keeps_the_end_and_joins_lines() {
-        let mut t = StderrTail::default();
-        t.push(b"first\n\n");
-        t.push(b"Permission denied (publickey).\r\n");
-        assert_eq!(t.text(), "first | Permission denied (publickey).");
-        t.push(&vec![b'x'; STDERR_TAIL * 2]);
-        assert_eq!(t.text().len(), STDERR_TAIL);
+    fn stderr_drops_ssh_verbose_lines_and_notes_authentication() {
+        let mut e = Stderr::default();
+        assert_eq!(e.push(b"first\r\n\nAuthenticated to 198.18.0.2 ([198.18.0.2]:22) using \"publickey\".\r\nPermission"), vec!["first"]);
+        assert!(e.authenticated());
+        assert_eq!(e.push(b" denied\nTransferred: sent 3488, received 3352 bytes, in 0.1 seconds\n"), vec!["Permission denied"]);
+        assert_eq!(e.push(b"Bytes per second: sent 1.0, received 2.0\nlast"), Vec::<String>::new());
+        assert_eq!(e.finish(), vec!["last"]);
+        assert_eq!(e.text(), "first | Permission denied | last");
+    }
+
+    #[test]
+    fn stderr_keeps_only_the_tail() {
+        let mut e = Stderr::default();
+        for i in 0..1000 {
+            e.push(format!("line {i}\n").as_bytes());
+        }
+        assert!(e.tail_len <= STDERR_TAIL, "{}", e.tail_len);
+        assert!(e.text().ends_with("line 999") && !e.text().contains("line 0 "));
     }
 
     #[test]

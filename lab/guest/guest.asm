@@ -120,6 +120,13 @@ pm32:
         cmp edi, ebp
         jb .clear
         mov dword [INFO], MAGIC     ; now the loop runs
+%ifdef IDLE
+        ; idle variant (nasm -DIDLE): the pattern is written once, then the vCPU halts
+        ; with interrupts off, so dozens of guests can migrate at once on two cores
+.idle:
+        hlt
+        jmp .idle
+%endif
 
         jmp .first
 

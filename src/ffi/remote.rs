@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use std::ffi::{c_char, c_int};
 
 fn run(opts: &Value) -> Result<Value> {
-    options::only_known(opts, &["ssh", "command", "input", "timeout_ms", "check", "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max"])?;
+    let mut known = vec!["command", "input", "timeout_ms", "check"];
+    known.extend(ssh::OPTION_KEYS);
+    options::only_known(opts, &known)?;
     let ssh = Ssh::from_options(opts)?;
     let command = options::string_list(opts, "command")?.ok_or_else(|| Error::invalid("missing option 'command'"))?;
     let input = options::string(opts, "input")?.unwrap_or_default();

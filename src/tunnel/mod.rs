@@ -10,7 +10,7 @@ use crate::io::{self, Deadline, LineDecoder};
 use crate::log::{Level, Log};
 use crate::options;
 use crate::process::{Child, Exit};
-use crate::ssh::{self, Ssh, StderrTail};
+use crate::ssh::{self, Ssh, Stderr};
 use crate::validate;
 use nix::poll::{PollFd, PollFlags};
 use serde_json::{Value, json};
@@ -39,10 +39,9 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Reads and validates the JSON options of `tunnel_open`.
     pub fn from_json(opts: &Value) -> Result<OpenOptions> {
-        options::only_known(opts, &[
-            "ssh", "forwards", "command", "socket_dir", "greeting_timeout_ms", "version_timeout_ms",
-            "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max",
-        ])?;
+        let mut known = vec!["forwards", "command", "socket_dir", "greeting_timeout_ms", "version_timeout_ms"];
+        known.extend(ssh::OPTION_KEYS);
+        options::only_known(opts, &known)?;
         let ssh = Ssh::from_options(opts)?;
         let socket_dir = options::string(opts, "socket_dir")?.unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
         validate::socket_dir(&socket_dir)?;
@@ -107,11 +106,15 @@ enum State {
 /// One ssh tunnel to a target node.
 pub struct Tunnel {
     opts: OpenOptions,
+    enforced: Vec<String>,
     child: Child,
+    /// Held from spawn until `tunnel online` proves the handshake is over.
+    slot: Option<crate::throttle::Slot>,
+    attempt: u32,
     sock: Option<OwnedFd>,
     stderr: OwnedFd,
     lines: LineDecoder,
-    tail: StderrTail,
+    tail: Stderr,
     state: State,
     version: Option<u32>,
     log: Log,
@@ -132,8 +135,51 @@ impl Tunnel {
         }
         let argv = opts.ssh.argv(&enforced, &opts.command);
         log.emit(Level::Debug, &format!("starting {}", argv.iter().map(|a| validate::shell_quote(a)).collect::<Vec<_>>().join(" ")));
+        let slot = opts.ssh.handshake_slot(Deadline::after_ms(opts.greeting_timeout_ms))?;
         let (child, sock, stderr) = opts.ssh.spawn(&enforced, &opts.command)?;
-        Ok(Tunnel { opts, child, sock: Some(sock), stderr, lines: LineDecoder::new(MAX_LINE), tail: StderrTail::default(), state: State::Started, version: None, log })
+        Ok(Tunnel {
+            opts, enforced, child, slot, attempt: 0, sock: Some(sock), stderr, lines: LineDecoder::new(MAX_LINE),
+            tail: Stderr::default(), state: State::Started, version: None, log,
+        })
+    }
+
+    /// Starts ssh again after a connection that failed before authentication.
+    fn respawn(&mut self, deadline: Deadline) -> Result<()> {
+        self.slot = self.opts.ssh.handshake_slot(deadline)?;
+        let (child, sock, stderr) = self.opts.ssh.spawn(&self.enforced, &self.opts.command)?;
+        self.child = child;
+        self.sock = Some(sock);
+        self.stderr = stderr;
+        self.lines = LineDecoder::new(MAX_LINE);
+        self.tail = Stderr::default();
+        Ok(())
+    }
+
+    /// Reads `tunnel online`, retrying ssh when it failed before authentication (as under
+    /// sshd's MaxStartups); a retry is safe then, since no remote command ran.
+    fn wait_online(&mut self, deadline: Deadline) -> Result<Vec<u8>> {
+        loop {
+            let err = match self.line(deadline, "'tunnel online'") {
+                Ok(line) => {
+                    self.slot = None;
+                    return Ok(line);
+                }
+                Err(e) => e,
+            };
+            self.slot = None;
+            let exit = match (err.kind, self.child.try_wait()?) {
+                (Kind::SshExited, Some(exit)) => exit,
+                _ => return Err(err),
+            };
+            let pause = match self.opts.ssh.retry_after(self.attempt, exit, self.lines.pending().is_empty(), &self.tail) {
+                Some(p) if deadline.remaining().is_none_or(|left| left > p) => p,
+                _ => return Err(err),
+            };
+            self.attempt += 1;
+            self.log.emit(Level::Warn, &format!("{err}; retrying in {} ms (retry {} of {})", pause.as_millis(), self.attempt, self.opts.ssh.connect_retries));
+            std::thread::sleep(pause);
+            self.respawn(deadline)?;
+        }
     }
 
     /// The pid of the ssh child.
@@ -190,7 +236,7 @@ impl Tunnel {
             return Err(Error::new(Kind::Closed, "tunnel is closed"));
         }
         if self.state == State::Started {
-            let line = self.line(overall.min(Deadline::after_ms(self.opts.greeting_timeout_ms)), "'tunnel online'")?;
+            let line = self.wait_online(overall.min(Deadline::after_ms(self.opts.greeting_timeout_ms)))?;
             protocol::online(&line)?;
             self.state = State::Online;
         }
@@ -262,6 +308,7 @@ impl Tunnel {
             self.sock = None;
             return Ok(());
         }
+        self.slot = None;
         let mut errors = Vec::new();
         let greeted = self.state >= State::Greeted;
         if greeted && self.child.try_wait()?.is_none() {

@@ -32,6 +32,8 @@ sub new {
 	downtime_ms => 100,
 	poll_interval_ms => 1000,
 	tunnel_options => {},
+	# handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
+	ssh_options => {},
 	%param,
     }, $class;
     $self->{qmp_socket} //= "$self->{socket_dir}/$vmid.qmp";
@@ -58,7 +60,8 @@ sub render_bytes {
 
 sub remote {
     my ($self, @cmd) = @_;
-    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @cmd], timeout_ms => 120_000);
+    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @cmd], timeout_ms => 120_000,
+	%{$self->{ssh_options}});
 }
 
 sub migrate {
@@ -96,6 +99,7 @@ sub phase2 {
 	command => [@{$self->{qm}}, 'mtunnel'],
 	socket_dir => $self->{socket_dir},
 	log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
+	%{$self->{ssh_options}},
 	%{$self->{tunnel_options}},
     );
     my $t0 = time();
