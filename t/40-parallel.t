@@ -1,0 +1,35 @@
+#!/usr/bin/perl
+# 48 migrations started at once from node1 to node2, one Perl process each (as migrateall
+# forks one worker per VM), against a stock sshd (MaxStartups 10:30:100): all 48 succeed,
+# every VM runs on node2 only, and nothing is left behind.
+
+use strict;
+use warnings;
+use Test::More;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+
+use MTunnelLab;
+
+my $top = abs_path(dirname(__FILE__) . '/..');
+my $n = $ENV{MTUNNEL_PARALLEL_N} // 48;
+
+my $lab = MTunnelLab->up(nodes => 2);
+local $ENV{MTUNNEL_LAB} = $lab->name;
+my $out = `$top/lab/parallel-migrate $n --mem 64 2>&1`;
+my $rc = $? >> 8;
+my ($summary) = $out =~ /^(parallel N=.*)$/m;
+diag($summary // $out);
+is($rc, 0, "all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
+like($summary // '', qr/: $n\/$n succeeded/, "$n of $n");
+
+is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
+is_deeply([$lab->qemu_pids($_)], [], "no QEMU left on $_ (parallel-migrate stopped them)") for qw(node1 node2);
+for my $node (qw(node1 node2)) {
+    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' } $lab->procs_in($node);
+    is_deeply(\@left, [], "no ssh or other process left in $node") or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
+}
+is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left');
+
+$lab->down;
+done_testing();
