@@ -41,6 +41,9 @@ test-perl:
 demo: build
 	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run lab/demo.sh
 
+bench: build
+	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run lab/bench.sh
+
 lab-down:
 	lab/lab.sh down
 
