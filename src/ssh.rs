@@ -318,10 +318,12 @@ fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], slo
 }
 
 /// Helper for callers that treat any non-zero exit as failure: the error names the command,
-/// the exit and the stderr tail. Exit 255 is ssh's own failure.
+/// the exit and the stderr tail. Exit 255 is ssh's own failure. A status that the host
+/// process reaped itself (`$SIG{CHLD}='IGNORE'`, its own reaper) is unknown, not a failure:
+/// the caller still has the output to judge.
 pub fn run_checked(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
     let out = run(ssh, remote, input, deadline)?;
-    if out.exit == Exit::Code(0) {
+    if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
         return Ok(out);
     }
     let mut tail = Stderr::default();

@@ -42,7 +42,8 @@ fn run(opts: &Value) -> Result<Value> {
 /// "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
 /// keepalive options of `tunnel_open`. With `"check": true` a non-zero exit is an error
 /// (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
-/// last error). On success `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
+/// last error; an exit status the host reaped itself is unknown and not an error). On success
+/// `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
 /// `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
 /// On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
 #[unsafe(no_mangle)]

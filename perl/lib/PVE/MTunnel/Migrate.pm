@@ -31,6 +31,8 @@ sub new {
 	parameters => {},
 	downtime_ms => 100,
 	poll_interval_ms => 1000,
+	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
+	stall_timeout_ms => 60_000,
 	tunnel_options => {},
 	# handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
 	ssh_options => {},
@@ -124,6 +126,7 @@ sub wait_for_completion {
     my $usleep = $self->{poll_interval_ms} * 1000;
     my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) = (-1, undef, 0, 0, 0, '');
     my $start = time();
+    my $last_progress = $start;
     while (1) {
 	$i++;
 	usleep($usleep);
@@ -158,7 +161,13 @@ sub wait_for_completion {
 	}
 	$laststatus = $status;
 	my $trans = $ram->{transferred} // 0;
-	next if $trans == $lasttrans;
+	if ($trans == $lasttrans) {
+	    my $stalled = time() - $last_progress;
+	    die sprintf("migration made no progress for %.0f s - aborting\n", $stalled)
+		if $stalled * 1000 > $self->{stall_timeout_ms};
+	    next;
+	}
+	$last_progress = time();
 	my $rem = $ram->{remaining} // 0;
 	my $speed = ($ram->{'pages-per-second'} // 0) * ($ram->{'page-size'} // 0);
 	my $dirty = ($ram->{'dirty-pages-rate'} // 0) * ($ram->{'page-size'} // 0);

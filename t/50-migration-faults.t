@@ -1,0 +1,116 @@
+#!/usr/bin/perl
+# Faults during a live migration, made real on the lab: the tunnel's ssh killed or stopped,
+# the target QEMU killed, the migration cancelled, the lab link cut. Each time the driver
+# fails with a clear error within its deadline, the VM keeps running on node1 only with its
+# memory intact, and no socket file, ssh process or zombie is left.
+
+use strict;
+use warnings;
+use Test::More;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use POSIX qw(:sys_wait_h);
+use Time::HiRes qw(time sleep);
+
+use MTunnelLab;
+
+my $top = abs_path(dirname(__FILE__) . '/..');
+my $lab = MTunnelLab->up(nodes => 2);
+my $dir = $lab->dir;
+my ($vmid, $mem) = (300, 128);
+
+# pids in node1 whose command line is the tunnel's ssh for $vmid
+sub tunnel_ssh {
+    return grep {
+	my $c = do { local $/; open(my $fh, '<', "/proc/$_/cmdline") ? <$fh> // '' : '' };
+	$c =~ /^\/usr\/bin\/ssh\0/ && $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/;
+    } $lab->procs_in('node1');
+}
+
+sub qmpstatus {
+    my ($node) = @_;
+    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
+    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
+}
+
+my %scenario = (
+    'kill ssh' => {
+	inject => sub { kill('KILL', tunnel_ssh()) or die "no tunnel ssh found\n" },
+	error => qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset)/,
+    },
+    'SIGSTOP ssh' => {
+	args => ['--stall-timeout', 4000],
+	inject => sub { kill('STOP', tunnel_ssh()) or die "no tunnel ssh found\n" },
+	error => qr/TASK ERROR: migration made no progress for \d+ s - aborting/,
+    },
+    'kill the target QEMU' => {
+	inject => sub { kill('KILL', $lab->qemu_pids('node2')) or die "no target QEMU\n" },
+	error => qr/TASK ERROR: aborting phase 2 - failed/,
+    },
+    'cancel' => {
+	inject => sub {
+	    my ($rc, $out, $err) = $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel', '-e',
+		"print PVE::MTunnel::qmp_migrate_cancel('/run/qemu-server/$vmid.qmp')->{status}");
+	    die "cancel failed: $out$err" if $rc != 0 || $out !~ /^(cancelled|cancelling)$/;
+	},
+	error => qr/TASK ERROR: aborting phase 2 - cancelled/,
+    },
+    'cut the lab link' => {
+	args => ['--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
+	    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0'],
+	inject => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'down') == 0 or die "ip link failed\n" },
+	restore => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'up') },
+	error => qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset|Timeout)/i,
+    },
+);
+
+for my $name (sort keys %scenario) {
+    my $s = $scenario{$name};
+    $lab->write_vm_config($vmid, memory => $mem, accel => 'tcg');
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
+    my $log = "$dir/fault-$vmid.log";
+    unlink $log;
+    my $t0 = time();
+    my $pid = fork() // die;
+    if (!$pid) {
+	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
+	# 4 MiB/s: the migration lasts long enough to hit it in the middle.
+	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
+	    '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem, '--bwlimit', 4096, @{$s->{args} // []}) or die;
+    }
+    my $active = 0;
+    for (1 .. 300) {
+	my $text = do { local $/; open(my $fh, '<', $log) ? <$fh> // '' : '' };
+	if ($text =~ /migration active/) { $active = 1; last }
+	last if waitpid($pid, WNOHANG) == $pid;
+	sleep(0.1);
+    }
+    ok($active, "$name: migration was under way when the fault hit");
+    eval { $s->{inject}->() };
+    is($@, '', "$name: fault injected");
+    my $done;
+    for (1 .. 600) { $done = waitpid($pid, WNOHANG) == $pid; last if $done; sleep(0.1) }
+    my $took = time() - $t0;
+    ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took)) or kill('KILL', $pid);
+    my $out = do { local $/; open(my $fh, '<', $log) ? <$fh> // '' : '' };
+    isnt($? >> 8, 0, "$name: driver reports failure");
+    like($out, $s->{error}, "$name: error says what happened") or diag($out);
+    my ($err) = $out =~ /^(TASK ERROR: .*)$/m;
+    diag("$name: " . ($err // 'no TASK ERROR line') . sprintf(" (%.1f s)", $took));
+    $s->{restore}->() if $s->{restore};
+
+    is(qmpstatus('node1'), 'running', "$name: VM runs on node1");
+    isnt(qmpstatus('node2'), 'running', "$name: VM does not run on node2");
+    my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, "$name: guest memory intact on node1") or diag($check);
+    # the source continues after guest-check stopped it for the dump: stop it for the next round
+    $lab->run('node1', 'qm', 'stop', $vmid);
+    $lab->run('node2', 'qm', 'stop', $vmid);
+    is_deeply([tunnel_ssh()], [], "$name: no tunnel ssh left");
+    is_deeply([$lab->socket_files($_)], [], "$name: no socket file left on $_") for qw(node1 node2);
+    is_deeply([MTunnelLab::zombies_since($t0)], [], "$name: no zombie left");
+}
+
+$lab->down;
+done_testing();
