@@ -259,6 +259,8 @@ impl Child {
             return Ok((exit, false));
         }
         self.signal(libc::SIGTERM)?;
+        // A stopped process only acts on SIGTERM once continued.
+        self.signal(libc::SIGCONT)?;
         if let Some(exit) = self.wait(Deadline::after_ms(2000))? {
             return Ok((exit, true));
         }
@@ -342,6 +344,16 @@ mod tests {
         assert!(err.message.contains("cannot execute '/nonexistent/ssh'"), "{}", err.message);
         let err = Child::spawn(&["no-such-program-mtunnel".to_string()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap_err();
         assert!(err.message.contains("not found in PATH"), "{}", err.message);
+    }
+
+    #[test]
+    fn terminate_ends_a_stopped_child() {
+        let null = devnull();
+        let mut child = Child::spawn(&["sleep".into(), "60".into()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap();
+        child.signal(libc::SIGSTOP).unwrap();
+        let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
+        assert!(signalled);
+        assert_eq!(exit, Exit::Signal(libc::SIGTERM));
     }
 
     #[test]

@@ -19,10 +19,17 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 my ($vmid, $mem) = (300, 128);
 
+sub slurp {
+    my ($path) = @_;
+    open(my $fh, '<', $path) or return '';
+    local $/;
+    return <$fh> // '';
+}
+
 # pids in node1 whose command line is the tunnel's ssh for $vmid
 sub tunnel_ssh {
     return grep {
-	my $c = do { local $/; open(my $fh, '<', "/proc/$_/cmdline") ? <$fh> // '' : '' };
+	my $c = slurp("/proc/$_/cmdline");
 	$c =~ /^\/usr\/bin\/ssh\0/ && $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/;
     } $lab->procs_in('node1');
 }
@@ -44,7 +51,7 @@ my %scenario = (
 	error => qr/TASK ERROR: migration made no progress for \d+ s - aborting/,
     },
     'kill the target QEMU' => {
-	inject => sub { kill('KILL', $lab->qemu_pids('node2')) or die "no target QEMU\n" },
+	inject => sub { my @p = $lab->qemu_pids('node2'); kill('KILL', @p) or die "no target QEMU (@p)\n" },
 	error => qr/TASK ERROR: aborting phase 2 - failed/,
     },
     'cancel' => {
@@ -60,11 +67,15 @@ my %scenario = (
 	    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0'],
 	inject => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'down') == 0 or die "ip link failed\n" },
 	restore => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'up') },
+	# node2 could not be told to stop its incoming QEMU nor to remove its socket while cut
+	# off: once reachable, a new migration must work and leave everything clean.
+	unreachable_target => 1,
 	error => qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset|Timeout)/i,
     },
 );
 
-for my $name (sort keys %scenario) {
+my $only = $ENV{MTUNNEL_FAULT};    # a regex, to run some scenarios only
+for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $s = $scenario{$name};
     $lab->write_vm_config($vmid, memory => $mem, accel => 'tcg');
     $lab->run_ok('node1', 'qm', 'start', $vmid);
@@ -74,27 +85,27 @@ for my $name (sort keys %scenario) {
     my $t0 = time();
     my $pid = fork() // die;
     if (!$pid) {
+	$ENV{MTUNNEL_LAB} = $lab->name;
 	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
 	# 4 MiB/s: the migration lasts long enough to hit it in the middle.
 	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
 	    '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem, '--bwlimit', 4096, @{$s->{args} // []}) or die;
     }
-    my $active = 0;
+    my ($active, $done, $status) = (0, 0, undef);
+    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
     for (1 .. 300) {
-	my $text = do { local $/; open(my $fh, '<', $log) ? <$fh> // '' : '' };
-	if ($text =~ /migration active/) { $active = 1; last }
-	last if waitpid($pid, WNOHANG) == $pid;
+	if (slurp($log) =~ /migration active/) { $active = 1; last }
+	last if $reap->();
 	sleep(0.1);
     }
-    ok($active, "$name: migration was under way when the fault hit");
+    ok($active, "$name: migration was under way when the fault hit") or diag(slurp($log));
     eval { $s->{inject}->() };
     is($@, '', "$name: fault injected");
-    my $done;
-    for (1 .. 600) { $done = waitpid($pid, WNOHANG) == $pid; last if $done; sleep(0.1) }
+    for (1 .. 600) { last if $reap->(); sleep(0.1) }
     my $took = time() - $t0;
     ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took)) or kill('KILL', $pid);
-    my $out = do { local $/; open(my $fh, '<', $log) ? <$fh> // '' : '' };
-    isnt($? >> 8, 0, "$name: driver reports failure");
+    my $out = slurp($log);
+    isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
     like($out, $s->{error}, "$name: error says what happened") or diag($out);
     my ($err) = $out =~ /^(TASK ERROR: .*)$/m;
     diag("$name: " . ($err // 'no TASK ERROR line') . sprintf(" (%.1f s)", $took));
@@ -104,9 +115,16 @@ for my $name (sort keys %scenario) {
     isnt(qmpstatus('node2'), 'running', "$name: VM does not run on node2");
     my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, "$name: guest memory intact on node1") or diag($check);
-    # the source continues after guest-check stopped it for the dump: stop it for the next round
-    $lab->run('node1', 'qm', 'stop', $vmid);
-    $lab->run('node2', 'qm', 'stop', $vmid);
+    if ($s->{unreachable_target}) {
+	$lab->run('node2', 'qm', 'stop', $vmid);
+	$lab->run_ok('node1', 'qm', 'resume', $vmid);
+	my ($rc2, $out2) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
+	    '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem);
+	is($rc2, 0, "$name: once node2 is reachable again, the VM migrates there") or diag($out2);
+	is(qmpstatus('node2'), 'running', "$name: VM runs on node2 after the new migration");
+    }
+    # guest-check paused the source for its dump: stop the VM for the next round
+    $lab->run($_, 'qm', 'stop', $vmid) for qw(node1 node2);
     is_deeply([tunnel_ssh()], [], "$name: no tunnel ssh left");
     is_deeply([$lab->socket_files($_)], [], "$name: no socket file left on $_") for qw(node1 node2);
     is_deeply([MTunnelLab::zombies_since($t0)], [], "$name: no zombie left");

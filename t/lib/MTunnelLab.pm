@@ -272,7 +272,7 @@ sub qemu_pids {
         my $stat = _slurp("/proc/$pid/stat");
         next if $stat =~ /^\d+ \(.*\) [ZX] /s;
         # the pid may have been reused: it must be a QEMU of this lab
-        next if index(_slurp("/proc/$pid/cmdline"), "$self->{dir}/guest.img") < 0;
+        next if index(_slurp("/proc/$pid/cmdline"), "$self->{dir}/") < 0;
         push @pids, $pid + 0;
     }
     return @pids;
@@ -295,8 +295,13 @@ sub procs_in {
     return grep { $_ != $$ } map { $_ + 0 } grep { /^[0-9]+$/ } split /\n/, $out;
 }
 
-# zombies (as "pid(comm)") that were started at or after epoch second $since: the ones a
-# test may have caused. Older zombies of the machine's non-reaping pid 1 are not ours.
+# Programs a lab test starts, directly or through the lab.
+my %LAB_COMM = map { $_ => 1 } qw(ssh sshd qemu-system-x86 perl mtunnel-migrate qm lab.sh bash sh nsenter
+    guest-check ip find cat);
+
+# zombies (as "pid(comm)") of the lab's programs that were started at or after epoch second
+# $since: the ones a test may have caused. Older zombies of the machine's non-reaping pid 1
+# and other people's processes are not ours.
 sub zombies_since {
     my ($since) = @_;
     my ($btime) = _slurp('/proc/stat') =~ /^btime (\d+)$/m;
@@ -306,7 +311,7 @@ sub zombies_since {
         my $stat = _slurp($f);
         my ($pid, $comm, $rest) = $stat =~ /^(\d+) \((.*)\) (.*)$/s or next;
         my @f = split / /, $rest;    # $f[0] = state, $f[19] = starttime
-        next if $f[0] ne 'Z';
+        next if $f[0] ne 'Z' || !$LAB_COMM{$comm};
         push @z, "$pid($comm)" if $btime + $f[19] / $hz >= $since - 1;
     }
     return @z;

@@ -241,11 +241,16 @@ sub phase2_cleanup {
     }
     if ($self->{target_started}) {
 	eval { $self->remote('stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}) };
-	$self->log('err', "stopping target VM failed: $@") if $@;
+	if (my $err = $@) {
+	    $self->log('err', "stopping target VM failed: $err");
+	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
+		. "run 'qm stop $vmid' there once it is reachable");
+	}
     }
-    # Only after the target is stopped, as PVE does.
+    # Only after the target is stopped, as PVE does. The tunnel is broken or idle by now: do
+    # not wait long for its 'quit'.
     if (my $tunnel = delete $self->{tunnel}) {
-	eval { $tunnel->close() };
+	eval { $tunnel->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
 	$self->log('err', "closing tunnel failed: $@") if $@;
     }
 }
