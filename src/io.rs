@@ -9,6 +9,8 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollTimeout};
 use nix::sys::socket::MsgFlags;
 use std::os::fd::{AsRawFd, BorrowedFd};
+#[cfg(test)]
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 /// A point in monotonic time after which a step has failed; `None` never expires.
@@ -231,6 +233,43 @@ mod tests {
     fn printable_escapes_control_characters_and_truncates() {
         assert_eq!(printable(b"a\x1b[2Jb", 50), "a\\u{1b}[2Jb");
         assert_eq!(printable(b"abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn a_storm_of_eintr_neither_shortens_nor_breaks_a_wait() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        extern "C" fn nothing(_: libc::c_int) {}
+        unsafe {
+            // A handler without SA_RESTART, as Perl installs them: every delivery is an EINTR.
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as *const () as usize;
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let me = unsafe { libc::pthread_self() } as usize;
+        let stop = Arc::new(AtomicBool::new(false));
+        let storm = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
+                    n += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(500));
+                }
+                n
+            })
+        };
+        let start = Instant::now();
+        let mut fds = [PollFd::new(r.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let ready = poll(&mut fds, Deadline::after_ms(300)).unwrap();
+        let took = start.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        let signals = storm.join().unwrap();
+        assert_eq!(ready, 0, "nothing became readable");
+        assert!(took >= Duration::from_millis(300), "the wait ended early after {took:?}");
+        assert!(signals > 50, "only {signals} signals were sent");
     }
 
     #[test]

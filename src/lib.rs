@@ -29,7 +29,10 @@
 //!   monotonic and survive EINTR; `alarm` in the host cannot interrupt a call, none is needed.
 //! - **Processes and signals.** No threads are started. Children are tracked by pidfd, so a
 //!   host with `SIGCHLD` ignored or its own reaper is fine; writes to ssh never raise SIGPIPE;
-//!   the host's signal settings are never changed; children inherit no fds beyond stdio.
+//!   children inherit no fds beyond stdio. Signal dispositions are never changed; while a call
+//!   runs, the calling thread holds back the signals that have a handler, which then run once
+//!   the call returns (see [`signals`]): a Perl host would run them only then anyway, and a
+//!   storm of them can neither break a wait nor overflow Perl's pending-signal count.
 //! - **Panics** never cross the boundary: they become `MTUNNEL_ERR_PANIC`.
 //! - **Logging.** A tunnel may get a callback `(userdata, level, msg)`, called only
 //!   synchronously on the caller's thread, during calls on that tunnel.
@@ -42,6 +45,7 @@ pub mod log;
 pub mod options;
 pub mod process;
 pub mod qmp;
+pub mod signals;
 pub mod ssh;
 pub mod target;
 pub mod throttle;

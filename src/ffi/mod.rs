@@ -75,6 +75,7 @@ fn set_last_error(msg: &str) {
 /// Runs the body of an exported function: clears the last error, catches panics, maps errors
 /// to result codes.
 pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> c_int {
+    let _held = crate::signals::Deferred::handlers();
     set_last_error("");
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => MTUNNEL_OK,
