@@ -7,6 +7,7 @@ use strict;
 use warnings;
 use Test::More;
 use IO::Socket::UNIX;
+use POSIX ();
 use Time::HiRes qw(time);
 
 use MTunnelLab;
@@ -119,6 +120,49 @@ sub error_like {
     is_deeply([children()], [], 'ssh_run leaves no child');
 }
 
+{
+    # Remote cleanup on close removes a stale socket on the target, and only a socket.
+    $lab->run_ok('node2', 'perl', '-MIO::Socket::UNIX', '-e', 'IO::Socket::UNIX->new(Local => "/run/qemu-server/100.migrate", Listen => 1) or die');
+    $lab->run_ok('node2', 'sh', '-c', 'echo canary > /run/qemu-server/101.migrate');
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock, '/run/qemu-server/101.migrate']);
+    $t->wait_ready(timeout_ms => 30_000);
+    $t->close;
+    is_deeply([$lab->socket_files('node2')], ['/run/qemu-server/101.migrate'], 'close removed the stale remote socket and kept the regular file');
+    is(scalar($lab->run_ok('node2', 'cat', '/run/qemu-server/101.migrate')), "canary\n", 'the remote regular file is untouched');
+    $lab->run_ok('node2', 'rm', '/run/qemu-server/101.migrate');
+}
+
+{
+    # Permission denied: an unprivileged host process whose socket directory is not writable.
+    # (The lab's own directory is root-only, so nobody's copies live in a directory of its own.)
+    my $ro = "/run/mtunnel-ro-$$";
+    mkdir($ro, 0755) or die "mkdir $ro: $!";
+    system('cp', "$lab_dir/id_ed25519", "$lab_dir/known_hosts", $ro) == 0 or die;
+    chown(65534, 65534, "$ro/id_ed25519");
+    my @nobody_ssh = map { s/\Q$lab_dir\E\/(id_ed25519|known_hosts)\b/$ro\/$1/r } @ssh;
+    my @nobody_opts = (ssh => \@nobody_ssh, socket_dir => $ro, forwards => ["$ro/100.migrate"], lock_dir => "$ro/locks");
+    mkdir("$ro/locks", 0700); chown(65534, 65534, "$ro/locks");
+    pipe(my $r, my $w) or die;
+    my $pid = fork() // die;
+    if (!$pid) {
+	close $r;
+	$( = $) = 65534; $< = $> = 65534;
+	my $t;
+	my $ok = eval { $t = PVE::MTunnel->open(@nobody_opts); $t->wait_ready(timeout_ms => 30_000); 1 };
+	print $w ($ok ? 'no error' : $@);
+	close($w);
+	eval { $t->close(remote_cleanup => 0) } if $t;
+	POSIX::_exit(0);
+    }
+    close $w;
+    my $err = do { local $/; <$r> };
+    waitpid($pid, 0);
+    like($err, qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*cannot bind to path \Q$ro\E\/100\.migrate: Permission denied/,
+	'permission denied on the socket directory is named') or diag($err);
+    ok(!-e "$ro/100.migrate", 'nothing was created in the read-only directory');
+    system('rm', '-rf', $ro);
+}
+
 my %fault = (
     'auth refused' => {
 	ssh => [ map { $_ eq "$lab_dir/id_ed25519" ? '/dev/null' : $_ } @ssh ],
@@ -128,6 +172,12 @@ my %fault = (
     'unknown host key' => {
 	ssh => [ map { s/^HostKeyAlias=node2$/HostKeyAlias=node-unknown/r } @ssh ],
 	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*Host key verification failed/,
+	code => 'ssh_exited',
+    },
+    'changed host key' => {
+	# node1's key recorded for node2's address: exactly what a reinstalled node looks like
+	ssh => [ map { s/^HostKeyAlias=node2$/HostKeyAlias=node1/r } @ssh ],
+	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*(REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed)/,
 	code => 'ssh_exited',
     },
     'host unreachable' => {
