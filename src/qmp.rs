@@ -87,13 +87,17 @@ impl Qmp {
             }
         }
         let mut qmp = Qmp { sock, lines: LineDecoder::new(MAX_LINE), path: path.to_string(), next_id: 0 };
-        match qmp.read(deadline) {
-            Ok(Message::Greeting(_)) => {}
-            Ok(other) => return Err(Error::new(Kind::Protocol, format!("QMP socket '{path}' sent {other:?} instead of a greeting"))),
-            Err(e) if e.kind == Kind::Timeout => {
-                return Err(Error::new(Kind::Timeout, format!("no QMP greeting on '{path}' before the deadline (monitor busy with another client?)")));
+        loop {
+            match qmp.read(deadline) {
+                Ok(Message::Greeting(_)) => break,
+                // QEMU greets first, but an event is harmless wherever it comes.
+                Ok(Message::Event(_)) => continue,
+                Ok(other) => return Err(Error::new(Kind::Protocol, format!("QMP socket '{path}' sent {other:?} instead of a greeting"))),
+                Err(e) if e.kind == Kind::Timeout => {
+                    return Err(Error::new(Kind::Timeout, format!("no QMP greeting on '{path}' before the deadline (monitor busy with another client?)")));
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         qmp.execute("qmp_capabilities", None, deadline)?;
         Ok(qmp)
