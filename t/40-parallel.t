@@ -1,5 +1,5 @@
 #!/usr/bin/perl
-# 48 migrations started at once from node1 to node2, one Perl process each (as migrateall
+# 48 migrations started at once from node1 to node2, three rounds in a row, one Perl process each (as migrateall
 # forks one worker per VM), against a stock sshd (MaxStartups 10:30:100): all 48 succeed,
 # every VM runs on node2 only, and nothing is left behind.
 
@@ -14,14 +14,18 @@ use MTunnelLab;
 my $top = abs_path(dirname(__FILE__) . '/..');
 my $n = $ENV{MTUNNEL_PARALLEL_N} // 48;
 
+my $rounds = $ENV{MTUNNEL_PARALLEL_ROUNDS} // 3;
+
 my $lab = MTunnelLab->up(nodes => 2);
 local $ENV{MTUNNEL_LAB} = $lab->name;
-my $out = `$top/lab/parallel-migrate $n --mem 64 2>&1`;
-my $rc = $? >> 8;
-my ($summary) = $out =~ /^(parallel N=.*)$/m;
-diag($summary // $out);
-is($rc, 0, "all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
-like($summary // '', qr/: $n\/$n succeeded/, "$n of $n");
+for my $round (1 .. $rounds) {
+    my $out = `$top/lab/parallel-migrate $n --mem 64 2>&1`;
+    my $rc = $? >> 8;
+    my ($summary) = $out =~ /^(parallel N=.*)$/m;
+    diag("round $round: " . ($summary // $out));
+    is($rc, 0, "round $round: all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
+    like($summary // '', qr/: $n\/$n succeeded/, "round $round: $n of $n");
+}
 
 is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
 is_deeply([$lab->qemu_pids($_)], [], "no QEMU left on $_ (parallel-migrate stopped them)") for qw(node1 node2);
