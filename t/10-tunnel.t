@@ -219,8 +219,11 @@ my %fault = (
     },
 );
 
+sub fd_count { opendir(my $d, '/proc/self/fd') or die; my $n = grep { /^\d+$/ } readdir($d); return $n }
+
 for my $name (sort keys %fault) {
     my $f = $fault{$name};
+    my $fds = fd_count();
     my $t = PVE::MTunnel->open(ssh => $f->{ssh} // \@ssh, forwards => [$sock],
 	($f->{command} ? (command => $f->{command}) : ()), %{$f->{opts} // {}});
     my $pid = $t->pid;
@@ -228,7 +231,10 @@ for my $name (sort keys %fault) {
     ok($took < 30, "$name: failed before the overall deadline");
     $t->close(remote_cleanup => 0);
     ok(!-e $sock, "$name: no socket file left");
+    is_deeply([$lab->socket_files('node2')], [], "$name: no socket file left on node2");
     gone_ok($pid, $name);
+    undef $t;
+    is(fd_count(), $fds, "$name: fd count back to its baseline");
 }
 
 $lab->leave;
