@@ -5,7 +5,7 @@ PROVE   ?= prove
 LIB     := target/release/libmtunnel.so
 PERL5   := -Iperl/lib -It/lib
 
-.PHONY: all setup build header header-check examples test test-rust test-c test-perl demo bench lab-down clean
+.PHONY: all setup build header header-check examples test test-rust test-c test-perl demo bench lab-down clean fuzz
 
 all: build
 
@@ -50,3 +50,25 @@ lab-down:
 clean:
 	$(CARGO) clean
 	$(MAKE) -C examples/c clean
+
+# Fuzzing (nightly + cargo-fuzz): each target runs FUZZ_SECONDS (make fuzz FUZZ_SECONDS=300).
+# The committed corpus fuzz/corpus/T is read; new inputs go to fuzz/target/corpus/T and crash
+# inputs to fuzz/artifacts/T (both gitignored). `cargo test` replays the committed corpus
+# (tests/fuzz_corpus.rs); see fuzz/checks.rs for what each target checks.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := qmp_stream query_migrate tunnel_lines listen_lines validation
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	@failed=; for t in $(FUZZ_TARGETS); do \
+	  log=fuzz/target/fuzz-$$t.log; mkdir -p fuzz/target/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
+	  if cargo +nightly fuzz run $$t $(CURDIR)/fuzz/target/corpus/$$t $(CURDIR)/fuzz/corpus/$$t -- \
+	       -max_total_time=$(FUZZ_SECONDS) >$$log 2>&1; then \
+	    grep -E '^Done' $$log; \
+	  else \
+	    tail -n 40 $$log; failed="$$failed $$t"; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make fuzz: FAILED:$$failed (crash inputs in fuzz/artifacts/)"; exit 1; fi; \
+	echo "make fuzz: no findings"

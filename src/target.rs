@@ -35,6 +35,10 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
     for line in output.lines() {
         let line = line.trim_end_matches('\r');
         if let Some(addr) = line.strip_prefix("migration listens on ") {
+            // One address only: a second one could pair a forwarded socket with another URI.
+            if result.contains_key("uri") {
+                return Err(Error::new(Kind::Protocol, "target reported more than one migration address"));
+            }
             if let Some(path) = addr.strip_prefix("unix:") {
                 if !path.ends_with(".migrate") || path.ends_with("_nbd.migrate") {
                     return Err(Error::new(Kind::Protocol, format!("unexpected migration socket in '{}'", printable(line.as_bytes(), 200))));
@@ -53,7 +57,8 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:unix:") {
             let parsed = rest.split_once(":exportname=").and_then(|(path, rest)| {
                 let (export, volume) = rest.split_once(" volume:")?;
-                let ok = !export.is_empty() && !export.contains(char::is_whitespace) && !volume.is_empty() && !volume.contains(char::is_whitespace);
+                let word = |w: &str| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control());
+                let ok = word(export) && word(volume);
                 ok.then_some((path, export, volume))
             });
             let (path, export, volume) = parsed.ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", printable(line.as_bytes(), 200))))?;
@@ -121,6 +126,23 @@ mod tests {
         assert_eq!(r["nbd"][0]["volume"], "local:100/vm-100-disk-0.raw");
         assert_eq!(r["spice_port"], 61000);
         assert_eq!(r["messages"][0], "warning: something");
+    }
+
+    #[test]
+    fn a_second_migration_address_is_refused() {
+        // Found by fuzzing: the unix socket would be forwarded while QEMU migrates to the tcp URI.
+        for second in ["migration listens on tcp:198.18.0.2:60000", "migration listens on port 60001", "migration listens on unix:/run/qemu-server/100.migrate"] {
+            let out = format!("migration listens on unix:/run/qemu-server/100.migrate\n{second}\n");
+            let err = parse_start_output(&out, "100", DIR).unwrap_err();
+            assert_eq!(err.message, "target reported more than one migration address");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_nbd_lines_are_refused() {
+        let out = "storage migration listens on nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0\x1b[2J volume:local:x\n\
+                   migration listens on unix:/run/qemu-server/100.migrate\n";
+        assert!(parse_start_output(out, "100", DIR).is_err());
     }
 
     #[test]

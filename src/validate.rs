@@ -72,7 +72,8 @@ pub fn destination(dest: &str) -> Result<()> {
 /// ssh joins its argv with spaces, so every remote word must be quoted on its own.
 pub fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty()
-        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+%".contains(&b));
+        // No '=': as a first word, `FOO=bar` would be a variable assignment.
+        && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:@,+%".contains(&b));
     if plain { word.to_string() } else { format!("'{}'", word.replace('\'', "'\\''")) }
 }
 
@@ -144,6 +145,7 @@ mod tests {
         assert_eq!(shell_quote("/run/qemu-server/100.migrate"), "/run/qemu-server/100.migrate");
         assert_eq!(shell_quote("$(touch /tmp/x)"), "'$(touch /tmp/x)'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("FOO=bar"), "'FOO=bar'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_join(&["rm".into(), "-f".into(), "a b".into()]), "rm -f 'a b'");
     }

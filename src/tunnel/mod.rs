@@ -45,9 +45,13 @@ impl OpenOptions {
         let ssh = Ssh::from_options(opts)?;
         let socket_dir = options::string(opts, "socket_dir")?.unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
         validate::socket_dir(&socket_dir)?;
-        let forwards = options::string_list(opts, "forwards")?.unwrap_or_default();
-        for f in &forwards {
-            validate::socket_path(f, &socket_dir)?;
+        let mut forwards: Vec<String> = Vec::new();
+        for f in options::string_list(opts, "forwards")?.unwrap_or_default() {
+            validate::socket_path(&f, &socket_dir)?;
+            // Every disk of a VM reports the same NBD socket; ssh must get each -L once.
+            if !forwards.contains(&f) {
+                forwards.push(f);
+            }
         }
         let command = options::string_list(opts, "command")?.unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
         if command.is_empty() {

@@ -1,0 +1,8 @@
+#![no_main]
+//! Input layout and properties: see `checks::qmp_stream` in fuzz/checks.rs (shared with
+//! tests/fuzz_corpus.rs, which replays the committed corpus on stable).
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::qmp_stream(data));
