@@ -115,13 +115,15 @@ int qmp_execute(const char *qmp_socket,
 //
 // `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 // "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
-// keepalive options of `tunnel_open`. With `"check": true` a non-zero exit is an error
+// ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
+// before authentication is retried, so the command never runs twice). With `"check": true` a non-zero exit is an error
 // (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
 // last error; an exit status the host reaped itself is unknown and not an error). On success
 // `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
 // `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
 // On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
-int ssh_run(const char *options_json, char **result_out);
+int ssh_run(const char *options_json,
+            char **result_out);
 
 // Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
 // `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
@@ -145,7 +147,13 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 // - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 // - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 //   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
-//   (15, 0 = off), `"server_alive_count_max"` (3).
+//   (15, 0 = off), `"server_alive_count_max"` (3);
+// - `"handshake_slots"` (8, 0 = no limit): concurrent ssh handshakes to this destination
+//   across all processes, so that sshd's `MaxStartups` never drops ours; `tunnel_open` waits
+//   for a slot (up to the greeting timeout) and holds it until `tunnel online`;
+// - `"connect_retries"` (4): retries of a connection that failed before authentication
+//   (nothing ran remotely), with jittered backoff, within the greeting timeout;
+// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live.
 //
 // `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 // On success `*tunnel_out` receives the handle (owned by the caller; release with

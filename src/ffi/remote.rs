@@ -40,7 +40,8 @@ fn run(opts: &Value) -> Result<Value> {
 ///
 /// `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 /// "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
-/// keepalive options of `tunnel_open`. With `"check": true` a non-zero exit is an error
+/// ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
+/// before authentication is retried, so the command never runs twice). With `"check": true` a non-zero exit is an error
 /// (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
 /// last error; an exit status the host reaped itself is unknown and not an error). On success
 /// `*result_out` (may be NULL; free with `mtunnel_string_free`) gets

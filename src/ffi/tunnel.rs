@@ -40,7 +40,13 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 /// - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 /// - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 ///   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
-///   (15, 0 = off), `"server_alive_count_max"` (3).
+///   (15, 0 = off), `"server_alive_count_max"` (3);
+/// - `"handshake_slots"` (8, 0 = no limit): concurrent ssh handshakes to this destination
+///   across all processes, so that sshd's `MaxStartups` never drops ours; `tunnel_open` waits
+///   for a slot (up to the greeting timeout) and holds it until `tunnel online`;
+/// - `"connect_retries"` (4): retries of a connection that failed before authentication
+///   (nothing ran remotely), with jittered backoff, within the greeting timeout;
+/// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live.
 ///
 /// `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 /// On success `*tunnel_out` receives the handle (owned by the caller; release with
