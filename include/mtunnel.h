@@ -153,7 +153,9 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 //   for a slot (up to the greeting timeout) and holds it until `tunnel online`;
 // - `"connect_retries"` (4): retries of a connection that failed before authentication
 //   (nothing ran remotely), with jittered backoff, within the greeting timeout;
-// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live.
+// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
+// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
+//   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default.
 //
 // `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 // On success `*tunnel_out` receives the handle (owned by the caller; release with

@@ -23,6 +23,31 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
     printf "  completion detected %.0f ms after QEMU finished (driver %.3f s vs QEMU total-time %d ms)\n",
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
+echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
+for v in 500 501; do printf 'memory: 1024\nguest: idle\n' >"$LAB/pve/qemu-server/$v.conf"; done
+fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }
+mibps() { awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
+    ms = v["qemu_total_ms"] ? v["qemu_total_ms"] : v["total_ms"]; printf "%.0f MiB/s (%d ms)", v["transferred"] / ms * 1000 / 1048576, ms }'; }
+rate() { echo "$1" | sed 's/ MiB.*//'; }
+for c in default ssh-default; do
+    fresh_source
+    opt=(); [ "$c" = ssh-default ] && opt=(--ssh-option ciphers=)
+    out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 1024 "${opt[@]}" 2>&1 || true)
+    t=$(echo "$out" | grep '^TIMING' || true)
+    [ -n "$t" ] || { echo "  migration ($c ciphers) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
+    "$LABSH" exec node2 qm stop 500 >/dev/null
+    eval "tun_$(echo $c | tr - _)=\"$(mibps "$t")\""
+done
+fresh_source
+"$LABSH" exec node1 qm start 501 --migratedfrom node1 >/dev/null
+loc=$(mibps "$("$LABSH" exec node1 "$TOP/lab/bench-local-migrate" 500 501)")
+"$LABSH" exec node1 qm stop 500 >/dev/null; "$LABSH" exec node1 qm stop 501 >/dev/null
+echo "  tunnel, library ciphers (AES-GCM first if the CPU has AES): $tun_default"
+echo "  tunnel, ssh's default cipher (chacha20-poly1305):           $tun_ssh_default"
+echo "  local UNIX socket, no ssh:                                  $loc"
+awk -v a="$(rate "$tun_default")" -v b="$(rate "$tun_ssh_default")" -v l="$(rate "$loc")" \
+    'BEGIN { printf "  tunnel/local = %.2f (library ciphers), %.2f (ssh default); library/ssh-default = %.2f\n", a / l, b / l, a / b }'
+
 echo "-- parallel migrations node1 -> node2 (64 MiB idle guests, stock sshd)"
 one=$("$TOP/lab/parallel-migrate" 1 --vmid-base 2000 | sed -n 's/.*wall \([0-9.]*\) s.*/\1/p')
 echo "  one migration alone: $one s"

@@ -46,7 +46,9 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 ///   for a slot (up to the greeting timeout) and holds it until `tunnel online`;
 /// - `"connect_retries"` (4): retries of a connection that failed before authentication
 ///   (nothing ran remotely), with jittered backoff, within the greeting timeout;
-/// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live.
+/// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
+/// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
+///   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default.
 ///
 /// `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 /// On success `*tunnel_out` receives the handle (owned by the caller; release with
