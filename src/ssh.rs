@@ -388,6 +388,35 @@ pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, stder
     }
 }
 
+/// A one-shot remote command as `ssh_run` takes it: `{"ssh": [...], "command": [...],
+/// "input": "...", "timeout_ms": N, "check": bool}` plus the ssh options. Returns
+/// `{"exit_code", "signal", "stdout", "stderr"}`.
+pub fn run_json(opts: &Value) -> Result<Value> {
+    let mut known = vec!["command", "input", "timeout_ms", "check"];
+    known.extend(OPTION_KEYS);
+    crate::options::only_known(opts, &known)?;
+    let ssh = Ssh::from_options(opts)?;
+    let command = crate::options::string_list(opts, "command")?.ok_or_else(|| Error::invalid("missing option 'command'"))?;
+    let input = crate::options::string(opts, "input")?.unwrap_or_default();
+    let deadline = Deadline::after_ms(crate::options::timeout_ms(opts, "timeout_ms", 60_000)?);
+    let out = if crate::options::boolean(opts, "check", true)? {
+        run_checked(&ssh, &command, input.as_bytes(), deadline)?
+    } else {
+        run(&ssh, &command, input.as_bytes(), deadline)?
+    };
+    let (code, signal) = match out.exit {
+        Exit::Code(c) => (serde_json::json!(c), Value::Null),
+        Exit::Signal(s) => (Value::Null, serde_json::json!(s)),
+        Exit::Unknown => (Value::Null, Value::Null),
+    };
+    Ok(serde_json::json!({
+        "exit_code": code,
+        "signal": signal,
+        "stdout": String::from_utf8_lossy(&out.stdout),
+        "stderr": String::from_utf8_lossy(&out.stderr),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

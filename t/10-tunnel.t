@@ -20,16 +20,8 @@ $lab->enter('node1');
 my @ssh = @{$lab->ssh_prefix('node2')};
 my $sock = '/run/qemu-server/100.migrate';
 
-sub children {
-    my @kids;
-    for my $stat (glob('/proc/[0-9]*/stat')) {
-        open(my $fh, '<', $stat) or next;
-        my $line = <$fh> // next;
-        my ($pid, $state, $ppid) = $line =~ /^(\d+) \(.*\) (\S) (\d+)/s or next;
-        push @kids, "$pid($state)" if $ppid == $$;
-    }
-    return @kids;
-}
+*children = \&MTunnelLab::children;
+*fd_count = \&MTunnelLab::fd_count;
 
 sub gone_ok {
     my ($pid, $name) = @_;
@@ -61,7 +53,7 @@ sub error_like {
     ok(grep({ $_->[0] eq 'info' && $_->[1] eq 'ssh tunnel ver 1' } @log), 'log callback got "ssh tunnel ver 1"');
     ok(-S $sock, 'forwarded socket exists locally');
     is((stat($sock))[2] & 07777, 0600, 'forwarded socket is mode 0600');
-    is_deeply([map { s/\(.\)$//r } children()], [$pid], 'ssh is our only child');
+    is_deeply([children()], [$pid], 'ssh is our only child');
 
     error_like(sub { $t->command('resume 999') }, qr/^tunnel replied 'ERR: .*999.*' to command 'resume 999'$/, 'remote',
 	'ERR reply to resume is an error naming the command');
@@ -218,8 +210,6 @@ my %fault = (
 	code => 'timeout',
     },
 );
-
-sub fd_count { opendir(my $d, '/proc/self/fd') or die; my $n = grep { /^\d+$/ } readdir($d); return $n }
 
 for my $name (sort keys %fault) {
     my $f = $fault{$name};

@@ -19,12 +19,7 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 my ($vmid, $mem) = (300, 128);
 
-sub slurp {
-    my ($path) = @_;
-    open(my $fh, '<', $path) or return '';
-    local $/;
-    return <$fh> // '';
-}
+*slurp = \&MTunnelLab::slurp;
 
 # pids in node1 whose command line is the tunnel's ssh for $vmid
 sub tunnel_ssh {

@@ -21,8 +21,8 @@ $lab->enter('node1');
 my @ssh = @{$lab->ssh_prefix('node2')};
 my $sock = '/run/qemu-server/100.migrate';
 
-sub slurp { my ($p) = @_; open(my $fh, '<', $p) or return ''; local $/; return <$fh> // '' }
-sub alive { my ($pid) = @_; my $st = slurp("/proc/$pid/stat"); return $st ne '' && $st !~ /^\d+ \(.*\) [ZX] /s }
+*slurp = \&MTunnelLab::slurp;
+*alive = \&MTunnelLab::alive;
 sub wait_gone { my ($pid, $secs) = @_; for (1 .. $secs * 10) { return 1 if !alive($pid); sleep(0.1) } return 0 }
 
 # One round of everything a migration does with the library: tunnel open, ready, command,

@@ -22,11 +22,9 @@ my $dir = $lab->dir;
 $lab->enter('node1');
 my @ssh = @{$lab->ssh_prefix('node2')};
 
-sub slurp { my ($p) = @_; open(my $fh, '<', $p) or return ''; local $/; return <$fh> // '' }
-sub fd_count { opendir(my $d, '/proc/self/fd') or die; my $n = grep { /^\d+$/ } readdir($d); return $n }
-sub children {
-    return grep { slurp("/proc/$_/stat") =~ /^\d+ \(.*\) \S+ $$ / } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
-}
+*slurp = \&MTunnelLab::slurp;
+*fd_count = \&MTunnelLab::fd_count;
+*children = \&MTunnelLab::children;
 
 # --- QMP: a busy monitor on a real QEMU
 {

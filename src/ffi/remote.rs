@@ -1,39 +1,8 @@
 //! C functions for one-shot remote commands and the target's start output.
 
 use super::{boundary, put_string, str_arg};
-use crate::error::{Error, Result};
-use crate::io::Deadline;
-use crate::process::Exit;
-use crate::ssh::{self, Ssh};
-use crate::{options, target, validate};
-use serde_json::{Value, json};
+use crate::{options, ssh, target, validate};
 use std::ffi::{c_char, c_int};
-
-fn run(opts: &Value) -> Result<Value> {
-    let mut known = vec!["command", "input", "timeout_ms", "check"];
-    known.extend(ssh::OPTION_KEYS);
-    options::only_known(opts, &known)?;
-    let ssh = Ssh::from_options(opts)?;
-    let command = options::string_list(opts, "command")?.ok_or_else(|| Error::invalid("missing option 'command'"))?;
-    let input = options::string(opts, "input")?.unwrap_or_default();
-    let deadline = Deadline::after_ms(options::timeout_ms(opts, "timeout_ms", 60_000)?);
-    let out = if options::boolean(opts, "check", true)? {
-        ssh::run_checked(&ssh, &command, input.as_bytes(), deadline)?
-    } else {
-        ssh::run(&ssh, &command, input.as_bytes(), deadline)?
-    };
-    let (code, signal) = match out.exit {
-        Exit::Code(c) => (json!(c), Value::Null),
-        Exit::Signal(s) => (Value::Null, json!(s)),
-        Exit::Unknown => (Value::Null, Value::Null),
-    };
-    Ok(json!({
-        "exit_code": code,
-        "signal": signal,
-        "stdout": String::from_utf8_lossy(&out.stdout),
-        "stderr": String::from_utf8_lossy(&out.stderr),
-    }))
-}
 
 /// Runs one remote command over ssh and collects its output, e.g. `qm start VMID
 /// --migratedfrom NODE`. Every word of the command is shell-quoted for the remote shell.
@@ -51,7 +20,7 @@ fn run(opts: &Value) -> Result<Value> {
 pub unsafe extern "C" fn ssh_run(options_json: *const c_char, result_out: *mut *mut c_char) -> c_int {
     boundary(|| {
         let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
-        let result = run(&opts)?;
+        let result = ssh::run_json(&opts)?;
         unsafe { put_string(result_out, result.to_string()) };
         Ok(())
     })

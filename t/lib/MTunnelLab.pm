@@ -317,6 +317,28 @@ sub zombies_since {
     return @z;
 }
 
+# ------------------------------------------------------------ process inspection for tests
+
+# A file's content, '' if unreadable.
+sub slurp { return _slurp($_[0]) }
+
+# Open fds of this process.
+sub fd_count {
+    opendir(my $d, '/proc/self/fd') or die "opendir /proc/self/fd: $!\n";
+    return scalar grep { /^\d+$/ } readdir($d);
+}
+
+# Pids whose parent is this process (zombies included).
+sub children {
+    return grep { _slurp("/proc/$_/stat") =~ /^\d+ \(.*\) \S+ $$ /s } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
+}
+
+# Whether $pid exists and is not a zombie.
+sub alive {
+    my $st = _slurp("/proc/$_[0]/stat");
+    return $st ne '' && $st !~ /^\d+ \(.*\) [ZX] /s;
+}
+
 # ------------------------------------------------------------ teardown
 
 sub down {
