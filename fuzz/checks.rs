@@ -291,6 +291,24 @@ pub fn tunnel_lines(data: &[u8]) {
                 assert_printable(&e.message, "protocol::reply");
             }
         }
+        // Protocol v2: what we send is one JSON object with a string "cmd"; a reply is taken
+        // only as a JSON object with a true "success".
+        if let Ok(request) = protocol::v2_request(&cmd) {
+            let sent: Value = serde_json::from_str(&request).unwrap_or_else(|e| panic!("v2 request {request:?} is not JSON: {e}"));
+            assert!(sent.get("cmd").is_some_and(Value::is_string), "v2 request {request:?} without a string cmd");
+            assert!(!request.bytes().any(|b| b.is_ascii_control()), "v2 request {request:?} is not one line");
+            match protocol::v2_reply(line, &request) {
+                Ok(s) => {
+                    let got: Value = serde_json::from_str(&s).expect("a v2 reply is returned as JSON");
+                    let ok = matches!(got.get("success"), Some(Value::Bool(true))) || got.get("success").and_then(Value::as_f64).is_some_and(|n| n != 0.0);
+                    assert!(ok, "v2 reply {line:?} taken as success");
+                }
+                Err(e) => {
+                    assert!(matches!(e.kind, Kind::Protocol | Kind::Remote), "{}", e.message);
+                    assert_printable(&e.message, "protocol::v2_reply");
+                }
+            }
+        }
     }
 }
 
@@ -347,10 +365,16 @@ fn check_listen_result(r: &Value, vmid: &str) {
     }
     let nbd = r.get("nbd").and_then(Value::as_array).unwrap_or_else(|| panic!("no \"nbd\" array: {r}"));
     for d in nbd {
-        let s = d.get("socket").and_then(Value::as_str).unwrap_or_else(|| panic!("nbd entry without socket: {d}"));
-        check_returned_socket(s, vmid, true);
         let u = d.get("uri").and_then(Value::as_str).unwrap_or_else(|| panic!("nbd entry without uri: {d}"));
-        assert!(u.starts_with(&format!("nbd:unix:{s}:exportname=")), "nbd uri {u:?} does not use socket {s:?}");
+        match d.get("socket") {
+            Some(s) => {
+                let s = s.as_str().unwrap_or_else(|| panic!("nbd \"socket\" is not a string: {d}"));
+                check_returned_socket(s, vmid, true);
+                assert!(u.starts_with(&format!("nbd:unix:{s}:exportname=")), "nbd uri {u:?} does not use socket {s:?}");
+            }
+            // NBD over TCP (insecure migration): never a unix URI without its socket.
+            None => assert!(u.starts_with("nbd:") && !u.starts_with("nbd:unix:"), "nbd uri {u:?} without \"socket\""),
+        }
         for key in ["drive", "volume"] {
             assert!(d.get(key).and_then(Value::as_str).is_some(), "nbd entry without {key}: {d}");
         }
@@ -358,7 +382,11 @@ fn check_listen_result(r: &Value, vmid: &str) {
     if let Some(p) = r.get("spice_port") {
         assert!(p.as_u64().is_some_and(|p| (1..=65535).contains(&p)), "spice_port {p}");
     }
-    assert!(r.get("messages").is_some_and(Value::is_array), "no \"messages\" array: {r}");
+    assert!(r.get("replicated").is_some_and(Value::is_array), "no \"replicated\" array: {r}");
+    let messages = r.get("messages").and_then(Value::as_array).unwrap_or_else(|| panic!("no \"messages\" array: {r}"));
+    for m in messages {
+        assert_printable(m.as_str().unwrap_or_else(|| panic!("message {m} is not a string")), "parse_start_output messages");
+    }
 }
 
 fn check_returned_socket(s: &str, vmid: &str, nbd: bool) {

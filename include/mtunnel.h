@@ -52,6 +52,9 @@
 // Log level of debugging details.
 #define MTUNNEL_LOG_DEBUG 4
 
+// QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
+#define MAX_DOWNTIME_LIMIT_MS (2000 * 1000)
+
 // An open tunnel: an ssh child with its forwards. Opaque; create with `tunnel_open`,
 // release with `tunnel_free`. Not safe to use from two threads at once.
 typedef struct mtunnel_tunnel mtunnel_tunnel;
@@ -78,16 +81,31 @@ const char *mtunnel_last_error(void);
 void mtunnel_string_free(char *s);
 
 // Starts a migration of the VM behind `qmp_socket` to `uri` (`unix:/PATH` or `tcp:HOST:PORT`):
-// `migrate-set-capabilities` (if any), `migrate-set-parameters` (always, with `max-bandwidth`
-// defaulting to 8192 MiB/s because QEMU's default is 128 MiB/s), then `migrate`. Returns once
-// QEMU accepted the command; poll `qmp_query_migrate` for progress.
+// first the setup of `qmp_migrate_setup` (unless `"setup": false`), then `migrate`. Returns
+// once QEMU accepted the command; poll `qmp_query_migrate` for progress.
 //
 // `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
-// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000}`.
+// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true}`.
 // `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
+// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 // `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
 // hung monitor), `MTUNNEL_ERR_IO` (no such socket) or `MTUNNEL_ERR_PROTOCOL`.
 int qmp_migrate(const char *qmp_socket, const char *uri, const char *options_json);
+
+// Prepares the VM behind `qmp_socket` for a migration as Proxmox VE does, without starting
+// it (also what PVE does on the target before the incoming migration):
+// - `"capabilities"` (optional): the ones named `true` are turned on and every other one
+//   QEMU reports (`query-migrate-capabilities`) off, so nothing left on by an earlier run
+//   leaks in; without the key, capabilities are left alone;
+// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
+//   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
+//   QEMU's 2000000 ms, and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
+//   guest's RAM (asked from QEMU) rounded up to a power of two.
+//
+// `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
+// NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
+// "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
+int qmp_migrate_setup(const char *qmp_socket, const char *options_json, char **applied_out);
 
 // Runs `query-migrate` and writes QEMU's answer as JSON to `*status_out` (free with
 // `mtunnel_string_free`; may be NULL). Unknown statuses are passed through unchanged: treat
@@ -141,9 +159,11 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 // - `"ssh"`: argv prefix, the binary, its options and `user@host` last (required); the library
 //   adds `-e none -o BatchMode=yes -o ExitOnForwardFailure=yes` ahead of it, and
 //   `ConnectTimeout`/`ServerAlive*` defaults after it (yours win);
-// - `"forwards"`: socket paths, each forwarded to the same path on the remote (default `[]`);
-//   each must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket there
-//   is removed, anything else is refused;
+// - `"forwards"`: UNIX socket forwards (default `[]`: a command-only tunnel), each either
+//   one path, forwarded to the same path on the remote (as PVE does), or `"LOCAL:REMOTE"`;
+//   every path must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket
+//   at a local path is removed, anything else there is refused; a TCP forward
+//   (`PORT:HOST:PORT`) is refused, naming it;
 // - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 // - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 //   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
@@ -177,29 +197,48 @@ int tunnel_open(const char *options_json,
 // `MTUNNEL_ERR_PROTOCOL` (strange greeting or version) or `MTUNNEL_ERR_CLOSED`.
 int tunnel_wait_ready(mtunnel_tunnel *tunnel, int64_t timeout_ms);
 
-// Sends one protocol-v1 command line (`resume VMID`, `quit`) and waits up to `timeout_ms`
-// for its reply. Reads the greeting first if `tunnel_wait_ready` was not called.
+// Sends one command and waits up to `timeout_ms` for its reply. Reads the greeting first if
+// `tunnel_wait_ready` was not called. The tunnel's protocol version decides the format:
+// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, anything else is an error
+//   `tunnel replied '…' to command '…'`;
+// - v2: a JSON object with a string `"cmd"` (a bare command name such as `resume` is sent as
+//   `{"cmd":"resume"}`); the reply must be a JSON object with a true `"success"`, else the
+//   error is `failed to decode tunnel reply …` or `error - tunnel command '…' failed - MSG`.
 //
-// On success `*reply_out` (if not NULL) receives the reply (`"OK"`), to be freed with
-// `mtunnel_string_free`. `tunnel` or `command` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`.
-// Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote replied `ERR: …`),
-// `MTUNNEL_ERR_PROTOCOL`, `MTUNNEL_ERR_TIMEOUT` (an unknown command gets no reply),
+// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, or v2's JSON object), to
+// be freed with `mtunnel_string_free`. `tunnel` or `command` NULL →
+// `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote
+// refused: `ERR: …`, v2 `success` false), `MTUNNEL_ERR_PROTOCOL` (a reply the protocol does
+// not allow), `MTUNNEL_ERR_TIMEOUT` (an unknown v1 command gets no reply),
 // `MTUNNEL_ERR_SSH_EXITED` or `MTUNNEL_ERR_CLOSED`.
 int tunnel_command(mtunnel_tunnel *tunnel,
                    const char *command,
                    int64_t timeout_ms,
                    char **reply_out);
 
-// Closes the tunnel in stages: `quit` and its `OK`, EOF, wait for ssh to exit, SIGTERM,
+// Closes the tunnel in stages: `quit` and its reply, EOF, wait for ssh to exit, SIGTERM,
 // SIGKILL; reaps ssh; removes the local socket files (only if they are sockets) and, unless
-// disabled, the remote ones over a second ssh with quoted arguments. Everything is cleaned
-// up even when a stage fails; the first failure is returned.
+// disabled, the remote ones over a second ssh with quoted arguments. A path that holds
+// anything but a socket is kept, on either node, and named in the error. Everything is
+// cleaned up even when a stage fails; the first failure is returned.
 //
 // `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
-// "remote_cleanup": true}`. Idempotent: closing a closed tunnel returns `MTUNNEL_OK`.
+// "remote_cleanup": true, "cleanup": false, "cleanup_sockets": []}`; `cleanup` is sent with
+// a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
+// remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
+// returns `MTUNNEL_OK`.
 // `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
 // handle, only the child's fds are released; the parent's ssh is not touched.
 int tunnel_close(mtunnel_tunnel *tunnel, const char *options_json);
+
+// Reads the next line the remote sends, after the greeting (read first if needed), without
+// sending anything; waits up to `timeout_ms`. On success `*line_out` (if not NULL) receives
+// the line without its newline, to be freed with `mtunnel_string_free`. `tunnel` NULL →
+// `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_TIMEOUT`,
+// `MTUNNEL_ERR_SSH_EXITED` (end of stream: ssh exited or closed its output; ssh's stderr in
+// the last error), `MTUNNEL_ERR_PROTOCOL` (not UTF-8, or a broken greeting) or
+// `MTUNNEL_ERR_CLOSED`.
+int tunnel_read_line(mtunnel_tunnel *tunnel, int64_t timeout_ms, char **line_out);
 
 // Writes the tunnel's state as JSON to `*status_out` (free with `mtunnel_string_free`):
 // `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,

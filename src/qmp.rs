@@ -18,9 +18,12 @@ const MAX_LINE: usize = 1 << 20;
 /// Default deadline for one QMP call.
 pub const DEFAULT_TIMEOUT_MS: i64 = 10_000;
 
-/// Proxmox VE's "basically unlimited" migration speed, 8192 MiB/s; QEMU's own default
+/// `max-bandwidth` without a bandwidth limit: 16 GiB/s, as PVE sets it. QEMU's own default
 /// (128 MiB/s) would throttle every migration, so `max-bandwidth` is always set.
-pub const DEFAULT_MAX_BANDWIDTH: u64 = 8192 * 1024 * 1024;
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 16 << 30;
+
+/// QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
 
 /// One message from the monitor.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,23 +161,33 @@ pub fn execute(path: &str, command: &str, arguments: Option<Value>, timeout_ms: 
     Qmp::connect(path, deadline)?.execute(command, arguments, deadline)
 }
 
-/// Options of [`migrate`].
-#[derive(Debug, Clone, Default)]
+/// Options of [`migrate`] and [`setup`].
+#[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// `migrate-set-capabilities`, by name.
-    pub capabilities: Map<String, Value>,
-    /// `migrate-set-parameters`; `max-bandwidth` defaults to [`DEFAULT_MAX_BANDWIDTH`].
+    /// The capabilities wanted on, by name (`true`); `None` leaves QEMU's capabilities as
+    /// they are. When given, every other capability QEMU knows is turned off, as PVE's
+    /// `set_migration_caps` does, so one left on by an earlier run cannot leak in.
+    pub capabilities: Option<Map<String, Value>>,
+    /// `migrate-set-parameters`; see [`parameters`] for the defaults filled in.
     pub parameters: Map<String, Value>,
     /// Deadline of the whole call.
     pub timeout_ms: i64,
+    /// Whether [`migrate`] sets capabilities and parameters first (default) or only migrates.
+    pub setup: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions { capabilities: None, parameters: Map::new(), timeout_ms: DEFAULT_TIMEOUT_MS, setup: true }
+    }
 }
 
 impl MigrateOptions {
-    /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N}`.
+    /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N, "setup": bool}`.
     pub fn from_json(opts: &Value) -> Result<MigrateOptions> {
-        options::only_known(opts, &["capabilities", "parameters", "timeout_ms"])?;
-        let capabilities = options::object(opts, "capabilities")?.cloned().unwrap_or_default();
-        for (name, state) in &capabilities {
+        options::only_known(opts, &["capabilities", "parameters", "timeout_ms", "setup"])?;
+        let capabilities = options::object(opts, "capabilities")?.cloned();
+        for (name, state) in capabilities.iter().flatten() {
             if !state.is_boolean() {
                 return Err(Error::invalid(format!("capability '{name}' must be true or false")));
             }
@@ -183,6 +196,7 @@ impl MigrateOptions {
             capabilities,
             parameters: options::object(opts, "parameters")?.cloned().unwrap_or_default(),
             timeout_ms: options::timeout_ms(opts, "timeout_ms", DEFAULT_TIMEOUT_MS)?,
+            setup: options::boolean(opts, "setup", true)?,
         })
     }
 }
@@ -193,25 +207,74 @@ pub fn check_uri(uri: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(Error::invalid(format!("invalid migration URI '{}': expected unix:/PATH or tcp:HOST:PORT", io::printable(uri.as_bytes(), 200)))) }
 }
 
-/// The `migrate-set-parameters` arguments: the caller's, with `max-bandwidth` always present.
-pub fn parameters_with_bandwidth(parameters: &Map<String, Value>) -> Map<String, Value> {
-    let mut p = parameters.clone();
-    p.entry("max-bandwidth").or_insert(json!(DEFAULT_MAX_BANDWIDTH));
-    p
+/// PVE's rounding of the xbzrle cache: up to the next power of two (1 below 2).
+pub fn round_up_power_of_two(n: u64) -> u64 {
+    n.max(1).next_power_of_two()
 }
 
-/// Sets capabilities and parameters (always `max-bandwidth`), then starts `migrate` to `uri`.
-pub fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<()> {
+/// The `migrate-set-parameters` arguments, as PVE's phase 2 sets them: the caller's, with
+/// `max-bandwidth` always present ([`DEFAULT_MAX_BANDWIDTH`] unless given), `downtime-limit`
+/// capped at QEMU's maximum, and — when xbzrle is on and no size is given — an
+/// `xbzrle-cache-size` of a tenth of `memory_bytes`, rounded up to a power of two.
+pub fn parameters(given: &Map<String, Value>, xbzrle: bool, memory_bytes: Option<u64>) -> Result<Map<String, Value>> {
+    let mut p = given.clone();
+    p.entry("max-bandwidth").or_insert(json!(DEFAULT_MAX_BANDWIDTH));
+    if let Some(limit) = p.get("downtime-limit") {
+        let ms = limit.as_u64().ok_or_else(|| Error::invalid(format!("parameter 'downtime-limit' must be a non-negative number of milliseconds, not {limit}")))?;
+        p.insert("downtime-limit".into(), json!(ms.min(MAX_DOWNTIME_LIMIT_MS)));
+    }
+    if let (true, false, Some(mem)) = (xbzrle, p.contains_key("xbzrle-cache-size"), memory_bytes) {
+        p.insert("xbzrle-cache-size".into(), json!(round_up_power_of_two(mem / 10)));
+    }
+    Ok(p)
+}
+
+/// The guest's RAM in bytes, as QEMU reports it (base plus hot-plugged memory).
+pub fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
+    let summary = qmp.execute("query-memory-size-summary", None, deadline)?;
+    let part = |key: &str| summary.get(key).and_then(Value::as_u64).unwrap_or(0);
+    Ok(part("base-memory") + part("plugged-memory"))
+}
+
+/// Sets capabilities (see [`MigrateOptions::capabilities`]) and parameters (see
+/// [`parameters`]) on a connected monitor. Returns what was applied:
+/// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set).
+pub fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
+    let mut applied = Map::new();
+    if let Some(wanted) = &opts.capabilities {
+        let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
+        let names: Vec<String> = known.as_array().into_iter().flatten().filter_map(|c| c.get("capability").and_then(Value::as_str)).map(str::to_string).collect();
+        if let Some((name, _)) = wanted.iter().find(|(name, on)| **on == json!(true) && !names.contains(name)) {
+            return Err(Error::invalid(format!("migration capability '{name}' is not supported by this QEMU (supported: {})", names.join(", "))));
+        }
+        let states: Map<String, Value> = names.iter().map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true))))).collect();
+        let caps: Vec<Value> = states.iter().map(|(k, v)| json!({"capability": k, "state": v})).collect();
+        qmp.execute("migrate-set-capabilities", Some(json!({"capabilities": caps})), deadline)?;
+        applied.insert("capabilities".into(), Value::Object(states));
+    }
+    let xbzrle = opts.capabilities.as_ref().is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
+    let memory = if xbzrle && !opts.parameters.contains_key("xbzrle-cache-size") { Some(memory_size(qmp, deadline)?) } else { None };
+    let params = parameters(&opts.parameters, xbzrle, memory)?;
+    qmp.execute("migrate-set-parameters", Some(Value::Object(params.clone())), deadline)?;
+    applied.insert("parameters".into(), Value::Object(params));
+    Ok(Value::Object(applied))
+}
+
+/// [`setup_on`] on a fresh connection.
+pub fn setup(path: &str, opts: &MigrateOptions) -> Result<Value> {
+    let deadline = Deadline::after_ms(opts.timeout_ms);
+    setup_on(&mut Qmp::connect(path, deadline)?, opts, deadline)
+}
+
+/// Sets capabilities and parameters (unless `opts.setup` is false), then starts `migrate` to
+/// `uri`. Returns what [`setup_on`] applied (`{}` without setup).
+pub fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<Value> {
     check_uri(uri)?;
     let deadline = Deadline::after_ms(opts.timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
-    if !opts.capabilities.is_empty() {
-        let caps: Vec<Value> = opts.capabilities.iter().map(|(k, v)| json!({"capability": k, "state": v})).collect();
-        qmp.execute("migrate-set-capabilities", Some(json!({"capabilities": caps})), deadline)?;
-    }
-    qmp.execute("migrate-set-parameters", Some(Value::Object(parameters_with_bandwidth(&opts.parameters))), deadline)?;
+    let applied = if opts.setup { setup_on(&mut qmp, opts, deadline)? } else { json!({}) };
     qmp.execute("migrate", Some(json!({"uri": uri})), deadline)?;
-    Ok(())
+    Ok(applied)
 }
 
 /// `query-migrate`, as QEMU returns it.

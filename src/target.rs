@@ -6,6 +6,16 @@ use crate::io::printable;
 use crate::validate;
 use serde_json::{Map, Value, json};
 
+/// One word: non-empty, no whitespace or control characters.
+fn word(w: &str) -> bool {
+    !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `EXPORT volume:VOLUME`, the end of a storage migration line.
+fn export_volume(rest: &str) -> Option<(&str, &str)> {
+    rest.split_once(" volume:").filter(|(e, v)| word(e) && word(v))
+}
+
 fn port(s: &str) -> Option<u16> {
     (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten().filter(|&p| p > 0)
 }
@@ -16,14 +26,19 @@ fn tcp_host_ok(host: &str) -> bool {
         || (host.len() > 2 && host.starts_with('[') && host.ends_with(']') && host[1..host.len() - 1].bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':'))
 }
 
-/// Parses the whole output of `qm start --migratedfrom`. Returns
-/// `{"uri": "unix:/run/qemu-server/100.migrate", "socket": "/run/…" (unix only),
-///   "nbd": [{"drive", "uri", "socket", "volume"}], "spice_port": N, "messages": [...]}`.
-/// A socket whose VMID differs from `vmid` is an error, as is output without an address.
+/// Parses the whole output of `qm start --migratedfrom`, every line QemuMigrate.pm's phase 2
+/// reads. Returns `{"uri": "unix:/run/qemu-server/100.migrate", "socket": "/run/…" (unix
+/// only), "nbd": [{"drive", "uri", "socket" (unix only), "volume"}], "replicated": [{"drive",
+/// "volume"}], "spice_port": N, "messages": [...]}`; `messages` holds the text of `QEMU: …`
+/// lines and every line the parser does not know, so nothing is dropped silently.
+/// A socket whose VMID differs from `vmid` is an error, as is output without an address or
+/// with a legacy `port N` address (a TCP port on the target's localhost, which no UNIX
+/// socket forward can carry).
 pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<Value> {
     validate::vmid(vmid)?;
     let mut result = Map::new();
     let mut nbd = Vec::new();
+    let mut replicated = Vec::new();
     let mut messages = Vec::new();
     let check_socket = |path: &str| -> Result<()> {
         let id = validate::socket_path(path, socket_dir).map_err(|e| Error::new(Kind::Protocol, e.message))?;
@@ -34,6 +49,7 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
     };
     for line in output.lines() {
         let line = line.trim_end_matches('\r');
+        let shown = || printable(line.as_bytes(), 200);
         if let Some(addr) = line.strip_prefix("migration listens on ") {
             // One address only: a second one could pair a forwarded socket with another URI.
             if result.contains_key("uri") {
@@ -41,27 +57,26 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
             }
             if let Some(path) = addr.strip_prefix("unix:") {
                 if !path.ends_with(".migrate") || path.ends_with("_nbd.migrate") {
-                    return Err(Error::new(Kind::Protocol, format!("unexpected migration socket in '{}'", printable(line.as_bytes(), 200))));
+                    return Err(Error::new(Kind::Protocol, format!("unexpected migration socket in '{}'", shown())));
                 }
                 check_socket(path)?;
                 result.insert("uri".into(), json!(addr));
                 result.insert("socket".into(), json!(path));
-            } else if let Some(p) = addr.strip_prefix("port ").and_then(port) {
-                result.insert("uri".into(), json!(format!("tcp:localhost:{p}")));
+            } else if addr.strip_prefix("port ").and_then(port).is_some() {
+                return Err(Error::new(
+                    Kind::Protocol,
+                    format!("target answered with the legacy address '{}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target", shown()),
+                ));
             } else if let Some((host, p)) = addr.strip_prefix("tcp:").and_then(|a| a.rsplit_once(':')) {
-                let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", printable(line.as_bytes(), 200))))?;
+                let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", shown())))?;
                 result.insert("uri".into(), json!(format!("tcp:{host}:{p}")));
             } else {
-                return Err(Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", printable(line.as_bytes(), 200))));
+                return Err(Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", shown())));
             }
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:unix:") {
-            let parsed = rest.split_once(":exportname=").and_then(|(path, rest)| {
-                let (export, volume) = rest.split_once(" volume:")?;
-                let word = |w: &str| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control());
-                let ok = word(export) && word(volume);
-                ok.then_some((path, export, volume))
-            });
-            let (path, export, volume) = parsed.ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", printable(line.as_bytes(), 200))))?;
+            let bad = || Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", shown()));
+            let (path, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
+            let (export, volume) = export_volume(rest).ok_or_else(bad)?;
             check_socket(path)?;
             if !path.ends_with("_nbd.migrate") {
                 return Err(Error::new(Kind::Protocol, format!("unexpected NBD socket '{path}'")));
@@ -72,17 +87,36 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
                 "socket": path,
                 "volume": volume,
             }));
+        } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:") {
+            let bad = || Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", shown()));
+            let (addr, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
+            let (host, p) = addr.rsplit_once(':').ok_or_else(bad)?;
+            let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(bad)?;
+            let (export, volume) = export_volume(rest).ok_or_else(bad)?;
+            nbd.push(json!({
+                "drive": export.replace("drive-", ""),
+                "uri": format!("nbd:{host}:{p}:exportname={export}"),
+                "volume": volume,
+            }));
+        } else if let Some(rest) = line.strip_prefix("re-using replicated volume: ") {
+            let (drive, volume) = rest.split_once(" - ").filter(|(d, v)| word(d) && !v.is_empty() && !v.chars().any(char::is_control)).ok_or_else(|| {
+                Error::new(Kind::Protocol, format!("unexpected replicated volume line '{}'", shown()))
+            })?;
+            replicated.push(json!({"drive": drive, "volume": volume}));
         } else if let Some(p) = line.strip_prefix("spice listens on port ") {
-            let p = port(p).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected spice port in '{}'", printable(line.as_bytes(), 200))))?;
+            let p = port(p).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected spice port in '{}'", shown())))?;
             result.insert("spice_port".into(), json!(p));
         } else if let Some(msg) = line.strip_prefix("QEMU: ") {
-            messages.push(json!(msg));
+            messages.push(json!(printable(msg.as_bytes(), 1000)));
+        } else if !line.trim().is_empty() {
+            messages.push(json!(printable(line.as_bytes(), 1000)));
         }
     }
     if !result.contains_key("uri") {
         return Err(Error::new(Kind::Protocol, "unable to detect remote migration address"));
     }
     result.insert("nbd".into(), Value::Array(nbd));
+    result.insert("replicated".into(), Value::Array(replicated));
     result.insert("messages".into(), Value::Array(messages));
     Ok(Value::Object(result))
 }
@@ -110,7 +144,7 @@ mod tests {
     fn tcp_and_legacy_port_addresses() {
         assert_eq!(parse_start_output("migration listens on tcp:198.18.0.2:60000", "100", DIR).unwrap()["uri"], "tcp:198.18.0.2:60000");
         assert_eq!(parse_start_output("migration listens on tcp:[fd00::2]:60000", "100", DIR).unwrap()["uri"], "tcp:[fd00::2]:60000");
-        assert_eq!(parse_start_output("migration listens on port 60001", "100", DIR).unwrap()["uri"], "tcp:localhost:60001");
+        assert_eq!(parse_start_output("migration listens on tcp:localhost:60000", "100", DIR).unwrap()["uri"], "tcp:localhost:60000");
         assert!(parse_start_output("migration listens on tcp:$(id):1", "100", DIR).is_err());
         assert!(parse_start_output("migration listens on port 0", "100", DIR).is_err());
     }
@@ -126,6 +160,32 @@ mod tests {
         assert_eq!(r["nbd"][0]["volume"], "local:100/vm-100-disk-0.raw");
         assert_eq!(r["spice_port"], 61000);
         assert_eq!(r["messages"][0], "warning: something");
+    }
+
+    #[test]
+    fn legacy_port_answer_is_refused_clearly() {
+        let err = parse_start_output("migration listens on port 60001\n", "100", DIR).unwrap_err();
+        assert_eq!(err.kind, Kind::Protocol);
+        assert!(err.message.starts_with("target answered with the legacy address 'migration listens on port 60001'"), "{}", err.message);
+    }
+
+    #[test]
+    fn nbd_over_tcp_replicated_volumes_and_unknown_lines() {
+        let out = "storage migration listens on nbd:198.18.0.2:60001:exportname=drive-scsi0 volume:local-lvm:vm-100-disk-0\n\
+                   storage migration listens on nbd:[fd00::2]:60001:exportname=drive-virtio1 volume:local:100/vm-100-disk-1.qcow2\n\
+                   re-using replicated volume: scsi1 - local-zfs:vm-100-disk-2\n\
+                   Resuming suspended VM\n\
+                   \n\
+                   migration listens on tcp:198.18.0.2:60000\n";
+        let r = parse_start_output(out, "100", DIR).unwrap();
+        assert_eq!(r["nbd"][0], json!({"drive": "scsi0", "uri": "nbd:198.18.0.2:60001:exportname=drive-scsi0", "volume": "local-lvm:vm-100-disk-0"}));
+        assert_eq!(r["nbd"][1]["uri"], "nbd:[fd00::2]:60001:exportname=drive-virtio1");
+        assert_eq!(r["replicated"], json!([{"drive": "scsi1", "volume": "local-zfs:vm-100-disk-2"}]));
+        assert_eq!(r["messages"], json!(["Resuming suspended VM"]), "an unknown line is returned, an empty one is not");
+        for bad in ["storage migration listens on nbd:$(id):1:exportname=drive-scsi0 volume:x", "storage migration listens on nbd:198.18.0.2:0:exportname=drive-scsi0 volume:x", "re-using replicated volume: scsi0"] {
+            let err = parse_start_output(&format!("{bad}\nmigration listens on tcp:198.18.0.2:60000\n"), "100", DIR).unwrap_err();
+            assert_eq!(err.kind, Kind::Protocol, "{bad}");
+        }
     }
 
     #[test]

@@ -7,13 +7,13 @@ use crate::{options, qmp};
 use std::ffi::{c_char, c_int};
 
 /// Starts a migration of the VM behind `qmp_socket` to `uri` (`unix:/PATH` or `tcp:HOST:PORT`):
-/// `migrate-set-capabilities` (if any), `migrate-set-parameters` (always, with `max-bandwidth`
-/// defaulting to 8192 MiB/s because QEMU's default is 128 MiB/s), then `migrate`. Returns once
-/// QEMU accepted the command; poll `qmp_query_migrate` for progress.
+/// first the setup of `qmp_migrate_setup` (unless `"setup": false`), then `migrate`. Returns
+/// once QEMU accepted the command; poll `qmp_query_migrate` for progress.
 ///
 /// `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
-/// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000}`.
+/// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true}`.
 /// `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
+/// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 /// `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
 /// hung monitor), `MTUNNEL_ERR_IO` (no such socket) or `MTUNNEL_ERR_PROTOCOL`.
 #[unsafe(no_mangle)]
@@ -22,7 +22,31 @@ pub unsafe extern "C" fn qmp_migrate(qmp_socket: *const c_char, uri: *const c_ch
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let uri = unsafe { str_arg(uri, "uri") }?;
         let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?)?;
-        qmp::migrate(path, uri, &opts)
+        qmp::migrate(path, uri, &opts).map(drop)
+    })
+}
+
+/// Prepares the VM behind `qmp_socket` for a migration as Proxmox VE does, without starting
+/// it (also what PVE does on the target before the incoming migration):
+/// - `"capabilities"` (optional): the ones named `true` are turned on and every other one
+///   QEMU reports (`query-migrate-capabilities`) off, so nothing left on by an earlier run
+///   leaks in; without the key, capabilities are left alone;
+/// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
+///   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
+///   QEMU's 2000000 ms, and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
+///   guest's RAM (asked from QEMU) rounded up to a power of two.
+///
+/// `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
+/// NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
+/// "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_setup(qmp_socket: *const c_char, options_json: *const c_char, applied_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?)?;
+        let applied = qmp::setup(path, &opts)?;
+        unsafe { put_string(applied_out, applied.to_string()) };
+        Ok(())
     })
 }
 

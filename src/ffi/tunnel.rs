@@ -34,9 +34,11 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 /// - `"ssh"`: argv prefix, the binary, its options and `user@host` last (required); the library
 ///   adds `-e none -o BatchMode=yes -o ExitOnForwardFailure=yes` ahead of it, and
 ///   `ConnectTimeout`/`ServerAlive*` defaults after it (yours win);
-/// - `"forwards"`: socket paths, each forwarded to the same path on the remote (default `[]`);
-///   each must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket there
-///   is removed, anything else is refused;
+/// - `"forwards"`: UNIX socket forwards (default `[]`: a command-only tunnel), each either
+///   one path, forwarded to the same path on the remote (as PVE does), or `"LOCAL:REMOTE"`;
+///   every path must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket
+///   at a local path is removed, anything else there is refused; a TCP forward
+///   (`PORT:HOST:PORT`) is refused, naming it;
 /// - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 /// - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 ///   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
@@ -89,13 +91,19 @@ pub unsafe extern "C" fn tunnel_wait_ready(tunnel: *mut mtunnel_tunnel, timeout_
     boundary(|| unsafe { handle(tunnel) }?.wait_ready(timeout_ms))
 }
 
-/// Sends one protocol-v1 command line (`resume VMID`, `quit`) and waits up to `timeout_ms`
-/// for its reply. Reads the greeting first if `tunnel_wait_ready` was not called.
+/// Sends one command and waits up to `timeout_ms` for its reply. Reads the greeting first if
+/// `tunnel_wait_ready` was not called. The tunnel's protocol version decides the format:
+/// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, anything else is an error
+///   `tunnel replied '…' to command '…'`;
+/// - v2: a JSON object with a string `"cmd"` (a bare command name such as `resume` is sent as
+///   `{"cmd":"resume"}`); the reply must be a JSON object with a true `"success"`, else the
+///   error is `failed to decode tunnel reply …` or `error - tunnel command '…' failed - MSG`.
 ///
-/// On success `*reply_out` (if not NULL) receives the reply (`"OK"`), to be freed with
-/// `mtunnel_string_free`. `tunnel` or `command` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`.
-/// Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote replied `ERR: …`),
-/// `MTUNNEL_ERR_PROTOCOL`, `MTUNNEL_ERR_TIMEOUT` (an unknown command gets no reply),
+/// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, or v2's JSON object), to
+/// be freed with `mtunnel_string_free`. `tunnel` or `command` NULL →
+/// `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote
+/// refused: `ERR: …`, v2 `success` false), `MTUNNEL_ERR_PROTOCOL` (a reply the protocol does
+/// not allow), `MTUNNEL_ERR_TIMEOUT` (an unknown v1 command gets no reply),
 /// `MTUNNEL_ERR_SSH_EXITED` or `MTUNNEL_ERR_CLOSED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tunnel_command(tunnel: *mut mtunnel_tunnel, command: *const c_char, timeout_ms: i64, reply_out: *mut *mut c_char) -> c_int {
@@ -108,13 +116,17 @@ pub unsafe extern "C" fn tunnel_command(tunnel: *mut mtunnel_tunnel, command: *c
     })
 }
 
-/// Closes the tunnel in stages: `quit` and its `OK`, EOF, wait for ssh to exit, SIGTERM,
+/// Closes the tunnel in stages: `quit` and its reply, EOF, wait for ssh to exit, SIGTERM,
 /// SIGKILL; reaps ssh; removes the local socket files (only if they are sockets) and, unless
-/// disabled, the remote ones over a second ssh with quoted arguments. Everything is cleaned
-/// up even when a stage fails; the first failure is returned.
+/// disabled, the remote ones over a second ssh with quoted arguments. A path that holds
+/// anything but a socket is kept, on either node, and named in the error. Everything is
+/// cleaned up even when a stage fails; the first failure is returned.
 ///
 /// `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
-/// "remote_cleanup": true}`. Idempotent: closing a closed tunnel returns `MTUNNEL_OK`.
+/// "remote_cleanup": true, "cleanup": false, "cleanup_sockets": []}`; `cleanup` is sent with
+/// a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
+/// remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
+/// returns `MTUNNEL_OK`.
 /// `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
 /// handle, only the child's fds are released; the parent's ssh is not touched.
 #[unsafe(no_mangle)]
@@ -126,6 +138,22 @@ pub unsafe extern "C" fn tunnel_close(tunnel: *mut mtunnel_tunnel, options_json:
         let opts = options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?;
         let opts = CloseOptions::from_json(&opts)?;
         unsafe { handle(tunnel) }?.close(&opts)
+    })
+}
+
+/// Reads the next line the remote sends, after the greeting (read first if needed), without
+/// sending anything; waits up to `timeout_ms`. On success `*line_out` (if not NULL) receives
+/// the line without its newline, to be freed with `mtunnel_string_free`. `tunnel` NULL →
+/// `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_TIMEOUT`,
+/// `MTUNNEL_ERR_SSH_EXITED` (end of stream: ssh exited or closed its output; ssh's stderr in
+/// the last error), `MTUNNEL_ERR_PROTOCOL` (not UTF-8, or a broken greeting) or
+/// `MTUNNEL_ERR_CLOSED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tunnel_read_line(tunnel: *mut mtunnel_tunnel, timeout_ms: i64, line_out: *mut *mut c_char) -> c_int {
+    boundary(|| {
+        let line = unsafe { handle(tunnel) }?.read_line(timeout_ms)?;
+        unsafe { put_string(line_out, line) };
+        Ok(())
     })
 }
 

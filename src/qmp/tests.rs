@@ -72,27 +72,88 @@ fn decode_tells_greeting_event_return_and_error_apart() {
     }
 }
 
-#[test]
-fn migrate_sets_capabilities_then_parameters_with_max_bandwidth_then_migrates() {
-    let server = Server::start("migrate", Some(GREETING), |req| {
+/// A monitor that knows three capabilities and 1 GiB of RAM, answering everything else `{}`.
+fn migration_monitor(tag: &str) -> Server {
+    Server::start(tag, Some(GREETING), |req| {
+        let ret = match req["execute"].as_str().unwrap() {
+            "query-migrate-capabilities" => json!([
+                {"capability": "xbzrle", "state": false},
+                {"capability": "auto-converge", "state": false},
+                {"capability": "postcopy-ram", "state": true},
+            ]),
+            "query-memory-size-summary" => json!({"base-memory": 1 << 30}),
+            _ => json!({}),
+        };
         // Events before and between replies must be skipped.
-        vec!["{\"event\": \"RESUME\", \"timestamp\": {}}\r\n".to_string(), ok(req, json!({}))]
-    });
-    let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true}, "parameters": {"downtime-limit": 100}})).unwrap();
-    migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
-    let reqs = server.requests();
-    let names: Vec<&str> = reqs.iter().map(|r| r["execute"].as_str().unwrap()).collect();
-    assert_eq!(names, ["qmp_capabilities", "migrate-set-capabilities", "migrate-set-parameters", "migrate"]);
-    assert_eq!(reqs[1]["arguments"], json!({"capabilities": [{"capability": "xbzrle", "state": true}]}));
-    assert_eq!(reqs[2]["arguments"], json!({"downtime-limit": 100, "max-bandwidth": DEFAULT_MAX_BANDWIDTH}));
-    assert_eq!(reqs[3]["arguments"], json!({"uri": "unix:/run/qemu-server/100.migrate"}));
+        vec!["{\"event\": \"RESUME\", \"timestamp\": {}}\r\n".to_string(), ok(req, ret)]
+    })
 }
 
 #[test]
-fn callers_max_bandwidth_wins_over_the_default() {
-    let mut p = Map::new();
-    p.insert("max-bandwidth".into(), json!(1000));
-    assert_eq!(parameters_with_bandwidth(&p)["max-bandwidth"], json!(1000));
+fn migrate_turns_wanted_capabilities_on_and_every_other_off_then_sets_parameters_then_migrates() {
+    let server = migration_monitor("migrate");
+    let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true, "auto-converge": true}, "parameters": {"downtime-limit": 100}})).unwrap();
+    let applied = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
+    let reqs = server.requests();
+    let names: Vec<&str> = reqs.iter().map(|r| r["execute"].as_str().unwrap()).collect();
+    assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities", "migrate-set-capabilities", "query-memory-size-summary", "migrate-set-parameters", "migrate"]);
+    assert_eq!(
+        reqs[2]["arguments"],
+        json!({"capabilities": [
+            {"capability": "auto-converge", "state": true},
+            {"capability": "postcopy-ram", "state": false},
+            {"capability": "xbzrle", "state": true},
+        ]}),
+        "postcopy-ram, left on before, must be turned off"
+    );
+    // A tenth of 1 GiB is 102.4 MiB: rounded up to 128 MiB, as PVE's round_powerof2.
+    let params = json!({"downtime-limit": 100, "max-bandwidth": 16u64 << 30, "xbzrle-cache-size": 128u64 << 20});
+    assert_eq!(reqs[4]["arguments"], params);
+    assert_eq!(reqs[5]["arguments"], json!({"uri": "unix:/run/qemu-server/100.migrate"}));
+    assert_eq!(applied["parameters"], params);
+    assert_eq!(applied["capabilities"], json!({"auto-converge": true, "postcopy-ram": false, "xbzrle": true}));
+}
+
+#[test]
+fn migrate_without_capabilities_leaves_them_and_without_setup_only_migrates() {
+    let server = migration_monitor("nocaps");
+    migrate(&server.path, "unix:/run/qemu-server/100.migrate", &MigrateOptions { timeout_ms: 5000, ..Default::default() }).unwrap();
+    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["qmp_capabilities", "migrate-set-parameters", "migrate"]);
+
+    let server = migration_monitor("nosetup");
+    let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true}, "setup": false})).unwrap();
+    assert_eq!(migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap(), json!({}));
+    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["qmp_capabilities", "migrate"]);
+}
+
+#[test]
+fn a_wanted_capability_qemu_lacks_is_refused_before_anything_is_set() {
+    let server = migration_monitor("unknowncap");
+    let opts = MigrateOptions::from_json(&json!({"capabilities": {"dirty-bitmaps": true, "x-colo": false}})).unwrap();
+    let err = setup(&server.path, &MigrateOptions { timeout_ms: 5000, ..opts }).unwrap_err();
+    assert_eq!(err.kind, Kind::InvalidArgument);
+    assert!(err.message.starts_with("migration capability 'dirty-bitmaps' is not supported by this QEMU (supported: xbzrle, auto-converge, postcopy-ram)"), "{}", err.message);
+    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities"]);
+}
+
+#[test]
+fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
+    let given = |v: Value| v.as_object().unwrap().clone();
+    let p = parameters(&given(json!({})), false, None).unwrap();
+    assert_eq!(Value::Object(p), json!({"max-bandwidth": 17179869184u64}));
+    let p = parameters(&given(json!({"max-bandwidth": 1000, "downtime-limit": 5_000_000})), true, Some(64 << 20)).unwrap();
+    assert_eq!(p["max-bandwidth"], json!(1000), "the caller's bandwidth limit wins");
+    assert_eq!(p["downtime-limit"], json!(2_000_000), "capped at QEMU's 2000 s");
+    assert_eq!(p["xbzrle-cache-size"], json!(8u64 << 20), "6.4 MiB rounds up to 8 MiB");
+    let p = parameters(&given(json!({"xbzrle-cache-size": 4096})), true, Some(1 << 30)).unwrap();
+    assert_eq!(p["xbzrle-cache-size"], json!(4096), "the caller's cache size wins");
+    assert!(parameters(&given(json!({"downtime-limit": "100"})), false, None).is_err());
+    assert_eq!(round_up_power_of_two(0), 1);
+    assert_eq!(round_up_power_of_two(1 << 20), 1 << 20);
+    assert_eq!(round_up_power_of_two((1 << 20) + 1), 2 << 20);
 }
 
 #[test]

@@ -6,7 +6,7 @@ pub mod ready;
 pub mod sockfile;
 
 use crate::error::{Error, Kind, Result};
-use crate::io::{self, Deadline, LineDecoder};
+use crate::io::{self, Deadline, LineDecoder, printable};
 use crate::log::{Level, Log};
 use crate::options;
 use crate::process::{Child, Exit};
@@ -19,13 +19,50 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 /// Tunnel lines are short; anything longer is garbage.
 const MAX_LINE: usize = 4096;
 
+/// One `-L LOCAL:REMOTE` UNIX socket forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Where ssh listens on this node.
+    pub local: String,
+    /// The socket ssh connects to on the target node.
+    pub remote: String,
+}
+
+impl Forward {
+    /// Parses `PATH` (the same path on both nodes, as PVE forwards migration sockets) or
+    /// `LOCAL:REMOTE`, both validated against `socket_dir`. A TCP forward (`PORT:HOST:PORT`,
+    /// PVE's legacy path) is refused with an error naming the spec.
+    pub fn parse(spec: &str, socket_dir: &str) -> Result<Forward> {
+        let (local, remote) = spec.split_once(':').unwrap_or((spec, spec));
+        if !local.starts_with('/') || !remote.starts_with('/') || remote.contains(':') {
+            return Err(Error::invalid(format!(
+                "unsupported forward '{}': only UNIX socket forwards are supported ('PATH' or 'LOCAL_PATH:REMOTE_PATH'), not TCP ports",
+                printable(spec.as_bytes(), 120)
+            )));
+        }
+        validate::socket_path(local, socket_dir)?;
+        validate::socket_path(remote, socket_dir)?;
+        Ok(Forward { local: local.into(), remote: remote.into() })
+    }
+
+    /// The `-L` argument.
+    fn spec(&self) -> String {
+        format!("{}:{}", self.local, self.remote)
+    }
+
+    /// As given: one path when both ends are the same.
+    fn shown(&self) -> String {
+        if self.local == self.remote { self.local.clone() } else { self.spec() }
+    }
+}
+
 /// What `tunnel_open` takes.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// The ssh invocation (prefix and keepalive settings).
     pub ssh: Ssh,
-    /// Socket paths forwarded with `-L PATH:PATH`; may be empty (command-only tunnel).
-    pub forwards: Vec<String>,
+    /// UNIX socket forwards; may be empty (command-only tunnel).
+    pub forwards: Vec<Forward>,
     /// Remote command, default `qm mtunnel`.
     pub command: Vec<String>,
     /// Directory the forwards must live in.
@@ -45,12 +82,14 @@ impl OpenOptions {
         let ssh = Ssh::from_options(opts)?;
         let socket_dir = options::string(opts, "socket_dir")?.unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
         validate::socket_dir(&socket_dir)?;
-        let mut forwards: Vec<String> = Vec::new();
-        for f in options::string_list(opts, "forwards")?.unwrap_or_default() {
-            validate::socket_path(&f, &socket_dir)?;
+        let mut forwards: Vec<Forward> = Vec::new();
+        for spec in options::string_list(opts, "forwards")?.unwrap_or_default() {
+            let f = Forward::parse(&spec, &socket_dir)?;
             // Every disk of a VM reports the same NBD socket; ssh must get each -L once.
-            if !forwards.contains(&f) {
-                forwards.push(f);
+            match forwards.iter().find(|g| g.local == f.local) {
+                Some(g) if *g == f => {}
+                Some(g) => return Err(Error::invalid(format!("forwards '{}' and '{}' listen on the same local socket", g.spec(), f.spec()))),
+                None => forwards.push(f),
             }
         }
         let command = options::string_list(opts, "command")?.unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
@@ -77,23 +116,30 @@ pub struct CloseOptions {
     pub exit_timeout_ms: i64,
     /// Also remove leftover socket files on the remote node (one more ssh connection).
     pub remote_cleanup: bool,
+    /// Protocol v2 only: `quit` asks the remote to clean up (`{"cmd":"quit","cleanup":true}`).
+    pub cleanup: bool,
+    /// More socket paths to remove on both nodes (PVE's `$tunnel->{unix_sockets}`), besides
+    /// the forwards; validated like forwards, and only ever removed if they are sockets.
+    pub cleanup_sockets: Vec<String>,
 }
 
 impl Default for CloseOptions {
     fn default() -> Self {
-        CloseOptions { quit_timeout_ms: 10_000, exit_timeout_ms: 5_000, remote_cleanup: true }
+        CloseOptions { quit_timeout_ms: 10_000, exit_timeout_ms: 5_000, remote_cleanup: true, cleanup: false, cleanup_sockets: Vec::new() }
     }
 }
 
 impl CloseOptions {
     /// Reads the JSON options of `tunnel_close`.
     pub fn from_json(opts: &Value) -> Result<CloseOptions> {
-        options::only_known(opts, &["quit_timeout_ms", "exit_timeout_ms", "remote_cleanup"])?;
+        options::only_known(opts, &["quit_timeout_ms", "exit_timeout_ms", "remote_cleanup", "cleanup", "cleanup_sockets"])?;
         let d = CloseOptions::default();
         Ok(CloseOptions {
             quit_timeout_ms: options::timeout_ms(opts, "quit_timeout_ms", d.quit_timeout_ms)?,
             exit_timeout_ms: options::timeout_ms(opts, "exit_timeout_ms", d.exit_timeout_ms)?,
             remote_cleanup: options::boolean(opts, "remote_cleanup", d.remote_cleanup)?,
+            cleanup: options::boolean(opts, "cleanup", d.cleanup)?,
+            cleanup_sockets: options::string_list(opts, "cleanup_sockets")?.unwrap_or_default(),
         })
     }
 }
@@ -128,14 +174,14 @@ impl Tunnel {
     /// Validates the forwards, clears stale sockets and starts ssh. Does not wait for the
     /// greeting: that is [`Tunnel::wait_ready`], so the caller can do other work meanwhile.
     pub fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
-        for path in &opts.forwards {
-            if sockfile::prepare(path)? {
-                log.emit(Level::Info, &format!("removed stale socket {path}"));
+        for f in &opts.forwards {
+            if sockfile::prepare(&f.local)? {
+                log.emit(Level::Info, &format!("removed stale socket {}", f.local));
             }
         }
         let mut enforced = vec!["-o".into(), "ExitOnForwardFailure=yes".into()];
-        for path in &opts.forwards {
-            enforced.extend(["-L".to_string(), format!("{path}:{path}")]);
+        for f in &opts.forwards {
+            enforced.extend(["-L".to_string(), f.spec()]);
         }
         let argv = opts.ssh.argv(&enforced, &opts.command);
         log.emit(Level::Debug, &format!("starting {}", argv.iter().map(|a| validate::shell_quote(a)).collect::<Vec<_>>().join(" ")));
@@ -205,7 +251,8 @@ impl Tunnel {
             State::Ready => "ready",
             State::Closed => "closed",
         };
-        json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": self.opts.forwards})
+        let forwards: Vec<String> = self.opts.forwards.iter().map(Forward::shown).collect();
+        json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": forwards})
     }
 
     fn dest(&self) -> &str {
@@ -245,7 +292,11 @@ impl Tunnel {
             self.state = State::Online;
         }
         if self.state == State::Online {
-            let line = self.line(overall.min(Deadline::after_ms(self.opts.version_timeout_ms)), "'ver N'")?;
+            let line = self.line(overall.min(Deadline::after_ms(self.opts.version_timeout_ms)), "'ver N'").map_err(|e| match e.kind {
+                // PVE's words, with ssh's reason after them.
+                Kind::SshExited => Error::new(Kind::SshExited, format!("failed to receive tunnel version string ({})", e.message)),
+                _ => e,
+            })?;
             let ver = protocol::version(&line)?;
             self.version = Some(ver);
             self.state = State::Greeted;
@@ -264,7 +315,7 @@ impl Tunnel {
         // ssh binds -L before it opens the session, so this normally holds at once.
         for i in 0..self.opts.forwards.len() {
             loop {
-                let path = &self.opts.forwards[i];
+                let path = &self.opts.forwards[i].local;
                 if ready::is_listening(path, self.child.pid())? {
                     break;
                 }
@@ -283,24 +334,38 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Sends a v1 command (`resume VMID`, `quit`) and returns the `OK` reply.
+    /// Sends one command and checks its reply. Protocol v1: a command line (`resume VMID`,
+    /// `quit`), the reply must be `OK`. Protocol v2: a JSON object with `cmd` (a bare word is
+    /// sent as `{"cmd": WORD}`), the reply is a JSON object whose `success` must be true; it is
+    /// returned as sent.
     pub fn command(&mut self, cmd: &str, timeout_ms: i64) -> Result<String> {
         protocol::command(cmd)?;
         let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
+        let v2 = self.version.is_some_and(|v| v >= 2);
+        let line = if v2 { protocol::v2_request(cmd)? } else { cmd.to_string() };
         let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
-        if let Err(e) = io::send_all(sock.as_fd(), format!("{cmd}\n").as_bytes(), deadline) {
+        if let Err(e) = io::send_all(sock.as_fd(), format!("{line}\n").as_bytes(), deadline) {
             let _ = self.child.wait(Deadline::after_ms(500));
             return Err(match e.kind {
-                Kind::Timeout => Error::new(Kind::Timeout, format!("writing '{cmd}' to tunnel to {} timed out", self.dest())),
-                _ => self.exited(&format!("writing '{cmd}'")),
+                Kind::Timeout => Error::new(Kind::Timeout, format!("writing '{line}' to tunnel to {} timed out", self.dest())),
+                _ => self.exited(&format!("writing '{line}'")),
             });
         }
-        let line = self.line(deadline, &format!("the reply to '{cmd}'"))?;
-        protocol::reply(&line, cmd)
+        let reply = self.line(deadline, &format!("the reply to '{line}'"))?;
+        if v2 { protocol::v2_reply(&reply, &line) } else { protocol::reply(&reply, cmd) }
     }
 
-    /// Closes in stages: `quit` and its `OK`, EOF, wait for exit, SIGTERM, SIGKILL; reaps
+    /// Reads the next line the remote sends (after the greeting), without sending anything.
+    /// EOF is an error of kind [`Kind::SshExited`].
+    pub fn read_line(&mut self, timeout_ms: i64) -> Result<String> {
+        let deadline = Deadline::after_ms(timeout_ms);
+        self.greet(deadline)?;
+        let line = self.line(deadline, "a line")?;
+        String::from_utf8(line).map_err(|e| Error::new(Kind::Protocol, format!("tunnel to {} sent a line that is not UTF-8: '{}'", self.dest(), printable(e.as_bytes(), 200))))
+    }
+
+    /// Closes in stages: `quit` and its reply, EOF, wait for exit, SIGTERM, SIGKILL; reaps
     /// ssh, removes the local socket files and, if asked, the remote ones. Idempotent. In a
     /// forked child (the handle was inherited) it only lets go of its fds.
     pub fn close(&mut self, opts: &CloseOptions) -> Result<()> {
@@ -314,9 +379,18 @@ impl Tunnel {
         }
         self.slot = None;
         let mut errors = Vec::new();
+        // Checked first: a bad path must not be half cleaned up.
+        let mut extra = Vec::new();
+        for path in &opts.cleanup_sockets {
+            match validate::socket_path(path, &self.opts.socket_dir) {
+                Ok(_) => extra.push(path.clone()),
+                Err(e) => errors.push(e.context("not removing cleanup socket")),
+            }
+        }
         let greeted = self.state >= State::Greeted;
         if greeted && self.child.try_wait()?.is_none() {
-            if let Err(e) = self.command("quit", opts.quit_timeout_ms) {
+            let quit = if self.version.is_some_and(|v| v >= 2) { json!({"cmd": "quit", "cleanup": opts.cleanup}).to_string() } else { "quit".to_string() };
+            if let Err(e) = self.command(&quit, opts.quit_timeout_ms) {
                 errors.push(e.context("closing tunnel"));
             }
         }
@@ -330,17 +404,21 @@ impl Tunnel {
             Err(e) => errors.push(e.context("stopping ssh")),
         }
         self.state = State::Closed;
-        for path in &self.opts.forwards {
+        let mut local: Vec<&str> = self.opts.forwards.iter().map(|f| f.local.as_str()).collect();
+        let mut remote: Vec<&str> = self.opts.forwards.iter().map(|f| f.remote.as_str()).collect();
+        for path in &extra {
+            local.push(path);
+            remote.push(path);
+        }
+        for path in unique(local) {
             if let Err(e) = sockfile::remove_socket(path) {
                 errors.push(e);
             }
         }
-        if opts.remote_cleanup && greeted && !self.opts.forwards.is_empty() {
-            // Only ever a socket, on the remote side too; paths are validated and quoted.
-            let mut cmd: Vec<String> = ["sh", "-c", "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; fi; done", "sh"].iter().map(|s| s.to_string()).collect();
-            cmd.extend(self.opts.forwards.iter().cloned());
-            if let Err(e) = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000)) {
-                errors.push(e.context("removing remote sockets"));
+        let remote = unique(remote);
+        if opts.remote_cleanup && greeted && !remote.is_empty() {
+            if let Err(e) = self.remove_remote_sockets(&remote) {
+                errors.push(e);
             }
         }
         match errors.into_iter().next() {
@@ -348,6 +426,31 @@ impl Tunnel {
             None => Ok(()),
         }
     }
+
+    /// Removes the sockets among `paths` on the target node; anything else there is kept and
+    /// named in the error. Paths are validated and quoted.
+    fn remove_remote_sockets(&self, paths: &[&str]) -> Result<()> {
+        let script = "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; fi; done";
+        let mut cmd: Vec<String> = ["sh", "-c", script, "sh"].iter().map(|s| s.to_string()).collect();
+        cmd.extend(paths.iter().map(|p| p.to_string()));
+        let out = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000)).map_err(|e| e.context("removing remote sockets"))?;
+        let kept: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("'{}'", printable(l.as_bytes(), 120))).collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(format!("refusing to remove {} on {}: not a socket (kept)", kept.join(", "), self.dest())))
+    }
+}
+
+/// `paths` without repeats, in order.
+fn unique(paths: Vec<&str>) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for p in paths {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 impl Drop for Tunnel {
@@ -355,5 +458,48 @@ impl Drop for Tunnel {
         if let Err(e) = self.close(&CloseOptions::default()) {
             self.log.emit(Level::Warn, &format!("closing tunnel on drop: {e}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const DIR: &str = validate::DEFAULT_SOCKET_DIR;
+
+    #[test]
+    fn a_forward_is_one_path_or_a_local_remote_pair() {
+        let f = Forward::parse("/run/qemu-server/100.migrate", DIR).unwrap();
+        assert_eq!((f.local.as_str(), f.remote.as_str()), ("/run/qemu-server/100.migrate", "/run/qemu-server/100.migrate"));
+        assert_eq!(f.spec(), "/run/qemu-server/100.migrate:/run/qemu-server/100.migrate");
+        assert_eq!(f.shown(), "/run/qemu-server/100.migrate");
+        let f = Forward::parse("/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate", DIR).unwrap();
+        assert_eq!(f.remote, "/run/qemu-server/4100.migrate");
+        assert_eq!(f.shown(), "/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate");
+    }
+
+    #[test]
+    fn tcp_forwards_are_refused_naming_the_spec() {
+        for spec in ["60000:localhost:60000", "60000:127.0.0.1:60000", "/run/qemu-server/100.migrate:localhost:60000", "localhost:60000"] {
+            let err = Forward::parse(spec, DIR).unwrap_err();
+            assert_eq!(err.kind, Kind::InvalidArgument);
+            assert!(err.message.starts_with(&format!("unsupported forward '{spec}': only UNIX socket forwards")), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn both_ends_of_a_forward_are_validated() {
+        let err = Forward::parse("/run/qemu-server/100.migrate:/etc/passwd", DIR).unwrap_err();
+        assert!(err.message.contains("invalid socket path '/etc/passwd'"), "{}", err.message);
+        let err = Forward::parse("/tmp/100.migrate:/run/qemu-server/100.migrate", DIR).unwrap_err();
+        assert!(err.message.contains("invalid socket path '/tmp/100.migrate'"), "{}", err.message);
+    }
+
+    #[test]
+    fn two_forwards_on_one_local_socket_are_refused_and_repeats_dropped() {
+        let opts = |forwards: Value| OpenOptions::from_json(&json!({"ssh": ["ssh", "root@198.18.0.2"], "forwards": forwards}));
+        let o = opts(json!(["/run/qemu-server/100_nbd.migrate", "/run/qemu-server/100_nbd.migrate"])).unwrap();
+        assert_eq!(o.forwards.len(), 1);
+        let err = opts(json!(["/run/qemu-server/100.migrate", "/run/qemu-server/100.migrate:/run/qemu-server/101.migrate"])).err().unwrap();
+        assert!(err.message.contains("listen on the same local socket"), "{}", err.message);
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::io::printable;
+use serde_json::{Value, json};
 
 /// Checks the first line: `tunnel online`; `no quorum` is its own error.
 pub fn online(line: &[u8]) -> Result<()> {
@@ -40,9 +41,72 @@ pub fn reply(line: &[u8], cmd: &str) -> Result<String> {
     Err(Error::new(kind, format!("tunnel replied '{}' to command '{cmd}'", printable(line, 500))))
 }
 
+/// The line to send for a protocol v2 command: `cmd` itself if it is a JSON object with a
+/// string `cmd`, or `{"cmd": WORD}` for a bare command name.
+pub fn v2_request(cmd: &str) -> Result<String> {
+    if cmd.starts_with('{') {
+        let value: Value = serde_json::from_str(cmd).map_err(|e| Error::invalid(format!("invalid protocol v2 command '{}': {e}", printable(cmd.as_bytes(), 200))))?;
+        if value.get("cmd").is_some_and(Value::is_string) {
+            return Ok(cmd.to_string());
+        }
+        return Err(Error::invalid(format!("invalid protocol v2 command '{}': a JSON object with a string 'cmd' is needed", printable(cmd.as_bytes(), 200))));
+    }
+    if cmd.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Ok(json!({"cmd": cmd}).to_string());
+    }
+    Err(Error::invalid(format!("invalid protocol v2 command '{}': expected a command name or a JSON object with 'cmd'", printable(cmd.as_bytes(), 200))))
+}
+
+/// Interprets the reply to a v2 command (`request` is the line sent): a JSON object whose
+/// `success` is true, returned as received; PVE's texts for the errors.
+pub fn v2_reply(line: &[u8], request: &str) -> Result<String> {
+    let shown = printable(line, 500);
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return Err(Error::new(Kind::Protocol, format!("failed to decode tunnel reply '{shown}' (command '{request}') - not a JSON object"))),
+        Err(e) => return Err(Error::new(Kind::Protocol, format!("failed to decode tunnel reply '{shown}' (command '{request}') - {e}"))),
+    };
+    let success = match value.get("success") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        _ => false,
+    };
+    if success {
+        return Ok(value.to_string());
+    }
+    match value.get("msg").and_then(Value::as_str) {
+        Some(msg) => Err(Error::new(Kind::Remote, format!("error - tunnel command '{request}' failed - {}", printable(msg.as_bytes(), 500)))),
+        None => Err(Error::new(Kind::Remote, format!("error - tunnel command '{request}' failed"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_requests_are_json_objects_with_cmd() {
+        assert_eq!(v2_request("resume").unwrap(), r#"{"cmd":"resume"}"#);
+        assert_eq!(v2_request(r#"{"cmd":"quit","cleanup":true}"#).unwrap(), r#"{"cmd":"quit","cleanup":true}"#);
+        for bad in ["resume 100", r#"{"cleanup":1}"#, r#"{"cmd":1}"#, "{not json"] {
+            assert_eq!(v2_request(bad).unwrap_err().kind, Kind::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn v2_replies_need_json_and_success() {
+        let req = r#"{"cmd":"resume"}"#;
+        assert_eq!(v2_reply(br#"{"success":true}"#, req).unwrap(), r#"{"success":true}"#);
+        assert_eq!(v2_reply(br#"{"success":1, "api":2}"#, req).unwrap(), r#"{"api":2,"success":1}"#);
+        let err = v2_reply(b"this is not json", req).unwrap_err();
+        assert_eq!(err.kind, Kind::Protocol);
+        assert!(err.message.starts_with(r#"failed to decode tunnel reply 'this is not json' (command '{"cmd":"resume"}') - "#), "{}", err.message);
+        let err = v2_reply(br#"{"success":false,"msg":"VM 100 not running"}"#, req).unwrap_err();
+        assert_eq!(err.kind, Kind::Remote);
+        assert_eq!(err.message, r#"error - tunnel command '{"cmd":"resume"}' failed - VM 100 not running"#);
+        assert_eq!(v2_reply(br#"{"success":false}"#, req).unwrap_err().message, r#"error - tunnel command '{"cmd":"resume"}' failed"#);
+        assert_eq!(v2_reply(b"[1]", req).unwrap_err().kind, Kind::Protocol);
+    }
 
     #[test]
     fn greeting_distinguishes_online_no_quorum_and_strange_replies() {
