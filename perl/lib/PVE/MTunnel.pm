@@ -41,10 +41,12 @@ $ffi->attach(mtunnel_string_free => ['opaque'] => 'void');
 $ffi->attach([tunnel_open => '_tunnel_open'] => ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int');
 $ffi->attach([tunnel_wait_ready => '_tunnel_wait_ready'] => ['opaque', 'sint64'] => 'int');
 $ffi->attach([tunnel_command => '_tunnel_command'] => ['opaque', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([tunnel_read_line => '_tunnel_read_line'] => ['opaque', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([tunnel_close => '_tunnel_close'] => ['opaque', 'string'] => 'int');
 $ffi->attach([tunnel_status => '_tunnel_status'] => ['opaque', 'opaque*'] => 'int');
 $ffi->attach([tunnel_free => '_tunnel_free'] => ['opaque'] => 'void');
 $ffi->attach([qmp_migrate => '_qmp_migrate'] => ['string', 'string', 'string'] => 'int');
+$ffi->attach([qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string', 'opaque*'] => 'int');
 $ffi->attach([qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
@@ -72,17 +74,44 @@ sub _take_string {
 
 sub _decode { my ($ptr) = @_; my $s = _take_string($ptr); return defined($s) ? $json->decode($s) : undef; }
 
-# Perl hands us numbers as strings and booleans as 1/0; the library wants JSON types.
+# Perl hands us numbers as strings and booleans as 1/0; the library wants JSON types. Only
+# options that are numbers by name become numbers, and only from a plain decimal integer:
+# "1234\n" or "0042" stay strings (so the library names the bad option), and a string option
+# such as ssh_run's 'input' is never turned into a number.
+my %BOOL_OPTION = map { $_ => 1 } qw(remote_cleanup check cleanup setup);
+
+sub _numeric_option { return $_[0] =~ /(?:_ms|_s|_slots|_retries|_count_max)\z/ }
+
+# QEMU's integer and boolean migration parameters (qapi MigrationParameters); the others
+# (tls-creds, mode, …) are strings.
+my %INTEGER_PARAMETER = map { $_ => 1 } qw(announce-initial announce-max announce-rounds announce-step
+    throttle-trigger-threshold cpu-throttle-initial cpu-throttle-increment max-bandwidth
+    avail-switchover-bandwidth downtime-limit x-checkpoint-delay multifd-channels xbzrle-cache-size
+    max-postcopy-bandwidth max-cpu-throttle multifd-zlib-level multifd-qatzip-level multifd-zstd-level
+    x-vcpu-dirty-limit-period vcpu-dirty-limit compress-level compress-threads decompress-threads);
+my %BOOL_PARAMETER = map { $_ => 1 } qw(cpu-throttle-tailslow direct-io block-incremental compress-wait-thread);
+
 sub _typed {
-    my ($v, $bool) = @_;
-    return $v if ref($v);
-    return undef if !defined($v);
-    return $v ? JSON::PP::true : JSON::PP::false if $bool;
-    return 0 + $v if $v =~ /^-?\d+$/;
-    return $v;
+    my ($v, $type) = @_;
+    return $v if ref($v) || !defined($v);
+    return $v ? JSON::PP::true : JSON::PP::false if $type eq 'bool';
+    return 0 + $v if $type eq 'int' && $v =~ /\A-?(?:0|[1-9][0-9]*)\z/;
+    return "$v";
 }
 
-my %BOOL_OPTION = (remote_cleanup => 1, check => 1);
+sub _option_type {
+    my ($key) = @_;
+    return 'bool' if $BOOL_OPTION{$key};
+    return 'int' if _numeric_option($key);
+    return 'string';
+}
+
+sub _parameter_type {
+    my ($key) = @_;
+    return 'bool' if $BOOL_PARAMETER{$key};
+    return 'int' if $INTEGER_PARAMETER{$key};
+    return 'string';
+}
 
 sub _options_json {
     my (%opts) = @_;
@@ -94,7 +123,7 @@ sub _options_json {
 	} elsif (ref($v) eq 'HASH') {
 	    $out->{$k} = $v;
 	} else {
-	    $out->{$k} = _typed($v, $BOOL_OPTION{$k});
+	    $out->{$k} = _typed($v, _option_type($k));
 	}
     }
     return $json->encode($out);
@@ -140,6 +169,13 @@ sub command {
     return _take_string($reply);
 }
 
+sub read_line {
+    my ($self, %opts) = @_;
+    my $line;
+    _check(_tunnel_read_line($self->_ptr, $opts{timeout_ms} // 60_000, \$line));
+    return _take_string($line);
+}
+
 sub close {
     my ($self, %opts) = @_;
     return if !$self->{ptr};
@@ -163,15 +199,33 @@ sub DESTROY {
     _tunnel_free($ptr);
 }
 
-sub qmp_migrate {
-    my ($qmp_socket, $uri, $opts) = @_;
+# { capabilities => {...}, parameters => {...}, timeout_ms => N, setup => 0|1 } as JSON.
+sub _migrate_options_json {
+    my ($opts) = @_;
     $opts //= {};
     my %o;
-    $o{capabilities} = { map { $_ => _typed($opts->{capabilities}{$_}, 1) } keys %{$opts->{capabilities}} } if $opts->{capabilities};
-    $o{parameters} = { map { $_ => _typed($opts->{parameters}{$_}) } keys %{$opts->{parameters}} } if $opts->{parameters};
-    $o{timeout_ms} = 0 + $opts->{timeout_ms} if defined $opts->{timeout_ms};
-    _check(_qmp_migrate($qmp_socket, $uri, $json->encode(\%o)));
+    if (my $caps = $opts->{capabilities}) {
+	$o{capabilities} = { map { $_ => _typed($caps->{$_}, 'bool') } keys %$caps };
+    }
+    if (my $params = $opts->{parameters}) {
+	$o{parameters} = { map { $_ => _typed($params->{$_}, _parameter_type($_)) } keys %$params };
+    }
+    $o{timeout_ms} = _typed($opts->{timeout_ms}, 'int') if defined $opts->{timeout_ms};
+    $o{setup} = _typed($opts->{setup}, 'bool') if defined $opts->{setup};
+    return $json->encode(\%o);
+}
+
+sub qmp_migrate {
+    my ($qmp_socket, $uri, $opts) = @_;
+    _check(_qmp_migrate($qmp_socket, $uri, _migrate_options_json($opts)));
     return;
+}
+
+sub qmp_migrate_setup {
+    my ($qmp_socket, $opts) = @_;
+    my $out;
+    _check(_qmp_migrate_setup($qmp_socket, _migrate_options_json($opts), \$out));
+    return _decode($out);
 }
 
 sub qmp_query_migrate {

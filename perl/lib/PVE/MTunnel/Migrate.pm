@@ -17,6 +17,9 @@ use PVE::MTunnel;
 # running, so a status added by a newer QEMU does not abort a migration.
 my %FINAL = map { $_ => 1 } qw(completed failed cancelled);
 
+# QEMU's largest downtime-limit (2000 s); PVE never doubles past it.
+my $MAX_DOWNTIME_MS = 2000 * 1000;
+
 sub new {
     my ($class, %param) = @_;
     for my $k (qw(vmid node target ssh)) {
@@ -27,9 +30,18 @@ sub new {
     my $self = bless {
 	qm => ['qm'],
 	socket_dir => '/run/qemu-server',
+	# as PVE's set_migration_caps: these on, every other capability off
 	capabilities => { 'auto-converge' => 1, xbzrle => 1 },
 	parameters => {},
 	downtime_ms => 100,
+	# KiB/s, as PVE's bwlimit; undef = no limit (max-bandwidth 16 GiB/s)
+	bwlimit => undef,
+	# qm start's --machine: default is the machine type the source QEMU runs, as PVE's
+	# forcemachine; --force-cpu, --targetstorage and a spice ticket (sent on stdin) if given
+	machine => undef,
+	force_cpu => undef,
+	targetstorage => undef,
+	spice_ticket => undef,
 	poll_interval_ms => 1000,
 	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
 	stall_timeout_ms => 60_000,
@@ -52,18 +64,31 @@ sub log {
     }
 }
 
+# As PVE::Format::render_bytes($v, 1): "25.6 MiB", "0.0 B".
 sub render_bytes {
     my ($v) = @_;
-    my @units = qw(B KiB MiB GiB TiB);
-    my $i = 0;
-    while ($v >= 1024 && $i < $#units) { $v /= 1024; $i++ }
-    return $i == 0 ? "$v B" : sprintf("%.1f %s", $v, $units[$i]);
+    my @units = qw(B KiB MiB GiB TiB PiB);
+    my $i = $v > 1023 ? int(log($v) / log(1024)) : 0;
+    $i = $#units if $i > $#units;
+    return sprintf("%.1f %s", $v / 1024**$i, $units[$i]);
+}
+
+# The machine type the source QEMU runs, for the target's --machine: Proxmox's QEMU marks it
+# 'is-current' in query-machines; a stock QEMU names it in the QOM type of /machine.
+sub current_machine {
+    my ($self) = @_;
+    my $machines = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-machines');
+    my ($current) = grep { $_->{'is-current'} } @$machines;
+    return $current->{name} if $current;
+    my $type = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'qom-get', { path => '/machine', property => 'type' });
+    die "cannot tell which machine type VM $self->{vmid} runs ('$type')\n" if !defined($type) || $type !~ /^([A-Za-z0-9_.,+-]+)-machine$/;
+    return $1;
 }
 
 sub remote {
-    my ($self, @cmd) = @_;
-    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @cmd], timeout_ms => 120_000,
-	%{$self->{ssh_options}});
+    my ($self, $cmd, %opts) = @_;
+    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @$cmd], timeout_ms => 120_000,
+	%{$self->{ssh_options}}, %opts);
 }
 
 sub migrate {
@@ -81,16 +106,33 @@ sub migrate {
     return $self;
 }
 
-sub phase2 {
+# As QemuMigrate.pm phase2_start_local_cluster: the target's `qm start`, with upstream's
+# options and stdin lines (secrets on stdin, never argv).
+sub start_target {
     my ($self) = @_;
     my ($vmid, $node) = @$self{qw(vmid node)};
+    my @cmd = ('start', $vmid, '--skiplock', '--migratedfrom', $node, '--migration_type', 'secure', '--stateuri', 'unix');
+    push @cmd, '--machine', $self->{machine} // $self->current_machine();
+    push @cmd, '--force-cpu', $self->{force_cpu} if defined $self->{force_cpu};
+    push @cmd, '--targetstorage', $self->{targetstorage} if defined $self->{targetstorage};
+    # version 1: NBD over UNIX sockets
+    my $input = "nbd_protocol_version: 1\n";
+    $input .= "spice_ticket: $self->{spice_ticket}\n" if defined $self->{spice_ticket};
+    my $res = $self->remote(\@cmd, input => $input);
+    $self->log('info', "[$self->{target}] $_") for grep { length } split /\n/, $res->{stderr} // '';
+    my $listen = PVE::MTunnel::migrate_listen_parse($res->{stdout}, $vmid);
+    $self->log('info', "[$self->{target}] $_") for @{$listen->{messages}};
+    return $listen;
+}
+
+sub phase2 {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
 
     $self->log('info', "starting VM $vmid on remote node '$self->{target}'");
     # From here on the target may be running; cleanup must stop it.
     $self->{target_started} = 1;
-    my $res = $self->remote('start', $vmid, '--migratedfrom', $node, '--migration_type', 'secure', '--stateuri', 'unix');
-    my $listen = PVE::MTunnel::migrate_listen_parse($res->{stdout}, $vmid);
-    $self->log('info', "[$self->{target}] $_") for @{$listen->{messages}};
+    my $listen = $self->start_target();
     die "only UNIX socket migration is supported by this driver\n" if !$listen->{socket};
     $self->{ruri} = $listen->{uri};
 
@@ -108,17 +150,23 @@ sub phase2 {
     $self->{tunnel}->wait_ready(timeout_ms => 70_000);
     $self->{timing}{open_to_ready} = time() - $t0;
 
-    my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
-    if ($self->{capabilities}{xbzrle} && $self->{memory_mib} && !defined($params->{'xbzrle-cache-size'})) {
-	# As PVE: a tenth of guest memory, rounded down to a power of two.
-	my $cache = int($self->{memory_mib} * 1024 * 1024 / 10);
-	my $pow = 1; $pow *= 2 while $pow * 2 <= $cache;
-	$params->{'xbzrle-cache-size'} = $pow;
-    }
     $self->log('info', "starting online/live migration on $self->{ruri}");
+    my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
+    $params->{'max-bandwidth'} = int($self->{bwlimit} * 1024) if $self->{bwlimit};
+    $self->log('info', "set migration capabilities");
+    my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket}, { capabilities => $self->{capabilities}, parameters => $params });
+    my $set = $applied->{parameters};
+    $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s") if $self->{bwlimit};
+    $self->log('info', "capping downtime limit to maximum possible: $set->{'downtime-limit'} ms")
+	if $set->{'downtime-limit'} < $params->{'downtime-limit'};
+    $self->log('info', "migration downtime limit: $set->{'downtime-limit'} ms");
+    $self->log('info', "migration cachesize: " . render_bytes($set->{'xbzrle-cache-size'})) if defined $set->{'xbzrle-cache-size'};
+    $self->log('info', "set migration parameters");
+
+    $self->log('info', "start migrate command to $self->{ruri}");
     $self->{migration_started} = 1;
-    PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { capabilities => $self->{capabilities}, parameters => $params });
-    $self->wait_for_completion($params->{'downtime-limit'});
+    PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { setup => 0 });
+    $self->wait_for_completion($set->{'downtime-limit'});
 }
 
 sub wait_for_completion {
@@ -146,6 +194,8 @@ sub wait_for_completion {
 	    my $delay = time() - $start;
 	    $self->log('info', sprintf("average migration speed: %s/s - downtime %s ms",
 		render_bytes(($ram->{total} // 0) / ($delay || 1)), $stat->{downtime} // 0));
+	    $self->log('info', "migration completed, transferred " . render_bytes($ram->{transferred}) . " VM-state")
+		if $ram->{transferred};
 	    $self->log('info', "migration status: completed");
 	    return $stat;
 	}
@@ -180,9 +230,10 @@ sub wait_for_completion {
 	}
 	$downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
 	$lastrem = $rem;
-	if ($downtimecounter > 5) {
+	if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS) {
 	    $downtimecounter = 0;
 	    $downtime *= 2;
+	    $downtime = $MAX_DOWNTIME_MS if $downtime > $MAX_DOWNTIME_MS;
 	    $self->log('info', "auto-increased downtime to continue migration: $downtime ms");
 	    eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'migrate-set-parameters', { 'downtime-limit' => int($downtime) }) };
 	    $self->log('info', "migrate-set-parameters error: $@") if $@;
@@ -197,7 +248,7 @@ sub phase3 {
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     if (my $err = $@) {
 	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
-	$self->remote('resume', $vmid, '--skiplock', '--nocheck');
+	$self->remote(['resume', $vmid, '--skiplock', '--nocheck']);
     }
     # From here on the VM runs on the target; the source must never be continued.
     $self->{target_resumed} = 1;
@@ -240,7 +291,7 @@ sub phase2_cleanup {
 	$self->log('err', "resuming VM failed: $@") if $@;
     }
     if ($self->{target_started}) {
-	eval { $self->remote('stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}) };
+	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
 	if (my $err = $@) {
 	    $self->log('err', "stopping target VM failed: $err");
 	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "

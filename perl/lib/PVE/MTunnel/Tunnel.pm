@@ -1,0 +1,206 @@
+package PVE::MTunnel::Tunnel;
+
+# The ssh half of pve-guest-common's PVE::Tunnel, on libmtunnel: same functions, arguments,
+# return values and die texts, so QemuMigrate.pm switches by changing which package it calls.
+# The ssh child, its readiness, deadlines and cleanup are the library's (see the POD).
+
+use strict;
+use warnings;
+
+use JSON::PP ();
+
+use PVE::MTunnel;
+
+my $json = JSON::PP->new->canonical;
+
+# Upstream's stages: 30 s for the reply to 'quit', 30 s for ssh to exit, then TERM and KILL.
+my $QUIT_TIMEOUT_MS = 30_000;
+my $EXIT_TIMEOUT_MS = 30_000;
+
+sub _mtunnel {
+    my ($tunnel) = @_;
+    my $t = ref($tunnel) eq 'HASH' ? $tunnel->{mtunnel} : undef;
+    die "not a tunnel opened by PVE::MTunnel::Tunnel::fork_ssh_tunnel\n" if !$t;
+    return $t;
+}
+
+sub _error_is {
+    my ($name) = @_;
+    return $PVE::MTunnel::last_error_code == $PVE::MTunnel::ERROR_CODE{$name};
+}
+
+sub fork_ssh_tunnel {
+    my ($rem_ssh, $cmd, $ssh_forward_info, $log) = @_;
+
+    $log //= sub { };
+    # The library's lines come without "\n"; upstream's callers get them with one.
+    my $relay = sub {
+	my ($level, $msg) = @_;
+	$log->($level, "$msg\n") if $level ne 'debug';
+    };
+    my $t = eval {
+	PVE::MTunnel->open(
+	    ssh => $rem_ssh,
+	    command => $cmd,
+	    forwards => [@{ $ssh_forward_info // [] }],
+	    log => $relay,
+	);
+    };
+    die "can't open tunnel - $@" if $@;
+
+    # Greeting, version and every forward listening: QemuMigrate.pm's -S poll passes at once.
+    eval { $t->wait_ready() };
+    if (my $err = $@) {
+	eval { $t->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
+	$log->('warn', "closing the failed tunnel: $@") if $@;
+	die "can't open tunnel - $err";
+    }
+
+    my $status = $t->status();
+    return {
+	pid => $status->{pid},
+	version => $status->{version},
+	rem_ssh => $rem_ssh,
+	log => $log,
+	mtunnel => $t,
+    };
+}
+
+sub read_tunnel {
+    my ($tunnel, $timeout) = @_;
+
+    $timeout = 60 if !defined($timeout);
+    my $line = eval { _mtunnel($tunnel)->read_line(timeout_ms => int($timeout * 1000)) };
+    if (my $err = $@) {
+	# End of stream reads as undef, as from upstream's pipe.
+	return undef if _error_is('ssh_exited');
+	die "reading from tunnel failed: $err";
+    }
+    return $line;
+}
+
+sub write_tunnel {
+    my ($tunnel, $timeout, $command, $params) = @_;
+
+    $timeout = 60 if !defined($timeout);
+    my $t = _mtunnel($tunnel);
+    my $version = $tunnel->{version} // 0;
+
+    if ($version >= 2) {
+	my $object = defined($params) ? {%$params} : {};
+	$object->{cmd} = $command;
+	$command = eval { $json->encode($object) };
+	die "failed to encode command as JSON - $@\n" if $@;
+    }
+
+    my $reply = eval { $t->command($command, timeout_ms => int($timeout * 1000)) };
+    if (my $err = $@) {
+	# The library's texts are upstream's: "tunnel replied '…' to command '…'", "failed to
+	# decode tunnel reply '…' (command '…') - …", "error - tunnel command '…' failed - …".
+	die $err if _error_is('remote') || _error_is('protocol');
+	die "writing to tunnel failed: $err" if _error_is('closed') || _error_is('invalid_argument');
+	die "no reply to command '$command': $err";
+    }
+    return if $version < 2;
+    return $json->decode($reply);
+}
+
+sub finish_tunnel {
+    my ($tunnel, $cleanup) = @_;
+
+    my $t = _mtunnel($tunnel);
+    # Set by the caller after fork_ssh_tunnel (QemuMigrate.pm: after its -S poll). Removed on
+    # both nodes with the forwards, and only if they are sockets.
+    my $sockets = $tunnel->{unix_sockets} // [];
+    $t->close(
+	cleanup => $cleanup ? 1 : 0,
+	cleanup_sockets => [@$sockets],
+	quit_timeout_ms => $QUIT_TIMEOUT_MS,
+	exit_timeout_ms => $EXIT_TIMEOUT_MS,
+    );
+    return;
+}
+
+1;
+
+__END__
+
+=head1 NAME
+
+PVE::MTunnel::Tunnel - drop-in for the ssh half of PVE::Tunnel, on libmtunnel
+
+=head1 SYNOPSIS
+
+  use PVE::MTunnel::Tunnel;
+
+  my $tunnel = PVE::MTunnel::Tunnel::fork_ssh_tunnel(
+      $self->{rem_ssh}, ['/usr/sbin/qm', 'mtunnel'], ["$sock:$sock"], sub { $self->log(@_) });
+  $tunnel->{unix_sockets} = [$sock];
+  PVE::MTunnel::Tunnel::write_tunnel($tunnel, 30, "resume $vmid");
+  PVE::MTunnel::Tunnel::finish_tunnel($tunnel);
+
+=head1 DESCRIPTION
+
+The functions of pve-guest-common's C<PVE::Tunnel> that QemuMigrate.pm calls for an ssh
+tunnel, with the same names, arguments, return values and error texts. In QemuMigrate.pm,
+C<PVE::Tunnel::fork_ssh_tunnel> and friends become C<PVE::MTunnel::Tunnel::…>; the control
+flow stays as it is. See F<docs/qemu-server.md> for the switch and what it gains.
+
+All timeouts are seconds, as upstream's, but kept by the library with monotonic deadlines
+instead of C<alarm>: a host's own C<alarm> or signal handlers cannot cut them short or
+extend them, and no C<SIGALRM> handler is installed.
+
+=head1 FUNCTIONS
+
+=head2 fork_ssh_tunnel($rem_ssh, $cmd, $ssh_forward_info, $log)
+
+Starts C<@$rem_ssh -o ExitOnForwardFailure=yes -L LOCAL:REMOTE … @$cmd> and returns when the
+tunnel is ready: C<tunnel online> (60 s) and C<ver N> (10 s) read, and every local socket a
+listening socket held by this very ssh (never probed by connecting). C<$ssh_forward_info> is a
+list of C<"LOCAL:REMOTE"> UNIX socket pairs or single paths (may be empty or undef: a
+command-only tunnel); a TCP spec (C<PORT:localhost:PORT>) is refused, naming it. A stale
+socket at a local path is removed first; anything else there is refused and kept.
+C<$cmd> words are shell-quoted for the remote shell. C<$log> gets C<($level, "msg\n")>.
+
+Returns a hash with C<version>, C<pid> (ssh), C<rem_ssh>, C<log> and the library handle
+C<mtunnel>; there are no C<reader>/C<writer> file handles. Dies
+C<can't open tunnel - no quorum on target node>,
+C<can't open tunnel - got strange reply from tunnel ('…')>,
+C<can't open tunnel - failed to receive tunnel version string (…)>,
+C<can't open tunnel - received invalid tunnel version string '…'>, or
+C<can't open tunnel - ssh to … exit code N while waiting for 'tunnel online'; stderr: …>,
+always after stopping and reaping ssh and removing the local sockets.
+
+=head2 read_tunnel($tunnel, $timeout)
+
+Reads one line (default timeout 60 s) and returns it without its newline, or C<undef> at the
+end of the stream. Dies C<reading from tunnel failed: …> on timeout.
+
+=head2 write_tunnel($tunnel, $timeout, $command, $params)
+
+Protocol v1: sends C<$command> and returns nothing if the reply is C<OK>, else dies
+C<tunnel replied '…' to command '…'>. Protocol v2: sends C<{cmd =E<gt> $command, %$params}>
+as JSON and returns the decoded reply if its C<success> is true, else dies
+C<error - tunnel command '…' failed - MSG>, or C<failed to decode tunnel reply '…' (command
+'…') - …> for a reply that is not JSON. Without a reply within C<$timeout> seconds (default
+60) it dies C<no reply to command '…': …>, naming the command; ssh's exit is reported the
+same way, with its stderr.
+
+=head2 finish_tunnel($tunnel, $cleanup)
+
+Sends C<quit> (v2: with C<cleanup>) and waits 30 s for the reply, closes ssh's input, waits
+30 s for it to exit, then SIGTERM and SIGKILL, and reaps it. Then removes the forwarded
+sockets and the paths in C<< $tunnel->{unix_sockets} >> on this node and on the target. Only
+sockets are removed: a regular file, directory or symlink at such a path is kept and named in
+the error, as is a path outside F</run/qemu-server/VMID[_nbd].migrate>. Everything is done
+even when a stage fails; then it dies with the first failure. Calling it again does nothing.
+
+=head1 DIFFERENCES FROM PVE::Tunnel
+
+Deadlines instead of C<alarm>; a forward that is not proven listening is an error (upstream
+left that to the caller's C<-S> poll, which a stale file from a crashed run passes); sockets
+are removed only if they are sockets, and the forwards are removed even when the caller never
+set C<unix_sockets>; TCP forwards are refused; ssh's stderr tail is part of every error; the
+websocket functions (C<fork_websocket_tunnel>, C<forward_unix_socket>) are not provided.
+
+=cut
