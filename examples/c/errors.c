@@ -39,11 +39,17 @@ int main(void)
     expect(t == NULL, 1, "no handle was written on failure", NULL);
     expect(tunnel_wait_ready(NULL, 0), MTUNNEL_ERR_INVALID_ARGUMENT, "wait_ready(NULL) is refused", "tunnel is NULL");
     expect(tunnel_command(NULL, "quit", 0, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "command(NULL) is refused", "tunnel is NULL");
+    expect(tunnel_read_line(NULL, 0, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "read_line(NULL) is refused", "tunnel is NULL");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"forwards\": [\"60000:localhost:60000\"]}", NULL, NULL, &t),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "a TCP forward is refused, naming it", "unsupported forward '60000:localhost:60000'");
     expect(tunnel_close(NULL, NULL), MTUNNEL_OK, "close(NULL) is a no-op", NULL);
     tunnel_free(NULL);
     mtunnel_string_free(NULL);
     expect(qmp_migrate(NULL, "unix:/x", NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_migrate(NULL socket) is refused", "qmp_socket is NULL");
     expect(qmp_migrate("/nonexistent/100.qmp", "exec:rm -rf /", NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "an exec: URI is refused", "invalid migration URI");
+    expect(qmp_migrate_setup(NULL, NULL, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_migrate_setup(NULL socket) is refused", "qmp_socket is NULL");
+    expect(qmp_migrate_setup("/nonexistent/100.qmp", "{\"capabilities\": {\"xbzrle\": 1}}", &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "a capability that is not a boolean is refused", "capability 'xbzrle' must be true or false");
     expect(qmp_query_migrate("/nonexistent/100.qmp", 1000, &out), MTUNNEL_ERR_IO, "a missing QMP socket is named", "does not exist");
     expect(out == NULL, 1, "no output was written on failure", NULL);
     expect(migrate_listen_parse("garbage\n", "100", &out), MTUNNEL_ERR_PROTOCOL, "output without an address is refused",

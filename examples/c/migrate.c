@@ -4,9 +4,11 @@
  *   migrate VMID SOURCE_NODE SSH_PREFIX_FILE
  *
  * SSH_PREFIX_FILE holds the ssh argv prefix, one element per line, `user@host` last. The
- * program starts the target with `qm start VMID --migratedfrom SOURCE_NODE` over ssh, opens the
- * tunnel, waits until it is ready, runs qmp_migrate, polls query-migrate until completed,
- * resumes the VM on the target through the tunnel, closes the tunnel and stops the source.
+ * program starts the target with `qm start VMID --skiplock --migratedfrom SOURCE_NODE
+ * --migration_type secure --stateuri unix` over ssh (`nbd_protocol_version: 1` on its stdin, as
+ * Proxmox VE does), opens the tunnel, waits until it is ready, runs qmp_migrate, polls
+ * query-migrate until completed, resumes the VM on the target through the tunnel, closes the
+ * tunnel and stops the source.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,9 +132,10 @@ int main(int argc, char **argv)
     /* phase 2: start the target and learn where it listens */
     snprintf(opts, sizeof opts, "{\"ssh\":%s,\"command\":[\"qm\",\"start\",", prefix);
     json_string(opts, sizeof opts, vmid);
-    strncat(opts, ",\"--migratedfrom\",", sizeof opts - strlen(opts) - 1);
+    strncat(opts, ",\"--skiplock\",\"--migratedfrom\",", sizeof opts - strlen(opts) - 1);
     json_string(opts, sizeof opts, node);
-    strncat(opts, "]}", sizeof opts - strlen(opts) - 1);
+    strncat(opts, ",\"--migration_type\",\"secure\",\"--stateuri\",\"unix\"],\"input\":\"nbd_protocol_version: 1\\n\"}",
+            sizeof opts - strlen(opts) - 1);
     if (ssh_run(opts, &result) != MTUNNEL_OK)
         FAIL("starting the target VM");
     {
