@@ -113,12 +113,14 @@ sub error_like {
 }
 
 {
-    # Remote cleanup on close removes a stale socket on the target, and only a socket.
+    # Remote cleanup on close removes a stale socket on the target, and only a socket; the
+    # regular file it keeps is named in close's error.
     $lab->run_ok('node2', 'perl', '-MIO::Socket::UNIX', '-e', 'IO::Socket::UNIX->new(Local => "/run/qemu-server/100.migrate", Listen => 1) or die');
     $lab->run_ok('node2', 'sh', '-c', 'echo canary > /run/qemu-server/101.migrate');
     my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock, '/run/qemu-server/101.migrate']);
     $t->wait_ready(timeout_ms => 30_000);
-    $t->close;
+    error_like(sub { $t->close }, qr/^refusing to remove '\/run\/qemu-server\/101\.migrate' on root\@198\.18\.0\.2: not a socket \(kept\)$/,
+	'invalid_argument', 'close names the remote regular file it kept');
     is_deeply([$lab->socket_files('node2')], ['/run/qemu-server/101.migrate'], 'close removed the stale remote socket and kept the regular file');
     is(scalar($lab->run_ok('node2', 'cat', '/run/qemu-server/101.migrate')), "canary\n", 'the remote regular file is untouched');
     $lab->run_ok('node2', 'rm', '/run/qemu-server/101.migrate');

@@ -55,12 +55,13 @@ sub new {
     return $self;
 }
 
-# PVE's task log style: "2026-11-26 23:00:00 message".
+# PVE's task log style: "2026-11-26 23:00:00 message", "… ERROR: message" for errors.
 sub log {
     my ($self, $level, $msg) = @_;
     chomp $msg;
+    my $prefix = strftime("%F %H:%M:%S", localtime) . ($level eq 'err' ? ' ERROR:' : '');
     for my $line (split /\n/, $msg) {
-	$self->{log}->($level, strftime("%F %H:%M:%S", localtime) . " $line");
+	$self->{log}->($level, "$prefix $line");
     }
 }
 

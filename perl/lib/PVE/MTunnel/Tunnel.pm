@@ -17,6 +17,35 @@ my $json = JSON::PP->new->canonical;
 my $QUIT_TIMEOUT_MS = 30_000;
 my $EXIT_TIMEOUT_MS = 30_000;
 
+# `use PVE::MTunnel::Tunnel ':pve-tunnel';` — the one-line switch: PVE::Tunnel's ssh functions
+# run here; a tunnel this package did not open (a websocket tunnel) still goes to upstream's.
+sub import {
+    my ($class, @tags) = @_;
+    for my $tag (@tags) {
+	die "PVE::MTunnel::Tunnel: unknown import '$tag' (known: ':pve-tunnel')\n" if $tag ne ':pve-tunnel';
+	_take_over_pve_tunnel();
+    }
+}
+
+my %upstream;
+
+sub _take_over_pve_tunnel {
+    return if %upstream;
+    eval { require PVE::Tunnel; 1 } or die "PVE::MTunnel::Tunnel: PVE::Tunnel (pve-guest-common) cannot be loaded: $@";
+    no strict 'refs';
+    no warnings 'redefine';
+    for my $name (qw(fork_ssh_tunnel read_tunnel write_tunnel finish_tunnel)) {
+	my $ours = \&{"PVE::MTunnel::Tunnel::$name"};
+	$upstream{$name} = \&{"PVE::Tunnel::$name"};
+	*{"PVE::Tunnel::$name"} = $name eq 'fork_ssh_tunnel' ? $ours : sub {
+	    my ($tunnel) = @_;
+	    goto &$ours if ref($tunnel) eq 'HASH' && $tunnel->{mtunnel};
+	    goto &{ $upstream{$name} };
+	};
+    }
+    return;
+}
+
 sub _mtunnel {
     my ($tunnel) = @_;
     my $t = ref($tunnel) eq 'HASH' ? $tunnel->{mtunnel} : undef;
@@ -149,6 +178,16 @@ flow stays as it is. See F<docs/qemu-server.md> for the switch and what it gains
 All timeouts are seconds, as upstream's, but kept by the library with monotonic deadlines
 instead of C<alarm>: a host's own C<alarm> or signal handlers cannot cut them short or
 extend them, and no C<SIGALRM> handler is installed.
+
+To switch QemuMigrate.pm with one line, put
+
+  use PVE::MTunnel::Tunnel ':pve-tunnel';
+
+after its C<use PVE::Tunnel;>: C<PVE::Tunnel::fork_ssh_tunnel> then opens tunnels through
+the library, and C<PVE::Tunnel::read_tunnel>, C<write_tunnel> and C<finish_tunnel> handle
+them here; a tunnel this package did not open (a websocket tunnel of a remote migration) is
+passed on to upstream's functions unchanged. Calling C<PVE::MTunnel::Tunnel::…> by name
+instead does the same without touching C<PVE::Tunnel>.
 
 =head1 FUNCTIONS
 
