@@ -287,4 +287,40 @@ PVE::MTunnel - ssh UNIX-socket migration tunnel and QMP calls for QemuMigrate-st
 Every failure dies with a message ending in "\n"; C<$PVE::MTunnel::last_error_code> holds the
 library's result code. Timeouts are in milliseconds (C<timeout_ms>).
 
+=head1 METHODS AND FUNCTIONS
+
+=over
+
+=item C<< PVE::MTunnel->open(ssh => \@rem_ssh, forwards => [...], command => [...], log => $cb, %opts) >>
+
+Class method: starts ssh. A forward is one socket path (the same on both nodes) or
+C<"LOCAL:REMOTE">; TCP forwards are refused. Options that are numbers by name (C<*_ms>,
+C<*_s>, C<*_slots>, C<*_retries>, C<*_count_max>) must be plain integers; every other scalar
+is passed as a string.
+
+=item C<< $t->wait_ready(timeout_ms => N) >>, C<< $t->command($cmd, timeout_ms => N) >>, C<< $t->read_line(timeout_ms => N) >>
+
+Method: readiness (greeting and every forward listening); one command (protocol v1: C<OK>;
+v2: a JSON object or a bare command name, returns the JSON reply); the next line from the
+remote.
+
+=item C<< $t->close(%opts) >>
+
+Method: staged close; C<cleanup> (v2 C<quit>), C<cleanup_sockets> (more socket paths removed
+on both nodes, sockets only), C<quit_timeout_ms>, C<exit_timeout_ms>, C<remote_cleanup>.
+
+=item C<qmp_migrate_setup($qmp_socket, { capabilities => {...}, parameters => {...} })>
+
+Function: capabilities as Proxmox VE's C<set_migration_caps> (the ones named true on, every
+other one off) and parameters as its phase 2 (C<max-bandwidth> 16 GiB/s unless given,
+C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what was applied.
+
+=item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
+
+Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
+
+=back
+
+For QemuMigrate.pm's own tunnel functions see L<PVE::MTunnel::Tunnel>.
+
 =cut
