@@ -154,6 +154,8 @@ sub finish_tunnel {
 
 __END__
 
+=encoding utf8
+
 =head1 NAME
 
 PVE::MTunnel::Tunnel - drop-in for the ssh half of PVE::Tunnel, on libmtunnel
