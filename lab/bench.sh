@@ -7,13 +7,17 @@ export MTUNNEL_LAB=${MTUNNEL_LAB:-bench}
 LAB=/run/mtunnel-lab/$MTUNNEL_LAB
 trap '"$LABSH" down >/dev/null 2>&1 || true' EXIT
 "$LABSH" up 2 >/dev/null
+conf() {   # conf VMID LINE... : written to a temp file of ours and renamed
+    local f=$LAB/pve/qemu-server/$1.conf; shift
+    rm -f "$f.tmp.$$"; printf '%s\n' "$@" >"$f.tmp.$$" && mv -f "$f.tmp.$$" "$f"
+}
 echo "== mtunnel bench ($(date -u +%FT%TZ), $(nproc) cores, accel $(. "$LAB/env"; echo "${LAB_ACCEL:-auto}"))"
 
 echo "-- tunnel"
 "$LABSH" exec node1 "$TOP/lab/bench-tunnel"
 
 echo "-- one migration, 256 MiB guest that keeps dirtying memory"
-printf 'memory: 256\n' >"$LAB/pve/qemu-server/100.conf"
+conf 100 'memory: 256'
 "$LABSH" exec node1 qm start 100 >/dev/null
 "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 100 >/dev/null
 out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 100 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 256)
@@ -24,7 +28,7 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
-for v in 500 501; do printf 'memory: 1024\nguest: idle\n' >"$LAB/pve/qemu-server/$v.conf"; done
+for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
 fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }
 mibps() { awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
     ms = v["qemu_total_ms"] ? v["qemu_total_ms"] : v["total_ms"]; printf "%.0f MiB/s (%d ms)", v["transferred"] / ms * 1000 / 1048576, ms }'; }
@@ -39,7 +43,9 @@ for c in default ssh-default; do
     eval "tun_$(echo $c | tr - _)=\"$(mibps "$t")\""
 done
 fresh_source
-"$LABSH" exec node1 qm start 501 --migratedfrom node1 >/dev/null
+# an incoming target as QemuMigrate starts it (qm reads the stdin lines until EOF)
+echo 'nbd_protocol_version: 1' | "$LABSH" exec node1 qm start 501 --skiplock --migratedfrom node1 \
+    --migration_type secure --stateuri unix >/dev/null
 loc=$(mibps "$("$LABSH" exec node1 "$TOP/lab/bench-local-migrate" 500 501)")
 "$LABSH" exec node1 qm stop 500 >/dev/null; "$LABSH" exec node1 qm stop 501 >/dev/null
 echo "  tunnel, library ciphers (AES-GCM first if the CPU has AES): $tun_default"

@@ -14,8 +14,9 @@
 # Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24,
 # all veths on a bridge in namespace mtl-NAME-br; a persistent mount namespace
 # ($LAB/node$i/mnt) with private tmpfs on /run/qemu-server and /usr/local/sbin
-# (wrappers qm, qmp, guest-check); an sshd on 198.18.0.$i:22 with the lab's own
-# config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
+# (wrappers qm, qmp, guest-check) and a read-only overlay on /usr/sbin that adds
+# /usr/sbin/qm (PVE runs `/usr/sbin/qm mtunnel`); an sshd on 198.18.0.$i:22 with the
+# lab's own config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
 # lab's namespaces; addresses are from 198.18.0.0/15 only.
 
 set -euo pipefail
@@ -296,6 +297,13 @@ for t in qm qmp guest-check; do
         "$LAB" "$i" "$SRC" "$t" > "$s/$t"
     chmod 0755 "$s/$t"
 done
+# PVE runs the tunnel as /usr/sbin/qm: the same wrapper there, by a read-only overlay of
+# /usr/sbin in this namespace (two lower layers, no upper): nothing is written to the host
+u=$LAB/node$i/.usrsbin
+mkdir -p "$u"
+mount -t tmpfs -o mode=0755,size=1m mtl-usrsbin "$u"
+cp -p "$s/qm" "$u/qm"
+mount -t overlay -o "lowerdir=$u:/usr/sbin" mtl-usr-sbin /usr/sbin
 mount --move "$s" /usr/local/sbin
 '
 
@@ -341,7 +349,7 @@ cmd_up() {
 
     ensure_base
     mkdir -m 0700 "$LAB"
-    mkdir -p "$LAB/pve/qemu-server"
+    mkdir -p "$LAB/pve/qemu-server" "$LAB/pve/lock"
 
     # guest image: the boot sector in a 1 MiB raw disk
     nasm -f bin -o "$LAB/guest.bin" "$LAB_SRC/guest/guest.asm"
@@ -369,6 +377,7 @@ cmd_up() {
         ns=$(ns_node "$i")
         ipaddr=$(ip_node "$i")
         mkdir "$LAB/node$i"
+        : >"$LAB/node$i/qm-start.log"    # one line per qm start on the node (lab/qm)
         ip netns add "$ns"
         no_ipv6 "$ns"
         ip -n "$ns" link set lo up
@@ -414,6 +423,9 @@ cmd_up() {
             echo "LAB_node${i}_MNT=$LAB/node$i/mnt"
         done
     } >"$LAB/env"
+
+    # the nodes' /usr/sbin overlay is theirs alone: the host never gets our qm
+    ! grep -qs MTUNNEL_LAB_DIR /usr/sbin/qm || die "/usr/sbin/qm of the lab is visible on the host"
 
     # checks: ping every node from node1, then wait until every sshd accepts
     for i in $(seq 2 "$n"); do

@@ -1,8 +1,9 @@
 #!/bin/bash
 # Smoke test of the lab itself: a manual PVE-style live migration of a 256 MiB
 # guest from node1 to node2 through a plain OpenSSH UNIX-socket tunnel to
-# `qm mtunnel` (no mtunnel library involved), then the memory pattern check
-# and a full teardown check.
+# `/usr/sbin/qm mtunnel` (no mtunnel library involved), with the config locked
+# (lock: migrate) as PVE's source holds it, then the memory pattern check and a
+# full teardown check.
 #
 #   lab/smoke.sh                 (MTUNNEL_LAB defaults to "smoke" here)
 #   SMOKE_ACCEL=tcg lab/smoke.sh (run the VMs under TCG instead of KVM)
@@ -38,6 +39,11 @@ bail() {
     exit 1
 }
 x() { "$LABSH" exec "$@"; }
+conf() {   # conf LINE... : the VM config, written to a temp file of ours and renamed
+    rm -f "$LAB/pve/qemu-server/$VMID.conf.tmp.$$"
+    printf '%s\n' "$@" >"$LAB/pve/qemu-server/$VMID.conf.tmp.$$"
+    mv -f "$LAB/pve/qemu-server/$VMID.conf.tmp.$$" "$LAB/pve/qemu-server/$VMID.conf"
+}
 jq_perl() { perl -MJSON::PP -0777 -e 'my $d = decode_json(<STDIN>); for (split /\./, shift) { $d = ref $d eq "HASH" ? $d->{$_} : undef } print defined $d ? $d : "", "\n"' "$1"; }
 
 no_lab_procs() {   # no process mentions $LAB/ in its argv (pure bash: no grep matching itself)
@@ -70,6 +76,8 @@ t=$(now)
 T_UP=$(since "$t")
 ok "lab up (${T_UP}s)"
 [ -f "$LAB/env" ] || bail "no $LAB/env"
+check "node2: /usr/sbin/qm is the lab's qm" sh -c "'$LABSH' exec node2 /usr/sbin/qm mtunnel </dev/null | grep -qx 'ver 1'"
+check "host: /usr/sbin/qm of the lab not visible" sh -c "! grep -qs MTUNNEL_LAB_DIR /usr/sbin/qm"
 mapfile -t PREFIX2 <"$LAB/ssh_prefix_node2"
 
 check "guest-check --self-test detects broken patterns" \
@@ -77,7 +85,7 @@ check "guest-check --self-test detects broken patterns" \
 tail -1 /tmp/smoke-selftest.$$; rm -f /tmp/smoke-selftest.$$
 
 # --- VM on node1
-echo "memory: $MEM" >"$LAB/pve/qemu-server/$VMID.conf"
+conf "memory: $MEM"
 t=$(now)
 x node1 qm start $VMID || bail "qm start $VMID on node1"
 T_START=$(since "$t")
@@ -91,13 +99,21 @@ T_BOOT=$(since "$t")
 ok "node1: guest loop runs (boot ${T_BOOT}s after qm start returned in ${T_START}s)"
 check "node1: qm start refuses a running VM" sh -c "! '$LABSH' exec node1 qm start $VMID 2>/dev/null"
 
-# --- target: qm start --migratedfrom
+# --- target: qm start --migratedfrom, as QemuMigrate runs it (config locked by the source,
+# migration parameters on stdin)
+conf "memory: $MEM" "lock: migrate"
+check "node2: qm start refuses the locked config without --skiplock" \
+    sh -c "'$LABSH' exec node2 qm start $VMID </dev/null 2>&1 | grep -qx 'VM is locked (migrate)'"
 t=$(now)
-out=$(x node2 qm start $VMID --migratedfrom node1 --migration_type secure --stateuri unix) ||
+out=$(printf 'nbd_protocol_version: 1\n' | x node2 qm start $VMID --skiplock --migratedfrom node1 \
+    --migration_type secure --stateuri unix) ||
     bail "qm start --migratedfrom on node2"
 T_TSTART=$(since "$t")
 echo "    node2: $out"
 check "node2: prints the listens line" test "$out" = "migration listens on unix:$SOCK"
+check "node2: qm-start.log records the start and its stdin" \
+    grep -qx "start $VMID args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix stdin=nbd_protocol_version:1" \
+    "$LAB/node2/qm-start.log"
 check "node2: incoming socket exists at once" x node2 test -S "$SOCK"
 check "node1: no socket yet at $SOCK (separate /run/qemu-server)" x node1 test ! -e "$SOCK"
 st=$(x node2 qm status $VMID --verbose)
@@ -106,7 +122,7 @@ check "node2: qmpstatus inmigrate" grep -qx 'qmpstatus: inmigrate' <<<"$st"
 # --- the tunnel: plain OpenSSH, as PVE does it
 t=$(now)
 coproc TUN { exec "$LABSH" exec node1 "${PREFIX2[@]}" -o ExitOnForwardFailure=yes \
-    -L "$SOCK:$SOCK" qm mtunnel 2>/tmp/smoke-tunnel.$$; }
+    -L "$SOCK:$SOCK" /usr/sbin/qm mtunnel 2>/tmp/smoke-tunnel.$$; }
 SSH_PID=$TUN_PID
 exec {TIN}>&"${TUN[1]}" {TOUT}<&"${TUN[0]}"
 read_tun() {   # read_tun VAR TIMEOUT
@@ -166,7 +182,9 @@ check "node2: status running" grep -qx 'status: running' <<<"$st"
 check "node2: qmpstatus running" grep -qx 'qmpstatus: running' <<<"$st"
 st=$(x node1 qm status $VMID --verbose)
 check "node1: source qmpstatus postmigrate" grep -qx 'qmpstatus: postmigrate' <<<"$st"
-x node1 qm stop $VMID || fail "qm stop on node1"
+x node1 qm stop $VMID --skiplock || fail "qm stop on node1"
+x node2 qm unlock $VMID || fail "qm unlock on node2"
+check "qm unlock removed the lock" sh -c "! grep -q '^lock:' '$LAB/pve/qemu-server/$VMID.conf'"
 check "node1: status stopped" test "$(x node1 qm status $VMID)" = "status: stopped"
 check "node1: no QEMU left" sh -c "! ls '$LAB'/node1/qemu-*.pid >/dev/null 2>&1"
 x node1 test -e "$SOCK" && echo "    note: ssh left $SOCK behind on node1 (expected: OpenSSH does not unlink it)"
@@ -186,6 +204,7 @@ ok "lab down (${T_DOWN}s)"
 check "no lab netns left" sh -c "! ip netns list | grep -q '^mtl-$MTUNNEL_LAB-'"
 check "no lab processes left (sshd, qemu)" no_lab_procs
 check "no $LAB left" test ! -e "$LAB"
+check "nothing of the lab mounted" sh -c "! awk '{print \$5}' /proc/self/mountinfo | grep -q '^$LAB'"
 check "lab down is idempotent" "$LABSH" down
 
 trap - EXIT
