@@ -30,6 +30,11 @@ like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ssh tunnel ver 1$/m, 'task log sho
 like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d starting online\/live migration on unix:\/run\/qemu-server\/$vmid\.migrate$/m,
     'task log shows the migration URI');
 like($out, qr/migration status: completed$/m, 'migration completed');
+like(MTunnelLab::slurp($lab->dir . '/node2/qm-start.log'),
+    qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix --machine pc-\S+ stdin=nbd_protocol_version:1$/m,
+    'the target was started as upstream does: --skiplock, --stateuri, the source\'s machine type, nbd_protocol_version on stdin');
+like($out, qr/^\S+ \S+ migration downtime limit: 100 ms\n\S+ \S+ migration cachesize: 32\.0 MiB\n\S+ \S+ set migration parameters$/m,
+    'parameters logged as upstream: downtime limit, xbzrle cache of a tenth of 256 MiB rounded up');
 like($out, qr/^TASK OK$/m, 'task OK');
 my ($timing) = $out =~ /^(TIMING .*)$/m;
 diag($timing // 'no timing line');

@@ -74,7 +74,8 @@ pub fn v2_reply(line: &[u8], request: &str) -> Result<String> {
     if success {
         return Ok(value.to_string());
     }
-    match value.get("msg").and_then(Value::as_str) {
+    // PVE's messages often end in the newline of a Perl die.
+    match value.get("msg").and_then(Value::as_str).map(str::trim_end) {
         Some(msg) => Err(Error::new(Kind::Remote, format!("error - tunnel command '{request}' failed - {}", printable(msg.as_bytes(), 500)))),
         None => Err(Error::new(Kind::Remote, format!("error - tunnel command '{request}' failed"))),
     }
@@ -105,6 +106,8 @@ mod tests {
         assert_eq!(err.kind, Kind::Remote);
         assert_eq!(err.message, r#"error - tunnel command '{"cmd":"resume"}' failed - VM 100 not running"#);
         assert_eq!(v2_reply(br#"{"success":false}"#, req).unwrap_err().message, r#"error - tunnel command '{"cmd":"resume"}' failed"#);
+        let err = v2_reply(br#"{"success":false,"msg":"failed to handle 'resume' command - VM 100 not running\n"}"#, req).unwrap_err();
+        assert!(err.message.ends_with("VM 100 not running"), "the trailing newline of a Perl die is dropped: {}", err.message);
         assert_eq!(v2_reply(b"[1]", req).unwrap_err().kind, Kind::Protocol);
     }
 
