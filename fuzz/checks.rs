@@ -71,7 +71,9 @@ pub const OPEN_FINDINGS: &[&str] = &[];
 
 /// Runs the QMP stream decoder over one input.
 pub fn qmp_stream(data: &[u8]) {
-    let [limit, pattern, stream @ ..] = data else { return };
+    let [limit, pattern, stream @ ..] = data else {
+        return;
+    };
     let max_line = 8 + 4 * *limit as usize;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(*pattern).wrapping_mul(0x0100_0000_01b3);
     let mut dec = LineDecoder::new(max_line);
@@ -81,7 +83,11 @@ pub fn qmp_stream(data: &[u8]) {
     while !rest.is_empty() {
         let r = xorshift(&mut rng);
         // Mostly short reads (1..=24 bytes), sometimes a big one, as a socket delivers them.
-        let n = if r & 7 == 0 { 1 + (r >> 8) as usize % 4096 } else { 1 + (r >> 8) as usize % 24 };
+        let n = if r & 7 == 0 {
+            1 + (r >> 8) as usize % 4096
+        } else {
+            1 + (r >> 8) as usize % 24
+        };
         let (chunk, tail) = rest.split_at(n.min(rest.len()));
         dec.buffer().extend_from_slice(chunk);
         rest = tail;
@@ -92,11 +98,23 @@ pub fn qmp_stream(data: &[u8]) {
     if !refused {
         let mut segments: Vec<&[u8]> = stream.split(|&b| b == b'\n').collect();
         let last = segments.pop().unwrap_or_default();
-        assert_eq!(lines.len(), segments.len(), "line count differs from the number of newlines");
+        assert_eq!(
+            lines.len(),
+            segments.len(),
+            "line count differs from the number of newlines"
+        );
         for (line, seg) in lines.iter().zip(segments) {
-            assert_eq!(line.as_slice(), seg.strip_suffix(b"\r").unwrap_or(seg), "line differs from the stream");
+            assert_eq!(
+                line.as_slice(),
+                seg.strip_suffix(b"\r").unwrap_or(seg),
+                "line differs from the stream"
+            );
         }
-        assert_eq!(dec.pending(), last, "pending bytes differ from the unterminated tail");
+        assert_eq!(
+            dec.pending(),
+            last,
+            "pending bytes differ from the unterminated tail"
+        );
     }
     for line in &lines {
         // Qmp::read skips blank lines and decodes the rest.
@@ -114,31 +132,63 @@ fn xorshift(s: &mut u64) -> u64 {
 }
 
 /// Calls `next_line` until it has nothing more, checking each answer against the buffer.
-fn drain_lines(dec: &mut LineDecoder, max_line: usize, lines: &mut Vec<Vec<u8>>, refused: &mut bool) {
+fn drain_lines(
+    dec: &mut LineDecoder,
+    max_line: usize,
+    lines: &mut Vec<Vec<u8>>,
+    refused: &mut bool,
+) {
     loop {
         let before = dec.pending().to_vec();
         let newline = before.iter().position(|&b| b == b'\n');
         match dec.next_line() {
             Ok(Some(line)) => {
-                let pos = newline.expect("next_line returned a line although no newline is buffered");
-                assert!(pos <= max_line, "line of {pos} bytes accepted with limit {max_line}");
+                let pos =
+                    newline.expect("next_line returned a line although no newline is buffered");
+                assert!(
+                    pos <= max_line,
+                    "line of {pos} bytes accepted with limit {max_line}"
+                );
                 let raw = &before[..pos];
-                assert_eq!(line.as_slice(), raw.strip_suffix(b"\r").unwrap_or(raw), "line is not the buffered bytes");
+                assert_eq!(
+                    line.as_slice(),
+                    raw.strip_suffix(b"\r").unwrap_or(raw),
+                    "line is not the buffered bytes"
+                );
                 assert!(!line.contains(&b'\n'));
-                assert_eq!(dec.pending(), &before[pos + 1..], "bytes after the line were not kept");
+                assert_eq!(
+                    dec.pending(),
+                    &before[pos + 1..],
+                    "bytes after the line were not kept"
+                );
                 lines.push(line);
             }
             Ok(None) => {
                 assert!(newline.is_none(), "a buffered line was not returned");
-                assert!(before.len() <= max_line, "{} bytes buffered without newline, limit {max_line}", before.len());
-                assert_eq!(dec.pending(), &before[..], "next_line changed the buffer without returning a line");
+                assert!(
+                    before.len() <= max_line,
+                    "{} bytes buffered without newline, limit {max_line}",
+                    before.len()
+                );
+                assert_eq!(
+                    dec.pending(),
+                    &before[..],
+                    "next_line changed the buffer without returning a line"
+                );
                 return;
             }
             Err(e) => {
                 assert_eq!(e.kind, Kind::Protocol, "{}", e.message);
                 let overlong = newline.map_or(before.len() > max_line, |pos| pos > max_line);
-                assert!(overlong, "line refused although it fits the limit {max_line}: {}", e.message);
-                assert!(dec.pending().is_empty(), "an overlong line must not stay buffered");
+                assert!(
+                    overlong,
+                    "line refused although it fits the limit {max_line}: {}",
+                    e.message
+                );
+                assert!(
+                    dec.pending().is_empty(),
+                    "an overlong line must not stay buffered"
+                );
                 assert_printable(&e.message, "LineDecoder");
                 *refused = true;
             }
@@ -155,7 +205,9 @@ fn check_qmp_line(line: &[u8]) {
     };
     match qmp::decode(line) {
         Ok(msg) => {
-            let o = object.unwrap_or_else(|| panic!("decode accepted a line that is no JSON object: {msg:?}"));
+            let o = object.unwrap_or_else(|| {
+                panic!("decode accepted a line that is no JSON object: {msg:?}")
+            });
             let has = |k: &str| o.contains_key(k);
             match msg {
                 Message::Greeting(g) => assert_eq!(o.get("QMP"), Some(&g)),
@@ -164,15 +216,31 @@ fn check_qmp_line(line: &[u8]) {
                     assert_eq!(o.get("event").and_then(Value::as_str), Some(name.as_str()));
                 }
                 Message::Return(id, value) => {
-                    assert!(!has("QMP") && !has("event"), "return taken from a greeting/event: {o:?}");
+                    assert!(
+                        !has("QMP") && !has("event"),
+                        "return taken from a greeting/event: {o:?}"
+                    );
                     assert_eq!(o.get("return"), Some(&value));
                     assert_eq!(o.get("id"), id.as_ref());
                 }
                 Message::Error(id, class, desc) => {
-                    assert!(!has("QMP") && !has("event") && !has("return"), "error taken from another message: {o:?}");
+                    assert!(
+                        !has("QMP") && !has("event") && !has("return"),
+                        "error taken from another message: {o:?}"
+                    );
                     let err = &o["error"];
-                    assert_eq!(class, err.get("class").and_then(Value::as_str).unwrap_or("GenericError"));
-                    assert_eq!(desc, err.get("desc").and_then(Value::as_str).unwrap_or("(no description)"));
+                    assert_eq!(
+                        class,
+                        err.get("class")
+                            .and_then(Value::as_str)
+                            .unwrap_or("GenericError")
+                    );
+                    assert_eq!(
+                        desc,
+                        err.get("desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("(no description)")
+                    );
                     assert_eq!(o.get("id"), id.as_ref());
                 }
             }
@@ -180,11 +248,22 @@ fn check_qmp_line(line: &[u8]) {
         Err(e) => {
             assert_eq!(e.kind, Kind::Protocol, "{}", e.message);
             assert_printable(&e.message, "qmp::decode");
-            assert!(e.message.len() < 300, "error message not cut: {} bytes", e.message.len());
+            assert!(
+                e.message.len() < 300,
+                "error message not cut: {} bytes",
+                e.message.len()
+            );
             if let Some(o) = object {
-                let bad_event = !o.contains_key("QMP") && o.get("event").is_some_and(|e| !e.is_string());
-                let none = !["QMP", "event", "return", "error"].iter().any(|k| o.contains_key(*k));
-                assert!(bad_event || none, "a valid QMP message was refused: {o:?}: {}", e.message);
+                let bad_event =
+                    !o.contains_key("QMP") && o.get("event").is_some_and(|e| !e.is_string());
+                let none = !["QMP", "event", "return", "error"]
+                    .iter()
+                    .any(|k| o.contains_key(*k));
+                assert!(
+                    bad_event || none,
+                    "a valid QMP message was refused: {o:?}: {}",
+                    e.message
+                );
             }
         }
     }
@@ -202,7 +281,9 @@ pub fn query_migrate(data: &[u8]) {
         check_is_finished(text);
         check_is_finished(text.trim());
     }
-    let Ok(reply) = serde_json::from_slice::<Value>(data) else { return };
+    let Ok(reply) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
     let status = qmp::status(&reply);
     match reply.get("status") {
         Some(Value::String(s)) => assert_eq!(status, s.as_str()),
@@ -214,7 +295,9 @@ pub fn query_migrate(data: &[u8]) {
     if depth(&reply) < 120 {
         let line = json!({"return": reply, "id": "mtunnel-1-1"}).to_string();
         match qmp::decode(line.as_bytes()) {
-            Ok(Message::Return(Some(id), value)) if id == "mtunnel-1-1" => assert_eq!(qmp::status(&value), status),
+            Ok(Message::Return(Some(id), value)) if id == "mtunnel-1-1" => {
+                assert_eq!(qmp::status(&value), status)
+            }
             other => panic!("query-migrate return line decoded as {other:?}"),
         }
     }
@@ -244,7 +327,10 @@ fn depth(v: &Value) -> usize {
 /// Runs the tunnel protocol line parsers over one input.
 pub fn tunnel_lines(data: &[u8]) {
     let (line, cmd) = match data.iter().position(|&b| b == b'\n') {
-        Some(p) => (&data[..p], String::from_utf8_lossy(&data[p + 1..]).into_owned()),
+        Some(p) => (
+            &data[..p],
+            String::from_utf8_lossy(&data[p + 1..]).into_owned(),
+        ),
         None => (data, "resume 100".to_string()),
     };
 
@@ -252,7 +338,11 @@ pub fn tunnel_lines(data: &[u8]) {
         Ok(()) => assert_eq!(line, b"tunnel online"),
         Err(e) => {
             assert_ne!(line, b"tunnel online", "the greeting was refused");
-            let want = if line == b"no quorum" { Kind::NoQuorum } else { Kind::Protocol };
+            let want = if line == b"no quorum" {
+                Kind::NoQuorum
+            } else {
+                Kind::Protocol
+            };
             assert_eq!(e.kind, want, "{}", e.message);
             assert_printable(&e.message, "protocol::online");
         }
@@ -286,7 +376,11 @@ pub fn tunnel_lines(data: &[u8]) {
             }
             Err(e) => {
                 assert_ne!(line, b"OK");
-                let want = if line.starts_with(b"ERR:") { Kind::Remote } else { Kind::Protocol };
+                let want = if line.starts_with(b"ERR:") {
+                    Kind::Remote
+                } else {
+                    Kind::Protocol
+                };
                 assert_eq!(e.kind, want, "{}", e.message);
                 assert_printable(&e.message, "protocol::reply");
             }
@@ -294,17 +388,33 @@ pub fn tunnel_lines(data: &[u8]) {
         // Protocol v2: what we send is one JSON object with a string "cmd"; a reply is taken
         // only as a JSON object with a true "success".
         if let Ok(request) = protocol::v2_request(&cmd) {
-            let sent: Value = serde_json::from_str(&request).unwrap_or_else(|e| panic!("v2 request {request:?} is not JSON: {e}"));
-            assert!(sent.get("cmd").is_some_and(Value::is_string), "v2 request {request:?} without a string cmd");
-            assert!(!request.bytes().any(|b| b.is_ascii_control()), "v2 request {request:?} is not one line");
+            let sent: Value = serde_json::from_str(&request)
+                .unwrap_or_else(|e| panic!("v2 request {request:?} is not JSON: {e}"));
+            assert!(
+                sent.get("cmd").is_some_and(Value::is_string),
+                "v2 request {request:?} without a string cmd"
+            );
+            assert!(
+                !request.bytes().any(|b| b.is_ascii_control()),
+                "v2 request {request:?} is not one line"
+            );
             match protocol::v2_reply(line, &request) {
                 Ok(s) => {
-                    let got: Value = serde_json::from_str(&s).expect("a v2 reply is returned as JSON");
-                    let ok = matches!(got.get("success"), Some(Value::Bool(true))) || got.get("success").and_then(Value::as_f64).is_some_and(|n| n != 0.0);
+                    let got: Value =
+                        serde_json::from_str(&s).expect("a v2 reply is returned as JSON");
+                    let ok = matches!(got.get("success"), Some(Value::Bool(true)))
+                        || got
+                            .get("success")
+                            .and_then(Value::as_f64)
+                            .is_some_and(|n| n != 0.0);
                     assert!(ok, "v2 reply {line:?} taken as success");
                 }
                 Err(e) => {
-                    assert!(matches!(e.kind, Kind::Protocol | Kind::Remote), "{}", e.message);
+                    assert!(
+                        matches!(e.kind, Kind::Protocol | Kind::Remote),
+                        "{}",
+                        e.message
+                    );
                     assert_printable(&e.message, "protocol::v2_reply");
                 }
             }
@@ -339,7 +449,11 @@ pub fn listen_lines(data: &[u8]) {
         Ok(r) => check_listen_result(&r, vmid),
         Err(e) => {
             if e.kind == Kind::InvalidArgument {
-                assert!(validate::vmid(vmid).is_err(), "valid VMID {vmid:?} refused: {}", e.message);
+                assert!(
+                    validate::vmid(vmid).is_err(),
+                    "valid VMID {vmid:?} refused: {}",
+                    e.message
+                );
             } else {
                 assert_eq!(e.kind, Kind::Protocol, "{}", e.message);
             }
@@ -349,53 +463,107 @@ pub fn listen_lines(data: &[u8]) {
 }
 
 fn check_listen_result(r: &Value, vmid: &str) {
-    assert!(validate::vmid(vmid).is_ok(), "output accepted for invalid VMID {vmid:?}");
-    let uri = r.get("uri").and_then(Value::as_str).unwrap_or_else(|| panic!("Ok without a \"uri\": {r}"));
+    assert!(
+        validate::vmid(vmid).is_ok(),
+        "output accepted for invalid VMID {vmid:?}"
+    );
+    let uri = r
+        .get("uri")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("Ok without a \"uri\": {r}"));
     if let Err(e) = qmp::check_uri(uri) {
-        panic!("returned uri {uri:?} is refused by qmp::check_uri (so qmp_migrate would refuse it): {}", e.message);
+        panic!(
+            "returned uri {uri:?} is refused by qmp::check_uri (so qmp_migrate would refuse it): {}",
+            e.message
+        );
     }
     match r.get("socket") {
         Some(s) => {
-            let s = s.as_str().unwrap_or_else(|| panic!("\"socket\" is not a string: {r}"));
+            let s = s
+                .as_str()
+                .unwrap_or_else(|| panic!("\"socket\" is not a string: {r}"));
             check_returned_socket(s, vmid, false);
             let agree = uri == format!("unix:{s}");
-            assert!(agree, "uri and socket disagree: uri {uri:?}, socket {s:?} (the driver forwards the socket but migrates to the uri)");
+            assert!(
+                agree,
+                "uri and socket disagree: uri {uri:?}, socket {s:?} (the driver forwards the socket but migrates to the uri)"
+            );
         }
-        None => assert!(!uri.starts_with("unix:"), "unix uri {uri:?} without \"socket\""),
+        None => assert!(
+            !uri.starts_with("unix:"),
+            "unix uri {uri:?} without \"socket\""
+        ),
     }
-    let nbd = r.get("nbd").and_then(Value::as_array).unwrap_or_else(|| panic!("no \"nbd\" array: {r}"));
+    let nbd = r
+        .get("nbd")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("no \"nbd\" array: {r}"));
     for d in nbd {
-        let u = d.get("uri").and_then(Value::as_str).unwrap_or_else(|| panic!("nbd entry without uri: {d}"));
+        let u = d
+            .get("uri")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("nbd entry without uri: {d}"));
         match d.get("socket") {
             Some(s) => {
-                let s = s.as_str().unwrap_or_else(|| panic!("nbd \"socket\" is not a string: {d}"));
+                let s = s
+                    .as_str()
+                    .unwrap_or_else(|| panic!("nbd \"socket\" is not a string: {d}"));
                 check_returned_socket(s, vmid, true);
-                assert!(u.starts_with(&format!("nbd:unix:{s}:exportname=")), "nbd uri {u:?} does not use socket {s:?}");
+                assert!(
+                    u.starts_with(&format!("nbd:unix:{s}:exportname=")),
+                    "nbd uri {u:?} does not use socket {s:?}"
+                );
             }
             // NBD over TCP (insecure migration): never a unix URI without its socket.
-            None => assert!(u.starts_with("nbd:") && !u.starts_with("nbd:unix:"), "nbd uri {u:?} without \"socket\""),
+            None => assert!(
+                u.starts_with("nbd:") && !u.starts_with("nbd:unix:"),
+                "nbd uri {u:?} without \"socket\""
+            ),
         }
         for key in ["drive", "volume"] {
-            assert!(d.get(key).and_then(Value::as_str).is_some(), "nbd entry without {key}: {d}");
+            assert!(
+                d.get(key).and_then(Value::as_str).is_some(),
+                "nbd entry without {key}: {d}"
+            );
         }
     }
     if let Some(p) = r.get("spice_port") {
-        assert!(p.as_u64().is_some_and(|p| (1..=65535).contains(&p)), "spice_port {p}");
+        assert!(
+            p.as_u64().is_some_and(|p| (1..=65535).contains(&p)),
+            "spice_port {p}"
+        );
     }
-    assert!(r.get("replicated").is_some_and(Value::is_array), "no \"replicated\" array: {r}");
-    let messages = r.get("messages").and_then(Value::as_array).unwrap_or_else(|| panic!("no \"messages\" array: {r}"));
+    assert!(
+        r.get("replicated").is_some_and(Value::is_array),
+        "no \"replicated\" array: {r}"
+    );
+    let messages = r
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("no \"messages\" array: {r}"));
     for m in messages {
-        assert_printable(m.as_str().unwrap_or_else(|| panic!("message {m} is not a string")), "parse_start_output messages");
+        assert_printable(
+            m.as_str()
+                .unwrap_or_else(|| panic!("message {m} is not a string")),
+            "parse_start_output messages",
+        );
     }
 }
 
 fn check_returned_socket(s: &str, vmid: &str, nbd: bool) {
     match validate::socket_path(s, DIR) {
         Ok(id) => assert_eq!(id, vmid, "socket {s:?} belongs to VMID {id}, not {vmid}"),
-        Err(e) => panic!("returned socket {s:?} fails validate::socket_path: {}", e.message),
+        Err(e) => panic!(
+            "returned socket {s:?} fails validate::socket_path: {}",
+            e.message
+        ),
     }
     check_accepted_socket(s, DIR);
-    assert_eq!(s.ends_with("_nbd.migrate"), nbd, "socket {s:?} returned as nbd={nbd}");
+    assert_eq!(
+        s.ends_with("_nbd.migrate"),
+        nbd,
+        "socket {s:?} returned as nbd={nbd}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,14 +590,21 @@ pub fn validation(data: &[u8]) {
     }
     let words: Vec<String> = text.split('\t').map(str::to_string).collect();
     let joined = validate::shell_join(&words);
-    assert_eq!(sh_words(&joined).as_ref(), Some(&words), "shell_join({words:?}) = {joined:?}");
+    assert_eq!(
+        sh_words(&joined).as_ref(),
+        Some(&words),
+        "shell_join({words:?}) = {joined:?}"
+    );
 }
 
 fn check_socket_path(path: &str, dir: &str) {
     match validate::socket_path(path, dir) {
         Ok(id) => {
             check_accepted_socket(path, dir);
-            assert!(validate::vmid(id).is_ok(), "socket_path returned VMID {id:?}");
+            assert!(
+                validate::vmid(id).is_ok(),
+                "socket_path returned VMID {id:?}"
+            );
             assert!(
                 path == format!("{dir}/{id}.migrate") || path == format!("{dir}/{id}_nbd.migrate"),
                 "accepted {path:?} is not {dir}/{id}[_nbd].migrate"
@@ -444,17 +619,32 @@ fn check_socket_path(path: &str, dir: &str) {
 
 /// What every accepted socket path satisfies: it is removed with unlink and bound by ssh.
 fn check_accepted_socket(path: &str, dir: &str) {
-    assert!(path.len() < 108, "accepted socket path of {} bytes does not fit sun_path", path.len());
-    assert!(path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')), "accepted {path:?} is not inside {dir:?}");
-    assert!(!path.split('/').any(|c| c == ".." || c == "."), "accepted {path:?} has a '.' or '..' component");
+    assert!(
+        path.len() < 108,
+        "accepted socket path of {} bytes does not fit sun_path",
+        path.len()
+    );
+    assert!(
+        path.strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/')),
+        "accepted {path:?} is not inside {dir:?}"
+    );
+    assert!(
+        !path.split('/').any(|c| c == ".." || c == "."),
+        "accepted {path:?} has a '.' or '..' component"
+    );
     if dir == DIR {
         assert!(!path.contains(".."), "accepted {path:?} contains '..'");
     }
-    assert!(!path.bytes().any(|b| b.is_ascii_control()), "accepted {path:?} has a control character");
+    assert!(
+        !path.bytes().any(|b| b.is_ascii_control()),
+        "accepted {path:?} has a control character"
+    );
 }
 
 fn check_vmid(s: &str) {
-    let spec = (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    let spec =
+        (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
     match validate::vmid(s) {
         Ok(()) => assert!(spec, "VMID {s:?} accepted"),
         Err(e) => {
@@ -470,9 +660,18 @@ fn check_destination(s: &str) {
         Ok(()) => {
             assert!(!s.starts_with('-'), "destination {s:?} starts with '-'");
             let (user, host) = s.rsplit_once('@').map_or((None, s), |(u, h)| (Some(u), h));
-            assert!(!host.is_empty() && !host.starts_with('-'), "destination {s:?}: host {host:?} accepted");
-            assert!(user.is_none_or(|u| !u.is_empty()), "destination {s:?}: empty user accepted");
-            assert!(!s.chars().any(|c| c.is_whitespace() || c.is_control()), "destination {s:?} has whitespace/control");
+            assert!(
+                !host.is_empty() && !host.starts_with('-'),
+                "destination {s:?}: host {host:?} accepted"
+            );
+            assert!(
+                user.is_none_or(|u| !u.is_empty()),
+                "destination {s:?}: empty user accepted"
+            );
+            assert!(
+                !s.chars().any(|c| c.is_whitespace() || c.is_control()),
+                "destination {s:?} has whitespace/control"
+            );
         }
         Err(e) => {
             assert_eq!(e.kind, Kind::InvalidArgument);
@@ -485,14 +684,27 @@ fn check_destination(s: &str) {
 /// written as `'\''`, and a POSIX shell reads it back as exactly that one word.
 fn check_shell_quote(word: &str) {
     let q = validate::shell_quote(word);
-    let plain = !q.is_empty() && q.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./:=@,+%-".contains(&b));
+    let plain = !q.is_empty()
+        && q.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./:=@,+%-".contains(&b));
     if plain {
         assert_eq!(q, word, "plain output differs from the word");
     } else {
-        assert!(q.len() >= 2 && q.starts_with('\'') && q.ends_with('\''), "shell_quote({word:?}) = {q:?} is not single-quoted");
-        assert_eq!(&q[1..q.len() - 1], word.replace('\'', "'\\''"), "shell_quote({word:?}) = {q:?}");
+        assert!(
+            q.len() >= 2 && q.starts_with('\'') && q.ends_with('\''),
+            "shell_quote({word:?}) = {q:?} is not single-quoted"
+        );
+        assert_eq!(
+            &q[1..q.len() - 1],
+            word.replace('\'', "'\\''"),
+            "shell_quote({word:?}) = {q:?}"
+        );
     }
-    assert_eq!(sh_words(&q), Some(vec![word.to_string()]), "sh reads shell_quote({word:?}) = {q:?} differently");
+    assert_eq!(
+        sh_words(&q),
+        Some(vec![word.to_string()]),
+        "sh reads shell_quote({word:?}) = {q:?} differently"
+    );
 }
 
 /// How a POSIX shell splits a command line into words, for the only syntax quoted output may
@@ -518,7 +730,9 @@ fn sh_words(line: &str) -> Option<Vec<String>> {
                 '\'' => word.get_or_insert_with(String::new).push('\''),
                 _ => return None,
             },
-            c if c.is_ascii_alphanumeric() || "_./:=@,+%-".contains(c) => word.get_or_insert_with(String::new).push(c),
+            c if c.is_ascii_alphanumeric() || "_./:=@,+%-".contains(c) => {
+                word.get_or_insert_with(String::new).push(c)
+            }
             _ => return None,
         }
     }

@@ -40,7 +40,12 @@ pub enum Message {
 
 /// Decodes one line of the QMP stream.
 pub fn decode(line: &[u8]) -> Result<Message> {
-    let bad = || Error::new(Kind::Protocol, format!("unexpected QMP message '{}'", io::printable(line, 200)));
+    let bad = || {
+        Error::new(
+            Kind::Protocol,
+            format!("unexpected QMP message '{}'", io::printable(line, 200)),
+        )
+    };
     let value: Value = serde_json::from_slice(line).map_err(|_| bad())?;
     let obj = value.as_object().ok_or_else(bad)?;
     let id = obj.get("id").cloned();
@@ -54,8 +59,16 @@ pub fn decode(line: &[u8]) -> Result<Message> {
         return Ok(Message::Return(id, ret.clone()));
     }
     if let Some(err) = obj.get("error") {
-        let class = err.get("class").and_then(Value::as_str).unwrap_or("GenericError").to_string();
-        let desc = err.get("desc").and_then(Value::as_str).unwrap_or("(no description)").to_string();
+        let class = err
+            .get("class")
+            .and_then(Value::as_str)
+            .unwrap_or("GenericError")
+            .to_string();
+        let desc = err
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("(no description)")
+            .to_string();
         return Ok(Message::Error(id, class, desc));
     }
     Err(bad())
@@ -73,31 +86,67 @@ impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities, all before `deadline`.
     pub fn connect(path: &str, deadline: Deadline) -> Result<Qmp> {
         if path.is_empty() || path.len() > MAX_SOCKET_PATH {
-            return Err(Error::invalid(format!("invalid QMP socket path '{}'", io::printable(path.as_bytes(), 120))));
+            return Err(Error::invalid(format!(
+                "invalid QMP socket path '{}'",
+                io::printable(path.as_bytes(), 120)
+            )));
         }
-        let addr = UnixAddr::new(path).map_err(|e| Error::io(format!("QMP socket path '{path}'"), e))?;
-        let sock = nix::sys::socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
-            .map_err(|e| Error::io("socket", e))?;
+        let addr =
+            UnixAddr::new(path).map_err(|e| Error::io(format!("QMP socket path '{path}'"), e))?;
+        let sock = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| Error::io("socket", e))?;
         loop {
             match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
                 Ok(()) => break,
                 Err(Errno::EINTR) => continue,
                 // The listen backlog is full; QEMU will catch up.
-                Err(Errno::EAGAIN) if !deadline.expired() => deadline.sleep(Duration::from_millis(20)),
-                Err(Errno::ENOENT) => return Err(Error::new(Kind::Io, format!("QMP socket '{path}' does not exist (VM not running?)"))),
-                Err(Errno::ECONNREFUSED) => return Err(Error::new(Kind::Io, format!("nobody is listening on QMP socket '{path}' (VM not running?)"))),
+                Err(Errno::EAGAIN) if !deadline.expired() => {
+                    deadline.sleep(Duration::from_millis(20))
+                }
+                Err(Errno::ENOENT) => {
+                    return Err(Error::new(
+                        Kind::Io,
+                        format!("QMP socket '{path}' does not exist (VM not running?)"),
+                    ));
+                }
+                Err(Errno::ECONNREFUSED) => {
+                    return Err(Error::new(
+                        Kind::Io,
+                        format!("nobody is listening on QMP socket '{path}' (VM not running?)"),
+                    ));
+                }
                 Err(e) => return Err(Error::io(format!("connecting to QMP socket '{path}'"), e)),
             }
         }
-        let mut qmp = Qmp { sock, lines: LineDecoder::new(MAX_LINE), path: path.to_string(), next_id: 0 };
+        let mut qmp = Qmp {
+            sock,
+            lines: LineDecoder::new(MAX_LINE),
+            path: path.to_string(),
+            next_id: 0,
+        };
         loop {
             match qmp.read(deadline) {
                 Ok(Message::Greeting(_)) => break,
                 // QEMU greets first, but an event is harmless wherever it comes.
                 Ok(Message::Event(_)) => continue,
-                Ok(other) => return Err(Error::new(Kind::Protocol, format!("QMP socket '{path}' sent {other:?} instead of a greeting"))),
+                Ok(other) => {
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("QMP socket '{path}' sent {other:?} instead of a greeting"),
+                    ));
+                }
                 Err(e) if e.kind == Kind::Timeout => {
-                    return Err(Error::new(Kind::Timeout, format!("no QMP greeting on '{path}' before the deadline (monitor busy with another client?)")));
+                    return Err(Error::new(
+                        Kind::Timeout,
+                        format!(
+                            "no QMP greeting on '{path}' before the deadline (monitor busy with another client?)"
+                        ),
+                    ));
                 }
                 Err(e) => return Err(e),
             }
@@ -108,7 +157,11 @@ impl Qmp {
 
     fn read(&mut self, deadline: Deadline) -> Result<Message> {
         loop {
-            if let Some(line) = self.lines.next_line().map_err(|e| e.context(format!("QMP socket '{}'", self.path)))? {
+            if let Some(line) = self
+                .lines
+                .next_line()
+                .map_err(|e| e.context(format!("QMP socket '{}'", self.path)))?
+            {
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
                 }
@@ -116,16 +169,27 @@ impl Qmp {
             }
             let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
             if io::poll(&mut fds, deadline)? == 0 {
-                return Err(Error::new(Kind::Timeout, format!("no reply on QMP socket '{}' before the deadline", self.path)));
+                return Err(Error::new(
+                    Kind::Timeout,
+                    format!("no reply on QMP socket '{}' before the deadline", self.path),
+                ));
             }
             if io::read_some(self.sock.as_fd(), self.lines.buffer())? == Read::Eof {
-                return Err(Error::new(Kind::Io, format!("QEMU closed QMP socket '{}'", self.path)));
+                return Err(Error::new(
+                    Kind::Io,
+                    format!("QEMU closed QMP socket '{}'", self.path),
+                ));
             }
         }
     }
 
     /// Runs one command and returns its `return` value; a QMP error carries class and desc.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>, deadline: Deadline) -> Result<Value> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        deadline: Deadline,
+    ) -> Result<Value> {
         self.next_id += 1;
         let id = Value::String(format!("mtunnel-{}-{}", std::process::id(), self.next_id));
         let mut req = json!({"execute": command, "id": id});
@@ -134,16 +198,26 @@ impl Qmp {
         }
         let mut text = req.to_string();
         text.push('\n');
-        io::send_all(self.sock.as_fd(), text.as_bytes(), deadline).map_err(|e| e.context(format!("sending '{command}' to QMP socket '{}'", self.path)))?;
+        io::send_all(self.sock.as_fd(), text.as_bytes(), deadline)
+            .map_err(|e| e.context(format!("sending '{command}' to QMP socket '{}'", self.path)))?;
         loop {
             let msg = self.read(deadline).map_err(|e| match e.kind {
-                Kind::Timeout => Error::new(Kind::Timeout, format!("no reply to QMP command '{command}' on '{}' before the deadline", self.path)),
+                Kind::Timeout => Error::new(
+                    Kind::Timeout,
+                    format!(
+                        "no reply to QMP command '{command}' on '{}' before the deadline",
+                        self.path
+                    ),
+                ),
                 _ => e,
             })?;
             match msg {
                 Message::Return(Some(rid), value) if rid == id => return Ok(value),
                 Message::Error(rid, class, desc) if rid.as_ref().is_none_or(|r| *r == id) => {
-                    return Err(Error::new(Kind::Qmp, format!("QMP command '{command}' failed: {class}: {desc}")));
+                    return Err(Error::new(
+                        Kind::Qmp,
+                        format!("QMP command '{command}' failed: {class}: {desc}"),
+                    ));
                 }
                 // Events, and replies to someone else's ids, are not ours.
                 _ => continue,
@@ -153,9 +227,17 @@ impl Qmp {
 }
 
 /// Runs one command on a fresh connection.
-pub fn execute(path: &str, command: &str, arguments: Option<Value>, timeout_ms: i64) -> Result<Value> {
+pub fn execute(
+    path: &str,
+    command: &str,
+    arguments: Option<Value>,
+    timeout_ms: i64,
+) -> Result<Value> {
     if command.is_empty() || command.bytes().any(|b| b.is_ascii_control() || b == b'"') {
-        return Err(Error::invalid(format!("invalid QMP command name '{}'", io::printable(command.as_bytes(), 80))));
+        return Err(Error::invalid(format!(
+            "invalid QMP command name '{}'",
+            io::printable(command.as_bytes(), 80)
+        )));
     }
     let deadline = Deadline::after_ms(timeout_ms);
     Qmp::connect(path, deadline)?.execute(command, arguments, deadline)
@@ -178,7 +260,12 @@ pub struct MigrateOptions {
 
 impl Default for MigrateOptions {
     fn default() -> Self {
-        MigrateOptions { capabilities: None, parameters: Map::new(), timeout_ms: DEFAULT_TIMEOUT_MS, setup: true }
+        MigrateOptions {
+            capabilities: None,
+            parameters: Map::new(),
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            setup: true,
+        }
     }
 }
 
@@ -189,12 +276,16 @@ impl MigrateOptions {
         let capabilities = options::object(opts, "capabilities")?.cloned();
         for (name, state) in capabilities.iter().flatten() {
             if !state.is_boolean() {
-                return Err(Error::invalid(format!("capability '{name}' must be true or false")));
+                return Err(Error::invalid(format!(
+                    "capability '{name}' must be true or false"
+                )));
             }
         }
         Ok(MigrateOptions {
             capabilities,
-            parameters: options::object(opts, "parameters")?.cloned().unwrap_or_default(),
+            parameters: options::object(opts, "parameters")?
+                .cloned()
+                .unwrap_or_default(),
             timeout_ms: options::timeout_ms(opts, "timeout_ms", DEFAULT_TIMEOUT_MS)?,
             setup: options::boolean(opts, "setup", true)?,
         })
@@ -203,8 +294,16 @@ impl MigrateOptions {
 
 /// Checks a migration URI: the transports PVE uses.
 pub fn check_uri(uri: &str) -> Result<()> {
-    let ok = (uri.starts_with("unix:/") || uri.starts_with("tcp:")) && !uri.bytes().any(|b| b.is_ascii_control());
-    if ok { Ok(()) } else { Err(Error::invalid(format!("invalid migration URI '{}': expected unix:/PATH or tcp:HOST:PORT", io::printable(uri.as_bytes(), 200)))) }
+    let ok = (uri.starts_with("unix:/") || uri.starts_with("tcp:"))
+        && !uri.bytes().any(|b| b.is_ascii_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid migration URI '{}': expected unix:/PATH or tcp:HOST:PORT",
+            io::printable(uri.as_bytes(), 200)
+        )))
+    }
 }
 
 /// PVE's rounding of the xbzrle cache: up to the next power of two (1 below 2).
@@ -216,15 +315,26 @@ pub fn round_up_power_of_two(n: u64) -> u64 {
 /// `max-bandwidth` always present ([`DEFAULT_MAX_BANDWIDTH`] unless given), `downtime-limit`
 /// capped at QEMU's maximum, and — when xbzrle is on and no size is given — an
 /// `xbzrle-cache-size` of a tenth of `memory_bytes`, rounded up to a power of two.
-pub fn parameters(given: &Map<String, Value>, xbzrle: bool, memory_bytes: Option<u64>) -> Result<Map<String, Value>> {
+pub fn parameters(
+    given: &Map<String, Value>,
+    xbzrle: bool,
+    memory_bytes: Option<u64>,
+) -> Result<Map<String, Value>> {
     let mut p = given.clone();
-    p.entry("max-bandwidth").or_insert(json!(DEFAULT_MAX_BANDWIDTH));
+    p.entry("max-bandwidth")
+        .or_insert(json!(DEFAULT_MAX_BANDWIDTH));
     if let Some(limit) = p.get("downtime-limit") {
         let ms = limit.as_u64().ok_or_else(|| Error::invalid(format!("parameter 'downtime-limit' must be a non-negative number of milliseconds, not {limit}")))?;
-        p.insert("downtime-limit".into(), json!(ms.min(MAX_DOWNTIME_LIMIT_MS)));
+        p.insert(
+            "downtime-limit".into(),
+            json!(ms.min(MAX_DOWNTIME_LIMIT_MS)),
+        );
     }
     if let (true, false, Some(mem)) = (xbzrle, p.contains_key("xbzrle-cache-size"), memory_bytes) {
-        p.insert("xbzrle-cache-size".into(), json!(round_up_power_of_two(mem / 10)));
+        p.insert(
+            "xbzrle-cache-size".into(),
+            json!(round_up_power_of_two(mem / 10)),
+        );
     }
     Ok(p)
 }
@@ -243,19 +353,52 @@ pub fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Res
     let mut applied = Map::new();
     if let Some(wanted) = &opts.capabilities {
         let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
-        let names: Vec<String> = known.as_array().into_iter().flatten().filter_map(|c| c.get("capability").and_then(Value::as_str)).map(str::to_string).collect();
-        if let Some((name, _)) = wanted.iter().find(|(name, on)| **on == json!(true) && !names.contains(name)) {
-            return Err(Error::invalid(format!("migration capability '{name}' is not supported by this QEMU (supported: {})", names.join(", "))));
+        let names: Vec<String> = known
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("capability").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        if let Some((name, _)) = wanted
+            .iter()
+            .find(|(name, on)| **on == json!(true) && !names.contains(name))
+        {
+            return Err(Error::invalid(format!(
+                "migration capability '{name}' is not supported by this QEMU (supported: {})",
+                names.join(", ")
+            )));
         }
-        let states: Map<String, Value> = names.iter().map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true))))).collect();
-        let caps: Vec<Value> = states.iter().map(|(k, v)| json!({"capability": k, "state": v})).collect();
-        qmp.execute("migrate-set-capabilities", Some(json!({"capabilities": caps})), deadline)?;
+        let states: Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true)))))
+            .collect();
+        let caps: Vec<Value> = states
+            .iter()
+            .map(|(k, v)| json!({"capability": k, "state": v}))
+            .collect();
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": caps})),
+            deadline,
+        )?;
         applied.insert("capabilities".into(), Value::Object(states));
     }
-    let xbzrle = opts.capabilities.as_ref().is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
-    let memory = if xbzrle && !opts.parameters.contains_key("xbzrle-cache-size") { Some(memory_size(qmp, deadline)?) } else { None };
+    let xbzrle = opts
+        .capabilities
+        .as_ref()
+        .is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
+    let memory = if xbzrle && !opts.parameters.contains_key("xbzrle-cache-size") {
+        Some(memory_size(qmp, deadline)?)
+    } else {
+        None
+    };
     let params = parameters(&opts.parameters, xbzrle, memory)?;
-    qmp.execute("migrate-set-parameters", Some(Value::Object(params.clone())), deadline)?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(Value::Object(params.clone())),
+        deadline,
+    )?;
     applied.insert("parameters".into(), Value::Object(params));
     Ok(Value::Object(applied))
 }
@@ -272,7 +415,11 @@ pub fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<Value> {
     check_uri(uri)?;
     let deadline = Deadline::after_ms(opts.timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
-    let applied = if opts.setup { setup_on(&mut qmp, opts, deadline)? } else { json!({}) };
+    let applied = if opts.setup {
+        setup_on(&mut qmp, opts, deadline)?
+    } else {
+        json!({})
+    };
     qmp.execute("migrate", Some(json!({"uri": uri})), deadline)?;
     Ok(applied)
 }
@@ -284,7 +431,10 @@ pub fn query_migrate(path: &str, timeout_ms: i64) -> Result<Value> {
 
 /// The `status` field of a `query-migrate` reply; `none` when absent (no migration yet).
 pub fn status(reply: &Value) -> &str {
-    reply.get("status").and_then(Value::as_str).unwrap_or("none")
+    reply
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
 }
 
 /// Whether a migration status is final. Unknown statuses (newer QEMU) count as still running.
@@ -304,7 +454,10 @@ pub fn migrate_cancel(path: &str, timeout_ms: i64) -> Result<Value> {
             return Ok(reply);
         }
         if deadline.expired() {
-            return Err(Error::new(Kind::Timeout, format!("migration still '{}' after migrate_cancel", status(&reply))));
+            return Err(Error::new(
+                Kind::Timeout,
+                format!("migration still '{}' after migrate_cancel", status(&reply)),
+            ));
         }
         deadline.sleep(Duration::from_millis(50));
     }

@@ -13,17 +13,26 @@ fn word(w: &str) -> bool {
 
 /// `EXPORT volume:VOLUME`, the end of a storage migration line.
 fn export_volume(rest: &str) -> Option<(&str, &str)> {
-    rest.split_once(" volume:").filter(|(e, v)| word(e) && word(v))
+    rest.split_once(" volume:")
+        .filter(|(e, v)| word(e) && word(v))
 }
 
 fn port(s: &str) -> Option<u16> {
-    (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten().filter(|&p| p > 0)
+    (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+        .filter(|&p| p > 0)
 }
 
 fn tcp_host_ok(host: &str) -> bool {
     host == "localhost"
         || (!host.is_empty() && host.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
-        || (host.len() > 2 && host.starts_with('[') && host.ends_with(']') && host[1..host.len() - 1].bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':'))
+        || (host.len() > 2
+            && host.starts_with('[')
+            && host.ends_with(']')
+            && host[1..host.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':'))
 }
 
 /// Parses the whole output of `qm start --migratedfrom`, every line QemuMigrate.pm's phase 2
@@ -41,9 +50,13 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
     let mut replicated = Vec::new();
     let mut messages = Vec::new();
     let check_socket = |path: &str| -> Result<()> {
-        let id = validate::socket_path(path, socket_dir).map_err(|e| Error::new(Kind::Protocol, e.message))?;
+        let id = validate::socket_path(path, socket_dir)
+            .map_err(|e| Error::new(Kind::Protocol, e.message))?;
         if id != vmid {
-            return Err(Error::new(Kind::Protocol, format!("destination UNIX socket's VMID {id} does not match source VMID {vmid}")));
+            return Err(Error::new(
+                Kind::Protocol,
+                format!("destination UNIX socket's VMID {id} does not match source VMID {vmid}"),
+            ));
         }
         Ok(())
     };
@@ -53,11 +66,17 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
         if let Some(addr) = line.strip_prefix("migration listens on ") {
             // One address only: a second one could pair a forwarded socket with another URI.
             if result.contains_key("uri") {
-                return Err(Error::new(Kind::Protocol, "target reported more than one migration address"));
+                return Err(Error::new(
+                    Kind::Protocol,
+                    "target reported more than one migration address",
+                ));
             }
             if let Some(path) = addr.strip_prefix("unix:") {
                 if !path.ends_with(".migrate") || path.ends_with("_nbd.migrate") {
-                    return Err(Error::new(Kind::Protocol, format!("unexpected migration socket in '{}'", shown())));
+                    return Err(Error::new(
+                        Kind::Protocol,
+                        format!("unexpected migration socket in '{}'", shown()),
+                    ));
                 }
                 check_socket(path)?;
                 result.insert("uri".into(), json!(addr));
@@ -65,21 +84,42 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
             } else if addr.strip_prefix("port ").and_then(port).is_some() {
                 return Err(Error::new(
                     Kind::Protocol,
-                    format!("target answered with the legacy address '{}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target", shown()),
+                    format!(
+                        "target answered with the legacy address '{}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target",
+                        shown()
+                    ),
                 ));
-            } else if let Some((host, p)) = addr.strip_prefix("tcp:").and_then(|a| a.rsplit_once(':')) {
-                let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", shown())))?;
+            } else if let Some((host, p)) =
+                addr.strip_prefix("tcp:").and_then(|a| a.rsplit_once(':'))
+            {
+                let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(|| {
+                    Error::new(
+                        Kind::Protocol,
+                        format!("unexpected migration address in '{}'", shown()),
+                    )
+                })?;
                 result.insert("uri".into(), json!(format!("tcp:{host}:{p}")));
             } else {
-                return Err(Error::new(Kind::Protocol, format!("unexpected migration address in '{}'", shown())));
+                return Err(Error::new(
+                    Kind::Protocol,
+                    format!("unexpected migration address in '{}'", shown()),
+                ));
             }
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:unix:") {
-            let bad = || Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", shown()));
+            let bad = || {
+                Error::new(
+                    Kind::Protocol,
+                    format!("unexpected storage migration line '{}'", shown()),
+                )
+            };
             let (path, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
             let (export, volume) = export_volume(rest).ok_or_else(bad)?;
             check_socket(path)?;
             if !path.ends_with("_nbd.migrate") {
-                return Err(Error::new(Kind::Protocol, format!("unexpected NBD socket '{path}'")));
+                return Err(Error::new(
+                    Kind::Protocol,
+                    format!("unexpected NBD socket '{path}'"),
+                ));
             }
             nbd.push(json!({
                 "drive": export.replace("drive-", ""),
@@ -88,7 +128,12 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
                 "volume": volume,
             }));
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:") {
-            let bad = || Error::new(Kind::Protocol, format!("unexpected storage migration line '{}'", shown()));
+            let bad = || {
+                Error::new(
+                    Kind::Protocol,
+                    format!("unexpected storage migration line '{}'", shown()),
+                )
+            };
             let (addr, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
             let (host, p) = addr.rsplit_once(':').ok_or_else(bad)?;
             let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(bad)?;
@@ -99,12 +144,23 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
                 "volume": volume,
             }));
         } else if let Some(rest) = line.strip_prefix("re-using replicated volume: ") {
-            let (drive, volume) = rest.split_once(" - ").filter(|(d, v)| word(d) && !v.is_empty() && !v.chars().any(char::is_control)).ok_or_else(|| {
-                Error::new(Kind::Protocol, format!("unexpected replicated volume line '{}'", shown()))
-            })?;
+            let (drive, volume) = rest
+                .split_once(" - ")
+                .filter(|(d, v)| word(d) && !v.is_empty() && !v.chars().any(char::is_control))
+                .ok_or_else(|| {
+                    Error::new(
+                        Kind::Protocol,
+                        format!("unexpected replicated volume line '{}'", shown()),
+                    )
+                })?;
             replicated.push(json!({"drive": drive, "volume": volume}));
         } else if let Some(p) = line.strip_prefix("spice listens on port ") {
-            let p = port(p).ok_or_else(|| Error::new(Kind::Protocol, format!("unexpected spice port in '{}'", shown())))?;
+            let p = port(p).ok_or_else(|| {
+                Error::new(
+                    Kind::Protocol,
+                    format!("unexpected spice port in '{}'", shown()),
+                )
+            })?;
             result.insert("spice_port".into(), json!(p));
         } else if let Some(msg) = line.strip_prefix("QEMU: ") {
             messages.push(json!(printable(msg.as_bytes(), 1000)));
@@ -113,7 +169,10 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
         }
     }
     if !result.contains_key("uri") {
-        return Err(Error::new(Kind::Protocol, "unable to detect remote migration address"));
+        return Err(Error::new(
+            Kind::Protocol,
+            "unable to detect remote migration address",
+        ));
     }
     result.insert("nbd".into(), Value::Array(nbd));
     result.insert("replicated".into(), Value::Array(replicated));
@@ -136,15 +195,34 @@ mod tests {
 
     #[test]
     fn vmid_mismatch_is_refused() {
-        let err = parse_start_output("migration listens on unix:/run/qemu-server/101.migrate\n", "100", DIR).unwrap_err();
-        assert!(err.message.contains("VMID 101 does not match source VMID 100"), "{}", err.message);
+        let err = parse_start_output(
+            "migration listens on unix:/run/qemu-server/101.migrate\n",
+            "100",
+            DIR,
+        )
+        .unwrap_err();
+        assert!(
+            err.message
+                .contains("VMID 101 does not match source VMID 100"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
-    fn tcp_and_legacy_port_addresses() {
-        assert_eq!(parse_start_output("migration listens on tcp:198.18.0.2:60000", "100", DIR).unwrap()["uri"], "tcp:198.18.0.2:60000");
-        assert_eq!(parse_start_output("migration listens on tcp:[fd00::2]:60000", "100", DIR).unwrap()["uri"], "tcp:[fd00::2]:60000");
-        assert_eq!(parse_start_output("migration listens on tcp:localhost:60000", "100", DIR).unwrap()["uri"], "tcp:localhost:60000");
+    fn tcp_addresses_ipv4_ipv6_and_localhost() {
+        assert_eq!(
+            parse_start_output("migration listens on tcp:198.18.0.2:60000", "100", DIR).unwrap()["uri"],
+            "tcp:198.18.0.2:60000"
+        );
+        assert_eq!(
+            parse_start_output("migration listens on tcp:[fd00::2]:60000", "100", DIR).unwrap()["uri"],
+            "tcp:[fd00::2]:60000"
+        );
+        assert_eq!(
+            parse_start_output("migration listens on tcp:localhost:60000", "100", DIR).unwrap()["uri"],
+            "tcp:localhost:60000"
+        );
         assert!(parse_start_output("migration listens on tcp:$(id):1", "100", DIR).is_err());
         assert!(parse_start_output("migration listens on port 0", "100", DIR).is_err());
     }
@@ -155,7 +233,10 @@ mod tests {
                    spice listens on port 61000\nQEMU: warning: something\nmigration listens on unix:/run/qemu-server/100.migrate\n";
         let r = parse_start_output(out, "100", DIR).unwrap();
         assert_eq!(r["nbd"][0]["drive"], "scsi0");
-        assert_eq!(r["nbd"][0]["uri"], "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0");
+        assert_eq!(
+            r["nbd"][0]["uri"],
+            "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0"
+        );
         assert_eq!(r["nbd"][0]["socket"], "/run/qemu-server/100_nbd.migrate");
         assert_eq!(r["nbd"][0]["volume"], "local:100/vm-100-disk-0.raw");
         assert_eq!(r["spice_port"], 61000);
@@ -166,7 +247,13 @@ mod tests {
     fn legacy_port_answer_is_refused_clearly() {
         let err = parse_start_output("migration listens on port 60001\n", "100", DIR).unwrap_err();
         assert_eq!(err.kind, Kind::Protocol);
-        assert!(err.message.starts_with("target answered with the legacy address 'migration listens on port 60001'"), "{}", err.message);
+        assert!(
+            err.message.starts_with(
+                "target answered with the legacy address 'migration listens on port 60001'"
+            ),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -178,12 +265,34 @@ mod tests {
                    \n\
                    migration listens on tcp:198.18.0.2:60000\n";
         let r = parse_start_output(out, "100", DIR).unwrap();
-        assert_eq!(r["nbd"][0], json!({"drive": "scsi0", "uri": "nbd:198.18.0.2:60001:exportname=drive-scsi0", "volume": "local-lvm:vm-100-disk-0"}));
-        assert_eq!(r["nbd"][1]["uri"], "nbd:[fd00::2]:60001:exportname=drive-virtio1");
-        assert_eq!(r["replicated"], json!([{"drive": "scsi1", "volume": "local-zfs:vm-100-disk-2"}]));
-        assert_eq!(r["messages"], json!(["Resuming suspended VM"]), "an unknown line is returned, an empty one is not");
-        for bad in ["storage migration listens on nbd:$(id):1:exportname=drive-scsi0 volume:x", "storage migration listens on nbd:198.18.0.2:0:exportname=drive-scsi0 volume:x", "re-using replicated volume: scsi0"] {
-            let err = parse_start_output(&format!("{bad}\nmigration listens on tcp:198.18.0.2:60000\n"), "100", DIR).unwrap_err();
+        assert_eq!(
+            r["nbd"][0],
+            json!({"drive": "scsi0", "uri": "nbd:198.18.0.2:60001:exportname=drive-scsi0", "volume": "local-lvm:vm-100-disk-0"})
+        );
+        assert_eq!(
+            r["nbd"][1]["uri"],
+            "nbd:[fd00::2]:60001:exportname=drive-virtio1"
+        );
+        assert_eq!(
+            r["replicated"],
+            json!([{"drive": "scsi1", "volume": "local-zfs:vm-100-disk-2"}])
+        );
+        assert_eq!(
+            r["messages"],
+            json!(["Resuming suspended VM"]),
+            "an unknown line is returned, an empty one is not"
+        );
+        for bad in [
+            "storage migration listens on nbd:$(id):1:exportname=drive-scsi0 volume:x",
+            "storage migration listens on nbd:198.18.0.2:0:exportname=drive-scsi0 volume:x",
+            "re-using replicated volume: scsi0",
+        ] {
+            let err = parse_start_output(
+                &format!("{bad}\nmigration listens on tcp:198.18.0.2:60000\n"),
+                "100",
+                DIR,
+            )
+            .unwrap_err();
             assert_eq!(err.kind, Kind::Protocol, "{bad}");
         }
     }
@@ -191,10 +300,17 @@ mod tests {
     #[test]
     fn a_second_migration_address_is_refused() {
         // Found by fuzzing: the unix socket would be forwarded while QEMU migrates to the tcp URI.
-        for second in ["migration listens on tcp:198.18.0.2:60000", "migration listens on port 60001", "migration listens on unix:/run/qemu-server/100.migrate"] {
+        for second in [
+            "migration listens on tcp:198.18.0.2:60000",
+            "migration listens on port 60001",
+            "migration listens on unix:/run/qemu-server/100.migrate",
+        ] {
             let out = format!("migration listens on unix:/run/qemu-server/100.migrate\n{second}\n");
             let err = parse_start_output(&out, "100", DIR).unwrap_err();
-            assert_eq!(err.message, "target reported more than one migration address");
+            assert_eq!(
+                err.message,
+                "target reported more than one migration address"
+            );
         }
     }
 

@@ -17,11 +17,17 @@ use std::ffi::{c_char, c_int};
 /// `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
 /// hung monitor), `MTUNNEL_ERR_IO` (no such socket) or `MTUNNEL_ERR_PROTOCOL`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn qmp_migrate(qmp_socket: *const c_char, uri: *const c_char, options_json: *const c_char) -> c_int {
+pub unsafe extern "C" fn qmp_migrate(
+    qmp_socket: *const c_char,
+    uri: *const c_char,
+    options_json: *const c_char,
+) -> c_int {
     boundary(|| {
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let uri = unsafe { str_arg(uri, "uri") }?;
-        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?)?;
+        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe {
+            opt_str_arg(options_json, "options_json")
+        }?)?)?;
         qmp::migrate(path, uri, &opts).map(drop)
     })
 }
@@ -40,10 +46,16 @@ pub unsafe extern "C" fn qmp_migrate(qmp_socket: *const c_char, uri: *const c_ch
 /// NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
 /// "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn qmp_migrate_setup(qmp_socket: *const c_char, options_json: *const c_char, applied_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn qmp_migrate_setup(
+    qmp_socket: *const c_char,
+    options_json: *const c_char,
+    applied_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
-        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?)?;
+        let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe {
+            opt_str_arg(options_json, "options_json")
+        }?)?)?;
         let applied = qmp::setup(path, &opts)?;
         unsafe { put_string(applied_out, applied.to_string()) };
         Ok(())
@@ -55,7 +67,11 @@ pub unsafe extern "C" fn qmp_migrate_setup(qmp_socket: *const c_char, options_js
 /// them as still running. `qmp_socket` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Same codes as
 /// `qmp_migrate`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn qmp_query_migrate(qmp_socket: *const c_char, timeout_ms: i64, status_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn qmp_query_migrate(
+    qmp_socket: *const c_char,
+    timeout_ms: i64,
+    status_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let reply = qmp::query_migrate(path, timeout_ms)?;
@@ -68,7 +84,11 @@ pub unsafe extern "C" fn qmp_query_migrate(qmp_socket: *const c_char, timeout_ms
 /// (or there was none), all within `timeout_ms`. The last `query-migrate` answer goes to
 /// `*status_out` (free with `mtunnel_string_free`; may be NULL). Same codes as `qmp_migrate`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn qmp_migrate_cancel(qmp_socket: *const c_char, timeout_ms: i64, status_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn qmp_migrate_cancel(
+    qmp_socket: *const c_char,
+    timeout_ms: i64,
+    status_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let reply = qmp::migrate_cancel(path, timeout_ms)?;
@@ -82,14 +102,23 @@ pub unsafe extern "C" fn qmp_migrate_cancel(qmp_socket: *const c_char, timeout_m
 /// with `mtunnel_string_free`; may be NULL). `qmp_socket` or `command` NULL →
 /// `MTUNNEL_ERR_INVALID_ARGUMENT`. Same codes as `qmp_migrate`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn qmp_execute(qmp_socket: *const c_char, command: *const c_char, arguments_json: *const c_char, timeout_ms: i64, reply_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn qmp_execute(
+    qmp_socket: *const c_char,
+    command: *const c_char,
+    arguments_json: *const c_char,
+    timeout_ms: i64,
+    reply_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let command = unsafe { str_arg(command, "command") }?;
-        let args = match unsafe { opt_str_arg(arguments_json, "arguments_json") }? {
-            None => None,
-            Some(text) => Some(serde_json::from_str(text).map_err(|e| Error::invalid(format!("arguments_json is not valid JSON: {e}")))?),
-        };
+        let args =
+            match unsafe { opt_str_arg(arguments_json, "arguments_json") }? {
+                None => None,
+                Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+                    Error::invalid(format!("arguments_json is not valid JSON: {e}"))
+                })?),
+            };
         let reply = qmp::execute(path, command, args, timeout_ms)?;
         unsafe { put_string(reply_out, reply.to_string()) };
         Ok(())

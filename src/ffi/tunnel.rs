@@ -18,7 +18,8 @@ pub struct mtunnel_tunnel {
 /// NUL-terminated message valid only during the call. Called synchronously on the caller's
 /// thread, only from within calls on the tunnel it was given to.
 #[allow(non_camel_case_types)]
-pub type mtunnel_log_fn = Option<unsafe extern "C" fn(userdata: *mut c_void, level: c_int, msg: *const c_char)>;
+pub type mtunnel_log_fn =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, level: c_int, msg: *const c_char)>;
 
 unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
     if t.is_null() {
@@ -58,7 +59,12 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 /// Returns `MTUNNEL_OK`, `MTUNNEL_ERR_INVALID_ARGUMENT` (bad options, path, destination) or
 /// `MTUNNEL_ERR_IO` (ssh could not be started).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tunnel_open(options_json: *const c_char, log: mtunnel_log_fn, userdata: *mut c_void, tunnel_out: *mut *mut mtunnel_tunnel) -> c_int {
+pub unsafe extern "C" fn tunnel_open(
+    options_json: *const c_char,
+    log: mtunnel_log_fn,
+    userdata: *mut c_void,
+    tunnel_out: *mut *mut mtunnel_tunnel,
+) -> c_int {
     boundary(|| {
         if tunnel_out.is_null() {
             return Err(Error::invalid("tunnel_out is NULL"));
@@ -106,7 +112,12 @@ pub unsafe extern "C" fn tunnel_wait_ready(tunnel: *mut mtunnel_tunnel, timeout_
 /// not allow), `MTUNNEL_ERR_TIMEOUT` (an unknown v1 command gets no reply),
 /// `MTUNNEL_ERR_SSH_EXITED` or `MTUNNEL_ERR_CLOSED`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tunnel_command(tunnel: *mut mtunnel_tunnel, command: *const c_char, timeout_ms: i64, reply_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn tunnel_command(
+    tunnel: *mut mtunnel_tunnel,
+    command: *const c_char,
+    timeout_ms: i64,
+    reply_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let t = unsafe { handle(tunnel) }?;
         let cmd = unsafe { str_arg(command, "command") }?;
@@ -130,7 +141,10 @@ pub unsafe extern "C" fn tunnel_command(tunnel: *mut mtunnel_tunnel, command: *c
 /// `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
 /// handle, only the child's fds are released; the parent's ssh is not touched.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tunnel_close(tunnel: *mut mtunnel_tunnel, options_json: *const c_char) -> c_int {
+pub unsafe extern "C" fn tunnel_close(
+    tunnel: *mut mtunnel_tunnel,
+    options_json: *const c_char,
+) -> c_int {
     boundary(|| {
         if tunnel.is_null() {
             return Ok(());
@@ -149,7 +163,11 @@ pub unsafe extern "C" fn tunnel_close(tunnel: *mut mtunnel_tunnel, options_json:
 /// the last error), `MTUNNEL_ERR_PROTOCOL` (not UTF-8, or a broken greeting) or
 /// `MTUNNEL_ERR_CLOSED`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tunnel_read_line(tunnel: *mut mtunnel_tunnel, timeout_ms: i64, line_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn tunnel_read_line(
+    tunnel: *mut mtunnel_tunnel,
+    timeout_ms: i64,
+    line_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let line = unsafe { handle(tunnel) }?.read_line(timeout_ms)?;
         unsafe { put_string(line_out, line) };
@@ -161,7 +179,10 @@ pub unsafe extern "C" fn tunnel_read_line(tunnel: *mut mtunnel_tunnel, timeout_m
 /// `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,
 /// "forwards": [...]}`. `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn tunnel_status(tunnel: *mut mtunnel_tunnel, status_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn tunnel_status(
+    tunnel: *mut mtunnel_tunnel,
+    status_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let status = unsafe { handle(tunnel) }?.status().to_string();
         unsafe { put_string(status_out, status) };

@@ -13,7 +13,11 @@ struct Server {
 impl Server {
     /// Serves one client: sends `greeting` (if any), then answers each request with
     /// `respond(request)` lines. Returns the requests it saw.
-    fn start(tag: &str, greeting: Option<&'static str>, respond: impl Fn(&Value) -> Vec<String> + Send + 'static) -> Server {
+    fn start(
+        tag: &str,
+        greeting: Option<&'static str>,
+        respond: impl Fn(&Value) -> Vec<String> + Send + 'static,
+    ) -> Server {
         let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -38,7 +42,11 @@ impl Server {
             }
             seen
         });
-        Server { path: path.to_str().unwrap().into(), dir, handle: Some(handle) }
+        Server {
+            path: path.to_str().unwrap().into(),
+            dir,
+            handle: Some(handle),
+        }
     }
 
     fn requests(mut self) -> Vec<Value> {
@@ -60,9 +68,18 @@ fn ok(req: &Value, ret: Value) -> String {
 
 #[test]
 fn decode_tells_greeting_event_return_and_error_apart() {
-    assert!(matches!(decode(br#"{"QMP": {}}"#).unwrap(), Message::Greeting(_)));
-    assert_eq!(decode(br#"{"event": "STOP", "timestamp": {}}"#).unwrap(), Message::Event("STOP".into()));
-    assert_eq!(decode(br#"{"return": {}, "id": 1}"#).unwrap(), Message::Return(Some(json!(1)), json!({})));
+    assert!(matches!(
+        decode(br#"{"QMP": {}}"#).unwrap(),
+        Message::Greeting(_)
+    ));
+    assert_eq!(
+        decode(br#"{"event": "STOP", "timestamp": {}}"#).unwrap(),
+        Message::Event("STOP".into())
+    );
+    assert_eq!(
+        decode(br#"{"return": {}, "id": 1}"#).unwrap(),
+        Message::Return(Some(json!(1)), json!({}))
+    );
     assert_eq!(
         decode(br#"{"error": {"class": "GenericError", "desc": "no"}}"#).unwrap(),
         Message::Error(None, "GenericError".into(), "no".into())
@@ -85,7 +102,10 @@ fn migration_monitor(tag: &str) -> Server {
             _ => json!({}),
         };
         // Events before and between replies must be skipped.
-        vec!["{\"event\": \"RESUME\", \"timestamp\": {}}\r\n".to_string(), ok(req, ret)]
+        vec![
+            "{\"event\": \"RESUME\", \"timestamp\": {}}\r\n".to_string(),
+            ok(req, ret),
+        ]
     })
 }
 
@@ -95,8 +115,21 @@ fn migrate_turns_wanted_capabilities_on_and_every_other_off_then_sets_parameters
     let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true, "auto-converge": true}, "parameters": {"downtime-limit": 100}})).unwrap();
     let applied = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
     let reqs = server.requests();
-    let names: Vec<&str> = reqs.iter().map(|r| r["execute"].as_str().unwrap()).collect();
-    assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities", "migrate-set-capabilities", "query-memory-size-summary", "migrate-set-parameters", "migrate"]);
+    let names: Vec<&str> = reqs
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-capabilities",
+            "query-memory-size-summary",
+            "migrate-set-parameters",
+            "migrate"
+        ]
+    );
     assert_eq!(
         reqs[2]["arguments"],
         json!({"capabilities": [
@@ -109,33 +142,77 @@ fn migrate_turns_wanted_capabilities_on_and_every_other_off_then_sets_parameters
     // A tenth of 1 GiB is 102.4 MiB: rounded up to 128 MiB, as PVE's round_powerof2.
     let params = json!({"downtime-limit": 100, "max-bandwidth": 16u64 << 30, "xbzrle-cache-size": 128u64 << 20});
     assert_eq!(reqs[4]["arguments"], params);
-    assert_eq!(reqs[5]["arguments"], json!({"uri": "unix:/run/qemu-server/100.migrate"}));
+    assert_eq!(
+        reqs[5]["arguments"],
+        json!({"uri": "unix:/run/qemu-server/100.migrate"})
+    );
     assert_eq!(applied["parameters"], params);
-    assert_eq!(applied["capabilities"], json!({"auto-converge": true, "postcopy-ram": false, "xbzrle": true}));
+    assert_eq!(
+        applied["capabilities"],
+        json!({"auto-converge": true, "postcopy-ram": false, "xbzrle": true})
+    );
 }
 
 #[test]
 fn migrate_without_capabilities_leaves_them_and_without_setup_only_migrates() {
     let server = migration_monitor("nocaps");
-    migrate(&server.path, "unix:/run/qemu-server/100.migrate", &MigrateOptions { timeout_ms: 5000, ..Default::default() }).unwrap();
-    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
-    assert_eq!(names, ["qmp_capabilities", "migrate-set-parameters", "migrate"]);
+    migrate(
+        &server.path,
+        "unix:/run/qemu-server/100.migrate",
+        &MigrateOptions {
+            timeout_ms: 5000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let names: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["qmp_capabilities", "migrate-set-parameters", "migrate"]
+    );
 
     let server = migration_monitor("nosetup");
-    let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true}, "setup": false})).unwrap();
-    assert_eq!(migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap(), json!({}));
-    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    let opts =
+        MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true}, "setup": false}))
+            .unwrap();
+    assert_eq!(
+        migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap(),
+        json!({})
+    );
+    let names: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["qmp_capabilities", "migrate"]);
 }
 
 #[test]
 fn a_wanted_capability_qemu_lacks_is_refused_before_anything_is_set() {
     let server = migration_monitor("unknowncap");
-    let opts = MigrateOptions::from_json(&json!({"capabilities": {"dirty-bitmaps": true, "x-colo": false}})).unwrap();
-    let err = setup(&server.path, &MigrateOptions { timeout_ms: 5000, ..opts }).unwrap_err();
+    let opts = MigrateOptions::from_json(
+        &json!({"capabilities": {"dirty-bitmaps": true, "x-colo": false}}),
+    )
+    .unwrap();
+    let err = setup(
+        &server.path,
+        &MigrateOptions {
+            timeout_ms: 5000,
+            ..opts
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.kind, Kind::InvalidArgument);
     assert!(err.message.starts_with("migration capability 'dirty-bitmaps' is not supported by this QEMU (supported: xbzrle, auto-converge, postcopy-ram)"), "{}", err.message);
-    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities"]);
 }
 
@@ -144,12 +221,38 @@ fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
     let given = |v: Value| v.as_object().unwrap().clone();
     let p = parameters(&given(json!({})), false, None).unwrap();
     assert_eq!(Value::Object(p), json!({"max-bandwidth": 17179869184u64}));
-    let p = parameters(&given(json!({"max-bandwidth": 1000, "downtime-limit": 5_000_000})), true, Some(64 << 20)).unwrap();
-    assert_eq!(p["max-bandwidth"], json!(1000), "the caller's bandwidth limit wins");
-    assert_eq!(p["downtime-limit"], json!(2_000_000), "capped at QEMU's 2000 s");
-    assert_eq!(p["xbzrle-cache-size"], json!(8u64 << 20), "6.4 MiB rounds up to 8 MiB");
-    let p = parameters(&given(json!({"xbzrle-cache-size": 4096})), true, Some(1 << 30)).unwrap();
-    assert_eq!(p["xbzrle-cache-size"], json!(4096), "the caller's cache size wins");
+    let p = parameters(
+        &given(json!({"max-bandwidth": 1000, "downtime-limit": 5_000_000})),
+        true,
+        Some(64 << 20),
+    )
+    .unwrap();
+    assert_eq!(
+        p["max-bandwidth"],
+        json!(1000),
+        "the caller's bandwidth limit wins"
+    );
+    assert_eq!(
+        p["downtime-limit"],
+        json!(2_000_000),
+        "capped at QEMU's 2000 s"
+    );
+    assert_eq!(
+        p["xbzrle-cache-size"],
+        json!(8u64 << 20),
+        "6.4 MiB rounds up to 8 MiB"
+    );
+    let p = parameters(
+        &given(json!({"xbzrle-cache-size": 4096})),
+        true,
+        Some(1 << 30),
+    )
+    .unwrap();
+    assert_eq!(
+        p["xbzrle-cache-size"],
+        json!(4096),
+        "the caller's cache size wins"
+    );
     assert!(parameters(&given(json!({"downtime-limit": "100"})), false, None).is_err());
     assert_eq!(round_up_power_of_two(0), 1);
     assert_eq!(round_up_power_of_two(1 << 20), 1 << 20);
@@ -160,21 +263,38 @@ fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
 fn qmp_error_carries_class_and_desc() {
     let server = Server::start("error", Some(GREETING), |req| {
         if req["execute"] == "migrate" {
-            vec![format!("{}\r\n", json!({"error": {"class": "GenericError", "desc": "There's a migration process in progress"}, "id": req["id"]}))]
+            vec![format!(
+                "{}\r\n",
+                json!({"error": {"class": "GenericError", "desc": "There's a migration process in progress"}, "id": req["id"]})
+            )]
         } else {
             vec![ok(req, json!({}))]
         }
     });
-    let err = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &MigrateOptions { timeout_ms: 5000, ..Default::default() }).unwrap_err();
+    let err = migrate(
+        &server.path,
+        "unix:/run/qemu-server/100.migrate",
+        &MigrateOptions {
+            timeout_ms: 5000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.kind, Kind::Qmp);
-    assert_eq!(err.message, "QMP command 'migrate' failed: GenericError: There's a migration process in progress");
+    assert_eq!(
+        err.message,
+        "QMP command 'migrate' failed: GenericError: There's a migration process in progress"
+    );
 }
 
 #[test]
 fn query_migrate_returns_qemus_answer() {
     let server = Server::start("query", Some(GREETING), |req| {
         if req["execute"] == "query-migrate" {
-            vec![ok(req, json!({"status": "active", "ram": {"transferred": 123}}))]
+            vec![ok(
+                req,
+                json!({"status": "active", "ram": {"transferred": 123}}),
+            )]
         } else {
             vec![ok(req, json!({}))]
         }
@@ -197,13 +317,23 @@ fn garbage_from_the_monitor_is_a_protocol_error() {
     let server = Server::start("garbage", Some("this is not json\r\n"), |_| vec![]);
     let err = query_migrate(&server.path, 2000).unwrap_err();
     assert_eq!(err.kind, Kind::Protocol);
-    assert!(err.message.contains("unexpected QMP message 'this is not json'"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("unexpected QMP message 'this is not json'"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
 fn missing_socket_is_named() {
     let err = query_migrate("/nonexistent-mtunnel/100.qmp", 1000).unwrap_err();
-    assert!(err.message.contains("'/nonexistent-mtunnel/100.qmp' does not exist"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("'/nonexistent-mtunnel/100.qmp' does not exist"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
@@ -220,8 +350,21 @@ fn cancel_waits_for_cancelled() {
     });
     let reply = migrate_cancel(&server.path, 5000).unwrap();
     assert_eq!(status(&reply), "cancelled");
-    let names: Vec<String> = server.requests().iter().map(|r| r["execute"].as_str().unwrap().to_string()).collect();
-    assert_eq!(names, ["qmp_capabilities", "migrate_cancel", "query-migrate", "query-migrate", "query-migrate"]);
+    let names: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "qmp_capabilities",
+            "migrate_cancel",
+            "query-migrate",
+            "query-migrate",
+            "query-migrate"
+        ]
+    );
 }
 
 #[test]

@@ -42,7 +42,10 @@ impl Forward {
         }
         validate::socket_path(local, socket_dir)?;
         validate::socket_path(remote, socket_dir)?;
-        Ok(Forward { local: local.into(), remote: remote.into() })
+        Ok(Forward {
+            local: local.into(),
+            remote: remote.into(),
+        })
     }
 
     /// The `-L` argument.
@@ -52,7 +55,11 @@ impl Forward {
 
     /// As given: one path when both ends are the same.
     fn shown(&self) -> String {
-        if self.local == self.remote { self.local.clone() } else { self.spec() }
+        if self.local == self.remote {
+            self.local.clone()
+        } else {
+            self.spec()
+        }
     }
 }
 
@@ -76,11 +83,18 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Reads and validates the JSON options of `tunnel_open`.
     pub fn from_json(opts: &Value) -> Result<OpenOptions> {
-        let mut known = vec!["forwards", "command", "socket_dir", "greeting_timeout_ms", "version_timeout_ms"];
+        let mut known = vec![
+            "forwards",
+            "command",
+            "socket_dir",
+            "greeting_timeout_ms",
+            "version_timeout_ms",
+        ];
         known.extend(ssh::OPTION_KEYS);
         options::only_known(opts, &known)?;
         let ssh = Ssh::from_options(opts)?;
-        let socket_dir = options::string(opts, "socket_dir")?.unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
+        let socket_dir = options::string(opts, "socket_dir")?
+            .unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
         validate::socket_dir(&socket_dir)?;
         let mut forwards: Vec<Forward> = Vec::new();
         for spec in options::string_list(opts, "forwards")?.unwrap_or_default() {
@@ -88,11 +102,18 @@ impl OpenOptions {
             // Every disk of a VM reports the same NBD socket; ssh must get each -L once.
             match forwards.iter().find(|g| g.local == f.local) {
                 Some(g) if *g == f => {}
-                Some(g) => return Err(Error::invalid(format!("forwards '{}' and '{}' listen on the same local socket", g.spec(), f.spec()))),
+                Some(g) => {
+                    return Err(Error::invalid(format!(
+                        "forwards '{}' and '{}' listen on the same local socket",
+                        g.spec(),
+                        f.spec()
+                    )));
+                }
                 None => forwards.push(f),
             }
         }
-        let command = options::string_list(opts, "command")?.unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
+        let command = options::string_list(opts, "command")?
+            .unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
         if command.is_empty() {
             return Err(Error::invalid("option 'command' must not be empty"));
         }
@@ -125,14 +146,29 @@ pub struct CloseOptions {
 
 impl Default for CloseOptions {
     fn default() -> Self {
-        CloseOptions { quit_timeout_ms: 10_000, exit_timeout_ms: 5_000, remote_cleanup: true, cleanup: false, cleanup_sockets: Vec::new() }
+        CloseOptions {
+            quit_timeout_ms: 10_000,
+            exit_timeout_ms: 5_000,
+            remote_cleanup: true,
+            cleanup: false,
+            cleanup_sockets: Vec::new(),
+        }
     }
 }
 
 impl CloseOptions {
     /// Reads the JSON options of `tunnel_close`.
     pub fn from_json(opts: &Value) -> Result<CloseOptions> {
-        options::only_known(opts, &["quit_timeout_ms", "exit_timeout_ms", "remote_cleanup", "cleanup", "cleanup_sockets"])?;
+        options::only_known(
+            opts,
+            &[
+                "quit_timeout_ms",
+                "exit_timeout_ms",
+                "remote_cleanup",
+                "cleanup",
+                "cleanup_sockets",
+            ],
+        )?;
         let d = CloseOptions::default();
         Ok(CloseOptions {
             quit_timeout_ms: options::timeout_ms(opts, "quit_timeout_ms", d.quit_timeout_ms)?,
@@ -184,12 +220,33 @@ impl Tunnel {
             enforced.extend(["-L".to_string(), f.spec()]);
         }
         let argv = opts.ssh.argv(&enforced, &opts.command);
-        log.emit(Level::Debug, &format!("starting {}", argv.iter().map(|a| validate::shell_quote(a)).collect::<Vec<_>>().join(" ")));
-        let slot = opts.ssh.handshake_slot(Deadline::after_ms(opts.greeting_timeout_ms))?;
+        log.emit(
+            Level::Debug,
+            &format!(
+                "starting {}",
+                argv.iter()
+                    .map(|a| validate::shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        let slot = opts
+            .ssh
+            .handshake_slot(Deadline::after_ms(opts.greeting_timeout_ms))?;
         let (child, sock, stderr) = opts.ssh.spawn(&enforced, &opts.command)?;
         Ok(Tunnel {
-            opts, enforced, child, slot, attempt: 0, sock: Some(sock), stderr, lines: LineDecoder::new(MAX_LINE),
-            tail: Stderr::default(), state: State::Started, version: None, log,
+            opts,
+            enforced,
+            child,
+            slot,
+            attempt: 0,
+            sock: Some(sock),
+            stderr,
+            lines: LineDecoder::new(MAX_LINE),
+            tail: Stderr::default(),
+            state: State::Started,
+            version: None,
+            log,
         })
     }
 
@@ -221,12 +278,25 @@ impl Tunnel {
                 (Kind::SshExited, Some(exit)) => exit,
                 _ => return Err(err),
             };
-            let pause = match self.opts.ssh.retry_after(self.attempt, exit, self.lines.pending().is_empty(), &self.tail) {
+            let pause = match self.opts.ssh.retry_after(
+                self.attempt,
+                exit,
+                self.lines.pending().is_empty(),
+                &self.tail,
+            ) {
                 Some(p) if deadline.remaining().is_none_or(|left| left > p) => p,
                 _ => return Err(err),
             };
             self.attempt += 1;
-            self.log.emit(Level::Warn, &format!("{err}; retrying in {} ms (retry {} of {})", pause.as_millis(), self.attempt, self.opts.ssh.connect_retries));
+            self.log.emit(
+                Level::Warn,
+                &format!(
+                    "{err}; retrying in {} ms (retry {} of {})",
+                    pause.as_millis(),
+                    self.attempt,
+                    self.opts.ssh.connect_retries
+                ),
+            );
             std::thread::sleep(pause);
             self.respawn(deadline)?;
         }
@@ -261,14 +331,33 @@ impl Tunnel {
 
     /// Reads one line; maps EOF and timeouts to errors that say what we were waiting for.
     fn line(&mut self, deadline: Deadline, waiting_for: &str) -> Result<Vec<u8>> {
-        let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
+        let sock = self
+            .sock
+            .as_ref()
+            .ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
         let started = std::time::Instant::now();
         let log = &mut self.log;
-        let got = ssh::read_line(&mut self.lines, sock, &self.stderr, &mut self.tail, &mut self.child, deadline, |l| log.emit(Level::Warn, &format!("ssh: {l}")));
+        let got = ssh::read_line(
+            &mut self.lines,
+            sock,
+            &self.stderr,
+            &mut self.tail,
+            &mut self.child,
+            deadline,
+            |l| log.emit(Level::Warn, &format!("ssh: {l}")),
+        );
         match got {
             Ok(Some(line)) => Ok(line),
             Ok(None) => Err(self.exited(&format!("waiting for {waiting_for}"))),
-            Err(e) if e.kind == Kind::Timeout => Err(Error::new(Kind::Timeout, format!("no reply from tunnel to {} within {} ms while waiting for {waiting_for}{}", self.dest(), started.elapsed().as_millis(), self.tail.suffix()))),
+            Err(e) if e.kind == Kind::Timeout => Err(Error::new(
+                Kind::Timeout,
+                format!(
+                    "no reply from tunnel to {} within {} ms while waiting for {waiting_for}{}",
+                    self.dest(),
+                    started.elapsed().as_millis(),
+                    self.tail.suffix()
+                ),
+            )),
             Err(e) => Err(e.context(format!("tunnel to {}", self.dest()))),
         }
     }
@@ -278,7 +367,14 @@ impl Tunnel {
             Ok(Some(exit)) => exit.to_string(),
             _ => "closed its output".into(),
         };
-        Error::new(Kind::SshExited, format!("ssh to {} {how} while {during}{}", self.dest(), self.tail.suffix()))
+        Error::new(
+            Kind::SshExited,
+            format!(
+                "ssh to {} {how} while {during}{}",
+                self.dest(),
+                self.tail.suffix()
+            ),
+        )
     }
 
     /// Reads `tunnel online` and `ver N`, each with its own deadline, capped by `overall`.
@@ -287,16 +383,25 @@ impl Tunnel {
             return Err(Error::new(Kind::Closed, "tunnel is closed"));
         }
         if self.state == State::Started {
-            let line = self.wait_online(overall.min(Deadline::after_ms(self.opts.greeting_timeout_ms)))?;
+            let line =
+                self.wait_online(overall.min(Deadline::after_ms(self.opts.greeting_timeout_ms)))?;
             protocol::online(&line)?;
             self.state = State::Online;
         }
         if self.state == State::Online {
-            let line = self.line(overall.min(Deadline::after_ms(self.opts.version_timeout_ms)), "'ver N'").map_err(|e| match e.kind {
-                // PVE's words, with ssh's reason after them.
-                Kind::SshExited => Error::new(Kind::SshExited, format!("failed to receive tunnel version string ({})", e.message)),
-                _ => e,
-            })?;
+            let line = self
+                .line(
+                    overall.min(Deadline::after_ms(self.opts.version_timeout_ms)),
+                    "'ver N'",
+                )
+                .map_err(|e| match e.kind {
+                    // PVE's words, with ssh's reason after them.
+                    Kind::SshExited => Error::new(
+                        Kind::SshExited,
+                        format!("failed to receive tunnel version string ({})", e.message),
+                    ),
+                    _ => e,
+                })?;
             let ver = protocol::version(&line)?;
             self.version = Some(ver);
             self.state = State::Greeted;
@@ -324,7 +429,13 @@ impl Tunnel {
                     return Err(self.exited(&what));
                 }
                 if overall.expired() {
-                    return Err(Error::new(Kind::Timeout, format!("forward {path} is not a listening socket of ssh (pid {}) within {timeout_ms} ms", self.child.pid())));
+                    return Err(Error::new(
+                        Kind::Timeout,
+                        format!(
+                            "forward {path} is not a listening socket of ssh (pid {}) within {timeout_ms} ms",
+                            self.child.pid()
+                        ),
+                    ));
                 }
                 let mut fds = [PollFd::new(self.child.pidfd(), PollFlags::POLLIN)];
                 io::poll(&mut fds, overall.min(Deadline::after_ms(10)))?;
@@ -343,17 +454,31 @@ impl Tunnel {
         let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
         let v2 = self.version.is_some_and(|v| v >= 2);
-        let line = if v2 { protocol::v2_request(cmd)? } else { cmd.to_string() };
-        let sock = self.sock.as_ref().ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
+        let line = if v2 {
+            protocol::v2_request(cmd)?
+        } else {
+            cmd.to_string()
+        };
+        let sock = self
+            .sock
+            .as_ref()
+            .ok_or_else(|| Error::new(Kind::Closed, "tunnel is closed"))?;
         if let Err(e) = io::send_all(sock.as_fd(), format!("{line}\n").as_bytes(), deadline) {
             let _ = self.child.wait(Deadline::after_ms(500));
             return Err(match e.kind {
-                Kind::Timeout => Error::new(Kind::Timeout, format!("writing '{line}' to tunnel to {} timed out", self.dest())),
+                Kind::Timeout => Error::new(
+                    Kind::Timeout,
+                    format!("writing '{line}' to tunnel to {} timed out", self.dest()),
+                ),
                 _ => self.exited(&format!("writing '{line}'")),
             });
         }
         let reply = self.line(deadline, &format!("the reply to '{line}'"))?;
-        if v2 { protocol::v2_reply(&reply, &line) } else { protocol::reply(&reply, cmd) }
+        if v2 {
+            protocol::v2_reply(&reply, &line)
+        } else {
+            protocol::reply(&reply, cmd)
+        }
     }
 
     /// Reads the next line the remote sends (after the greeting), without sending anything.
@@ -362,7 +487,16 @@ impl Tunnel {
         let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
         let line = self.line(deadline, "a line")?;
-        String::from_utf8(line).map_err(|e| Error::new(Kind::Protocol, format!("tunnel to {} sent a line that is not UTF-8: '{}'", self.dest(), printable(e.as_bytes(), 200))))
+        String::from_utf8(line).map_err(|e| {
+            Error::new(
+                Kind::Protocol,
+                format!(
+                    "tunnel to {} sent a line that is not UTF-8: '{}'",
+                    self.dest(),
+                    printable(e.as_bytes(), 200)
+                ),
+            )
+        })
     }
 
     /// Closes in stages: `quit` and its reply, EOF, wait for exit, SIGTERM, SIGKILL; reaps
@@ -389,7 +523,11 @@ impl Tunnel {
         }
         let greeted = self.state >= State::Greeted;
         if greeted && self.child.try_wait()?.is_none() {
-            let quit = if self.version.is_some_and(|v| v >= 2) { json!({"cmd": "quit", "cleanup": opts.cleanup}).to_string() } else { "quit".to_string() };
+            let quit = if self.version.is_some_and(|v| v >= 2) {
+                json!({"cmd": "quit", "cleanup": opts.cleanup}).to_string()
+            } else {
+                "quit".to_string()
+            };
             if let Err(e) = self.command(&quit, opts.quit_timeout_ms) {
                 errors.push(e.context("closing tunnel"));
             }
@@ -397,15 +535,36 @@ impl Tunnel {
         if let Some(sock) = self.sock.take() {
             let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
-        match self.child.terminate(Deadline::after_ms(opts.exit_timeout_ms)) {
-            Ok((exit, true)) => self.log.emit(Level::Warn, &format!("ssh tunnel to {} did not exit in time and was terminated ({exit})", self.dest())),
+        match self
+            .child
+            .terminate(Deadline::after_ms(opts.exit_timeout_ms))
+        {
+            Ok((exit, true)) => self.log.emit(
+                Level::Warn,
+                &format!(
+                    "ssh tunnel to {} did not exit in time and was terminated ({exit})",
+                    self.dest()
+                ),
+            ),
             Ok((Exit::Code(0) | Exit::Unknown, false)) => {}
-            Ok((exit, false)) => self.log.emit(Level::Debug, &format!("ssh tunnel ended with {exit}")),
+            Ok((exit, false)) => self
+                .log
+                .emit(Level::Debug, &format!("ssh tunnel ended with {exit}")),
             Err(e) => errors.push(e.context("stopping ssh")),
         }
         self.state = State::Closed;
-        let mut local: Vec<&str> = self.opts.forwards.iter().map(|f| f.local.as_str()).collect();
-        let mut remote: Vec<&str> = self.opts.forwards.iter().map(|f| f.remote.as_str()).collect();
+        let mut local: Vec<&str> = self
+            .opts
+            .forwards
+            .iter()
+            .map(|f| f.local.as_str())
+            .collect();
+        let mut remote: Vec<&str> = self
+            .opts
+            .forwards
+            .iter()
+            .map(|f| f.remote.as_str())
+            .collect();
         for path in &extra {
             local.push(path);
             remote.push(path);
@@ -431,14 +590,25 @@ impl Tunnel {
     /// named in the error. Paths are validated and quoted.
     fn remove_remote_sockets(&self, paths: &[&str]) -> Result<()> {
         let script = "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; fi; done";
-        let mut cmd: Vec<String> = ["sh", "-c", script, "sh"].iter().map(|s| s.to_string()).collect();
+        let mut cmd: Vec<String> = ["sh", "-c", script, "sh"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         cmd.extend(paths.iter().map(|p| p.to_string()));
-        let out = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000)).map_err(|e| e.context("removing remote sockets"))?;
-        let kept: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("'{}'", printable(l.as_bytes(), 120))).collect();
+        let out = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000))
+            .map_err(|e| e.context("removing remote sockets"))?;
+        let kept: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| format!("'{}'", printable(l.as_bytes(), 120)))
+            .collect();
         if kept.is_empty() {
             return Ok(());
         }
-        Err(Error::invalid(format!("refusing to remove {} on {}: not a socket (kept)", kept.join(", "), self.dest())))
+        Err(Error::invalid(format!(
+            "refusing to remove {} on {}: not a socket (kept)",
+            kept.join(", "),
+            self.dest()
+        )))
     }
 }
 
@@ -456,7 +626,8 @@ fn unique(paths: Vec<&str>) -> Vec<&str> {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         if let Err(e) = self.close(&CloseOptions::default()) {
-            self.log.emit(Level::Warn, &format!("closing tunnel on drop: {e}"));
+            self.log
+                .emit(Level::Warn, &format!("closing tunnel on drop: {e}"));
         }
     }
 }
@@ -469,37 +640,90 @@ mod tests {
     #[test]
     fn a_forward_is_one_path_or_a_local_remote_pair() {
         let f = Forward::parse("/run/qemu-server/100.migrate", DIR).unwrap();
-        assert_eq!((f.local.as_str(), f.remote.as_str()), ("/run/qemu-server/100.migrate", "/run/qemu-server/100.migrate"));
-        assert_eq!(f.spec(), "/run/qemu-server/100.migrate:/run/qemu-server/100.migrate");
+        assert_eq!(
+            (f.local.as_str(), f.remote.as_str()),
+            (
+                "/run/qemu-server/100.migrate",
+                "/run/qemu-server/100.migrate"
+            )
+        );
+        assert_eq!(
+            f.spec(),
+            "/run/qemu-server/100.migrate:/run/qemu-server/100.migrate"
+        );
         assert_eq!(f.shown(), "/run/qemu-server/100.migrate");
-        let f = Forward::parse("/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate", DIR).unwrap();
+        let f = Forward::parse(
+            "/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate",
+            DIR,
+        )
+        .unwrap();
         assert_eq!(f.remote, "/run/qemu-server/4100.migrate");
-        assert_eq!(f.shown(), "/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate");
+        assert_eq!(
+            f.shown(),
+            "/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate"
+        );
     }
 
     #[test]
     fn tcp_forwards_are_refused_naming_the_spec() {
-        for spec in ["60000:localhost:60000", "60000:127.0.0.1:60000", "/run/qemu-server/100.migrate:localhost:60000", "localhost:60000"] {
+        for spec in [
+            "60000:localhost:60000",
+            "60000:127.0.0.1:60000",
+            "/run/qemu-server/100.migrate:localhost:60000",
+            "localhost:60000",
+        ] {
             let err = Forward::parse(spec, DIR).unwrap_err();
             assert_eq!(err.kind, Kind::InvalidArgument);
-            assert!(err.message.starts_with(&format!("unsupported forward '{spec}': only UNIX socket forwards")), "{}", err.message);
+            assert!(
+                err.message.starts_with(&format!(
+                    "unsupported forward '{spec}': only UNIX socket forwards"
+                )),
+                "{}",
+                err.message
+            );
         }
     }
 
     #[test]
     fn both_ends_of_a_forward_are_validated() {
         let err = Forward::parse("/run/qemu-server/100.migrate:/etc/passwd", DIR).unwrap_err();
-        assert!(err.message.contains("invalid socket path '/etc/passwd'"), "{}", err.message);
+        assert!(
+            err.message.contains("invalid socket path '/etc/passwd'"),
+            "{}",
+            err.message
+        );
         let err = Forward::parse("/tmp/100.migrate:/run/qemu-server/100.migrate", DIR).unwrap_err();
-        assert!(err.message.contains("invalid socket path '/tmp/100.migrate'"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("invalid socket path '/tmp/100.migrate'"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn two_forwards_on_one_local_socket_are_refused_and_repeats_dropped() {
-        let opts = |forwards: Value| OpenOptions::from_json(&json!({"ssh": ["ssh", "root@198.18.0.2"], "forwards": forwards}));
-        let o = opts(json!(["/run/qemu-server/100_nbd.migrate", "/run/qemu-server/100_nbd.migrate"])).unwrap();
+        let opts = |forwards: Value| {
+            OpenOptions::from_json(
+                &json!({"ssh": ["ssh", "root@198.18.0.2"], "forwards": forwards}),
+            )
+        };
+        let o = opts(json!([
+            "/run/qemu-server/100_nbd.migrate",
+            "/run/qemu-server/100_nbd.migrate"
+        ]))
+        .unwrap();
         assert_eq!(o.forwards.len(), 1);
-        let err = opts(json!(["/run/qemu-server/100.migrate", "/run/qemu-server/100.migrate:/run/qemu-server/101.migrate"])).err().unwrap();
-        assert!(err.message.contains("listen on the same local socket"), "{}", err.message);
+        let err = opts(json!([
+            "/run/qemu-server/100.migrate",
+            "/run/qemu-server/100.migrate:/run/qemu-server/101.migrate"
+        ]))
+        .err()
+        .unwrap();
+        assert!(
+            err.message.contains("listen on the same local socket"),
+            "{}",
+            err.message
+        );
     }
 }

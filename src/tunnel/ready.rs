@@ -27,7 +27,8 @@ pub fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
 /// Socket inodes that process `pid` holds open.
 pub fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
     let dir = format!("/proc/{pid}/fd");
-    let entries = std::fs::read_dir(&dir).map_err(|e| Error::new(crate::error::Kind::Io, format!("reading {dir}: {e}")))?;
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| Error::new(crate::error::Kind::Io, format!("reading {dir}: {e}")))?;
     Ok(entries
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter_map(|target| {
@@ -40,7 +41,12 @@ pub fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
 /// Whether `path` is a listening socket held by process `pid`. A stale socket file, or one
 /// bound by some other process, does not count.
 pub fn is_listening(path: &str, pid: i32) -> Result<bool> {
-    let table = std::fs::read_to_string("/proc/net/unix").map_err(|e| Error::new(crate::error::Kind::Io, format!("reading /proc/net/unix: {e}")))?;
+    let table = std::fs::read_to_string("/proc/net/unix").map_err(|e| {
+        Error::new(
+            crate::error::Kind::Io,
+            format!("reading /proc/net/unix: {e}"),
+        )
+    })?;
     let candidates = listening_inodes(&table, path);
     if candidates.is_empty() {
         return Ok(false);
@@ -63,8 +69,14 @@ mod tests {
 
     #[test]
     fn only_listening_sockets_at_exactly_the_path_count() {
-        assert_eq!(listening_inodes(TABLE, "/run/qemu-server/100.migrate"), vec![4242]);
-        assert_eq!(listening_inodes(TABLE, "/run/qemu-server/10.migrate"), Vec::<u64>::new());
+        assert_eq!(
+            listening_inodes(TABLE, "/run/qemu-server/100.migrate"),
+            vec![4242]
+        );
+        assert_eq!(
+            listening_inodes(TABLE, "/run/qemu-server/10.migrate"),
+            Vec::<u64>::new()
+        );
     }
 
     #[test]

@@ -22,13 +22,22 @@ fn describe(ft: std::fs::FileType) -> &'static str {
 pub fn remove_socket(path: &str) -> Result<bool> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::new(Kind::Io, format!("cannot inspect socket path '{path}': {e}"))),
+        Err(e) => Err(Error::new(
+            Kind::Io,
+            format!("cannot inspect socket path '{path}': {e}"),
+        )),
         Ok(meta) if meta.file_type().is_socket() => match std::fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::new(Kind::Io, format!("cannot remove socket '{path}': {e}"))),
+            Err(e) => Err(Error::new(
+                Kind::Io,
+                format!("cannot remove socket '{path}': {e}"),
+            )),
         },
-        Ok(meta) => Err(Error::invalid(format!("refusing to use socket path '{path}': it is {}, not a socket", describe(meta.file_type())))),
+        Ok(meta) => Err(Error::invalid(format!(
+            "refusing to use socket path '{path}': it is {}, not a socket",
+            describe(meta.file_type())
+        ))),
     }
 }
 
@@ -38,11 +47,24 @@ pub fn prepare(path: &str) -> Result<bool> {
     let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::invalid(format!("socket directory '{}' is not a directory", dir.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::invalid(format!("socket directory '{}' does not exist", dir.display())));
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "socket directory '{}' is not a directory",
+                dir.display()
+            )));
         }
-        Err(e) => return Err(Error::new(Kind::Io, format!("cannot inspect socket directory '{}': {e}", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::invalid(format!(
+                "socket directory '{}' does not exist",
+                dir.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::new(
+                Kind::Io,
+                format!("cannot inspect socket directory '{}': {e}", dir.display()),
+            ));
+        }
     }
     remove_socket(path)
 }
@@ -54,7 +76,8 @@ mod tests {
     struct Canary(std::path::PathBuf);
     impl Canary {
         fn new(tag: &str) -> Canary {
-            let dir = std::env::temp_dir().join(format!("mtunnel-sockfile-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("mtunnel-sockfile-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             Canary(dir)
@@ -85,7 +108,11 @@ mod tests {
         let file = c.path("100.migrate");
         std::fs::write(&file, "canary").unwrap();
         let err = prepare(&file).unwrap_err();
-        assert!(err.message.contains("it is a regular file, not a socket"), "{}", err.message);
+        assert!(
+            err.message.contains("it is a regular file, not a socket"),
+            "{}",
+            err.message
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "canary");
 
         let dir = c.path("101.migrate");
@@ -95,8 +122,18 @@ mod tests {
 
         let link = c.path("102.migrate");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(remove_socket(&link).unwrap_err().message.contains("a symlink"));
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            remove_socket(&link)
+                .unwrap_err()
+                .message
+                .contains("a symlink")
+        );
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "canary");
     }
 
@@ -105,6 +142,10 @@ mod tests {
         let c = Canary::new("nodir");
         let p = c.path("gone/100.migrate");
         let err = prepare(&p).unwrap_err();
-        assert!(err.message.contains("does not exist") && err.message.contains("gone"), "{}", err.message);
+        assert!(
+            err.message.contains("does not exist") && err.message.contains("gone"),
+            "{}",
+            err.message
+        );
     }
 }
