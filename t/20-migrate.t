@@ -26,6 +26,7 @@ sleep(1);
 my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
     '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2', '--memory', $mem);
 is($rc, 0, 'driver exits 0') or diag("$out$err");
+is($err, '', 'driver writes nothing to stderr (no Perl warning)');
 like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ssh tunnel ver 1$/m, 'task log shows the tunnel version');
 like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d starting online\/live migration on unix:\/run\/qemu-server\/$vmid\.migrate$/m,
     'task log shows the migration URI');

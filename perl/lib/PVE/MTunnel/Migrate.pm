@@ -69,7 +69,7 @@ sub log {
 sub render_bytes {
     my ($v) = @_;
     my @units = qw(B KiB MiB GiB TiB PiB);
-    my $i = $v > 1023 ? int(log($v) / log(1024)) : 0;
+    my $i = $v > 1023 ? int(CORE::log($v) / CORE::log(1024)) : 0;
     $i = $#units if $i > $#units;
     return sprintf("%.1f %s", $v / 1024**$i, $units[$i]);
 }
