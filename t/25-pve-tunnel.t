@@ -86,6 +86,7 @@ sleep(1);
     my $t0 = time();
     my ($rc, $out, $err) = run_flow('node1', 'node2');
     is($rc, 0, 'v1: QemuMigrate.pm\'s sequence on the drop-in migrates node1 -> node2') or diag("$out$err");
+    is($err, '', 'v1: nothing on stderr (no Perl warning)');
     upstream_log_ok('v1', $out);
     like($out, qr/ssh tunnel ver 1$/m, 'v1: the tunnel speaks protocol v1');
     like($out, qr/-S poll: sockets ready at look 1$/m, 'v1: QemuMigrate.pm\'s -S poll passes at its first look');
