@@ -11,6 +11,7 @@ use Test::More;
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
 use File::Temp ();
+use JSON::PP ();
 use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 
@@ -301,6 +302,22 @@ PM
     is(PVE::Tunnel::read_tunnel($websocket, 1), 'line', 'one-line switch: ... and to upstream\'s read_tunnel');
     no warnings 'once';
     is_deeply(\@PVE::Tunnel::calls, ['write_tunnel stop', 'finish_tunnel', 'read_tunnel'], 'one-line switch: only the other tunnel reached upstream\'s functions');
+}
+
+{
+    # qmp_migrate_setup on a real QEMU: capabilities as set_migration_caps, parameters as phase 2.
+    $lab->run_ok('node1', 'qm', 'start', 300);
+    my $qmp = '/run/qemu-server/300.qmp';
+    PVE::MTunnel::qmp_execute($qmp, 'migrate-set-capabilities', { capabilities => [{ capability => 'events', state => JSON::PP::true }] });
+    my $applied = PVE::MTunnel::qmp_migrate_setup($qmp, { capabilities => { 'auto-converge' => 1, xbzrle => 1 }, parameters => { 'downtime-limit' => 100 } });
+    my @on = sort map { $_->{capability} } grep { $_->{state} } @{ PVE::MTunnel::qmp_execute($qmp, 'query-migrate-capabilities') };
+    is_deeply(\@on, ['auto-converge', 'xbzrle'], 'qmp_migrate_setup: only the wanted capabilities are on ("events", left on before, is off)');
+    my $p = PVE::MTunnel::qmp_execute($qmp, 'query-migrate-parameters');
+    is_deeply([@$p{qw(max-bandwidth downtime-limit xbzrle-cache-size)}], [16 << 30, 100, 8 << 20],
+	'qmp_migrate_setup: 16 GiB/s, the downtime limit, and a tenth of 64 MiB rounded up to 8 MiB as xbzrle cache');
+    is_deeply($applied->{parameters}, { 'max-bandwidth' => 16 << 30, 'downtime-limit' => 100, 'xbzrle-cache-size' => 8 << 20 },
+	'qmp_migrate_setup: returns what it set');
+    $lab->run_ok('node1', 'qm', 'stop', 300);
 }
 
 is_deeply([MTunnelLab::children()], [], 'drop-in: no child process left');
