@@ -40,7 +40,10 @@ pub struct Error {
 impl Error {
     /// Builds an error of `kind` with `message`.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`Kind::InvalidArgument`].
@@ -55,7 +58,10 @@ impl Error {
 
     /// Prefixes the message with the step that failed, keeping the kind.
     pub fn context(self, step: impl fmt::Display) -> Self {
-        Error { kind: self.kind, message: format!("{step}: {}", self.message) }
+        Error {
+            kind: self.kind,
+            message: format!("{step}: {}", self.message),
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use crate::error::{Error, Kind, Result};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollTimeout};
 use nix::sys::socket::MsgFlags;
-use std::os::fd::{AsRawFd, BorrowedFd};
 #[cfg(test)]
 use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 /// A point in monotonic time after which a step has failed; `None` never expires.
@@ -20,7 +20,11 @@ pub struct Deadline(Option<Instant>);
 impl Deadline {
     /// Expires `ms` milliseconds from now; a negative value means "never".
     pub fn after_ms(ms: i64) -> Self {
-        if ms < 0 { Deadline(None) } else { Deadline(Some(Instant::now() + Duration::from_millis(ms as u64))) }
+        if ms < 0 {
+            Deadline(None)
+        } else {
+            Deadline(Some(Instant::now() + Duration::from_millis(ms as u64)))
+        }
     }
 
     /// Never expires.
@@ -43,7 +47,8 @@ impl Deadline {
 
     /// Time left, `None` for a deadline that never expires.
     pub fn remaining(&self) -> Option<Duration> {
-        self.0.map(|end| end.saturating_duration_since(Instant::now()))
+        self.0
+            .map(|end| end.saturating_duration_since(Instant::now()))
     }
 
     fn poll_timeout(&self) -> PollTimeout {
@@ -126,7 +131,10 @@ pub fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], deadline: Deadline) -> Resu
             Err(Errno::EAGAIN) => {
                 let mut fds = [PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
                 if poll(&mut fds, deadline)? == 0 {
-                    return Err(Error::new(Kind::Timeout, "write did not complete before the deadline"));
+                    return Err(Error::new(
+                        Kind::Timeout,
+                        "write did not complete before the deadline",
+                    ));
                 }
             }
             Err(e) => return Err(Error::io("write", e)),
@@ -146,7 +154,10 @@ pub struct LineDecoder {
 impl LineDecoder {
     /// A decoder that rejects lines longer than `max_line` bytes.
     pub fn new(max_line: usize) -> Self {
-        LineDecoder { buf: Vec::new(), max_line }
+        LineDecoder {
+            buf: Vec::new(),
+            max_line,
+        }
     }
 
     /// The buffer to append freshly read bytes to.
@@ -180,7 +191,10 @@ impl LineDecoder {
 
     fn too_long(&mut self) -> Error {
         self.buf.clear();
-        Error::new(Kind::Protocol, format!("received a line longer than {} bytes", self.max_line))
+        Error::new(
+            Kind::Protocol,
+            format!("received a line longer than {} bytes", self.max_line),
+        )
     }
 }
 
@@ -210,7 +224,8 @@ mod tests {
     #[test]
     fn line_decoder_splits_lines_and_strips_crlf() {
         let mut d = LineDecoder::new(100);
-        d.buffer().extend_from_slice(b"tunnel online\r\nver 1\npart");
+        d.buffer()
+            .extend_from_slice(b"tunnel online\r\nver 1\npart");
         assert_eq!(d.next_line().unwrap().unwrap(), b"tunnel online");
         assert_eq!(d.next_line().unwrap().unwrap(), b"ver 1");
         assert_eq!(d.next_line().unwrap(), None);
@@ -237,8 +252,8 @@ mod tests {
 
     #[test]
     fn a_storm_of_eintr_neither_shortens_nor_breaks_a_wait() {
-        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
         extern "C" fn nothing(_: libc::c_int) {}
         unsafe {
             // A handler without SA_RESTART, as Perl installs them: every delivery is an EINTR.
@@ -268,7 +283,10 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         let signals = storm.join().unwrap();
         assert_eq!(ready, 0, "nothing became readable");
-        assert!(took >= Duration::from_millis(300), "the wait ended early after {took:?}");
+        assert!(
+            took >= Duration::from_millis(300),
+            "the wait ended early after {took:?}"
+        );
         assert!(signals > 50, "only {signals} signals were sent");
     }
 

@@ -9,7 +9,8 @@ pub fn parse(json: Option<&str>) -> Result<Value> {
     if text.is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("options are not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Error::invalid(format!("options are not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(Error::invalid("options must be a JSON object"));
     }
@@ -26,7 +27,11 @@ pub fn string_list(opts: &Value, key: &str) -> Result<Option<Vec<String>>> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| wrong(key, "a list of strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong(key, "a list of strings"))
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some),
         Some(_) => Err(wrong(key, "a list of strings")),
@@ -46,7 +51,11 @@ pub fn string(opts: &Value, key: &str) -> Result<Option<String>> {
 pub fn uint(opts: &Value, key: &str) -> Result<Option<u32>> {
     match opts.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| wrong(key, "a non-negative integer")),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| wrong(key, "a non-negative integer")),
     }
 }
 
@@ -54,7 +63,9 @@ pub fn uint(opts: &Value, key: &str) -> Result<Option<u32>> {
 pub fn timeout_ms(opts: &Value, key: &str, default: i64) -> Result<i64> {
     match opts.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_i64().ok_or_else(|| wrong(key, "an integer number of milliseconds")),
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| wrong(key, "an integer number of milliseconds")),
     }
 }
 
@@ -80,7 +91,10 @@ pub fn object<'a>(opts: &'a Value, key: &str) -> Result<Option<&'a Map<String, V
 pub fn only_known(opts: &Value, known: &[&str]) -> Result<()> {
     if let Some(map) = opts.as_object() {
         if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(Error::invalid(format!("unknown option '{k}' (known: {})", known.join(", "))));
+            return Err(Error::invalid(format!(
+                "unknown option '{k}' (known: {})",
+                known.join(", ")
+            )));
         }
     }
     Ok(())
@@ -99,16 +113,31 @@ mod tests {
     #[test]
     fn wrong_types_name_the_key() {
         let o = parse(Some(r#"{"ssh": "ssh root@x", "t": "5", "b": 1}"#)).unwrap();
-        assert!(string_list(&o, "ssh").unwrap_err().message.contains("'ssh' must be a list"));
+        assert!(
+            string_list(&o, "ssh")
+                .unwrap_err()
+                .message
+                .contains("'ssh' must be a list")
+        );
         assert!(timeout_ms(&o, "t", 1).unwrap_err().message.contains("'t'"));
         assert!(boolean(&o, "b", false).is_err());
         assert!(parse(Some("[1]")).is_err());
-        assert!(parse(Some("{")).unwrap_err().message.contains("not valid JSON"));
+        assert!(
+            parse(Some("{"))
+                .unwrap_err()
+                .message
+                .contains("not valid JSON")
+        );
     }
 
     #[test]
     fn unknown_keys_are_refused() {
         let o = parse(Some(r#"{"forwrds": []}"#)).unwrap();
-        assert!(only_known(&o, &["forwards"]).unwrap_err().message.contains("unknown option 'forwrds'"));
+        assert!(
+            only_known(&o, &["forwards"])
+                .unwrap_err()
+                .message
+                .contains("unknown option 'forwrds'")
+        );
     }
 }

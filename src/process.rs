@@ -53,7 +53,14 @@ pub struct Child {
 /// Finds `prog` on `PATH` unless it contains a slash; resolved before clone so the child
 /// only calls async-signal-safe functions.
 fn resolve(prog: &str) -> Result<CString> {
-    let to_c = |s: &str| CString::new(s).map_err(|_| Error::invalid(format!("program '{}' contains a NUL byte", io::printable(prog.as_bytes(), 80))));
+    let to_c = |s: &str| {
+        CString::new(s).map_err(|_| {
+            Error::invalid(format!(
+                "program '{}' contains a NUL byte",
+                io::printable(prog.as_bytes(), 80)
+            ))
+        })
+    };
     if prog.contains('/') {
         return to_c(prog);
     }
@@ -65,7 +72,10 @@ fn resolve(prog: &str) -> Result<CString> {
             return Ok(c);
         }
     }
-    Err(Error::invalid(format!("program '{}' not found in PATH", io::printable(prog.as_bytes(), 80))))
+    Err(Error::invalid(format!(
+        "program '{}' not found in PATH",
+        io::printable(prog.as_bytes(), 80)
+    )))
 }
 
 /// Moves an fd to 3 or above (close-on-exec), so that installing the child's stdio with dup2
@@ -88,14 +98,32 @@ struct KernelSigaction {
 }
 
 /// Runs in the child between clone and exec: async-signal-safe calls only, no allocation.
-unsafe fn exec_child(prog: *const c_char, argv: *const *const c_char, envp: *const *const c_char, stdio: [RawFd; 3], report: RawFd, parent: libc::pid_t) -> ! {
+unsafe fn exec_child(
+    prog: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    stdio: [RawFd; 3],
+    report: RawFd,
+    parent: libc::pid_t,
+) -> ! {
     unsafe {
         // The raw syscall also resets the signals glibc reserves (32, 33), which an
         // ignoring parent may have set and signal(3) refuses to touch.
-        let dfl = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+        let dfl = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
         for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::syscall(libc::SYS_rt_sigaction, sig, &dfl as *const KernelSigaction, std::ptr::null_mut::<KernelSigaction>(), 8usize);
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
             }
         }
         for (target, &fd) in stdio.iter().enumerate() {
@@ -104,7 +132,12 @@ unsafe fn exec_child(prog: *const c_char, argv: *const *const c_char, envp: *con
             }
         }
         // Everything above stdio closes at exec, including the report pipe on success.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         libc::setsid();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
         if libc::getppid() != parent {
@@ -121,7 +154,11 @@ unsafe fn exec_child(prog: *const c_char, argv: *const *const c_char, envp: *con
 unsafe fn fail(report: RawFd) -> ! {
     unsafe {
         let errno = *libc::__errno_location();
-        libc::write(report, (&errno as *const c_int).cast(), std::mem::size_of::<c_int>());
+        libc::write(
+            report,
+            (&errno as *const c_int).cast(),
+            std::mem::size_of::<c_int>(),
+        );
         libc::_exit(127)
     }
 }
@@ -134,13 +171,28 @@ impl Child {
         let prog = resolve(prog_name)?;
         let args: Vec<CString> = argv
             .iter()
-            .map(|a| CString::new(a.as_str()).map_err(|_| Error::invalid(format!("argument '{}' contains a NUL byte", io::printable(a.as_bytes(), 80)))))
+            .map(|a| {
+                CString::new(a.as_str()).map_err(|_| {
+                    Error::invalid(format!(
+                        "argument '{}' contains a NUL byte",
+                        io::printable(a.as_bytes(), 80)
+                    ))
+                })
+            })
             .collect::<Result<_>>()?;
         let mut arg_ptrs: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
         arg_ptrs.push(std::ptr::null());
-        let moved: Vec<OwnedFd> = stdio.iter().map(|fd| above_stdio(fd.as_fd())).collect::<Result<_>>()?;
-        let child_stdio = [moved[0].as_raw_fd(), moved[1].as_raw_fd(), moved[2].as_raw_fd()];
-        let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
+        let moved: Vec<OwnedFd> = stdio
+            .iter()
+            .map(|fd| above_stdio(fd.as_fd()))
+            .collect::<Result<_>>()?;
+        let child_stdio = [
+            moved[0].as_raw_fd(),
+            moved[1].as_raw_fd(),
+            moved[2].as_raw_fd(),
+        ];
+        let (report_r, report_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
         let parent = unsafe { libc::getpid() };
         let envp = unsafe { environ };
 
@@ -154,10 +206,26 @@ impl Child {
         }
         let mut pidfd: c_int = -1;
         let pid = unsafe {
-            libc::syscall(libc::SYS_clone, (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong, 0usize, &mut pidfd as *mut c_int, 0usize, 0usize)
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                &mut pidfd as *mut c_int,
+                0usize,
+                0usize,
+            )
         };
         if pid == 0 {
-            unsafe { exec_child(prog.as_ptr(), arg_ptrs.as_ptr(), envp, child_stdio, report_w.as_raw_fd(), parent) }
+            unsafe {
+                exec_child(
+                    prog.as_ptr(),
+                    arg_ptrs.as_ptr(),
+                    envp,
+                    child_stdio,
+                    report_w.as_raw_fd(),
+                    parent,
+                )
+            }
         }
         let clone_errno = Errno::last();
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
@@ -166,7 +234,12 @@ impl Child {
         }
         drop(report_w);
         drop(moved);
-        let mut child = Child { pid: pid as libc::pid_t, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, owner: parent, exit: None };
+        let mut child = Child {
+            pid: pid as libc::pid_t,
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+            owner: parent,
+            exit: None,
+        };
 
         // EOF on the report pipe means exec succeeded (close-on-exec); 4 bytes are its errno.
         let mut buf = [0u8; 4];
@@ -180,7 +253,14 @@ impl Child {
         if n == 4 {
             let errno = Errno::from_raw(i32::from_ne_bytes(buf));
             child.wait(Deadline::after_ms(5000))?;
-            return Err(Error::new(Kind::Io, format!("cannot execute '{}': {}", io::printable(prog_name.as_bytes(), 80), errno.desc())));
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "cannot execute '{}': {}",
+                    io::printable(prog_name.as_bytes(), 80),
+                    errno.desc()
+                ),
+            ));
         }
         Ok(child)
     }
@@ -206,7 +286,10 @@ impl Child {
             return Ok(self.exit);
         }
         let status = loop {
-            match nix::sys::wait::waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+            match nix::sys::wait::waitid(
+                Id::PIDFd(self.pidfd.as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+            ) {
                 Err(Errno::EINTR) => continue,
                 other => break other,
             }
@@ -219,7 +302,11 @@ impl Child {
             // still tells whether it has exited.
             Err(Errno::ECHILD) => {
                 let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-                if io::poll(&mut fds, Deadline::after_ms(0))? > 0 { Some(Exit::Unknown) } else { None }
+                if io::poll(&mut fds, Deadline::after_ms(0))? > 0 {
+                    Some(Exit::Unknown)
+                } else {
+                    None
+                }
             }
             Err(e) => return Err(Error::io("waitid", e)),
         };
@@ -244,11 +331,22 @@ impl Child {
         if self.try_wait()?.is_some() {
             return Ok(());
         }
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0u32) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
         match rc {
             0 => Ok(()),
             _ if Errno::last() == Errno::ESRCH => Ok(()),
-            _ => Err(Error::io(format!("signal {sig} to pid {}", self.pid), Errno::last())),
+            _ => Err(Error::io(
+                format!("signal {sig} to pid {}", self.pid),
+                Errno::last(),
+            )),
         }
     }
 
@@ -267,7 +365,10 @@ impl Child {
         self.signal(libc::SIGKILL)?;
         match self.wait(Deadline::after_ms(10_000))? {
             Some(exit) => Ok((exit, true)),
-            None => Err(Error::new(Kind::Timeout, format!("pid {} did not exit after SIGKILL", self.pid))),
+            None => Err(Error::new(
+                Kind::Timeout,
+                format!("pid {} did not exit after SIGKILL", self.pid),
+            )),
         }
     }
 }
@@ -297,7 +398,13 @@ mod tests {
     }
 
     fn run(argv: &[&str]) -> (Exit, String) {
-        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
         let null = devnull();
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let mut child = Child::spawn(&argv, [null.as_fd(), theirs.as_fd(), null.as_fd()]).unwrap();
@@ -325,7 +432,10 @@ mod tests {
         let mut fds: Vec<&str> = out.split_whitespace().collect();
         fds.sort();
         // 0-2 plus the fd ls uses to read the directory.
-        assert!(fds.len() <= 4 && fds.starts_with(&["0", "1", "2"]), "child saw fds {fds:?}");
+        assert!(
+            fds.len() <= 4 && fds.starts_with(&["0", "1", "2"]),
+            "child saw fds {fds:?}"
+        );
     }
 
     #[test]
@@ -340,16 +450,32 @@ mod tests {
     #[test]
     fn missing_program_is_a_clear_error_and_leaves_no_zombie() {
         let null = devnull();
-        let err = Child::spawn(&["/nonexistent/ssh".to_string()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap_err();
-        assert!(err.message.contains("cannot execute '/nonexistent/ssh'"), "{}", err.message);
-        let err = Child::spawn(&["no-such-program-mtunnel".to_string()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap_err();
+        let err = Child::spawn(
+            &["/nonexistent/ssh".to_string()],
+            [null.as_fd(), null.as_fd(), null.as_fd()],
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("cannot execute '/nonexistent/ssh'"),
+            "{}",
+            err.message
+        );
+        let err = Child::spawn(
+            &["no-such-program-mtunnel".to_string()],
+            [null.as_fd(), null.as_fd(), null.as_fd()],
+        )
+        .unwrap_err();
         assert!(err.message.contains("not found in PATH"), "{}", err.message);
     }
 
     #[test]
     fn terminate_ends_a_stopped_child() {
         let null = devnull();
-        let mut child = Child::spawn(&["sleep".into(), "60".into()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap();
+        let mut child = Child::spawn(
+            &["sleep".into(), "60".into()],
+            [null.as_fd(), null.as_fd(), null.as_fd()],
+        )
+        .unwrap();
         child.signal(libc::SIGSTOP).unwrap();
         let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
         assert!(signalled);
@@ -359,7 +485,11 @@ mod tests {
     #[test]
     fn terminate_escalates_to_sigterm() {
         let null = devnull();
-        let mut child = Child::spawn(&["sleep".into(), "60".into()], [null.as_fd(), null.as_fd(), null.as_fd()]).unwrap();
+        let mut child = Child::spawn(
+            &["sleep".into(), "60".into()],
+            [null.as_fd(), null.as_fd(), null.as_fd()],
+        )
+        .unwrap();
         let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
         assert!(signalled);
         assert_eq!(exit, Exit::Signal(libc::SIGTERM));

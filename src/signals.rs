@@ -15,7 +15,13 @@ pub struct Deferred {
 }
 
 /// Signals that must never be blocked: they report faults in this very thread.
-const SYNCHRONOUS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGTRAP];
+const SYNCHRONOUS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+];
 
 impl Deferred {
     /// Blocks, in the calling thread, every signal that has a handler.
@@ -28,7 +34,10 @@ impl Deferred {
                     continue;
                 }
                 let mut sa: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut sa) == 0 && sa.sa_sigaction != libc::SIG_DFL && sa.sa_sigaction != libc::SIG_IGN {
+                if libc::sigaction(sig, std::ptr::null(), &mut sa) == 0
+                    && sa.sa_sigaction != libc::SIG_DFL
+                    && sa.sa_sigaction != libc::SIG_IGN
+                {
                     libc::sigaddset(&mut set, sig);
                 }
             }
@@ -73,13 +82,27 @@ mod tests {
         let before = HITS.load(Ordering::SeqCst);
         {
             let _d = Deferred::handlers();
-            assert!(blocked(libc::SIGUSR2), "a signal with a handler is held back");
+            assert!(
+                blocked(libc::SIGUSR2),
+                "a signal with a handler is held back"
+            );
             assert!(!blocked(libc::SIGSEGV), "fault signals are never blocked");
-            assert!(!blocked(libc::SIGWINCH), "signals at their default are left alone");
+            assert!(
+                !blocked(libc::SIGWINCH),
+                "signals at their default are left alone"
+            );
             unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) };
-            assert_eq!(HITS.load(Ordering::SeqCst), before, "the handler did not run during the call");
+            assert_eq!(
+                HITS.load(Ordering::SeqCst),
+                before,
+                "the handler did not run during the call"
+            );
         }
         assert!(!blocked(libc::SIGUSR2), "the mask is restored");
-        assert_eq!(HITS.load(Ordering::SeqCst), before + 1, "the handler ran once the call returned");
+        assert_eq!(
+            HITS.load(Ordering::SeqCst),
+            before + 1,
+            "the handler ran once the call returned"
+        );
     }
 }

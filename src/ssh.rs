@@ -35,23 +35,39 @@ pub struct Ssh {
 
 /// With AES instructions, AES-GCM moves migration data ~30% faster than OpenSSH's default
 /// chacha20-poly1305 (measured by `make bench`); chacha20 stays as the fallback.
-const AES_GCM_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
+const AES_GCM_FIRST: &str =
+    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
 
 fn cpu_has_aes() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| info.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "aes")))
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "aes"))
+        })
         .unwrap_or(false)
 }
 
 /// Option keys [`Ssh::from_options`] reads, for callers that check for unknown keys.
-pub const OPTION_KEYS: [&str; 8] = ["ssh", "connect_timeout_s", "server_alive_interval_s", "server_alive_count_max", "handshake_slots", "connect_retries", "lock_dir", "ciphers"];
+pub const OPTION_KEYS: [&str; 8] = [
+    "ssh",
+    "connect_timeout_s",
+    "server_alive_interval_s",
+    "server_alive_count_max",
+    "handshake_slots",
+    "connect_retries",
+    "lock_dir",
+    "ciphers",
+];
 
 impl Ssh {
     /// Validates a prefix such as `["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"]`:
     /// at least a binary and a destination, which must not look like an option.
     pub fn new(prefix: Vec<String>) -> Result<Ssh> {
         if prefix.len() < 2 {
-            return Err(Error::invalid("ssh prefix needs at least the ssh binary and user@host"));
+            return Err(Error::invalid(
+                "ssh prefix needs at least the ssh binary and user@host",
+            ));
         }
         validate::destination(prefix.last().unwrap())?;
         Ok(Ssh {
@@ -69,7 +85,8 @@ impl Ssh {
 
     /// Reads the prefix and the optional keepalive settings from a JSON options object.
     pub fn from_options(opts: &Value) -> Result<Ssh> {
-        let prefix = crate::options::string_list(opts, "ssh")?.ok_or_else(|| Error::invalid("missing option 'ssh' (the ssh argv prefix)"))?;
+        let prefix = crate::options::string_list(opts, "ssh")?
+            .ok_or_else(|| Error::invalid("missing option 'ssh' (the ssh argv prefix)"))?;
         let mut ssh = Ssh::new(prefix)?;
         if let Some(v) = crate::options::uint(opts, "connect_timeout_s")? {
             ssh.connect_timeout_s = v;
@@ -87,14 +104,24 @@ impl Ssh {
             ssh.connect_retries = v;
         }
         if let Some(c) = crate::options::string(opts, "ciphers")? {
-            if c.bytes().any(|b| !(b.is_ascii_alphanumeric() || b"-@.,".contains(&b))) {
-                return Err(Error::invalid(format!("invalid ciphers '{}': expected a comma-separated cipher list", io::printable(c.as_bytes(), 120))));
+            if c.bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b"-@.,".contains(&b)))
+            {
+                return Err(Error::invalid(format!(
+                    "invalid ciphers '{}': expected a comma-separated cipher list",
+                    io::printable(c.as_bytes(), 120)
+                )));
             }
             // "" = leave the choice to ssh.
             ssh.ciphers = (!c.is_empty()).then_some(c);
         }
         if let Some(dir) = crate::options::string(opts, "lock_dir")? {
-            validate::socket_dir(&dir).map_err(|_| Error::invalid(format!("invalid lock_dir '{}': must be an absolute, normalized path", io::printable(dir.as_bytes(), 120))))?;
+            validate::socket_dir(&dir).map_err(|_| {
+                Error::invalid(format!(
+                    "invalid lock_dir '{}': must be an absolute, normalized path",
+                    io::printable(dir.as_bytes(), 120)
+                ))
+            })?;
             ssh.lock_dir = dir;
         }
         Ok(ssh)
@@ -107,14 +134,31 @@ impl Ssh {
 
     /// Waits for a handshake slot to this destination (see [`crate::throttle`]).
     pub fn handshake_slot(&self, deadline: Deadline) -> Result<Option<crate::throttle::Slot>> {
-        crate::throttle::acquire(&self.lock_dir, self.destination(), self.handshake_slots, deadline)
+        crate::throttle::acquire(
+            &self.lock_dir,
+            self.destination(),
+            self.handshake_slots,
+            deadline,
+        )
     }
 
     /// Whether a failed attempt may be retried, and after how long: only failures before
     /// authentication (no remote command can have run), and only `connect_retries` times.
-    pub fn retry_after(&self, attempt: u32, exit: Exit, stdout_empty: bool, stderr: &Stderr) -> Option<std::time::Duration> {
-        let before_auth = !stderr.authenticated() && crate::throttle::failed_before_auth(exit == Exit::Code(255), stdout_empty, &stderr.text());
-        (before_auth && attempt < self.connect_retries).then(|| crate::throttle::backoff(attempt + 1))
+    pub fn retry_after(
+        &self,
+        attempt: u32,
+        exit: Exit,
+        stdout_empty: bool,
+        stderr: &Stderr,
+    ) -> Option<std::time::Duration> {
+        let before_auth = !stderr.authenticated()
+            && crate::throttle::failed_before_auth(
+                exit == Exit::Code(255),
+                stdout_empty,
+                &stderr.text(),
+            );
+        (before_auth && attempt < self.connect_retries)
+            .then(|| crate::throttle::backoff(attempt + 1))
     }
 
     /// The full argv. `enforced` options go right after the binary, so they win over the
@@ -125,20 +169,36 @@ impl Ssh {
         let mut argv = vec![self.prefix[0].clone()];
         // VERBOSE makes ssh say "Authenticated to …": the end of the handshake, and proof
         // that a failure before it ran no remote command. Those lines are filtered out.
-        for opt in ["-e", "none", "-o", "BatchMode=yes", "-o", "LogLevel=VERBOSE"] {
+        for opt in [
+            "-e",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=VERBOSE",
+        ] {
             argv.push(opt.into());
         }
         argv.extend(enforced.iter().cloned());
         argv.extend(self.prefix[1..].iter().cloned());
         if self.connect_timeout_s > 0 {
-            argv.extend(["-o".into(), format!("ConnectTimeout={}", self.connect_timeout_s)]);
+            argv.extend([
+                "-o".into(),
+                format!("ConnectTimeout={}", self.connect_timeout_s),
+            ]);
         }
         if let Some(c) = &self.ciphers {
             argv.extend(["-o".into(), format!("Ciphers={c}")]);
         }
         if self.server_alive_interval_s > 0 {
-            argv.extend(["-o".into(), format!("ServerAliveInterval={}", self.server_alive_interval_s)]);
-            argv.extend(["-o".into(), format!("ServerAliveCountMax={}", self.server_alive_count_max)]);
+            argv.extend([
+                "-o".into(),
+                format!("ServerAliveInterval={}", self.server_alive_interval_s),
+            ]);
+            argv.extend([
+                "-o".into(),
+                format!("ServerAliveCountMax={}", self.server_alive_count_max),
+            ]);
         }
         argv.push("--".into());
         argv.push(validate::shell_join(remote));
@@ -147,17 +207,35 @@ impl Ssh {
 
     /// Starts ssh with one socket as its stdin and stdout (writes use MSG_NOSIGNAL) and a pipe
     /// as stderr. Returns the child and our ends, both non-blocking.
-    pub fn spawn(&self, enforced: &[String], remote: &[String]) -> Result<(Child, OwnedFd, OwnedFd)> {
+    pub fn spawn(
+        &self,
+        enforced: &[String],
+        remote: &[String],
+    ) -> Result<(Child, OwnedFd, OwnedFd)> {
         if remote.is_empty() {
             return Err(Error::invalid("remote command is empty"));
         }
         let argv = self.argv(enforced, remote);
-        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
-            .map_err(|e| Error::io("socketpair", e))?;
-        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .map_err(|e| Error::io("socketpair", e))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
         // Only our end is non-blocking; ssh gets blocking fds as usual.
-        nix::fcntl::fcntl(err_r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).map_err(|e| Error::io("fcntl", e))?;
-        nix::fcntl::fcntl(theirs.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).map_err(|e| Error::io("fcntl", e))?;
+        nix::fcntl::fcntl(
+            err_r.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| Error::io("fcntl", e))?;
+        nix::fcntl::fcntl(
+            theirs.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| Error::io("fcntl", e))?;
         let child = Child::spawn(&argv, [theirs.as_fd(), theirs.as_fd(), err_w.as_fd()])
             .map_err(|e| e.context(format!("starting ssh to {}", self.destination())))?;
         Ok((child, ours, err_r))
@@ -205,7 +283,10 @@ impl Stderr {
             self.authenticated = true;
             return None;
         }
-        if line.is_empty() || line.starts_with("Transferred: sent ") || line.starts_with("Bytes per second: ") {
+        if line.is_empty()
+            || line.starts_with("Transferred: sent ")
+            || line.starts_with("Bytes per second: ")
+        {
             return None;
         }
         self.tail_len += line.len();
@@ -223,13 +304,21 @@ impl Stderr {
 
     /// The kept lines joined with " | ", empty if there were none.
     pub fn text(&self) -> String {
-        self.tail.iter().map(String::as_str).collect::<Vec<_>>().join(" | ")
+        self.tail
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(" | ")
     }
 
     /// "; stderr: …" or nothing.
     pub fn suffix(&self) -> String {
         let t = self.text();
-        if t.is_empty() { String::new() } else { format!("; stderr: {t}") }
+        if t.is_empty() {
+            String::new()
+        } else {
+            format!("; stderr: {t}")
+        }
     }
 }
 
@@ -266,14 +355,38 @@ pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Re
     }
 }
 
-fn run_once(ssh: &Ssh, remote: &[String], input: &[u8], slot: &mut Option<crate::throttle::Slot>, deadline: Deadline) -> Result<(Output, Stderr)> {
+fn run_once(
+    ssh: &Ssh,
+    remote: &[String],
+    input: &[u8],
+    slot: &mut Option<crate::throttle::Slot>,
+    deadline: Deadline,
+) -> Result<(Output, Stderr)> {
     let (mut child, sock, err_r) = ssh.spawn(&[], remote)?;
-    let what = format!("'{}' on {}", validate::shell_join(remote), ssh.destination());
+    let what = format!(
+        "'{}' on {}",
+        validate::shell_join(remote),
+        ssh.destination()
+    );
     let result = collect(&mut child, &sock, &err_r, input, slot, deadline);
     match result {
         Ok((stdout, stderr_lines, stderr)) => {
-            let exit = child.wait(deadline.min(Deadline::after_ms(5000)))?.ok_or_else(|| Error::new(Kind::Timeout, format!("ssh for {what} closed its output but did not exit")))?;
-            Ok((Output { exit, stdout, stderr: stderr_lines }, stderr))
+            let exit = child
+                .wait(deadline.min(Deadline::after_ms(5000)))?
+                .ok_or_else(|| {
+                    Error::new(
+                        Kind::Timeout,
+                        format!("ssh for {what} closed its output but did not exit"),
+                    )
+                })?;
+            Ok((
+                Output {
+                    exit,
+                    stdout,
+                    stderr: stderr_lines,
+                },
+                stderr,
+            ))
         }
         Err(e) => {
             let _ = child.terminate(Deadline::after_ms(0));
@@ -282,7 +395,14 @@ fn run_once(ssh: &Ssh, remote: &[String], input: &[u8], slot: &mut Option<crate:
     }
 }
 
-fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], slot: &mut Option<crate::throttle::Slot>, deadline: Deadline) -> Result<(Vec<u8>, Vec<u8>, Stderr)> {
+fn collect(
+    child: &mut Child,
+    sock: &OwnedFd,
+    err_r: &OwnedFd,
+    input: &[u8],
+    slot: &mut Option<crate::throttle::Slot>,
+    deadline: Deadline,
+) -> Result<(Vec<u8>, Vec<u8>, Stderr)> {
     if !input.is_empty() {
         // A remote that exits without reading its input is not our error; its exit code tells.
         let _ = io::send_all(sock.as_fd(), input, deadline);
@@ -326,7 +446,10 @@ fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], slo
             }
         }
         if out.len() > MAX_OUTPUT {
-            return Err(Error::new(Kind::Protocol, format!("more than {MAX_OUTPUT} bytes of output")));
+            return Err(Error::new(
+                Kind::Protocol,
+                format!("more than {MAX_OUTPUT} bytes of output"),
+            ));
         }
         // A remote process that keeps our pipes open after ssh exits would hang us: stop at exit.
         if child.try_wait()?.is_some() {
@@ -344,20 +467,46 @@ fn collect(child: &mut Child, sock: &OwnedFd, err_r: &OwnedFd, input: &[u8], slo
 /// the exit and the stderr tail. Exit 255 is ssh's own failure. A status that the host
 /// process reaped itself (`$SIG{CHLD}='IGNORE'`, its own reaper) is unknown, not a failure:
 /// the caller still has the output to judge.
-pub fn run_checked(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
+pub fn run_checked(
+    ssh: &Ssh,
+    remote: &[String],
+    input: &[u8],
+    deadline: Deadline,
+) -> Result<Output> {
     let out = run(ssh, remote, input, deadline)?;
     if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
         return Ok(out);
     }
     let mut tail = Stderr::default();
     tail.push(&out.stderr);
-    let kind = if out.exit == Exit::Code(255) { Kind::SshExited } else { Kind::Remote };
-    Err(Error::new(kind, format!("'{}' on {} failed: {}{}", validate::shell_join(remote), ssh.destination(), out.exit, tail.suffix())))
+    let kind = if out.exit == Exit::Code(255) {
+        Kind::SshExited
+    } else {
+        Kind::Remote
+    };
+    Err(Error::new(
+        kind,
+        format!(
+            "'{}' on {} failed: {}{}",
+            validate::shell_join(remote),
+            ssh.destination(),
+            out.exit,
+            tail.suffix()
+        ),
+    ))
 }
 
 /// Reads the next line of a tunnel-style stream, draining ssh's stderr meanwhile (each new
 /// line goes to `on_stderr`) and noticing when the child exits. Returns `Ok(None)` on EOF.
-pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, stderr: &mut Stderr, child: &mut Child, deadline: Deadline, mut on_stderr: impl FnMut(&str)) -> Result<Option<Vec<u8>>> {
+pub fn read_line(
+    lines: &mut LineDecoder,
+    sock: &OwnedFd,
+    err_r: &OwnedFd,
+    stderr: &mut Stderr,
+    child: &mut Child,
+    deadline: Deadline,
+    mut on_stderr: impl FnMut(&str),
+) -> Result<Option<Vec<u8>>> {
     let mut eof = false;
     loop {
         if let Some(line) = lines.next_line()? {
@@ -366,7 +515,10 @@ pub fn read_line(lines: &mut LineDecoder, sock: &OwnedFd, err_r: &OwnedFd, stder
         if eof {
             return Ok(None);
         }
-        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN), PollFd::new(err_r.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(err_r.as_fd(), PollFlags::POLLIN),
+        ];
         if io::poll(&mut fds, deadline)? == 0 {
             return Err(Error::new(Kind::Timeout, "deadline passed"));
         }
@@ -396,7 +548,8 @@ pub fn run_json(opts: &Value) -> Result<Value> {
     known.extend(OPTION_KEYS);
     crate::options::only_known(opts, &known)?;
     let ssh = Ssh::from_options(opts)?;
-    let command = crate::options::string_list(opts, "command")?.ok_or_else(|| Error::invalid("missing option 'command'"))?;
+    let command = crate::options::string_list(opts, "command")?
+        .ok_or_else(|| Error::invalid("missing option 'command'"))?;
     let input = crate::options::string(opts, "input")?.unwrap_or_default();
     let deadline = Deadline::after_ms(crate::options::timeout_ms(opts, "timeout_ms", 60_000)?);
     let out = if crate::options::boolean(opts, "check", true)? {
@@ -422,21 +575,50 @@ mod tests {
     use super::*;
 
     fn prefix() -> Vec<String> {
-        ["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"].iter().map(|s| s.to_string()).collect()
+        [
+            "/usr/bin/ssh",
+            "-o",
+            "HostKeyAlias=node2",
+            "root@198.18.0.2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     #[test]
     fn argv_puts_enforced_options_before_the_callers_and_quotes_the_remote_command() {
         let mut ssh = Ssh::new(prefix()).unwrap();
         ssh.ciphers = Some("aes128-gcm@openssh.com".into());
-        let argv = ssh.argv(&["-o".into(), "ExitOnForwardFailure=yes".into()], &["qm".into(), "stop".into(), "$(touch /tmp/x)".into()]);
+        let argv = ssh.argv(
+            &["-o".into(), "ExitOnForwardFailure=yes".into()],
+            &["qm".into(), "stop".into(), "$(touch /tmp/x)".into()],
+        );
         assert_eq!(
             argv,
             [
-                "/usr/bin/ssh", "-e", "none", "-o", "BatchMode=yes", "-o", "LogLevel=VERBOSE", "-o", "ExitOnForwardFailure=yes",
-                "-o", "HostKeyAlias=node2", "root@198.18.0.2",
-                "-o", "ConnectTimeout=10", "-o", "Ciphers=aes128-gcm@openssh.com", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
-                "--", "qm stop '$(touch /tmp/x)'"
+                "/usr/bin/ssh",
+                "-e",
+                "none",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=VERBOSE",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-o",
+                "HostKeyAlias=node2",
+                "root@198.18.0.2",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "Ciphers=aes128-gcm@openssh.com",
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=3",
+                "--",
+                "qm stop '$(touch /tmp/x)'"
             ]
         );
     }
@@ -445,7 +627,11 @@ mod tests {
     fn prefix_must_end_in_a_destination_that_is_not_an_option() {
         assert!(Ssh::new(vec!["/usr/bin/ssh".into()]).is_err());
         let err = Ssh::new(vec!["/usr/bin/ssh".into(), "-oProxyCommand=sh".into()]).unwrap_err();
-        assert!(err.message.contains("invalid ssh destination"), "{}", err.message);
+        assert!(
+            err.message.contains("invalid ssh destination"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -453,7 +639,10 @@ mod tests {
         let mut opts = serde_json::json!({"ssh": prefix(), "ciphers": ""});
         assert_eq!(Ssh::from_options(&opts).unwrap().ciphers, None);
         opts["ciphers"] = serde_json::json!("aes256-gcm@openssh.com");
-        assert_eq!(Ssh::from_options(&opts).unwrap().ciphers.as_deref(), Some("aes256-gcm@openssh.com"));
+        assert_eq!(
+            Ssh::from_options(&opts).unwrap().ciphers.as_deref(),
+            Some("aes256-gcm@openssh.com")
+        );
         opts["ciphers"] = serde_json::json!("aes; rm -rf /");
         assert!(Ssh::from_options(&opts).is_err());
     }
@@ -464,7 +653,12 @@ mod tests {
         ssh.connect_timeout_s = 0;
         ssh.server_alive_interval_s = 0;
         let argv = ssh.argv(&[], &["true".into()]);
-        assert!(!argv.iter().any(|a| a.starts_with("ConnectTimeout") || a.starts_with("ServerAlive")), "{argv:?}");
+        assert!(
+            !argv
+                .iter()
+                .any(|a| a.starts_with("ConnectTimeout") || a.starts_with("ServerAlive")),
+            "{argv:?}"
+        );
     }
 
     #[test]
@@ -472,8 +666,14 @@ mod tests {
         let mut e = Stderr::default();
         assert_eq!(e.push(b"first\r\n\nAuthenticated to 198.18.0.2 ([198.18.0.2]:22) using \"publickey\".\r\nPermission"), vec!["first"]);
         assert!(e.authenticated());
-        assert_eq!(e.push(b" denied\nTransferred: sent 3488, received 3352 bytes, in 0.1 seconds\n"), vec!["Permission denied"]);
-        assert_eq!(e.push(b"Bytes per second: sent 1.0, received 2.0\nlast"), Vec::<String>::new());
+        assert_eq!(
+            e.push(b" denied\nTransferred: sent 3488, received 3352 bytes, in 0.1 seconds\n"),
+            vec!["Permission denied"]
+        );
+        assert_eq!(
+            e.push(b"Bytes per second: sent 1.0, received 2.0\nlast"),
+            Vec::<String>::new()
+        );
         assert_eq!(e.finish(), vec!["last"]);
         assert_eq!(e.text(), "first | Permission denied | last");
     }
@@ -494,17 +694,48 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mtunnel-fake-ssh-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fake = dir.join("ssh");
-        std::fs::write(&fake, "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec sh -c \"$1\"\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec sh -c \"$1\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let ssh = Ssh::new(vec![fake.to_str().unwrap().into(), "root@node".into()]).unwrap();
-        let out = run(&ssh, &["sh".into(), "-c".into(), "read x; echo got $x; echo oops >&2; exit 3".into()], b"secret\n", Deadline::after_ms(10_000)).unwrap();
+        let out = run(
+            &ssh,
+            &[
+                "sh".into(),
+                "-c".into(),
+                "read x; echo got $x; echo oops >&2; exit 3".into(),
+            ],
+            b"secret\n",
+            Deadline::after_ms(10_000),
+        )
+        .unwrap();
         assert_eq!(out.exit, Exit::Code(3));
         assert_eq!(out.stdout, b"got secret\n");
         assert_eq!(out.stderr, b"oops\n");
-        let err = run_checked(&ssh, &["sh".into(), "-c".into(), "echo denied >&2; exit 255".into()], b"", Deadline::after_ms(10_000)).unwrap_err();
+        let err = run_checked(
+            &ssh,
+            &["sh".into(), "-c".into(), "echo denied >&2; exit 255".into()],
+            b"",
+            Deadline::after_ms(10_000),
+        )
+        .unwrap_err();
         assert_eq!(err.kind, Kind::SshExited);
-        assert!(err.message.contains("exit code 255; stderr: denied"), "{}", err.message);
-        let err = run(&ssh, &["sleep".into(), "30".into()], b"", Deadline::after_ms(200)).unwrap_err();
+        assert!(
+            err.message.contains("exit code 255; stderr: denied"),
+            "{}",
+            err.message
+        );
+        let err = run(
+            &ssh,
+            &["sleep".into(), "30".into()],
+            b"",
+            Deadline::after_ms(200),
+        )
+        .unwrap_err();
         assert_eq!(err.kind, Kind::Timeout);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -24,39 +24,81 @@ pub struct Slot {
 }
 
 fn lock_name(destination: &str) -> String {
-    destination.chars().map(|c| if c.is_ascii_alphanumeric() || "@._-".contains(c) { c } else { '_' }).collect()
+    destination
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "@._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A random number in `0..n`, for jitter (no RNG crate: the kernel has one).
 pub fn random_below(n: u64) -> u64 {
     let mut buf = [0u8; 8];
     let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
-    let r = if got == 8 { u64::from_ne_bytes(buf) } else { std::process::id() as u64 ^ std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.subsec_nanos() as u64) };
+    let r = if got == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        std::process::id() as u64
+            ^ std::time::UNIX_EPOCH
+                .elapsed()
+                .map_or(0, |d| d.subsec_nanos() as u64)
+    };
     if n == 0 { 0 } else { r % n }
 }
 
 /// Takes one of `slots` handshake slots for `destination`, waiting until one is free or the
 /// deadline passes. `slots == 0` disables the limit.
-pub fn acquire(lock_dir: &str, destination: &str, slots: u32, deadline: Deadline) -> Result<Option<Slot>> {
+pub fn acquire(
+    lock_dir: &str,
+    destination: &str,
+    slots: u32,
+    deadline: Deadline,
+) -> Result<Option<Slot>> {
     if slots == 0 {
         return Ok(None);
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(lock_dir)
-        .map_err(|e| Error::new(Kind::Io, format!("cannot create lock directory '{lock_dir}': {e}")))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(lock_dir)
+        .map_err(|e| {
+            Error::new(
+                Kind::Io,
+                format!("cannot create lock directory '{lock_dir}': {e}"),
+            )
+        })?;
     let name = lock_name(destination);
     loop {
         // Start at a random slot so that waiters spread over the files.
         let first = random_below(slots as u64) as u32;
         for i in 0..slots {
             let path = format!("{lock_dir}/handshake-{name}.{}.lock", (first + i) % slots);
-            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(&path)
-                .map_err(|e| Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}")))?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| {
+                    Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}"))
+                })?;
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 return Ok(Some(Slot { _file: file }));
             }
         }
         if deadline.expired() {
-            return Err(Error::new(Kind::Timeout, format!("all {slots} ssh handshake slots for {destination} stayed busy until the deadline")));
+            return Err(Error::new(
+                Kind::Timeout,
+                format!(
+                    "all {slots} ssh handshake slots for {destination} stayed busy until the deadline"
+                ),
+            ));
         }
         deadline.sleep(Duration::from_millis(20 + random_below(30)));
     }
@@ -73,7 +115,11 @@ pub fn failed_before_auth(exit_255: bool, stdout_empty: bool, stderr: &str) -> b
         "Connection reset by ",
         "Connection refused",
     ];
-    exit_255 && stdout_empty && stderr.lines().any(|l| MARKERS.iter().any(|m| l.contains(m)))
+    exit_255
+        && stdout_empty
+        && stderr
+            .lines()
+            .any(|l| MARKERS.iter().any(|m| l.contains(m)))
 }
 
 /// Jittered exponential backoff before retry `attempt` (1-based): 200 ms doubling, at most 3 s,
@@ -89,15 +135,47 @@ mod tests {
 
     #[test]
     fn only_handshake_drops_count_as_failed_before_auth() {
-        assert!(failed_before_auth(true, true, "kex_exchange_identification: read: Connection reset by peer\r\n"));
-        assert!(failed_before_auth(true, true, "Connection closed by 198.18.0.2 port 22\n"));
-        assert!(failed_before_auth(true, true, "ssh: connect to host 198.18.0.2 port 22: Connection refused\n"));
+        assert!(failed_before_auth(
+            true,
+            true,
+            "kex_exchange_identification: read: Connection reset by peer\r\n"
+        ));
+        assert!(failed_before_auth(
+            true,
+            true,
+            "Connection closed by 198.18.0.2 port 22\n"
+        ));
+        assert!(failed_before_auth(
+            true,
+            true,
+            "ssh: connect to host 198.18.0.2 port 22: Connection refused\n"
+        ));
         // After authentication the remote command may have run: never retried.
-        assert!(!failed_before_auth(true, true, "Connection to 198.18.0.2 closed by remote host.\n"));
-        assert!(!failed_before_auth(true, true, "root@198.18.0.2: Permission denied (publickey).\n"));
-        assert!(!failed_before_auth(true, true, "ssh: connect to host 198.18.0.99 port 22: Connection timed out\n"));
-        assert!(!failed_before_auth(true, false, "kex_exchange_identification: Connection closed by remote host\n"));
-        assert!(!failed_before_auth(false, true, "kex_exchange_identification: Connection closed by remote host\n"));
+        assert!(!failed_before_auth(
+            true,
+            true,
+            "Connection to 198.18.0.2 closed by remote host.\n"
+        ));
+        assert!(!failed_before_auth(
+            true,
+            true,
+            "root@198.18.0.2: Permission denied (publickey).\n"
+        ));
+        assert!(!failed_before_auth(
+            true,
+            true,
+            "ssh: connect to host 198.18.0.99 port 22: Connection timed out\n"
+        ));
+        assert!(!failed_before_auth(
+            true,
+            false,
+            "kex_exchange_identification: Connection closed by remote host\n"
+        ));
+        assert!(!failed_before_auth(
+            false,
+            true,
+            "kex_exchange_identification: Connection closed by remote host\n"
+        ));
     }
 
     #[test]
@@ -105,7 +183,10 @@ mod tests {
         for attempt in 1..10 {
             let d = backoff(attempt).as_millis() as u64;
             let base = (200u64 << (attempt - 1).min(4)).min(3000);
-            assert!(d >= base / 2 && d < base / 2 + base, "attempt {attempt}: {d} ms");
+            assert!(
+                d >= base / 2 && d < base / 2 + base,
+                "attempt {attempt}: {d} ms"
+            );
         }
     }
 
@@ -113,16 +194,34 @@ mod tests {
     fn slots_are_exclusive_and_released_on_drop() {
         let dir = std::env::temp_dir().join(format!("mtunnel-throttle-{}", std::process::id()));
         let dir_s = dir.to_str().unwrap();
-        let a = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000)).unwrap().unwrap();
-        let b = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000)).unwrap().unwrap();
+        let a = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+            .unwrap()
+            .unwrap();
+        let b = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+            .unwrap()
+            .unwrap();
         // flock is per open file description: a third taker in this process must wait too.
         let err = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(100)).unwrap_err();
         assert_eq!(err.kind, Kind::Timeout);
-        assert!(acquire(dir_s, "root@198.18.0.3", 2, Deadline::after_ms(100)).unwrap().is_some(), "another destination has its own slots");
+        assert!(
+            acquire(dir_s, "root@198.18.0.3", 2, Deadline::after_ms(100))
+                .unwrap()
+                .is_some(),
+            "another destination has its own slots"
+        );
         drop(a);
-        assert!(acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000)).unwrap().is_some());
+        assert!(
+            acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+                .unwrap()
+                .is_some()
+        );
         drop(b);
-        assert!(acquire(dir_s, "x", 0, Deadline::after_ms(0)).unwrap().is_none(), "0 slots = no limit");
+        assert!(
+            acquire(dir_s, "x", 0, Deadline::after_ms(0))
+                .unwrap()
+                .is_none(),
+            "0 slots = no limit"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,7 +15,14 @@ pub fn vmid(vmid: &str) -> Result<()> {
         && vmid.len() <= 9
         && vmid.bytes().all(|b| b.is_ascii_digit())
         && !vmid.starts_with('0');
-    if ok { Ok(()) } else { Err(Error::invalid(format!("invalid VMID '{}': expected 1-9 digits", crate::io::printable(vmid.as_bytes(), 40)))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid VMID '{}': expected 1-9 digits",
+            crate::io::printable(vmid.as_bytes(), 40)
+        )))
+    }
 }
 
 /// Checks a forwarded socket path: `<socket_dir>/<vmid>.migrate` or
@@ -48,7 +55,14 @@ pub fn socket_dir(dir: &str) -> Result<()> {
         && !dir.ends_with('/')
         && !dir.split('/').any(|c| c == ".." || c == ".")
         && !dir.bytes().any(|b| b.is_ascii_control());
-    if ok { Ok(()) } else { Err(Error::invalid(format!("invalid socket_dir '{}': must be an absolute, normalized path", crate::io::printable(dir.as_bytes(), 120)))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid socket_dir '{}': must be an absolute, normalized path",
+            crate::io::printable(dir.as_bytes(), 120)
+        )))
+    }
 }
 
 /// Checks the `user@host` destination of an ssh argv prefix: neither part may start with `-`
@@ -59,7 +73,11 @@ pub fn destination(dest: &str) -> Result<()> {
         Some((u, h)) => (Some(u), h),
         None => (None, dest),
     };
-    let part_ok = |s: &str| !s.is_empty() && !s.starts_with('-') && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    let part_ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
     if !part_ok(host) || user.is_some_and(|u| !part_ok(u)) {
         return Err(Error::invalid(format!(
             "invalid ssh destination '{shown}': user and host must be non-empty, not start with '-' and contain no whitespace"
@@ -74,12 +92,20 @@ pub fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty()
         // No '=': as a first word, `FOO=bar` would be a variable assignment.
         && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:@,+%".contains(&b));
-    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', "'\\''")) }
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// Joins words into one remote command line, each word quoted.
 pub fn shell_join(words: &[String]) -> String {
-    words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+    words
+        .iter()
+        .map(|w| shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -88,8 +114,14 @@ mod tests {
 
     #[test]
     fn accepts_pve_migration_socket_paths() {
-        assert_eq!(socket_path("/run/qemu-server/100.migrate", DEFAULT_SOCKET_DIR).unwrap(), "100");
-        assert_eq!(socket_path("/run/qemu-server/4242_nbd.migrate", DEFAULT_SOCKET_DIR).unwrap(), "4242");
+        assert_eq!(
+            socket_path("/run/qemu-server/100.migrate", DEFAULT_SOCKET_DIR).unwrap(),
+            "100"
+        );
+        assert_eq!(
+            socket_path("/run/qemu-server/4242_nbd.migrate", DEFAULT_SOCKET_DIR).unwrap(),
+            "4242"
+        );
         assert_eq!(socket_path("/tmp/x/7.migrate", "/tmp/x").unwrap(), "7");
     }
 
@@ -110,7 +142,11 @@ mod tests {
             "",
         ] {
             let err = socket_path(bad, DEFAULT_SOCKET_DIR).unwrap_err();
-            assert!(err.message.contains("invalid socket path"), "{bad}: {}", err.message);
+            assert!(
+                err.message.contains("invalid socket path"),
+                "{bad}: {}",
+                err.message
+            );
         }
     }
 
@@ -134,7 +170,15 @@ mod tests {
     fn destination_must_not_look_like_an_option() {
         assert!(destination("root@198.18.0.2").is_ok());
         assert!(destination("node2").is_ok());
-        for bad in ["-oProxyCommand=x", "root@-oProxyCommand=x", "-l@host", "@host", "root@", "ro ot@h", ""] {
+        for bad in [
+            "-oProxyCommand=x",
+            "root@-oProxyCommand=x",
+            "-l@host",
+            "@host",
+            "root@",
+            "ro ot@h",
+            "",
+        ] {
             assert!(destination(bad).is_err(), "{bad}");
         }
     }
@@ -142,22 +186,47 @@ mod tests {
     #[test]
     fn shell_quote_neutralizes_metacharacters() {
         assert_eq!(shell_quote("qm"), "qm");
-        assert_eq!(shell_quote("/run/qemu-server/100.migrate"), "/run/qemu-server/100.migrate");
+        assert_eq!(
+            shell_quote("/run/qemu-server/100.migrate"),
+            "/run/qemu-server/100.migrate"
+        );
         assert_eq!(shell_quote("$(touch /tmp/x)"), "'$(touch /tmp/x)'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
         assert_eq!(shell_quote("FOO=bar"), "'FOO=bar'");
         assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_join(&["rm".into(), "-f".into(), "a b".into()]), "rm -f 'a b'");
+        assert_eq!(
+            shell_join(&["rm".into(), "-f".into(), "a b".into()]),
+            "rm -f 'a b'"
+        );
     }
 
     #[test]
     fn shell_quoted_words_round_trip_through_sh() {
-        let words: Vec<String> = ["plain", "a b", "$(echo pwned)", "`id`", "it's", "x;y", "\"q\"", "*", "\n"]
-            .iter().map(|s| s.to_string()).collect();
+        let words: Vec<String> = [
+            "plain",
+            "a b",
+            "$(echo pwned)",
+            "`id`",
+            "it's",
+            "x;y",
+            "\"q\"",
+            "*",
+            "\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let script = format!("printf '%s\\0' {}", shell_join(&words));
-        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
         let body = out.stdout.strip_suffix(b"\0").unwrap();
-        let got: Vec<String> = body.split(|&b| b == 0).map(|s| String::from_utf8(s.to_vec()).unwrap()).collect();
+        let got: Vec<String> = body
+            .split(|&b| b == 0)
+            .map(|s| String::from_utf8(s.to_vec()).unwrap())
+            .collect();
         assert_eq!(got, words);
     }
 }

@@ -33,7 +33,10 @@ fn files(dir: &Path) -> Option<Vec<PathBuf>> {
         Err(e) => panic!("reading {}: {e}", dir.display()),
     };
     let mut files: Vec<PathBuf> = entries
-        .map(|e| e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())).path())
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+                .path()
+        })
         .filter(|p| p.is_file())
         .collect();
     files.sort();
@@ -45,7 +48,13 @@ fn names(dir: &Path, rs_files: bool) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
-        .filter(|p| if rs_files { p.extension().is_some_and(|x| x == "rs") } else { p.is_dir() })
+        .filter(|p| {
+            if rs_files {
+                p.extension().is_some_and(|x| x == "rs")
+            } else {
+                p.is_dir()
+            }
+        })
         .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
         .collect();
     names.sort();
@@ -53,7 +62,11 @@ fn names(dir: &Path, rs_files: bool) -> Vec<String> {
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("?")
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("?")
 }
 
 /// The open finding an input is kept for: `open-<name>` or `open-<name>.<anything>`.
@@ -64,15 +77,30 @@ fn open_finding(path: &Path) -> Option<String> {
 }
 
 fn replay(target: &str) {
-    let check = TARGETS.iter().find(|(t, _)| *t == target).expect("known target").1;
+    let check = TARGETS
+        .iter()
+        .find(|(t, _)| *t == target)
+        .expect("known target")
+        .1;
     let corpus_dir = fuzz_dir().join("corpus").join(target);
-    let corpus = files(&corpus_dir).unwrap_or_else(|| panic!("{} is missing: the replay would test nothing", corpus_dir.display()));
-    assert!(!corpus.is_empty(), "{} is empty: the replay would test nothing", corpus_dir.display());
+    let corpus = files(&corpus_dir).unwrap_or_else(|| {
+        panic!(
+            "{} is missing: the replay would test nothing",
+            corpus_dir.display()
+        )
+    });
+    assert!(
+        !corpus.is_empty(),
+        "{} is empty: the replay would test nothing",
+        corpus_dir.display()
+    );
     let regressions = files(&fuzz_dir().join("regressions").join(target)).unwrap_or_default();
-    let (open, fixed): (Vec<&PathBuf>, Vec<&PathBuf>) = regressions.iter().partition(|p| open_finding(p).is_some());
+    let (open, fixed): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        regressions.iter().partition(|p| open_finding(p).is_some());
 
     for path in corpus.iter().chain(fixed.iter().copied()) {
-        let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         if let Err(panic) = std::panic::catch_unwind(|| check(&data)) {
             panic!(
                 "{target}: input {} ({} bytes) violates a property: {}\n  reproduce: cd fuzz && cargo +nightly fuzz run {target} {}",
@@ -88,8 +116,13 @@ fn replay(target: &str) {
     // the kept input must still fail; when it no longer does, the finding is fixed.
     for path in &open {
         let name = open_finding(path).unwrap();
-        assert!(checks::OPEN_FINDINGS.contains(&name.as_str()), "{}: '{name}' is not in checks::OPEN_FINDINGS", path.display());
-        let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        assert!(
+            checks::OPEN_FINDINGS.contains(&name.as_str()),
+            "{}: '{name}' is not in checks::OPEN_FINDINGS",
+            path.display()
+        );
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let strict = std::panic::catch_unwind(|| checks::strictly(|| check(&data)));
         assert!(
             strict.is_err(),
@@ -97,7 +130,11 @@ fn replay(target: &str) {
              fuzz/checks.rs (OPEN_FINDINGS) and rename the file without the 'open-' prefix",
             path.display()
         );
-        let _ = writeln!(std::io::stderr(), "fuzz corpus {target}: open finding '{name}' still reproduces ({})", path.display());
+        let _ = writeln!(
+            std::io::stderr(),
+            "fuzz corpus {target}: open finding '{name}' still reproduces ({})",
+            path.display()
+        );
     }
 
     // Written to stderr directly, not through eprintln!, so libtest does not capture it.
@@ -117,11 +154,22 @@ fn every_fuzz_target_has_a_corpus_and_is_replayed_here() {
         t.sort();
         t
     };
-    assert_eq!(names(&fuzz_dir().join("fuzz_targets"), true), targets, "fuzz/fuzz_targets/*.rs and TARGETS differ");
-    assert_eq!(names(&fuzz_dir().join("corpus"), false), targets, "fuzz/corpus/*/ and TARGETS differ");
+    assert_eq!(
+        names(&fuzz_dir().join("fuzz_targets"), true),
+        targets,
+        "fuzz/fuzz_targets/*.rs and TARGETS differ"
+    );
+    assert_eq!(
+        names(&fuzz_dir().join("corpus"), false),
+        targets,
+        "fuzz/corpus/*/ and TARGETS differ"
+    );
     if fuzz_dir().join("regressions").is_dir() {
         for dir in names(&fuzz_dir().join("regressions"), false) {
-            assert!(targets.contains(&dir), "fuzz/regressions/{dir}/ belongs to no target");
+            assert!(
+                targets.contains(&dir),
+                "fuzz/regressions/{dir}/ belongs to no target"
+            );
         }
     }
 }

@@ -84,7 +84,11 @@ pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> c_int {
             e.kind as c_int
         }
         Err(panic) => {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
             set_last_error(&format!("internal error in mtunnel (panic): {what}"));
             MTUNNEL_ERR_PANIC
         }
@@ -96,12 +100,18 @@ pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str
     if p.is_null() {
         return Err(Error::invalid(format!("{name} is NULL")));
     }
-    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))
 }
 
 /// An optional string argument (NULL = absent).
 pub(crate) unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str>> {
-    if p.is_null() { Ok(None) } else { unsafe { str_arg(p, name) }.map(Some) }
+    if p.is_null() {
+        Ok(None)
+    } else {
+        unsafe { str_arg(p, name) }.map(Some)
+    }
 }
 
 /// Stores a library-owned string in an out-parameter (NULL out = the caller does not want it).

@@ -17,7 +17,10 @@ use std::ffi::{c_char, c_int};
 /// `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
 /// On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn ssh_run(options_json: *const c_char, result_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn ssh_run(
+    options_json: *const c_char,
+    result_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
         let result = ssh::run_json(&opts)?;
@@ -34,7 +37,11 @@ pub unsafe extern "C" fn ssh_run(options_json: *const c_char, result_out: *mut *
 /// "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
 /// `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn migrate_listen_parse(output: *const c_char, vmid: *const c_char, result_out: *mut *mut c_char) -> c_int {
+pub unsafe extern "C" fn migrate_listen_parse(
+    output: *const c_char,
+    vmid: *const c_char,
+    result_out: *mut *mut c_char,
+) -> c_int {
     boundary(|| {
         let output = unsafe { str_arg(output, "output") }?;
         let vmid = unsafe { str_arg(vmid, "vmid") }?;
