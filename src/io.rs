@@ -255,6 +255,7 @@ mod tests {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
         extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: installs a handler (a plain extern "C" fn) on a zeroed sigaction for this test process; no memory is shared.
         unsafe {
             // A handler without SA_RESTART, as Perl installs them: every delivery is an EINTR.
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -262,6 +263,7 @@ mod tests {
             libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
         }
         let (r, _w) = nix::unistd::pipe().unwrap();
+        // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() } as usize;
         let stop = Arc::new(AtomicBool::new(false));
         let storm = {
@@ -269,6 +271,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::SeqCst) {
+                    // SAFETY: `me` is the test thread, alive until `stop` is set and this thread is joined.
                     unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
                     n += 1;
                     std::thread::sleep(std::time::Duration::from_micros(500));

@@ -37,6 +37,7 @@
 //! - **Logging.** A tunnel may get a callback `(userdata, level, msg)`, called only
 //!   synchronously on the caller's thread, during calls on that tunnel.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod error;
 pub mod ffi;

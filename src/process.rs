@@ -68,6 +68,7 @@ fn resolve(prog: &str) -> Result<CString> {
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let candidate = format!("{dir}/{prog}");
         let c = to_c(&candidate)?;
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
         if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
             return Ok(c);
         }
@@ -81,10 +82,12 @@ fn resolve(prog: &str) -> Result<CString> {
 /// Moves an fd to 3 or above (close-on-exec), so that installing the child's stdio with dup2
 /// cannot overwrite another of its sources.
 fn above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // SAFETY: fcntl on a borrowed, open fd; the new fd is checked below before use.
     let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
     if raw < 0 {
         return Err(Error::io("fcntl(F_DUPFD_CLOEXEC)", Errno::last()));
     }
+    // SAFETY: `raw` is a fresh fd from F_DUPFD_CLOEXEC (checked >= 0) that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
@@ -106,6 +109,7 @@ unsafe fn exec_child(
     report: RawFd,
     parent: libc::pid_t,
 ) -> ! {
+    // SAFETY: runs in the freshly cloned child before exec: async-signal-safe syscalls only, on fds and pointers the parent prepared and keeps alive until the child execs or exits.
     unsafe {
         // The raw syscall also resets the signals glibc reserves (32, 33), which an
         // ignoring parent may have set and signal(3) refuses to touch.
@@ -152,6 +156,7 @@ unsafe fn exec_child(
 }
 
 unsafe fn fail(report: RawFd) -> ! {
+    // SAFETY: async-signal-safe calls in the child: write of a local int to the report pipe, then _exit.
     unsafe {
         let errno = *libc::__errno_location();
         libc::write(
@@ -193,18 +198,24 @@ impl Child {
         ];
         let (report_r, report_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
+        // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
+        // SAFETY: reads the process environment pointer; no thread of ours changes the environment during spawn.
         let envp = unsafe { environ };
 
         // Block every signal across clone so that no host handler runs in the child before it
         // has reset the dispositions.
+        // SAFETY: sigset_t is plain data; all zeroes is a valid (then filled) value.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigset_t is plain data; all zeroes is a valid (then filled) value.
         let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: fills a valid sigset_t and sets this thread's mask; `old` receives the previous one, restored after clone.
         unsafe {
             libc::sigfillset(&mut all);
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         }
         let mut pidfd: c_int = -1;
+        // SAFETY: clone without CLONE_VM gives the child its own copy of memory; CLONE_PIDFD writes the pidfd into `pidfd`, a live local. The child only runs exec_child.
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone,
@@ -216,6 +227,7 @@ impl Child {
             )
         };
         if pid == 0 {
+            // SAFETY: in the child; every pointer (prog, argv, envp) points into the copied memory of the parent, alive until exec.
             unsafe {
                 exec_child(
                     prog.as_ptr(),
@@ -228,6 +240,7 @@ impl Child {
             }
         }
         let clone_errno = Errno::last();
+        // SAFETY: restores the mask saved before clone; `old` is a valid sigset_t.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         if pid < 0 {
             return Err(Error::io("clone", clone_errno));
@@ -236,6 +249,7 @@ impl Child {
         drop(moved);
         let mut child = Child {
             pid: pid as libc::pid_t,
+            // SAFETY: clone succeeded (pid > 0), so CLONE_PIDFD stored a fresh pidfd that nothing else owns.
             pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
             owner: parent,
             exit: None,
@@ -277,6 +291,7 @@ impl Child {
 
     /// Whether the current process is the one that spawned the child (false in a fork).
     pub fn owned_here(&self) -> bool {
+        // SAFETY: getpid has no preconditions.
         self.owner == unsafe { libc::getpid() }
     }
 
@@ -331,6 +346,7 @@ impl Child {
         if self.try_wait()?.is_some() {
             return Ok(());
         }
+        // SAFETY: pidfd_send_signal on our own pidfd, with no siginfo; no memory is passed.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
@@ -425,9 +441,12 @@ mod tests {
     #[test]
     fn child_inherits_only_stdio() {
         // An fd without close-on-exec in the parent must not reach the child.
+        // SAFETY: test-only fd juggling on this process's own stdout; the copy is closed below.
         let leaked = unsafe { libc::dup(1) };
+        // SAFETY: clears close-on-exec on the fd just duplicated, which this test owns.
         unsafe { libc::fcntl(leaked, libc::F_SETFD, 0) };
         let (_, out) = run(&["sh", "-c", "ls /proc/self/fd"]);
+        // SAFETY: closes the fd this test duplicated above, once.
         unsafe { libc::close(leaked) };
         let mut fds: Vec<&str> = out.split_whitespace().collect();
         fds.sort();

@@ -26,6 +26,7 @@ const SYNCHRONOUS: [libc::c_int; 5] = [
 impl Deferred {
     /// Blocks, in the calling thread, every signal that has a handler.
     pub fn handlers() -> Deferred {
+        // SAFETY: sigset_t and sigaction are plain data (zeroed is valid); sigaction only reads the dispositions and pthread_sigmask changes this thread's mask, saved in `old` and restored on drop.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -50,6 +51,7 @@ impl Deferred {
 
 impl Drop for Deferred {
     fn drop(&mut self) {
+        // SAFETY: restores the mask saved by handlers() for this thread; both pointers are to valid sigset_t values.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
 }
@@ -65,6 +67,7 @@ mod tests {
     }
 
     fn blocked(sig: libc::c_int) -> bool {
+        // SAFETY: only reads this thread's mask into a zeroed sigset_t.
         unsafe {
             let mut cur: libc::sigset_t = std::mem::zeroed();
             libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
@@ -74,6 +77,7 @@ mod tests {
 
     #[test]
     fn handled_signals_wait_until_the_call_returns() {
+        // SAFETY: installs a plain extern "C" handler for SIGUSR2 in this test process.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = count as *const () as usize;
@@ -91,6 +95,7 @@ mod tests {
                 !blocked(libc::SIGWINCH),
                 "signals at their default are left alone"
             );
+            // SAFETY: signals the calling thread itself.
             unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) };
             assert_eq!(
                 HITS.load(Ordering::SeqCst),

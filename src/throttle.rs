@@ -39,6 +39,7 @@ fn lock_name(destination: &str) -> String {
 /// A random number in `0..n`, for jitter (no RNG crate: the kernel has one).
 pub fn random_below(n: u64) -> u64 {
     let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into the buffer it is given.
     let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
     let r = if got == 8 {
         u64::from_ne_bytes(buf)
@@ -88,6 +89,7 @@ pub fn acquire(
                 .map_err(|e| {
                     Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}"))
                 })?;
+            // SAFETY: flock on an fd this File owns and keeps open; no memory is involved.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 return Ok(Some(Slot { _file: file }));
             }

@@ -100,6 +100,7 @@ pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str
     if p.is_null() {
         return Err(Error::invalid(format!("{name} is NULL")));
     }
+    // SAFETY: not NULL (checked above), and str_arg's caller guarantees a NUL-terminated string valid for 'a.
     unsafe { CStr::from_ptr(p) }
         .to_str()
         .map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))
@@ -110,6 +111,7 @@ pub(crate) unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Opt
     if p.is_null() {
         Ok(None)
     } else {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         unsafe { str_arg(p, name) }.map(Some)
     }
 }
@@ -118,6 +120,7 @@ pub(crate) unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Opt
 pub(crate) unsafe fn put_string(out: *mut *mut c_char, s: String) {
     if !out.is_null() {
         let c = CString::new(s.replace('\0', "\\u0000")).unwrap_or_default();
+        // SAFETY: `out` is not NULL (checked above) and, per put_string's contract, points to writable storage.
         unsafe { *out = c.into_raw() };
     }
 }
@@ -138,6 +141,7 @@ pub extern "C" fn mtunnel_last_error() -> *const c_char {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mtunnel_string_free(s: *mut c_char) {
     if !s.is_null() {
+        // SAFETY: not NULL; per the documented contract `s` came from CString::into_raw in put_string and is freed once.
         drop(unsafe { CString::from_raw(s) });
     }
 }

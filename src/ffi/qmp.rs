@@ -23,8 +23,11 @@ pub unsafe extern "C" fn qmp_migrate(
     options_json: *const c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let uri = unsafe { str_arg(uri, "uri") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe {
             opt_str_arg(options_json, "options_json")
         }?)?)?;
@@ -52,11 +55,14 @@ pub unsafe extern "C" fn qmp_migrate_setup(
     applied_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = qmp::MigrateOptions::from_json(&options::parse(unsafe {
             opt_str_arg(options_json, "options_json")
         }?)?)?;
         let applied = qmp::setup(path, &opts)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(applied_out, applied.to_string()) };
         Ok(())
     })
@@ -73,8 +79,10 @@ pub unsafe extern "C" fn qmp_query_migrate(
     status_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let reply = qmp::query_migrate(path, timeout_ms)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(status_out, reply.to_string()) };
         Ok(())
     })
@@ -90,8 +98,10 @@ pub unsafe extern "C" fn qmp_migrate_cancel(
     status_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
         let reply = qmp::migrate_cancel(path, timeout_ms)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(status_out, reply.to_string()) };
         Ok(())
     })
@@ -110,9 +120,12 @@ pub unsafe extern "C" fn qmp_execute(
     reply_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let command = unsafe { str_arg(command, "command") }?;
         let args =
+            // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
             match unsafe { opt_str_arg(arguments_json, "arguments_json") }? {
                 None => None,
                 Some(text) => Some(serde_json::from_str(text).map_err(|e| {
@@ -120,6 +133,7 @@ pub unsafe extern "C" fn qmp_execute(
                 })?),
             };
         let reply = qmp::execute(path, command, args, timeout_ms)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(reply_out, reply.to_string()) };
         Ok(())
     })

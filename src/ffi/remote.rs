@@ -22,8 +22,10 @@ pub unsafe extern "C" fn ssh_run(
     result_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
         let result = ssh::run_json(&opts)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(result_out, result.to_string()) };
         Ok(())
     })
@@ -43,9 +45,12 @@ pub unsafe extern "C" fn migrate_listen_parse(
     result_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let output = unsafe { str_arg(output, "output") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let vmid = unsafe { str_arg(vmid, "vmid") }?;
         let result = target::parse_start_output(output, vmid, validate::DEFAULT_SOCKET_DIR)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(result_out, result.to_string()) };
         Ok(())
     })

@@ -25,6 +25,7 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
     if t.is_null() {
         return Err(Error::invalid("tunnel is NULL"));
     }
+    // SAFETY: not NULL (checked above); per handle's contract `t` came from tunnel_open, is not freed and not used by another thread.
     Ok(unsafe { &mut (*t).tunnel })
 }
 
@@ -69,16 +70,19 @@ pub unsafe extern "C" fn tunnel_open(
         if tunnel_out.is_null() {
             return Err(Error::invalid("tunnel_out is NULL"));
         }
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
         let opts = OpenOptions::from_json(&opts)?;
         let log = match log {
             None => Log::none(),
             Some(cb) => Log::new(move |level: Level, msg: &str| {
                 let c = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+                // SAFETY: the caller's callback gets back its own userdata and a NUL-terminated message that lives until it returns, as mtunnel_log_fn documents.
                 unsafe { cb(userdata, level as c_int, c.as_ptr()) };
             }),
         };
         let tunnel = Tunnel::open(opts, log)?;
+        // SAFETY: tunnel_out is not NULL (checked above) and points to writable storage for a handle (crate conventions).
         unsafe { *tunnel_out = Box::into_raw(Box::new(mtunnel_tunnel { tunnel })) };
         Ok(())
     })
@@ -94,6 +98,7 @@ pub unsafe extern "C" fn tunnel_open(
 /// `MTUNNEL_ERR_PROTOCOL` (strange greeting or version) or `MTUNNEL_ERR_CLOSED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tunnel_wait_ready(tunnel: *mut mtunnel_tunnel, timeout_ms: i64) -> c_int {
+    // SAFETY: the handle is NULL or a live one from tunnel_open, used by one thread at a time (crate conventions).
     boundary(|| unsafe { handle(tunnel) }?.wait_ready(timeout_ms))
 }
 
@@ -119,9 +124,12 @@ pub unsafe extern "C" fn tunnel_command(
     reply_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the handle is NULL or a live one from tunnel_open, used by one thread at a time (crate conventions).
         let t = unsafe { handle(tunnel) }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let cmd = unsafe { str_arg(command, "command") }?;
         let reply = t.command(cmd, timeout_ms)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(reply_out, reply) };
         Ok(())
     })
@@ -149,8 +157,10 @@ pub unsafe extern "C" fn tunnel_close(
         if tunnel.is_null() {
             return Ok(());
         }
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = options::parse(unsafe { opt_str_arg(options_json, "options_json") }?)?;
         let opts = CloseOptions::from_json(&opts)?;
+        // SAFETY: the handle is NULL or a live one from tunnel_open, used by one thread at a time (crate conventions).
         unsafe { handle(tunnel) }?.close(&opts)
     })
 }
@@ -169,7 +179,9 @@ pub unsafe extern "C" fn tunnel_read_line(
     line_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the handle is NULL or a live one from tunnel_open, used by one thread at a time (crate conventions).
         let line = unsafe { handle(tunnel) }?.read_line(timeout_ms)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(line_out, line) };
         Ok(())
     })
@@ -184,7 +196,9 @@ pub unsafe extern "C" fn tunnel_status(
     status_out: *mut *mut c_char,
 ) -> c_int {
     boundary(|| {
+        // SAFETY: the handle is NULL or a live one from tunnel_open, used by one thread at a time (crate conventions).
         let status = unsafe { handle(tunnel) }?.status().to_string();
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(status_out, status) };
         Ok(())
     })
@@ -197,6 +211,7 @@ pub unsafe extern "C" fn tunnel_free(tunnel: *mut mtunnel_tunnel) {
     if !tunnel.is_null() {
         // Drop closes; a panic inside must not unwind into C.
         let _ = boundary(|| {
+            // SAFETY: not NULL; per the documented contract the handle came from Box::into_raw in tunnel_open and is freed once.
             drop(unsafe { Box::from_raw(tunnel) });
             Ok(())
         });
