@@ -52,6 +52,14 @@ impl Server {
     fn requests(mut self) -> Vec<Value> {
         self.handle.take().unwrap().join().unwrap()
     }
+
+    /// The names of the commands it was sent, in order.
+    fn commands(self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r["execute"].as_str().unwrap().to_string())
+            .collect()
+    }
 }
 
 impl Drop for Server {
@@ -165,11 +173,7 @@ fn migrate_without_capabilities_leaves_them_and_without_setup_only_migrates() {
         },
     )
     .unwrap();
-    let names: Vec<String> = server
-        .requests()
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap().to_string())
-        .collect();
+    let names = server.commands();
     assert_eq!(
         names,
         ["qmp_capabilities", "migrate-set-parameters", "migrate"]
@@ -183,11 +187,7 @@ fn migrate_without_capabilities_leaves_them_and_without_setup_only_migrates() {
         migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap(),
         json!({})
     );
-    let names: Vec<String> = server
-        .requests()
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap().to_string())
-        .collect();
+    let names = server.commands();
     assert_eq!(names, ["qmp_capabilities", "migrate"]);
 }
 
@@ -208,11 +208,7 @@ fn a_wanted_capability_qemu_lacks_is_refused_before_anything_is_set() {
     .unwrap_err();
     assert_eq!(err.kind, Kind::InvalidArgument);
     assert!(err.message.starts_with("migration capability 'dirty-bitmaps' is not supported by this QEMU (supported: xbzrle, auto-converge, postcopy-ram)"), "{}", err.message);
-    let names: Vec<String> = server
-        .requests()
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap().to_string())
-        .collect();
+    let names = server.commands();
     assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities"]);
 }
 
@@ -350,11 +346,7 @@ fn cancel_waits_for_cancelled() {
     });
     let reply = migrate_cancel(&server.path, 5000).unwrap();
     assert_eq!(status(&reply), "cancelled");
-    let names: Vec<String> = server
-        .requests()
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap().to_string())
-        .collect();
+    let names = server.commands();
     assert_eq!(
         names,
         [

@@ -553,28 +553,20 @@ impl Tunnel {
             Err(e) => errors.push(e.context("stopping ssh")),
         }
         self.state = State::Closed;
-        let mut local: Vec<&str> = self
-            .opts
-            .forwards
-            .iter()
-            .map(|f| f.local.as_str())
-            .collect();
-        let mut remote: Vec<&str> = self
-            .opts
-            .forwards
-            .iter()
-            .map(|f| f.remote.as_str())
-            .collect();
-        for path in &extra {
-            local.push(path);
-            remote.push(path);
-        }
-        for path in unique(local) {
+        let extra = extra.iter().map(String::as_str);
+        let forwards = &self.opts.forwards;
+        let local = unique(
+            forwards
+                .iter()
+                .map(|f| f.local.as_str())
+                .chain(extra.clone()),
+        );
+        let remote = unique(forwards.iter().map(|f| f.remote.as_str()).chain(extra));
+        for path in local {
             if let Err(e) = sockfile::remove_socket(path) {
                 errors.push(e);
             }
         }
-        let remote = unique(remote);
         if opts.remote_cleanup && greeted && !remote.is_empty() {
             if let Err(e) = self.remove_remote_sockets(&remote) {
                 errors.push(e);
@@ -613,7 +605,7 @@ impl Tunnel {
 }
 
 /// `paths` without repeats, in order.
-fn unique(paths: Vec<&str>) -> Vec<&str> {
+fn unique<'a>(paths: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut out: Vec<&str> = Vec::new();
     for p in paths {
         if !out.contains(&p) {
