@@ -11,11 +11,13 @@
 # VMs that lab/qm starts, written to $LAB/env; a VM config's "accel:" wins),
 # MTUNNEL_LAB_KEEP_BASHRC=1 (keep the host's /root/.bashrc visible on the nodes).
 #
-# Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24,
-# all veths on a bridge in namespace mtl-NAME-br; a persistent mount namespace
+# Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24 (cluster
+# network) and eth1 198.19.0.$i/24 (migration network), each on its own bridge in namespace
+# mtl-NAME-br; a persistent mount namespace
 # ($LAB/node$i/mnt) with private tmpfs on /run/qemu-server and /usr/local/sbin
 # (wrappers qm, qmp, guest-check) and a read-only overlay on /usr/sbin that adds
-# /usr/sbin/qm (PVE runs `/usr/sbin/qm mtunnel`); an sshd on 198.18.0.$i:22 with the
+# /usr/sbin/qm and /usr/sbin/pvesm (PVE runs `/usr/sbin/qm mtunnel`), and the node's own
+# storages: tmpfs on $LAB/local ("local") and $LAB/small ("small", 16 MiB); an sshd on 198.18.0.$i:22 with the
 # lab's own config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
 # lab's namespaces; addresses are from 198.18.0.0/15 only.
 
@@ -38,6 +40,7 @@ log() { echo "lab[$NAME]: $*" >&2; }
 
 ns_node() { echo "$PFX-n$1"; }
 ip_node() { echo "198.18.0.$1"; }
+ip_migration() { echo "198.19.0.$1"; }   # the migration network (eth1)
 
 lock() {
     [ "$LOCKED" = 1 ] && return 0
@@ -270,6 +273,10 @@ awk "\$0 ~ / - nsfs / {print \$5}" /proc/self/mountinfo | while read -r m; do
     umount -l "$m" 2>/dev/null || true
 done
 mount -t tmpfs -o mode=0755,size=50% mtl-qemu-server /run/qemu-server
+# node-local storages (lab/LabStorage.pm): the same path on every node, a different tmpfs
+# in each node, so no other node sees them; "small" is for storage-full tests
+mount -t tmpfs -o mode=0755,size=4g mtl-local "$LAB/local"
+mount -t tmpfs -o mode=0755,size=16m mtl-small "$LAB/small"
 if [ ! -d /usr/local/sbin ]; then
     # no /usr/local/sbin on this host: never create it there - overlay /usr/local
     # in this namespace only, the upper layer on a tmpfs
@@ -292,7 +299,7 @@ s=$LAB/node$i/.sbin
 mkdir -p "$s"
 mount -t tmpfs -o mode=0755 mtl-sbin "$s"
 cp -a /usr/local/sbin/. "$s/"
-for t in qm qmp guest-check; do
+for t in qm qmp guest-check pvesm; do
     printf "#!/bin/sh\nexec env MTUNNEL_LAB_DIR=%s MTUNNEL_LAB_NODE=node%s perl %s/%s \"\$@\"\n" \
         "$LAB" "$i" "$SRC" "$t" > "$s/$t"
     chmod 0755 "$s/$t"
@@ -302,7 +309,7 @@ done
 u=$LAB/node$i/.usrsbin
 mkdir -p "$u"
 mount -t tmpfs -o mode=0755,size=1m mtl-usrsbin "$u"
-cp -p "$s/qm" "$u/qm"
+cp -p "$s/qm" "$s/pvesm" "$u/"
 mount -t overlay -o "lowerdir=$u:/usr/sbin" mtl-usr-sbin /usr/sbin
 mount --move "$s" /usr/local/sbin
 '
@@ -350,6 +357,8 @@ cmd_up() {
     ensure_base
     mkdir -m 0700 "$LAB"
     mkdir -p "$LAB/pve/qemu-server" "$LAB/pve/lock"
+    # mount points of the node-local storages (an empty directory on the host)
+    mkdir -m 0755 "$LAB/local" "$LAB/small"
 
     # guest image: the boot sector in a 1 MiB raw disk
     nasm -f bin -o "$LAB/guest.bin" "$LAB_SRC/guest/guest.asm"
@@ -360,6 +369,10 @@ cmd_up() {
     nasm -f bin -DIDLE -o "$LAB/guest-idle.bin" "$LAB_SRC/guest/guest.asm"
     cp "$LAB/guest-idle.bin" "$LAB/guest-idle.img"
     truncate -s 1M "$LAB/guest-idle.img"
+    # disk variant: also keeps writing its disk (VM config "guest: disk")
+    nasm -f bin -DDISK -o "$LAB/guest-disk.bin" "$LAB_SRC/guest/guest.asm"
+    cp "$LAB/guest-disk.bin" "$LAB/guest-disk.img"
+    truncate -s 1M "$LAB/guest-disk.img"
 
     # client key
     ssh-keygen -q -t ed25519 -N '' -C "mtunnel-lab-$NAME" -f "$LAB/id_ed25519"
@@ -373,6 +386,8 @@ cmd_up() {
     ip -n "$NS_BR" link set lo up
     ip -n "$NS_BR" link add br0 type bridge
     ip -n "$NS_BR" link set br0 up
+    ip -n "$NS_BR" link add br1 type bridge
+    ip -n "$NS_BR" link set br1 up
     for i in $(seq "$n"); do
         ns=$(ns_node "$i")
         ipaddr=$(ip_node "$i")
@@ -386,6 +401,11 @@ cmd_up() {
         ip -n "$NS_BR" link set "veth$i" up
         ip -n "$ns" addr add "$ipaddr/24" dev eth0
         ip -n "$ns" link set eth0 up
+        ip -n "$NS_BR" link add "mveth$i" type veth peer name eth1 netns "$ns"
+        ip -n "$NS_BR" link set "mveth$i" master br1
+        ip -n "$NS_BR" link set "mveth$i" up
+        ip -n "$ns" addr add "$(ip_migration "$i")/24" dev eth1
+        ip -n "$ns" link set eth1 up
 
         # persistent mount namespace
         touch "$LAB/node$i/mnt"
@@ -417,8 +437,10 @@ cmd_up() {
         echo "LAB_NODE_NAMES='$(for i in $(seq "$n"); do printf 'node%s ' "$i"; done | sed 's/ $//')'"
         echo "LAB_ACCEL=$accel"
         echo "LAB_BRIDGE_NETNS=$NS_BR"
+        echo "LAB_MIGRATION_NETWORK=198.19.0.0/24"
         for i in $(seq "$n"); do
             echo "LAB_node${i}_IP=$(ip_node "$i")"
+            echo "LAB_node${i}_MIGRATION_IP=$(ip_migration "$i")"
             echo "LAB_node${i}_NETNS=$(ns_node "$i")"
             echo "LAB_node${i}_MNT=$LAB/node$i/mnt"
         done
@@ -426,11 +448,14 @@ cmd_up() {
 
     # the nodes' /usr/sbin overlay is theirs alone: the host never gets our qm
     ! grep -qs MTUNNEL_LAB_DIR /usr/sbin/qm || die "/usr/sbin/qm of the lab is visible on the host"
+    ! grep -qs MTUNNEL_LAB_DIR /usr/sbin/pvesm || die "/usr/sbin/pvesm of the lab is visible on the host"
 
     # checks: ping every node from node1, then wait until every sshd accepts
     for i in $(seq 2 "$n"); do
         node_exec 1 ping -q -n -c 1 -W 3 "$(ip_node "$i")" >/dev/null ||
             die "ping node1 -> node$i ($(ip_node "$i")) failed"
+        node_exec 1 ping -q -n -c 1 -W 3 "$(ip_migration "$i")" >/dev/null ||
+            die "ping node1 -> node$i ($(ip_migration "$i"), migration network) failed"
     done
     for i in $(seq "$n"); do
         local ok=0 try prefix

@@ -1,14 +1,17 @@
 package PVE::MTunnel::Migrate;
 
 # A QemuMigrate.pm-style live migration driver on PVE::MTunnel: phase2 (start the target,
-# tunnel, migrate, poll), phase3 (resume on the target, close, stop the source) and
-# phase2_cleanup (cancel, cont the source, stop the target, close). The control flow is
+# tunnel, mirror local disks into the target's NBD exports, migrate RAM, poll, finish the
+# mirrors), phase3 (stop the target's NBD server, resume on the target, close, stop the
+# source, free the source's migrated volumes) and phase2_cleanup (cancel, cont the source,
+# cancel the mirrors, stop the target, free its new volumes, close). The control flow is
 # PVE's; sockets, processes and QMP are the library's.
 
 use strict;
 use warnings;
 
 use POSIX qw(strftime);
+use Socket qw(inet_aton);
 use Time::HiRes qw(usleep time);
 
 use PVE::MTunnel;
@@ -26,6 +29,10 @@ sub new {
 	die "PVE::MTunnel::Migrate->new: missing '$k'\n" if !defined($param{$k});
     }
     die "invalid VMID '$param{vmid}'\n" if $param{vmid} !~ m/^[1-9][0-9]{0,8}$/;
+    my $type = $param{migration_type} // 'secure';
+    die "invalid migration type '$type' (secure or insecure)\n" if $type !~ /^(secure|insecure)$/;
+    die "invalid migration network '$param{migration_network}' (want an IPv4 CIDR)\n"
+	if defined $param{migration_network} && !parse_cidr($param{migration_network});
     my $vmid = $param{vmid};
     my $self = bless {
 	qm => ['qm'],
@@ -42,6 +49,20 @@ sub new {
 	force_cpu => undef,
 	targetstorage => undef,
 	spice_ticket => undef,
+	# qm migrate's --with-local-disks: mirror the disks the target exports over NBD
+	with_local_disks => 0,
+	# secure: RAM and NBD through the ssh tunnel's UNIX socket forwards; insecure: straight
+	# over TCP to the target's address in migration_network, the tunnel carries commands only
+	migration_type => 'secure',
+	migration_network => undef,
+	# abort when the mirrors are not all ready after this long (undef: no limit; a stalled
+	# mirror is caught by stall_timeout_ms either way)
+	mirror_timeout_ms => undef,
+	# the source's volume of each migrated drive (drive => volid), freed after success;
+	# default: from the source's `qm config`
+	source_volumes => undef,
+	local_qm => ['qm'],
+	pvesm => ['pvesm'],
 	poll_interval_ms => 1000,
 	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
 	stall_timeout_ms => 60_000,
@@ -86,9 +107,42 @@ sub current_machine {
     return $1;
 }
 
+# As PVE::Format::render_duration: "45s", "1m 05s", "2h 01m 05s".
+sub render_duration {
+    my ($s) = @_;
+    $s = int($s);
+    return "${s}s" if $s < 60;
+    return sprintf("%dm %02ds", int($s / 60), $s % 60) if $s < 3600;
+    return sprintf("%dh %02dm %02ds", int($s / 3600), int($s / 60) % 60, $s % 60);
+}
+
+# "198.19.0.0/24" -> (network, mask) as integers; undef if it is no IPv4 CIDR
+sub parse_cidr {
+    my ($cidr) = @_;
+    my ($ip, $bits) = $cidr =~ m{^([0-9.]+)/([0-9]{1,2})$} or return;
+    return if $bits > 32;
+    my $packed = inet_aton($ip) or return;
+    my $mask = $bits == 0 ? 0 : (0xffffffff << (32 - $bits)) & 0xffffffff;
+    return (unpack('N', $packed) & $mask, $mask);
+}
+
+sub ip_in_network {
+    my ($ip, $cidr) = @_;
+    my ($net, $mask) = parse_cidr($cidr) or return 0;
+    return 0 if $ip !~ /^[0-9]+(?:\.[0-9]+){3}$/;
+    my $packed = inet_aton($ip) or return 0;
+    return (unpack('N', $packed) & $mask) == $net;
+}
+
+# `qm …` on the target
 sub remote {
     my ($self, $cmd, %opts) = @_;
-    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => [@{$self->{qm}}, @$cmd], timeout_ms => 120_000,
+    return $self->remote_command([@{$self->{qm}}, @$cmd], %opts);
+}
+
+sub remote_command {
+    my ($self, $cmd, %opts) = @_;
+    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => $cmd, timeout_ms => 120_000,
 	%{$self->{ssh_options}}, %opts);
 }
 
@@ -111,11 +165,13 @@ sub migrate {
 # options and stdin lines (secrets on stdin, never argv).
 sub start_target {
     my ($self) = @_;
-    my ($vmid, $node) = @$self{qw(vmid node)};
-    my @cmd = ('start', $vmid, '--skiplock', '--migratedfrom', $node, '--migration_type', 'secure', '--stateuri', 'unix');
+    my ($vmid, $node, $type) = @$self{qw(vmid node migration_type)};
+    my @cmd = ('start', $vmid, '--skiplock', '--migratedfrom', $node, '--migration_type', $type);
+    push @cmd, '--migration_network', $self->{migration_network} if defined $self->{migration_network};
+    push @cmd, '--stateuri', $type eq 'insecure' ? 'tcp' : 'unix';
     push @cmd, '--machine', $self->{machine} // $self->current_machine();
     push @cmd, '--force-cpu', $self->{force_cpu} if defined $self->{force_cpu};
-    push @cmd, '--targetstorage', $self->{targetstorage} if defined $self->{targetstorage};
+    push @cmd, '--targetstorage', $self->{targetstorage} // '1' if $self->{with_local_disks};
     # version 1: NBD over UNIX sockets
     my $input = "nbd_protocol_version: 1\n";
     $input .= "spice_ticket: $self->{spice_ticket}\n" if defined $self->{spice_ticket};
@@ -126,6 +182,41 @@ sub start_target {
     return $listen;
 }
 
+# The addresses the target answered must fit the migration type: UNIX sockets (forwarded)
+# for secure; for insecure TCP, inside the migration network when one is given.
+sub check_listen {
+    my ($self, $listen) = @_;
+    my @uris = ($listen->{uri}, map { $_->{uri} } @{$listen->{nbd}});
+    if ($self->{migration_type} eq 'secure') {
+	for my $uri (@uris) {
+	    die "target answered '$uri' for a secure migration: only UNIX sockets can go through the tunnel\n"
+		if $uri !~ /^(?:nbd:)?unix:/;
+	}
+	return;
+    }
+    for my $uri (@uris) {
+	my ($host) = $uri =~ /^(?:tcp|nbd):([0-9.]+|localhost|\[[0-9a-fA-F:.]+\]):[0-9]+/
+	    or die "target answered '$uri' for an insecure migration: expected a TCP address\n";
+	next if !defined $self->{migration_network};
+	die "target address $host in '$uri' is outside the migration network $self->{migration_network} - refusing to migrate over it\n"
+	    if !ip_in_network($host, $self->{migration_network});
+    }
+}
+
+# drive => volid of the source's config, from `qm config` on this (the source) node
+sub source_volumes {
+    my ($self) = @_;
+    return $self->{source_volumes} if $self->{source_volumes};
+    my %vol;
+    if (open(my $fh, '-|', @{$self->{local_qm}}, 'config', $self->{vmid})) {
+	while (my $line = <$fh>) {
+	    $vol{$1} = $2 if $line =~ /^((?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+): ([^,\s]+)/;
+	}
+	close($fh);
+    }
+    return $self->{source_volumes} = \%vol;
+}
+
 sub phase2 {
     my ($self) = @_;
     my $vmid = $self->{vmid};
@@ -134,13 +225,20 @@ sub phase2 {
     # From here on the target may be running; cleanup must stop it.
     $self->{target_started} = 1;
     my $listen = $self->start_target();
-    die "only UNIX socket migration is supported by this driver\n" if !$listen->{socket};
+    # new volumes on the target: freed by the cleanup unless the migration completes
+    $self->{target_volumes} = [ map { ($_->{volume} =~ /^([^,]+)/)[0] } @{$listen->{nbd}} ];
+    $self->check_listen($listen);
     $self->{ruri} = $listen->{uri};
+    my @nbd = @{$listen->{nbd}};
+    die "target exported disks for storage migration (" . join(', ', map { "drive-$_->{drive}" } @nbd)
+	. ") but --with-local-disks was not given\n" if @nbd && !$self->{with_local_disks};
 
     $self->log('info', "start remote tunnel");
+    # insecure: no forwards, the tunnel carries the commands (resume) only
+    my @forwards = $self->{migration_type} eq 'secure' ? ($listen->{socket}, map { $_->{socket} } @nbd) : ();
     $self->{tunnel} = PVE::MTunnel->open(
 	ssh => $self->{ssh},
-	forwards => [ $listen->{socket}, map { $_->{socket} } @{$listen->{nbd}} ],
+	forwards => \@forwards,
 	command => [@{$self->{qm}}, 'mtunnel'],
 	socket_dir => $self->{socket_dir},
 	log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
@@ -150,6 +248,8 @@ sub phase2 {
     my $t0 = time();
     $self->{tunnel}->wait_ready(timeout_ms => 70_000);
     $self->{timing}{open_to_ready} = time() - $t0;
+
+    $self->storage_migration(\@nbd) if @nbd;
 
     $self->log('info', "starting online/live migration on $self->{ruri}");
     my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
@@ -168,6 +268,89 @@ sub phase2 {
     $self->{migration_started} = 1;
     PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { setup => 0 });
     $self->wait_for_completion($set->{'downtime-limit'});
+
+    if (my $jobs = $self->{mirror_jobs}) {
+	# As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
+	# without switching the source over to it; the source lets go of the NBD connection.
+	$self->log('info', "$_: Completing block job...") for @$jobs;
+	eval { PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, $jobs, mode => 'cancel', timeout_ms => 600_000) };
+	die "Failed to complete storage migration: $@" if $@;
+	$self->log('info', "$_: Completed successfully.") for @$jobs;
+	$self->log('info', "$_: mirror-job finished") for @$jobs;
+	$self->{mirror_done} = 1;
+    }
+}
+
+# Mirror each exported drive into its NBD export (drive-mirror, as BlockJob.pm for QEMU
+# before 10.0) and wait until every job is ready; the jobs stay ready (guest writes keep
+# being mirrored) while RAM migrates.
+sub storage_migration {
+    my ($self, $nbd) = @_;
+    my $vmid = $self->{vmid};
+    $self->log('info', "starting storage migration");
+    # the disks come from the running QEMU: every export must name one of its drives
+    my $blocks = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block');
+    my %device = map { $_->{device} => $_ } grep { $_->{inserted} } @$blocks;
+    my $volumes = $self->source_volumes();
+    for my $export (@$nbd) {
+	my $device = "drive-$export->{drive}";
+	die "target exported '$device', but VM $vmid has no such drive\n" if !$device{$device};
+	my $source = $volumes->{$export->{drive}} // $device{$device}{inserted}{file};
+	my ($target) = $export->{volume} =~ /^([^,]+)/;
+	$self->log('info', "volume '$source' is '$target' on the target");
+    }
+    $self->{mirror_jobs} = [];
+    for my $export (@$nbd) {
+	my $device = "drive-$export->{drive}";
+	$self->log('info', "$export->{drive}: start migration to $export->{uri}");
+	my %opts;
+	if ($self->{bwlimit}) {
+	    $opts{speed} = int($self->{bwlimit} * 1024);
+	    $self->log('info', "drive mirror is starting for $device with bandwidth limit: $self->{bwlimit} KiB/s");
+	} else {
+	    $self->log('info', "drive mirror is starting for $device");
+	}
+	push @{$self->{mirror_jobs}}, PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
+    }
+    $self->wait_mirror_ready();
+}
+
+# As BlockJob.pm's monitor with 'skip': a progress line per job each second until it is
+# ready; abort on the mirror deadline or when no job made progress for stall_timeout_ms.
+sub wait_mirror_ready {
+    my ($self) = @_;
+    my $jobs = $self->{mirror_jobs};
+    my $start = time();
+    my ($last_offset, $last_progress) = (-1, $start);
+    my %was_ready;
+    while (1) {
+	my $st = PVE::MTunnel::qmp_mirror_status($self->{qmp_socket}, $jobs);
+	my $offset = 0;
+	for my $job (@{$st->{jobs}}) {
+	    $offset += $job->{offset} // 0;
+	    next if $was_ready{$job->{id}};
+	    my $len = $job->{len} || 0;
+	    my $line = sprintf("%s: transferred %s of %s (%.2f%%) in %s", $job->{id}, render_bytes($job->{offset} // 0),
+		render_bytes($len), $len ? ($job->{offset} // 0) * 100 / $len : 0, render_duration(time() - $start));
+	    $line .= $job->{busy} ? ", still busy" : ", ready" if $job->{ready};
+	    $self->log('info', $line);
+	    $was_ready{$job->{id}} = 1 if $job->{ready};
+	}
+	if ($st->{all_ready}) {
+	    $self->log('info', "all 'mirror' jobs are ready");
+	    $self->{timing}{mirror} = time() - $start;
+	    return $st;
+	}
+	my $now = time();
+	if ($offset != $last_offset) {
+	    ($last_offset, $last_progress) = ($offset, $now);
+	} elsif (($now - $last_progress) * 1000 > $self->{stall_timeout_ms}) {
+	    die sprintf("storage migration made no progress for %.0f s - aborting\n", $now - $last_progress);
+	}
+	die sprintf("storage migration not ready after %.0f s (mirror timeout) - aborting\n", $now - $start)
+	    if defined $self->{mirror_timeout_ms} && ($now - $start) * 1000 > $self->{mirror_timeout_ms};
+	usleep(1_000_000);
+    }
 }
 
 sub wait_for_completion {
@@ -246,6 +429,12 @@ sub wait_for_completion {
 sub phase3 {
     my ($self) = @_;
     my $vmid = $self->{vmid};
+    if ($self->{mirror_jobs}) {
+	# upstream: the target's NBD server must stop before it resumes
+	$self->log('info', "stopping NBD storage migration server on target.");
+	eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
+	$self->log('err', "stopping NBD server on target failed: $@") if $@;
+    }
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     if (my $err = $@) {
 	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
@@ -257,6 +446,25 @@ sub phase3 {
     eval { $tunnel->close() };
     $self->log('warn', "closing tunnel: $@") if $@;
     $self->stop_source();
+    $self->free_source_volumes() if $self->{mirror_jobs};
+}
+
+# As upstream's phase3_cleanup: the migrated disks' source volumes go once the VM runs on
+# the target (a failure only warns: the migration itself succeeded).
+sub free_source_volumes {
+    my ($self) = @_;
+    my $volumes = $self->source_volumes();
+    for my $job (@{$self->{mirror_jobs}}) {
+	my ($drive) = $job =~ /^drive-(.+)$/;
+	my $volid = $volumes->{$drive} // next;
+	my $ok = open(my $fh, '-|', @{$self->{pvesm}}, 'free', $volid);
+	if ($ok) { local $/; <$fh>; $ok = close($fh) }
+	if (!$ok) {
+	    $self->log('warn', "removing local copy of '$volid' failed: " . ($! ? "$!" : "exit code " . ($? >> 8)));
+	} else {
+	    $self->log('info', "removed local copy of '$volid'");
+	}
+    }
 }
 
 # As vm_stop on the source: QMP quit, then wait for the process to go away.
@@ -291,13 +499,32 @@ sub phase2_cleanup {
 	eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') };
 	$self->log('err', "resuming VM failed: $@") if $@;
     }
+    if (my $jobs = $self->{mirror_jobs}) {
+	if (!$self->{mirror_done}) {
+	    $self->log('info', "$_: Cancelling block job") for @$jobs;
+	    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
+	    $self->log('err', "cancelling block jobs failed: $@") if $@;
+	}
+    }
+    my $target_stopped;
     if ($self->{target_started}) {
 	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
 	if (my $err = $@) {
 	    $self->log('err', "stopping target VM failed: $err");
 	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
 		. "run 'qm stop $vmid' there once it is reachable");
+	} else {
+	    $target_stopped = 1;
 	}
+    }
+    # As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone
+    for my $volid (@{$self->{target_volumes} // []}) {
+	if (!$target_stopped) {
+	    $self->log('err', "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
+	    next;
+	}
+	eval { $self->remote_command([@{$self->{pvesm}}, 'free', $volid], timeout_ms => 60_000) };
+	$self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
     }
     # Only after the target is stopped, as PVE does. The tunnel is broken or idle by now: do
     # not wait long for its 'quit'.
