@@ -1,7 +1,8 @@
 #!/usr/bin/perl
 # 48 migrations started at once from node1 to node2, three rounds in a row, one Perl process each (as migrateall
 # forks one worker per VM), against a stock sshd (MaxStartups 10:30:100): all 48 succeed,
-# every VM runs on node2 only, and nothing is left behind.
+# every VM runs on node2 only, and nothing is left behind. Then 16 insecure migrations at once
+# over the migration network: every target binds port 0, so none collides with another.
 
 use strict;
 use warnings;
@@ -25,6 +26,20 @@ for my $round (1 .. $rounds) {
     diag("round $round: " . ($summary // $out));
     is($rc, 0, "round $round: all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
     like($summary // '', qr/: $n\/$n succeeded/, "round $round: $n of $n");
+}
+
+my $n_insecure = $ENV{MTUNNEL_PARALLEL_INSECURE_N} // 16;
+{
+    my $out = `$top/lab/parallel-migrate $n_insecure --mem 64 --insecure --vmid-base 3000 2>&1`;
+    my $rc = $? >> 8;
+    my ($summary) = $out =~ /^(parallel N=.*)$/m;
+    diag("insecure: " . ($summary // $out));
+    is($rc, 0, "$n_insecure insecure migrations at once all succeeded, each VM on node2 only") or diag($out);
+    like($summary // '', qr/ insecure: $n_insecure\/$n_insecure succeeded/, "insecure: $n_insecure of $n_insecure");
+    my @addr = map { /^\S+ \S+ starting online\/live migration on (tcp:\S+)$/m ? $1 : () }
+	map { MTunnelLab::slurp($lab->dir . "/parallel-logs/$_.log") } 3000 .. 3000 + $n_insecure - 1;
+    is(scalar(@addr), $n_insecure, 'insecure: every migration went to a TCP address');
+    is(scalar(grep { /^tcp:198\.19\.0\.2:\d+$/ } @addr), $n_insecure, 'insecure: all on node2\'s migration network address');
 }
 
 is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
