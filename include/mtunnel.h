@@ -80,6 +80,89 @@ const char *mtunnel_last_error(void);
 // undefined behaviour.
 void mtunnel_string_free(char *s);
 
+// Starts mirroring `device` (e.g. `drive-scsi0`) of the VM behind `qmp_socket` into `target`
+// with QMP `drive-mirror` (QEMU 7.2; `blockdev-mirror` is not used), `auto-dismiss` false so a
+// failed job keeps its error until it is dismissed. `target` is
+// `nbd:unix:/PATH:exportname=NAME`, `nbd:HOST:PORT:exportname=NAME` (HOST may be `[IPv6]`) or
+// an absolute path.
+//
+// `options_json` may be NULL: `{"format": "nbd" (default for nbd: targets, required for a
+// path), "mode": "existing" (default) | "absolute-paths", "sync": "full" (default) | "top" |
+// "none", "speed": bytes per second (no limit without it), "job_id": default the device,
+// "timeout_ms": 10000}`; unknown keys are refused. On success `*job_out` (may be NULL; free
+// with `mtunnel_string_free`) gets the job id, a plain string.
+//
+// Returns `MTUNNEL_OK`; `MTUNNEL_ERR_INVALID_ARGUMENT` (`qmp_socket`, `device` or `target`
+// NULL, a device that is not 1-64 characters of `A-Za-z0-9_.-`, a bad target or option;
+// nothing is sent); `MTUNNEL_ERR_QMP` (QEMU refused, e.g. a busy device or an NBD server it
+// cannot reach: QEMU's class and description in the last error); `MTUNNEL_ERR_TIMEOUT`
+// (busy or hung monitor); `MTUNNEL_ERR_IO` (no such socket); `MTUNNEL_ERR_PROTOCOL`.
+int qmp_mirror_start(const char *qmp_socket,
+                     const char *device,
+                     const char *target,
+                     const char *options_json,
+                     char **job_out);
+
+// One `query-block-jobs` look at the jobs in `jobs_json` (a JSON array of job ids, at least
+// one). On success `*status_out` (may be NULL; free with `mtunnel_string_free`) gets
+// `{"all_ready": bool, "jobs": [{"id", "type", "status", "len", "offset", "ready", "busy",
+// "io_status", "speed"}…]}` in the order given.
+//
+// Returns `MTUNNEL_OK`; `MTUNNEL_ERR_INVALID_ARGUMENT` (`qmp_socket` or `jobs_json` NULL,
+// not a JSON array of distinct valid ids, or empty); `MTUNNEL_ERR_QMP` when a listed job has
+// vanished (`JOB: block job has vanished (cancelled?)`) or concluded — it is dismissed first,
+// and one that failed is reported as `JOB: mirror failed: ERROR (io-status: S)`;
+// `MTUNNEL_ERR_TIMEOUT` (within `timeout_ms`; negative = no limit), `MTUNNEL_ERR_IO` or
+// `MTUNNEL_ERR_PROTOCOL` as for `qmp_execute`.
+int qmp_mirror_status(const char *qmp_socket,
+                      const char *jobs_json,
+                      int64_t timeout_ms,
+                      char **status_out);
+
+// Repeats `qmp_mirror_status` (every 500 ms, a new QMP connection each time) until every
+// job in `jobs_json` is ready; on success `*status_out` (may be NULL; free with
+// `mtunnel_string_free`) gets that last status. Past `timeout_ms` (negative = no limit):
+// `MTUNNEL_ERR_TIMEOUT`, the last error naming each job not ready with its progress
+// (`mirror not ready after N s: JOB at X of Y bytes (P%)`). Other codes as for
+// `qmp_mirror_status`.
+int qmp_mirror_wait_ready(const char *qmp_socket,
+                          const char *jobs_json,
+                          int64_t timeout_ms,
+                          char **status_out);
+
+// Ends the jobs in `jobs_json`, all of which must be ready: `mode` `"cancel"` (NULL = cancel;
+// `block-job-cancel` without force: the target gets every write, the VM keeps its disk — a
+// migration) or `"complete"` (`job-complete`: the VM switches to the target). Then waits
+// until each job is gone or concluded (concluded jobs are dismissed). On success
+// `*result_out` (may be NULL; free with `mtunnel_string_free`) gets `{"jobs": [{"id",
+// "offset", "len"}…]}`, the last figures seen.
+//
+// Returns `MTUNNEL_OK`; `MTUNNEL_ERR_INVALID_ARGUMENT` (NULL `qmp_socket` or `jobs_json`, a
+// bad list or mode, or a job that is not ready yet: nothing is sent then);
+// `MTUNNEL_ERR_QMP` (a job vanished, failed — `JOB: mirror failed: ERROR (io-status: S)` —
+// or QEMU refused the command); `MTUNNEL_ERR_TIMEOUT` past `timeout_ms` (negative = no
+// limit), naming the jobs still present; `MTUNNEL_ERR_IO`; `MTUNNEL_ERR_PROTOCOL`.
+int qmp_mirror_finish(const char *qmp_socket,
+                      const char *jobs_json,
+                      const char *mode,
+                      int64_t timeout_ms,
+                      char **result_out);
+
+// The abort path: `block-job-cancel` with `force: true` for each job in `jobs_json` (an empty
+// array does nothing), concluded ones dismissed, then waits until none is left. A job that
+// does not exist is already gone, which is fine. On success `*result_out` (may be NULL; free
+// with `mtunnel_string_free`) gets `{"cancelled": [ids that were still there],
+// "already_gone": [ids]}`.
+//
+// Returns `MTUNNEL_OK`; `MTUNNEL_ERR_INVALID_ARGUMENT` (NULL `qmp_socket` or `jobs_json`, a
+// bad list); `MTUNNEL_ERR_TIMEOUT` past `timeout_ms` (negative = no limit), naming the jobs
+// still present; `MTUNNEL_ERR_IO` (no such socket: the VM is not running),
+// `MTUNNEL_ERR_QMP` (QEMU refused `query-block-jobs`), `MTUNNEL_ERR_PROTOCOL`.
+int qmp_mirror_cancel(const char *qmp_socket,
+                      const char *jobs_json,
+                      int64_t timeout_ms,
+                      char **result_out);
+
 // Starts a migration of the VM behind `qmp_socket` to `uri` (`unix:/PATH` or `tcp:HOST:PORT`):
 // first the setup of `qmp_migrate_setup` (unless `"setup": false`), then `migrate`. Returns
 // once QEMU accepted the command; poll `qmp_query_migrate` for progress.

@@ -8,6 +8,7 @@
 //!
 //! The pure-Rust modules ([`tunnel`], [`qmp`], [`ssh`], [`process`], [`target`],
 //! [`validate`]) do the work; [`ffi`] is only the C boundary.
+//! [`blockjob`]: storage migration, local disks mirrored into the target's NBD export.
 //!
 //! ## C ABI conventions (stated once, true for every function)
 //!
@@ -39,6 +40,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod blockjob;
 pub mod error;
 pub mod ffi;
 pub mod io;

@@ -105,6 +105,60 @@ dies_like { PVE::MTunnel::migrate_listen_parse("migration listens on port 60001\
     is($r->{nbd}[0]{uri}, 'nbd:198.18.0.2:60001:exportname=drive-scsi0', 'NBD over TCP is parsed');
 }
 
+{
+    # Storage migration: argument checks happen before any socket is touched.
+    my $qmp = '/nonexistent-mtunnel/100.qmp';
+    my $nbd = 'nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0';
+    dies_like { PVE::MTunnel::qmp_mirror_start(undef, 'drive-scsi0', $nbd) }
+	qr/^qmp_socket is NULL$/, 'mirror_start: a missing QMP socket argument is named';
+    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{invalid_argument}, 'mirror_start: invalid_argument');
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, undef, $nbd) } qr/^device is NULL$/, 'mirror_start: a missing device is named';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0"; rm', $nbd) }
+	qr/^invalid device 'drive-scsi0"; rm': expected 1-64 characters/, 'mirror_start: a bad device is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', 'exec:rm -rf /') }
+	qr/^invalid mirror target 'exec:rm -rf \/': expected nbd:unix:/, 'mirror_start: a bad target is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', 'nbd:unix:/run/qemu-server/100_nbd.migrate') }
+	qr/^invalid mirror target .*needs ':exportname=NAME'/, 'mirror_start: an NBD target without an export is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', '/var/lib/vz/images/100/vm-100-disk-0.raw') }
+	qr/^option 'format' is required for mirror target/, 'mirror_start: a path target needs a format';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd, { sped => 1 }) }
+	qr/^unknown option 'sped'/, 'mirror_start: a misspelt option is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd, { speed => '0042' }) }
+	qr/^option 'speed' must be a non-negative integer/, 'mirror_start: speed "0042" is refused by name';
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd, [speed => 1]) }
+	qr/^qmp_mirror_start: options must be a hash reference$/, 'mirror_start: options must be a hash';
+    is(PVE::MTunnel::_options_json(speed => 1024 * '10240', format => '0042'), '{"format":"0042","speed":10485760}',
+	'speed becomes a number, format stays a string');
+    dies_like { PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd) }
+	qr/^QMP socket '\Q$qmp\E' does not exist/,
+	'mirror_start: valid arguments reach the socket, which is named';
+
+    dies_like { PVE::MTunnel::qmp_mirror_status($qmp, 'drive-scsi0') }
+	qr/^qmp_mirror_status: jobs must be an array reference$/, 'status: jobs must be a list';
+    dies_like { PVE::MTunnel::qmp_mirror_status(undef, ['drive-scsi0']) } qr/^qmp_socket is NULL$/, 'status: a missing socket is named';
+    dies_like { PVE::MTunnel::qmp_mirror_status($qmp, []) } qr/^no block jobs given$/, 'status: an empty job list is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_wait_ready($qmp, ['drive-scsi0', 'drive-scsi0']) }
+	qr/^jobs_json lists job 'drive-scsi0' twice$/, 'wait_ready: a job listed twice is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_wait_ready($qmp, ['drive scsi0']) }
+	qr/^invalid job id 'drive scsi0'/, 'wait_ready: a bad job id is refused';
+    for my $case (['[', qr/^jobs_json is not valid JSON/], ['{"drive-scsi0": 1}', qr/^jobs_json must be a JSON array of job ids$/],
+	['[1]', qr/^jobs_json must be a JSON array of job ids$/], [undef, qr/^jobs_json is NULL$/]) {
+	my ($text, $re) = @$case;
+	my $out;
+	dies_like { PVE::MTunnel::_check(PVE::MTunnel::_qmp_mirror_status($qmp, $text, 1000, \$out)) } $re,
+	    'status: jobs_json ' . ($text // 'NULL') . ' is refused';
+	ok(!defined($out), 'status: nothing is written on failure');
+    }
+    dies_like { PVE::MTunnel::qmp_mirror_finish($qmp, ['drive-scsi0'], mode => 'pivot') }
+	qr/^invalid finish mode 'pivot': expected cancel or complete$/, 'finish: an unknown mode is refused';
+    dies_like { PVE::MTunnel::qmp_mirror_finish($qmp, ['drive-scsi0']) }
+	qr/^QMP socket '\Q$qmp\E' does not exist/, 'finish: the missing socket is named';
+    is_deeply(PVE::MTunnel::qmp_mirror_cancel($qmp, []), { cancelled => [], already_gone => [] }, 'cancel: no jobs, nothing to do');
+    dies_like { PVE::MTunnel::qmp_mirror_cancel($qmp, ['drive-scsi0']) }
+	qr/^QMP socket '\Q$qmp\E' does not exist/, 'cancel: the missing socket is named';
+    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{io}, 'cancel: io code');
+}
+
 dies_like { PVE::MTunnel::ssh_run(ssh => ['/nonexistent/ssh', 'root@198.18.0.2'], command => ['true']) }
     qr/cannot execute '\/nonexistent\/ssh': No such file or directory/, 'missing ssh binary is named';
 

@@ -52,6 +52,25 @@ int main(void)
            "a capability that is not a boolean is refused", "capability 'xbzrle' must be true or false");
     expect(qmp_query_migrate("/nonexistent/100.qmp", 1000, &out), MTUNNEL_ERR_IO, "a missing QMP socket is named", "does not exist");
     expect(out == NULL, 1, "no output was written on failure", NULL);
+    expect(qmp_mirror_start(NULL, "drive-scsi0", "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0", NULL, &out),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_mirror_start(NULL socket) is refused", "qmp_socket is NULL");
+    expect(qmp_mirror_start("/nonexistent/100.qmp", NULL, "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0", NULL, &out),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_mirror_start(NULL device) is refused", "device is NULL");
+    expect(qmp_mirror_start("/nonexistent/100.qmp", "drive-scsi0", "exec:rm -rf /", NULL, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "a mirror target that is not nbd: or a path is refused", "invalid mirror target");
+    expect(qmp_mirror_start("/nonexistent/100.qmp", "drive-scsi0", "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0",
+                            "{\"speed\": -1}", &out),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "a negative mirror speed is refused", "option 'speed' must be a non-negative integer");
+    expect(qmp_mirror_status("/nonexistent/100.qmp", NULL, 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "qmp_mirror_status(NULL jobs) is refused", "jobs_json is NULL");
+    expect(qmp_mirror_wait_ready("/nonexistent/100.qmp", "{\"drive-scsi0\": 1}", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "a job list that is not an array is refused", "jobs_json must be a JSON array of job ids");
+    expect(qmp_mirror_finish("/nonexistent/100.qmp", "[\"drive-scsi0\"]", "pivot", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "an unknown finish mode is refused", "invalid finish mode 'pivot'");
+    expect(qmp_mirror_cancel(NULL, "[]", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_mirror_cancel(NULL socket) is refused",
+           "qmp_socket is NULL");
+    expect(out == NULL, 1, "no output was written on failure", NULL);
+    expect(qmp_mirror_cancel("/nonexistent/100.qmp", "[]", 1000, NULL), MTUNNEL_OK, "cancelling no jobs is a no-op (NULL out is fine)", NULL);
     expect(migrate_listen_parse("garbage\n", "100", &out), MTUNNEL_ERR_PROTOCOL, "output without an address is refused",
            "unable to detect remote migration address");
     expect(migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100", &out), MTUNNEL_OK,

@@ -6,6 +6,7 @@
 //! once with `mtunnel_string_free`).
 #![allow(clippy::missing_safety_doc)]
 
+pub mod blockjob;
 pub mod qmp;
 pub mod remote;
 pub mod tunnel;

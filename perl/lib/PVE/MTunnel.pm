@@ -50,6 +50,11 @@ $ffi->attach([qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string',
 $ffi->attach([qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] => ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_status => '_qmp_mirror_status'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_wait_ready => '_qmp_mirror_wait_ready'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_finish => '_qmp_mirror_finish'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
 $ffi->attach([migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] => 'int');
 
@@ -80,7 +85,11 @@ sub _decode { my ($ptr) = @_; my $s = _take_string($ptr); return defined($s) ? $
 # such as ssh_run's 'input' is never turned into a number.
 my %BOOL_OPTION = map { $_ => 1 } qw(remote_cleanup check cleanup setup);
 
-sub _numeric_option { return $_[0] =~ /(?:_ms|_s|_slots|_retries|_count_max)\z/ }
+# Options that are integers by name without one of those suffixes: qmp_mirror_start's 'speed'
+# (bytes per second).
+my %INTEGER_OPTION = map { $_ => 1 } qw(speed);
+
+sub _numeric_option { return $INTEGER_OPTION{$_[0]} || $_[0] =~ /(?:_ms|_s|_slots|_retries|_count_max)\z/ }
 
 # QEMU's integer and boolean migration parameters (qapi MigrationParameters); the others
 # (tls-creds, mode, …) are strings.
@@ -250,6 +259,50 @@ sub qmp_execute {
     return _decode($out);
 }
 
+# \@jobs as the library's JSON array of job ids.
+sub _jobs_json {
+    my ($function, $jobs) = @_;
+    die "$function: jobs must be an array reference\n" if ref($jobs) ne 'ARRAY';
+    return $json->encode([ map { "$_" } @$jobs ]);
+}
+
+sub qmp_mirror_start {
+    my ($qmp_socket, $device, $target, $opts) = @_;
+    die "qmp_mirror_start: options must be a hash reference\n" if defined($opts) && ref($opts) ne 'HASH';
+    my $out;
+    _check(_qmp_mirror_start($qmp_socket, $device, $target, _options_json(%{ $opts // {} }), \$out));
+    return _take_string($out);
+}
+
+sub qmp_mirror_status {
+    my ($qmp_socket, $jobs, %opts) = @_;
+    my $out;
+    _check(_qmp_mirror_status($qmp_socket, _jobs_json('qmp_mirror_status', $jobs), $opts{timeout_ms} // 10_000, \$out));
+    return _decode($out);
+}
+
+sub qmp_mirror_wait_ready {
+    my ($qmp_socket, $jobs, %opts) = @_;
+    my $out;
+    _check(_qmp_mirror_wait_ready($qmp_socket, _jobs_json('qmp_mirror_wait_ready', $jobs), $opts{timeout_ms} // -1, \$out));
+    return _decode($out);
+}
+
+sub qmp_mirror_finish {
+    my ($qmp_socket, $jobs, %opts) = @_;
+    my $out;
+    _check(_qmp_mirror_finish($qmp_socket, _jobs_json('qmp_mirror_finish', $jobs), $opts{mode},
+	$opts{timeout_ms} // 60_000, \$out));
+    return _decode($out);
+}
+
+sub qmp_mirror_cancel {
+    my ($qmp_socket, $jobs, %opts) = @_;
+    my $out;
+    _check(_qmp_mirror_cancel($qmp_socket, _jobs_json('qmp_mirror_cancel', $jobs), $opts{timeout_ms} // 30_000, \$out));
+    return _decode($out);
+}
+
 sub ssh_run {
     my (%opts) = @_;
     my $out;
@@ -318,6 +371,60 @@ C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what wa
 =item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
 
 Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
+
+=back
+
+=head2 Storage migration (local disks mirrored into the target's NBD export)
+
+As Proxmox VE's C<PVE::QemuServer::BlockJob> does it for a migration with local disks:
+C<qmp_mirror_start> per disk (into the C<nbd:...> URI the target printed after C<storage
+migration listens on>), C<qmp_mirror_wait_ready>, migrate RAM, then C<qmp_mirror_finish>;
+on failure C<qmp_mirror_cancel>. The library speaks C<drive-mirror>, the call of QEMU 7.2
+(Debian 12); C<blockdev-mirror>, which PVE uses for machine versions 10 and later, is not
+implemented. Every look at the jobs uses its own QMP connection, so other monitor clients
+(C<pvestatd>) are not starved during a wait. Jobs run with C<auto-dismiss> off; a job seen
+concluded is dismissed, and one that failed dies with C<"JOB: mirror failed: ERROR
+(io-status: S)\n">.
+
+=over
+
+=item C<qmp_mirror_start($qmp_socket, $device, $target, { speed => N, format => ..., mode => ..., sync => ..., job_id => ..., timeout_ms => N })>
+
+Function: C<drive-mirror> of C<$device> (e.g. C<drive-scsi0>: 1-64 characters of
+C<A-Za-z0-9_.->) into C<$target>: C<nbd:unix:/PATH:exportname=NAME>,
+C<nbd:HOST:PORT:exportname=NAME> or an absolute path. Options (all optional): C<speed> in
+bytes per second (PVE: bwlimit KiB/s * 1024; an integer, no limit without it), C<format>
+(C<nbd> for an C<nbd:> target, required for a path), C<mode> (C<existing>), C<sync>
+(C<full>), C<job_id> (the device). Returns the job id. QEMU's refusal (a busy device, an
+unreachable NBD server) dies with QEMU's description.
+
+=item C<qmp_mirror_status($qmp_socket, \@jobs, timeout_ms => 10000)>
+
+Function: one C<query-block-jobs> look; returns C<< { all_ready => 0|1, jobs => [{ id, type,
+status, len, offset, ready, busy, io_status, speed }, ...] } >> in the order of C<@jobs>.
+Dies naming the job when one has vanished (C<"JOB: block job has vanished (cancelled?)">),
+failed or ended.
+
+=item C<qmp_mirror_wait_ready($qmp_socket, \@jobs, timeout_ms => N)>
+
+Function: polls C<qmp_mirror_status> (every 500 ms) until every job is ready and returns that
+status; the default C<timeout_ms> is -1 (no limit, as PVE). On the deadline it dies
+C<"mirror not ready after N s: JOB at X of Y bytes (P%)\n">, naming each job not ready.
+
+=item C<qmp_mirror_finish($qmp_socket, \@jobs, mode => 'cancel', timeout_ms => 60000)>
+
+Function: every job must be ready (else it dies and sends nothing). C<mode> C<cancel> (the
+default) sends C<block-job-cancel> without force: the mirror syncs the target and ends
+without switching the VM over, as a migration wants; C<complete> sends C<job-complete>.
+Waits until the jobs are gone (concluded ones are dismissed) and returns C<< { jobs => [{ id,
+offset, len }, ...] } >>, the last figures seen.
+
+=item C<qmp_mirror_cancel($qmp_socket, \@jobs, timeout_ms => 30000)>
+
+Function: the abort path: C<block-job-cancel> with C<force> for each job, concluded ones
+dismissed, waits until none is left; a job that no longer exists is fine. Returns C<<
+{ cancelled => [...], already_gone => [...] } >>; an empty C<@jobs> does nothing. Dies on the
+deadline naming the jobs still there.
 
 =back
 
