@@ -33,9 +33,10 @@ fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node
 mibps() { awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
     ms = v["qemu_total_ms"] ? v["qemu_total_ms"] : v["total_ms"]; printf "%.0f MiB/s (%d ms)", v["transferred"] / ms * 1000 / 1048576, ms }'; }
 rate() { echo "$1" | sed 's/ MiB.*//'; }
-for c in default ssh-default; do
+for c in default ssh-default insecure; do
     fresh_source
     opt=(); [ "$c" = ssh-default ] && opt=(--ssh-option ciphers=)
+    [ "$c" = insecure ] && opt=(--migration_type insecure --migration_network "$(. "$LAB/env"; echo "$LAB_MIGRATION_NETWORK")")
     out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 1024 "${opt[@]}" 2>&1 || true)
     t=$(echo "$out" | grep '^TIMING' || true)
     [ -n "$t" ] || { echo "  migration ($c ciphers) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
@@ -53,6 +54,30 @@ echo "  tunnel, ssh's default cipher (chacha20-poly1305):           $tun_ssh_def
 echo "  local UNIX socket, no ssh:                                  $loc"
 awk -v a="$(rate "$tun_default")" -v b="$(rate "$tun_ssh_default")" -v l="$(rate "$loc")" \
     'BEGIN { printf "  tunnel/local = %.2f (library ciphers), %.2f (ssh default); library/ssh-default = %.2f\n", a / l, b / l, a / b }'
+echo "  insecure (TCP on the migration network, no ssh):           $tun_insecure"
+awk -v a="$(rate "$tun_default")" -v i="$(rate "$tun_insecure")" \
+    'BEGIN { printf "  tunnel/insecure = %.2f\n", a / i }'
+
+echo "-- disk mirror: a 1 GiB local disk (allocated) through the tunnel's NBD forward and to an NBD export on the same node"
+conf 600 'memory: 64' 'guest: idle' 'ide0: local:600/vm-600-disk-0.raw,size=1G'
+conf 601 'memory: 64' 'guest: idle' 'ide0: local:601/vm-601-disk-0.raw,size=1G'
+"$LABSH" exec node1 qm start 600 >/dev/null
+"$LABSH" exec node1 "$TOP/lab/guest-check" --wait 600 >/dev/null
+out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 600 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --with-local-disks 2>&1 || true)
+t=$(echo "$out" | grep '^TIMING' || true)
+[ -n "$t" ] || { echo "  storage migration failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
+"$LABSH" exec node2 qm stop 600 >/dev/null; "$LABSH" exec node2 pvesm free local:600/vm-600-disk-0.raw >/dev/null
+tun_mirror=$(echo "$t" | awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } if (v["mirror"] > 0) printf "%.0f MiB/s (%d ms)", v["mirror_bytes"] / v["mirror"] / 1048576, v["mirror"] * 1000 }')
+"$LABSH" exec node1 qm start 600 >/dev/null
+echo 'nbd_protocol_version: 1' | "$LABSH" exec node1 qm start 601 --skiplock --migratedfrom node1 \
+    --migration_type secure --stateuri unix --targetstorage 1 >/dev/null
+m=$("$LABSH" exec node1 "$TOP/lab/bench-local-mirror" 600 nbd:unix:/run/qemu-server/601_nbd.migrate:exportname=drive-ide0)
+loc_mirror=$(echo "$m" | awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } printf "%.0f MiB/s (%d ms)", v["bytes"] / v["total_ms"] * 1000 / 1048576, v["total_ms"] }')
+for v in 600 601; do "$LABSH" exec node1 qm stop $v >/dev/null; done
+"$LABSH" exec node1 sh -c 'for v in $(pvesm list local | awk "NR > 1 { print \$1 }"); do pvesm free $v; done' >/dev/null
+echo "  mirror through the tunnel (driver): $tun_mirror"
+echo "  mirror to a local NBD export:       $loc_mirror"
+awk -v a="$(rate "$tun_mirror")" -v l="$(rate "$loc_mirror")" 'BEGIN { if (l > 0) printf "  tunnel/local = %.2f\n", a / l }'
 
 echo "-- parallel migrations node1 -> node2 (64 MiB idle guests, stock sshd)"
 one=$("$TOP/lab/parallel-migrate" 1 --vmid-base 2000 | sed -n 's/.*wall \([0-9.]*\) s.*/\1/p')

@@ -58,6 +58,8 @@ sub new {
 	# abort when the mirrors are not all ready after this long (undef: no limit; a stalled
 	# mirror is caught by stall_timeout_ms either way)
 	mirror_timeout_ms => undef,
+	# one short QMP connection per look (other monitor clients are never starved)
+	mirror_poll_ms => 200,
 	# the source's volume of each migrated drive (drive => volid), freed after success;
 	# default: from the source's `qm config`
 	source_volumes => undef,
@@ -321,27 +323,31 @@ sub wait_mirror_ready {
     my ($self) = @_;
     my $jobs = $self->{mirror_jobs};
     my $start = time();
-    my ($last_offset, $last_progress) = (-1, $start);
+    my ($last_offset, $last_progress, $last_log) = (-1, $start, 0);
     my %was_ready;
     while (1) {
 	my $st = PVE::MTunnel::qmp_mirror_status($self->{qmp_socket}, $jobs);
+	my $now = time();
+	# looks are frequent (readiness is noticed soon), progress lines once a second
+	my $log_now = $st->{all_ready} || $now - $last_log >= 1;
+	$last_log = $now if $log_now;
 	my $offset = 0;
 	for my $job (@{$st->{jobs}}) {
 	    $offset += $job->{offset} // 0;
-	    next if $was_ready{$job->{id}};
+	    next if $was_ready{$job->{id}} || !($log_now || $job->{ready});
 	    my $len = $job->{len} || 0;
 	    my $line = sprintf("%s: transferred %s of %s (%.2f%%) in %s", $job->{id}, render_bytes($job->{offset} // 0),
-		render_bytes($len), $len ? ($job->{offset} // 0) * 100 / $len : 0, render_duration(time() - $start));
+		render_bytes($len), $len ? ($job->{offset} // 0) * 100 / $len : 0, render_duration($now - $start));
 	    $line .= $job->{busy} ? ", still busy" : ", ready" if $job->{ready};
 	    $self->log('info', $line);
 	    $was_ready{$job->{id}} = 1 if $job->{ready};
 	}
 	if ($st->{all_ready}) {
 	    $self->log('info', "all 'mirror' jobs are ready");
-	    $self->{timing}{mirror} = time() - $start;
+	    $self->{timing}{mirror} = $now - $start;
+	    $self->{timing}{mirror_bytes} = $offset;
 	    return $st;
 	}
-	my $now = time();
 	if ($offset != $last_offset) {
 	    ($last_offset, $last_progress) = ($offset, $now);
 	} elsif (($now - $last_progress) * 1000 > $self->{stall_timeout_ms}) {
@@ -349,7 +355,7 @@ sub wait_mirror_ready {
 	}
 	die sprintf("storage migration not ready after %.0f s (mirror timeout) - aborting\n", $now - $start)
 	    if defined $self->{mirror_timeout_ms} && ($now - $start) * 1000 > $self->{mirror_timeout_ms};
-	usleep(1_000_000);
+	usleep($self->{mirror_poll_ms} * 1000);
     }
 }
 

@@ -1,0 +1,166 @@
+#!/usr/bin/perl
+# Live migration of VMs with a local disk (on node1's own storage, which node2 cannot see),
+# through perl/bin/mtunnel-migrate as `qm migrate --online --with-local-disks` runs it:
+# secure (RAM and NBD through the ssh tunnel's two UNIX socket forwards) and insecure (both
+# straight over TCP on the migration network, the tunnel carrying commands only). The guest
+# keeps writing its memory and its disk throughout; afterwards its memory and the target's
+# disk must hold exactly what it wrote, and nothing is left behind.
+
+use strict;
+use warnings;
+use Test::More;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+
+use MTunnelLab;
+
+my $top = abs_path(dirname(__FILE__) . '/..');
+my $lab = MTunnelLab->up(nodes => 2);
+my $dir = $lab->dir;
+my $mem = 128;
+my $net = '198.19.0.0/24';
+
+*slurp = \&MTunnelLab::slurp;
+
+sub qmpstatus {
+    my ($node, $vmid) = @_;
+    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
+    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
+}
+
+sub volumes {
+    my ($node, $store) = @_;
+    my (undef, $out) = $lab->run($node, 'pvesm', 'list', $store);
+    return map { /^(\S+:\S+)/ ? $1 : () } split /\n/, $out;
+}
+
+sub tunnel_ssh {
+    return grep { slurp("/proc/$_/cmdline") =~ /^\/usr\/bin\/ssh\0/ } $lab->procs_in('node1');
+}
+
+sub migrate {
+    my ($vmid, @args) = @_;
+    return $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
+	'--ssh-file', "$dir/ssh_prefix_node2", '--online', @args);
+}
+
+# a VM writing its memory and its local disk, running on node1
+sub start_disk_vm {
+    my ($vmid) = @_;
+    $lab->write_vm_config($vmid, memory => $mem, guest => 'disk', ide0 => "local:$vmid/vm-$vmid-disk-0.raw,size=32M");
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    my $wait = $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
+    like($wait, qr/^guest running: pass \d+, disk pass \d+ sector \d+/m, "VM $vmid: the guest writes its disk") or diag($wait);
+}
+
+sub nothing_left {
+    my ($what, $t0) = @_;
+    is_deeply([tunnel_ssh()], [], "$what: no ssh left on node1");
+    is_deeply([$lab->socket_files($_)], [], "$what: no socket file left on $_") for qw(node1 node2);
+    is_deeply([MTunnelLab::zombies_since($t0)], [], "$what: no zombie left");
+}
+
+# ------------------------------------------------------------ secure, with a local disk
+
+for my $case (
+    [ secure => 400, [] ],
+    [ insecure => 401, [ '--migration_type', 'insecure', '--migration_network', $net ] ],
+) {
+    my ($type, $vmid, $args) = @$case;
+    my $t0 = time();
+    start_disk_vm($vmid);
+    my ($rc, $out, $err) = migrate($vmid, '--with-local-disks', @$args);
+    is($rc, 0, "$type with a local disk: TASK OK") or diag("$out$err");
+    like($out, qr/^TASK OK$/m, "$type with a local disk: the task says OK");
+    like(slurp("$dir/node2/qm-start.log"),
+	qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type $type .*--targetstorage 1 stdin=nbd_protocol_version:1$/m,
+	"$type: the target was started with --targetstorage 1, as upstream without a storage map");
+    my $nbd = $type eq 'secure' ? qr{nbd:unix:/run/qemu-server/${vmid}_nbd\.migrate:exportname=drive-ide0}
+	: qr{nbd:198\.19\.0\.2:\d+:exportname=drive-ide0};
+    like($out, qr/^\S+ \S+ ide0: start migration to $nbd$/m, "$type: the disk is mirrored into the target's NBD export");
+    like($out, qr/^\S+ \S+ volume 'local:$vmid\/vm-$vmid-disk-0\.raw' is 'local:$vmid\/vm-$vmid-disk-0\.raw' on the target$/m,
+	"$type: the volume mapping is logged as upstream does");
+    like($out, qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 32\.0 MiB \(\d+\.\d\d%\) in \d+s/m,
+	"$type: disk progress, PVE style");
+    like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
+    like($out, qr/all 'mirror' jobs are ready.*starting online\/live migration.*drive-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
+	"$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped");
+    like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too") if $out =~ /migration active/;
+    like($out, $type eq 'secure' ? qr/starting online\/live migration on unix:/ : qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m,
+	"$type: RAM goes " . ($type eq 'secure' ? 'through the tunnel' : 'over the migration network'));
+
+    is(qmpstatus('node2', $vmid), 'running', "$type: the VM runs on node2");
+    is(qmpstatus('node1', $vmid), 'stopped', "$type: and not on node1");
+    my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, "$type: guest memory and disk intact on node2") or diag($check);
+    like($check, qr/^guest memory ok:/m, "$type: memory pattern ok");
+    like($check, qr/^guest disk ok: \d+ sectors, pass \d+, next sector \d+/m, "$type: every disk write the guest made is on node2's disk");
+    is_deeply([volumes('node1', 'local')], [], "$type: the source's volume was freed after the migration");
+    is_deeply([volumes('node2', 'local')], ["local:$vmid/vm-$vmid-disk-0.raw"], "$type: node2 has the new volume");
+    $lab->run_ok('node2', 'qm', 'stop', $vmid);
+    $lab->run_ok('node2', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
+    nothing_left($type, $t0);
+}
+
+# ------------------------------------------------------------ insecure, RAM only
+
+{
+    my ($vmid, $t0) = (402, time());
+    $lab->write_vm_config($vmid, memory => $mem);
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
+    my ($rc, $out, $err) = migrate($vmid, '--migration_type', 'insecure', '--migration_network', $net);
+    is($rc, 0, 'insecure RAM-only: TASK OK') or diag("$out$err");
+    like($out, qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m, 'insecure RAM-only: to the migration network address');
+    unlike($out, qr/storage migration/, 'insecure RAM-only: no storage migration');
+    my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, 'insecure RAM-only: guest memory intact on node2') or diag($check);
+    $lab->run_ok('node2', 'qm', 'stop', $vmid);
+    nothing_left('insecure RAM-only', $t0);
+}
+
+# ------------------------------------------------------------ refusals
+
+# a target that answers an address outside the migration network (lab hook: the driver's
+# remote qm command sets MTUNNEL_LAB_LISTEN_IP for lab/qm)
+{
+    my ($vmid, $t0) = (403, time());
+    start_disk_vm($vmid);
+    my $code = q{
+	my ($vmid, $ssh_file, $net) = @ARGV;
+	open(my $fh, '<', $ssh_file) or die; chomp(my @ssh = <$fh>);
+	my $m = PVE::MTunnel::Migrate->new(vmid => $vmid, node => 'node1', target => 'node2', ssh => \@ssh,
+	    qm => ['env', 'MTUNNEL_LAB_LISTEN_IP=198.18.0.2', 'qm'], with_local_disks => 1,
+	    migration_type => 'insecure', migration_network => $net);
+	eval { $m->migrate() };
+	print $@ ? "TASK ERROR: $@" : "TASK OK\n";
+	exit($@ ? 1 : 0);
+    };
+    my ($rc, $out, $err) = $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel::Migrate', '-e', $code,
+	$vmid, "$dir/ssh_prefix_node2", $net);
+    isnt($rc, 0, 'address outside the migration network: refused');
+    like($out, qr/^TASK ERROR: target address 198\.18\.0\.2 in 'tcp:198\.18\.0\.2:\d+' is outside the migration network 198\.19\.0\.0\/24 - refusing to migrate over it$/m,
+	'address outside the migration network: the error names address and network') or diag($out);
+    is(qmpstatus('node1', $vmid), 'running', 'refused address: the VM still runs on node1');
+    is(qmpstatus('node2', $vmid), 'stopped', 'refused address: the target VM was stopped');
+    is_deeply([volumes('node2', 'local')], [], 'refused address: the target\'s new volume was freed');
+    is_deeply([volumes('node1', 'local')], ["local:$vmid/vm-$vmid-disk-0.raw"], 'refused address: the source volume is kept');
+    my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, 'refused address: guest memory and disk intact on node1') or diag($check);
+    $lab->run_ok('node1', 'qm', 'stop', $vmid);
+    nothing_left('refused address', $t0);
+
+    # without --with-local-disks the target cannot start: the local volume is not there
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    ($rc, $out, $err) = migrate($vmid);
+    isnt($rc, 0, 'local disk without --with-local-disks: refused');
+    like($out, qr/^TASK ERROR: .*volume 'local:$vmid\/vm-$vmid-disk-0\.raw' does not exist/m,
+	'local disk without --with-local-disks: the target says which volume is missing') or diag($out);
+    is(qmpstatus('node1', $vmid), 'running', 'without --with-local-disks: the VM still runs on node1');
+    $lab->run_ok('node1', 'qm', 'stop', $vmid);
+    $lab->run_ok('node1', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
+    nothing_left('without --with-local-disks', $t0);
+}
+
+$lab->down;
+done_testing();
