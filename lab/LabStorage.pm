@@ -7,7 +7,7 @@ package LabStorage;
 #   shared  $LAB/shared  seen by every node (as NFS or Ceph on a cluster)
 #   local   $LAB/local   a tmpfs of each node's own (lab.sh mounts it in the node's mount
 #                        namespace): no other node sees it, as PVE's "local" storage
-#   small   $LAB/small   like local, 16 MiB: for storage-full tests
+#   small   $LAB/small   like local, 1 MiB: for storage-full tests
 # Drive lines of a VM config, as PVE's: "ide0: local:100/vm-100-disk-0.raw,size=32M".
 
 use strict;

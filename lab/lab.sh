@@ -17,7 +17,7 @@
 # ($LAB/node$i/mnt) with private tmpfs on /run/qemu-server and /usr/local/sbin
 # (wrappers qm, qmp, guest-check) and a read-only overlay on /usr/sbin that adds
 # /usr/sbin/qm and /usr/sbin/pvesm (PVE runs `/usr/sbin/qm mtunnel`), and the node's own
-# storages: tmpfs on $LAB/local ("local") and $LAB/small ("small", 16 MiB); an sshd on 198.18.0.$i:22 with the
+# storages: tmpfs on $LAB/local ("local") and $LAB/small ("small", 1 MiB); an sshd on 198.18.0.$i:22 with the
 # lab's own config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
 # lab's namespaces; addresses are from 198.18.0.0/15 only.
 
@@ -276,7 +276,7 @@ mount -t tmpfs -o mode=0755,size=50% mtl-qemu-server /run/qemu-server
 # node-local storages (lab/LabStorage.pm): the same path on every node, a different tmpfs
 # in each node, so no other node sees them; "small" is for storage-full tests
 mount -t tmpfs -o mode=0755,size=4g mtl-local "$LAB/local"
-mount -t tmpfs -o mode=0755,size=16m mtl-small "$LAB/small"
+mount -t tmpfs -o mode=0755,size=1m mtl-small "$LAB/small"
 if [ ! -d /usr/local/sbin ]; then
     # no /usr/local/sbin on this host: never create it there - overlay /usr/local
     # in this namespace only, the upper layer on a tmpfs

@@ -53,6 +53,18 @@ sub qmp {
     return $out;
 }
 
+# waits until the disk guest has written BYTES of its disk region (which starts at 1 MiB)
+sub wait_disk_written {
+    my ($bytes) = @_;
+    for (1 .. 600) {
+	my (undef, $out) = $lab->run('node1', "$top/lab/guest-check", '--wait', $vmid);
+	my ($pass, $sector) = $out =~ /disk pass (\d+) sector (\d+)/;
+	return if defined $pass && ($pass > 1 || ($sector - 2048) * 512 >= $bytes);
+	sleep(0.1);
+    }
+    die "the guest did not write $bytes bytes of its disk in time\n";
+}
+
 my %scenario = (
     'cancel the mirror' => {
 	args => [ '--bwlimit', 4096 ],
@@ -70,6 +82,8 @@ my %scenario = (
 	error => qr/^TASK ERROR: .*drive-ide0/m,
     },
     'target storage full' => {
+	# once the guest has written 2 MiB of its disk, more than the 1 MiB "small" storage holds
+	prepare => sub { wait_disk_written(2 << 20) },
 	args => [ '--targetstorage', 'small' ],
 	target_store => 'small',
 	error => qr/^TASK ERROR: .*drive-ide0.*(No space left|ENOSPC|nospace|error)/mi,
