@@ -1,6 +1,8 @@
 #!/bin/bash
-# make demo: a two-node lab, a VM live-migrated from node1 to node2 by the Perl driver
-# (PVE::MTunnel::Migrate → libmtunnel → OpenSSH → QEMU), the memory check, teardown.
+# make demo: a two-node lab, a VM with a local disk live-migrated from node1 to node2 by the
+# Perl driver (PVE::MTunnel::Migrate → libmtunnel → OpenSSH → QEMU): the disk mirrored into
+# the target's NBD export and RAM through the same ssh tunnel, then the memory and disk
+# checks, teardown.
 set -euo pipefail
 
 TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -15,22 +17,28 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "bringing up a two-node lab (network + mount namespaces, an sshd per node)"
 "$LABSH" up 2
-printf 'memory: %s\n' "$MEM" >"$LAB/pve/qemu-server/$VMID.conf"
+printf 'memory: %s\nguest: disk\nide0: local:%s/vm-%s-disk-0.raw,size=64M\n' "$MEM" "$VMID" "$VMID" \
+    >"$LAB/pve/qemu-server/$VMID.conf"
 
-step "starting VM $VMID ($MEM MiB, a guest that keeps writing to every page) on node1"
+step "starting VM $VMID ($MEM MiB, a 64 MiB disk on node1's own storage; the guest keeps writing to every page and to its disk) on node1"
 "$LABSH" exec node1 qm start "$VMID"
 "$LABSH" exec node1 "$TOP/lab/guest-check" --wait "$VMID"
 "$LABSH" exec node1 qm status "$VMID" --verbose
 
-step "live-migrating VM $VMID from node1 to node2 (perl/bin/mtunnel-migrate, run on node1)"
+echo "node1 storage local: $("$LABSH" exec node1 pvesm list local | tail -n +2)"
+
+step "live-migrating VM $VMID with its local disk from node1 to node2 (perl/bin/mtunnel-migrate --online --with-local-disks, run on node1)"
 "$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" "$VMID" node2 --node node1 \
-    --ssh-file "$LAB/ssh_prefix_node2" --memory "$MEM"
+    --ssh-file "$LAB/ssh_prefix_node2" --online --with-local-disks
 
 step "where is the VM now?"
 echo "node1: $("$LABSH" exec node1 qm status "$VMID")"
 echo "node2: $("$LABSH" exec node2 qm status "$VMID" --verbose | tr '\n' ' ')"
 
-step "checking the guest's memory on node2 (every page must hold the pattern)"
+echo "node1 storage local: $("$LABSH" exec node1 pvesm list local | tail -n +2)"
+echo "node2 storage local: $("$LABSH" exec node2 pvesm list local | tail -n +2)"
+
+step "checking the guest on node2: every page holds the pattern, every disk write it made is on node2's disk"
 "$LABSH" exec node2 "$TOP/lab/guest-check" "$VMID" "$MEM"
 "$LABSH" exec node2 qm stop "$VMID"
 
@@ -43,4 +51,4 @@ step "tearing down"
 "$LABSH" down
 trap - EXIT
 echo
-echo "demo: OK — VM $VMID migrated to node2, running there, memory intact, lab removed"
+echo "demo: OK — VM $VMID and its disk migrated to node2, running there, memory and disk intact, lab removed"
