@@ -319,6 +319,83 @@ sub v2 {
     like($err, qr/mtunnel exited unexpectedly/, 'mtunnel v2: EOF without quit is reported') or diag($err);
 }
 
+# ------------------------------------------------------------ storages, --targetstorage, insecure
+
+{
+    my $v = 110;
+    my $cmdline = sub {
+	my ($node) = @_;
+	my ($c) = grep { / -name vm$v / } map { MTunnelLab::slurp("/proc/$_/cmdline") =~ tr/\0/ /r } $lab->qemu_pids($node);
+	return $c // '';
+    };
+    my $volid = "local:$v/vm-$v-disk-0.raw";
+    $lab->write_vm_config($v, memory => 64, guest => 'idle', ide0 => "$volid,size=4M");
+    my ($rc, $out, $err) = qm('node1', 'config', $v);
+    is($out, "guest: idle\nide0: $volid,size=4M\nmemory: 64\n", 'qm config prints the config lines');
+    ($rc, $out, $err) = qm('node1', 'start', $v);
+    is($rc, 0, 'a VM with a disk on local storage starts') or diag($err);
+    like(scalar($lab->run_ok('node1', 'pvesm', 'list', 'local')), qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
+	'its volume was created on node1\'s local storage, at the configured size');
+    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//, 1, 'node2 does not see node1\'s local storage');
+    like($cmdline->('node1'), qr/-drive file=\Q$dir\E\/local\/images\/$v\/vm-$v-disk-0\.raw,format=raw,if=ide,index=0,id=drive-ide0/,
+	'QEMU opens it as drive-ide0');
+
+    # a target without --targetstorage cannot have the local volume (as upstream)
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix');
+    isnt($rc, 0, 'target start without --targetstorage fails for a local disk');
+    like($err, qr/^volume '\Q$volid\E' does not exist$/m, 'the missing volume is named');
+
+    # secure + --targetstorage: a new volume, exported over the NBD UNIX socket
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix',
+	'--targetstorage', '1');
+    is($rc, 0, 'target start with --targetstorage 1') or diag($err);
+    is($out, "migration listens on unix:/run/qemu-server/$v.migrate\n"
+	. "storage migration listens on nbd:unix:/run/qemu-server/${v}_nbd.migrate:exportname=drive-ide0 volume:$volid,size=4M\n",
+	'upstream\'s two lines: RAM socket, then the NBD export with the new drive string');
+    like(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')), qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
+	'the new volume is on node2\'s local storage, same size');
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    is(scalar($lab->run_ok('node2', 'pvesm', 'free', $volid)), "Removed volume '$volid'\n", 'pvesm free removes it');
+
+    # --targetstorage small: mapped to another storage
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix',
+	'--targetstorage', 'local:small');
+    is($rc, 0, 'target start with a storage map') or diag($err);
+    like($out, qr/^storage migration listens on \S+ volume:small:$v\/vm-$v-disk-0\.raw,size=4M$/m, 'the map sends local to small');
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    $lab->run_ok('node2', 'pvesm', 'free', "small:$v/vm-$v-disk-0.raw");
+
+    # insecure: RAM and NBD on the address in the migration network, on ports QEMU bound itself
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'insecure',
+	'--migration_network', '198.19.0.0/24', '--stateuri', 'tcp', '--targetstorage', '1');
+    is($rc, 0, 'insecure target start') or diag($err);
+    my ($ram) = $out =~ /^migration listens on tcp:198\.19\.0\.2:(\d+)$/m;
+    my ($nbd) = $out =~ /^storage migration listens on nbd:198\.19\.0\.2:(\d+):exportname=drive-ide0 volume:\Q$volid\E,size=4M$/m;
+    ok($ram && $nbd && $ram != $nbd, "insecure: RAM ($ram) and NBD ($nbd) on the migration network address") or diag($out);
+    like($cmdline->('node2'), qr/-incoming defer/, 'insecure: QEMU starts with -incoming defer (the port comes after)');
+    my (undef, $ss) = $lab->run('node2', 'ss', '-Hltn');
+    like($ss, qr/198\.19\.0\.2:$ram\b/, 'insecure: the RAM port really listens');
+    like($ss, qr/198\.19\.0\.2:$nbd\b/, 'insecure: the NBD port really listens');
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    $lab->run_ok('node2', 'pvesm', 'free', $volid);
+
+    # a migration network without an address of this node
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'insecure',
+	'--migration_network', '198.20.0.0/24', '--stateuri', 'tcp', '--targetstorage', '1');
+    isnt($rc, 0, 'insecure start with a foreign network fails');
+    like($err, qr/^could not get IP: no address configured on local node for network '198\.20\.0\.0\/24'$/m, 'upstream\'s text');
+    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//, 1, 'the failed start left no volume behind');
+    is($cmdline->('node2'), '', 'the failed start left no QEMU');
+
+    qm('node1', 'stop', $v);
+    $lab->run_ok('node1', 'pvesm', 'free', $volid);
+}
+
 # ------------------------------------------------------------ teardown
 
 $lab->down;
