@@ -58,17 +58,25 @@ echo "  insecure (TCP on the migration network, no ssh):           $tun_insecure
 awk -v a="$(rate "$tun_default")" -v i="$(rate "$tun_insecure")" \
     'BEGIN { printf "  tunnel/insecure = %.2f\n", a / i }'
 
-echo "-- disk mirror: a 1 GiB local disk (allocated) through the tunnel's NBD forward and to an NBD export on the same node"
+echo "-- disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
 conf 600 'memory: 64' 'guest: idle' 'ide0: local:600/vm-600-disk-0.raw,size=1G'
 conf 601 'memory: 64' 'guest: idle' 'ide0: local:601/vm-601-disk-0.raw,size=1G'
-"$LABSH" exec node1 qm start 600 >/dev/null
-"$LABSH" exec node1 "$TOP/lab/guest-check" --wait 600 >/dev/null
+# a fresh VM 600 on node1 whose disk holds 1023 MiB of non-zero data after its boot sector
+# (zeros would be skipped by the mirror and measure nothing)
+data_source() {
+    "$LABSH" exec node1 qm start 600 >/dev/null
+    "$LABSH" exec node1 qm stop 600 >/dev/null
+    "$LABSH" exec node1 sh -c "tr '\\0' x </dev/zero | dd of=\"\$(pvesm path local:600/vm-600-disk-0.raw)\" bs=1M seek=1 count=1023 conv=notrunc iflag=fullblock status=none"
+    "$LABSH" exec node1 qm start 600 >/dev/null
+    "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 600 >/dev/null
+}
+data_source
 out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 600 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --with-local-disks 2>&1 || true)
 t=$(echo "$out" | grep '^TIMING' || true)
 [ -n "$t" ] || { echo "  storage migration failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
 "$LABSH" exec node2 qm stop 600 >/dev/null; "$LABSH" exec node2 pvesm free local:600/vm-600-disk-0.raw >/dev/null
 tun_mirror=$(echo "$t" | awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } if (v["mirror"] > 0) printf "%.0f MiB/s (%d ms)", v["mirror_bytes"] / v["mirror"] / 1048576, v["mirror"] * 1000 }')
-"$LABSH" exec node1 qm start 600 >/dev/null
+data_source
 echo 'nbd_protocol_version: 1' | "$LABSH" exec node1 qm start 601 --skiplock --migratedfrom node1 \
     --migration_type secure --stateuri unix --targetstorage 1 >/dev/null
 m=$("$LABSH" exec node1 "$TOP/lab/bench-local-mirror" 600 nbd:unix:/run/qemu-server/601_nbd.migrate:exportname=drive-ide0)
