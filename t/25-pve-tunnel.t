@@ -27,11 +27,7 @@ my ($vmid, $mem) = (100, 256);
 
 *slurp = \&MTunnelLab::slurp;
 
-sub qmpstatus {
-    my ($node) = @_;
-    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
-}
+sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 
 sub run_flow {
     my ($from, $to, @args) = @_;

@@ -25,17 +25,9 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 my $ssh_file = "$dir/ssh_prefix_node2";
 
-sub qmpstatus {
-    my ($node, $vmid) = @_;
-    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
-}
+sub qmpstatus { return $lab->qmpstatus(@_) }
 
-sub volumes {
-    my ($node) = @_;
-    my (undef, $out) = $lab->run($node, 'pvesm', 'list', 'local');
-    return map { /^(\S+:\S+)/ ? $1 : () } split /\n/, $out;
-}
+sub volumes { return $lab->volumes($_[0], 'local') }
 
 # ------------------------------------------------------------ RAM only
 

@@ -22,21 +22,11 @@ my $net = '198.19.0.0/24';
 
 *slurp = \&MTunnelLab::slurp;
 
-sub qmpstatus {
-    my ($node, $vmid) = @_;
-    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
-}
+sub qmpstatus { return $lab->qmpstatus(@_) }
 
-sub volumes {
-    my ($node, $store) = @_;
-    my (undef, $out) = $lab->run($node, 'pvesm', 'list', $store);
-    return map { /^(\S+:\S+)/ ? $1 : () } split /\n/, $out;
-}
+sub volumes { return $lab->volumes(@_) }
 
-sub tunnel_ssh {
-    return grep { slurp("/proc/$_/cmdline") =~ /^\/usr\/bin\/ssh\0/ } $lab->procs_in('node1');
-}
+sub tunnel_ssh { return $lab->ssh_pids('node1') }
 
 sub migrate {
     my ($vmid, @args) = @_;

@@ -22,18 +22,9 @@ my ($vmid, $mem) = (300, 128);
 *slurp = \&MTunnelLab::slurp;
 
 # pids in node1 whose command line is the tunnel's ssh for $vmid
-sub tunnel_ssh {
-    return grep {
-	my $c = slurp("/proc/$_/cmdline");
-	$c =~ /^\/usr\/bin\/ssh\0/ && $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/;
-    } $lab->procs_in('node1');
-}
+sub tunnel_ssh { return $lab->ssh_pids('node1', $vmid) }
 
-sub qmpstatus {
-    my ($node) = @_;
-    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
-}
+sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 
 my %scenario = (
     'kill ssh' => {

@@ -27,24 +27,11 @@ my $volid = "local:$vmid/vm-$vmid-disk-0.raw";
 
 *slurp = \&MTunnelLab::slurp;
 
-sub tunnel_ssh {
-    return grep {
-	my $c = slurp("/proc/$_/cmdline");
-	$c =~ /^\/usr\/bin\/ssh\0/ && $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/;
-    } $lab->procs_in('node1');
-}
+sub tunnel_ssh { return $lab->ssh_pids('node1', $vmid) }
 
-sub qmpstatus {
-    my ($node) = @_;
-    my (undef, $out) = $lab->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
-}
+sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 
-sub volumes {
-    my ($node, $store) = @_;
-    my (undef, $out) = $lab->run($node, 'pvesm', 'list', $store);
-    return map { /^(\S+:\S+)/ ? $1 : () } split /\n/, $out;
-}
+sub volumes { return $lab->volumes(@_) }
 
 sub qmp {
     my ($node, @cmd) = @_;

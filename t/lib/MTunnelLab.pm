@@ -278,6 +278,29 @@ sub qemu_pids {
     return @pids;
 }
 
+# QEMU's run state of VMID on $node (running, paused, postmigrate, …), 'stopped' without a QEMU
+sub qmpstatus {
+    my ($self, $node, $vmid) = @_;
+    my (undef, $out) = $self->run($node, 'qm', 'status', $vmid, '--verbose');
+    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
+}
+
+# volume ids on $node's storage $store (pvesm list)
+sub volumes {
+    my ($self, $node, $store) = @_;
+    my (undef, $out) = $self->run($node, 'pvesm', 'list', $store);
+    return map { /^(\S+:\S+)/ ? $1 : () } split /\n/, $out;
+}
+
+# ssh processes in $node's network namespace; with $vmid only the tunnels forwarding its socket
+sub ssh_pids {
+    my ($self, $node, $vmid) = @_;
+    return grep {
+	my $c = _slurp("/proc/$_/cmdline");
+	$c =~ /^\/usr\/bin\/ssh\0/ && (!defined $vmid || $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/);
+    } $self->procs_in($node);
+}
+
 # paths of *.migrate files in $node's /run/qemu-server
 sub socket_files {
     my ($self, $node) = @_;
