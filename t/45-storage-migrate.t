@@ -70,7 +70,7 @@ for my $case (
     like($out, qr/^\S+ \S+ ide0: start migration to $nbd$/m, "$type: the disk is mirrored into the target's NBD export");
     like($out, qr/^\S+ \S+ volume 'local:$vmid\/vm-$vmid-disk-0\.raw' is 'local:$vmid\/vm-$vmid-disk-0\.raw' on the target$/m,
 	"$type: the volume mapping is logged as upstream does");
-    like($out, qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 32\.0 MiB \(\d+\.\d\d%\) in \d+s/m,
+    like($out, qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
 	"$type: disk progress, PVE style");
     like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
     like($out, qr/all 'mirror' jobs are ready.*starting online\/live migration.*drive-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,

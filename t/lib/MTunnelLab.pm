@@ -327,6 +327,19 @@ my %LAB_COMM = map { $_ => 1 } qw(ssh sshd qemu-system-x86 perl mtunnel-migrate 
 # and other people's processes are not ours.
 sub zombies_since {
     my ($since) = @_;
+    # A process that just exited is a zombie until its reaper (lab/reap-run, as systemd on a
+    # PVE host) collects it: only one that stays for 2 s is left behind.
+    my @z;
+    for (1 .. 20) {
+        @z = _zombies_since($since);
+        last if !@z;
+        select(undef, undef, undef, 0.1);
+    }
+    return @z;
+}
+
+sub _zombies_since {
+    my ($since) = @_;
     my ($btime) = _slurp('/proc/stat') =~ /^btime (\d+)$/m;
     my $hz = POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100;
     my @z;
