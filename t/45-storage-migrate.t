@@ -129,7 +129,7 @@ for my $case (
     my ($rc, $out, $err) = $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel::Migrate', '-e', $code,
 	$vmid, "$dir/ssh_prefix_node2", $net);
     isnt($rc, 0, 'address outside the migration network: refused');
-    like($out, qr/^TASK ERROR: target address 198\.18\.0\.2 in 'tcp:198\.18\.0\.2:\d+' is outside the migration network 198\.19\.0\.0\/24 - refusing to migrate over it$/m,
+    like($out, qr/^TASK ERROR: target address 198\.18\.0\.2 in 'tcp:198\.18\.0\.2:\d+' is outside the migration network 198\.19\.0\.0\/24 - refusing to migrate over it - VM $vmid runs on node 'node1' \(source\) only$/m,
 	'address outside the migration network: the error names address and network') or diag($out);
     is(qmpstatus('node1', $vmid), 'running', 'refused address: the VM still runs on node1');
     is(qmpstatus('node2', $vmid), 'stopped', 'refused address: the target VM was stopped');

@@ -93,6 +93,9 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $out = slurp($log);
     isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
     like($out, $s->{error}, "$name: error says what happened") or diag($out);
+    like($out, $s->{unreachable_target}
+	? qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\); node 'node2' cannot be reached to confirm that its incoming copy is gone \(run 'qm stop $vmid' there once it is reachable\)$/m
+	: qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\) only$/m, "$name: the verdict says where the VM runs") or diag($out);
     my ($err) = $out =~ /^(TASK ERROR: .*)$/m;
     diag("$name: " . ($err // 'no TASK ERROR line') . sprintf(" (%.1f s)", $took));
     $s->{restore}->() if $s->{restore};

@@ -77,7 +77,7 @@ my %scenario = (
     },
     'mirror never ready' => {
 	args => [ '--bwlimit', 1024, '--mirror-timeout', 3 ],
-	error => qr/^TASK ERROR: storage migration not ready after \d+ s \(mirror timeout\) - aborting$/m,
+	error => qr/^TASK ERROR: storage migration not ready after \d+ s \(mirror timeout\) - aborting - /m,
     },
     'stale _nbd.migrate socket' => {
 	prepare => sub {
@@ -140,6 +140,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
 	isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
 	like($out, $s->{error}, "$name: error says what happened") or diag($out);
 	like($out, qr/drive-ide0: Cancelling block job/, "$name: the cleanup cancelled the block job");
+	like($out, qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\) only$/m, "$name: the verdict says where the VM runs");
 	is(qmp('node1', 'query-block-jobs'), "[]\n", "$name: no block job left on the source");
 	is(qmpstatus('node1'), 'running', "$name: VM runs on node1");
 	isnt(qmpstatus('node2'), 'running', "$name: VM does not run on node2");

@@ -1,16 +1,26 @@
 package PVE::MTunnel::Migrate;
 
 # A QemuMigrate.pm-style live migration driver on PVE::MTunnel: phase2 (start the target,
-# tunnel, mirror local disks into the target's NBD exports, migrate RAM, poll, finish the
-# mirrors), phase3 (stop the target's NBD server, resume on the target, close, stop the
-# source, free the source's migrated volumes) and phase2_cleanup (cancel, cont the source,
-# cancel the mirrors, stop the target, free its new volumes, close). The control flow is
-# PVE's; sockets, processes and QMP are the library's.
+# tunnel, mirror local disks into the target's NBD exports, migrate RAM, poll), phase3 (once
+# RAM completed: finish the mirrors, stop the target's NBD server, resume on the target,
+# close, stop the source, free the source's migrated volumes) and phase2_cleanup (before
+# completion: cancel, cont the source, cancel the mirrors, stop the target, free its new
+# volumes, close). The control flow is PVE's; sockets, processes and QMP are the library's.
+#
+# The rule everything rests on: the VM runs on exactly one node. The target QEMU waits
+# paused (-S) until it is told to resume, so before `resume` is sent the source may always be
+# continued. Once RAM migration completed, the source is continued only when the target is
+# known not to run (its QEMU confirmed stopped or gone); when that cannot be known (target
+# unreachable) the source stays paused and the verdict says what to run where.
+# INT, TERM, QUIT, HUP and PIPE are deferred while a migration runs and become "interrupted by
+# signal" at the next safe point (as PVE's AbstractMigrate); after completion the migration is
+# finished instead, and signals during cleanup only get noted.
 
 use strict;
 use warnings;
 
 use POSIX qw(strftime);
+use Errno qw(ESRCH);
 use Socket qw(inet_aton);
 use Time::HiRes qw(usleep time);
 
@@ -65,6 +75,9 @@ sub new {
 	source_volumes => undef,
 	local_qm => ['qm'],
 	pvesm => ['pvesm'],
+	# what the verdict tells to run when the VM's state cannot be settled (the CLI fills in
+	# its own command line)
+	check_command => undef,
 	poll_interval_ms => 1000,
 	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
 	stall_timeout_ms => 60_000,
@@ -148,19 +161,51 @@ sub remote_command {
 	%{$self->{ssh_options}}, %opts);
 }
 
+# The signals PVE's migration base class defers.
+my @DEFERRED_SIGNALS = qw(INT TERM QUIT HUP PIPE);
+
 sub migrate {
     my ($self) = @_;
     my $vmid = $self->{vmid};
+    # Only noted here: Perl runs the handler between ops (and the library holds signals back
+    # while a call runs), the driver acts on it at its next safe point.
+    local @SIG{@DEFERRED_SIGNALS} = (sub { $self->{signal} //= $_[0]; $self->{signals}++ }) x @DEFERRED_SIGNALS;
     $self->log('info', "starting migration of VM $vmid to node '$self->{target}'");
     my $start = time();
-    eval { $self->phase2(); $self->phase3(); };
+    eval { $self->phase2() };
     if (my $err = $@) {
 	$self->log('err', "migration failed: $err");
+	# a cancel that came too late leaves a completed migration: finish it instead
 	$self->phase2_cleanup($err);
-	die $err;
+	return $self->fail($err) if !$self->{completed};
+	$self->log('info', "the migration completed before it could be cancelled: finishing it");
     }
+    eval { $self->phase3() };
+    if (my $err = $@) {
+	$self->log('err', "migration failed after RAM migration completed: $err");
+	$self->phase3_recover($err);
+	return $self->fail($err) if !$self->{target_resumed};
+    }
+    $self->log('info', "received signal SIG$self->{signal} after the migration completed: it was finished")
+	if $self->{signal};
     $self->log('info', sprintf("migration finished successfully (duration %s)", strftime("%H:%M:%S", gmtime(time() - $start))));
     return $self;
+}
+
+# The task's verdict on failure: the error, then where the VM is now (asked from both nodes).
+sub fail {
+    my ($self, $err) = @_;
+    chomp $err;
+    my $where = eval { $self->diagnose($self->inspect())->{state} } // "its state could not be determined: $@";
+    chomp $where;
+    $self->{verdict} = $where;
+    die "$err - $where\n";
+}
+
+# At a safe point: a deferred signal ends the phase.
+sub check_interrupt {
+    my ($self) = @_;
+    die "interrupted by signal SIG$self->{signal}\n" if $self->{signal};
 }
 
 # As QemuMigrate.pm phase2_start_local_cluster: the target's `qm start`, with upstream's
@@ -226,9 +271,11 @@ sub phase2 {
     $self->log('info', "starting VM $vmid on remote node '$self->{target}'");
     # From here on the target may be running; cleanup must stop it.
     $self->{target_started} = 1;
+    $self->check_interrupt();
     my $listen = $self->start_target();
     # new volumes on the target: freed by the cleanup unless the migration completes
     $self->{target_volumes} = [ map { ($_->{volume} =~ /^([^,]+)/)[0] } @{$listen->{nbd}} ];
+    $self->check_interrupt();
     $self->check_listen($listen);
     $self->{ruri} = $listen->{uri};
     my @nbd = @{$listen->{nbd}};
@@ -250,8 +297,10 @@ sub phase2 {
     my $t0 = time();
     $self->{tunnel}->wait_ready(timeout_ms => 70_000);
     $self->{timing}{open_to_ready} = time() - $t0;
+    $self->check_interrupt();
 
     $self->storage_migration(\@nbd) if @nbd;
+    $self->check_interrupt();
 
     $self->log('info', "starting online/live migration on $self->{ruri}");
     my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
@@ -270,17 +319,6 @@ sub phase2 {
     $self->{migration_started} = 1;
     PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { setup => 0 });
     $self->wait_for_completion($set->{'downtime-limit'});
-
-    if (my $jobs = $self->{mirror_jobs}) {
-	# As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
-	# without switching the source over to it; the source lets go of the NBD connection.
-	$self->log('info', "$_: Completing block job...") for @$jobs;
-	eval { PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, $jobs, mode => 'cancel', timeout_ms => 600_000) };
-	die "Failed to complete storage migration: $@" if $@;
-	$self->log('info', "$_: Completed successfully.") for @$jobs;
-	$self->log('info', "$_: mirror-job finished") for @$jobs;
-	$self->{mirror_done} = 1;
-    }
 }
 
 # Mirror each exported drive into its NBD export (drive-mirror, as BlockJob.pm for QEMU
@@ -355,6 +393,7 @@ sub wait_mirror_ready {
 	}
 	die sprintf("storage migration not ready after %.0f s (mirror timeout) - aborting\n", $now - $start)
 	    if defined $self->{mirror_timeout_ms} && ($now - $start) * 1000 > $self->{mirror_timeout_ms};
+	$self->check_interrupt();
 	usleep($self->{mirror_poll_ms} * 1000);
     }
 }
@@ -378,6 +417,7 @@ sub wait_for_completion {
 	my $status = $stat->{status} // 'none';
 	my $ram = $stat->{ram} // {};
 	if ($status eq 'completed') {
+	    $self->{completed} = 1;
 	    $self->{timing}{migration} = time() - $start;
 	    $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
 	    $self->{completed_stat} = $stat;
@@ -394,6 +434,8 @@ sub wait_for_completion {
 	    $self->log('info', "migration status error: $message");
 	    die "aborting phase 2 - $message\n";
 	}
+	# not completed: a deferred signal cancels it (completion, when seen first, wins)
+	$self->check_interrupt();
 	if ($status ne 'active') {
 	    $self->log('info', "migration status: $status") if $status ne $laststatus;
 	    $laststatus = $status;
@@ -432,27 +474,168 @@ sub wait_for_completion {
     }
 }
 
+# Once RAM migration completed: the complete state is on both nodes, paused. Forward only.
 sub phase3 {
     my ($self) = @_;
     my $vmid = $self->{vmid};
-    if ($self->{mirror_jobs}) {
+    if (my $jobs = $self->{mirror_jobs}) {
+	# As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
+	# without switching the source over to it; the source lets go of the NBD connection.
+	$self->log('info', "$_: Completing block job...") for @$jobs;
+	eval { PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, $jobs, mode => 'cancel', timeout_ms => 600_000) };
+	if (my $err = $@) {
+	    # the target's disks may lack the last writes: it must not run
+	    $self->{target_disks_incomplete} = 1;
+	    die "Failed to complete storage migration: $err";
+	}
+	$self->log('info', "$_: Completed successfully.") for @$jobs;
+	$self->log('info', "$_: mirror-job finished") for @$jobs;
+	$self->{mirror_done} = 1;
 	# upstream: the target's NBD server must stop before it resumes
 	$self->log('info', "stopping NBD storage migration server on target.");
 	eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
 	$self->log('err', "stopping NBD server on target failed: $@") if $@;
     }
+    # From here on the target may run the VM.
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     if (my $err = $@) {
 	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
-	$self->remote(['resume', $vmid, '--skiplock', '--nocheck']);
+	eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
+	if (my $err2 = $@) {
+	    # the reply may be what got lost: ask the target
+	    my $state = $self->target_state();
+	    die "resuming VM $vmid on node '$self->{target}' failed: $err2" if ($state // '') ne 'running';
+	    $self->log('warn', "resume on node '$self->{target}' reported an error, but VM $vmid runs there");
+	}
     }
-    # From here on the VM runs on the target; the source must never be continued.
+    # The VM runs on the target; the source must never be continued.
     $self->{target_resumed} = 1;
-    my $tunnel = delete $self->{tunnel};
-    eval { $tunnel->close() };
-    $self->log('warn', "closing tunnel: $@") if $@;
+    $self->finish_source();
+}
+
+# The target runs the VM: close the tunnel, stop and clean up the source (failures only warn:
+# the migration itself succeeded).
+sub finish_source {
+    my ($self) = @_;
+    if (my $tunnel = delete $self->{tunnel}) {
+	eval { $tunnel->close() };
+	$self->log('warn', "closing tunnel: $@") if $@;
+    }
     $self->stop_source();
     $self->free_source_volumes() if $self->{mirror_jobs};
+}
+
+# A failure after RAM migration completed. The source is continued only when the target is
+# known not to run; else the target is resumed if it can be, or everything stays as it is.
+sub phase3_recover {
+    my ($self, $err) = @_;
+    my ($vmid, $target) = @$self{qw(vmid target)};
+    my $state = $self->target_state();
+    if (defined $state && $state eq 'running') {
+	$self->log('info', "VM $vmid runs on node '$target': finishing on the source");
+	$self->{target_resumed} = 1;
+	$self->finish_source();
+	return;
+    }
+    if (!defined $state) {
+	$self->log('err', "node '$target' cannot be reached: VM $vmid stays paused on node '$self->{node}', "
+	    . "as it may run on '$target' once that is reachable");
+	$self->close_tunnel_quickly();
+	return;
+    }
+    # Reachable and not running: stop it (its disks may be incomplete, or its resume failed),
+    # and only once it is confirmed stopped continue the source.
+    if ($state ne 'stopped') {
+	$self->log('info', "stopping VM $vmid on node '$target' (state $state), then continuing it on '$self->{node}'");
+	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+	$self->log('err', "stopping target VM failed: $@") if $@;
+	$state = $self->target_state();
+    }
+    if (($state // '') eq 'stopped') {
+	$self->cancel_mirrors();
+	$self->cont_source();
+	$self->free_target_volumes();
+    } else {
+	$self->log('err', "VM $vmid on node '$target' could not be confirmed stopped ("
+	    . ($state // 'unreachable') . "): it stays paused on node '$self->{node}'");
+    }
+    $self->close_tunnel_quickly();
+}
+
+# Before completion (the target was never told to resume): as upstream's phase2_cleanup.
+sub phase2_cleanup {
+    my ($self, $err) = @_;
+    my $vmid = $self->{vmid};
+    $self->log('info', "aborting phase 2 - cleanup resources");
+    if ($self->{migration_started}) {
+	$self->log('info', "migrate_cancel");
+	my $stat = eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
+	$self->log('info', "migrate_cancel error: $@") if $@;
+	if (($stat->{status} // '') eq 'completed') {
+	    # too late: the target has the complete state; phase 3 takes it from here
+	    $self->{completed} = 1;
+	    return;
+	}
+    }
+    # The source ends in postmigrate if the failure came after convergence: continue it. The
+    # target never resumed (it waits with -S until told), so nothing runs twice.
+    $self->cont_source();
+    $self->cancel_mirrors();
+    my $target_stopped;
+    if ($self->{target_started}) {
+	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+	if (my $err = $@) {
+	    $self->log('err', "stopping target VM failed: $err");
+	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
+		. "run 'qm stop $vmid' there once it is reachable");
+	} else {
+	    $self->{target_stopped} = 1;
+	}
+    }
+    $self->free_target_volumes();
+    # Only after the target is stopped, as PVE does.
+    $self->close_tunnel_quickly();
+}
+
+# Continue the source if the migration left it paused (postmigrate).
+sub cont_source {
+    my ($self) = @_;
+    my $status = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status')->{status} };
+    $self->log('err', "query-status error: $@") if $@;
+    return if ($status // '') ne 'postmigrate';
+    eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') };
+    $self->log('err', "resuming VM failed: $@") if $@;
+}
+
+sub cancel_mirrors {
+    my ($self) = @_;
+    my $jobs = $self->{mirror_jobs};
+    return if !$jobs || $self->{mirror_done};
+    $self->log('info', "$_: Cancelling block job") for @$jobs;
+    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
+    $self->log('err', "cancelling block jobs failed: $@") if $@;
+}
+
+# As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone.
+sub free_target_volumes {
+    my ($self) = @_;
+    for my $volid (@{$self->{target_volumes} // []}) {
+	if (!$self->{target_stopped} && ($self->target_state() // '') ne 'stopped') {
+	    $self->log('err', "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
+	    next;
+	}
+	$self->{target_stopped} = 1;
+	eval { $self->remote_command([@{$self->{pvesm}}, 'free', $volid], timeout_ms => 60_000) };
+	$self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
+    }
+}
+
+# The tunnel is broken or idle by now: do not wait long for its 'quit'.
+sub close_tunnel_quickly {
+    my ($self) = @_;
+    my $tunnel = delete $self->{tunnel} or return;
+    eval { $tunnel->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
+    $self->log('err', "closing tunnel failed: $@") if $@;
 }
 
 # As upstream's phase3_cleanup: the migrated disks' source volumes go once the VM runs on
@@ -473,71 +656,153 @@ sub free_source_volumes {
     }
 }
 
-# As vm_stop on the source: QMP quit, then wait for the process to go away.
+# A process that is gone or a zombie no longer runs anything (kill 0 succeeds on a zombie).
+sub process_gone {
+    my ($pid) = @_;
+    return 1 if !kill(0, $pid) && $! == ESRCH;
+    open(my $fh, '<', "/proc/$pid/stat") or return 1;
+    my $stat = <$fh> // '';
+    close($fh);
+    return $stat =~ /^\d+ \(.*\) [ZX] /s ? 1 : 0;
+}
+
+sub source_pid {
+    my ($self) = @_;
+    open(my $fh, '<', "$self->{socket_dir}/$self->{vmid}.pid") or return undef;
+    my $pid = <$fh>;
+    close($fh);
+    return defined $pid && $pid =~ /^\s*([0-9]+)\s*$/ ? $1 : undef;
+}
+
+# As vm_stop on the source: QMP quit, then wait until the process is gone.
 sub stop_source {
     my ($self) = @_;
     my $vmid = $self->{vmid};
-    my $pidfile = "$self->{socket_dir}/$vmid.pid";
-    my $pid = -f $pidfile ? do { open(my $fh, '<', $pidfile); my $p = <$fh>; chomp $p if defined $p; $p } : undef;
+    my $pid = $self->source_pid();
     eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'quit') };
     $self->log('warn', "stopping source VM: $@") if $@;
-    if ($pid && $pid =~ /^\d+$/) {
-	for (1 .. 100) { last if !kill(0, $pid); usleep(100_000) }
-	if (kill(0, $pid)) { kill('KILL', $pid); $self->log('warn', "source VM $vmid did not quit, killed") }
+    if ($pid) {
+	for (1 .. 100) { last if process_gone($pid); usleep(100_000) }
+	if (!process_gone($pid)) { kill('KILL', $pid); $self->log('warn', "source VM $vmid did not quit, killed") }
     }
     $self->log('info', "stopped VM $vmid on source node '$self->{node}'");
 }
 
-sub phase2_cleanup {
-    my ($self, $err) = @_;
-    my $vmid = $self->{vmid};
-    return if $self->{target_resumed};
-    $self->log('info', "aborting phase 2 - cleanup resources");
-    if ($self->{migration_started}) {
-	$self->log('info', "migrate_cancel");
-	eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
-	$self->log('info', "migrate_cancel error: $@") if $@;
+# ------------------------------------------------------------ where is the VM?
+
+# The target's run state as `qm status --verbose` tells it (running, paused, inmigrate,
+# prelaunch, postmigrate, … or stopped); undef when the node cannot be reached.
+sub target_state {
+    my ($self) = @_;
+    my $res = eval { $self->remote(['status', $self->{vmid}, '--verbose'], timeout_ms => 20_000, connect_timeout_s => 5, connect_retries => 1) };
+    return undef if !$res;
+    my $out = $res->{stdout} // '';
+    return $1 if $out =~ /^qmpstatus: (\S+)$/m;
+    return $1 if $out =~ /^status: (\S+)$/m;
+    return undef;
+}
+
+# Both nodes' view: source {state, migration, jobs}, target {state} (undef = unreachable).
+sub inspect {
+    my ($self) = @_;
+    my %src = (state => 'stopped', migration => 'none', jobs => []);
+    my $pid = $self->source_pid();
+    if ($pid && !process_gone($pid)) {
+	my $st = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status', undef, timeout_ms => 5000) };
+	$src{state} = $st ? $st->{status} : 'unknown';
+	$src{error} = $@ if !$st;
+	my $mig = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}, timeout_ms => 5000) };
+	$src{migration} = $mig->{status} // 'none' if $mig;
+	my $jobs = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block-jobs', undef, timeout_ms => 5000) };
+	$src{jobs} = $jobs // [];
     }
-    # The source ends in postmigrate if the failure came after convergence: continue it.
-    my $status = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status')->{status} };
-    $self->log('err', "query-status error: $@") if $@;
-    if (($status // '') eq 'postmigrate') {
-	eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') };
-	$self->log('err', "resuming VM failed: $@") if $@;
+    return { source => \%src, target => { state => $self->target_state() } };
+}
+
+# What the two states mean: {state => sentence, ok => VM runs on exactly one node,
+# fix => [steps] (each [description, code]), undecided => 1 when no fix is safe}.
+sub diagnose {
+    my ($self, $seen) = @_;
+    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    my ($s, $t) = ($seen->{source}{state}, $seen->{target}{state});
+    my $completed = $seen->{source}{migration} eq 'completed' || $s eq 'postmigrate';
+    my $check = $self->{check_command} // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix";
+    my %incoming = map { $_ => 1 } qw(inmigrate prelaunch paused);
+    my $stop_target = ["stop the incoming VM $vmid on '$target'",
+	sub { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]) }];
+    if (!defined $t) {
+	return { state => "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)", undecided => 1 }
+	    if $s eq 'running';
+	return { state => "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'", undecided => 1 }
+	    if $completed && $self->{target_disks_incomplete};
+	return { state => "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: it holds the migrated state and may run it. Once '$target' is reachable, run on '$node': $check", undecided => 1 }
+	    if $completed;
+	return { state => "VM $vmid is $s on node '$node' (source); node '$target' cannot be reached: run on '$node' once it is: $check", undecided => 1 };
     }
-    if (my $jobs = $self->{mirror_jobs}) {
-	if (!$self->{mirror_done}) {
-	    $self->log('info', "$_: Cancelling block job") for @$jobs;
-	    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
-	    $self->log('err', "cancelling block jobs failed: $@") if $@;
-	}
+    return { state => "VM $vmid runs on node '$node' (source) only", ok => 1 } if $s eq 'running' && $t eq 'stopped';
+    return { state => "VM $vmid runs on node '$target' (target) only", ok => 1 } if $t eq 'running' && $s eq 'stopped';
+    return { state => "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand", undecided => 1 }
+	if $s eq 'running' && $t eq 'running';
+    if ($s eq 'running' && $incoming{$t}) {
+	return { state => "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target'", fix => [$stop_target] };
     }
-    my $target_stopped;
-    if ($self->{target_started}) {
-	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
-	if (my $err = $@) {
-	    $self->log('err', "stopping target VM failed: $err");
-	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
-		. "run 'qm stop $vmid' there once it is reachable");
-	} else {
-	    $target_stopped = 1;
-	}
+    if ($t eq 'running') {
+	return { state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s", fix => [
+	    ["stop VM $vmid on '$node'", sub { $self->stop_source() }] ] };
     }
-    # As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone
-    for my $volid (@{$self->{target_volumes} // []}) {
-	if (!$target_stopped) {
-	    $self->log('err', "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
-	    next;
-	}
-	eval { $self->remote_command([@{$self->{pvesm}}, 'free', $volid], timeout_ms => 60_000) };
-	$self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
+    if ($completed && $t eq 'paused' && $self->{target_disks_incomplete}) {
+	return { state => "VM $vmid is paused on both nodes after its migration completed, but the disk mirrors failed: the copy on '$target' must not run", fix => [
+	    $stop_target, ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] };
     }
-    # Only after the target is stopped, as PVE does. The tunnel is broken or idle by now: do
-    # not wait long for its 'quit'.
-    if (my $tunnel = delete $self->{tunnel}) {
-	eval { $tunnel->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
-	$self->log('err', "closing tunnel failed: $@") if $@;
+    if ($completed && $t eq 'paused') {
+	my @jobs = @{$seen->{source}{jobs}};
+	return { state => "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready (" . join(', ', map { "$_->{device}: $_->{status}" } @jobs) . "): the target's disks may be incomplete", undecided => 1 }
+	    if grep { !$_->{ready} } @jobs;
+	my @fix;
+	push @fix, ["finish the disk mirrors on '$node'", sub {
+	    PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, [map { $_->{device} } @jobs], mode => 'cancel', timeout_ms => 600_000);
+	    $self->remote(['nbdstop', $vmid]);
+	}] if @jobs;
+	push @fix, ["resume VM $vmid on '$target'", sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }],
+	    ["stop its copy on '$node'", sub { $self->stop_source() }];
+	return { state => "VM $vmid is paused on both nodes after its migration completed: the target was never resumed", fix => \@fix };
     }
+    if ($completed && $t eq 'stopped') {
+	return { state => "VM $vmid is paused on node '$node' (source, $s) and stopped on '$target': its state is only on '$node'", fix => [
+	    ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] };
+    }
+    if ($s eq 'stopped' && $t eq 'paused') {
+	return { state => "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration", fix => [
+	    ["resume VM $vmid on '$target'", sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }] ] };
+    }
+    return { state => "VM $vmid runs on neither node ('$node': $s, '$target': $t)" . ($t eq 'inmigrate' ? "; the incoming VM on '$target' never got the complete state" : ''), undecided => 1 }
+	if $s ne 'running' && $t ne 'running';
+    return { state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1 };
+}
+
+# mtunnel-migrate --check: say what is where; with $fix, apply the fix that diagnose found.
+sub check {
+    my ($self, %opts) = @_;
+    my $seen = $self->inspect();
+    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    my $src = $seen->{source};
+    $self->log('info', "node '$node' (source): VM $vmid $src->{state}" . ($src->{migration} ne 'none' ? ", migration $src->{migration}" : '')
+	. (@{$src->{jobs}} ? ", block jobs: " . join(', ', map { "$_->{device} $_->{status}" . ($_->{ready} ? ' ready' : '') } @{$src->{jobs}}) : ''));
+    $self->log('info', "node '$target' (target): " . (defined $seen->{target}{state} ? "VM $vmid $seen->{target}{state}" : 'cannot be reached'));
+    my $d = $self->diagnose($seen);
+    $self->log('info', "state: $d->{state}");
+    return $d if $d->{ok} || $d->{undecided};
+    if (!$opts{fix}) {
+	$self->log('info', "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{$d->{fix}}));
+	return $d;
+    }
+    for my $step (@{$d->{fix}}) {
+	$self->log('info', "fix: $step->[0]");
+	$step->[1]->();
+    }
+    my $after = $self->diagnose($self->inspect());
+    $self->log('info', "state: $after->{state}");
+    return $after;
 }
 
 1;
