@@ -161,6 +161,10 @@ sub remote_command {
 	%{$self->{ssh_options}}, %opts);
 }
 
+# Removes the paths that are sockets, prints the others: what the library's close runs on the
+# target, for a cleanup without a tunnel.
+my $SOCKET_CLEANUP = 'for p; do if [ -S "$p" ]; then rm -f -- "$p"; elif [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done';
+
 # The signals PVE's migration base class defers.
 my @DEFERRED_SIGNALS = qw(INT TERM QUIT HUP PIPE);
 
@@ -275,6 +279,8 @@ sub phase2 {
     my $listen = $self->start_target();
     # new volumes on the target: freed by the cleanup unless the migration completes
     $self->{target_volumes} = [ map { ($_->{volume} =~ /^([^,]+)/)[0] } @{$listen->{nbd}} ];
+    # the target's listening sockets: the tunnel's close removes them, else the cleanup
+    $self->{target_sockets} = [ grep { defined } $listen->{socket}, map { $_->{socket} } @{$listen->{nbd}} ];
     $self->check_interrupt();
     $self->check_listen($listen);
     $self->{ruri} = $listen->{uri};
@@ -294,6 +300,7 @@ sub phase2 {
 	%{$self->{ssh_options}},
 	%{$self->{tunnel_options}},
     );
+    $self->{tunnel_opened} = 1;
     my $t0 = time();
     $self->{tunnel}->wait_ready(timeout_ms => 70_000);
     $self->{timing}{open_to_ready} = time() - $t0;
@@ -595,6 +602,23 @@ sub phase2_cleanup {
     $self->free_target_volumes();
     # Only after the target is stopped, as PVE does.
     $self->close_tunnel_quickly();
+    $self->remove_target_sockets() if !$self->{tunnel_opened};
+}
+
+# Without a tunnel (it never opened), its close cannot remove the target's sockets.
+sub remove_target_sockets {
+    my ($self) = @_;
+    my @sockets = @{$self->{target_sockets} // []} or return;
+    my $res = eval { $self->remote_command(['sh', '-c', $SOCKET_CLEANUP, 'sh', @sockets], timeout_ms => 30_000) };
+    $self->log('err', "removing sockets on node '$self->{target}' failed: $@") if $@;
+    $self->log('err', "not a socket, left on node '$self->{target}': $_") for grep { length } split /\n/, ($res->{stdout} // '');
+}
+
+# forward sockets of this VM left on the source (ssh killed with its driver)
+sub stale_sockets {
+    my ($self) = @_;
+    my ($dir, $vmid) = @$self{qw(socket_dir vmid)};
+    return grep { -S $_ } ("$dir/$vmid.migrate", "$dir/${vmid}_nbd.migrate");
 }
 
 # Continue the source if the migration left it paused (postmigrate).
@@ -791,6 +815,12 @@ sub check {
     $self->log('info', "node '$target' (target): " . (defined $seen->{target}{state} ? "VM $vmid $seen->{target}{state}" : 'cannot be reached'));
     my $d = $self->diagnose($seen);
     $self->log('info', "state: $d->{state}");
+    # left by a killed driver's ssh; no migration runs once the state is settled
+    my @stale = $d->{undecided} || $src->{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/ ? () : $self->stale_sockets();
+    $self->log('info', "stale socket files on '$node': @stale" . ($opts{fix} ? '' : ' (--fix removes them)')) if @stale;
+    if ($opts{fix}) {
+	unlink(grep { -S $_ } @stale);
+    }
     return $d if $d->{ok} || $d->{undecided};
     if (!$opts{fix}) {
 	$self->log('info', "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{$d->{fix}}));

@@ -1,0 +1,197 @@
+#!/usr/bin/perl
+# The driver stopped, interrupted or cut at a given moment: each of INT, TERM, QUIT, HUP and
+# PIPE mid-RAM; TERM during the target start, with the tunnel up, at the switchover and after
+# completion; a second signal during the cleanup; a real closed stdout pipe; SIGKILL after
+# completion (settled by `mtunnel-migrate --check --fix`); and the link cut right after
+# completion, where the source must stay paused until the target can be asked. Each time:
+# the VM runs on exactly one node with its memory intact, the verdict says truthfully where,
+# and nothing is left behind.
+
+use strict;
+use warnings;
+use Test::More;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use POSIX qw(:sys_wait_h);
+use Time::HiRes qw(time sleep);
+
+use MTunnelLab;
+
+my $top = abs_path(dirname(__FILE__) . '/..');
+my $lab = MTunnelLab->up(nodes => 2);
+my $dir = $lab->dir;
+my ($vmid, $mem) = (600, 128);
+my $ssh_file = "$dir/ssh_prefix_node2";
+my @check = ("$top/perl/bin/mtunnel-migrate", '--check', $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file);
+# fast failure detection when the link is cut
+my @fast = ('--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
+    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0');
+
+*slurp = \&MTunnelLab::slurp;
+sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
+sub link_node2 { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', $_[0]) == 0 or die "ip link failed\n" }
+
+# the tunnel's remote end on node2
+sub mtunnel_pids { return grep { slurp("/proc/$_/cmdline") =~ /\bqm\0mtunnel\b/ } $lab->procs_in('node2') }
+
+# where the VM runs: 'node1', 'node2', 'both' or 'none'
+sub placement {
+    my @on = grep { qmpstatus($_) eq 'running' } qw(node1 node2);
+    return @on == 2 ? 'both' : @on ? $on[0] : 'none';
+}
+
+my %scenario;
+for my $sig (qw(INT TERM QUIT HUP PIPE)) {
+    $scenario{"SIG$sig mid-RAM"} = {
+	args => [ '--bwlimit', 4096 ], trigger => qr/migration active/, signal => $sig,
+	verdict => qr/^TASK ERROR: interrupted by signal SIG$sig - VM $vmid runs on node 'node1' \(source\) only$/m,
+	on => 'node1',
+    };
+}
+%scenario = (%scenario,
+    'SIGTERM during the target start' => {
+	trigger => qr/starting VM $vmid on remote node/, signal => 'TERM',
+	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+	on => 'node1',
+    },
+    'SIGTERM with the tunnel up' => {
+	trigger => qr/start remote tunnel/, signal => 'TERM',
+	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+	on => 'node1',
+    },
+    'SIGTERM at the switchover' => {
+	# the moment QEMU reports the end of the RAM copy: whichever way it goes, the verdict must
+	# match where the VM runs
+	trigger => qr/migration active|migration status: completed/, signal => 'TERM',
+	verdict => qr/^(TASK OK|TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only)$/m,
+    },
+    'SIGTERM after completion' => {
+	trigger => qr/migration status: completed/, signal => 'TERM',
+	verdict => qr/^TASK OK$/m,
+	log => qr/received signal SIGTERM after the migration completed: it was finished/,
+	on => 'node2',
+    },
+    'second SIGTERM during the cleanup' => {
+	args => [ '--bwlimit', 4096 ], trigger => qr/migration active/, signal => 'TERM',
+	then => [ qr/aborting phase 2 - cleanup resources/, 'TERM' ],
+	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+	on => 'node1',
+    },
+    'SIGKILL after completion' => {
+	trigger => qr/migration status: completed/, signal => 'KILL',
+	killed => 1,
+    },
+    'link cut after completion' => {
+	# node2's `qm mtunnel` is stopped before RAM starts (the resume then waits in its
+	# stdin), and the link is cut once node2 holds the complete state: the resume cannot
+	# reach node2, nor can anything ask it whether it runs
+	args => \@fast,
+	trigger => qr/start migrate command/, inject => sub { kill('STOP', mtunnel_pids()) or die "no qm mtunnel on node2\n" },
+	then => [ qr/migration status: completed/, sub {
+	    for (1 .. 100) { last if qmpstatus('node2') eq 'paused'; sleep(0.05) }
+	    link_node2('down');
+	} ],
+	verdict => qr/^TASK ERROR: .* - VM $vmid is paused on node 'node1' \(source, postmigrate\) after its migration completed, and node 'node2' cannot be reached: it holds the migrated state and may run it\. Once 'node2' is reachable, run on 'node1': \S+ --check $vmid node2 --node node1 --ssh-file \S+ --fix$/m,
+	source_paused => 1,
+	restore => sub { link_node2('up'); kill('KILL', mtunnel_pids()) },
+    },
+);
+
+my $only = $ENV{MTUNNEL_FAULT};    # a regex, to run some scenarios only
+for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
+    my $s = $scenario{$name};
+    $lab->write_vm_config($vmid, memory => $mem);
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
+    my $log = "$dir/interrupt-$vmid.log";
+    unlink $log;
+    my $t0 = time();
+    my $pid = fork() // die;
+    if (!$pid) {
+	$ENV{MTUNNEL_LAB} = $lab->name;
+	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
+	# lab.sh exec execs all the way down: $pid becomes the driver's pid
+	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
+	    '--ssh-file', $ssh_file, @{$s->{args} // []}) or die;
+    }
+    my ($done, $status) = (0, undef);
+    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
+    my $wait_for = sub {
+	my ($re) = @_;
+	for (1 .. 3000) { return 1 if slurp($log) =~ $re; return 0 if $reap->(); sleep(0.01) }
+	return 0;
+    };
+    ok($wait_for->($s->{trigger}), "$name: the moment came") or diag(slurp($log));
+    if ($s->{inject}) {
+	$s->{inject}->();
+    } else {
+	kill($s->{signal}, $pid);
+    }
+    if (my $then = $s->{then}) {
+	ok($wait_for->($then->[0]), "$name: the second moment came");
+	ref $then->[1] ? $then->[1]->() : kill($then->[1], $pid);
+    }
+    for (1 .. 1200) { last if $reap->(); sleep(0.1) }
+    ok($done, sprintf("$name: driver ended in bounded time (%.1f s)", time() - $t0)) or kill('KILL', $pid);
+    my $out = slurp($log);
+    my ($verdict) = $out =~ /^(TASK (?:OK|ERROR: .*))$/m;
+    diag("$name: " . ($verdict // 'no verdict') . sprintf(" (%.1f s)", time() - $t0));
+
+    if ($s->{killed}) {
+	# nothing ran after SIGKILL: --check says what is where, and --fix settles it
+	my ($rc, $o) = $lab->run('node1', @check);
+	is($rc, 1, "$name: --check says a fix is needed") or diag($o);
+	like($o, qr/state: VM $vmid is paused on both nodes after its migration completed: the target was never resumed|state: VM $vmid runs on node 'node2' \(target\); its copy on 'node1' is left postmigrate/,
+	    "$name: --check tells the state") or diag($o);
+	like($o, qr/to fix \(run again with --fix\): /, "$name: --check names the fix and changes nothing");
+	isnt(qmpstatus('node1'), 'stopped', "$name: --check left the source alone");
+	($rc, $o) = $lab->run('node1', @check, '--fix');
+	is($rc, 0, "$name: --check --fix settles it") or diag($o);
+	like($o, qr/state: VM $vmid runs on node 'node2' \(target\) only$/m, "$name: after the fix the VM runs on node2 only");
+	$s->{on} = 'node2';
+    } else {
+	like($out, $s->{verdict}, "$name: the verdict") or diag($out);
+	like($out, $s->{log}, "$name: the log says so") if $s->{log};
+	is(($status // 0) >> 8, ($verdict // '') eq 'TASK OK' ? 0 : 1, "$name: exit code matches the verdict");
+    }
+    if ($s->{source_paused}) {
+	is(qmpstatus('node1'), 'postmigrate', "$name: the source stays paused while node2 cannot be reached");
+	$s->{restore}->();
+	my ($rc, $o) = $lab->run('node1', @check, '--fix');
+	is($rc, 0, "$name: once node2 is reachable, --check --fix settles it") or diag($o);
+	$s->{on} = 'node2';
+    }
+    my $on = $s->{on} // (($verdict // '') eq 'TASK OK' ? 'node2' : 'node1');
+    is(placement(), $on, "$name: the VM runs on $on only");
+    my ($crc, $check) = $lab->run($on, "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, "$name: guest memory intact on $on") or diag($check);
+    $lab->run($_, 'qm', 'stop', $vmid) for qw(node1 node2);
+    is_deeply([$lab->ssh_pids('node1')], [], "$name: no ssh left");
+    is_deeply([$lab->socket_files($_)], [], "$name: no socket file left on $_") for qw(node1 node2);
+    is_deeply([MTunnelLab::zombies_since($t0)], [], "$name: no zombie left");
+}
+
+# A real closed pipe: the task log's reader goes away mid-RAM.
+{
+    my $name = 'stdout reader gone';
+    $lab->write_vm_config($vmid, memory => $mem);
+    $lab->run_ok('node1', 'qm', 'start', $vmid);
+    $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
+    my $t0 = time();
+    local $ENV{MTUNNEL_LAB} = $lab->name;
+    my $pid = open(my $fh, '-|', "$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+	'--node', 'node1', '--ssh-file', $ssh_file, '--bwlimit', 4096) // die;
+    my $seen = 0;
+    while (my $line = <$fh>) { if ($line =~ /migration active/) { $seen = 1; last } }
+    ok($seen, "$name: the migration was under way");
+    close($fh);    # waits for the driver: its next log line meets a closed pipe
+    isnt($? >> 8, 0, "$name: the driver reports failure");
+    is(placement(), 'node1', "$name: the VM runs on node1 only");
+    is(qmpstatus('node2'), 'stopped', "$name: nothing left on node2");
+    $lab->run($_, 'qm', 'stop', $vmid) for qw(node1 node2);
+    is_deeply([$lab->socket_files($_)], [], "$name: no socket file left on $_") for qw(node1 node2);
+    is_deeply([MTunnelLab::zombies_since($t0)], [], "$name: no zombie left");
+}
+
+$lab->down;
+done_testing();
