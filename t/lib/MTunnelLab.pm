@@ -375,6 +375,116 @@ sub alive {
     return $st ne '' && $st !~ /^\d+ \(.*\) [ZX] /s;
 }
 
+# ------------------------------------------------------------ run-state event log
+
+# Records of $node's $LAB/NODE/events-VMID.log (written by lab/qmp-eventlog), in file order:
+# [{ t => ns, pid => QEMU pid, kind => 'status'|'EOF'|event name, detail => '...' }, ...];
+# [] when there is no log. A last line without its newline (being written) is left out.
+sub vm_events {
+    my ($self, $node, $vmid) = @_;
+    croak "invalid vmid '$vmid'" if !defined $vmid || $vmid !~ /^[1-9][0-9]*\z/;
+    my $text = _slurp("$self->{dir}/" . $self->_node($node) . "/events-$vmid.log");
+    my @rec;
+    while ($text =~ /^([0-9]+) ([0-9]+) (\S+) ([^\n]*)\n/mg) {
+        push @rec, { t => $1 + 0, pid => $2 + 0, kind => $3, detail => $4 };
+    }
+    return \@rec;
+}
+
+# The intervals during which VMID's vCPUs ran on $node, from its event log, sorted by start:
+# [{ start => ns, end => ns or undef (still running), pid => QEMU pid }, ...].
+# Per QEMU (pid; one log may hold several QEMUs, the VM started again on the node): an initial
+# status 'running' runs from that record's time, RESUME starts a run, STOP, SHUTDOWN and EOF
+# end it. A run still open at the end of the log: if a later QEMU appears in the log it ended
+# before that one's first record (qm starts no second QEMU of a VM on a node while one runs),
+# else it is still running (end undef: "now").
+# Resolution: event times are QEMU's timestamps (µs), status and EOF times the logger's clock
+# reads. A plain start's run really began a little before its first record (QEMU starts the
+# guest before qm starts the logger, ~tens of ms); a target started for migration is
+# 'inmigrate' until its RESUME, which is exact.
+sub run_intervals {
+    my ($self, $node, $vmid) = @_;
+    my $rec = $self->vm_events($node, $vmid);
+    my (%open, %first, @order, @runs);
+    for my $r (@$rec) {
+        my $pid = $r->{pid};
+        if (!exists $first{$pid}) {
+            $first{$pid} = $r->{t};
+            push @order, $pid;
+        }
+        my $k = $r->{kind};
+        if (($k eq 'status' && $r->{detail} eq 'running') || $k eq 'RESUME') {
+            $open{$pid} //= $r->{t};
+        } elsif ($k eq 'STOP' || $k eq 'SHUTDOWN' || $k eq 'EOF') {
+            my $start = delete $open{$pid};
+            next if !defined $start;
+            # an event read with the status reply may carry an earlier QEMU time: no negative run
+            push @runs, { start => $start, end => ($r->{t} < $start ? $start : $r->{t}), pid => $pid };
+        }
+    }
+    for my $i (0 .. $#order) {
+        my $pid = $order[$i];
+        my $start = delete $open{$pid};
+        next if !defined $start;
+        my $end;
+        for my $later (@order[$i + 1 .. $#order]) {
+            $end = $first{$later} if $first{$later} >= $start && (!defined $end || $first{$later} < $end);
+        }
+        push @runs, { start => $start, end => $end, pid => $pid };
+    }
+    return [sort { $a->{start} <=> $b->{start} } @runs];
+}
+
+# MTunnelLab::overlaps(\@a, \@b): the pairs [$x, $y] of an interval $x of @a and $y of @b that
+# overlap in time; () = never both at once. Intervals are { start => ns, end => ns|undef } (as
+# run_intervals returns them) or [start, end]; an undef end is "now". Half-open: touching
+# intervals (one's end == the other's start) do not overlap. Times are ns, but QEMU's event
+# timestamps only have µs resolution: two runs less than 1 µs apart are not told apart.
+sub overlaps {
+    my ($list_a, $list_b) = @_;
+    my $now;
+    my $norm = sub {
+        my ($i) = @_;
+        my ($s, $e) = ref $i eq 'HASH' ? ($i->{start}, $i->{end}) : @$i;
+        croak "overlaps: interval without a start" if !defined $s;
+        if (!defined $e) {
+            if (!defined $now) {
+                require Time::HiRes;
+                my $t = Time::HiRes::clock_gettime(Time::HiRes::CLOCK_REALTIME());
+                $now = int($t) * 1_000_000_000 + int(($t - int($t)) * 1e9);
+            }
+            $e = $now;
+        }
+        return ($s, $e);
+    };
+    my @pairs;
+    for my $x (@$list_a) {
+        my ($xs, $xe) = $norm->($x);
+        for my $y (@$list_b) {
+            my ($ys, $ye) = $norm->($y);
+            push @pairs, [$x, $y] if $xs < $ye && $ys < $xe;
+        }
+    }
+    return @pairs;
+}
+
+# pids of the lab/qmp-eventlog processes of $node (they live in its mount namespace, in a
+# network namespace of their own)
+sub eventlog_pids {
+    my ($self, $node) = @_;
+    my ($ino) = (stat("$self->{dir}/" . $self->_node($node) . "/mnt"))[1];
+    my @pids;
+    for my $d (glob('/proc/[0-9]*')) {
+        my ($pid) = $d =~ m{^/proc/([0-9]+)$} or next;
+        my $cmd = _slurp("$d/cmdline");
+        next if $cmd !~ m{/qmp-eventlog\0};
+        my $mnt = readlink("$d/ns/mnt") // next;
+        next if !defined $ino || $mnt ne "mnt:[$ino]";
+        push @pids, $pid + 0 if alive($pid);
+    }
+    return sort { $a <=> $b } @pids;
+}
+
 # ------------------------------------------------------------ teardown
 
 sub down {
