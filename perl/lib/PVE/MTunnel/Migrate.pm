@@ -303,6 +303,7 @@ sub phase2 {
     $self->{tunnel_opened} = 1;
     my $t0 = time();
     $self->{tunnel}->wait_ready(timeout_ms => 70_000);
+    $self->{tunnel_ready} = 1;
     $self->{timing}{open_to_ready} = time() - $t0;
     $self->check_interrupt();
 
@@ -602,23 +603,39 @@ sub phase2_cleanup {
     $self->free_target_volumes();
     # Only after the target is stopped, as PVE does.
     $self->close_tunnel_quickly();
-    $self->remove_target_sockets() if !$self->{tunnel_opened};
+    # a tunnel that never got ready leaves the target's listening sockets to us
+    $self->remove_target_sockets() if !$self->{tunnel_ready} && $self->{target_stopped};
 }
 
-# Without a tunnel (it never opened), its close cannot remove the target's sockets.
+# Without a ready tunnel, its close does not remove the target's sockets.
 sub remove_target_sockets {
-    my ($self) = @_;
-    my @sockets = @{$self->{target_sockets} // []} or return;
+    my ($self, @sockets) = @_;
+    @sockets = @{$self->{target_sockets} // []} if !@sockets;
+    return if !@sockets;
     my $res = eval { $self->remote_command(['sh', '-c', $SOCKET_CLEANUP, 'sh', @sockets], timeout_ms => 30_000) };
     $self->log('err', "removing sockets on node '$self->{target}' failed: $@") if $@;
     $self->log('err', "not a socket, left on node '$self->{target}': $_") for grep { length } split /\n/, ($res->{stdout} // '');
 }
 
+# this VM's migration socket paths (the same on both nodes, as PVE forwards them)
+sub migration_sockets {
+    my ($self) = @_;
+    my ($dir, $vmid) = @$self{qw(socket_dir vmid)};
+    return ("$dir/$vmid.migrate", "$dir/${vmid}_nbd.migrate");
+}
+
 # forward sockets of this VM left on the source (ssh killed with its driver)
 sub stale_sockets {
     my ($self) = @_;
-    my ($dir, $vmid) = @$self{qw(socket_dir vmid)};
-    return grep { -S $_ } ("$dir/$vmid.migrate", "$dir/${vmid}_nbd.migrate");
+    return grep { -S $_ } $self->migration_sockets();
+}
+
+# listening sockets of this VM left on the target (its QEMU gone); undef if unreachable
+sub stale_target_sockets {
+    my ($self) = @_;
+    my $res = eval { $self->remote_command(['sh', '-c', 'for p; do if [ -S "$p" ]; then echo "$p"; fi; done', 'sh',
+	$self->migration_sockets()], timeout_ms => 20_000, connect_timeout_s => 5, connect_retries => 1) } or return undef;
+    return [ grep { length } split /\n/, $res->{stdout} // '' ];
 }
 
 # Continue the source if the migration left it paused (postmigrate).
@@ -768,7 +785,7 @@ sub diagnose {
     return { state => "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand", undecided => 1 }
 	if $s eq 'running' && $t eq 'running';
     if ($s eq 'running' && $incoming{$t}) {
-	return { state => "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target'", fix => [$stop_target] };
+	return { state => "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target' (new volumes it got for local disks, if any, stay: see 'pvesm list' there)", fix => [$stop_target] };
     }
     if ($t eq 'running') {
 	return { state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s", fix => [
@@ -804,35 +821,41 @@ sub diagnose {
     return { state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1 };
 }
 
-# mtunnel-migrate --check: say what is where; with $fix, apply the fix that diagnose found.
+# mtunnel-migrate --check: say what is where; with $fix, apply the fix that diagnose found
+# and remove the migration's stale sockets once the VM runs on exactly one node.
 sub check {
     my ($self, %opts) = @_;
-    my $seen = $self->inspect();
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    my $seen = $self->inspect();
     my $src = $seen->{source};
     $self->log('info', "node '$node' (source): VM $vmid $src->{state}" . ($src->{migration} ne 'none' ? ", migration $src->{migration}" : '')
 	. (@{$src->{jobs}} ? ", block jobs: " . join(', ', map { "$_->{device} $_->{status}" . ($_->{ready} ? ' ready' : '') } @{$src->{jobs}}) : ''));
     $self->log('info', "node '$target' (target): " . (defined $seen->{target}{state} ? "VM $vmid $seen->{target}{state}" : 'cannot be reached'));
     my $d = $self->diagnose($seen);
     $self->log('info', "state: $d->{state}");
-    # left by a killed driver's ssh; no migration runs once the state is settled
-    my @stale = $d->{undecided} || $src->{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/ ? () : $self->stale_sockets();
-    $self->log('info', "stale socket files on '$node': @stale" . ($opts{fix} ? '' : ' (--fix removes them)')) if @stale;
+    if ($opts{fix} && !$d->{ok} && !$d->{undecided}) {
+	for my $step (@{$d->{fix}}) {
+	    $self->log('info', "fix: $step->[0]");
+	    $step->[1]->();
+	}
+	$seen = $self->inspect();
+	$d = $self->diagnose($seen);
+	$self->log('info', "state: $d->{state}");
+    } elsif (!$d->{ok} && !$d->{undecided}) {
+	$self->log('info', "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{$d->{fix}}));
+    }
+    # sockets left by a killed driver's ssh and by a target QEMU that is gone
+    return $d if !$d->{ok} || $seen->{source}{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/;
+    my @stale = $self->stale_sockets();
+    my $remote = ($seen->{target}{state} // '') eq 'stopped' ? $self->stale_target_sockets() // [] : [];
+    my $how = $opts{fix} ? 'removed' : 'left (--fix removes them)';
+    $self->log('info', "stale socket files on '$node' $how: @stale") if @stale;
+    $self->log('info', "stale socket files on '$target' $how: @$remote") if @$remote;
     if ($opts{fix}) {
 	unlink(grep { -S $_ } @stale);
+	$self->remove_target_sockets(@$remote) if @$remote;
     }
-    return $d if $d->{ok} || $d->{undecided};
-    if (!$opts{fix}) {
-	$self->log('info', "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{$d->{fix}}));
-	return $d;
-    }
-    for my $step (@{$d->{fix}}) {
-	$self->log('info', "fix: $step->[0]");
-	$step->[1]->();
-    }
-    my $after = $self->diagnose($self->inspect());
-    $self->log('info', "state: $after->{state}");
-    return $after;
+    return $d;
 }
 
 1;
