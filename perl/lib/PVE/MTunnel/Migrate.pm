@@ -653,6 +653,11 @@ sub cancel_mirrors {
     my $jobs = $self->{mirror_jobs};
     return if !$jobs || $self->{mirror_done};
     $self->log('info', "$_: Cancelling block job") for @$jobs;
+    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 10_000) };
+    return if !$@;
+    # NBD writes stuck in a stopped ssh hold the cancel: closing the tunnel breaks them
+    $self->log('info', "block jobs still running: closing the tunnel first");
+    $self->close_tunnel_quickly();
     eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
     $self->log('err', "cancelling block jobs failed: $@") if $@;
 }
@@ -797,15 +802,33 @@ sub diagnose {
     }
     if ($completed && $t eq 'paused') {
 	my @jobs = @{$seen->{source}{jobs}};
-	return { state => "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready (" . join(', ', map { "$_->{device}: $_->{status}" } @jobs) . "): the target's disks may be incomplete", undecided => 1 }
-	    if grep { !$_->{ready} } @jobs;
+	# a mirror that ended without error (block-job-cancel of a ready job, its driver gone
+	# before it dismissed it) synced the target; one with an error did not
+	my @ended = grep { $_->{status} eq 'concluded' && !defined $_->{error} } @jobs;
+	my @failed = grep { $_->{status} eq 'concluded' && defined $_->{error} } @jobs;
+	my @ready = grep { $_->{status} ne 'concluded' && $_->{ready} } @jobs;
+	my @busy = grep { $_->{status} ne 'concluded' && !$_->{ready} } @jobs;
+	return { state => "VM $vmid is paused on both nodes after its migration completed, but disk mirrors on '$node' failed ("
+	    . join(', ', map { "$_->{device}: $_->{error}" } @failed) . "): the copy on '$target' must not run", fix => [
+	    $stop_target, ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] }
+	    if @failed;
+	return { state => "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready (" . join(', ', map { "$_->{device}: $_->{status}" } @busy) . "): the target's disks may be incomplete", undecided => 1 }
+	    if @busy;
 	my @fix;
+	push @fix, ["dismiss the ended disk mirrors on '$node'", sub {
+	    PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'job-dismiss', { id => $_->{device} }) for @ended;
+	}] if @ended;
 	push @fix, ["finish the disk mirrors on '$node'", sub {
-	    PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, [map { $_->{device} } @jobs], mode => 'cancel', timeout_ms => 600_000);
-	    $self->remote(['nbdstop', $vmid]);
-	}] if @jobs;
+	    PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, [map { $_->{device} } @ready], mode => 'cancel', timeout_ms => 600_000);
+	}] if @ready;
+	push @fix, ["stop the NBD server on '$target'", sub { $self->remote(['nbdstop', $vmid]) }] if @jobs;
 	push @fix, ["resume VM $vmid on '$target'", sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }],
-	    ["stop its copy on '$node'", sub { $self->stop_source() }];
+	    ["stop its copy on '$node'" . (@jobs ? " and free the migrated volumes there" : ''), sub {
+		$self->stop_source();
+		# as phase 3: the mirrored disks' source volumes go once the VM runs on the target
+		$self->{mirror_jobs} = [ map { $_->{device} } @jobs ];
+		$self->free_source_volumes() if @jobs;
+	    }];
 	return { state => "VM $vmid is paused on both nodes after its migration completed: the target was never resumed", fix => \@fix };
     }
     if ($completed && $t eq 'stopped') {
@@ -846,8 +869,10 @@ sub check {
     }
     # sockets left by a killed driver's ssh and by a target QEMU that is gone
     return $d if !$d->{ok} || $seen->{source}{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/;
+    # the VM runs on one node, no migration is under way: the migration sockets of both
+    # nodes are stale (QEMU unlinks its incoming socket on accept; nbdstop leaves its own)
     my @stale = $self->stale_sockets();
-    my $remote = ($seen->{target}{state} // '') eq 'stopped' ? $self->stale_target_sockets() // [] : [];
+    my $remote = $self->stale_target_sockets() // [];
     my $how = $opts{fix} ? 'removed' : 'left (--fix removes them)';
     $self->log('info', "stale socket files on '$node' $how: @stale") if @stale;
     $self->log('info', "stale socket files on '$target' $how: @$remote") if @$remote;
