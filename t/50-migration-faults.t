@@ -66,31 +66,18 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->write_vm_config($vmid, memory => $mem, accel => 'tcg');
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
-    my $log = "$dir/fault-$vmid.log";
-    unlink $log;
     my $t0 = time();
-    my $pid = fork() // die;
-    if (!$pid) {
-	$ENV{MTUNNEL_LAB} = $lab->name;
-	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
-	# 4 MiB/s: the migration lasts long enough to hit it in the middle.
-	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
-	    '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem, '--bwlimit', 4096, @{$s->{args} // []}) or die;
-    }
-    my ($active, $done, $status) = (0, 0, undef);
-    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
-    for (1 .. 300) {
-	if (slurp($log) =~ /migration active/) { $active = 1; last }
-	last if $reap->();
-	sleep(0.1);
-    }
-    ok($active, "$name: migration was under way when the fault hit") or diag(slurp($log));
+    # 4 MiB/s: the migration lasts long enough to hit it in the middle.
+    my $bg = $lab->background('node1', "$dir/fault-$vmid.log", "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+	'--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem, '--bwlimit', 4096, @{$s->{args} // []});
+    ok($bg->wait_for(qr/migration active/, 30), "$name: migration was under way when the fault hit") or diag($bg->output);
     eval { $s->{inject}->() };
     is($@, '', "$name: fault injected");
-    for (1 .. 600) { last if $reap->(); sleep(0.1) }
+    my $done = $bg->finish(60);
     my $took = time() - $t0;
-    ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took)) or kill('KILL', $pid);
-    my $out = slurp($log);
+    ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took));
+    my $status = $bg->status;
+    my $out = $bg->output;
     isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
     like($out, $s->{error}, "$name: error says what happened") or diag($out);
     like($out, $s->{unreachable_target}

@@ -98,33 +98,19 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     $s->{prepare}->() if $s->{prepare};
-    my $log = "$dir/fault-$vmid.log";
-    unlink $log;
     my $t0 = time();
-    my $pid = fork() // die;
-    if (!$pid) {
-	$ENV{MTUNNEL_LAB} = $lab->name;
-	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
-	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
-	    '--ssh-file', "$dir/ssh_prefix_node2", '--online', '--with-local-disks', @{$s->{args} // []}) or die;
-    }
-    my ($done, $status) = (0, undef);
-    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
+    my $bg = $lab->background('node1', "$dir/fault-$vmid.log", "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+	'--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2", '--online', '--with-local-disks', @{$s->{args} // []});
     if ($s->{inject}) {
-	my $mirroring = 0;
-	for (1 .. 300) {
-	    if (slurp($log) =~ /drive-ide0: transferred/) { $mirroring = 1; last }
-	    last if $reap->();
-	    sleep(0.1);
-	}
-	ok($mirroring, "$name: the mirror was under way when the fault hit") or diag(slurp($log));
+	ok($bg->wait_for(qr/drive-ide0: transferred/, 30), "$name: the mirror was under way when the fault hit") or diag($bg->output);
 	eval { $s->{inject}->() };
 	is($@, '', "$name: fault injected");
     }
-    for (1 .. 1200) { last if $reap->(); sleep(0.1) }
+    my $done = $bg->finish(120);
     my $took = time() - $t0;
-    ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took)) or kill('KILL', $pid);
-    my $out = slurp($log);
+    ok($done, sprintf("$name: driver finished in bounded time (%.1f s)", $took));
+    my $status = $bg->status;
+    my $out = $bg->output;
     my ($err) = $out =~ /^(TASK (?:ERROR: .*|OK))$/m;
     diag("$name: " . ($err // 'no TASK line') . sprintf(" (%.1f s)", $took));
 

@@ -103,37 +103,23 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->write_vm_config($vmid, memory => $mem);
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
-    my $log = "$dir/interrupt-$vmid.log";
-    unlink $log;
     my $t0 = time();
-    my $pid = fork() // die;
-    if (!$pid) {
-	$ENV{MTUNNEL_LAB} = $lab->name;
-	open(STDOUT, '>', $log) or die; open(STDERR, '>&', \*STDOUT) or die;
-	# lab.sh exec execs all the way down: $pid becomes the driver's pid
-	exec("$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
-	    '--ssh-file', $ssh_file, @{$s->{args} // []}) or die;
-    }
-    my ($done, $status) = (0, undef);
-    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
-    my $wait_for = sub {
-	my ($re) = @_;
-	for (1 .. 3000) { return 1 if slurp($log) =~ $re; return 0 if $reap->(); sleep(0.01) }
-	return 0;
-    };
-    ok($wait_for->($s->{trigger}), "$name: the moment came") or diag(slurp($log));
+    my $bg = $lab->background('node1', "$dir/interrupt-$vmid.log", "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+	'--node', 'node1', '--ssh-file', $ssh_file, @{$s->{args} // []});
+    my $pid = $bg->pid;
+    ok($bg->wait_for($s->{trigger}, 30), "$name: the moment came") or diag($bg->output);
     if ($s->{inject}) {
 	$s->{inject}->();
     } else {
 	kill($s->{signal}, $pid);
     }
     if (my $then = $s->{then}) {
-	ok($wait_for->($then->[0]), "$name: the second moment came");
+	ok($bg->wait_for($then->[0], 30), "$name: the second moment came");
 	ref $then->[1] ? $then->[1]->() : kill($then->[1], $pid);
     }
-    for (1 .. 1200) { last if $reap->(); sleep(0.1) }
-    ok($done, sprintf("$name: driver ended in bounded time (%.1f s)", time() - $t0)) or kill('KILL', $pid);
-    my $out = slurp($log);
+    ok($bg->finish(120), sprintf("$name: driver ended in bounded time (%.1f s)", time() - $t0));
+    my $status = $bg->status;
+    my $out = $bg->output;
     my ($verdict) = $out =~ /^(TASK (?:OK|ERROR: .*))$/m;
     diag("$name: " . ($verdict // 'no verdict') . sprintf(" (%.1f s)", time() - $t0));
 

@@ -191,6 +191,31 @@ sub run {
     return $self->_lab_sh(undef, 'exec', $self->_node($node), @cmd);
 }
 
+# CMD in NODE in the background, stdout and stderr into $log, for tests that act at a moment
+# its output shows. lab.sh exec execs all the way down, so $bg->pid is CMD's own pid.
+#   my $bg = $lab->background('node1', $log, CMD...);
+#   $bg->wait_for(qr/migration active/, 30);   # 1 once seen; 0 if CMD ended or time ran out
+#   $bg->finish(120);                          # 1 once CMD ended; $bg->status is then its $?
+sub background {
+    my ($self, $node, $log, @cmd) = @_;
+    croak "background: no command" if !@cmd;
+    unlink $log;
+    my $pid = fork() // die "fork: $!\n";
+    if (!$pid) {
+        eval {
+            $self->_setns_host if $self->{entered};
+            $ENV{MTUNNEL_LAB} = $self->{name};
+            open(STDIN, '<', '/dev/null') or die "stdin: $!\n";
+            open(STDOUT, '>', $log) or die "$log: $!\n";
+            open(STDERR, '>&', \*STDOUT) or die "stderr: $!\n";
+            exec($LABSH, 'exec', $self->_node($node), @cmd) or die "exec $LABSH: $!\n";
+        };
+        print STDERR $@;
+        POSIX::_exit(127);
+    }
+    return bless { pid => $pid, log => $log }, 'MTunnelLab::Background';
+}
+
 # like run, dies on a non-zero exit; returns stdout (list context: stdout, stderr)
 sub run_ok {
     my ($self, $node, @cmd) = @_;
@@ -525,6 +550,48 @@ END {
         $lab->down if $lab->{owner} == $$;
     }
     $? = $status;
+}
+
+package MTunnelLab::Background;
+
+use Time::HiRes qw(time sleep);
+
+sub pid { $_[0]->{pid} }
+sub output { MTunnelLab::slurp($_[0]->{log}) }
+sub status { $_[0]->{status} }
+
+# whether the command has ended (reaped once, without blocking)
+sub done {
+    my ($self) = @_;
+    if (!$self->{done} && waitpid($self->{pid}, POSIX::WNOHANG()) == $self->{pid}) {
+        @$self{qw(done status)} = (1, $?);
+    }
+    return $self->{done};
+}
+
+sub wait_for {
+    my ($self, $re, $secs) = @_;
+    my $deadline = time + ($secs // 30);
+    while (time < $deadline) {
+        return 1 if $self->output =~ $re;
+        return 0 if $self->done;
+        sleep(0.01);
+    }
+    return 0;
+}
+
+# waits until the command ended; kills it (and returns 0) past the deadline
+sub finish {
+    my ($self, $secs) = @_;
+    my $deadline = time + ($secs // 120);
+    while (!$self->done) {
+        if (time >= $deadline) {
+            kill('KILL', $self->{pid});
+            return 0;
+        }
+        sleep(0.1);
+    }
+    return 1;
 }
 
 1;
