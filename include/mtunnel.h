@@ -55,6 +55,10 @@
 // QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
 #define MAX_DOWNTIME_LIMIT_MS (2000 * 1000)
 
+// Default of [`WaitOptions::hold_ms`]: short enough that another client of the monitor
+// (pvestatd, a `qm` command) waiting behind us is served within a fraction of a second.
+#define DEFAULT_HOLD_MS 250
+
 // An open tunnel: an ssh child with its forwards. Opaque; create with `tunnel_open`,
 // release with `tunnel_free`. Not safe to use from two threads at once.
 typedef struct mtunnel_tunnel mtunnel_tunnel;
@@ -211,13 +215,28 @@ int qmp_execute(const char *qmp_socket,
                 int64_t timeout_ms,
                 char **reply_out);
 
+// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends,
+// or when `hold_ms` passed: holds one monitor connection at most that long, waiting for
+// QEMU's `MIGRATION` event with a final status (`completed`, `failed`, `cancelled`), which
+// needs the `events` capability; without it the end is seen when the hold ends. Call it in
+// a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
+// noticed within milliseconds, and between calls the monitor is free for other clients.
+//
+// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000}` (`timeout_ms`: for
+// connecting to a monitor busy with another client, and for each command). The answer goes
+// to `*status_out` (free with `mtunnel_string_free`; may be NULL). `qmp_socket` NULL or bad
+// options → `MTUNNEL_ERR_INVALID_ARGUMENT`; a monitor that closes while held →
+// `MTUNNEL_ERR_IO` at once. Otherwise the codes of `qmp_migrate`.
+int qmp_wait_migration(const char *qmp_socket, const char *options_json, char **status_out);
+
 // Runs one remote command over ssh and collects its output, e.g. `qm start VMID
 // --migratedfrom NODE`. Every word of the command is shell-quoted for the remote shell.
 //
 // `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 // "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
 // ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
-// before authentication is retried, so the command never runs twice). With `"check": true` a non-zero exit is an error
+// before authentication is retried, so the command never runs twice; `"share"`: the command
+// runs as a client of a pooled shared master, holding one of its session slots while it runs). With `"check": true` a non-zero exit is an error
 // (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
 // last error; an exit status the host reaped itself is unknown and not an error). On success
 // `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
@@ -258,7 +277,18 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 //   (nothing ran remotely), with jittered backoff, within the greeting timeout;
 // - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
 // - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
-//   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default.
+//   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
+// - `"share"` (default off): OpenSSH connection sharing (docs/sharing.md). `true` or an
+//   object `{"control_dir": "/run/mtunnel/ssh-ctl", "persist_s": 30, "max_sessions": 10,
+//   "exit_idle": false}`. The tunnel becomes a client (`-o ControlMaster=no -o ControlPath=…
+//   -o ProxyCommand=false`) of a pooled master to the same destination, started when none
+//   has a free session: no handshake of its own. The master holds the forwards' listening
+//   sockets (readiness checks the master's pid); close cancels them in the master
+//   (`-O cancel`). At most `max_sessions` sessions per master, across processes; a master
+//   exits `persist_s` seconds after its last session (`ControlPersist`), or at once with
+//   `exit_idle` when its last user closes. The control directory is created 0700 and
+//   refused (`MTUNNEL_ERR_INVALID_ARGUMENT`) if it is a symlink, not ours or open to
+//   others. A master that dies under a tunnel is an error naming the shared connection.
 //
 // `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 // On success `*tunnel_out` receives the handle (owned by the caller; release with
@@ -325,8 +355,10 @@ int tunnel_read_line(mtunnel_tunnel *tunnel, int64_t timeout_ms, char **line_out
 
 // Writes the tunnel's state as JSON to `*status_out` (free with `mtunnel_string_free`):
 // `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,
-// "forwards": [...]}`. `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
-int tunnel_status(mtunnel_tunnel *tunnel, char **status_out);
+// "forwards": [...], "master_pid": N|null, "control_path": "…"|null}` (the last two for a
+// shared connection: the master that holds the forwards, and its control socket). `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
+int tunnel_status(mtunnel_tunnel *tunnel,
+                  char **status_out);
 
 // Closes the tunnel with default options if still open, then frees the handle. NULL is a
 // no-op. The handle must not be used afterwards.

@@ -48,6 +48,7 @@ pub mod log;
 pub mod options;
 pub mod process;
 pub mod qmp;
+pub mod share;
 pub mod signals;
 pub mod ssh;
 pub mod target;

@@ -31,6 +31,8 @@ pub struct Ssh {
     pub lock_dir: String,
     /// Cipher preference for the bulk transfer (`-o Ciphers=`); `None` leaves ssh's default.
     pub ciphers: Option<String>,
+    /// OpenSSH connection sharing (see [`crate::share`]); `None` = a connection per use.
+    pub share: Option<crate::share::Config>,
 }
 
 /// With AES instructions, AES-GCM moves migration data ~30% faster than OpenSSH's default
@@ -49,7 +51,7 @@ fn cpu_has_aes() -> bool {
 }
 
 /// Option keys [`Ssh::from_options`] reads, for callers that check for unknown keys.
-pub const OPTION_KEYS: [&str; 8] = [
+pub const OPTION_KEYS: [&str; 9] = [
     "ssh",
     "connect_timeout_s",
     "server_alive_interval_s",
@@ -58,6 +60,7 @@ pub const OPTION_KEYS: [&str; 8] = [
     "connect_retries",
     "lock_dir",
     "ciphers",
+    "share",
 ];
 
 impl Ssh {
@@ -80,6 +83,7 @@ impl Ssh {
             connect_retries: 4,
             lock_dir: crate::throttle::DEFAULT_LOCK_DIR.into(),
             ciphers: cpu_has_aes().then(|| AES_GCM_FIRST.to_string()),
+            share: None,
         })
     }
 
@@ -124,6 +128,7 @@ impl Ssh {
             })?;
             ssh.lock_dir = dir;
         }
+        ssh.share = crate::share::Config::from_option(opts.get("share"))?;
         Ok(ssh)
     }
 
@@ -166,6 +171,12 @@ impl Ssh {
     /// caller's options, so a caller can override them. The remote command is quoted word by
     /// word, because ssh joins it into one string for the remote shell.
     pub fn argv(&self, enforced: &[String], remote: &[String]) -> Vec<String> {
+        self.argv_tail(enforced, &["--".into(), validate::shell_join(remote)])
+    }
+
+    /// The argv without a remote command: `tail` goes after every option (`-N` masters and
+    /// `-O` control commands pass their words in `enforced` and an empty tail).
+    pub fn argv_tail(&self, enforced: &[String], tail: &[String]) -> Vec<String> {
         let mut argv = vec![self.prefix[0].clone()];
         // VERBOSE makes ssh say "Authenticated to …": the end of the handshake, and proof
         // that a failure before it ran no remote command. Those lines are filtered out.
@@ -200,8 +211,7 @@ impl Ssh {
                 format!("ServerAliveCountMax={}", self.server_alive_count_max),
             ]);
         }
-        argv.push("--".into());
-        argv.push(validate::shell_join(remote));
+        argv.extend(tail.iter().cloned());
         argv
     }
 
@@ -215,7 +225,11 @@ impl Ssh {
         if remote.is_empty() {
             return Err(Error::invalid("remote command is empty"));
         }
-        let argv = self.argv(enforced, remote);
+        self.spawn_argv(&self.argv(enforced, remote))
+    }
+
+    /// [`Ssh::spawn`] with a ready-made argv.
+    pub fn spawn_argv(&self, argv: &[String]) -> Result<(Child, OwnedFd, OwnedFd)> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -236,7 +250,7 @@ impl Ssh {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
         )
         .map_err(|e| Error::io("fcntl", e))?;
-        let child = Child::spawn(&argv, [theirs.as_fd(), theirs.as_fd(), err_w.as_fd()])
+        let child = Child::spawn(argv, [theirs.as_fd(), theirs.as_fd(), err_w.as_fd()])
             .map_err(|e| e.context(format!("starting ssh to {}", self.destination())))?;
         Ok((child, ours, err_r))
     }
@@ -340,6 +354,9 @@ const MAX_OUTPUT: usize = 4 << 20;
 /// collecting output until ssh exits. On deadline, ssh is terminated and reaped. Holds a
 /// handshake slot until ssh has authenticated; retries a connection that failed before.
 pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Result<Output> {
+    if let Some(cfg) = &ssh.share {
+        return run_shared(ssh, cfg, remote, input, deadline);
+    }
     let mut attempt = 0;
     loop {
         let mut slot = ssh.handshake_slot(deadline)?;
@@ -355,6 +372,49 @@ pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Re
     }
 }
 
+/// [`run`] through a shared connection: a session slot of the pool for the duration of the
+/// command. A client that found its master gone (it exited by its ControlPersist timer just
+/// then, or was killed) ran nothing remotely: it is retried on a new master.
+fn run_shared(
+    ssh: &Ssh,
+    cfg: &crate::share::Config,
+    remote: &[String],
+    input: &[u8],
+    deadline: Deadline,
+) -> Result<Output> {
+    let mut attempt = 0;
+    loop {
+        let lease = crate::share::acquire(ssh, cfg, deadline, |_| {})?;
+        let result = run_with_lease(ssh, &lease, remote, input, deadline);
+        let retry = matches!(&result, Ok(out) if out.exit == Exit::Code(255)
+            && !lease.alive()
+            && crate::share::fell_back(&String::from_utf8_lossy(&out.stderr)));
+        lease.release(ssh);
+        if retry && attempt < ssh.connect_retries.max(1) && !deadline.expired() {
+            attempt += 1;
+            continue;
+        }
+        return result;
+    }
+}
+
+/// Runs `remote` as a client of the master of `lease` (the caller holds its session slot).
+pub fn run_with_lease(
+    ssh: &Ssh,
+    lease: &crate::share::Lease,
+    remote: &[String],
+    input: &[u8],
+    deadline: Deadline,
+) -> Result<Output> {
+    let argv = ssh.argv(&lease.client_options(), remote);
+    let what = format!(
+        "'{}' on {} (shared connection)",
+        validate::shell_join(remote),
+        ssh.destination()
+    );
+    run_argv(ssh, &argv, &what, input, &mut None, deadline).map(|(out, _)| out)
+}
+
 fn run_once(
     ssh: &Ssh,
     remote: &[String],
@@ -362,12 +422,25 @@ fn run_once(
     slot: &mut Option<crate::throttle::Slot>,
     deadline: Deadline,
 ) -> Result<(Output, Stderr)> {
-    let (mut child, sock, err_r) = ssh.spawn(&[], remote)?;
     let what = format!(
         "'{}' on {}",
         validate::shell_join(remote),
         ssh.destination()
     );
+    run_argv(ssh, &ssh.argv(&[], remote), &what, input, slot, deadline)
+}
+
+/// Runs one ssh invocation to its end: `input` on stdin, stdout and stderr collected; on
+/// error or deadline ssh is terminated and reaped. `what` names it in errors.
+pub fn run_argv(
+    ssh: &Ssh,
+    argv: &[String],
+    what: &str,
+    input: &[u8],
+    slot: &mut Option<crate::throttle::Slot>,
+    deadline: Deadline,
+) -> Result<(Output, Stderr)> {
+    let (mut child, sock, err_r) = ssh.spawn_argv(argv)?;
     let result = collect(&mut child, &sock, &err_r, input, slot, deadline);
     match result {
         Ok((stdout, stderr_lines, stderr)) => {
@@ -474,6 +547,11 @@ pub fn run_checked(
     deadline: Deadline,
 ) -> Result<Output> {
     let out = run(ssh, remote, input, deadline)?;
+    checked(ssh, remote, out)
+}
+
+/// The check of [`run_checked`] on an output at hand.
+pub fn checked(ssh: &Ssh, remote: &[String], out: Output) -> Result<Output> {
     if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
         return Ok(out);
     }

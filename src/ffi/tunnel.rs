@@ -52,7 +52,18 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 ///   (nothing ran remotely), with jittered backoff, within the greeting timeout;
 /// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
 /// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
-///   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default.
+///   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
+/// - `"share"` (default off): OpenSSH connection sharing (docs/sharing.md). `true` or an
+///   object `{"control_dir": "/run/mtunnel/ssh-ctl", "persist_s": 30, "max_sessions": 10,
+///   "exit_idle": false}`. The tunnel becomes a client (`-o ControlMaster=no -o ControlPath=…
+///   -o ProxyCommand=false`) of a pooled master to the same destination, started when none
+///   has a free session: no handshake of its own. The master holds the forwards' listening
+///   sockets (readiness checks the master's pid); close cancels them in the master
+///   (`-O cancel`). At most `max_sessions` sessions per master, across processes; a master
+///   exits `persist_s` seconds after its last session (`ControlPersist`), or at once with
+///   `exit_idle` when its last user closes. The control directory is created 0700 and
+///   refused (`MTUNNEL_ERR_INVALID_ARGUMENT`) if it is a symlink, not ours or open to
+///   others. A master that dies under a tunnel is an error naming the shared connection.
 ///
 /// `log` may be NULL; it and `userdata` are kept until `tunnel_free`.
 /// On success `*tunnel_out` receives the handle (owned by the caller; release with
@@ -189,7 +200,8 @@ pub unsafe extern "C" fn tunnel_read_line(
 
 /// Writes the tunnel's state as JSON to `*status_out` (free with `mtunnel_string_free`):
 /// `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,
-/// "forwards": [...]}`. `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
+/// "forwards": [...], "master_pid": N|null, "control_path": "…"|null}` (the last two for a
+/// shared connection: the master that holds the forwards, and its control socket). `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tunnel_status(
     tunnel: *mut mtunnel_tunnel,

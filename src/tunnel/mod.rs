@@ -10,6 +10,7 @@ use crate::io::{self, Deadline, LineDecoder, printable};
 use crate::log::{Level, Log};
 use crate::options;
 use crate::process::{Child, Exit};
+use crate::share::{self, Lease};
 use crate::ssh::{self, Ssh, Stderr};
 use crate::validate;
 use nix::poll::{PollFd, PollFlags};
@@ -192,7 +193,10 @@ enum State {
 /// One ssh tunnel to a target node.
 pub struct Tunnel {
     opts: OpenOptions,
+    /// ExitOnForwardFailure and the `-L` forwards (a shared tunnel adds its client options).
     enforced: Vec<String>,
+    /// The session on a shared master (`share` option): the master holds the forwards.
+    lease: Option<Lease>,
     child: Child,
     /// Held from spawn until `tunnel online` proves the handshake is over.
     slot: Option<crate::throttle::Slot>,
@@ -210,6 +214,11 @@ impl Tunnel {
     /// Validates the forwards, clears stale sockets and starts ssh. Does not wait for the
     /// greeting: that is [`Tunnel::wait_ready`], so the caller can do other work meanwhile.
     pub fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
+        let deadline = Deadline::after_ms(opts.greeting_timeout_ms);
+        let lease = match &opts.ssh.share {
+            Some(cfg) => Some(Self::lease(&opts, cfg, deadline, &mut log)?),
+            None => None,
+        };
         for f in &opts.forwards {
             if sockfile::prepare(&f.local)? {
                 log.emit(Level::Info, &format!("removed stale socket {}", f.local));
@@ -219,7 +228,8 @@ impl Tunnel {
         for f in &opts.forwards {
             enforced.extend(["-L".to_string(), f.spec()]);
         }
-        let argv = opts.ssh.argv(&enforced, &opts.command);
+        let full = Self::full_enforced(&lease, &enforced);
+        let argv = opts.ssh.argv(&full, &opts.command);
         log.emit(
             Level::Debug,
             &format!(
@@ -230,13 +240,16 @@ impl Tunnel {
                     .join(" ")
             ),
         );
-        let slot = opts
-            .ssh
-            .handshake_slot(Deadline::after_ms(opts.greeting_timeout_ms))?;
-        let (child, sock, stderr) = opts.ssh.spawn(&enforced, &opts.command)?;
+        // A client of a shared master does no handshake.
+        let slot = match lease {
+            Some(_) => None,
+            None => opts.ssh.handshake_slot(deadline)?,
+        };
+        let (child, sock, stderr) = opts.ssh.spawn(&full, &opts.command)?;
         Ok(Tunnel {
             opts,
             enforced,
+            lease,
             child,
             slot,
             attempt: 0,
@@ -250,16 +263,81 @@ impl Tunnel {
         })
     }
 
-    /// Starts ssh again after a connection that failed before authentication.
+    /// Takes a session on a shared master. A forward of ours that the master still listens on
+    /// (left by a client that was killed before it could cancel it) is cancelled first: the
+    /// master would otherwise answer "OK" to our `-L` without binding the path again.
+    fn lease(
+        opts: &OpenOptions,
+        cfg: &share::Config,
+        deadline: Deadline,
+        log: &mut Log,
+    ) -> Result<Lease> {
+        let lease = share::acquire(&opts.ssh, cfg, deadline, |m| log.emit(Level::Info, m))?;
+        let stale: Vec<String> = opts
+            .forwards
+            .iter()
+            .filter(|f| ready::is_listening(&f.local, lease.master_pid()).unwrap_or(false))
+            .map(Forward::spec)
+            .collect();
+        if !stale.is_empty() {
+            log.emit(
+                Level::Info,
+                &format!(
+                    "cancelling stale forwards {} in shared ssh master (pid {})",
+                    stale.join(" "),
+                    lease.master_pid()
+                ),
+            );
+            lease.cancel_forwards(&opts.ssh, &stale)?;
+        }
+        log.emit(
+            Level::Debug,
+            &format!(
+                "using shared ssh connection {} (master pid {})",
+                lease.control_path(),
+                lease.master_pid()
+            ),
+        );
+        Ok(lease)
+    }
+
+    fn full_enforced(lease: &Option<Lease>, enforced: &[String]) -> Vec<String> {
+        let mut full = lease
+            .as_ref()
+            .map(Lease::client_options)
+            .unwrap_or_default();
+        full.extend(enforced.iter().cloned());
+        full
+    }
+
+    /// Starts ssh again after a connection that failed before authentication (or, shared,
+    /// after a client that found its master gone: then on a new master).
     fn respawn(&mut self, deadline: Deadline) -> Result<()> {
-        self.slot = self.opts.ssh.handshake_slot(deadline)?;
-        let (child, sock, stderr) = self.opts.ssh.spawn(&self.enforced, &self.opts.command)?;
+        if let Some(old) = self.lease.take() {
+            old.release(&self.opts.ssh);
+            let cfg = self.opts.ssh.share.clone().unwrap_or_default();
+            self.lease = Some(Self::lease(&self.opts, &cfg, deadline, &mut self.log)?);
+        } else {
+            self.slot = self.opts.ssh.handshake_slot(deadline)?;
+        }
+        let full = Self::full_enforced(&self.lease, &self.enforced);
+        let (child, sock, stderr) = self.opts.ssh.spawn(&full, &self.opts.command)?;
         self.child = child;
         self.sock = Some(sock);
         self.stderr = stderr;
         self.lines = LineDecoder::new(MAX_LINE);
         self.tail = Stderr::default();
         Ok(())
+    }
+
+    /// Shared only: whether a failed client ran nothing remotely because its master is gone,
+    /// so that it may be retried on a new master.
+    fn master_vanished_before_start(&self) -> bool {
+        let text = self.tail.text();
+        self.lease.as_ref().is_some_and(|l| !l.alive())
+            && share::fell_back(&text)
+            && !share::forward_refused(&text)
+            && self.lines.pending().is_empty()
     }
 
     /// Reads `tunnel online`, retrying ssh when it failed before authentication (as under
@@ -278,14 +356,23 @@ impl Tunnel {
                 (Kind::SshExited, Some(exit)) => exit,
                 _ => return Err(err),
             };
-            let pause = match self.opts.ssh.retry_after(
-                self.attempt,
-                exit,
-                self.lines.pending().is_empty(),
-                &self.tail,
-            ) {
-                Some(p) if deadline.remaining().is_none_or(|left| left > p) => p,
-                _ => return Err(err),
+            let pause = if self.lease.is_some() {
+                if !(self.master_vanished_before_start()
+                    && self.attempt < self.opts.ssh.connect_retries.max(1))
+                {
+                    return Err(err);
+                }
+                std::time::Duration::ZERO
+            } else {
+                match self.opts.ssh.retry_after(
+                    self.attempt,
+                    exit,
+                    self.lines.pending().is_empty(),
+                    &self.tail,
+                ) {
+                    Some(p) if deadline.remaining().is_none_or(|left| left > p) => p,
+                    _ => return Err(err),
+                }
             };
             self.attempt += 1;
             self.log.emit(
@@ -307,6 +394,13 @@ impl Tunnel {
         self.child.pid()
     }
 
+    /// The process that holds the forwards' listening sockets: the shared master, or our ssh.
+    fn holder_pid(&self) -> i32 {
+        self.lease
+            .as_ref()
+            .map_or(self.child.pid(), Lease::master_pid)
+    }
+
     /// The protocol version the remote announced, once greeted.
     pub fn version(&self) -> Option<u32> {
         self.version
@@ -322,7 +416,9 @@ impl Tunnel {
             State::Closed => "closed",
         };
         let forwards: Vec<String> = self.opts.forwards.iter().map(Forward::shown).collect();
-        json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": forwards})
+        json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": forwards,
+               "master_pid": self.lease.as_ref().map(Lease::master_pid),
+               "control_path": self.lease.as_ref().map(Lease::control_path)})
     }
 
     fn dest(&self) -> &str {
@@ -367,6 +463,18 @@ impl Tunnel {
             Ok(Some(exit)) => exit.to_string(),
             _ => "closed its output".into(),
         };
+        if let Some(l) = self.lease.as_ref().filter(|l| !l.alive()) {
+            return Error::new(
+                Kind::SshExited,
+                format!(
+                    "shared ssh connection to {} is gone (master pid {} exited; control socket {}); its client ssh {how} while {during}{}",
+                    self.dest(),
+                    l.master_pid(),
+                    l.control_path(),
+                    self.tail.suffix()
+                ),
+            );
+        }
         Error::new(
             Kind::SshExited,
             format!(
@@ -421,10 +529,11 @@ impl Tunnel {
         for i in 0..self.opts.forwards.len() {
             loop {
                 let path = &self.opts.forwards[i].local;
-                if ready::is_listening(path, self.child.pid())? {
+                if ready::is_listening(path, self.holder_pid())? {
                     break;
                 }
-                if self.child.try_wait()?.is_some() {
+                let master_gone = self.lease.as_ref().is_some_and(|l| !l.alive());
+                if master_gone || self.child.try_wait()?.is_some() {
                     let what = format!("waiting for forward {path} to listen");
                     return Err(self.exited(&what));
                 }
@@ -433,7 +542,7 @@ impl Tunnel {
                         Kind::Timeout,
                         format!(
                             "forward {path} is not a listening socket of ssh (pid {}) within {timeout_ms} ms",
-                            self.child.pid()
+                            self.holder_pid()
                         ),
                     ));
                 }
@@ -509,6 +618,8 @@ impl Tunnel {
         if !self.child.owned_here() {
             self.state = State::Closed;
             self.sock = None;
+            // Only our copy of the slot's fd closes; the flock stays with the owner.
+            self.lease = None;
             return Ok(());
         }
         self.slot = None;
@@ -553,6 +664,13 @@ impl Tunnel {
             Err(e) => errors.push(e.context("stopping ssh")),
         }
         self.state = State::Closed;
+        // A shared master keeps a client's forwards after the client exits.
+        let specs: Vec<String> = self.opts.forwards.iter().map(Forward::spec).collect();
+        if let Some(l) = &self.lease {
+            if let Err(e) = l.cancel_forwards(&self.opts.ssh, &specs) {
+                errors.push(e.context("closing tunnel"));
+            }
+        }
         let extra = extra.iter().map(String::as_str);
         let forwards = &self.opts.forwards;
         let local = unique(
@@ -572,6 +690,9 @@ impl Tunnel {
                 errors.push(e);
             }
         }
+        if let Some(l) = self.lease.take() {
+            l.release(&self.opts.ssh);
+        }
         match errors.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -587,8 +708,20 @@ impl Tunnel {
             .map(|s| s.to_string())
             .collect();
         cmd.extend(paths.iter().map(|p| p.to_string()));
-        let out = ssh::run_checked(&self.opts.ssh, &cmd, b"", Deadline::after_ms(30_000))
-            .map_err(|e| e.context("removing remote sockets"))?;
+        let deadline = Deadline::after_ms(30_000);
+        let out = match &self.lease {
+            // Our session slot is free again now that the tunnel's client has exited.
+            Some(l) if l.alive() => ssh::run_with_lease(&self.opts.ssh, l, &cmd, b"", deadline)
+                .and_then(|out| ssh::checked(&self.opts.ssh, &cmd, out)),
+            // A dead master: one connection of our own, so nothing is left running after us.
+            Some(_) => {
+                let mut direct = self.opts.ssh.clone();
+                direct.share = None;
+                ssh::run_checked(&direct, &cmd, b"", deadline)
+            }
+            None => ssh::run_checked(&self.opts.ssh, &cmd, b"", deadline),
+        }
+        .map_err(|e| e.context("removing remote sockets"))?;
         let kept: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| format!("'{}'", printable(l.as_bytes(), 120)))
