@@ -211,8 +211,9 @@ fn check_qmp_line(line: &[u8]) {
             let has = |k: &str| o.contains_key(k);
             match msg {
                 Message::Greeting(g) => assert_eq!(o.get("QMP"), Some(&g)),
-                Message::Event(name) => {
+                Message::Event(name, data) => {
                     assert!(!has("QMP"));
+                    assert_eq!(o.get("data").cloned().unwrap_or(Value::Null), data);
                     assert_eq!(o.get("event").and_then(Value::as_str), Some(name.as_str()));
                 }
                 Message::Return(id, value) => {

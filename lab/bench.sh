@@ -38,7 +38,7 @@ for c in default ssh-default insecure; do
     opt=(); [ "$c" = ssh-default ] && opt=(--ssh-option ciphers=)
     [ "$c" = insecure ] && opt=(--migration_type insecure --migration_network "$(. "$LAB/env"; echo "$LAB_MIGRATION_NETWORK")")
     out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 1024 "${opt[@]}" 2>&1 || true)
-    t=$(echo "$out" | grep '^TIMING' || true)
+    t=$(echo "$out" | grep '^TIMING open_to_ready' || true)
     [ -n "$t" ] || { echo "  migration ($c ciphers) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
     "$LABSH" exec node2 qm stop 500 >/dev/null
     eval "tun_$(echo $c | tr - _)=\"$(mibps "$t")\""
@@ -72,7 +72,7 @@ data_source() {
 }
 data_source
 out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 600 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --with-local-disks 2>&1 || true)
-t=$(echo "$out" | grep '^TIMING' || true)
+t=$(echo "$out" | grep '^TIMING open_to_ready' || true)
 [ -n "$t" ] || { echo "  storage migration failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
 "$LABSH" exec node2 qm stop 600 >/dev/null; "$LABSH" exec node2 pvesm free local:600/vm-600-disk-0.raw >/dev/null
 tun_mirror=$(echo "$t" | awk '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } if (v["mirror"] > 0) printf "%.0f MiB/s (%d ms)", v["mirror_bytes"] / v["mirror"] / 1048576, v["mirror"] * 1000 }')

@@ -30,8 +30,9 @@ pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
 pub enum Message {
     /// `{"QMP": {...}}`, sent once on connect.
     Greeting(Value),
-    /// `{"event": NAME, ...}`, may arrive at any time.
-    Event(String),
+    /// `{"event": NAME, "data": DATA, ...}`, may arrive at any time (`DATA` is `null` when
+    /// absent).
+    Event(String, Value),
     /// `{"return": VALUE, "id": ID}`.
     Return(Option<Value>, Value),
     /// `{"error": {"class", "desc"}, "id": ID}`.
@@ -53,7 +54,9 @@ pub fn decode(line: &[u8]) -> Result<Message> {
         return Ok(Message::Greeting(g.clone()));
     }
     if let Some(ev) = obj.get("event") {
-        return Ok(Message::Event(ev.as_str().ok_or_else(bad)?.to_string()));
+        let name = ev.as_str().ok_or_else(bad)?.to_string();
+        let data = obj.get("data").cloned().unwrap_or(Value::Null);
+        return Ok(Message::Event(name, data));
     }
     if let Some(ret) = obj.get("return") {
         return Ok(Message::Return(id, ret.clone()));
@@ -133,7 +136,7 @@ impl Qmp {
             match qmp.read(deadline) {
                 Ok(Message::Greeting(_)) => break,
                 // QEMU greets first, but an event is harmless wherever it comes.
-                Ok(Message::Event(_)) => continue,
+                Ok(Message::Event(..)) => continue,
                 Ok(other) => {
                     return Err(Error::new(
                         Kind::Protocol,
@@ -179,6 +182,19 @@ impl Qmp {
                     Kind::Io,
                     format!("QEMU closed QMP socket '{}'", self.path),
                 ));
+            }
+        }
+    }
+
+    /// The next event before `deadline` (`None` once it passed); replies are not expected
+    /// between commands and are skipped.
+    pub fn next_event(&mut self, deadline: Deadline) -> Result<Option<(String, Value)>> {
+        loop {
+            match self.read(deadline) {
+                Ok(Message::Event(name, data)) => return Ok(Some((name, data))),
+                Ok(_) => continue,
+                Err(e) if e.kind == Kind::Timeout => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -440,6 +456,77 @@ pub fn status(reply: &Value) -> &str {
 /// Whether a migration status is final. Unknown statuses (newer QEMU) count as still running.
 pub fn is_finished(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "cancelled" | "none")
+}
+
+/// Default of [`WaitOptions::hold_ms`]: short enough that another client of the monitor
+/// (pvestatd, a `qm` command) waiting behind us is served within a fraction of a second.
+pub const DEFAULT_HOLD_MS: i64 = 250;
+
+/// Options of [`wait_migration`].
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    /// How long the monitor connection is held waiting for the migration to end.
+    pub hold_ms: i64,
+    /// Deadline for connecting (the monitor may be busy with another client) and for each
+    /// `query-migrate`.
+    pub timeout_ms: i64,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        WaitOptions {
+            hold_ms: DEFAULT_HOLD_MS,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }
+    }
+}
+
+impl WaitOptions {
+    /// Reads `{"hold_ms": N, "timeout_ms": N}` (both optional).
+    pub fn from_json(opts: &Value) -> Result<WaitOptions> {
+        options::only_known(opts, &["hold_ms", "timeout_ms"])?;
+        let hold_ms = options::timeout_ms(opts, "hold_ms", DEFAULT_HOLD_MS)?;
+        if hold_ms < 0 {
+            return Err(Error::invalid(format!(
+                "option 'hold_ms' must be 0 or more milliseconds, not {hold_ms}"
+            )));
+        }
+        Ok(WaitOptions {
+            hold_ms,
+            timeout_ms: options::timeout_ms(opts, "timeout_ms", DEFAULT_TIMEOUT_MS)?,
+        })
+    }
+}
+
+/// Whether an event is QEMU announcing that a migration reached a final status (the
+/// `MIGRATION` event, sent when the `events` capability is on).
+pub fn is_final_migration_event(name: &str, data: &Value) -> bool {
+    name == "MIGRATION"
+        && data
+            .get("status")
+            .and_then(Value::as_str)
+            .is_some_and(is_finished)
+}
+
+/// `query-migrate`, returned as soon as the migration is over: on one connection held at most
+/// `hold_ms`, asks once, then waits for QEMU's `MIGRATION` event with a final status and asks
+/// again. Events only wake the wait; the answer is always `query-migrate`'s, so a migration
+/// without the `events` capability is still seen, at the latest when the hold ends. Call it in
+/// a loop: between calls the monitor is free for other clients.
+pub fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
+    let deadline = Deadline::after_ms(opts.timeout_ms);
+    let mut qmp = Qmp::connect(path, deadline)?;
+    let hold = Deadline::after_ms(opts.hold_ms);
+    let reply = qmp.execute("query-migrate", None, deadline)?;
+    if is_finished(status(&reply)) {
+        return Ok(reply);
+    }
+    while let Some((name, data)) = qmp.next_event(hold)? {
+        if is_final_migration_event(&name, &data) {
+            break;
+        }
+    }
+    qmp.execute("query-migrate", None, Deadline::after_ms(opts.timeout_ms))
 }
 
 /// Sends `migrate_cancel` and waits until the migration is no longer running; returns the last

@@ -138,3 +138,35 @@ pub unsafe extern "C" fn qmp_execute(
         Ok(())
     })
 }
+
+/// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends,
+/// or when `hold_ms` passed: holds one monitor connection at most that long, waiting for
+/// QEMU's `MIGRATION` event with a final status (`completed`, `failed`, `cancelled`), which
+/// needs the `events` capability; without it the end is seen when the hold ends. Call it in
+/// a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
+/// noticed within milliseconds, and between calls the monitor is free for other clients.
+///
+/// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000}` (`timeout_ms`: for
+/// connecting to a monitor busy with another client, and for each command). The answer goes
+/// to `*status_out` (free with `mtunnel_string_free`; may be NULL). `qmp_socket` NULL or bad
+/// options → `MTUNNEL_ERR_INVALID_ARGUMENT`; a monitor that closes while held →
+/// `MTUNNEL_ERR_IO` at once. Otherwise the codes of `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_wait_migration(
+    qmp_socket: *const c_char,
+    options_json: *const c_char,
+    status_out: *mut *mut c_char,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let opts = qmp::WaitOptions::from_json(&options::parse(unsafe {
+            opt_str_arg(options_json, "options_json")
+        }?)?)?;
+        let reply = qmp::wait_migration(path, &opts)?;
+        // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
+        unsafe { put_string(status_out, reply.to_string()) };
+        Ok(())
+    })
+}

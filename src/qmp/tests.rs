@@ -49,6 +49,33 @@ impl Server {
         }
     }
 
+    /// Serves one client with `script`, which talks to it directly (to send events at moments
+    /// of its choosing) and returns the requests it read.
+    fn script(
+        tag: &str,
+        script: impl FnOnce(&mut Script) -> Vec<Value> + Send + 'static,
+    ) -> Server {
+        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("100.qmp");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut s = Script {
+                w: conn.try_clone().unwrap(),
+                r: BufReader::new(conn),
+            };
+            s.send(GREETING);
+            script(&mut s)
+        });
+        Server {
+            path: path.to_str().unwrap().into(),
+            dir,
+            handle: Some(handle),
+        }
+    }
+
     fn requests(mut self) -> Vec<Value> {
         self.handle.take().unwrap().join().unwrap()
     }
@@ -68,6 +95,42 @@ impl Drop for Server {
     }
 }
 
+/// One scripted monitor connection.
+struct Script {
+    w: std::os::unix::net::UnixStream,
+    r: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Script {
+    fn send(&mut self, text: &str) {
+        self.w.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Reads the next request and checks its command name.
+    fn expect(&mut self, command: &str) -> Value {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        let req: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("expected '{command}', got {line:?}"));
+        assert_eq!(req["execute"], command, "unexpected request {req}");
+        req
+    }
+
+    /// Reads a request for `command` and answers it with `ret`.
+    fn answer(&mut self, command: &str, ret: Value) -> Value {
+        let req = self.expect(command);
+        self.send(&ok(&req, ret));
+        req
+    }
+}
+
+fn event(name: &str, data: Value) -> String {
+    format!(
+        "{}\r\n",
+        json!({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}})
+    )
+}
+
 const GREETING: &str = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n";
 
 fn ok(req: &Value, ret: Value) -> String {
@@ -82,7 +145,11 @@ fn decode_tells_greeting_event_return_and_error_apart() {
     ));
     assert_eq!(
         decode(br#"{"event": "STOP", "timestamp": {}}"#).unwrap(),
-        Message::Event("STOP".into())
+        Message::Event("STOP".into(), Value::Null)
+    );
+    assert_eq!(
+        decode(br#"{"event": "MIGRATION", "data": {"status": "completed"}}"#).unwrap(),
+        Message::Event("MIGRATION".into(), json!({"status": "completed"}))
     );
     assert_eq!(
         decode(br#"{"return": {}, "id": 1}"#).unwrap(),
@@ -372,4 +439,136 @@ fn uri_must_be_unix_or_tcp() {
     assert!(check_uri("tcp:198.18.0.2:60000").is_ok());
     assert!(check_uri("exec:rm -rf /").is_err());
     assert!(check_uri("unix:/x\n").is_err());
+}
+
+#[test]
+fn wait_returns_at_the_final_migration_event_skipping_other_and_queued_events() {
+    let server = Server::script("wait-queued", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "active"})));
+        // queued right behind the reply: events of no interest, a non-final status change
+        s.send(&event("RESUME", Value::Null));
+        s.send(&event("MIGRATION", json!({"status": "device"})));
+        s.send(&event("STOP", Value::Null));
+        s.send(&event("MIGRATION", json!({"status": "completed"})));
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "completed", "downtime": 7}),
+        ));
+        seen
+    });
+    let hold = WaitOptions {
+        hold_ms: 60_000,
+        ..WaitOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let reply = wait_migration(&server.path, &hold).unwrap();
+    assert_eq!(reply, json!({"status": "completed", "downtime": 7}));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the completed event did not end the wait: it returned after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.commands(),
+        ["qmp_capabilities", "query-migrate", "query-migrate"]
+    );
+}
+
+#[test]
+fn wait_wakes_on_a_failure_event_that_comes_later() {
+    let server = Server::script("wait-late", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "active"})));
+        std::thread::sleep(Duration::from_millis(200));
+        s.send(&event("MIGRATION", json!({"status": "failed"})));
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "failed", "error-desc": "Unable to write to socket"}),
+        ));
+        seen
+    });
+    let hold = WaitOptions {
+        hold_ms: 60_000,
+        ..WaitOptions::default()
+    };
+    let reply = wait_migration(&server.path, &hold).unwrap();
+    assert_eq!(status(&reply), "failed");
+    assert_eq!(reply["error-desc"], "Unable to write to socket");
+    assert_eq!(server.commands().len(), 3);
+}
+
+#[test]
+fn wait_without_events_asks_again_when_the_hold_ends() {
+    let server = Server::script("wait-hold", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "active"})));
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "active", "ram": {"remaining": 5}}),
+        ));
+        seen
+    });
+    let hold = WaitOptions {
+        hold_ms: 50,
+        ..WaitOptions::default()
+    };
+    let reply = wait_migration(&server.path, &hold).unwrap();
+    assert_eq!(
+        reply["ram"]["remaining"], 5,
+        "not the second answer: {reply}"
+    );
+    assert_eq!(server.commands().len(), 3);
+}
+
+#[test]
+fn wait_on_a_finished_migration_asks_once() {
+    let server = Server::script("wait-done", |s| {
+        vec![
+            s.answer("qmp_capabilities", json!({})),
+            s.answer("query-migrate", json!({"status": "completed"})),
+        ]
+    });
+    let reply = wait_migration(&server.path, &WaitOptions::default()).unwrap();
+    assert_eq!(status(&reply), "completed");
+    assert_eq!(server.commands(), ["qmp_capabilities", "query-migrate"]);
+}
+
+#[test]
+fn a_monitor_that_closes_while_held_is_an_error_at_once() {
+    let server = Server::script("wait-gone", |s| {
+        let seen = vec![
+            s.answer("qmp_capabilities", json!({})),
+            s.answer("query-migrate", json!({"status": "active"})),
+        ];
+        // QEMU died: its end of the monitor closes
+        s.w.shutdown(std::net::Shutdown::Both).unwrap();
+        seen
+    });
+    let hold = WaitOptions {
+        hold_ms: 60_000,
+        ..WaitOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let err = wait_migration(&server.path, &hold).unwrap_err();
+    assert_eq!(err.kind, Kind::Io, "{}", err.message);
+    assert!(err.message.contains("closed QMP socket"), "{}", err.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited out the hold ({:?}) instead of seeing the monitor close",
+        started.elapsed()
+    );
+    drop(server);
+}
+
+#[test]
+fn wait_options_refuse_a_negative_hold_and_unknown_keys() {
+    let err = WaitOptions::from_json(&json!({"hold_ms": -1})).unwrap_err();
+    assert!(err.message.contains("hold_ms"), "{}", err.message);
+    assert!(WaitOptions::from_json(&json!({"hold": 5})).is_err());
+    let o = WaitOptions::from_json(&json!({})).unwrap();
+    assert_eq!(
+        (o.hold_ms, o.timeout_ms),
+        (DEFAULT_HOLD_MS, DEFAULT_TIMEOUT_MS)
+    );
 }

@@ -80,6 +80,20 @@ sub up {
     return $self;
 }
 
+# A lab someone else brought up (lab.sh up; e.g. make bench's): used, never torn down.
+sub attach {
+    my ($class, $name) = @_;
+    croak "invalid lab name '$name'" if !defined $name || $name !~ /^[A-Za-z0-9_]{1,20}$/;
+    my $dir = "/run/mtunnel-lab/$name";
+    croak "lab '$name' is not up" if !-f "$dir/env";
+    opendir(my $dh, $dir) or croak "cannot read $dir: $!";
+    my $nodes = grep { /^node[1-9][0-9]*\z/ && -d "$dir/$_" } readdir($dh);
+    closedir($dh);
+    my $self = bless { name => $name, nodes => $nodes, dir => $dir, owner => 0, up => 1, down_done => 1 }, $class;
+    $self->{env} = $self->_read_env;
+    return $self;
+}
+
 sub name { $_[0]->{name} }
 sub dir { $_[0]->{dir} }
 sub nodes { map { "node$_" } 1 .. $_[0]->{nodes} }

@@ -48,6 +48,7 @@ $ffi->attach([tunnel_free => '_tunnel_free'] => ['opaque'] => 'void');
 $ffi->attach([qmp_migrate => '_qmp_migrate'] => ['string', 'string', 'string'] => 'int');
 $ffi->attach([qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string', 'opaque*'] => 'int');
 $ffi->attach([qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_wait_migration => '_qmp_wait_migration'] => ['string', 'string', 'opaque*'] => 'int');
 $ffi->attach([qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] => ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
@@ -241,6 +242,16 @@ sub qmp_query_migrate {
     my ($qmp_socket, %opts) = @_;
     my $out;
     _check(_qmp_query_migrate($qmp_socket, $opts{timeout_ms} // 10_000, \$out));
+    return _decode($out);
+}
+
+# query-migrate's answer once the migration ended or hold_ms (default 250) passed, whichever
+# comes first: waits on QEMU's MIGRATION event (the 'events' capability) on a connection held
+# that long at most. Call it in a loop instead of sleeping between qmp_query_migrate calls.
+sub qmp_wait_migration {
+    my ($qmp_socket, %opts) = @_;
+    my $out;
+    _check(_qmp_wait_migration($qmp_socket, _options_json(%opts), \$out));
     return _decode($out);
 }
 

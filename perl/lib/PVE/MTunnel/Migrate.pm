@@ -41,6 +41,8 @@ sub new {
     die "invalid VMID '$param{vmid}'\n" if $param{vmid} !~ m/^[1-9][0-9]{0,8}$/;
     my $type = $param{migration_type} // 'secure';
     die "invalid migration type '$type' (secure or insecure)\n" if $type !~ /^(secure|insecure)$/;
+    my $wait = $param{completion_wait} // 'events';
+    die "invalid completion wait '$wait' (events, poll or pve)\n" if $wait !~ /^(events|poll|pve)$/;
     die "invalid migration network '$param{migration_network}' (want an IPv4 CIDR)\n"
 	if defined $param{migration_network} && !parse_cidr($param{migration_network});
     my $vmid = $param{vmid};
@@ -78,6 +80,10 @@ sub new {
 	# what the verdict tells to run when the VM's state cannot be settled (the CLI fills in
 	# its own command line)
 	check_command => undef,
+	# how the end of the RAM migration is noticed (see wait_for_completion): events, poll, pve
+	completion_wait => 'events',
+	# events: the longest the source's monitor is held at a time (other clients wait behind)
+	hold_ms => 250,
 	poll_interval_ms => 1000,
 	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
 	stall_timeout_ms => 60_000,
@@ -314,7 +320,9 @@ sub phase2 {
     my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
     $params->{'max-bandwidth'} = int($self->{bwlimit} * 1024) if $self->{bwlimit};
     $self->log('info', "set migration capabilities");
-    my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket}, { capabilities => $self->{capabilities}, parameters => $params });
+    # 'events': QEMU's MIGRATION events wake the completion wait (and the lab's run-state log)
+    my $caps = { %{$self->{capabilities}}, events => 1 };
+    my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket}, { capabilities => $caps, parameters => $params });
     my $set = $applied->{parameters};
     $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s") if $self->{bwlimit};
     $self->log('info', "capping downtime limit to maximum possible: $set->{'downtime-limit'} ms")
@@ -406,24 +414,41 @@ sub wait_mirror_ready {
     }
 }
 
+# Waits until QEMU reports the migration final, with upstream's loop on what it sees: progress
+# lines, the stall abort and the downtime auto-increase, once per look (a second apart).
+# completion_wait 'events' (default) returns within milliseconds of the end: each look is a
+# qmp_wait_migration, which holds the monitor up to hold_ms waiting for QEMU's MIGRATION event;
+# 'poll' is this driver before (1 s sleeps, 100 ms once the rest fits in a second's transfer),
+# 'pve' is QemuMigrate.pm's (1 s, 100 ms once the rest is below the average per look). Both
+# notice the end only at their next look: the guest stays paused meanwhile.
 sub wait_for_completion {
     my ($self, $downtime) = @_;
+    my $mode = $self->{completion_wait};
     my $usleep = $self->{poll_interval_ms} * 1000;
     my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) = (-1, undef, 0, 0, 0, '');
     my $start = time();
-    my $last_progress = $start;
+    my ($last_progress, $last_look) = ($start, 0);
     while (1) {
-	$i++;
-	usleep($usleep);
-	my $stat = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}) };
+	my $stat;
+	if ($mode eq 'events') {
+	    $stat = eval { PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => $self->{hold_ms}) };
+	} else {
+	    usleep($usleep);
+	    $stat = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}) };
+	}
 	if (my $err = $@) {
 	    $self->log('info', "query migrate failed: $err");
 	    die "too many query migrate failures - aborting\n" if ++$errors > 5;
+	    usleep($self->{poll_interval_ms} * 1000) if $mode eq 'events';
 	    next;
 	}
 	$errors = 0;
 	my $status = $stat->{status} // 'none';
 	my $ram = $stat->{ram} // {};
+	if ($FINAL{$status}) {
+	    $self->{timing}{noticed} = time();
+	    $self->{timing}{qemu_downtime_ms} = $stat->{downtime};
+	}
 	if ($status eq 'completed') {
 	    $self->{completed} = 1;
 	    $self->{timing}{migration} = time() - $start;
@@ -444,6 +469,9 @@ sub wait_for_completion {
 	}
 	# not completed: a deferred signal cancels it (completion, when seen first, wins)
 	$self->check_interrupt();
+	next if $mode eq 'events' && time() - $last_look < 1;
+	$last_look = time();
+	$i++;
 	if ($status ne 'active') {
 	    $self->log('info', "migration status: $status") if $status ne $laststatus;
 	    $laststatus = $status;
@@ -461,8 +489,11 @@ sub wait_for_completion {
 	my $rem = $ram->{remaining} // 0;
 	my $speed = ($ram->{'pages-per-second'} // 0) * ($ram->{'page-size'} // 0);
 	my $dirty = ($ram->{'dirty-pages-rate'} // 0) * ($ram->{'page-size'} // 0);
-	# Poll faster near the end, so completion is noticed quickly; log less often then.
-	$usleep = 100_000 if $speed && $rem < $speed;
+	if ($mode eq 'poll') {
+	    $usleep = 100_000 if $speed && $rem < $speed;
+	} elsif ($mode eq 'pve') {
+	    $usleep = 100_000 if $rem < $trans / $i;
+	}
 	if ($usleep > 100_000 || $i % 10 == 0) {
 	    my $progress = sprintf("transferred %s of %s VM-state, %s/s", render_bytes($trans), render_bytes($ram->{total} // 0), render_bytes($speed));
 	    $progress .= ", VM dirties lots of memory: " . render_bytes($dirty) . "/s" if $dirty > $speed;
@@ -506,6 +537,7 @@ sub phase3 {
     }
     # From here on the target may run the VM.
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
+    $self->{timing}{resumed} = time();
     if (my $err = $@) {
 	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
 	eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
