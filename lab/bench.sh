@@ -27,6 +27,9 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
     printf "  completion detected %.0f ms after QEMU finished (driver %.3f s vs QEMU total-time %d ms)\n",
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
+echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
+"$TOP/lab/bench-pause" --runs 10 --failures 5
+
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
 for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
 fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }
@@ -97,3 +100,6 @@ for n in 16 48; do
         echo "$line" | sed '1s/$/'"$(awk -v w="$wall" -v o="$one" -v n="$n" 'BEGIN { printf " (%.2f x N x one)", w / (n * o) }')"'/; s/^/  /'
     done
 done
+
+# ssh connection sharing against a connection per use (docs/sharing.md)
+"$TOP/lab/bench-sharing"
