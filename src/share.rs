@@ -27,6 +27,7 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::io::{self, Deadline};
+use crate::process::Exit;
 use crate::ssh::{self, Ssh};
 use serde_json::Value;
 use std::fs::File;
@@ -462,7 +463,8 @@ impl Lease {
 fn control(ssh: &Ssh, enforced: &[String], what: &str) -> Result<()> {
     let argv = ssh.argv_tail(enforced, &[]);
     let (out, _) = ssh::run_argv(ssh, &argv, what, b"", &mut None, Deadline::after_ms(10_000))?;
-    if out.exit == crate::process::Exit::Code(0) {
+    // Unknown: a host with SIGCHLD ignored reaped it (the control commands are best effort).
+    if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
         return Ok(());
     }
     Err(Error::new(
@@ -560,7 +562,9 @@ fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Resu
         let (out, stderr) =
             ssh::run_argv(ssh, &argv, "shared ssh master", b"", &mut slot, deadline)?;
         drop(slot);
-        if out.exit == crate::process::Exit::Code(0) {
+        // Unknown: a host with SIGCHLD ignored reaped the foreground ssh; `-O check` below
+        // tells whether the master came up.
+        if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
             break;
         }
         match ssh.retry_after(attempt, out.exit, true, &stderr) {

@@ -139,6 +139,20 @@ $lab->enter('node1');
     ok(wait_until(sub { !MTunnelLab::alive($m) && !control_sockets() }, 5), 'exit_idle: master and control socket gone at close');
 }
 
+# ---- a host with SIGCHLD ignored (the foreground ssh that backgrounds the master is reaped
+# by the kernel, its status unknown): the master still starts and is used
+{
+    local $SIG{CHLD} = 'IGNORE';
+    ok(wait_until(sub { !masters() }, 5), 'no master before');
+    my $t = open_ready(126, exit_idle => 1);
+    my $m = $t->status->{master_pid};
+    ok($m && MTunnelLab::alive($m), 'SIGCHLD ignored: the master is started and named');
+    my $r = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['echo', 'ok'], share => { control_dir => $ctl, persist_s => 2, exit_idle => 1 });
+    is($r->{stdout}, "ok\n", 'SIGCHLD ignored: ssh_run through the master');
+    $t->close;
+    ok(wait_until(sub { !masters() && !control_sockets() }, 5), 'SIGCHLD ignored: master gone at close (exit_idle)');
+}
+
 # ---- the pool: never more than max_sessions sessions per master, across processes
 {
     my ($n, $max) = (5, 2);
