@@ -726,6 +726,24 @@ mod tests {
     }
 
     #[test]
+    fn share_option_is_read_and_a_master_argv_ends_without_a_remote_command() {
+        let opts = serde_json::json!({"ssh": prefix(), "share": {"persist_s": 5}});
+        let ssh = Ssh::from_options(&opts).unwrap();
+        assert_eq!(ssh.share.as_ref().map(|c| c.persist_s), Some(5));
+        assert_eq!(
+            Ssh::from_options(&serde_json::json!({"ssh": prefix()}))
+                .unwrap()
+                .share,
+            None,
+            "sharing is off unless asked for"
+        );
+        let argv = ssh.argv_tail(&["-O".into(), "check".into()], &[]);
+        assert_eq!(argv[7..9], ["-O", "check"]);
+        assert!(!argv.contains(&"--".to_string()), "{argv:?}");
+        assert!(argv.last().unwrap().starts_with("ServerAliveCountMax="));
+    }
+
+    #[test]
     fn keepalive_options_can_be_turned_off() {
         let mut ssh = Ssh::new(prefix()).unwrap();
         ssh.connect_timeout_s = 0;

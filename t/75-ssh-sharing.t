@@ -139,6 +139,38 @@ $lab->enter('node1');
     ok(wait_until(sub { !MTunnelLab::alive($m) && !control_sockets() }, 5), 'exit_idle: master and control socket gone at close');
 }
 
+# ---- a client killed before it could cancel its forward: the master still listens on the
+# path, and would answer the next -L for it with OK without binding it again; open cancels it
+{
+    pipe(my $r, my $w) or die;
+    my $pid = fork() // die "fork: $!\n";
+    if (!$pid) {
+	close $r;
+	my $t = eval { open_ready(151) };
+	syswrite($w, $t ? "ok\n" : "error: $@");
+	sleep(60);
+	POSIX::_exit(0);
+    }
+    close $w;
+    my $line = <$r> // '';
+    ok($line !~ /^error/, 'a tunnel in another process') or diag($line);
+    kill('KILL', $pid);
+    waitpid($pid, 0);
+    my ($m) = masters();
+    ok($m && grep({ m{ /run/qemu-server/151\.migrate$} } split /\n/, slurp('/proc/net/unix')),
+	'its killed process left the forward in the master');
+    my @log;
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => ['/run/qemu-server/151.migrate'],
+	share => { control_dir => $ctl, persist_s => 2 }, log => sub { push @log, $_[1] });
+    $t->wait_ready(timeout_ms => 30_000);
+    ok(grep({ /^cancelling stale forwards \/run\/qemu-server\/151\.migrate:\S+ in shared ssh master/ } @log), 'open cancelled the stale forward')
+	or diag(join("\n", @log));
+    ok(-S '/run/qemu-server/151.migrate', 'the forward is bound again: its socket file exists');
+    is($t->status->{master_pid}, $m, 'on the same master');
+    $t->close;
+    ok(!-e '/run/qemu-server/151.migrate', 'closed: no socket file');
+}
+
 # ---- a host with SIGCHLD ignored (the foreground ssh that backgrounds the master is reaped
 # by the kernel, its status unknown): the master still starts and is used
 {
