@@ -300,6 +300,8 @@ mkdir -p "$s"
 mount -t tmpfs -o mode=0755 mtl-sbin "$s"
 cp -a /usr/local/sbin/. "$s/"
 for t in qm qmp guest-check pvesm; do
+    # the copy may hold a symlink of the host by that name: never write through it
+    rm -f "$s/$t"
     printf "#!/bin/sh\nexec env MTUNNEL_LAB_DIR=%s MTUNNEL_LAB_NODE=node%s perl %s/%s \"\$@\"\n" \
         "$LAB" "$i" "$SRC" "$t" > "$s/$t"
     chmod 0755 "$s/$t"
