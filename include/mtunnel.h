@@ -7,6 +7,12 @@
 
 #include <stdint.h>
 
+// The library's version (Cargo.toml's), as `mtunnel_version()` returns it at run time.
+#define MTUNNEL_VERSION_MAJOR 0
+#define MTUNNEL_VERSION_MINOR 1
+#define MTUNNEL_VERSION_PATCH 0
+#define MTUNNEL_VERSION_STRING "0.1.0"
+
 // Success.
 #define MTUNNEL_OK 0
 
@@ -77,6 +83,14 @@ extern "C" {
 // Ownership: the string belongs to the library and stays valid until the next call into the
 // library on the same thread; copy it if you need it longer. Never NULL.
 const char *mtunnel_last_error(void);
+
+// Returns the library's version, "MAJOR.MINOR.PATCH" (Cargo.toml's version; the header's
+// `MTUNNEL_VERSION_STRING` names the version the caller was compiled against).
+//
+// Ownership: a static string owned by the library, valid for as long as the library is
+// loaded; the caller must not free or modify it. Never NULL; cannot fail (no result code, the
+// last error is left as it was).
+const char *mtunnel_version(void);
 
 // Frees a string returned by the library through an out-parameter.
 //

@@ -135,6 +135,24 @@ pub extern "C" fn mtunnel_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
+/// Returns the library's version, "MAJOR.MINOR.PATCH" (Cargo.toml's version; the header's
+/// `MTUNNEL_VERSION_STRING` names the version the caller was compiled against).
+///
+/// Ownership: a static string owned by the library, valid for as long as the library is
+/// loaded; the caller must not free or modify it. Never NULL; cannot fail (no result code, the
+/// last error is left as it was).
+#[unsafe(no_mangle)]
+pub extern "C" fn mtunnel_version() -> *const c_char {
+    VERSION.as_ptr()
+}
+
+/// Cargo.toml's version, NUL-terminated for `mtunnel_version`.
+static VERSION: &CStr =
+    match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => panic!("the package version contains a NUL byte"),
+    };
+
 /// Frees a string returned by the library through an out-parameter.
 ///
 /// NULL is a no-op. Passing a pointer not returned by this library, or freeing twice, is
