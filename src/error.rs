@@ -1,31 +1,33 @@
 //! Errors of the pure-Rust layer and the fixed result codes they map to.
 
+use crate::ffi;
 use std::fmt;
 
-/// What went wrong, as a stable category. The numeric values are part of the C ABI
-/// (see `MTUNNEL_*` in the header) and are never renumbered.
+/// What went wrong, as a stable category. Each value is its C result code: the
+/// `MTUNNEL_ERR_*` constants in [`crate::ffi`] are the one source of the numbers (the header is
+/// generated from them, and a test checks the Perl binding's table against the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A caller-supplied argument is missing, malformed or refused by validation.
-    InvalidArgument = 1,
+    InvalidArgument = ffi::MTUNNEL_ERR_INVALID_ARGUMENT as isize,
     /// A deadline passed before the step finished.
-    Timeout = 2,
+    Timeout = ffi::MTUNNEL_ERR_TIMEOUT as isize,
     /// ssh exited (or could not connect); the message carries its stderr tail.
-    SshExited = 3,
+    SshExited = ffi::MTUNNEL_ERR_SSH_EXITED as isize,
     /// The remote side answered something the protocol does not allow.
-    Protocol = 4,
+    Protocol = ffi::MTUNNEL_ERR_PROTOCOL as isize,
     /// The target node reported `no quorum`.
-    NoQuorum = 5,
+    NoQuorum = ffi::MTUNNEL_ERR_NO_QUORUM as isize,
     /// The remote side refused a command (`ERR: …`) or a remote command failed.
-    Remote = 6,
+    Remote = ffi::MTUNNEL_ERR_REMOTE as isize,
     /// QEMU answered a QMP command with an error (class and desc in the message).
-    Qmp = 7,
+    Qmp = ffi::MTUNNEL_ERR_QMP as isize,
     /// A local system call failed.
-    Io = 8,
+    Io = ffi::MTUNNEL_ERR_IO as isize,
     /// The handle was already closed.
-    Closed = 9,
+    Closed = ffi::MTUNNEL_ERR_CLOSED as isize,
     /// A Rust panic was caught at the C boundary.
-    Panic = 10,
+    Panic = ffi::MTUNNEL_ERR_PANIC as isize,
 }
 
 /// An error with its category and a human-readable, self-contained message.

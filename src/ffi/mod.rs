@@ -11,7 +11,7 @@ pub mod qmp;
 pub mod remote;
 pub mod tunnel;
 
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Result};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -48,17 +48,7 @@ pub const MTUNNEL_LOG_INFO: c_int = 3;
 /// Log level of debugging details.
 pub const MTUNNEL_LOG_DEBUG: c_int = 4;
 
-// The C values are fixed; these fail the build if the Rust enums ever drift from them.
-const _: () = assert!(MTUNNEL_ERR_INVALID_ARGUMENT == Kind::InvalidArgument as c_int);
-const _: () = assert!(MTUNNEL_ERR_TIMEOUT == Kind::Timeout as c_int);
-const _: () = assert!(MTUNNEL_ERR_SSH_EXITED == Kind::SshExited as c_int);
-const _: () = assert!(MTUNNEL_ERR_PROTOCOL == Kind::Protocol as c_int);
-const _: () = assert!(MTUNNEL_ERR_NO_QUORUM == Kind::NoQuorum as c_int);
-const _: () = assert!(MTUNNEL_ERR_REMOTE == Kind::Remote as c_int);
-const _: () = assert!(MTUNNEL_ERR_QMP == Kind::Qmp as c_int);
-const _: () = assert!(MTUNNEL_ERR_IO == Kind::Io as c_int);
-const _: () = assert!(MTUNNEL_ERR_CLOSED == Kind::Closed as c_int);
-const _: () = assert!(MTUNNEL_ERR_PANIC == Kind::Panic as c_int);
+// The log levels are fixed; these fail the build if the Rust enum ever drifts from them.
 const _: () = assert!(MTUNNEL_LOG_ERROR == crate::log::Level::Error as c_int);
 const _: () = assert!(MTUNNEL_LOG_WARN == crate::log::Level::Warn as c_int);
 const _: () = assert!(MTUNNEL_LOG_INFO == crate::log::Level::Info as c_int);
