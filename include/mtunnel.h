@@ -350,13 +350,15 @@ int tunnel_command(mtunnel_tunnel *tunnel,
 // cleaned up even when a stage fails; the first failure is returned.
 //
 // `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
-// "remote_cleanup": true, "cleanup": false, "cleanup_sockets": []}`; `cleanup` is sent with
+// "remote_cleanup": true, "cleanup_timeout_ms": 5000, "cleanup": false, "cleanup_sockets": []}`;
+// `cleanup_timeout_ms` bounds the remote cleanup, also when `tunnel_free` closes; `cleanup` is sent with
 // a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
 // remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
 // returns `MTUNNEL_OK`.
 // `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
 // handle, only the child's fds are released; the parent's ssh is not touched.
-int tunnel_close(mtunnel_tunnel *tunnel, const char *options_json);
+int tunnel_close(mtunnel_tunnel *tunnel,
+                 const char *options_json);
 
 // Reads the next line the remote sends, after the greeting (read first if needed), without
 // sending anything; waits up to `timeout_ms`. On success `*line_out` (if not NULL) receives

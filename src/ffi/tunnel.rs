@@ -153,7 +153,8 @@ pub unsafe extern "C" fn tunnel_command(
 /// cleaned up even when a stage fails; the first failure is returned.
 ///
 /// `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
-/// "remote_cleanup": true, "cleanup": false, "cleanup_sockets": []}`; `cleanup` is sent with
+/// "remote_cleanup": true, "cleanup_timeout_ms": 5000, "cleanup": false, "cleanup_sockets": []}`;
+/// `cleanup_timeout_ms` bounds the remote cleanup, also when `tunnel_free` closes; `cleanup` is sent with
 /// a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
 /// remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
 /// returns `MTUNNEL_OK`.

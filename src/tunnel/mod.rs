@@ -138,6 +138,9 @@ pub struct CloseOptions {
     pub exit_timeout_ms: i64,
     /// Also remove leftover socket files on the remote node (one more ssh connection).
     pub remote_cleanup: bool,
+    /// Deadline of that remote cleanup. Short by default, because closing on drop
+    /// (`tunnel_free`, Perl's `DESTROY`) must not hang on an unreachable node.
+    pub cleanup_timeout_ms: i64,
     /// Protocol v2 only: `quit` asks the remote to clean up (`{"cmd":"quit","cleanup":true}`).
     pub cleanup: bool,
     /// More socket paths to remove on both nodes (PVE's `$tunnel->{unix_sockets}`), besides
@@ -151,6 +154,7 @@ impl Default for CloseOptions {
             quit_timeout_ms: 10_000,
             exit_timeout_ms: 5_000,
             remote_cleanup: true,
+            cleanup_timeout_ms: 5_000,
             cleanup: false,
             cleanup_sockets: Vec::new(),
         }
@@ -166,6 +170,7 @@ impl CloseOptions {
                 "quit_timeout_ms",
                 "exit_timeout_ms",
                 "remote_cleanup",
+                "cleanup_timeout_ms",
                 "cleanup",
                 "cleanup_sockets",
             ],
@@ -175,6 +180,11 @@ impl CloseOptions {
             quit_timeout_ms: options::timeout_ms(opts, "quit_timeout_ms", d.quit_timeout_ms)?,
             exit_timeout_ms: options::timeout_ms(opts, "exit_timeout_ms", d.exit_timeout_ms)?,
             remote_cleanup: options::boolean(opts, "remote_cleanup", d.remote_cleanup)?,
+            cleanup_timeout_ms: options::timeout_ms(
+                opts,
+                "cleanup_timeout_ms",
+                d.cleanup_timeout_ms,
+            )?,
             cleanup: options::boolean(opts, "cleanup", d.cleanup)?,
             cleanup_sockets: options::string_list(opts, "cleanup_sockets")?.unwrap_or_default(),
         })
@@ -686,7 +696,8 @@ impl Tunnel {
             }
         }
         if opts.remote_cleanup && greeted && !remote.is_empty() {
-            if let Err(e) = self.remove_remote_sockets(&remote) {
+            let deadline = Deadline::after_ms(opts.cleanup_timeout_ms);
+            if let Err(e) = self.remove_remote_sockets(&remote, deadline) {
                 errors.push(e);
             }
         }
@@ -701,14 +712,13 @@ impl Tunnel {
 
     /// Removes the sockets among `paths` on the target node; anything else there is kept and
     /// named in the error. Paths are validated and quoted.
-    fn remove_remote_sockets(&self, paths: &[&str]) -> Result<()> {
+    fn remove_remote_sockets(&self, paths: &[&str], deadline: Deadline) -> Result<()> {
         let script = "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; fi; done";
         let mut cmd: Vec<String> = ["sh", "-c", script, "sh"]
             .iter()
             .map(|s| s.to_string())
             .collect();
         cmd.extend(paths.iter().map(|p| p.to_string()));
-        let deadline = Deadline::after_ms(30_000);
         let out = match &self.lease {
             // Our session slot is free again now that the tunnel's client has exited.
             Some(l) if l.alive() => ssh::run_with_lease(&self.opts.ssh, l, &cmd, b"", deadline)

@@ -1,0 +1,119 @@
+//! Closing an open tunnel on free (`tunnel_free`, Perl's `DESTROY`) is bounded: a remote
+//! cleanup that hangs is given up after `cleanup_timeout_ms` (5 s by default), not 30 s.
+//! A fake ssh answers the tunnel protocol and hangs when asked to remove the remote sockets.
+
+use mtunnel::ffi::tunnel::{
+    mtunnel_tunnel, tunnel_close, tunnel_command, tunnel_free, tunnel_open,
+};
+use mtunnel::ffi::{MTUNNEL_ERR_TIMEOUT, MTUNNEL_OK, mtunnel_string_free};
+use std::ffi::{CString, c_char};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The fake: everything up to `--` is ssh options; the tunnel command greets and answers `OK`
+/// (exiting on `quit`), anything else (the remote cleanup) records that it ran and hangs.
+const FAKE_SSH: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+while [ "$1" != -- ]; do shift; done; shift
+case "$1" in
+'qm mtunnel')
+    echo 'tunnel online'; echo 'ver 1'
+    while read -r line; do echo OK; [ "$line" = quit ] && exit 0; done ;;
+*)
+    echo "$1" >> "$dir/cleanup-ran"
+    exec sleep 60 ;;
+esac
+"#;
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("mtunnel-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("ssh");
+        std::fs::write(&fake, FAKE_SSH).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Fixture { dir }
+    }
+
+    /// Opens a tunnel through the fake and has it greeted (a command needs the greeting).
+    fn open(&self) -> *mut mtunnel_tunnel {
+        let dir = self.dir.to_str().unwrap();
+        let opts = serde_json::json!({
+            "ssh": [format!("{dir}/ssh"), "root@node"],
+            "forwards": [format!("{dir}/100.migrate")],
+            "socket_dir": dir,
+            "handshake_slots": 0,
+            "ciphers": "",
+        })
+        .to_string();
+        let opts = CString::new(opts).unwrap();
+        let mut t: *mut mtunnel_tunnel = std::ptr::null_mut();
+        // SAFETY: a valid NUL-terminated options string, no callback, a writable out-pointer.
+        let rc = unsafe { tunnel_open(opts.as_ptr(), None, std::ptr::null_mut(), &mut t) };
+        assert_eq!(rc, MTUNNEL_OK, "{}", last_error());
+        let cmd = CString::new("resume 100").unwrap();
+        let mut reply: *mut c_char = std::ptr::null_mut();
+        // SAFETY: `t` is the live handle just opened; `cmd` is NUL-terminated; `reply` is writable.
+        let rc = unsafe { tunnel_command(t, cmd.as_ptr(), 10_000, &mut reply) };
+        assert_eq!(rc, MTUNNEL_OK, "{}", last_error());
+        // SAFETY: `reply` was allocated by the library and is freed once.
+        unsafe { mtunnel_string_free(reply) };
+        t
+    }
+
+    fn cleanup_ran(&self) -> bool {
+        self.dir.join("cleanup-ran").exists()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn last_error() -> String {
+    // SAFETY: mtunnel_last_error returns a NUL-terminated string valid until the next call.
+    unsafe { std::ffi::CStr::from_ptr(mtunnel::ffi::mtunnel_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn tunnel_free_does_not_wait_long_for_a_hanging_remote_cleanup() {
+    let f = Fixture::new("free-bound");
+    let t = f.open();
+    let start = Instant::now();
+    // SAFETY: `t` is a live handle from tunnel_open, freed once and not used afterwards.
+    unsafe { tunnel_free(t) };
+    let took = start.elapsed();
+    assert!(f.cleanup_ran(), "the remote cleanup was attempted");
+    assert!(
+        took < Duration::from_secs(15),
+        "tunnel_free took {took:?} with a hanging remote cleanup"
+    );
+}
+
+#[test]
+fn cleanup_timeout_ms_bounds_the_remote_cleanup_of_close() {
+    let f = Fixture::new("close-bound");
+    let t = f.open();
+    let opts = CString::new(r#"{"cleanup_timeout_ms": 300}"#).unwrap();
+    let start = Instant::now();
+    // SAFETY: `t` is a live handle; `opts` is a NUL-terminated string.
+    let rc = unsafe { tunnel_close(t, opts.as_ptr()) };
+    let took = start.elapsed();
+    let err = last_error();
+    // SAFETY: `t` is a live (closed) handle, freed once.
+    unsafe { tunnel_free(t) };
+    assert!(f.cleanup_ran(), "the remote cleanup was attempted");
+    assert_eq!(rc, MTUNNEL_ERR_TIMEOUT, "{err}");
+    assert!(err.contains("removing remote sockets"), "{err}");
+    assert!(took < Duration::from_secs(5), "close took {took:?}");
+}
