@@ -52,6 +52,10 @@ int main(void)
            "a capability that is not a boolean is refused", "capability 'xbzrle' must be true or false");
     expect(qmp_query_migrate("/nonexistent/100.qmp", 1000, &out), MTUNNEL_ERR_IO, "a missing QMP socket is named", "does not exist");
     expect(out == NULL, 1, "no output was written on failure", NULL);
+    expect(qmp_wait_migration(NULL, NULL, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_wait_migration(NULL socket) is refused", "qmp_socket is NULL");
+    expect(qmp_wait_migration("/nonexistent/100.qmp", "{\"hold_ms\": -5}", &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "a negative hold is refused", "option 'hold_ms' must be 0 or more milliseconds, not -5");
+    expect(qmp_wait_migration("/nonexistent/100.qmp", NULL, &out), MTUNNEL_ERR_IO, "qmp_wait_migration names a missing QMP socket", "does not exist");
     expect(qmp_mirror_start(NULL, "drive-scsi0", "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0", NULL, &out),
            MTUNNEL_ERR_INVALID_ARGUMENT, "qmp_mirror_start(NULL socket) is refused", "qmp_socket is NULL");
     expect(qmp_mirror_start("/nonexistent/100.qmp", NULL, "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0", NULL, &out),

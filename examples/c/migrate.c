@@ -567,13 +567,14 @@ int main(int argc, char **argv)
         goto out;
 
     m.ram_started = 1;
-    if (qmp_migrate(qmp, uri, "{\"capabilities\":{\"auto-converge\":true},\"parameters\":{\"downtime-limit\":100}}") != MTUNNEL_OK)
+    /* "events": QEMU's MIGRATION events end qmp_wait_migration as soon as the migration ends */
+    if (qmp_migrate(qmp, uri, "{\"capabilities\":{\"auto-converge\":true,\"events\":true},\"parameters\":{\"downtime-limit\":100}}") != MTUNNEL_OK)
         FAIL("qmp_migrate");
     t_migrate = now();
     for (;;) {
-        struct timespec pause = {0, 100 * 1000 * 1000};
-        if (qmp_query_migrate(qmp, 10000, &result) != MTUNNEL_OK)
-            FAIL("qmp_query_migrate");
+        /* holds the monitor 250 ms at most per call: other clients get in between */
+        if (qmp_wait_migration(qmp, "{\"hold_ms\":250}", &result) != MTUNNEL_OK)
+            FAIL("qmp_wait_migration");
         if (json_str(result, "status", status, sizeof status) < 0)
             strcpy(status, "none");
         mtunnel_string_free(result);
@@ -584,7 +585,6 @@ int main(int argc, char **argv)
             fprintf(stderr, "migrate: migration %s\n", status);
             goto out;
         }
-        nanosleep(&pause, NULL);
     }
     printf("migration completed in %.3f s\n", now() - t_migrate);
 
