@@ -25,11 +25,15 @@ my %LEVEL_NAME = (1 => 'err', 2 => 'warn', 3 => 'info', 4 => 'debug');
 sub library_path {
     return $ENV{MTUNNEL_LIB} if $ENV{MTUNNEL_LIB};
     my $top = Cwd::abs_path(File::Basename::dirname(__FILE__) . '/../../..');
-    for my $profile (qw(release debug)) {
-	my $so = "$top/target/$profile/libmtunnel.so";
-	return $so if -f $so;
+    # in a build tree (perl/lib/PVE/MTunnel.pm next to Cargo.toml): its own cargo build
+    if (defined($top) && -f "$top/Cargo.toml") {
+	for my $profile (qw(release debug)) {
+	    my $so = "$top/target/$profile/libmtunnel.so";
+	    return $so if -f $so;
+	}
     }
-    return 'libmtunnel.so';
+    # installed (libmtunnel0): by soname, through the dynamic loader's search path
+    return 'libmtunnel.so.0';
 }
 
 my $json = JSON::PP->new->canonical->allow_nonref;
@@ -38,6 +42,7 @@ $ffi->type('(opaque,int,string)->void' => 'mtunnel_log_fn');
 
 $ffi->attach(mtunnel_last_error => [] => 'string');
 $ffi->attach(mtunnel_string_free => ['opaque'] => 'void');
+$ffi->attach([mtunnel_version => 'version'] => [] => 'string');
 $ffi->attach([tunnel_open => '_tunnel_open'] => ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int');
 $ffi->attach([tunnel_wait_ready => '_tunnel_wait_ready'] => ['opaque', 'sint64'] => 'int');
 $ffi->attach([tunnel_command => '_tunnel_command'] => ['opaque', 'string', 'sint64', 'opaque*'] => 'int');
@@ -382,6 +387,78 @@ C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what wa
 =item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
 
 Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
+
+=item C<< $t->status() >>, C<< $t->pid() >>
+
+Method: the tunnel's state as a hashref: C<state> (C<started>, C<online>, C<greeted>,
+C<ready>, C<closed>), C<pid> (ssh's), C<version> (the remote protocol's, C<undef> before the
+greeting), C<forwards>, and for a shared connection C<master_pid> and C<control_path>.
+C<pid> returns C<< status->{pid} >>.
+
+=item C<< DESTROY >>
+
+Frees the handle; a tunnel still open is closed with default options first. In a forked
+child only the child's copies of the file descriptors are released.
+
+=item C<qmp_query_migrate($qmp_socket, timeout_ms =E<gt> 10000)>
+
+Function: C<query-migrate>; returns QEMU's answer as a hashref. Unknown statuses are passed
+through: treat them as still running.
+
+=item C<qmp_wait_migration($qmp_socket, hold_ms =E<gt> 250, timeout_ms =E<gt> N)>
+
+Function: C<query-migrate>'s answer as soon as QEMU's C<MIGRATION> event says the migration
+ended (completed, failed, cancelled), or when C<hold_ms> passed, whichever comes first. The
+monitor connection is held at most that long, so other clients are served. Call it in a loop
+instead of sleeping between C<qmp_query_migrate> calls (needs the C<events> capability).
+
+=item C<qmp_migrate_cancel($qmp_socket, timeout_ms =E<gt> 30000)>
+
+Function: C<migrate_cancel>, then waits until the migration is cancelled, failed or completed
+(or there was none); returns the last C<query-migrate> answer. A migration that completed
+before the cancel shows as C<completed>: it must then be finished, not rolled back.
+
+=item C<qmp_execute($qmp_socket, $command, \%arguments, timeout_ms =E<gt> 10000)>
+
+Function: any QMP command (C<cont>, C<quit>, C<query-status>, ...) with optional arguments;
+returns its C<return> value decoded (hashref, arrayref or scalar). A QMP error dies with
+QEMU's class and description.
+
+=item C<ssh_run(ssh =E<gt> \@rem_ssh, command =E<gt> [...], input =E<gt> $stdin, timeout_ms =E<gt> 60000, check =E<gt> 1, %ssh_opts)>
+
+Function: runs one remote command over ssh (every word shell-quoted for the remote shell;
+C<input> goes to its stdin, never argv) and returns C<< { exit_code, signal, stdout, stderr } >>.
+With C<check> (the default) a non-zero exit dies with the stderr tail. A connection that
+failed before authentication is retried (C<connect_retries>), so the command never runs
+twice. Takes the ssh options of C<open> (C<handshake_slots>, C<connect_timeout_s>, C<share>,
+...).
+
+=item C<migrate_listen_parse($output, $vmid)>
+
+Function: parses the output of the target's C<qm start VMID --migratedfrom NODE> as
+QemuMigrate.pm does and returns C<< { uri, socket, nbd => [{ drive, uri, socket, volume }, ...],
+spice_port, messages => [...] } >>. Dies C<"unable to detect remote migration address\n"> when
+there is no address, and on a VMID mismatch.
+
+=item C<version()>
+
+Function: the loaded library's version (C<mtunnel_version()>, Cargo.toml's version), which
+equals C<$PVE::MTunnel::VERSION> and the header's C<MTUNNEL_VERSION_STRING> of the same
+release.
+
+=item C<library_path()>
+
+Function: where the library is loaded from: C<$ENV{MTUNNEL_LIB}> if set; in a build tree
+(this module under F<perl/lib> next to F<Cargo.toml>) its F<target/release> (or
+F<target/debug>) F<libmtunnel.so>; otherwise the soname C<libmtunnel.so.0>, found by the
+dynamic loader (the Debian package libmtunnel0 installs it in the multiarch library
+directory).
+
+=item C<mtunnel_last_error()>, C<mtunnel_string_free($ptr)>
+
+The C functions of the same names, used by the wrappers: the last failed call's message on
+this thread, and freeing a string the library returned. Callers of the functions above never
+need them.
 
 =back
 

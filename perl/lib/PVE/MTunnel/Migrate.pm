@@ -916,3 +916,290 @@ sub check {
 }
 
 1;
+
+__END__
+
+=encoding utf8
+
+=head1 NAME
+
+PVE::MTunnel::Migrate - QemuMigrate.pm-style live migration driver on PVE::MTunnel
+
+=head1 SYNOPSIS
+
+  use PVE::MTunnel::Migrate;
+
+  my $m = PVE::MTunnel::Migrate->new(
+      vmid => 100, node => 'node1', target => 'node2',
+      ssh => ['/usr/bin/ssh', '-e', 'none', '-o', 'BatchMode=yes', 'root@198.18.0.2'],
+      with_local_disks => 1, bwlimit => 102400,
+      log => sub { my ($level, $msg) = @_; print "$msg\n" },
+  );
+  eval { $m->migrate() };
+  die "TASK ERROR: $@" if $@;     # "<what failed> - <where the VM is now>\n"
+
+  # after a driver was killed: where is the VM, and settle it
+  my $d = PVE::MTunnel::Migrate->new(%same_params)->check(fix => 1);
+
+=head1 DESCRIPTION
+
+The control flow of Proxmox VE's QemuMigrate.pm for a running VM, with the socket, process
+and QMP work done by libmtunnel (L<PVE::MTunnel>). B<phase2>: C<qm start --migratedfrom> on
+the target, the ssh tunnel forwarding the migration's sockets, disk mirrors into the target's
+NBD exports (with local disks), the RAM migration and the wait for its end. B<phase3> (once
+RAM completed): finish the mirrors, stop the target's NBD server, C<resume> on the target,
+close the tunnel, stop the source, free the source's migrated volumes. B<phase2_cleanup>
+(failure before completion): cancel, continue the source, cancel the mirrors, stop the target,
+free its new volumes, close the tunnel.
+
+The rule everything rests on: the VM runs on exactly one node. The target waits paused until
+told to resume, so before C<resume> the source may always be continued; after completion the
+source is continued only when the target is known not to run. SIGINT, SIGTERM, SIGQUIT,
+SIGHUP and SIGPIPE are deferred during C<migrate> and end it at the next safe point.
+
+Methods are called on the object C<new> returns; the ones below C<migrate> are its steps,
+public so that a caller (or a test) can run or replace them one by one, as QemuMigrate.pm's
+phases are. Every failure dies with a message ending in C<"\n">.
+
+=head1 CONSTRUCTOR
+
+=head2 new(%param)
+
+Class method. Required: C<vmid> (1-9 digits), C<node> (this node's name), C<target> (the
+target node's name), C<ssh> (the ssh argv prefix reaching the target, as PVE's C<rem_ssh>).
+Optional, with their defaults:
+
+=over
+
+=item C<migration_type> (C<secure>) and C<migration_network> (an IPv4 CIDR)
+
+C<secure>: RAM and NBD through the tunnel's UNIX socket forwards; C<insecure>: over TCP to
+the target's address, which must lie in C<migration_network> when given.
+
+=item C<with_local_disks> (0), C<targetstorage> (C<1>), C<source_volumes> (from C<qm config>)
+
+Mirror the disks the target exports; C<targetstorage> is passed to the target's C<qm start>;
+C<source_volumes> (drive => volid) names the source volumes freed after success.
+
+=item C<bwlimit> (KiB/s, none), C<downtime_ms> (100), C<capabilities>, C<parameters>
+
+QEMU's C<max-bandwidth> (16 GiB/s without a limit) and mirror speed; the initial
+C<downtime-limit>; capabilities turned on (C<auto-converge>, C<xbzrle>; all others off) and
+extra migration parameters.
+
+=item C<machine>, C<force_cpu>, C<spice_ticket>
+
+For the target's C<qm start> (C<machine> defaults to the type the source QEMU runs; the spice
+ticket goes on stdin, never argv).
+
+=item C<completion_wait> (C<events>), C<hold_ms> (250), C<poll_interval_ms> (1000)
+
+How the end of the RAM migration is noticed: C<events>, C<poll> or C<pve> (see
+C<wait_for_completion>).
+
+=item C<stall_timeout_ms> (60000), C<mirror_timeout_ms> (none), C<mirror_poll_ms> (200)
+
+Abort when no progress is made that long; abort when the mirrors are not ready in time; how
+often mirror status is looked at.
+
+=item C<ssh_options> ({}), C<tunnel_options> ({})
+
+Library options for every ssh call (C<handshake_slots>, C<connect_retries>,
+C<connect_timeout_s>, C<share>, ...) and for the tunnel only.
+
+=item C<qm>, C<local_qm>, C<pvesm> (C<['qm']>, C<['qm']>, C<['pvesm']>), C<socket_dir> (F</run/qemu-server>), C<qmp_socket> (F<SOCKET_DIR/VMID.qmp>)
+
+The commands run on the target and on this node, and where the VM's sockets are.
+
+=item C<log> (prints to STDOUT), C<check_command>
+
+C<log> gets C<($level, $line)> for each task log line; C<check_command> is the command a
+verdict tells to run when the state cannot be settled automatically.
+
+=back
+
+Dies on a missing or invalid parameter.
+
+=head1 METHODS
+
+=head2 migrate()
+
+Method: runs the whole migration (phase2, phase3 and the cleanup that fits) and returns the
+object, with C<< $m->{timing} >> (C<open_to_ready>, C<migration>, C<qemu_total_ms>,
+C<qemu_downtime_ms>, C<noticed>, C<resumed>, C<mirror>, C<mirror_bytes>) filled in. On failure
+dies with C<"WHAT FAILED - WHERE THE VM IS NOW\n"> (see C<fail>).
+
+=head2 phase2()
+
+Method: start the target, open the tunnel and wait until it is ready, mirror local disks,
+set capabilities and parameters, C<migrate>, and wait for completion. Dies on any failure;
+the state it reached is kept in the object for the cleanup.
+
+=head2 phase3()
+
+Method: after the RAM migration completed: finish the mirrors, stop the target's NBD server,
+C<resume> the target (through the tunnel, else C<qm resume> over ssh, else it asks whether
+the VM runs there), then C<finish_source>. Dies when the target could not be resumed.
+
+=head2 phase2_cleanup($err)
+
+Method: the cleanup of a failure before completion: C<migrate_cancel> (a migration that
+completed meanwhile is finished by phase3 instead), continue the source if paused, cancel
+the mirrors, stop the target, free its new volumes, close the tunnel, remove the target's
+sockets if the tunnel never got ready.
+
+=head2 phase3_recover($err)
+
+Method: a failure after completion: if the target runs the VM, finish on the source; if the
+target cannot be reached, leave the source paused; else stop the target and continue the
+source only once the target is confirmed stopped.
+
+=head2 finish_source()
+
+Method: the target runs the VM: close the tunnel, stop the source, free the source's migrated
+volumes. Failures only warn.
+
+=head2 fail($err)
+
+Method: dies with C<"$err - WHERE THE VM IS NOW\n">, asking both nodes (C<inspect>,
+C<diagnose>); the second part is kept in C<< $m->{verdict} >>.
+
+=head2 check_interrupt()
+
+Method: at a safe point: dies C<"interrupted by signal SIGNAME\n"> if a deferred signal
+arrived.
+
+=head2 start_target()
+
+Method: the target's C<qm start VMID --skiplock --migratedfrom NODE --migration_type TYPE
+--stateuri unix|tcp --machine M ...> with C<nbd_protocol_version: 1> (and the spice ticket) on
+stdin; returns C<PVE::MTunnel::migrate_listen_parse>'s hash of what it printed.
+
+=head2 check_listen($listen)
+
+Method: dies unless the target's addresses fit the migration type: UNIX sockets for secure,
+TCP addresses (inside C<migration_network> when given) for insecure.
+
+=head2 storage_migration(\@nbd)
+
+Method: one C<drive-mirror> per NBD export the target printed (each must name a drive of the
+running VM), then C<wait_mirror_ready>.
+
+=head2 wait_mirror_ready()
+
+Method: logs each mirror's progress once a second until every job is ready and returns the
+status; dies on the mirror timeout, on C<stall_timeout_ms> without progress, or on a
+deferred signal.
+
+=head2 wait_for_completion($downtime_ms)
+
+Method: waits until QEMU reports the migration final and returns the final C<query-migrate>
+answer when it completed; dies C<"aborting phase 2 - STATUS\n"> when it failed or was
+cancelled, on a stall, after 5 failed queries in a row, or on a deferred signal. Logs progress
+and doubles the downtime limit when the migration does not converge, as QemuMigrate.pm.
+C<completion_wait> C<events> waits on QEMU's C<MIGRATION> event (C<qmp_wait_migration>,
+holding the monitor at most C<hold_ms>); C<poll> and C<pve> query every
+C<poll_interval_ms>, 100 ms near the end.
+
+=head2 cont_source()
+
+Method: continues the source VM if the migration left it paused (C<postmigrate>).
+
+=head2 cancel_mirrors()
+
+Method: cancels the disk mirrors (unless they were finished); when NBD writes stuck in a
+stopped ssh hold the cancel, closes the tunnel first and tries again.
+
+=head2 stop_source()
+
+Method: as C<vm_stop> on the source: QMP C<quit>, wait up to 10 s for the process to be gone,
+then SIGKILL.
+
+=head2 free_source_volumes(), free_target_volumes()
+
+Methods: C<pvesm free> of the migrated disks' source volumes (after success; failures warn),
+and of the target's new volumes (after a failure, only once the target VM is confirmed
+stopped; else the log names the command to run there).
+
+=head2 close_tunnel_quickly()
+
+Method: closes the tunnel with short deadlines (5 s for C<quit>, 2 s for ssh to exit).
+
+=head2 remove_target_sockets(@sockets)
+
+Method: removes the given paths (default: the target's listening sockets) on the target if
+they are sockets; anything else is logged and kept.
+
+=head2 migration_sockets(), stale_sockets(), stale_target_sockets()
+
+Methods: this VM's migration socket paths (F<VMID.migrate>, F<VMID_nbd.migrate>); those of
+them that are sockets on this node; and on the target (array ref, C<undef> when the target
+cannot be reached).
+
+=head2 source_pid()
+
+Method: the source QEMU's pid from F<SOCKET_DIR/VMID.pid>, or C<undef>.
+
+=head2 source_volumes()
+
+Method: drive => volid of the source VM's disks, from C<qm config> on this node (or the
+C<source_volumes> parameter).
+
+=head2 current_machine()
+
+Method: the machine type the source QEMU runs (C<query-machines>' C<is-current>, else the QOM
+type of F</machine>), for the target's C<--machine>.
+
+=head2 remote(\@qm_args, %opts), remote_command(\@argv, %opts)
+
+Methods: run C<qm ARGS> (resp. any command) on the target over ssh with
+C<PVE::MTunnel::ssh_run> (default timeout 120 s, plus C<ssh_options>); return its
+C<{ exit_code, stdout, stderr }>; die when it fails.
+
+=head2 target_state()
+
+Method: the VM's state on the target as C<qm status --verbose> tells it (C<running>,
+C<paused>, C<inmigrate>, C<prelaunch>, C<postmigrate>, ... or C<stopped>); C<undef> when the
+target cannot be reached.
+
+=head2 inspect()
+
+Method: both nodes' view: C<< { source => { state, migration, jobs }, target => { state } } >>.
+
+=head2 diagnose($seen)
+
+Method: what C<inspect>'s view means: C<< { state => SENTENCE, ok => 1 } >> when the VM runs
+on exactly one node, C<< { state, fix => [[DESCRIPTION, CODE], ...] } >> when a safe fix
+exists, C<< { state, undecided => 1 } >> when none does.
+
+=head2 check(fix => 0|1)
+
+Method: C<mtunnel-migrate --check>: logs both nodes' state and the diagnosis; with C<fix>,
+applies the fix and removes the migration's stale sockets of both nodes once the VM runs on
+one node. Returns the (final) diagnosis.
+
+=head2 log($level, $msg)
+
+Method: one task log line per line of C<$msg>, prefixed with the local time (and C<ERROR:>
+for level C<err>), passed to the C<log> callback.
+
+=head1 FUNCTIONS
+
+=head2 render_bytes($n), render_duration($seconds)
+
+As PVE::Format: C<"25.6 MiB">, C<"1m 05s">.
+
+=head2 parse_cidr($cidr), ip_in_network($ip, $cidr)
+
+C<(network, mask)> as integers of an IPv4 CIDR (empty list if it is none); whether an IPv4
+address lies in it.
+
+=head2 process_gone($pid)
+
+True when the process no longer exists or is a zombie.
+
+=head1 SEE ALSO
+
+L<mtunnel-migrate(1)>, L<PVE::MTunnel>, L<PVE::MTunnel::Tunnel>
+
+=cut
