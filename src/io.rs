@@ -255,13 +255,16 @@ mod tests {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
         extern "C" fn nothing(_: libc::c_int) {}
-        // SAFETY: installs a handler (a plain extern "C" fn) on a zeroed sigaction for this test process; no memory is shared.
-        unsafe {
-            // A handler without SA_RESTART, as Perl installs them: every delivery is an EINTR.
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = nothing as *const () as usize;
-            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
-        }
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        // A handler without SA_RESTART, as Perl installs them: every delivery is an EINTR.
+        let sa = SigAction::new(
+            SigHandler::Handler(nothing),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: installs a handler that does nothing (async-signal-safe) for SIGUSR1 in
+        // this test process.
+        unsafe { sigaction(Signal::SIGUSR1, &sa) }.unwrap();
         let (r, _w) = nix::unistd::pipe().unwrap();
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() } as usize;

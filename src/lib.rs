@@ -51,6 +51,7 @@ pub mod qmp;
 pub mod share;
 pub mod signals;
 pub mod ssh;
+mod sys;
 pub mod target;
 pub mod throttle;
 pub mod tunnel;

@@ -11,14 +11,10 @@ use crate::io::{self, Deadline};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus};
-use std::ffi::{CString, c_char, c_int};
+use std::ffi::{CString, c_int};
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
-
-unsafe extern "C" {
-    static environ: *const *const c_char;
-}
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +64,7 @@ fn resolve(prog: &str) -> Result<CString> {
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let candidate = format!("{dir}/{prog}");
         let c = to_c(&candidate)?;
-        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+        if nix::unistd::access(c.as_c_str(), nix::unistd::AccessFlags::X_OK).is_ok() {
             return Ok(c);
         }
     }
@@ -80,92 +75,18 @@ fn resolve(prog: &str) -> Result<CString> {
 }
 
 /// Moves an fd to 3 or above (close-on-exec), so that installing the child's stdio with dup2
-/// cannot overwrite another of its sources.
+/// cannot overwrite another of its sources. (`try_clone_to_owned` is `F_DUPFD_CLOEXEC` from 3.)
 fn above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
-    // SAFETY: fcntl on a borrowed, open fd; the new fd is checked below before use.
-    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-    if raw < 0 {
-        return Err(Error::io("fcntl(F_DUPFD_CLOEXEC)", Errno::last()));
+    let copy = fd.try_clone_to_owned().map_err(|e| {
+        Error::io(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        )
+    })?;
+    if copy.as_raw_fd() < 3 {
+        return Err(Error::new(Kind::Io, "a duplicated fd landed on stdio"));
     }
-    // SAFETY: `raw` is a fresh fd from F_DUPFD_CLOEXEC (checked >= 0) that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// The kernel's `struct sigaction` on x86_64 (differs from glibc's).
-#[repr(C)]
-struct KernelSigaction {
-    handler: libc::sighandler_t,
-    flags: libc::c_ulong,
-    restorer: usize,
-    mask: u64,
-}
-
-/// Runs in the child between clone and exec: async-signal-safe calls only, no allocation.
-unsafe fn exec_child(
-    prog: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-    stdio: [RawFd; 3],
-    report: RawFd,
-    parent: libc::pid_t,
-) -> ! {
-    // SAFETY: runs in the freshly cloned child before exec: async-signal-safe syscalls only, on fds and pointers the parent prepared and keeps alive until the child execs or exits.
-    unsafe {
-        // The raw syscall also resets the signals glibc reserves (32, 33), which an
-        // ignoring parent may have set and signal(3) refuses to touch.
-        let dfl = KernelSigaction {
-            handler: libc::SIG_DFL,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        for sig in 1..=64 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &dfl as *const KernelSigaction,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
-            }
-        }
-        for (target, &fd) in stdio.iter().enumerate() {
-            if libc::dup2(fd, target as c_int) < 0 {
-                fail(report);
-            }
-        }
-        // Everything above stdio closes at exec, including the report pipe on success.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
-        libc::setsid();
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-        if libc::getppid() != parent {
-            libc::_exit(126);
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        libc::execve(prog, argv, envp);
-        fail(report)
-    }
-}
-
-unsafe fn fail(report: RawFd) -> ! {
-    // SAFETY: async-signal-safe calls in the child: write of a local int to the report pipe, then _exit.
-    unsafe {
-        let errno = *libc::__errno_location();
-        libc::write(
-            report,
-            (&errno as *const c_int).cast(),
-            std::mem::size_of::<c_int>(),
-        );
-        libc::_exit(127)
-    }
+    Ok(copy)
 }
 
 impl Child {
@@ -185,73 +106,25 @@ impl Child {
                 })
             })
             .collect::<Result<_>>()?;
-        let mut arg_ptrs: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
-        arg_ptrs.push(std::ptr::null());
         let moved: Vec<OwnedFd> = stdio
             .iter()
             .map(|fd| above_stdio(fd.as_fd()))
             .collect::<Result<_>>()?;
-        let child_stdio = [
-            moved[0].as_raw_fd(),
-            moved[1].as_raw_fd(),
-            moved[2].as_raw_fd(),
-        ];
         let (report_r, report_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe2", e))?;
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: reads the process environment pointer; no thread of ours changes the environment during spawn.
-        let envp = unsafe { environ };
-
-        // Block every signal across clone so that no host handler runs in the child before it
-        // has reset the dispositions.
-        // SAFETY: sigset_t is plain data; all zeroes is a valid (then filled) value.
-        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sigset_t is plain data; all zeroes is a valid (then filled) value.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: fills a valid sigset_t and sets this thread's mask; `old` receives the previous one, restored after clone.
-        unsafe {
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        }
-        let mut pidfd: c_int = -1;
-        // SAFETY: clone without CLONE_VM gives the child its own copy of memory; CLONE_PIDFD writes the pidfd into `pidfd`, a live local. The child only runs exec_child.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                &mut pidfd as *mut c_int,
-                0usize,
-                0usize,
-            )
-        };
-        if pid == 0 {
-            // SAFETY: in the child; every pointer (prog, argv, envp) points into the copied memory of the parent, alive until exec.
-            unsafe {
-                exec_child(
-                    prog.as_ptr(),
-                    arg_ptrs.as_ptr(),
-                    envp,
-                    child_stdio,
-                    report_w.as_raw_fd(),
-                    parent,
-                )
-            }
-        }
-        let clone_errno = Errno::last();
-        // SAFETY: restores the mask saved before clone; `old` is a valid sigset_t.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        if pid < 0 {
-            return Err(Error::io("clone", clone_errno));
-        }
+        let (pid, pidfd) = crate::sys::spawn(
+            &prog,
+            &args,
+            [moved[0].as_fd(), moved[1].as_fd(), moved[2].as_fd()],
+            report_w.as_fd(),
+        )
+        .map_err(|e| Error::io("clone", e))?;
         drop(report_w);
         drop(moved);
         let mut child = Child {
-            pid: pid as libc::pid_t,
-            // SAFETY: clone succeeded (pid > 0), so CLONE_PIDFD stored a fresh pidfd that nothing else owns.
-            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
-            owner: parent,
+            pid,
+            pidfd,
+            owner: nix::unistd::getpid().as_raw(),
             exit: None,
         };
 
@@ -291,8 +164,7 @@ impl Child {
 
     /// Whether the current process is the one that spawned the child (false in a fork).
     pub fn owned_here(&self) -> bool {
-        // SAFETY: getpid has no preconditions.
-        self.owner == unsafe { libc::getpid() }
+        self.owner == nix::unistd::getpid().as_raw()
     }
 
     /// How the child ended, if it has; reaps it.
@@ -346,23 +218,9 @@ impl Child {
         if self.try_wait()?.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal on our own pidfd, with no siginfo; no memory is passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            )
-        };
-        match rc {
-            0 => Ok(()),
-            _ if Errno::last() == Errno::ESRCH => Ok(()),
-            _ => Err(Error::io(
-                format!("signal {sig} to pid {}", self.pid),
-                Errno::last(),
-            )),
+        match crate::sys::pidfd_send_signal(self.pidfd.as_fd(), sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(Error::io(format!("signal {sig} to pid {}", self.pid), e)),
         }
     }
 
@@ -441,13 +299,14 @@ mod tests {
     #[test]
     fn child_inherits_only_stdio() {
         // An fd without close-on-exec in the parent must not reach the child.
-        // SAFETY: test-only fd juggling on this process's own stdout; the copy is closed below.
-        let leaked = unsafe { libc::dup(1) };
-        // SAFETY: clears close-on-exec on the fd just duplicated, which this test owns.
-        unsafe { libc::fcntl(leaked, libc::F_SETFD, 0) };
+        let leaked = std::io::stdout().as_fd().try_clone_to_owned().unwrap();
+        nix::fcntl::fcntl(
+            leaked.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
         let (_, out) = run(&["sh", "-c", "ls /proc/self/fd"]);
-        // SAFETY: closes the fd this test duplicated above, once.
-        unsafe { libc::close(leaked) };
+        drop(leaked);
         let mut fds: Vec<&str> = out.split_whitespace().collect();
         fds.sort();
         // 0-2 plus the fd ls uses to read the directory.

@@ -31,7 +31,7 @@ use crate::process::Exit;
 use crate::ssh::{self, Ssh};
 use serde_json::Value;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::time::Duration;
 
@@ -218,8 +218,7 @@ pub fn prepare_dir(dir: &str) -> Result<()> {
     }
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| Error::new(Kind::Io, format!("cannot inspect control_dir '{dir}': {e}")))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::sys::geteuid();
     dir_problem(&meta, euid).map_or(Ok(()), |why| {
         Err(Error::invalid(format!(
             "refusing control_dir '{dir}': {why} (it must be a directory owned by uid {euid} with mode 0700)"
@@ -271,8 +270,7 @@ pub fn identity(ssh: &Ssh, cfg: &Config) -> Vec<String> {
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::sys::geteuid();
     let mut id = ssh.argv_tail(&[], &[]);
     id.extend([
         format!("uid={euid}"),
@@ -296,10 +294,9 @@ fn open_file(path: &str) -> Result<File> {
         .map_err(|e| Error::new(Kind::Io, format!("cannot open pool file '{path}': {e}")))
 }
 
-/// Tries to take an exclusive flock without waiting.
+/// Tries to take an exclusive flock without waiting (held until the file closes).
 fn try_lock(file: &File) -> bool {
-    // SAFETY: flock on an fd this File owns and keeps open; no memory is involved.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    crate::sys::try_flock(file.as_fd())
 }
 
 /// Takes the first free session slot, filling master 0 first, then master 1, …: returns

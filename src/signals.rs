@@ -9,9 +9,11 @@
 //! return, signals at their default action (e.g. SIGKILL, an unhandled SIGTERM) act at once,
 //! and synchronous fault signals are never blocked.
 
+use nix::sys::signal::SigSet;
+
 /// Restores the thread's signal mask when dropped.
 pub struct Deferred {
-    old: libc::sigset_t,
+    old: Option<SigSet>,
 }
 
 /// Signals that must never be blocked: they report faults in this very thread.
@@ -26,33 +28,22 @@ const SYNCHRONOUS: [libc::c_int; 5] = [
 impl Deferred {
     /// Blocks, in the calling thread, every signal that has a handler.
     pub fn handlers() -> Deferred {
-        // SAFETY: sigset_t and sigaction are plain data (zeroed is valid); sigaction only reads the dispositions and pthread_sigmask changes this thread's mask, saved in `old` and restored on drop.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in 1..=libc::SIGRTMAX() {
-                if sig == libc::SIGKILL || sig == libc::SIGSTOP || SYNCHRONOUS.contains(&sig) {
-                    continue;
-                }
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut sa) == 0
-                    && sa.sa_sigaction != libc::SIG_DFL
-                    && sa.sa_sigaction != libc::SIG_IGN
-                {
-                    libc::sigaddset(&mut set, sig);
-                }
-            }
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            Deferred { old }
+        let handled = (1..=libc::SIGRTMAX())
+            .filter(|&sig| {
+                sig != libc::SIGKILL && sig != libc::SIGSTOP && !SYNCHRONOUS.contains(&sig)
+            })
+            .filter(|&sig| crate::sys::has_handler(sig));
+        Deferred {
+            old: crate::sys::block_signals(handled).ok(),
         }
     }
 }
 
 impl Drop for Deferred {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved by handlers() for this thread; both pointers are to valid sigset_t values.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+        if let Some(old) = &self.old {
+            let _ = old.thread_set_mask();
+        }
     }
 }
 
@@ -67,22 +58,21 @@ mod tests {
     }
 
     fn blocked(sig: libc::c_int) -> bool {
-        // SAFETY: only reads this thread's mask into a zeroed sigset_t.
-        unsafe {
-            let mut cur: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
-            libc::sigismember(&cur, sig) == 1
-        }
+        let cur = SigSet::thread_get_mask().unwrap();
+        cur.contains(nix::sys::signal::Signal::try_from(sig).unwrap())
     }
 
     #[test]
     fn handled_signals_wait_until_the_call_returns() {
-        // SAFETY: installs a plain extern "C" handler for SIGUSR2 in this test process.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = count as *const () as usize;
-            libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut());
-        }
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, Signal, sigaction};
+        let sa = SigAction::new(
+            SigHandler::Handler(count),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: installs a plain extern "C" handler (an atomic increment, async-signal-safe)
+        // for SIGUSR2 in this test process.
+        unsafe { sigaction(Signal::SIGUSR2, &sa) }.unwrap();
         let before = HITS.load(Ordering::SeqCst);
         {
             let _d = Deferred::handlers();
@@ -95,8 +85,7 @@ mod tests {
                 !blocked(libc::SIGWINCH),
                 "signals at their default are left alone"
             );
-            // SAFETY: signals the calling thread itself.
-            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) };
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR2).unwrap();
             assert_eq!(
                 HITS.load(Ordering::SeqCst),
                 before,

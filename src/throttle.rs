@@ -10,7 +10,7 @@
 use crate::error::{Error, Kind, Result};
 use crate::io::Deadline;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::time::Duration;
 
@@ -38,17 +38,12 @@ fn lock_name(destination: &str) -> String {
 
 /// A random number in `0..n`, for jitter (no RNG crate: the kernel has one).
 pub fn random_below(n: u64) -> u64 {
-    let mut buf = [0u8; 8];
-    // SAFETY: getrandom writes at most buf.len() bytes into the buffer it is given.
-    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
-    let r = if got == 8 {
-        u64::from_ne_bytes(buf)
-    } else {
+    let r = crate::sys::random_u64().unwrap_or_else(|| {
         std::process::id() as u64
             ^ std::time::UNIX_EPOCH
                 .elapsed()
                 .map_or(0, |d| d.subsec_nanos() as u64)
-    };
+    });
     if n == 0 { 0 } else { r % n }
 }
 
@@ -89,8 +84,7 @@ pub fn acquire(
                 .map_err(|e| {
                     Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}"))
                 })?;
-            // SAFETY: flock on an fd this File owns and keeps open; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if crate::sys::try_flock(file.as_fd()) {
                 return Ok(Some(Slot { _file: file }));
             }
         }
