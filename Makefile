@@ -1,11 +1,11 @@
-# mtunnel — make demo | make test | make bench | make header
+# mtunnel — make demo | make test | make bench | make header | make deb
 SHELL   := /bin/bash
 CARGO   ?= cargo
 PROVE   ?= prove
 LIB     := target/release/libmtunnel.so
 PERL5   := -Iperl/lib -It/lib
 
-.PHONY: all setup build header header-check examples test test-rust test-c test-perl demo bench lab-down clean fuzz
+.PHONY: all setup build header header-check examples test test-rust test-c test-perl test-deb deb demo bench lab-down clean fuzz
 
 all: build
 
@@ -15,6 +15,8 @@ setup:
 
 build: setup
 	$(CARGO) build --release --locked
+	@# the library's soname is libmtunnel.so.0: programs linked in the tree (examples/c) load that name
+	ln -sfn libmtunnel.so target/release/libmtunnel.so.0
 	$(MAKE) -C examples/c
 
 # Regenerates the committed C header from src/ffi/.
@@ -24,7 +26,7 @@ header:
 examples: build
 
 test: build
-	@$(MAKE) --no-print-directory test-rust test-c test-perl
+	@$(MAKE) --no-print-directory test-rust test-c test-perl test-deb
 	@echo "make test: all passed"
 
 test-rust:
@@ -37,6 +39,35 @@ test-c:
 # reap-run: the lab's daemons are reaped by us, as systemd would on a PVE host.
 test-perl:
 	MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run $(PROVE) -v $(PERL5) t/ 2>&1 | tee target/prove.log | grep -E '^(t/|ok|not ok|#|Files=|Result:|All tests)' ; exit $${PIPESTATUS[0]}
+
+# Debian packages (libmtunnel0, libmtunnel-dev, libpve-mtunnel-perl) into target/deb/, built by
+# dpkg-buildpackage + debhelper in a copy of the tree's files (dpkg-buildpackage writes to the
+# parent directory: target/deb/, not the checkout's parent). The copy's cargo build reuses
+# target/ (CARGO_TARGET_DIR), offline. lintian must report no errors. Rebuilt only when a
+# tracked file is newer than the last build.
+VERSION   := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n1)
+DEB_DIR   := target/deb
+DEB_SRC   := $(DEB_DIR)/mtunnel-$(VERSION)
+DEB_STAMP := $(DEB_DIR)/built-$(VERSION)
+DEB_ARCH   = $(shell dpkg --print-architecture)
+TRACKED   := $(wildcard $(shell git ls-files 2>/dev/null))
+
+deb: $(DEB_STAMP)
+
+$(DEB_STAMP): $(TRACKED) | build
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_SRC)
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C $(DEB_SRC) -xf -
+	cd $(DEB_SRC) && CARGO_TARGET_DIR=$(CURDIR)/target dpkg-buildpackage -b -us -uc
+	lintian --fail-on error --info $(DEB_DIR)/mtunnel_$(VERSION)_$(DEB_ARCH).changes
+	@ls -l $(DEB_DIR)/*.deb
+	touch $@
+
+# Installs the packages on this machine (purged again on every path, under a lock), runs the
+# binding and tunnel tests against the installed modules and library (no -Iperl/lib, no
+# MTUNNEL_LIB, run from outside the tree), and builds a C example with pkg-config only.
+test-deb: deb
+	@lab/test-deb $(DEB_DIR) $(VERSION)
 
 demo: build
 	@MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run lab/demo.sh
