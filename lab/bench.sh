@@ -28,7 +28,7 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
 echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
-"$TOP/lab/bench-pause" --runs 10 --failures 3
+"$TOP/lab/bench-pause" --runs 10 --failures 3 --guests dirty,idle,disk
 
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
 for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
