@@ -37,7 +37,8 @@ const END_POLL_MS: u64 = 50;
 const LOOK_TIMEOUT_MS: i64 = qmp::DEFAULT_TIMEOUT_MS;
 
 /// Options of [`mirror_start`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MirrorOptions {
     /// The target's format; `None` = `nbd` for an `nbd:` target, required otherwise (a
     /// guessed format could write raw data into a qcow2 file).
@@ -67,28 +68,23 @@ impl Default for MirrorOptions {
     }
 }
 
-fn one_of(key: &str, value: Option<String>, allowed: &[&str], default: &str) -> Result<String> {
-    match value {
-        None => Ok(default.to_string()),
-        Some(v) if allowed.contains(&v.as_str()) => Ok(v),
-        Some(v) => Err(Error::invalid(format!(
-            "option '{key}' must be one of {}, not '{}'",
-            allowed.join(", "),
-            io::printable(v.as_bytes(), 40)
-        ))),
+fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        return Ok(());
     }
+    Err(Error::invalid(format!(
+        "option '{key}' must be one of {}, not '{}'",
+        allowed.join(", "),
+        io::printable(value.as_bytes(), 40)
+    )))
 }
 
 impl MirrorOptions {
     /// Reads `{"format", "mode", "sync", "speed", "job_id", "timeout_ms"}`; unknown keys are
     /// refused.
     pub fn from_json(opts: &Value) -> Result<MirrorOptions> {
-        options::only_known(
-            opts,
-            &["format", "mode", "sync", "speed", "job_id", "timeout_ms"],
-        )?;
-        let format = options::string(opts, "format")?;
-        if let Some(f) = &format {
+        let o: MirrorOptions = options::from_value(opts)?;
+        if let Some(f) = &o.format {
             let ok = !f.is_empty()
                 && f.len() <= 32
                 && f.bytes()
@@ -100,34 +96,12 @@ impl MirrorOptions {
                 )));
             }
         }
-        let speed = match opts.get("speed") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| {
-                Error::invalid("option 'speed' must be a non-negative integer (bytes per second)")
-            })?),
-        };
-        let job_id = options::string(opts, "job_id")?;
-        if let Some(id) = &job_id {
+        if let Some(id) = &o.job_id {
             check_id("job id", id)?;
         }
-        Ok(MirrorOptions {
-            format,
-            mode: one_of(
-                "mode",
-                options::string(opts, "mode")?,
-                &["existing", "absolute-paths"],
-                "existing",
-            )?,
-            sync: one_of(
-                "sync",
-                options::string(opts, "sync")?,
-                &["full", "top", "none"],
-                "full",
-            )?,
-            speed,
-            job_id,
-            timeout_ms: options::timeout_ms(opts, "timeout_ms", qmp::DEFAULT_TIMEOUT_MS)?,
-        })
+        one_of("mode", &o.mode, &["existing", "absolute-paths"])?;
+        one_of("sync", &o.sync, &["full", "top", "none"])?;
+        Ok(o)
     }
 }
 

@@ -260,7 +260,8 @@ pub fn execute(
 }
 
 /// Options of [`migrate`] and [`setup`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MigrateOptions {
     /// The capabilities wanted on, by name (`true`); `None` leaves QEMU's capabilities as
     /// they are. When given, every other capability QEMU knows is turned off, as PVE's
@@ -288,26 +289,17 @@ impl Default for MigrateOptions {
 impl MigrateOptions {
     /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N, "setup": bool}`.
     pub fn from_json(opts: &Value) -> Result<MigrateOptions> {
-        options::only_known(opts, &["capabilities", "parameters", "timeout_ms", "setup"])?;
-        let capabilities = options::object(opts, "capabilities")?.cloned();
-        for (name, state) in capabilities.iter().flatten() {
+        let o: MigrateOptions = options::from_value(opts)?;
+        for (name, state) in o.capabilities.iter().flatten() {
             if !state.is_boolean() {
                 return Err(Error::invalid(format!(
                     "capability '{name}' must be true or false"
                 )));
             }
         }
-        Ok(MigrateOptions {
-            capabilities,
-            parameters: options::object(opts, "parameters")?
-                .cloned()
-                .unwrap_or_default(),
-            timeout_ms: options::timeout_ms(opts, "timeout_ms", DEFAULT_TIMEOUT_MS)?,
-            setup: options::boolean(opts, "setup", true)?,
-        })
+        Ok(o)
     }
 }
-
 /// Checks a migration URI: the transports PVE uses.
 pub fn check_uri(uri: &str) -> Result<()> {
     let ok = (uri.starts_with("unix:/") || uri.starts_with("tcp:"))
@@ -463,7 +455,8 @@ pub fn is_finished(status: &str) -> bool {
 pub const DEFAULT_HOLD_MS: i64 = 250;
 
 /// Options of [`wait_migration`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WaitOptions {
     /// How long the monitor connection is held waiting for the migration to end.
     pub hold_ms: i64,
@@ -484,20 +477,16 @@ impl Default for WaitOptions {
 impl WaitOptions {
     /// Reads `{"hold_ms": N, "timeout_ms": N}` (both optional).
     pub fn from_json(opts: &Value) -> Result<WaitOptions> {
-        options::only_known(opts, &["hold_ms", "timeout_ms"])?;
-        let hold_ms = options::timeout_ms(opts, "hold_ms", DEFAULT_HOLD_MS)?;
-        if hold_ms < 0 {
+        let o: WaitOptions = options::from_value(opts)?;
+        if o.hold_ms < 0 {
             return Err(Error::invalid(format!(
-                "option 'hold_ms' must be 0 or more milliseconds, not {hold_ms}"
+                "option 'hold_ms' must be 0 or more milliseconds, not {}",
+                o.hold_ms
             )));
         }
-        Ok(WaitOptions {
-            hold_ms,
-            timeout_ms: options::timeout_ms(opts, "timeout_ms", DEFAULT_TIMEOUT_MS)?,
-        })
+        Ok(o)
     }
 }
-
 /// Whether an event is QEMU announcing that a migration reached a final status (the
 /// `MIGRATION` event, sent when the `events` capability is on).
 pub fn is_final_migration_event(name: &str, data: &Value) -> bool {

@@ -49,8 +49,16 @@ const SSH_TEMP_SUFFIX: usize = 17;
 pub const MAX_CONTROL_DIR: usize =
     crate::validate::MAX_SOCKET_PATH - SSH_TEMP_SUFFIX - "/c0123456789abcdef.63".len();
 
-/// Option keys of the `share` object.
-pub const OPTION_KEYS: [&str; 4] = ["control_dir", "persist_s", "max_sessions", "exit_idle"];
+/// The `share` object as given. Numbers and flags are also taken as strings (a command line
+/// and Perl hand them over so), hence `Value` for those.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ShareOptions {
+    control_dir: Option<String>,
+    persist_s: Option<Value>,
+    max_sessions: Option<Value>,
+    exit_idle: Option<Value>,
+}
 
 /// Connection sharing settings (the `share` option).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,9 +86,9 @@ impl Default for Config {
     }
 }
 
-fn uint_field(map: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u32>> {
+fn uint_field(value: Option<&Value>, key: &str) -> Result<Option<u32>> {
     let bad = || Error::invalid(format!("option 'share.{key}' must be a positive integer"));
-    match map.get(key) {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_u64()
@@ -128,21 +136,13 @@ impl Config {
         let map = obj
             .as_object()
             .ok_or_else(|| Error::invalid("option 'share' must be true/false or an object"))?;
-        if let Some(k) = map.keys().find(|k| !OPTION_KEYS.contains(&k.as_str())) {
-            return Err(Error::invalid(format!(
-                "unknown option 'share.{k}' (known: {})",
-                OPTION_KEYS.join(", ")
-            )));
-        }
+        let o: ShareOptions = crate::options::from_map(map, "share.")?;
         let mut c = Config::default();
-        if let Some(dir) = map.get("control_dir").filter(|v| !v.is_null()) {
-            let dir = dir
-                .as_str()
-                .ok_or_else(|| Error::invalid("option 'share.control_dir' must be a string"))?;
-            check_dir_name(dir)?;
-            c.control_dir = dir.into();
+        if let Some(dir) = o.control_dir {
+            check_dir_name(&dir)?;
+            c.control_dir = dir;
         }
-        if let Some(v) = uint_field(map, "persist_s")? {
+        if let Some(v) = uint_field(o.persist_s.as_ref(), "persist_s")? {
             // 0 would mean "forever" to ssh.
             if v == 0 || v > 86_400 {
                 return Err(Error::invalid(
@@ -151,7 +151,7 @@ impl Config {
             }
             c.persist_s = v;
         }
-        if let Some(v) = uint_field(map, "max_sessions")? {
+        if let Some(v) = uint_field(o.max_sessions.as_ref(), "max_sessions")? {
             if v == 0 || v > 1000 {
                 return Err(Error::invalid(
                     "option 'share.max_sessions' must be between 1 and 1000",
@@ -159,9 +159,9 @@ impl Config {
             }
             c.max_sessions = v;
         }
-        match map.get("exit_idle") {
+        match o.exit_idle {
             None | Some(Value::Null) => {}
-            Some(Value::Bool(b)) => c.exit_idle = *b,
+            Some(Value::Bool(b)) => c.exit_idle = b,
             Some(Value::Number(n)) => c.exit_idle = n.as_u64() != Some(0),
             Some(Value::String(s)) => c.exit_idle = !matches!(s.as_str(), "" | "0"),
             Some(_) => return Err(Error::invalid("option 'share.exit_idle' must be a boolean")),

@@ -50,18 +50,23 @@ fn cpu_has_aes() -> bool {
         .unwrap_or(false)
 }
 
-/// Option keys [`Ssh::from_options`] reads, for callers that check for unknown keys.
-pub const OPTION_KEYS: [&str; 9] = [
-    "ssh",
-    "connect_timeout_s",
-    "server_alive_interval_s",
-    "server_alive_count_max",
-    "handshake_slots",
-    "connect_retries",
-    "lock_dir",
-    "ciphers",
-    "share",
-];
+/// The ssh options of every call that connects (`tunnel_open`, `ssh_run`), beside the
+/// call's own options in the same object (so it does not deny unknown fields: the call's own
+/// struct does, see [`crate::options::from_value_split`]).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct SshOptions {
+    ssh: Option<Vec<String>>,
+    connect_timeout_s: Option<u32>,
+    server_alive_interval_s: Option<u32>,
+    server_alive_count_max: Option<u32>,
+    handshake_slots: Option<u32>,
+    connect_retries: Option<u32>,
+    lock_dir: Option<String>,
+    ciphers: Option<String>,
+    /// Several spellings (see [`crate::share::Config::from_option`]).
+    share: Option<Value>,
+}
 
 impl Ssh {
     /// Validates a prefix such as `["/usr/bin/ssh", "-o", "HostKeyAlias=node2", "root@198.18.0.2"]`:
@@ -87,27 +92,28 @@ impl Ssh {
         })
     }
 
-    /// Reads the prefix and the optional keepalive settings from a JSON options object.
+    /// Reads the prefix and the optional keepalive settings from a JSON options object
+    /// (other keys are left to the caller).
     pub fn from_options(opts: &Value) -> Result<Ssh> {
-        let prefix = crate::options::string_list(opts, "ssh")?
+        Ssh::from_parsed(crate::options::from_value(opts)?)
+    }
+
+    /// The ssh invocation the options describe, validated.
+    pub(crate) fn from_parsed(o: SshOptions) -> Result<Ssh> {
+        let prefix = o
+            .ssh
             .ok_or_else(|| Error::invalid("missing option 'ssh' (the ssh argv prefix)"))?;
         let mut ssh = Ssh::new(prefix)?;
-        if let Some(v) = crate::options::uint(opts, "connect_timeout_s")? {
-            ssh.connect_timeout_s = v;
-        }
-        if let Some(v) = crate::options::uint(opts, "server_alive_interval_s")? {
-            ssh.server_alive_interval_s = v;
-        }
-        if let Some(v) = crate::options::uint(opts, "server_alive_count_max")? {
-            ssh.server_alive_count_max = v;
-        }
-        if let Some(v) = crate::options::uint(opts, "handshake_slots")? {
-            ssh.handshake_slots = v;
-        }
-        if let Some(v) = crate::options::uint(opts, "connect_retries")? {
-            ssh.connect_retries = v;
-        }
-        if let Some(c) = crate::options::string(opts, "ciphers")? {
+        ssh.connect_timeout_s = o.connect_timeout_s.unwrap_or(ssh.connect_timeout_s);
+        ssh.server_alive_interval_s = o
+            .server_alive_interval_s
+            .unwrap_or(ssh.server_alive_interval_s);
+        ssh.server_alive_count_max = o
+            .server_alive_count_max
+            .unwrap_or(ssh.server_alive_count_max);
+        ssh.handshake_slots = o.handshake_slots.unwrap_or(ssh.handshake_slots);
+        ssh.connect_retries = o.connect_retries.unwrap_or(ssh.connect_retries);
+        if let Some(c) = o.ciphers {
             if c.bytes()
                 .any(|b| !(b.is_ascii_alphanumeric() || b"-@.,".contains(&b)))
             {
@@ -119,7 +125,7 @@ impl Ssh {
             // "" = leave the choice to ssh.
             ssh.ciphers = (!c.is_empty()).then_some(c);
         }
-        if let Some(dir) = crate::options::string(opts, "lock_dir")? {
+        if let Some(dir) = o.lock_dir {
             validate::socket_dir(&dir).map_err(|_| {
                 Error::invalid(format!(
                     "invalid lock_dir '{}': must be an absolute, normalized path",
@@ -128,7 +134,7 @@ impl Ssh {
             })?;
             ssh.lock_dir = dir;
         }
-        ssh.share = crate::share::Config::from_option(opts.get("share"))?;
+        ssh.share = crate::share::Config::from_option(o.share.as_ref())?;
         Ok(ssh)
     }
 
@@ -618,19 +624,38 @@ pub fn read_line(
     }
 }
 
+/// The options of `ssh_run` besides the ssh ones.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RunOptions {
+    command: Option<Vec<String>>,
+    input: String,
+    timeout_ms: i64,
+    check: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            command: None,
+            input: String::new(),
+            timeout_ms: 60_000,
+            check: true,
+        }
+    }
+}
+
 /// A one-shot remote command as `ssh_run` takes it: `{"ssh": [...], "command": [...],
 /// "input": "...", "timeout_ms": N, "check": bool}` plus the ssh options. Returns
 /// `{"exit_code", "signal", "stdout", "stderr"}`.
 pub fn run_json(opts: &Value) -> Result<Value> {
-    let mut known = vec!["command", "input", "timeout_ms", "check"];
-    known.extend(OPTION_KEYS);
-    crate::options::only_known(opts, &known)?;
-    let ssh = Ssh::from_options(opts)?;
-    let command = crate::options::string_list(opts, "command")?
+    let (ssh, o): (SshOptions, RunOptions) = crate::options::from_value_split(opts)?;
+    let ssh = Ssh::from_parsed(ssh)?;
+    let command = o
+        .command
         .ok_or_else(|| Error::invalid("missing option 'command'"))?;
-    let input = crate::options::string(opts, "input")?.unwrap_or_default();
-    let deadline = Deadline::after_ms(crate::options::timeout_ms(opts, "timeout_ms", 60_000)?);
-    let out = if crate::options::boolean(opts, "check", true)? {
+    let (input, deadline) = (o.input, Deadline::after_ms(o.timeout_ms));
+    let out = if o.check {
         run_checked(&ssh, &command, input.as_bytes(), deadline)?
     } else {
         run(&ssh, &command, input.as_bytes(), deadline)?

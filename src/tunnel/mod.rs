@@ -84,21 +84,12 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Reads and validates the JSON options of `tunnel_open`.
     pub fn from_json(opts: &Value) -> Result<OpenOptions> {
-        let mut known = vec![
-            "forwards",
-            "command",
-            "socket_dir",
-            "greeting_timeout_ms",
-            "version_timeout_ms",
-        ];
-        known.extend(ssh::OPTION_KEYS);
-        options::only_known(opts, &known)?;
-        let ssh = Ssh::from_options(opts)?;
-        let socket_dir = options::string(opts, "socket_dir")?
-            .unwrap_or_else(|| validate::DEFAULT_SOCKET_DIR.into());
+        let (ssh, o): (ssh::SshOptions, OpenJson) = options::from_value_split(opts)?;
+        let ssh = Ssh::from_parsed(ssh)?;
+        let socket_dir = o.socket_dir;
         validate::socket_dir(&socket_dir)?;
         let mut forwards: Vec<Forward> = Vec::new();
-        for spec in options::string_list(opts, "forwards")?.unwrap_or_default() {
+        for spec in o.forwards {
             let f = Forward::parse(&spec, &socket_dir)?;
             // Every disk of a VM reports the same NBD socket; ssh must get each -L once.
             match forwards.iter().find(|g| g.local == f.local) {
@@ -113,8 +104,7 @@ impl OpenOptions {
                 None => forwards.push(f),
             }
         }
-        let command = options::string_list(opts, "command")?
-            .unwrap_or_else(|| vec!["qm".into(), "mtunnel".into()]);
+        let command = o.command;
         if command.is_empty() {
             return Err(Error::invalid("option 'command' must not be empty"));
         }
@@ -123,14 +113,38 @@ impl OpenOptions {
             forwards,
             command,
             socket_dir,
-            greeting_timeout_ms: options::timeout_ms(opts, "greeting_timeout_ms", 60_000)?,
-            version_timeout_ms: options::timeout_ms(opts, "version_timeout_ms", 10_000)?,
+            greeting_timeout_ms: o.greeting_timeout_ms,
+            version_timeout_ms: o.version_timeout_ms,
         })
     }
 }
 
+/// The options of `tunnel_open` besides the ssh ones.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct OpenJson {
+    forwards: Vec<String>,
+    command: Vec<String>,
+    socket_dir: String,
+    greeting_timeout_ms: i64,
+    version_timeout_ms: i64,
+}
+
+impl Default for OpenJson {
+    fn default() -> Self {
+        OpenJson {
+            forwards: Vec::new(),
+            command: vec!["qm".into(), "mtunnel".into()],
+            socket_dir: validate::DEFAULT_SOCKET_DIR.into(),
+            greeting_timeout_ms: 60_000,
+            version_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// What `tunnel_close` takes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CloseOptions {
     /// Deadline for the reply to `quit`.
     pub quit_timeout_ms: i64,
@@ -164,30 +178,7 @@ impl Default for CloseOptions {
 impl CloseOptions {
     /// Reads the JSON options of `tunnel_close`.
     pub fn from_json(opts: &Value) -> Result<CloseOptions> {
-        options::only_known(
-            opts,
-            &[
-                "quit_timeout_ms",
-                "exit_timeout_ms",
-                "remote_cleanup",
-                "cleanup_timeout_ms",
-                "cleanup",
-                "cleanup_sockets",
-            ],
-        )?;
-        let d = CloseOptions::default();
-        Ok(CloseOptions {
-            quit_timeout_ms: options::timeout_ms(opts, "quit_timeout_ms", d.quit_timeout_ms)?,
-            exit_timeout_ms: options::timeout_ms(opts, "exit_timeout_ms", d.exit_timeout_ms)?,
-            remote_cleanup: options::boolean(opts, "remote_cleanup", d.remote_cleanup)?,
-            cleanup_timeout_ms: options::timeout_ms(
-                opts,
-                "cleanup_timeout_ms",
-                d.cleanup_timeout_ms,
-            )?,
-            cleanup: options::boolean(opts, "cleanup", d.cleanup)?,
-            cleanup_sockets: options::string_list(opts, "cleanup_sockets")?.unwrap_or_default(),
-        })
+        options::from_value(opts)
     }
 }
 
@@ -860,5 +851,48 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn open_and_close_options_errors_name_the_key() {
+        let err = |v: Value| OpenOptions::from_json(&v).err().unwrap().message;
+        let ssh = json!(["ssh", "root@198.18.0.2"]);
+        let e = err(json!({"ssh": ssh, "greting_timeout_ms": 5}));
+        assert!(
+            e.starts_with("unknown option 'greting_timeout_ms' (known: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("greeting_timeout_ms") && e.contains("connect_timeout_s"),
+            "{e}"
+        );
+        let e = err(json!({"ssh": ssh, "greeting_timeout_ms": "0042"}));
+        assert_eq!(
+            e,
+            "option 'greeting_timeout_ms' must be an integer number of milliseconds"
+        );
+        let e = err(json!({"ssh": ssh, "connect_timeout_s": "10\n"}));
+        assert_eq!(
+            e,
+            "option 'connect_timeout_s' must be a non-negative integer"
+        );
+        let e = err(json!({"forwards": []}));
+        assert!(e.starts_with("missing option 'ssh'"), "{e}");
+        let e = err(json!({"ssh": ssh, "command": []}));
+        assert!(e.contains("'command' must not be empty"), "{e}");
+        let o = OpenOptions::from_json(&json!({"ssh": ssh, "socket_dir": null})).unwrap();
+        assert_eq!(o.socket_dir, validate::DEFAULT_SOCKET_DIR);
+        assert_eq!(o.command, ["qm", "mtunnel"]);
+
+        let close = |v: Value| CloseOptions::from_json(&v);
+        let c = close(json!({"cleanup_timeout_ms": 100, "remote_cleanup": false})).unwrap();
+        assert_eq!(
+            (c.cleanup_timeout_ms, c.remote_cleanup, c.quit_timeout_ms),
+            (100, false, 10_000)
+        );
+        let e = close(json!({"quit_timeout": 1})).err().unwrap().message;
+        assert!(e.starts_with("unknown option 'quit_timeout'"), "{e}");
+        let e = close(json!({"cleanup": "yes"})).err().unwrap().message;
+        assert_eq!(e, "option 'cleanup' must be true or false");
     }
 }
