@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 /// A point in monotonic time after which a step has failed; `None` never expires.
 #[derive(Debug, Clone, Copy)]
-pub struct Deadline(Option<Instant>);
+pub(crate) struct Deadline(Option<Instant>);
 
 impl Deadline {
     /// Expires `ms` milliseconds from now; a negative value means "never".
-    pub fn after_ms(ms: i64) -> Self {
+    pub(crate) fn after_ms(ms: i64) -> Self {
         if ms < 0 {
             Deadline(None)
         } else {
@@ -28,12 +28,13 @@ impl Deadline {
     }
 
     /// Never expires.
-    pub fn never() -> Self {
+    #[cfg(test)]
+    pub(crate) fn never() -> Self {
         Deadline(None)
     }
 
     /// The earlier of two deadlines.
-    pub fn min(self, other: Deadline) -> Deadline {
+    pub(crate) fn min(self, other: Deadline) -> Deadline {
         match (self.0, other.0) {
             (Some(a), Some(b)) => Deadline(Some(a.min(b))),
             (a, b) => Deadline(a.or(b)),
@@ -41,12 +42,12 @@ impl Deadline {
     }
 
     /// Whether the deadline has passed.
-    pub fn expired(&self) -> bool {
+    pub(crate) fn expired(&self) -> bool {
         self.0.is_some_and(|end| Instant::now() >= end)
     }
 
     /// Time left, `None` for a deadline that never expires.
-    pub fn remaining(&self) -> Option<Duration> {
+    pub(crate) fn remaining(&self) -> Option<Duration> {
         self.0
             .map(|end| end.saturating_duration_since(Instant::now()))
     }
@@ -63,7 +64,7 @@ impl Deadline {
     }
 
     /// Sleeps for `step` or until the deadline, whichever comes first.
-    pub fn sleep(&self, step: Duration) {
+    pub(crate) fn sleep(&self, step: Duration) {
         let d = self.remaining().map_or(step, |left| left.min(step));
         // std's sleep resumes after EINTR with the remaining time.
         std::thread::sleep(d);
@@ -71,7 +72,7 @@ impl Deadline {
 }
 
 /// `poll(2)` that survives EINTR; returns the number of ready fds, 0 when the deadline passed.
-pub fn poll(fds: &mut [PollFd], deadline: Deadline) -> Result<usize> {
+pub(crate) fn poll(fds: &mut [PollFd], deadline: Deadline) -> Result<usize> {
     loop {
         let timeout = deadline.poll_timeout();
         match nix::poll::poll(fds, timeout) {
@@ -93,7 +94,7 @@ pub fn poll(fds: &mut [PollFd], deadline: Deadline) -> Result<usize> {
 
 /// Outcome of one non-blocking read.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Read {
+pub(crate) enum Read {
     /// This many bytes were appended.
     Data(usize),
     /// The peer closed its end.
@@ -103,7 +104,7 @@ pub enum Read {
 }
 
 /// Reads once from a non-blocking fd, appending to `buf`. EINTR is retried.
-pub fn read_some(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Read> {
+pub(crate) fn read_some(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Read> {
     let mut chunk = [0u8; 16384];
     loop {
         match nix::unistd::read(fd.as_raw_fd(), &mut chunk) {
@@ -123,7 +124,7 @@ pub fn read_some(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Read> {
 
 /// Writes all of `data` to a non-blocking socket with `MSG_NOSIGNAL`, so that a dead peer
 /// yields `EPIPE` instead of raising SIGPIPE in the host process.
-pub fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], deadline: Deadline) -> Result<()> {
+pub(crate) fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], deadline: Deadline) -> Result<()> {
     while !data.is_empty() {
         match nix::sys::socket::send(fd.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL) {
             Ok(n) => data = &data[n..],
@@ -200,7 +201,7 @@ impl LineDecoder {
 
 /// Renders bytes from a peer for an error message: lossy UTF-8, control characters escaped,
 /// cut to a readable length.
-pub fn printable(bytes: &[u8], max: usize) -> String {
+pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::new();
     for c in text.chars() {

@@ -6,9 +6,12 @@
 //! touching the forwarded socket, speaks the tunnel's v1 commands and QMP, and closes
 //! everything without leaving sockets, children or zombies behind.
 //!
-//! The pure-Rust modules ([`tunnel`], [`qmp`], [`ssh`], [`process`], [`target`],
-//! [`validate`]) do the work; [`ffi`] is only the C boundary.
-//! [`blockjob`]: storage migration, local disks mirrored into the target's NBD export.
+//! The pure-Rust modules ([`tunnel`], [`qmp`], `ssh`, `process`, [`target`], [`validate`])
+//! do the work; [`ffi`] is only the C boundary. `blockjob`: storage migration, local disks
+//! mirrored into the target's NBD export. `sys` holds the raw system calls that neither std
+//! nor nix wraps. Modules and items are `pub` only where the C ABI, the fuzz checks
+//! (`fuzz/checks.rs`) or the integration tests need them; the rest is crate-private, so
+//! dead code shows.
 //!
 //! ## C ABI conventions (stated once, true for every function)
 //!
@@ -32,7 +35,7 @@
 //!   host with `SIGCHLD` ignored or its own reaper is fine; writes to ssh never raise SIGPIPE;
 //!   children inherit no fds beyond stdio. Signal dispositions are never changed; while a call
 //!   runs, the calling thread holds back the signals that have a handler, which then run once
-//!   the call returns (see [`signals`]): a Perl host would run them only then anyway, and a
+//!   the call returns (see `signals`): a Perl host would run them only then anyway, and a
 //!   storm of them can neither break a wait nor overflow Perl's pending-signal count.
 //! - **Panics** never cross the boundary: they become `MTUNNEL_ERR_PANIC`.
 //! - **Logging.** A tunnel may get a callback `(userdata, level, msg)`, called only
@@ -40,20 +43,20 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod blockjob;
+pub(crate) mod blockjob;
 pub mod error;
 pub mod ffi;
 pub mod io;
-pub mod log;
-pub mod options;
-pub mod process;
+pub(crate) mod log;
+pub(crate) mod options;
+pub(crate) mod process;
 pub mod qmp;
-pub mod share;
-pub mod signals;
-pub mod ssh;
+pub(crate) mod share;
+pub(crate) mod signals;
+pub(crate) mod ssh;
 mod sys;
 pub mod target;
-pub mod throttle;
+pub(crate) mod throttle;
 pub mod tunnel;
 pub mod validate;
 

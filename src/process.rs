@@ -14,7 +14,6 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus};
 use std::ffi::{CString, c_int};
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::time::Duration;
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,11 +254,6 @@ impl Drop for Child {
             let _ = self.wait(Deadline::after_ms(5000));
         }
     }
-}
-
-/// Sleeps briefly; used by polling loops that have no fd to wait on.
-pub fn pause(deadline: Deadline, step_ms: u64) {
-    deadline.sleep(Duration::from_millis(step_ms));
 }
 
 #[cfg(test)]

@@ -16,11 +16,11 @@ use std::time::Duration;
 const MAX_LINE: usize = 1 << 20;
 
 /// Default deadline for one QMP call.
-pub const DEFAULT_TIMEOUT_MS: i64 = 10_000;
+pub(crate) const DEFAULT_TIMEOUT_MS: i64 = 10_000;
 
 /// `max-bandwidth` without a bandwidth limit: 16 GiB/s, as PVE sets it. QEMU's own default
 /// (128 MiB/s) would throttle every migration, so `max-bandwidth` is always set.
-pub const DEFAULT_MAX_BANDWIDTH: u64 = 16 << 30;
+pub(crate) const DEFAULT_MAX_BANDWIDTH: u64 = 16 << 30;
 
 /// QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
@@ -78,7 +78,7 @@ pub fn decode(line: &[u8]) -> Result<Message> {
 }
 
 /// A connection to one QMP monitor socket.
-pub struct Qmp {
+pub(crate) struct Qmp {
     sock: OwnedFd,
     lines: LineDecoder,
     path: String,
@@ -87,7 +87,7 @@ pub struct Qmp {
 
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities, all before `deadline`.
-    pub fn connect(path: &str, deadline: Deadline) -> Result<Qmp> {
+    pub(crate) fn connect(path: &str, deadline: Deadline) -> Result<Qmp> {
         if path.is_empty() || path.len() > MAX_SOCKET_PATH {
             return Err(Error::invalid(format!(
                 "invalid QMP socket path '{}'",
@@ -188,7 +188,7 @@ impl Qmp {
 
     /// The next event before `deadline` (`None` once it passed); replies are not expected
     /// between commands and are skipped.
-    pub fn next_event(&mut self, deadline: Deadline) -> Result<Option<(String, Value)>> {
+    pub(crate) fn next_event(&mut self, deadline: Deadline) -> Result<Option<(String, Value)>> {
         loop {
             match self.read(deadline) {
                 Ok(Message::Event(name, data)) => return Ok(Some((name, data))),
@@ -200,7 +200,7 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value; a QMP error carries class and desc.
-    pub fn execute(
+    pub(crate) fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
@@ -243,7 +243,7 @@ impl Qmp {
 }
 
 /// Runs one command on a fresh connection.
-pub fn execute(
+pub(crate) fn execute(
     path: &str,
     command: &str,
     arguments: Option<Value>,
@@ -262,17 +262,17 @@ pub fn execute(
 /// Options of [`migrate`] and [`setup`].
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MigrateOptions {
+pub(crate) struct MigrateOptions {
     /// The capabilities wanted on, by name (`true`); `None` leaves QEMU's capabilities as
     /// they are. When given, every other capability QEMU knows is turned off, as PVE's
     /// `set_migration_caps` does, so one left on by an earlier run cannot leak in.
-    pub capabilities: Option<Map<String, Value>>,
+    pub(crate) capabilities: Option<Map<String, Value>>,
     /// `migrate-set-parameters`; see [`parameters`] for the defaults filled in.
-    pub parameters: Map<String, Value>,
+    pub(crate) parameters: Map<String, Value>,
     /// Deadline of the whole call.
-    pub timeout_ms: i64,
+    pub(crate) timeout_ms: i64,
     /// Whether [`migrate`] sets capabilities and parameters first (default) or only migrates.
-    pub setup: bool,
+    pub(crate) setup: bool,
 }
 
 impl Default for MigrateOptions {
@@ -288,7 +288,7 @@ impl Default for MigrateOptions {
 
 impl MigrateOptions {
     /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N, "setup": bool}`.
-    pub fn from_json(opts: &Value) -> Result<MigrateOptions> {
+    pub(crate) fn from_json(opts: &Value) -> Result<MigrateOptions> {
         let o: MigrateOptions = options::from_value(opts)?;
         for (name, state) in o.capabilities.iter().flatten() {
             if !state.is_boolean() {
@@ -315,7 +315,7 @@ pub fn check_uri(uri: &str) -> Result<()> {
 }
 
 /// PVE's rounding of the xbzrle cache: up to the next power of two (1 below 2).
-pub fn round_up_power_of_two(n: u64) -> u64 {
+pub(crate) fn round_up_power_of_two(n: u64) -> u64 {
     n.max(1).next_power_of_two()
 }
 
@@ -323,7 +323,7 @@ pub fn round_up_power_of_two(n: u64) -> u64 {
 /// `max-bandwidth` always present ([`DEFAULT_MAX_BANDWIDTH`] unless given), `downtime-limit`
 /// capped at QEMU's maximum, and — when xbzrle is on and no size is given — an
 /// `xbzrle-cache-size` of a tenth of `memory_bytes`, rounded up to a power of two.
-pub fn parameters(
+pub(crate) fn parameters(
     given: &Map<String, Value>,
     xbzrle: bool,
     memory_bytes: Option<u64>,
@@ -348,7 +348,7 @@ pub fn parameters(
 }
 
 /// The guest's RAM in bytes, as QEMU reports it (base plus hot-plugged memory).
-pub fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
+pub(crate) fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
     let summary = qmp.execute("query-memory-size-summary", None, deadline)?;
     let part = |key: &str| summary.get(key).and_then(Value::as_u64).unwrap_or(0);
     Ok(part("base-memory") + part("plugged-memory"))
@@ -357,7 +357,7 @@ pub fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
 /// Sets capabilities (see [`MigrateOptions::capabilities`]) and parameters (see
 /// [`parameters`]) on a connected monitor. Returns what was applied:
 /// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set).
-pub fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
+pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
     let mut applied = Map::new();
     if let Some(wanted) = &opts.capabilities {
         let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
@@ -412,14 +412,14 @@ pub fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Res
 }
 
 /// [`setup_on`] on a fresh connection.
-pub fn setup(path: &str, opts: &MigrateOptions) -> Result<Value> {
+pub(crate) fn setup(path: &str, opts: &MigrateOptions) -> Result<Value> {
     let deadline = Deadline::after_ms(opts.timeout_ms);
     setup_on(&mut Qmp::connect(path, deadline)?, opts, deadline)
 }
 
 /// Sets capabilities and parameters (unless `opts.setup` is false), then starts `migrate` to
 /// `uri`. Returns what [`setup_on`] applied (`{}` without setup).
-pub fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<Value> {
+pub(crate) fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<Value> {
     check_uri(uri)?;
     let deadline = Deadline::after_ms(opts.timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
@@ -433,7 +433,7 @@ pub fn migrate(path: &str, uri: &str, opts: &MigrateOptions) -> Result<Value> {
 }
 
 /// `query-migrate`, as QEMU returns it.
-pub fn query_migrate(path: &str, timeout_ms: i64) -> Result<Value> {
+pub(crate) fn query_migrate(path: &str, timeout_ms: i64) -> Result<Value> {
     execute(path, "query-migrate", None, timeout_ms)
 }
 
@@ -457,12 +457,12 @@ pub const DEFAULT_HOLD_MS: i64 = 250;
 /// Options of [`wait_migration`].
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct WaitOptions {
+pub(crate) struct WaitOptions {
     /// How long the monitor connection is held waiting for the migration to end.
-    pub hold_ms: i64,
+    pub(crate) hold_ms: i64,
     /// Deadline for connecting (the monitor may be busy with another client) and for each
     /// `query-migrate`.
-    pub timeout_ms: i64,
+    pub(crate) timeout_ms: i64,
 }
 
 impl Default for WaitOptions {
@@ -476,7 +476,7 @@ impl Default for WaitOptions {
 
 impl WaitOptions {
     /// Reads `{"hold_ms": N, "timeout_ms": N}` (both optional).
-    pub fn from_json(opts: &Value) -> Result<WaitOptions> {
+    pub(crate) fn from_json(opts: &Value) -> Result<WaitOptions> {
         let o: WaitOptions = options::from_value(opts)?;
         if o.hold_ms < 0 {
             return Err(Error::invalid(format!(
@@ -489,7 +489,7 @@ impl WaitOptions {
 }
 /// Whether an event is QEMU announcing that a migration reached a final status (the
 /// `MIGRATION` event, sent when the `events` capability is on).
-pub fn is_final_migration_event(name: &str, data: &Value) -> bool {
+pub(crate) fn is_final_migration_event(name: &str, data: &Value) -> bool {
     name == "MIGRATION"
         && data
             .get("status")
@@ -502,7 +502,7 @@ pub fn is_final_migration_event(name: &str, data: &Value) -> bool {
 /// again. Events only wake the wait; the answer is always `query-migrate`'s, so a migration
 /// without the `events` capability is still seen, at the latest when the hold ends. Call it in
 /// a loop: between calls the monitor is free for other clients.
-pub fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
+pub(crate) fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
     let deadline = Deadline::after_ms(opts.timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
     let hold = Deadline::after_ms(opts.hold_ms);
@@ -520,7 +520,7 @@ pub fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
 
 /// Sends `migrate_cancel` and waits until the migration is no longer running; returns the last
 /// `query-migrate` reply.
-pub fn migrate_cancel(path: &str, timeout_ms: i64) -> Result<Value> {
+pub(crate) fn migrate_cancel(path: &str, timeout_ms: i64) -> Result<Value> {
     let deadline = Deadline::after_ms(timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
     qmp.execute("migrate_cancel", None, deadline)?;

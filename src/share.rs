@@ -379,11 +379,6 @@ impl Lease {
         self.master_pid
     }
 
-    /// Which master of the pool (0, 1, …).
-    pub fn master_index(&self) -> u32 {
-        self.master
-    }
-
     /// Whether the master still runs.
     pub fn alive(&self) -> bool {
         master_alive(self.master_pid, &self.control_path)

@@ -25,7 +25,8 @@ pub struct Ssh {
     pub server_alive_count_max: u32,
     /// Concurrent handshakes to this destination across processes (0 = no limit).
     pub handshake_slots: u32,
-    /// How often a connection that failed before authentication is retried.
+    /// How often a connection that failed before authentication is retried at most; the
+    /// default ([`UNTIL_DEADLINE`]) retries until the caller's deadline.
     pub connect_retries: u32,
     /// Directory of the handshake slot files.
     pub lock_dir: String,
@@ -34,6 +35,10 @@ pub struct Ssh {
     /// OpenSSH connection sharing (see [`crate::share`]); `None` = a connection per use.
     pub share: Option<crate::share::Config>,
 }
+
+/// `connect_retries` default: a handshake the destination dropped is retried until the
+/// caller's deadline (with jittered backoff), not a fixed number of times.
+pub const UNTIL_DEADLINE: u32 = u32::MAX;
 
 /// With AES instructions, AES-GCM moves migration data ~30% faster than OpenSSH's default
 /// chacha20-poly1305 (measured by `make bench`); chacha20 stays as the fallback.
@@ -85,7 +90,7 @@ impl Ssh {
             server_alive_count_max: 3,
             // Below sshd's default MaxStartups (10) so that our own handshakes are never dropped.
             handshake_slots: 8,
-            connect_retries: 4,
+            connect_retries: UNTIL_DEADLINE,
             lock_dir: crate::throttle::DEFAULT_LOCK_DIR.into(),
             ciphers: cpu_has_aes().then(|| AES_GCM_FIRST.to_string()),
             share: None,
@@ -94,6 +99,7 @@ impl Ssh {
 
     /// Reads the prefix and the optional keepalive settings from a JSON options object
     /// (other keys are left to the caller).
+    #[cfg(test)]
     pub fn from_options(opts: &Value) -> Result<Ssh> {
         Ssh::from_parsed(crate::options::from_value(opts)?)
     }
@@ -154,7 +160,9 @@ impl Ssh {
     }
 
     /// Whether a failed attempt may be retried, and after how long: only failures before
-    /// authentication (no remote command can have run), and only `connect_retries` times.
+    /// authentication (no remote command can have run), at most `connect_retries` times (the
+    /// caller stops at its deadline). Also feeds the destination's handshake window: a drop
+    /// shrinks it, an authenticated connection grows it back.
     pub fn retry_after(
         &self,
         attempt: u32,
@@ -168,8 +176,27 @@ impl Ssh {
                 stdout_empty,
                 &stderr.text(),
             );
+        if before_auth {
+            crate::throttle::note_drop(&self.lock_dir, self.destination(), self.handshake_slots);
+        } else if stderr.authenticated() {
+            self.note_authenticated();
+        }
         (before_auth && attempt < self.connect_retries)
             .then(|| crate::throttle::backoff(attempt + 1))
+    }
+
+    /// A handshake to this destination got through: its handshake window grows back.
+    pub fn note_authenticated(&self) {
+        crate::throttle::note_success(&self.lock_dir, self.destination(), self.handshake_slots);
+    }
+
+    /// "retry N" or "retry N of M" for the log.
+    pub fn retry_label(&self, attempt: u32) -> String {
+        if self.connect_retries == UNTIL_DEADLINE {
+            format!("retry {attempt}, until the deadline")
+        } else {
+            format!("retry {attempt} of {}", self.connect_retries)
+        }
     }
 
     /// The full argv. `enforced` options go right after the binary, so they win over the

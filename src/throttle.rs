@@ -47,8 +47,162 @@ pub fn random_below(n: u64) -> u64 {
     if n == 0 { 0 } else { r % n }
 }
 
+/// The adaptive share of a destination's handshake slots, kept in a small file next to the
+/// slot files so that every process sees it: a destination that drops handshakes (sshd's
+/// `MaxStartups`, a busy node) gets fewer concurrent ones for a while, and successes give the
+/// slots back one at a time (additive increase, multiplicative decrease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// How many of the configured slots may be used now (1..=slots).
+    pub limit: u32,
+    /// When `limit` last changed (ms since the epoch).
+    pub changed_ms: u64,
+}
+
+/// Drops within this long of the last decrease belong to the same burst: one halving.
+const SHRINK_GAP_MS: u64 = 1000;
+/// A success grows the window by one slot at most this often.
+const GROW_GAP_MS: u64 = 1000;
+/// A window untouched this long is forgotten: the node's load has long changed.
+const FORGET_MS: u64 = 60_000;
+
+impl Window {
+    /// The window as stored (`"LIMIT CHANGED_MS"`); all `slots` when absent, unreadable or stale
+    /// (as if set long ago: the next drop halves it at once).
+    pub(crate) fn parse(text: &str, slots: u32, now_ms: u64) -> Window {
+        let full = Window {
+            limit: slots,
+            changed_ms: 0,
+        };
+        let mut it = text.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(limit)), Some(Ok(changed_ms)))
+                if now_ms.saturating_sub(changed_ms) < FORGET_MS =>
+            {
+                Window {
+                    limit: (limit.clamp(1, slots as u64)) as u32,
+                    changed_ms,
+                }
+            }
+            _ => full,
+        }
+    }
+
+    /// After a handshake the destination dropped: half the slots, once per burst.
+    pub(crate) fn after_drop(self, now_ms: u64) -> Window {
+        if now_ms.saturating_sub(self.changed_ms) < SHRINK_GAP_MS && self.limit > 0 {
+            return self;
+        }
+        Window {
+            limit: (self.limit / 2).max(1),
+            changed_ms: now_ms,
+        }
+    }
+
+    /// After a handshake that got through: one slot back, at most once per `GROW_GAP_MS`.
+    pub(crate) fn after_success(self, slots: u32, now_ms: u64) -> Window {
+        if self.limit >= slots || now_ms.saturating_sub(self.changed_ms) < GROW_GAP_MS {
+            return self;
+        }
+        Window {
+            limit: self.limit + 1,
+            changed_ms: now_ms,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::UNIX_EPOCH
+        .elapsed()
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn open_lock_file(path: &str) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}")))
+}
+
+/// The destination's window now, changed by `change` (under the window file's flock) unless
+/// `change` is None. An unusable window file leaves every slot usable: throttling must never
+/// stop a migration by itself.
+fn window(
+    lock_dir: &str,
+    destination: &str,
+    slots: u32,
+    change: Option<&dyn Fn(Window, u64) -> Window>,
+) -> Window {
+    use std::io::{Read, Seek, Write};
+    let now = now_ms();
+    let full = Window {
+        limit: slots,
+        changed_ms: 0,
+    };
+    let path = format!("{lock_dir}/handshake-{}.window", lock_name(destination));
+    let Ok(mut file) = open_lock_file(&path) else {
+        return full;
+    };
+    // a short critical section: spin briefly instead of blocking forever
+    let mut locked = false;
+    for _ in 0..200 {
+        if crate::sys::try_flock(file.as_fd()) {
+            locked = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !locked {
+        return full;
+    }
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    let current = Window::parse(&text, slots, now);
+    let Some(change) = change else {
+        return current;
+    };
+    let next = change(current, now);
+    if next != current {
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = file.write_all(format!("{} {}\n", next.limit, next.changed_ms).as_bytes());
+    }
+    next
+}
+
+/// Records that `destination` dropped a handshake before authentication: fewer slots for it.
+pub(crate) fn note_drop(lock_dir: &str, destination: &str, slots: u32) -> u32 {
+    if slots == 0 {
+        return 0;
+    }
+    window(
+        lock_dir,
+        destination,
+        slots,
+        Some(&|w, now| w.after_drop(now)),
+    )
+    .limit
+}
+
+/// Records a handshake that got through to `destination`: its slots grow back.
+pub(crate) fn note_success(lock_dir: &str, destination: &str, slots: u32) {
+    if slots > 0 {
+        window(
+            lock_dir,
+            destination,
+            slots,
+            Some(&|w, now| w.after_success(slots, now)),
+        );
+    }
+}
+
 /// Takes one of `slots` handshake slots for `destination`, waiting until one is free or the
-/// deadline passes. `slots == 0` disables the limit.
+/// deadline passes. Only the destination's current window of them is used (see [`Window`]).
+/// `slots == 0` disables the limit.
 pub fn acquire(
     lock_dir: &str,
     destination: &str,
@@ -70,20 +224,12 @@ pub fn acquire(
         })?;
     let name = lock_name(destination);
     loop {
+        let usable = window(lock_dir, destination, slots, None).limit;
         // Start at a random slot so that waiters spread over the files.
-        let first = random_below(slots as u64) as u32;
-        for i in 0..slots {
-            let path = format!("{lock_dir}/handshake-{name}.{}.lock", (first + i) % slots);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| {
-                    Error::new(Kind::Io, format!("cannot open lock file '{path}': {e}"))
-                })?;
+        let first = random_below(usable as u64) as u32;
+        for i in 0..usable {
+            let path = format!("{lock_dir}/handshake-{name}.{}.lock", (first + i) % usable);
+            let file = open_lock_file(&path)?;
             if crate::sys::try_flock(file.as_fd()) {
                 return Ok(Some(Slot { _file: file }));
             }
@@ -184,6 +330,81 @@ mod tests {
                 "attempt {attempt}: {d} ms"
             );
         }
+    }
+
+    #[test]
+    fn the_window_halves_once_per_burst_of_drops_and_grows_back_one_slot_at_a_time() {
+        let w = Window::parse("", 8, 10_000);
+        assert_eq!(w.limit, 8, "no record: every slot");
+        let w = w.after_drop(20_000);
+        assert_eq!(
+            w,
+            Window {
+                limit: 4,
+                changed_ms: 20_000
+            }
+        );
+        // more drops of the same burst: no further halving
+        assert_eq!(w.after_drop(20_500), w);
+        let w = w.after_drop(21_000).after_drop(22_000).after_drop(23_000);
+        assert_eq!(w.limit, 1, "never below one slot");
+        assert_eq!(w.after_drop(24_000).limit, 1);
+        // successes: one slot back per second, up to the configured count
+        assert_eq!(
+            w.after_success(8, 23_500),
+            w,
+            "too soon after the last change"
+        );
+        let mut w = w.after_success(8, 24_000);
+        assert_eq!(w.limit, 2);
+        for t in 1..20 {
+            w = w.after_success(8, 24_000 + t * 1000);
+        }
+        assert_eq!(w.limit, 8);
+        // stored and read back; stale or garbage records mean every slot
+        assert_eq!(
+            Window::parse("3 50000\n", 8, 51_000),
+            Window {
+                limit: 3,
+                changed_ms: 50_000
+            }
+        );
+        assert_eq!(Window::parse("3 50000\n", 8, 50_000 + FORGET_MS).limit, 8);
+        assert_eq!(
+            Window::parse("99 50000", 8, 51_000).limit,
+            8,
+            "clamped to the slots"
+        );
+        assert_eq!(Window::parse("0 50000", 8, 51_000).limit, 1);
+        assert_eq!(Window::parse("x y", 8, 51_000).limit, 8);
+    }
+
+    #[test]
+    fn a_dropping_destination_gets_fewer_slots_in_every_process() {
+        let dir = std::env::temp_dir().join(format!("mtunnel-window-{}", std::process::id()));
+        let dir_s = dir.to_str().unwrap();
+        let dest = "root@198.18.0.2";
+        let _a = acquire(dir_s, dest, 4, Deadline::after_ms(1000))
+            .unwrap()
+            .unwrap();
+        assert_eq!(note_drop(dir_s, dest, 4), 2);
+        // the window is in the file: what another process would read
+        let text = std::fs::read_to_string(dir.join("handshake-root@198.18.0.2.window")).unwrap();
+        assert!(text.starts_with("2 "), "{text:?}");
+        // two slots usable, one held by _a (it may be slot 0 or 1, or beyond the window)
+        let held: Vec<_> = (0..4)
+            .filter_map(|_| {
+                acquire(dir_s, dest, 4, Deadline::after_ms(50))
+                    .ok()
+                    .flatten()
+            })
+            .collect();
+        assert!(
+            held.len() <= 2,
+            "{} slots taken in a window of 2",
+            held.len() + 1
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 pub const DEFAULT_SOCKET_DIR: &str = "/run/qemu-server";
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
-pub const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// Checks a VMID: 1–9 decimal digits, no sign, no leading zero (PVE's 100..999999999 range
 /// is a policy of the caller; we only refuse what cannot be a VMID).

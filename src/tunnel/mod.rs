@@ -2,8 +2,8 @@
 //! commands and a staged close.
 
 pub mod protocol;
-pub mod ready;
-pub mod sockfile;
+pub(crate) mod ready;
+pub(crate) mod sockfile;
 
 use crate::error::{Error, Kind, Result};
 use crate::io::{self, Deadline, LineDecoder, printable};
@@ -22,18 +22,18 @@ const MAX_LINE: usize = 4096;
 
 /// One `-L LOCAL:REMOTE` UNIX socket forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
+pub(crate) struct Forward {
     /// Where ssh listens on this node.
-    pub local: String,
+    pub(crate) local: String,
     /// The socket ssh connects to on the target node.
-    pub remote: String,
+    pub(crate) remote: String,
 }
 
 impl Forward {
     /// Parses `PATH` (the same path on both nodes, as PVE forwards migration sockets) or
     /// `LOCAL:REMOTE`, both validated against `socket_dir`. A TCP forward (`PORT:HOST:PORT`,
     /// PVE's legacy path) is refused with an error naming the spec.
-    pub fn parse(spec: &str, socket_dir: &str) -> Result<Forward> {
+    pub(crate) fn parse(spec: &str, socket_dir: &str) -> Result<Forward> {
         let (local, remote) = spec.split_once(':').unwrap_or((spec, spec));
         if !local.starts_with('/') || !remote.starts_with('/') || remote.contains(':') {
             return Err(Error::invalid(format!(
@@ -66,24 +66,24 @@ impl Forward {
 
 /// What `tunnel_open` takes.
 #[derive(Debug, Clone)]
-pub struct OpenOptions {
+pub(crate) struct OpenOptions {
     /// The ssh invocation (prefix and keepalive settings).
-    pub ssh: Ssh,
+    pub(crate) ssh: Ssh,
     /// UNIX socket forwards; may be empty (command-only tunnel).
-    pub forwards: Vec<Forward>,
+    pub(crate) forwards: Vec<Forward>,
     /// Remote command, default `qm mtunnel`.
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
     /// Directory the forwards must live in.
-    pub socket_dir: String,
+    pub(crate) socket_dir: String,
     /// Deadline for `tunnel online` (PVE: 60 s).
-    pub greeting_timeout_ms: i64,
+    pub(crate) greeting_timeout_ms: i64,
     /// Deadline for `ver N` after the greeting (PVE: 10 s).
-    pub version_timeout_ms: i64,
+    pub(crate) version_timeout_ms: i64,
 }
 
 impl OpenOptions {
     /// Reads and validates the JSON options of `tunnel_open`.
-    pub fn from_json(opts: &Value) -> Result<OpenOptions> {
+    pub(crate) fn from_json(opts: &Value) -> Result<OpenOptions> {
         let (ssh, o): (ssh::SshOptions, OpenJson) = options::from_value_split(opts)?;
         let ssh = Ssh::from_parsed(ssh)?;
         let socket_dir = o.socket_dir;
@@ -145,21 +145,21 @@ impl Default for OpenJson {
 /// What `tunnel_close` takes.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct CloseOptions {
+pub(crate) struct CloseOptions {
     /// Deadline for the reply to `quit`.
-    pub quit_timeout_ms: i64,
+    pub(crate) quit_timeout_ms: i64,
     /// How long ssh may take to exit after `quit` before it is sent SIGTERM (then SIGKILL).
-    pub exit_timeout_ms: i64,
+    pub(crate) exit_timeout_ms: i64,
     /// Also remove leftover socket files on the remote node (one more ssh connection).
-    pub remote_cleanup: bool,
+    pub(crate) remote_cleanup: bool,
     /// Deadline of that remote cleanup. Short by default, because closing on drop
     /// (`tunnel_free`, Perl's `DESTROY`) must not hang on an unreachable node.
-    pub cleanup_timeout_ms: i64,
+    pub(crate) cleanup_timeout_ms: i64,
     /// Protocol v2 only: `quit` asks the remote to clean up (`{"cmd":"quit","cleanup":true}`).
-    pub cleanup: bool,
+    pub(crate) cleanup: bool,
     /// More socket paths to remove on both nodes (PVE's `$tunnel->{unix_sockets}`), besides
     /// the forwards; validated like forwards, and only ever removed if they are sockets.
-    pub cleanup_sockets: Vec<String>,
+    pub(crate) cleanup_sockets: Vec<String>,
 }
 
 impl Default for CloseOptions {
@@ -177,7 +177,7 @@ impl Default for CloseOptions {
 
 impl CloseOptions {
     /// Reads the JSON options of `tunnel_close`.
-    pub fn from_json(opts: &Value) -> Result<CloseOptions> {
+    pub(crate) fn from_json(opts: &Value) -> Result<CloseOptions> {
         options::from_value(opts)
     }
 }
@@ -192,7 +192,7 @@ enum State {
 }
 
 /// One ssh tunnel to a target node.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     opts: OpenOptions,
     /// ExitOnForwardFailure and the `-L` forwards (a shared tunnel adds its client options).
     enforced: Vec<String>,
@@ -214,7 +214,7 @@ pub struct Tunnel {
 impl Tunnel {
     /// Validates the forwards, clears stale sockets and starts ssh. Does not wait for the
     /// greeting: that is [`Tunnel::wait_ready`], so the caller can do other work meanwhile.
-    pub fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
+    pub(crate) fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
         let deadline = Deadline::after_ms(opts.greeting_timeout_ms);
         let lease = match &opts.ssh.share {
             Some(cfg) => Some(Self::lease(&opts, cfg, deadline, &mut log)?),
@@ -348,6 +348,9 @@ impl Tunnel {
             let err = match self.line(deadline, "'tunnel online'") {
                 Ok(line) => {
                     self.slot = None;
+                    if self.lease.is_none() {
+                        self.opts.ssh.note_authenticated();
+                    }
                     return Ok(line);
                 }
                 Err(e) => e,
@@ -379,20 +382,14 @@ impl Tunnel {
             self.log.emit(
                 Level::Warn,
                 &format!(
-                    "{err}; retrying in {} ms (retry {} of {})",
+                    "{err}; retrying in {} ms ({})",
                     pause.as_millis(),
-                    self.attempt,
-                    self.opts.ssh.connect_retries
+                    self.opts.ssh.retry_label(self.attempt)
                 ),
             );
             std::thread::sleep(pause);
             self.respawn(deadline)?;
         }
-    }
-
-    /// The pid of the ssh child.
-    pub fn pid(&self) -> i32 {
-        self.child.pid()
     }
 
     /// The process that holds the forwards' listening sockets: the shared master, or our ssh.
@@ -402,13 +399,8 @@ impl Tunnel {
             .map_or(self.child.pid(), Lease::master_pid)
     }
 
-    /// The protocol version the remote announced, once greeted.
-    pub fn version(&self) -> Option<u32> {
-        self.version
-    }
-
     /// State, pid, version and forwards as JSON.
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         let state = match self.state {
             State::Started => "started",
             State::Online => "online",
@@ -520,7 +512,7 @@ impl Tunnel {
     }
 
     /// Waits for the greeting and until every forward is a listening socket held by our ssh.
-    pub fn wait_ready(&mut self, timeout_ms: i64) -> Result<()> {
+    pub(crate) fn wait_ready(&mut self, timeout_ms: i64) -> Result<()> {
         let overall = Deadline::after_ms(timeout_ms);
         self.greet(overall)?;
         if self.state >= State::Ready {
@@ -559,7 +551,7 @@ impl Tunnel {
     /// `quit`), the reply must be `OK`. Protocol v2: a JSON object with `cmd` (a bare word is
     /// sent as `{"cmd": WORD}`), the reply is a JSON object whose `success` must be true; it is
     /// returned as sent.
-    pub fn command(&mut self, cmd: &str, timeout_ms: i64) -> Result<String> {
+    pub(crate) fn command(&mut self, cmd: &str, timeout_ms: i64) -> Result<String> {
         protocol::command(cmd)?;
         let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
@@ -593,7 +585,7 @@ impl Tunnel {
 
     /// Reads the next line the remote sends (after the greeting), without sending anything.
     /// EOF is an error of kind [`Kind::SshExited`].
-    pub fn read_line(&mut self, timeout_ms: i64) -> Result<String> {
+    pub(crate) fn read_line(&mut self, timeout_ms: i64) -> Result<String> {
         let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
         let line = self.line(deadline, "a line")?;
@@ -612,7 +604,7 @@ impl Tunnel {
     /// Closes in stages: `quit` and its reply, EOF, wait for exit, SIGTERM, SIGKILL; reaps
     /// ssh, removes the local socket files and, if asked, the remote ones. Idempotent. In a
     /// forked child (the handle was inherited) it only lets go of its fds.
-    pub fn close(&mut self, opts: &CloseOptions) -> Result<()> {
+    pub(crate) fn close(&mut self, opts: &CloseOptions) -> Result<()> {
         if self.state == State::Closed {
             return Ok(());
         }

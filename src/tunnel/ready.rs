@@ -8,7 +8,7 @@ use std::collections::HashSet;
 const ACCEPTCON: u32 = 0x0001_0000;
 
 /// Inodes of listening sockets bound to `path`, from the text of /proc/net/unix.
-pub fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
+pub(crate) fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
     proc_net_unix
         .lines()
         .skip(1)
@@ -25,7 +25,7 @@ pub fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
 }
 
 /// Socket inodes that process `pid` holds open.
-pub fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
+pub(crate) fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir)
         .map_err(|e| Error::new(crate::error::Kind::Io, format!("reading {dir}: {e}")))?;
@@ -40,7 +40,7 @@ pub fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
 
 /// Whether `path` is a listening socket held by process `pid`. A stale socket file, or one
 /// bound by some other process, does not count.
-pub fn is_listening(path: &str, pid: i32) -> Result<bool> {
+pub(crate) fn is_listening(path: &str, pid: i32) -> Result<bool> {
     let table = std::fs::read_to_string("/proc/net/unix").map_err(|e| {
         Error::new(
             crate::error::Kind::Io,

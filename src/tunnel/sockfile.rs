@@ -19,7 +19,7 @@ fn describe(ft: std::fs::FileType) -> &'static str {
 
 /// Removes `path` if it is a socket. Returns whether something was removed; refuses (and
 /// leaves alone) anything else that is there.
-pub fn remove_socket(path: &str) -> Result<bool> {
+pub(crate) fn remove_socket(path: &str) -> Result<bool> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::new(
@@ -43,7 +43,7 @@ pub fn remove_socket(path: &str) -> Result<bool> {
 
 /// Makes `path` free for ssh to bind: its directory must exist, a stale socket is removed,
 /// anything else is refused. Returns whether a stale socket was removed.
-pub fn prepare(path: &str) -> Result<bool> {
+pub(crate) fn prepare(path: &str) -> Result<bool> {
     let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
