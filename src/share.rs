@@ -548,34 +548,19 @@ fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Resu
         "-N".into(),
     ];
     let argv = ssh.argv_tail(&enforced, &[]);
-    let mut attempt = 0;
-    loop {
-        let mut slot = ssh.handshake_slot(deadline)?;
-        let (out, stderr) =
-            ssh::run_argv(ssh, &argv, "shared ssh master", b"", &mut slot, deadline)?;
-        drop(slot);
-        // Unknown: a host with SIGCHLD ignored reaped the foreground ssh; `-O check` below
-        // tells whether the master came up.
-        if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
-            break;
-        }
-        match ssh.retry_after(attempt, out.exit, true, &stderr) {
-            Some(pause) if deadline.remaining().is_none_or(|left| left > pause) => {
-                attempt += 1;
-                std::thread::sleep(pause);
-            }
-            _ => {
-                return Err(Error::new(
-                    Kind::SshExited,
-                    format!(
-                        "cannot start a shared ssh connection to {}: ssh {}{}",
-                        ssh.destination(),
-                        out.exit,
-                        stderr.suffix()
-                    ),
-                ));
-            }
-        }
+    let (out, stderr) = ssh::run_retrying(ssh, &argv, "shared ssh master", b"", deadline)?;
+    // Unknown: a host with SIGCHLD ignored reaped the foreground ssh; `-O check` below tells
+    // whether the master came up.
+    if !matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
+        return Err(Error::new(
+            Kind::SshExited,
+            format!(
+                "cannot start a shared ssh connection to {}: ssh {}{}",
+                ssh.destination(),
+                out.exit,
+                stderr.suffix()
+            ),
+        ));
     }
     let check = ssh.argv_tail(
         &[

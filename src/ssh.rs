@@ -7,7 +7,7 @@ use crate::validate;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use serde_json::Value;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// How much of ssh's stderr is kept for error messages.
 const STDERR_TAIL: usize = 4096;
@@ -318,6 +318,25 @@ impl Stderr {
         lines
     }
 
+    /// Reads what ssh's stderr pipe `err_r` holds now (it is non-blocking) into the tail;
+    /// returns the new complete lines (and the unterminated last one at EOF) and whether the
+    /// pipe is at EOF. The one loop that drains ssh's stderr.
+    pub(crate) fn drain(&mut self, err_r: BorrowedFd<'_>) -> Result<(Vec<String>, bool)> {
+        let mut bytes = Vec::new();
+        let eof = loop {
+            match io::read_some(err_r, &mut bytes)? {
+                Read::Data(_) => {}
+                Read::Eof => break true,
+                Read::WouldBlock => break false,
+            }
+        };
+        let mut lines = self.push(&bytes);
+        if eof {
+            lines.extend(self.finish());
+        }
+        Ok((lines, eof))
+    }
+
     /// Flushes an unterminated last line (at EOF).
     pub fn finish(&mut self) -> Vec<String> {
         let raw = std::mem::take(&mut self.partial);
@@ -390,17 +409,36 @@ pub fn run(ssh: &Ssh, remote: &[String], input: &[u8], deadline: Deadline) -> Re
     if let Some(cfg) = &ssh.share {
         return run_shared(ssh, cfg, remote, input, deadline);
     }
+    let what = format!(
+        "'{}' on {}",
+        validate::shell_join(remote),
+        ssh.destination()
+    );
+    run_retrying(ssh, &ssh.argv(&[], remote), &what, input, deadline).map(|(out, _)| out)
+}
+
+/// Runs `argv` to its end ([`run_argv`]), holding a handshake slot until ssh has
+/// authenticated, and runs it again after a failure before authentication (see
+/// [`Ssh::retry_after`]) while the deadline leaves time for the pause: the one retry loop of
+/// one-shot ssh runs. Returns the last run.
+pub(crate) fn run_retrying(
+    ssh: &Ssh,
+    argv: &[String],
+    what: &str,
+    input: &[u8],
+    deadline: Deadline,
+) -> Result<(Output, Stderr)> {
     let mut attempt = 0;
     loop {
         let mut slot = ssh.handshake_slot(deadline)?;
-        let (out, stderr) = run_once(ssh, remote, input, &mut slot, deadline)?;
+        let (out, stderr) = run_argv(ssh, argv, what, input, &mut slot, deadline)?;
         drop(slot);
         match ssh.retry_after(attempt, out.exit, out.stdout.is_empty(), &stderr) {
             Some(pause) if deadline.remaining().is_none_or(|left| left > pause) => {
                 attempt += 1;
                 std::thread::sleep(pause);
             }
-            _ => return Ok(out),
+            _ => return Ok((out, stderr)),
         }
     }
 }
@@ -446,21 +484,6 @@ pub fn run_with_lease(
         ssh.destination()
     );
     run_argv(ssh, &argv, &what, input, &mut None, deadline).map(|(out, _)| out)
-}
-
-fn run_once(
-    ssh: &Ssh,
-    remote: &[String],
-    input: &[u8],
-    slot: &mut Option<crate::throttle::Slot>,
-    deadline: Deadline,
-) -> Result<(Output, Stderr)> {
-    let what = format!(
-        "'{}' on {}",
-        validate::shell_join(remote),
-        ssh.destination()
-    );
-    run_argv(ssh, &ssh.argv(&[], remote), &what, input, slot, deadline)
 }
 
 /// Runs one ssh invocation to its end: `input` on stdin, stdout and stderr collected; on
@@ -515,11 +538,7 @@ fn collect(
     }
     let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     let (mut out, mut err_text, mut stderr) = (Vec::new(), Vec::new(), Stderr::default());
-    let mut take_err = |bytes: &[u8], stderr: &mut Stderr, eof: bool| {
-        let mut lines = stderr.push(bytes);
-        if eof {
-            lines.extend(stderr.finish());
-        }
+    let mut take_err = |lines: Vec<String>| {
         for l in lines {
             if err_text.len() < MAX_OUTPUT {
                 err_text.extend_from_slice(l.as_bytes());
@@ -543,9 +562,9 @@ fn collect(
             out_open = false;
         }
         if err_open {
-            let mut bytes = Vec::new();
-            err_open = io::read_some(err_r.as_fd(), &mut bytes)? != Read::Eof;
-            take_err(&bytes, &mut stderr, !err_open);
+            let (lines, eof) = stderr.drain(err_r.as_fd())?;
+            err_open = !eof;
+            take_err(lines);
             if stderr.authenticated() {
                 // The handshake is over: let the next connection to this node start.
                 *slot = None;
@@ -560,9 +579,9 @@ fn collect(
         // A remote process that keeps our pipes open after ssh exits would hang us: stop at exit.
         if child.try_wait()?.is_some() {
             let _ = io::read_some(sock.as_fd(), &mut out);
-            let mut bytes = Vec::new();
-            let _ = io::read_some(err_r.as_fd(), &mut bytes);
-            take_err(&bytes, &mut stderr, true);
+            let mut lines = stderr.drain(err_r.as_fd()).map_or(Vec::new(), |(l, _)| l);
+            lines.extend(stderr.finish());
+            take_err(lines);
             break;
         }
     }
@@ -633,18 +652,14 @@ pub fn read_line(
         if io::poll(&mut fds, deadline)? == 0 {
             return Err(Error::new(Kind::Timeout, "deadline passed"));
         }
-        let mut err_bytes = Vec::new();
-        while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut err_bytes)? {}
-        for l in stderr.push(&err_bytes) {
+        for l in stderr.drain(err_r.as_fd())?.0 {
             on_stderr(&l);
         }
         if io::read_some(sock.as_fd(), lines.buffer())? == Read::Eof {
             // ssh closed its stdout: it is exiting. Give it a moment so its stderr and exit
             // status make it into the error.
             let _ = child.wait(deadline.min(Deadline::after_ms(2000)));
-            let mut rest = Vec::new();
-            while let Read::Data(_) = io::read_some(err_r.as_fd(), &mut rest)? {}
-            stderr.push(&rest);
+            stderr.drain(err_r.as_fd())?;
             stderr.finish();
             eof = true;
         }
