@@ -286,9 +286,11 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 //   (15, 0 = off), `"server_alive_count_max"` (3);
 // - `"handshake_slots"` (8, 0 = no limit): concurrent ssh handshakes to this destination
 //   across all processes, so that sshd's `MaxStartups` never drops ours; `tunnel_open` waits
-//   for a slot (up to the greeting timeout) and holds it until `tunnel online`;
-// - `"connect_retries"` (4): retries of a connection that failed before authentication
-//   (nothing ran remotely), with jittered backoff, within the greeting timeout;
+//   for a slot (up to the greeting timeout) and holds it until `tunnel online`. A destination
+//   that drops handshakes anyway (a hardened or busy sshd) gets half as many for a while,
+//   and they grow back one per second of successes, in every process;
+// - `"connect_retries"` (default: until the greeting timeout): retries of a connection that
+//   failed before authentication (nothing ran remotely), with jittered backoff;
 // - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
 // - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
 //   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;

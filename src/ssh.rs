@@ -38,7 +38,7 @@ pub struct Ssh {
 
 /// `connect_retries` default: a handshake the destination dropped is retried until the
 /// caller's deadline (with jittered backoff), not a fixed number of times.
-pub const UNTIL_DEADLINE: u32 = u32::MAX;
+pub(crate) const UNTIL_DEADLINE: u32 = u32::MAX;
 
 /// With AES instructions, AES-GCM moves migration data ~30% faster than OpenSSH's default
 /// chacha20-poly1305 (measured by `make bench`); chacha20 stays as the fallback.
