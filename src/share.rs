@@ -282,18 +282,6 @@ pub fn identity(ssh: &Ssh, cfg: &Config) -> Vec<String> {
     id
 }
 
-/// Opens (creating, mode 0600) a pool file of ours; never follows a symlink.
-fn open_file(path: &str) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| Error::new(Kind::Io, format!("cannot open pool file '{path}': {e}")))
-}
-
 /// Tries to take an exclusive flock without waiting (held until the file closes).
 fn try_lock(file: &File) -> bool {
     crate::sys::try_flock(file.as_fd())
@@ -304,7 +292,7 @@ fn try_lock(file: &File) -> bool {
 pub fn take_session(dir: &str, name: &str, max_sessions: u32) -> Result<Option<(u32, File)>> {
     for m in 0..MAX_MASTERS {
         for k in 0..max_sessions {
-            let f = open_file(&format!("{dir}/{name}.{m}.s{k}"))?;
+            let f = crate::throttle::open_lock_file(&format!("{dir}/{name}.{m}.s{k}"))?;
             if try_lock(&f) {
                 return Ok(Some((m, f)));
             }
@@ -472,7 +460,7 @@ fn control(ssh: &Ssh, enforced: &[String], what: &str) -> Result<()> {
 
 /// Waits for the lock of master `m`.
 fn lock_master(path: &str, deadline: Deadline) -> Result<File> {
-    let f = open_file(path)?;
+    let f = crate::throttle::open_lock_file(path)?;
     loop {
         if try_lock(&f) {
             return Ok(f);
@@ -497,13 +485,13 @@ fn read_pid(path: &str) -> i32 {
 /// Stops master `m` of pool `name` if no session slot of it is held (`-O exit`).
 fn exit_if_idle(ssh: &Ssh, dir: &str, name: &str, m: u32, cfg: &Config) -> Result<bool> {
     let base = format!("{dir}/{name}.{m}");
-    let lock = open_file(&format!("{base}.lock"))?;
+    let lock = crate::throttle::open_lock_file(&format!("{base}.lock"))?;
     if !try_lock(&lock) {
         return Ok(false);
     }
     let mut held = Vec::new();
     for k in 0..cfg.max_sessions {
-        let f = open_file(&format!("{base}.s{k}"))?;
+        let f = crate::throttle::open_lock_file(&format!("{base}.s{k}"))?;
         if !try_lock(&f) {
             return Ok(false);
         }

@@ -117,7 +117,9 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn open_lock_file(path: &str) -> Result<File> {
+/// Opens (creating, mode 0600) a lock or state file of ours; never follows a symlink. The
+/// handshake slots and the connection-sharing pool keep theirs this way.
+pub(crate) fn open_lock_file(path: &str) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)

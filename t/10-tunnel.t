@@ -127,6 +127,35 @@ sub error_like {
 }
 
 {
+    # The remote sockets go with the tunnel's remote command; when it did not end normally
+    # (here: exit 1 after quit) close removes them over a second connection, and when that
+    # connection is refused the close still succeeds, with a warning in the log and status.
+    my @warn;
+    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock], command => ['sh', '-c', 'qm mtunnel; exit 1'],
+	log => sub { push @warn, $_[1] if $_[0] eq 'warn' });
+    $t->wait_ready(timeout_ms => 30_000);
+    $lab->sshd('node2', 'DenyUsers', 'root');
+    my $ok = eval { $t->close; 1 };
+    my $err = $@;
+    $lab->sshd('node2');
+    ok($ok, 'close succeeds although its cleanup connection was refused') or diag($err);
+    like(join("\n", @warn), qr/removing remote sockets: .*Permission denied.* \(left on root\@198\.18\.0\.2: \Q$sock\E\)/,
+	'the refused cleanup is a warning in the log naming what was left');
+    like($t->status->{cleanup_warning} // '', qr/removing remote sockets/, 'and in tunnel_status');
+    ok(!-e $sock, 'the local socket is removed');
+    $lab->run_ok('node2', 'rm', '-f', $sock);
+
+    # the normal case: the remote command ended, its cleanup ran, no second connection
+    my $before = () = MTunnelLab::slurp("$lab_dir/node2/sshd.log") =~ /Accepted publickey/g;
+    $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock]);
+    $t->wait_ready(timeout_ms => 30_000);
+    $t->close;
+    my $after = () = MTunnelLab::slurp("$lab_dir/node2/sshd.log") =~ /Accepted publickey/g;
+    is($after - $before, 1, 'a normal open and close authenticate to the target once (no cleanup connection)');
+    is_deeply([$lab->socket_files('node2')], [], 'and the remote socket is gone');
+}
+
+{
     # Permission denied: an unprivileged host process whose socket directory is not writable.
     # (The lab's own directory is root-only, so nobody's copies live in a directory of its own.)
     my $ro = "/run/mtunnel-ro-$$";

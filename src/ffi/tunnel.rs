@@ -149,10 +149,15 @@ pub unsafe extern "C" fn tunnel_command(
 }
 
 /// Closes the tunnel in stages: `quit` and its reply, EOF, wait for ssh to exit, SIGTERM,
-/// SIGKILL; reaps ssh; removes the local socket files (only if they are sockets) and, unless
-/// disabled, the remote ones over a second ssh with quoted arguments. A path that holds
-/// anything but a socket is kept, on either node, and named in the error. Everything is
-/// cleaned up even when a stage fails; the first failure is returned.
+/// SIGKILL; reaps ssh; removes the local socket files (only if they are sockets). The remote
+/// ones go with the tunnel's remote command: it removes them when it ends, in the same
+/// session, so a normal close makes no second connection. Only when that did not happen (the
+/// command failed or was killed, the link died) and unless disabled, a second ssh removes
+/// them, with quoted arguments; if that fails (unreachable node, refused connection) it is a
+/// warning, through the log callback and `tunnel_status`'s `cleanup_warning`, not an error:
+/// sockets left behind are harmless. A path that holds anything but a socket is kept, on
+/// either node, and named in the error. Everything is cleaned up even when a stage fails; the
+/// first failure is returned: an error from close means the caller has to act.
 ///
 /// `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
 /// "remote_cleanup": true, "cleanup_timeout_ms": 5000, "cleanup": false, "cleanup_sockets": []}`;
@@ -203,8 +208,10 @@ pub unsafe extern "C" fn tunnel_read_line(
 
 /// Writes the tunnel's state as JSON to `*status_out` (free with `mtunnel_string_free`):
 /// `{"state": "started"|"online"|"greeted"|"ready"|"closed", "pid": N, "version": N|null,
-/// "forwards": [...], "master_pid": N|null, "control_path": "…"|null}` (the last two for a
-/// shared connection: the master that holds the forwards, and its control socket). `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
+/// "forwards": [...], "master_pid": N|null, "control_path": "…"|null, "cleanup_warning":
+/// "…"|null}` (`master_pid` and `control_path` for a shared connection: the master that holds
+/// the forwards, and its control socket; `cleanup_warning`: why close could not remove the
+/// remote sockets). `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; `status_out` may be NULL.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tunnel_status(
     tunnel: *mut mtunnel_tunnel,

@@ -64,6 +64,32 @@ impl Forward {
     }
 }
 
+/// Removes the sockets among its arguments on the target; prints any other file found at one
+/// of those paths (kept) and exits 75 then. Used at the end of the tunnel's remote command
+/// and, when that did not run to its end, by a separate connection at close.
+const SOCKET_CLEANUP: &str = "kept=; for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; kept=1; fi; done; [ -z \"$kept\" ] || exit 75";
+
+/// The command the tunnel runs on the target: the caller's, then (when it has forwards) the
+/// removal of the forwards' remote sockets, in the same session, so a normal close needs no
+/// second ssh connection. Its exit status is the command's, or 75 when a non-socket was kept
+/// (then close's separate cleanup names it).
+fn remote_command(command: &[String], forwards: &[Forward]) -> Vec<String> {
+    let remote = unique(forwards.iter().map(|f| f.remote.as_str()));
+    if remote.is_empty() {
+        return command.to_vec();
+    }
+    let paths: Vec<String> = remote.iter().map(|p| validate::shell_quote(p)).collect();
+    let script = format!(
+        "\"$@\"; rc=$?; set -- {}; {SOCKET_CLEANUP}; exit $rc",
+        paths.join(" ")
+    );
+    ["sh", "-c", &script, "sh"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(command.iter().cloned())
+        .collect()
+}
+
 /// What `tunnel_open` takes.
 #[derive(Debug, Clone)]
 pub(crate) struct OpenOptions {
@@ -208,6 +234,10 @@ pub(crate) struct Tunnel {
     tail: Stderr,
     state: State,
     version: Option<u32>,
+    /// The command ssh runs remotely (see [`remote_command`]).
+    remote: Vec<String>,
+    /// Why the remote cleanup failed at close, if it did (a warning: see `close`).
+    cleanup_warning: Option<String>,
     log: Log,
 }
 
@@ -230,7 +260,8 @@ impl Tunnel {
             enforced.extend(["-L".to_string(), f.spec()]);
         }
         let full = Self::full_enforced(&lease, &enforced);
-        let argv = opts.ssh.argv(&full, &opts.command);
+        let remote = remote_command(&opts.command, &opts.forwards);
+        let argv = opts.ssh.argv(&full, &remote);
         log.emit(
             Level::Debug,
             &format!(
@@ -246,7 +277,7 @@ impl Tunnel {
             Some(_) => None,
             None => opts.ssh.handshake_slot(deadline)?,
         };
-        let (child, sock, stderr) = opts.ssh.spawn(&full, &opts.command)?;
+        let (child, sock, stderr) = opts.ssh.spawn(&full, &remote)?;
         Ok(Tunnel {
             opts,
             enforced,
@@ -260,6 +291,8 @@ impl Tunnel {
             tail: Stderr::default(),
             state: State::Started,
             version: None,
+            remote,
+            cleanup_warning: None,
             log,
         })
     }
@@ -322,7 +355,7 @@ impl Tunnel {
             self.slot = self.opts.ssh.handshake_slot(deadline)?;
         }
         let full = Self::full_enforced(&self.lease, &self.enforced);
-        let (child, sock, stderr) = self.opts.ssh.spawn(&full, &self.opts.command)?;
+        let (child, sock, stderr) = self.opts.ssh.spawn(&full, &self.remote)?;
         self.child = child;
         self.sock = Some(sock);
         self.stderr = stderr;
@@ -411,7 +444,8 @@ impl Tunnel {
         let forwards: Vec<String> = self.opts.forwards.iter().map(Forward::shown).collect();
         json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": forwards,
                "master_pid": self.lease.as_ref().map(Lease::master_pid),
-               "control_path": self.lease.as_ref().map(Lease::control_path)})
+               "control_path": self.lease.as_ref().map(Lease::control_path),
+               "cleanup_warning": self.cleanup_warning})
     }
 
     fn dest(&self) -> &str {
@@ -639,6 +673,8 @@ impl Tunnel {
         if let Some(sock) = self.sock.take() {
             let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
+        // exit 0: the remote command ran to its end, with the socket cleanup after it
+        let mut remote_done = false;
         match self
             .child
             .terminate(Deadline::after_ms(opts.exit_timeout_ms))
@@ -650,7 +686,8 @@ impl Tunnel {
                     self.dest()
                 ),
             ),
-            Ok((Exit::Code(0) | Exit::Unknown, false)) => {}
+            Ok((Exit::Code(0), false)) => remote_done = true,
+            Ok((Exit::Unknown, false)) => {}
             Ok((exit, false)) => self
                 .log
                 .emit(Level::Debug, &format!("ssh tunnel ended with {exit}")),
@@ -678,10 +715,28 @@ impl Tunnel {
                 errors.push(e);
             }
         }
+        // the forwards' remote sockets went with the remote command when it ended normally
+        let remote: Vec<&str> = if remote_done {
+            let cleaned = unique(forwards.iter().map(|f| f.remote.as_str()));
+            remote
+                .into_iter()
+                .filter(|p| !cleaned.contains(p))
+                .collect()
+        } else {
+            remote
+        };
         if opts.remote_cleanup && greeted && !remote.is_empty() {
             let deadline = Deadline::after_ms(opts.cleanup_timeout_ms);
-            if let Err(e) = self.remove_remote_sockets(&remote, deadline) {
-                errors.push(e);
+            match self.remove_remote_sockets(&remote, deadline) {
+                Ok(()) => {}
+                // a file that is no socket: the caller has to look at it
+                Err(e) if e.kind == Kind::InvalidArgument => errors.push(e),
+                // sockets left behind are harmless (the next start replaces them): a warning
+                Err(e) => {
+                    let text = format!("{e} (left on {}: {})", self.dest(), remote.join(", "));
+                    self.log.emit(Level::Warn, &text);
+                    self.cleanup_warning = Some(text);
+                }
             }
         }
         if let Some(l) = self.lease.take() {
@@ -696,24 +751,27 @@ impl Tunnel {
     /// Removes the sockets among `paths` on the target node; anything else there is kept and
     /// named in the error. Paths are validated and quoted.
     fn remove_remote_sockets(&self, paths: &[&str], deadline: Deadline) -> Result<()> {
-        let script = "for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; fi; done";
-        let mut cmd: Vec<String> = ["sh", "-c", script, "sh"]
+        let mut cmd: Vec<String> = ["sh", "-c", SOCKET_CLEANUP, "sh"]
             .iter()
             .map(|s| s.to_string())
             .collect();
         cmd.extend(paths.iter().map(|p| p.to_string()));
+        let mut direct = self.opts.ssh.clone();
         let out = match &self.lease {
             // Our session slot is free again now that the tunnel's client has exited.
-            Some(l) if l.alive() => ssh::run_with_lease(&self.opts.ssh, l, &cmd, b"", deadline)
-                .and_then(|out| ssh::checked(&self.opts.ssh, &cmd, out)),
+            Some(l) if l.alive() => ssh::run_with_lease(&self.opts.ssh, l, &cmd, b"", deadline),
             // A dead master: one connection of our own, so nothing is left running after us.
             Some(_) => {
-                let mut direct = self.opts.ssh.clone();
                 direct.share = None;
-                ssh::run_checked(&direct, &cmd, b"", deadline)
+                ssh::run(&direct, &cmd, b"", deadline)
             }
-            None => ssh::run_checked(&self.opts.ssh, &cmd, b"", deadline),
+            None => ssh::run(&self.opts.ssh, &cmd, b"", deadline),
         }
+        .and_then(|out| match out.exit {
+            // the script's "kept a non-socket"
+            Exit::Code(75) => Ok(out),
+            _ => ssh::checked(&direct, &cmd, out),
+        })
         .map_err(|e| e.context("removing remote sockets"))?;
         let kept: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -754,6 +812,71 @@ impl Drop for Tunnel {
 mod tests {
     use super::*;
     const DIR: &str = validate::DEFAULT_SOCKET_DIR;
+
+    /// Runs `remote_command`'s argv locally, as the target's shell would.
+    fn run_remote(command: &[&str], forwards: &[Forward]) -> (Option<i32>, String) {
+        let command: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        let argv = remote_command(&command, forwards);
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into(),
+        )
+    }
+
+    #[test]
+    fn the_remote_command_removes_the_forwarded_sockets_when_it_ends_and_keeps_other_files() {
+        let dir = std::env::temp_dir().join(format!("mtunnel-remote-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_str().unwrap();
+        let sock = format!("{d}/100.migrate");
+        let nbd = format!("{d}/100_nbd.migrate");
+        let forwards = [
+            Forward::parse(&sock, d).unwrap(),
+            Forward::parse(&nbd, d).unwrap(),
+        ];
+        // no forwards: the command as it is
+        assert_eq!(
+            remote_command(&["qm".into(), "mtunnel".into()], &[]),
+            ["qm", "mtunnel"]
+        );
+
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        // the command runs first (the socket still exists then), with its arguments intact
+        let (code, out) = run_remote(
+            &[
+                "sh",
+                "-c",
+                "test -S \"$1\" && echo \"it's $2\"",
+                "x",
+                &sock,
+                "a b;$(c)",
+            ],
+            &forwards,
+        );
+        assert_eq!((code, out.as_str()), (Some(0), "it's a b;$(c)\n"));
+        assert!(
+            !std::path::Path::new(&sock).exists(),
+            "the socket was not removed after the command"
+        );
+        drop(listener);
+
+        // the command's exit status is kept
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert_eq!(run_remote(&["sh", "-c", "exit 3"], &forwards).0, Some(3));
+        assert!(!std::path::Path::new(&sock).exists());
+
+        // a regular file at a forward's path is kept and named: exit 75
+        std::fs::write(&nbd, "canary\n").unwrap();
+        let (code, out) = run_remote(&["true"], &forwards);
+        assert_eq!((code, out.trim()), (Some(75), nbd.as_str()));
+        assert_eq!(std::fs::read_to_string(&nbd).unwrap(), "canary\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_forward_is_one_path_or_a_local_remote_pair() {

@@ -198,6 +198,15 @@ sub _lab_sh {
     return $self->_capture(\%env, $LABSH, @args);
 }
 
+# NODE's sshd with extra sshd_config options (lab.sh sshd), e.g. ('MaxStartups', '2:50:4');
+# none: the stock lab config. Dies if sshd refuses them.
+sub sshd {
+    my ($self, $node, @options) = @_;
+    my ($rc, $out, $err) = $self->_lab_sh(undef, 'sshd', $self->_node($node), @options);
+    die "lab.sh sshd $node @options failed (exit $rc):\n$out$err" if $rc != 0;
+    return 1;
+}
+
 # ($exit_code, $stdout, $stderr) of CMD run in NODE (lab.sh exec)
 sub run {
     my ($self, $node, @cmd) = @_;
