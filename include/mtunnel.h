@@ -289,8 +289,14 @@ int migrate_listen_parse(const char *output, const char *vmid, char **result_out
 //   for a slot (up to the greeting timeout) and holds it until `tunnel online`. A destination
 //   that drops handshakes anyway (a hardened or busy sshd) gets half as many for a while,
 //   and they grow back one per second of successes, in every process;
+// - `"adaptive_slots"` (true): the shrinking and regrowing of the slots above; false: always
+//   `handshake_slots`;
 // - `"connect_retries"` (default: until the greeting timeout): retries of a connection that
 //   failed before authentication (nothing ran remotely), with jittered backoff;
+// - `"cleanup_in_command"` (true): the remote command runs as `sh -c '"$@"; <remove the
+//   forwards' sockets>; exit $rc' sh qm mtunnel`, so the target's sockets go when it ends
+//   and a normal close needs no second connection; false: the command as given (a target
+//   that runs nothing else, e.g. a forced command), the sockets removed by close;
 // - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
 // - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
 //   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;

@@ -101,5 +101,21 @@ for n in 16 48; do
     done
 done
 
+echo "-- 48 parallel migrations against a hardened or busy sshd (node2: MaxStartups 2:50:4) and the stock one"
+echo "   old: 8 fixed handshake slots, 4 retries, the target's sockets removed by a second connection at close"
+old_args=(--arg=--ssh-option --arg=adaptive_slots=0 --arg=--ssh-option --arg=connect_retries=4
+    --arg=--tunnel-option --arg=cleanup_in_command=0)
+for sshd in stock contended; do
+    if [ "$sshd" = contended ]; then "$LABSH" sshd node2 MaxStartups 2:50:4; else "$LABSH" sshd node2; fi
+    for way in old new; do
+        drops0=$(grep -c 'drop connection' "$LAB/node2/sshd.log" || true)
+        if [ "$way" = old ]; then args=("${old_args[@]}"); else args=(); fi
+        line=$("$TOP/lab/parallel-migrate" 48 --vmid-base 5000 "${args[@]}" || true)
+        drops=$(($(grep -c 'drop connection' "$LAB/node2/sshd.log" || true) - drops0))
+        echo "$line" | sed "1s/^/$sshd sshd, $way: /; 1s/\$/ (sshd dropped $drops handshakes)/; s/^/  /"
+    done
+done
+"$LABSH" sshd node2
+
 # ssh connection sharing against a connection per use (docs/sharing.md)
 "$TOP/lab/bench-sharing"

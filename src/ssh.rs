@@ -25,6 +25,9 @@ pub struct Ssh {
     pub server_alive_count_max: u32,
     /// Concurrent handshakes to this destination across processes (0 = no limit).
     pub handshake_slots: u32,
+    /// Whether a destination that drops handshakes gets fewer slots for a while (see
+    /// [`crate::throttle::Window`]); off: always `handshake_slots`.
+    pub adaptive_slots: bool,
     /// How often a connection that failed before authentication is retried at most; the
     /// default ([`UNTIL_DEADLINE`]) retries until the caller's deadline.
     pub connect_retries: u32,
@@ -66,6 +69,7 @@ pub(crate) struct SshOptions {
     server_alive_interval_s: Option<u32>,
     server_alive_count_max: Option<u32>,
     handshake_slots: Option<u32>,
+    adaptive_slots: Option<bool>,
     connect_retries: Option<u32>,
     lock_dir: Option<String>,
     ciphers: Option<String>,
@@ -90,6 +94,7 @@ impl Ssh {
             server_alive_count_max: 3,
             // Below sshd's default MaxStartups (10) so that our own handshakes are never dropped.
             handshake_slots: 8,
+            adaptive_slots: true,
             connect_retries: UNTIL_DEADLINE,
             lock_dir: crate::throttle::DEFAULT_LOCK_DIR.into(),
             ciphers: cpu_has_aes().then(|| AES_GCM_FIRST.to_string()),
@@ -118,6 +123,7 @@ impl Ssh {
             .server_alive_count_max
             .unwrap_or(ssh.server_alive_count_max);
         ssh.handshake_slots = o.handshake_slots.unwrap_or(ssh.handshake_slots);
+        ssh.adaptive_slots = o.adaptive_slots.unwrap_or(ssh.adaptive_slots);
         ssh.connect_retries = o.connect_retries.unwrap_or(ssh.connect_retries);
         if let Some(c) = o.ciphers {
             if c.bytes()
@@ -155,6 +161,7 @@ impl Ssh {
             &self.lock_dir,
             self.destination(),
             self.handshake_slots,
+            self.adaptive_slots,
             deadline,
         )
     }
@@ -176,7 +183,7 @@ impl Ssh {
                 stdout_empty,
                 &stderr.text(),
             );
-        if before_auth {
+        if before_auth && self.adaptive_slots {
             crate::throttle::note_drop(&self.lock_dir, self.destination(), self.handshake_slots);
         } else if stderr.authenticated() {
             self.note_authenticated();
@@ -187,6 +194,9 @@ impl Ssh {
 
     /// A handshake to this destination got through: its handshake window grows back.
     pub fn note_authenticated(&self) {
+        if !self.adaptive_slots {
+            return;
+        }
         crate::throttle::note_success(&self.lock_dir, self.destination(), self.handshake_slots);
     }
 

@@ -203,12 +203,13 @@ pub(crate) fn note_success(lock_dir: &str, destination: &str, slots: u32) {
 }
 
 /// Takes one of `slots` handshake slots for `destination`, waiting until one is free or the
-/// deadline passes. Only the destination's current window of them is used (see [`Window`]).
-/// `slots == 0` disables the limit.
+/// deadline passes. With `adaptive`, only the destination's current window of them is used
+/// (see [`Window`]). `slots == 0` disables the limit.
 pub fn acquire(
     lock_dir: &str,
     destination: &str,
     slots: u32,
+    adaptive: bool,
     deadline: Deadline,
 ) -> Result<Option<Slot>> {
     if slots == 0 {
@@ -226,7 +227,11 @@ pub fn acquire(
         })?;
     let name = lock_name(destination);
     loop {
-        let usable = window(lock_dir, destination, slots, None).limit;
+        let usable = if adaptive {
+            window(lock_dir, destination, slots, None).limit
+        } else {
+            slots
+        };
         // Start at a random slot so that waiters spread over the files.
         let first = random_below(usable as u64) as u32;
         for i in 0..usable {
@@ -386,7 +391,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mtunnel-window-{}", std::process::id()));
         let dir_s = dir.to_str().unwrap();
         let dest = "root@198.18.0.2";
-        let _a = acquire(dir_s, dest, 4, Deadline::after_ms(1000))
+        let _a = acquire(dir_s, dest, 4, true, Deadline::after_ms(1000))
             .unwrap()
             .unwrap();
         assert_eq!(note_drop(dir_s, dest, 4), 2);
@@ -396,7 +401,7 @@ mod tests {
         // two slots usable, one held by _a (it may be slot 0 or 1, or beyond the window)
         let held: Vec<_> = (0..4)
             .filter_map(|_| {
-                acquire(dir_s, dest, 4, Deadline::after_ms(50))
+                acquire(dir_s, dest, 4, true, Deadline::after_ms(50))
                     .ok()
                     .flatten()
             })
@@ -413,30 +418,30 @@ mod tests {
     fn slots_are_exclusive_and_released_on_drop() {
         let dir = std::env::temp_dir().join(format!("mtunnel-throttle-{}", std::process::id()));
         let dir_s = dir.to_str().unwrap();
-        let a = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+        let a = acquire(dir_s, "root@198.18.0.2", 2, true, Deadline::after_ms(1000))
             .unwrap()
             .unwrap();
-        let b = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+        let b = acquire(dir_s, "root@198.18.0.2", 2, true, Deadline::after_ms(1000))
             .unwrap()
             .unwrap();
         // flock is per open file description: a third taker in this process must wait too.
-        let err = acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(100)).unwrap_err();
+        let err = acquire(dir_s, "root@198.18.0.2", 2, true, Deadline::after_ms(100)).unwrap_err();
         assert_eq!(err.kind, Kind::Timeout);
         assert!(
-            acquire(dir_s, "root@198.18.0.3", 2, Deadline::after_ms(100))
+            acquire(dir_s, "root@198.18.0.3", 2, true, Deadline::after_ms(100))
                 .unwrap()
                 .is_some(),
             "another destination has its own slots"
         );
         drop(a);
         assert!(
-            acquire(dir_s, "root@198.18.0.2", 2, Deadline::after_ms(1000))
+            acquire(dir_s, "root@198.18.0.2", 2, true, Deadline::after_ms(1000))
                 .unwrap()
                 .is_some()
         );
         drop(b);
         assert!(
-            acquire(dir_s, "x", 0, Deadline::after_ms(0))
+            acquire(dir_s, "x", 0, true, Deadline::after_ms(0))
                 .unwrap()
                 .is_none(),
             "0 slots = no limit"

@@ -105,6 +105,10 @@ pub(crate) struct OpenOptions {
     pub(crate) greeting_timeout_ms: i64,
     /// Deadline for `ver N` after the greeting (PVE: 10 s).
     pub(crate) version_timeout_ms: i64,
+    /// The remote command removes the forwards' sockets when it ends (see
+    /// [`remote_command`]); off: only close's separate connection does (a target whose ssh
+    /// runs nothing but the command itself, e.g. a forced command).
+    pub(crate) cleanup_in_command: bool,
 }
 
 impl OpenOptions {
@@ -141,6 +145,7 @@ impl OpenOptions {
             socket_dir,
             greeting_timeout_ms: o.greeting_timeout_ms,
             version_timeout_ms: o.version_timeout_ms,
+            cleanup_in_command: o.cleanup_in_command,
         })
     }
 }
@@ -154,6 +159,7 @@ struct OpenJson {
     socket_dir: String,
     greeting_timeout_ms: i64,
     version_timeout_ms: i64,
+    cleanup_in_command: bool,
 }
 
 impl Default for OpenJson {
@@ -164,6 +170,7 @@ impl Default for OpenJson {
             socket_dir: validate::DEFAULT_SOCKET_DIR.into(),
             greeting_timeout_ms: 60_000,
             version_timeout_ms: 10_000,
+            cleanup_in_command: true,
         }
     }
 }
@@ -260,7 +267,11 @@ impl Tunnel {
             enforced.extend(["-L".to_string(), f.spec()]);
         }
         let full = Self::full_enforced(&lease, &enforced);
-        let remote = remote_command(&opts.command, &opts.forwards);
+        let remote = if opts.cleanup_in_command {
+            remote_command(&opts.command, &opts.forwards)
+        } else {
+            opts.command.clone()
+        };
         let argv = opts.ssh.argv(&full, &remote);
         log.emit(
             Level::Debug,
@@ -686,7 +697,7 @@ impl Tunnel {
                     self.dest()
                 ),
             ),
-            Ok((Exit::Code(0), false)) => remote_done = true,
+            Ok((Exit::Code(0), false)) => remote_done = self.opts.cleanup_in_command,
             Ok((Exit::Unknown, false)) => {}
             Ok((exit, false)) => self
                 .log

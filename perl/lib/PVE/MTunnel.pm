@@ -89,7 +89,7 @@ sub _decode { my ($ptr) = @_; my $s = _take_string($ptr); return defined($s) ? $
 # options that are numbers by name become numbers, and only from a plain decimal integer:
 # "1234\n" or "0042" stay strings (so the library names the bad option), and a string option
 # such as ssh_run's 'input' is never turned into a number.
-my %BOOL_OPTION = map { $_ => 1 } qw(remote_cleanup check cleanup setup);
+my %BOOL_OPTION = map { $_ => 1 } qw(remote_cleanup check cleanup setup adaptive_slots cleanup_in_command);
 
 # Options that are integers by name without one of those suffixes: qmp_mirror_start's 'speed'
 # (bytes per second).
