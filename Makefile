@@ -5,7 +5,7 @@ PROVE   ?= prove
 LIB     := target/release/libmtunnel.so
 PERL5   := -Iperl/lib -It/lib
 
-.PHONY: all setup build header header-check examples test test-rust test-c test-perl test-deb deb demo bench lab-down clean fuzz
+.PHONY: all setup tidy tidy-check build header header-check examples test test-rust test-c test-perl test-deb deb demo bench lab-down clean fuzz
 
 all: build
 
@@ -18,6 +18,13 @@ build: setup
 	@# the library's soname is libmtunnel.so.0: programs linked in the tree (examples/c) load that name
 	ln -sfn libmtunnel.so target/release/libmtunnel.so.0
 	$(MAKE) -C examples/c
+
+# The Perl sources through perltidy with .perltidyrc: tidy rewrites, tidy-check only checks.
+tidy: setup
+	lab/perl-tidy
+
+tidy-check: setup
+	lab/perl-tidy --check
 
 # Regenerates the committed C header from src/ffi/.
 header:

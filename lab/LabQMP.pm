@@ -41,8 +41,13 @@ sub connect {
         die "QMP connect $path: $err\n";
     }
     $sock->blocking(0);
-    my $self = bless { sock => $sock, path => $path, buf => '', id => 0,
-                       timeout => $timeout }, $class;
+    my $self = bless {
+        sock => $sock,
+        path => $path,
+        buf => '',
+        id => 0,
+        timeout => $timeout
+    }, $class;
     my $greeting = $self->_read_msg(time + $timeout);
     die "QMP $path: no greeting\n" if !$greeting || !$greeting->{QMP};
     $self->execute('qmp_capabilities');

@@ -34,7 +34,8 @@ sub is_shared { return storage($_[0])->{shared} }
 # "local:100/vm-100-disk-0.raw" -> (storage, vmid, name)
 sub parse_volid {
     my ($volid) = @_;
-    my ($store, $vmid, $name) = $volid =~ m{^([a-z][a-z0-9\-_.]*[a-z0-9]):([1-9][0-9]*)/(vm-\2-disk-[0-9]+\.raw)$}
+    my ($store, $vmid, $name) =
+        $volid =~ m{^([a-z][a-z0-9\-_.]*[a-z0-9]):([1-9][0-9]*)/(vm-\2-disk-[0-9]+\.raw)$}
         or die "unable to parse volume ID '$volid'\n";
     storage($store);
     return ($store, $vmid, $name);

@@ -37,23 +37,27 @@ sub stop_qemu {
     waitpid($pid, 0);
 }
 END { my $rc = $?; stop_qemu(); $? = $rc }
-$SIG{$_} = sub { exit(1) } for qw(INT TERM HUP);    # END still runs
+$SIG{$_} = sub { exit(1) }
+    for qw(INT TERM HUP);    # END still runs
 
 sub slurp { my ($f) = @_; open(my $fh, '<', $f) or return ''; local $/; return <$fh> }
 
 # (exit code, stdout) of guest-check against our QEMU
 $ENV{MTUNNEL_GUEST_CHECK_QMP} = "$T/qmp.sock";
+
 sub guest_check {
     my $out = `$^X $check @_ 2>&1`;
     return ($? >> 8, $out);
 }
 
 # the image: boot sector plus the disk code's sectors, in an 8 MiB raw disk
-is(system($bin{nasm}, '-f', 'bin', '-DDISK', '-o', "$T/guest.bin", "$root/lab/guest/guest.asm"), 0,
-    'nasm -DDISK builds the disk guest');
+is(system($bin{nasm}, '-f', 'bin', '-DDISK', '-o', "$T/guest.bin", "$root/lab/guest/guest.asm"),
+    0, 'nasm -DDISK builds the disk guest');
 my $bin = slurp("$T/guest.bin");
-ok(length($bin) > 512 && length($bin) % 512 == 0 && length($bin) <= $DSTART * 512,
-    'the image is whole sectors, all below the region the guest writes');
+ok(
+    length($bin) > 512 && length($bin) % 512 == 0 && length($bin) <= $DSTART * 512,
+    'the image is whole sectors, all below the region the guest writes'
+);
 is(unpack('v', substr($bin, 510, 2)), 0xaa55, 'its first sector is a boot sector');
 {
     open(my $fh, '>:raw', "$T/disk.raw") or die "$T/disk.raw: $!";
@@ -63,10 +67,18 @@ is(unpack('v', substr($bin, 510, 2)), 0xaa55, 'its first sector is a boot sector
 }
 my $sectors = (8 << 20) / 512 - $DSTART;
 
-my @cmd = ($bin{'qemu-system-x86_64'}, '-name', 'guest-disk', @accel, '-machine', 'pc',
-    '-cpu', 'qemu64,-pni', '-m', '64', '-nodefaults', '-display', 'none', '-vga', 'none',
-    '-drive', "file=$T/disk.raw,format=raw,if=ide,id=drive-ide0",
-    '-qmp', "unix:$T/qmp.sock,server=on,wait=off");
+my @cmd = (
+    $bin{'qemu-system-x86_64'}, '-name',
+    'guest-disk', @accel,
+    '-machine', 'pc',
+    '-cpu', 'qemu64,-pni',
+    '-m', '64',
+    '-nodefaults', '-display',
+    'none', '-vga',
+    'none', '-drive',
+    "file=$T/disk.raw,format=raw,if=ide,id=drive-ide0", '-qmp',
+    "unix:$T/qmp.sock,server=on,wait=off"
+);
 $qemu_pid = fork() // die "fork: $!";
 if (!$qemu_pid) {
     open(STDIN, '<', '/dev/null');
@@ -78,8 +90,11 @@ if (!$qemu_pid) {
 # wait until the guest runs, then until it has written a few hundred sectors
 my ($rc, $out) = guest_check('--wait', 100, 20);
 is($rc, 0, 'guest-check --wait: the guest runs') or diag($out, slurp("$T/qemu.log"));
-like($out, qr/^guest running: pass (\d+), disk pass (\d+) sector (\d+)$/m,
-    '--wait shows the disk position after the RAM pass') or BAIL_OUT('the disk guest does not run');
+like(
+    $out,
+    qr/^guest running: pass (\d+), disk pass (\d+) sector (\d+)$/m,
+    '--wait shows the disk position after the RAM pass'
+) or BAIL_OUT('the disk guest does not run');
 my ($first) = $out =~ /sector (\d+)$/m;
 my $advanced;
 for (1 .. 100) {
@@ -94,7 +109,11 @@ note($advanced);
 
 ($rc, $out) = guest_check(100, 64);
 is($rc, 0, 'guest-check: RAM and disk consistent') or diag($out);
-like($out, qr/^guest memory ok: 16128 pages, value \d+, step at page \d+$/m, 'the memory line as before');
+like(
+    $out,
+    qr/^guest memory ok: 16128 pages, value \d+, step at page \d+$/m,
+    'the memory line as before'
+);
 like($out, qr/^guest disk ok: $sectors sectors, pass \d+, next sector \d+$/m, 'the disk line');
 my ($p, $k) = $out =~ /^guest disk ok: \d+ sectors, pass (\d+), next sector (\d+)$/m;
 
@@ -109,8 +128,11 @@ SKIP: {
     close($fh) or die;
     ($rc, $out) = guest_check(100, 64);
     is($rc, 1, 'guest-check: a zeroed sector is BAD (exit 1)') or diag($out);
-    like($out, qr/^guest disk BAD: .*1 bad sectors: sector $bad: zeros, expected pass \d+$/m,
-        'the BAD line names the sector, what it held and what was expected') or diag($out);
+    like(
+        $out,
+        qr/^guest disk BAD: .*1 bad sectors: sector $bad: zeros, expected pass \d+$/m,
+        'the BAD line names the sector, what it held and what was expected'
+    ) or diag($out);
     like($out, qr/^guest memory ok: /m, 'the memory line is still ok');
 }
 

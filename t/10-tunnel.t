@@ -17,7 +17,7 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $lab_dir = $lab->dir;
 $lab->enter('node1');
 
-my @ssh = @{$lab->ssh_prefix('node2')};
+my @ssh = @{ $lab->ssh_prefix('node2') };
 my $sock = '/run/qemu-server/100.migrate';
 
 *children = \&MTunnelLab::children;
@@ -26,7 +26,7 @@ my $sock = '/run/qemu-server/100.migrate';
 sub gone_ok {
     my ($pid, $name) = @_;
     ok(!-e "/proc/$pid", "$name: ssh (pid $pid) is reaped, no zombie")
-	or diag(`cat /proc/$pid/status 2>&1 | head -3`);
+        or diag(`cat /proc/$pid/status 2>&1 | head -3`);
     is_deeply([children()], [], "$name: no child process left");
 }
 
@@ -36,7 +36,11 @@ sub error_like {
     eval { $code->() };
     my $err = $@;
     like($err, $re, $name) or diag("got: $err");
-    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{$errcode}, "$name: result code is $errcode");
+    is(
+        $PVE::MTunnel::last_error_code,
+        $PVE::MTunnel::ERROR_CODE{$errcode},
+        "$name: result code is $errcode"
+    );
     return time() - $t0;
 }
 
@@ -50,13 +54,17 @@ sub error_like {
     my $st = $t->status;
     is($st->{state}, 'ready', 'tunnel is ready');
     is($st->{version}, 1, 'remote speaks protocol v1');
-    ok(grep({ $_->[0] eq 'info' && $_->[1] eq 'ssh tunnel ver 1' } @log), 'log callback got "ssh tunnel ver 1"');
+    ok(grep({ $_->[0] eq 'info' && $_->[1] eq 'ssh tunnel ver 1' } @log),
+        'log callback got "ssh tunnel ver 1"');
     ok(-S $sock, 'forwarded socket exists locally');
     is((stat($sock))[2] & 07777, 0600, 'forwarded socket is mode 0600');
     is_deeply([children()], [$pid], 'ssh is our only child');
 
-    error_like(sub { $t->command('resume 999') }, qr/^tunnel replied 'ERR: .*999.*' to command 'resume 999'$/, 'remote',
-	'ERR reply to resume is an error naming the command');
+    error_like(
+        sub { $t->command('resume 999') },
+        qr/^tunnel replied 'ERR: .*999.*' to command 'resume 999'$/,
+        'remote', 'ERR reply to resume is an error naming the command'
+    );
 
     $t->close;
     ok(!-e $sock, 'close removed the local socket file');
@@ -65,7 +73,11 @@ sub error_like {
     is($t->status->{state}, 'closed', 'status says closed');
     eval { $t->close };
     is($@, '', 'second close is a no-op');
-    error_like(sub { $t->command('quit') }, qr/^tunnel is closed$/, 'closed', 'command after close fails clearly');
+    error_like(
+        sub { $t->command('quit') },
+        qr/^tunnel is closed$/,
+        'closed', 'command after close fails clearly'
+    );
 }
 
 {
@@ -93,8 +105,12 @@ sub error_like {
     my $pid = $t->pid;
     kill('KILL', $pid);
     select(undef, undef, undef, 0.2);
-    error_like(sub { $t->command('resume 100') }, qr/^ssh to root\@198\.18\.0\.2 killed by signal 9 while (writing|waiting for the reply to) 'resume 100'/,
-	'ssh_exited', 'command to a killed ssh fails clearly');
+    error_like(
+        sub { $t->command('resume 100') },
+        qr/^ssh to root\@198\.18\.0\.2 killed by signal 9 while (writing|waiting for the reply to) 'resume 100'/,
+        'ssh_exited',
+        'command to a killed ssh fails clearly'
+    );
     pass('host process survived the write to a dead ssh (no SIGPIPE)');
     $t->close(remote_cleanup => 0);
     ok(!-e $sock, 'socket of the killed ssh is removed on close');
@@ -104,10 +120,14 @@ sub error_like {
 {
     # The remote shell gets every word quoted: nothing in an argument is ever executed.
     my $canary = "$lab_dir/pwned";
-    my $res = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['echo', "\$(touch $canary)", "`touch $canary`;", "'"]);
+    my $res = PVE::MTunnel::ssh_run(
+        ssh => \@ssh,
+        command => ['echo', "\$(touch $canary)", "`touch $canary`;", "'"]
+    );
     is($res->{stdout}, "\$(touch $canary) `touch $canary`; '\n", 'remote argv arrives literally');
     ok(!-e $canary, 'no command substitution ran on the remote node');
-    my $in = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['cat'], input => "spice-ticket-secret\n");
+    my $in =
+        PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['cat'], input => "spice-ticket-secret\n");
     is($in->{stdout}, "spice-ticket-secret\n", 'input reaches the remote command on stdin');
     is_deeply([children()], [], 'ssh_run leaves no child');
 }
@@ -115,14 +135,24 @@ sub error_like {
 {
     # Remote cleanup on close removes a stale socket on the target, and only a socket; the
     # regular file it keeps is named in close's error.
-    $lab->run_ok('node2', 'perl', '-MIO::Socket::UNIX', '-e', 'IO::Socket::UNIX->new(Local => "/run/qemu-server/100.migrate", Listen => 1) or die');
+    $lab->run_ok('node2', 'perl', '-MIO::Socket::UNIX', '-e',
+        'IO::Socket::UNIX->new(Local => "/run/qemu-server/100.migrate", Listen => 1) or die');
     $lab->run_ok('node2', 'sh', '-c', 'echo canary > /run/qemu-server/101.migrate');
     my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock, '/run/qemu-server/101.migrate']);
     $t->wait_ready(timeout_ms => 30_000);
-    error_like(sub { $t->close }, qr/^refusing to remove '\/run\/qemu-server\/101\.migrate' on root\@198\.18\.0\.2: not a socket \(kept\)$/,
-	'invalid_argument', 'close names the remote regular file it kept');
-    is_deeply([$lab->socket_files('node2')], ['/run/qemu-server/101.migrate'], 'close removed the stale remote socket and kept the regular file');
-    is(scalar($lab->run_ok('node2', 'cat', '/run/qemu-server/101.migrate')), "canary\n", 'the remote regular file is untouched');
+    error_like(
+        sub { $t->close },
+        qr/^refusing to remove '\/run\/qemu-server\/101\.migrate' on root\@198\.18\.0\.2: not a socket \(kept\)$/,
+        'invalid_argument',
+        'close names the remote regular file it kept'
+    );
+    is_deeply(
+        [$lab->socket_files('node2')],
+        ['/run/qemu-server/101.migrate'],
+        'close removed the stale remote socket and kept the regular file'
+    );
+    is(scalar($lab->run_ok('node2', 'cat', '/run/qemu-server/101.migrate')),
+        "canary\n", 'the remote regular file is untouched');
     $lab->run_ok('node2', 'rm', '/run/qemu-server/101.migrate');
 }
 
@@ -131,16 +161,23 @@ sub error_like {
     # (here: exit 1 after quit) close removes them over a second connection, and when that
     # connection is refused the close still succeeds, with a warning in the log and status.
     my @warn;
-    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock], command => ['sh', '-c', 'qm mtunnel; exit 1'],
-	log => sub { push @warn, $_[1] if $_[0] eq 'warn' });
+    my $t = PVE::MTunnel->open(
+        ssh => \@ssh,
+        forwards => [$sock],
+        command => ['sh', '-c', 'qm mtunnel; exit 1'],
+        log => sub { push @warn, $_[1] if $_[0] eq 'warn' }
+    );
     $t->wait_ready(timeout_ms => 30_000);
     $lab->sshd('node2', 'DenyUsers', 'root');
     my $ok = eval { $t->close; 1 };
     my $err = $@;
     $lab->sshd('node2');
     ok($ok, 'close succeeds although its cleanup connection was refused') or diag($err);
-    like(join("\n", @warn), qr/removing remote sockets: .*Permission denied.* \(left on root\@198\.18\.0\.2: \Q$sock\E\)/,
-	'the refused cleanup is a warning in the log naming what was left');
+    like(
+        join("\n", @warn),
+        qr/removing remote sockets: .*Permission denied.* \(left on root\@198\.18\.0\.2: \Q$sock\E\)/,
+        'the refused cleanup is a warning in the log naming what was left'
+    );
     like($t->status->{cleanup_warning} // '', qr/removing remote sockets/, 'and in tunnel_status');
     ok(!-e $sock, 'the local socket is removed');
     $lab->run_ok('node2', 'rm', '-f', $sock);
@@ -151,7 +188,8 @@ sub error_like {
     $t->wait_ready(timeout_ms => 30_000);
     $t->close;
     my $after = () = MTunnelLab::slurp("$lab_dir/node2/sshd.log") =~ /Accepted publickey/g;
-    is($after - $before, 1, 'a normal open and close authenticate to the target once (no cleanup connection)');
+    is($after - $before,
+        1, 'a normal open and close authenticate to the target once (no cleanup connection)');
     is_deeply([$lab->socket_files('node2')], [], 'and the remote socket is gone');
 }
 
@@ -163,92 +201,113 @@ sub error_like {
     system('cp', "$lab_dir/id_ed25519", "$lab_dir/known_hosts", $ro) == 0 or die;
     chown(65534, 65534, "$ro/id_ed25519");
     my @nobody_ssh = map { s/\Q$lab_dir\E\/(id_ed25519|known_hosts)\b/$ro\/$1/r } @ssh;
-    my @nobody_opts = (ssh => \@nobody_ssh, socket_dir => $ro, forwards => ["$ro/100.migrate"], lock_dir => "$ro/locks");
-    mkdir("$ro/locks", 0700); chown(65534, 65534, "$ro/locks");
+    my @nobody_opts = (
+        ssh => \@nobody_ssh,
+        socket_dir => $ro,
+        forwards => ["$ro/100.migrate"],
+        lock_dir => "$ro/locks"
+    );
+    mkdir("$ro/locks", 0700);
+    chown(65534, 65534, "$ro/locks");
     pipe(my $r, my $w) or die;
     my $pid = fork() // die;
+
     if (!$pid) {
-	close $r;
-	$( = $) = 65534; $< = $> = 65534;
-	my $t;
-	my $ok = eval { $t = PVE::MTunnel->open(@nobody_opts); $t->wait_ready(timeout_ms => 30_000); 1 };
-	print $w ($ok ? 'no error' : $@);
-	close($w);
-	eval { $t->close(remote_cleanup => 0) } if $t;
-	POSIX::_exit(0);
+        close $r;
+        $( = $) = 65534;
+        $< = $> = 65534;
+        my $t;
+        my $ok =
+            eval { $t = PVE::MTunnel->open(@nobody_opts); $t->wait_ready(timeout_ms => 30_000); 1 };
+        print $w ($ok ? 'no error' : $@);
+        close($w);
+        eval { $t->close(remote_cleanup => 0) } if $t;
+        POSIX::_exit(0);
     }
     close $w;
     my $err = do { local $/; <$r> };
     waitpid($pid, 0);
-    like($err, qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*cannot bind to path \Q$ro\E\/100\.migrate: Permission denied/,
-	'permission denied on the socket directory is named') or diag($err);
+    like(
+        $err,
+        qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*cannot bind to path \Q$ro\E\/100\.migrate: Permission denied/,
+        'permission denied on the socket directory is named'
+    ) or diag($err);
     ok(!-e "$ro/100.migrate", 'nothing was created in the read-only directory');
     system('rm', '-rf', $ro);
 }
 
 my %fault = (
     'auth refused' => {
-	ssh => [ map { $_ eq "$lab_dir/id_ed25519" ? '/dev/null' : $_ } @ssh ],
-	re => qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*Permission denied \(publickey\)/,
-	code => 'ssh_exited',
+        ssh => [map { $_ eq "$lab_dir/id_ed25519" ? '/dev/null' : $_ } @ssh],
+        re =>
+            qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*Permission denied \(publickey\)/,
+        code => 'ssh_exited',
     },
     'unknown host key' => {
-	ssh => [ map { s/^HostKeyAlias=node2$/HostKeyAlias=node-unknown/r } @ssh ],
-	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*Host key verification failed/,
-	code => 'ssh_exited',
+        ssh => [map { s/^HostKeyAlias=node2$/HostKeyAlias=node-unknown/r } @ssh],
+        re =>
+            qr/exit code 255 while waiting for 'tunnel online'; stderr: .*Host key verification failed/,
+        code => 'ssh_exited',
     },
     'changed host key' => {
-	# node1's key recorded for node2's address: exactly what a reinstalled node looks like
-	ssh => [ map { s/^HostKeyAlias=node2$/HostKeyAlias=node1/r } @ssh ],
-	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*(REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed)/,
-	code => 'ssh_exited',
+        # node1's key recorded for node2's address: exactly what a reinstalled node looks like
+        ssh => [map { s/^HostKeyAlias=node2$/HostKeyAlias=node1/r } @ssh],
+        re =>
+            qr/exit code 255 while waiting for 'tunnel online'; stderr: .*(REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed)/,
+        code => 'ssh_exited',
     },
     'host unreachable' => {
-	ssh => [ @ssh[0 .. $#ssh - 1], 'root@198.18.0.99' ],
-	opts => { connect_timeout_s => 2 },
-	re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*198\.18\.0\.99/,
-	code => 'ssh_exited',
+        ssh => [@ssh[0 .. $#ssh - 1], 'root@198.18.0.99'],
+        opts => { connect_timeout_s => 2 },
+        re => qr/exit code 255 while waiting for 'tunnel online'; stderr: .*198\.18\.0\.99/,
+        code => 'ssh_exited',
     },
     'remote command missing' => {
-	command => ['qm-does-not-exist', 'mtunnel'],
-	re => qr/exit code 127 while waiting for 'tunnel online'; stderr: .*qm-does-not-exist.*not found/,
-	code => 'ssh_exited',
+        command => ['qm-does-not-exist', 'mtunnel'],
+        re =>
+            qr/exit code 127 while waiting for 'tunnel online'; stderr: .*qm-does-not-exist.*not found/,
+        code => 'ssh_exited',
     },
     'remote exits at once' => {
-	command => ['true'],
-	re => qr/exit code 0 while waiting for 'tunnel online'/,
-	code => 'ssh_exited',
+        command => ['true'],
+        re => qr/exit code 0 while waiting for 'tunnel online'/,
+        code => 'ssh_exited',
     },
     'no quorum' => {
-	command => ['echo', 'no quorum'],
-	re => qr/^no quorum on target node$/,
-	code => 'no_quorum',
+        command => ['echo', 'no quorum'],
+        re => qr/^no quorum on target node$/,
+        code => 'no_quorum',
     },
     'remote prints garbage' => {
-	command => ['echo', 'Welcome to node2'],
-	re => qr/^got strange reply from tunnel \('Welcome to node2'\)$/,
-	code => 'protocol',
+        command => ['echo', 'Welcome to node2'],
+        re => qr/^got strange reply from tunnel \('Welcome to node2'\)$/,
+        code => 'protocol',
     },
     'bad version line' => {
-	command => ['printf', 'tunnel online\nver one\n'],
-	re => qr/^received invalid tunnel version string 'ver one'$/,
-	code => 'protocol',
+        command => ['printf', 'tunnel online\nver one\n'],
+        re => qr/^received invalid tunnel version string 'ver one'$/,
+        code => 'protocol',
     },
     'remote is silent' => {
-	command => ['sleep', '60'],
-	opts => { greeting_timeout_ms => 1000 },
-	re => qr/^no reply from tunnel to root\@198\.18\.0\.2 within \d+ ms while waiting for 'tunnel online'$/,
-	code => 'timeout',
+        command => ['sleep', '60'],
+        opts => { greeting_timeout_ms => 1000 },
+        re =>
+            qr/^no reply from tunnel to root\@198\.18\.0\.2 within \d+ ms while waiting for 'tunnel online'$/,
+        code => 'timeout',
     },
 );
 
 for my $name (sort keys %fault) {
     my $f = $fault{$name};
     my $fds = fd_count();
-    my $t = PVE::MTunnel->open(ssh => $f->{ssh} // \@ssh, forwards => [$sock],
-	($f->{command} ? (command => $f->{command}) : ()), %{$f->{opts} // {}});
+    my $t = PVE::MTunnel->open(
+        ssh => $f->{ssh} // \@ssh,
+        forwards => [$sock],
+        ($f->{command} ? (command => $f->{command}) : ()), %{ $f->{opts} // {} }
+    );
     my $pid = $t->pid;
-    my $took = error_like(sub { $t->wait_ready(timeout_ms => 30_000) }, $f->{re}, $f->{code}, $name);
+    my $took =
+        error_like(sub { $t->wait_ready(timeout_ms => 30_000) }, $f->{re}, $f->{code}, $name);
     ok($took < 30, "$name: failed before the overall deadline");
     $t->close(remote_cleanup => 0);
     ok(!-e $sock, "$name: no socket file left");

@@ -15,10 +15,10 @@ use File::Basename qw(dirname);
 # check at the end sees only zombies this test makes.
 BEGIN {
     if (!$ENV{MTUNNEL_T15_REAP_RUN}) {
-	$ENV{MTUNNEL_T15_REAP_RUN} = 1;
-	my $reap_run = abs_path(dirname(__FILE__) . '/../lab/reap-run');
-	exec($reap_run, $^X, (map { "-I$_" } grep { !ref } @INC), __FILE__, @ARGV)
-	    or die "exec $reap_run: $!\n";
+        $ENV{MTUNNEL_T15_REAP_RUN} = 1;
+        my $reap_run = abs_path(dirname(__FILE__) . '/../lab/reap-run');
+        exec($reap_run, $^X, (map { "-I$_" } grep { !ref } @INC), __FILE__, @ARGV)
+            or die "exec $reap_run: $!\n";
     }
 }
 
@@ -41,6 +41,7 @@ $lab->write_vm_config($vmid, memory => 64, guest => 'idle', lock => 'migrate');
 
 # A command in a node with a pipe on each of stdin, stdout and stderr; every read has a deadline.
 {
+
     package Proc;
     use IPC::Open3 qw(open3);
     use POSIX qw(WNOHANG);
@@ -48,68 +49,74 @@ $lab->write_vm_config($vmid, memory => 64, guest => 'idle', lock => 'migrate');
     use Time::HiRes qw(time sleep);
 
     sub start {
-	my ($class, $lab, $node, @cmd) = @_;
-	local $ENV{MTUNNEL_LAB} = $lab->name;
-	my $err = gensym;
-	my $pid = open3(my $in, my $out, $err, $lab->lab_sh, 'exec', $node, @cmd);
-	$in->autoflush(1);
-	return bless { pid => $pid, in => $in, fh => { out => $out, err => $err },
-		       buf => { out => '', err => '' }, eof => {} }, $class;
+        my ($class, $lab, $node, @cmd) = @_;
+        local $ENV{MTUNNEL_LAB} = $lab->name;
+        my $err = gensym;
+        my $pid = open3(my $in, my $out, $err, $lab->lab_sh, 'exec', $node, @cmd);
+        $in->autoflush(1);
+        return bless {
+            pid => $pid,
+            in => $in,
+            fh => { out => $out, err => $err },
+            buf => { out => '', err => '' },
+            eof => {}
+        }, $class;
     }
 
     # unbuffered: nothing is left for close() to write into a pipe whose reader is gone
     sub send {
-	my ($self, $data) = @_;
-	local $SIG{PIPE} = 'IGNORE';
-	while (length $data) {
-	    my $n = syswrite($self->{in}, $data);
-	    next if !defined $n && $!{EINTR};
-	    last if !$n;    # the command is gone: its exit code will tell
-	    substr($data, 0, $n, '');
-	}
+        my ($self, $data) = @_;
+        local $SIG{PIPE} = 'IGNORE';
+        while (length $data) {
+            my $n = syswrite($self->{in}, $data);
+            next if !defined $n && $!{EINTR};
+            last if !$n;    # the command is gone: its exit code will tell
+            substr($data, 0, $n, '');
+        }
     }
 
     # read what arrives until $done->() or the deadline; false on timeout
     sub pump {
-	my ($self, $deadline, $done) = @_;
-	while (!$done->()) {
-	    my @open = grep { !$self->{eof}{$_} } qw(out err);
-	    return 1 if !@open;
-	    my $left = $deadline - time;
-	    return 0 if $left <= 0;
-	    my %name = map { fileno($self->{fh}{$_}) => $_ } @open;
-	    for my $fh (IO::Select->new(map { $self->{fh}{$_} } @open)->can_read($left)) {
-		my $which = $name{fileno($fh)};
-		my $n = sysread($fh, $self->{buf}{$which}, 65536, length $self->{buf}{$which});
-		next if !defined $n && $!{EINTR};
-		$self->{eof}{$which} = 1 if !$n;
-	    }
-	}
-	return 1;
+        my ($self, $deadline, $done) = @_;
+        while (!$done->()) {
+            my @open = grep { !$self->{eof}{$_} } qw(out err);
+            return 1 if !@open;
+            my $left = $deadline - time;
+            return 0 if $left <= 0;
+            my %name = map { fileno($self->{fh}{$_}) => $_ } @open;
+            for my $fh (IO::Select->new(map { $self->{fh}{$_} } @open)->can_read($left)) {
+                my $which = $name{ fileno($fh) };
+                my $n = sysread($fh, $self->{buf}{$which}, 65536, length $self->{buf}{$which});
+                next if !defined $n && $!{EINTR};
+                $self->{eof}{$which} = 1 if !$n;
+            }
+        }
+        return 1;
     }
 
     # next stdout line (without "\n"), undef if none came within $timeout seconds
     sub read_line {
-	my ($self, $timeout) = @_;
-	$self->pump(time + $timeout, sub { index($self->{buf}{out}, "\n") >= 0 || $self->{eof}{out} });
-	return $self->{buf}{out} =~ s/^(.*?)\n// ? $1 : undef;
+        my ($self, $timeout) = @_;
+        $self->pump(time + $timeout,
+            sub { index($self->{buf}{out}, "\n") >= 0 || $self->{eof}{out} });
+        return $self->{buf}{out} =~ s/^(.*?)\n// ? $1 : undef;
     }
 
     # close stdin, collect the rest: (exit code, rest of stdout, all of stderr); 'timeout' if it hung
     sub finish {
-	my ($self, $timeout) = @_;
-	my $deadline = time + $timeout;
-	{ local $SIG{PIPE} = 'IGNORE'; close($self->{in}) }
-	$self->pump($deadline, sub { 0 });
-	my $r;
-	while (($r = waitpid($self->{pid}, WNOHANG)) == 0 && time < $deadline) { sleep(0.02) }
-	if ($r == 0) {
-	    kill('KILL', $self->{pid});
-	    waitpid($self->{pid}, 0);
-	    return ('timeout', $self->{buf}{out}, $self->{buf}{err});
-	}
-	my $rc = ($? & 127) ? 128 + ($? & 127) : $? >> 8;
-	return ($rc, $self->{buf}{out}, $self->{buf}{err});
+        my ($self, $timeout) = @_;
+        my $deadline = time + $timeout;
+        { local $SIG{PIPE} = 'IGNORE'; close($self->{in}) }
+        $self->pump($deadline, sub { 0 });
+        my $r;
+        while (($r = waitpid($self->{pid}, WNOHANG)) == 0 && time < $deadline) { sleep(0.02) }
+        if ($r == 0) {
+            kill('KILL', $self->{pid});
+            waitpid($self->{pid}, 0);
+            return ('timeout', $self->{buf}{out}, $self->{buf}{err});
+        }
+        my $rc = ($? & 127) ? 128 + ($? & 127) : $? >> 8;
+        return ($rc, $self->{buf}{out}, $self->{buf}{err});
     }
 }
 
@@ -124,11 +131,13 @@ sub run_input {
 sub qm { return $lab->run(shift, 'qm', @_) }
 sub start_log { return MTunnelLab::slurp("$dir/$_[0]/qm-start.log") }
 sub last_log_line { my @l = split /\n/, start_log($_[0]); return $l[-1] // '' }
+
 sub qmpstatus {
     my ($node) = @_;
     my (undef, $out) = qm($node, 'status', $vmid, '--verbose');
     return $out =~ /^qmpstatus: (\S+)$/m ? $1 : $out =~ /^status: (\S+)$/m ? $1 : '?';
 }
+
 sub qemu_cmdline {
     my ($node) = @_;
     my ($pid) = $lab->qemu_pids($node) or return '';
@@ -142,29 +151,42 @@ sub qemu_cmdline {
     is($rc, 0, '/usr/sbin/qm runs inside a node') or diag($err);
     is($out, "status: stopped\n", '/usr/sbin/qm is the lab qm of that node');
     ok(!-e '/usr/sbin/qm' || MTunnelLab::slurp('/usr/sbin/qm') !~ /MTUNNEL_LAB/,
-	"the host's /usr/sbin/qm is not the lab's (absent here)")
-	or diag(MTunnelLab::slurp('/usr/sbin/qm'));
+        "the host's /usr/sbin/qm is not the lab's (absent here)")
+        or diag(MTunnelLab::slurp('/usr/sbin/qm'));
 }
 
 # ------------------------------------------------------------ options real qm refuses
 
-for my $case (['--nbd-protocol-version', '1'], ['--replicated-volumes', 'local:vm-100-disk-0'],
-	      ['--node', 'node2']) {
+for my $case (
+    ['--nbd-protocol-version', '1'],
+    ['--replicated-volumes', 'local:vm-100-disk-0'],
+    ['--node', 'node2']
+    )
+{
     my $name = $case->[0] =~ s/^--//r;
     my ($rc, $out, $err) = qm('node2', 'start', $vmid, '--skiplock', @$case);
     isnt($rc, 0, "start with $case->[0] is refused");
-    is((split /\n/, $err)[0], "Unknown option: $name", "start with $case->[0]: first stderr line names the option")
-	or diag($err);
+    is(
+        (split /\n/, $err)[0],
+        "Unknown option: $name",
+        "start with $case->[0]: first stderr line names the option"
+    ) or diag($err);
 }
 {
     my ($rc, $out, $err) = qm('node2', 'start', $vmid, '--skiplock', '--targetstorage', 'local');
     isnt($rc, 0, '--targetstorage without --migratedfrom is refused');
-    like($err, qr/^targetstorage: targetstorage can only by used with migratedfrom\.$/m,
-	'--targetstorage without --migratedfrom: upstream\'s text') or diag($err);
+    like(
+        $err,
+        qr/^targetstorage: targetstorage can only by used with migratedfrom\.$/m,
+        '--targetstorage without --migratedfrom: upstream\'s text'
+    ) or diag($err);
     ($rc, $out, $err) = qm('node2', 'start', $vmid, '--skiplock', '--migration_type', 'plain');
     isnt($rc, 0, 'a --migration_type other than secure|insecure is refused');
-    like($err, qr/^migration_type: value 'plain' does not have a value in the enumeration 'secure, insecure'$/m,
-	'bad --migration_type: the schema error names the option') or diag($err);
+    like(
+        $err,
+        qr/^migration_type: value 'plain' does not have a value in the enumeration 'secure, insecure'$/m,
+        'bad --migration_type: the schema error names the option'
+    ) or diag($err);
 }
 is(start_log('node2'), '', 'starts refused at option parsing are not logged');
 is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
@@ -178,32 +200,48 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     is_deeply([$lab->qemu_pids('node1')], [], 'locked start: no QEMU');
 
     # stdin is read before the lock check; a bare first line is an old source's spice ticket
-    ($rc, $out, $err) = run_input('node2', "OLD-TICKET-4711\nnbd_protocol_version: 1\nsome: thing\n",
-	'qm', 'start', $vmid, '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix');
+    ($rc, $out, $err) =
+        run_input('node2', "OLD-TICKET-4711\nnbd_protocol_version: 1\nsome: thing\n",
+        'qm', 'start', $vmid, '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix');
     isnt($rc, 0, 'locked target start is refused too');
-    like($err, qr/^unknown 'start' parameter on STDIN: 'some: thing'$/m, 'a later unknown stdin line is warned about')
-	or diag($err);
-    is(last_log_line('node2'),
-	'start 100 args=--migratedfrom node1 --migration_type secure --stateuri unix stdin=spice_ticket:set,nbd_protocol_version:1',
-	'a bare first stdin line is taken as the spice ticket and logged as set');
-    unlike("$out$err" . start_log('node2'), qr/OLD-TICKET-4711/, 'the fallback ticket is shown nowhere');
+    like(
+        $err,
+        qr/^unknown 'start' parameter on STDIN: 'some: thing'$/m,
+        'a later unknown stdin line is warned about'
+    ) or diag($err);
+    is(
+        last_log_line('node2'),
+        'start 100 args=--migratedfrom node1 --migration_type secure --stateuri unix stdin=spice_ticket:set,nbd_protocol_version:1',
+        'a bare first stdin line is taken as the spice ticket and logged as set'
+    );
+    unlike(
+        "$out$err" . start_log('node2'),
+        qr/OLD-TICKET-4711/,
+        'the fallback ticket is shown nowhere'
+    );
 }
 
 # ------------------------------------------------------------ --migratedfrom without --stateuri: plain start
 
 {
     my ($rc, $out, $err) = run_input('node1', "nbd_protocol_version: 1\n",
-	'qm', 'start', $vmid, '--skiplock', '--migratedfrom', 'node1');
+        'qm', 'start', $vmid, '--skiplock', '--migratedfrom', 'node1');
     is($rc, 0, '--skiplock starts a locked config') or diag($err);
     unlike($out, qr/migration listens/, '--migratedfrom without --stateuri prints no listens line');
-    unlike(qemu_cmdline('node1'), qr/-incoming/, '--migratedfrom without --stateuri starts QEMU without -incoming');
+    unlike(qemu_cmdline('node1'), qr/-incoming/,
+        '--migratedfrom without --stateuri starts QEMU without -incoming');
     is(qmpstatus('node1'), 'running', '--migratedfrom without --stateuri: the guest runs');
-    is(last_log_line('node1'), 'start 100 args=--skiplock --migratedfrom node1 stdin=',
-	'--migratedfrom without --stateuri does not read stdin');
+    is(
+        last_log_line('node1'),
+        'start 100 args=--skiplock --migratedfrom node1 stdin=',
+        '--migratedfrom without --stateuri does not read stdin'
+    );
 
     ($rc, $out, $err) = qm('node1', 'nbdstop', $vmid);
     is($rc, 0, 'nbdstop without an NBD server exits 0');
-    like($err, qr/NBD server not running/, 'nbdstop without an NBD server warns on stderr') or diag($err);
+    like($err, qr/NBD server not running/, 'nbdstop without an NBD server warns on stderr')
+        or diag($err);
 
     ($rc, $out, $err) = qm('node1', 'stop', $vmid);
     isnt($rc, 0, 'stop of a locked VM is refused without --skiplock');
@@ -219,21 +257,28 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
 {
     my $ticket = 'SPICE-SECRET-0815';
     my ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\nspice_ticket: $ticket\n",
-	'qm', 'start', $vmid, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure',
-	'--stateuri', 'unix');
+        'qm', 'start', $vmid, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix');
     is($rc, 0, 'target start with stdin lines succeeds') or diag($err);
     is($out, "migration listens on unix:$sock\n", 'target start prints the listens line');
-    is(last_log_line('node2'),
-	'start 100 args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix stdin=nbd_protocol_version:1,spice_ticket:set',
-	'qm-start.log records the options and the stdin keys');
+    is(
+        last_log_line('node2'),
+        'start 100 args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix stdin=nbd_protocol_version:1,spice_ticket:set',
+        'qm-start.log records the options and the stdin keys'
+    );
     unlike("$out$err" . start_log('node2'), qr/\Q$ticket\E/, 'the spice ticket is shown nowhere');
-    like(qemu_cmdline('node2'), qr/ -incoming unix:\Q$sock\E -S( |$)/, 'target QEMU waits on the UNIX socket, paused');
+    like(
+        qemu_cmdline('node2'),
+        qr/ -incoming unix:\Q$sock\E -S( |$)/,
+        'target QEMU waits on the UNIX socket, paused'
+    );
     is(qmpstatus('node2'), 'inmigrate', 'target QEMU is inmigrate');
 
     my ($qrc, $caps, $qerr) = $lab->run('node2', 'qmp', $vmid, 'query-migrate-capabilities');
     my $list = eval { JSON::PP::decode_json($caps) } // [];
     my @on = sort map { $_->{capability} } grep { $_->{state} } @$list;
-    is_deeply(\@on, ['auto-converge', 'xbzrle'], 'target: only auto-converge and xbzrle are on') or diag("$caps$qerr");
+    is_deeply(\@on, ['auto-converge', 'xbzrle'], 'target: only auto-converge and xbzrle are on')
+        or diag("$caps$qerr");
     cmp_ok(scalar(@$list), '>', 2, 'target: QEMU reported the other capabilities too');
 
     ($rc, $out, $err) = qm('node2', 'resume', $vmid);
@@ -251,7 +296,11 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
 {
     my ($rc, $out, $err) = qm('node2', 'unlock', $vmid);
     is($rc, 0, 'unlock succeeds') or diag($err);
-    is(MTunnelLab::slurp($conf_path), "guest: idle\nmemory: 64\n", 'unlock removes the lock line and keeps the rest');
+    is(
+        MTunnelLab::slurp($conf_path),
+        "guest: idle\nmemory: 64\n",
+        'unlock removes the lock line and keeps the rest'
+    );
     ($rc, $out, $err) = qm('node2', 'unlock', $vmid);
     is($rc, 0, 'unlock without a lock is no error (as upstream)') or diag($err);
 }
@@ -265,7 +314,11 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     $t->send("bogus command\n");
     is($t->read_line(0.5), undef, 'mtunnel v1: an unknown command gets no reply');
     $t->send("resume $vmid\n");
-    is($t->read_line(10), "ERR: resume failed - VM $vmid not running", 'mtunnel v1: resume of a stopped VM fails');
+    is(
+        $t->read_line(10),
+        "ERR: resume failed - VM $vmid not running",
+        'mtunnel v1: resume of a stopped VM fails'
+    );
     $t->send("quit\n");
     is($t->read_line(10), 'OK', 'mtunnel v1: quit -> OK');
     my ($rc, $rest, $err) = $t->finish(10);
@@ -275,7 +328,7 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
 
 # ------------------------------------------------------------ mtunnel --v2 (lab extension)
 
-sub v2 {
+sub v2_call {
     my ($t, $line) = @_;
     $t->send("$line\n");
     my $reply = $t->read_line(30);
@@ -287,26 +340,42 @@ sub v2 {
     my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel', '--v2', $vmid);
     is($t->read_line(30), 'tunnel online', 'mtunnel v2: greeting');
     is($t->read_line(10), 'ver 2', 'mtunnel v2: version 2');
-    my $r = v2($t, '{"cmd":"version"}');
-    is_deeply($r, { api => 2, age => 0, success => JSON::PP::true }, 'mtunnel v2: version -> api 2, age 0');
-    $r = v2($t, '{"cmd":"resume"}');
-    ok(defined $r->{success} && !$r->{success}, 'mtunnel v2: resume of a stopped VM is no success') or diag(explain($r));
-    like($r->{msg} // '', qr/^failed to handle 'resume' command - VM $vmid not running\n?$/, 'mtunnel v2: resume failure message');
-    $r = v2($t, '{"cmd":"nope"}');
+    my $r = v2_call($t, '{"cmd":"version"}');
+    is_deeply(
+        $r,
+        { api => 2, age => 0, success => JSON::PP::true },
+        'mtunnel v2: version -> api 2, age 0'
+    );
+    $r = v2_call($t, '{"cmd":"resume"}');
+    ok(defined $r->{success} && !$r->{success}, 'mtunnel v2: resume of a stopped VM is no success')
+        or diag(explain($r));
+    like(
+        $r->{msg} // '',
+        qr/^failed to handle 'resume' command - VM $vmid not running\n?$/,
+        'mtunnel v2: resume failure message'
+    );
+    $r = v2_call($t, '{"cmd":"nope"}');
     is($r->{msg}, "unknown command 'nope' given", 'mtunnel v2: unknown command');
-    $r = v2($t, '{"foo":1}');
+    $r = v2_call($t, '{"foo":1}');
     is($r->{msg}, "'cmd' missing", 'mtunnel v2: a request without cmd');
-    $r = v2($t, 'this is garbage');
+    $r = v2_call($t, 'this is garbage');
     like($r->{msg} // '', qr/^failed to parse command - /, 'mtunnel v2: a line that is not JSON');
-    $r = v2($t, '{"cmd":"lab-garbage"}');
+    $r = v2_call($t, '{"cmd":"lab-garbage"}');
     is($r->{raw}, 'this is not json', 'mtunnel v2: the lab-garbage hook answers a non-JSON line');
-    $r = v2($t, '{"cmd":"quit","cleanup":"maybe"}');
-    like($r->{msg} // '', qr/^failed to handle 'quit' command - .*cleanup: type check \('boolean'\) failed/s,
-	'mtunnel v2: quit with a non-boolean cleanup is refused');
-    $r = v2($t, '{"cmd":"quit","cleanup":false}');
+    $r = v2_call($t, '{"cmd":"quit","cleanup":"maybe"}');
+    like(
+        $r->{msg} // '',
+        qr/^failed to handle 'quit' command - .*cleanup: type check \('boolean'\) failed/s,
+        'mtunnel v2: quit with a non-boolean cleanup is refused'
+    );
+    $r = v2_call($t, '{"cmd":"quit","cleanup":false}');
     is_deeply($r, { success => JSON::PP::true }, 'mtunnel v2: quit succeeds');
-    $r = v2($t, '{"cmd":"version"}');
-    is($r->{msg}, "tunnel is in exit-mode, processing 'version' cmd not possible", 'mtunnel v2: commands after quit are refused');
+    $r = v2_call($t, '{"cmd":"version"}');
+    is(
+        $r->{msg},
+        "tunnel is in exit-mode, processing 'version' cmd not possible",
+        'mtunnel v2: commands after quit are refused'
+    );
     my ($rc, $rest, $err) = $t->finish(10);
     is($rc, 0, 'mtunnel v2: EOF after quit -> exit 0') or diag($err);
     is($rest, '', 'mtunnel v2: nothing else on stdout');
@@ -316,7 +385,8 @@ sub v2 {
     $t->read_line(30) for 1 .. 2;
     ($rc, $rest, $err) = $t->finish(10);
     isnt($rc, 0, 'mtunnel v2: EOF without quit is an error exit');
-    like($err, qr/mtunnel exited unexpectedly/, 'mtunnel v2: EOF without quit is reported') or diag($err);
+    like($err, qr/mtunnel exited unexpectedly/, 'mtunnel v2: EOF without quit is reported')
+        or diag($err);
 }
 
 # ------------------------------------------------------------ storages, --targetstorage, insecure
@@ -324,59 +394,103 @@ sub v2 {
 {
     my $v = 110;
     my $cmdline = sub {
-	my ($node) = @_;
-	my ($c) = grep { / -name vm$v / } map { MTunnelLab::slurp("/proc/$_/cmdline") =~ tr/\0/ /r } $lab->qemu_pids($node);
-	return $c // '';
+        my ($node) = @_;
+        my ($c) = grep { / -name vm$v / }
+            map { MTunnelLab::slurp("/proc/$_/cmdline") =~ tr/\0/ /r } $lab->qemu_pids($node);
+        return $c // '';
     };
     my $volid = "local:$v/vm-$v-disk-0.raw";
     $lab->write_vm_config($v, memory => 64, guest => 'idle', ide0 => "$volid,size=4M");
     my ($rc, $out, $err) = qm('node1', 'config', $v);
-    is($out, "guest: idle\nide0: $volid,size=4M\nmemory: 64\n", 'qm config prints the config lines');
+    is($out, "guest: idle\nide0: $volid,size=4M\nmemory: 64\n",
+        'qm config prints the config lines');
     ($rc, $out, $err) = qm('node1', 'start', $v);
     is($rc, 0, 'a VM with a disk on local storage starts') or diag($err);
-    like(scalar($lab->run_ok('node1', 'pvesm', 'list', 'local')), qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
-	'its volume was created on node1\'s local storage, at the configured size');
-    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//, 1, 'node2 does not see node1\'s local storage');
-    like($cmdline->('node1'), qr/-drive file=\Q$dir\E\/local\/images\/$v\/vm-$v-disk-0\.raw,format=raw,if=ide,index=0,id=drive-ide0/,
-	'QEMU opens it as drive-ide0');
+    like(
+        scalar($lab->run_ok('node1', 'pvesm', 'list', 'local')),
+        qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
+        'its volume was created on node1\'s local storage, at the configured size'
+    );
+    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//,
+        1, 'node2 does not see node1\'s local storage');
+    like(
+        $cmdline->('node1'),
+        qr/-drive file=\Q$dir\E\/local\/images\/$v\/vm-$v-disk-0\.raw,format=raw,if=ide,index=0,id=drive-ide0/,
+        'QEMU opens it as drive-ide0'
+    );
 
     # a target without --targetstorage cannot have the local volume (as upstream)
     ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
-	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix');
+        'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix');
     isnt($rc, 0, 'target start without --targetstorage fails for a local disk');
     like($err, qr/^volume '\Q$volid\E' does not exist$/m, 'the missing volume is named');
 
     # secure + --targetstorage: a new volume, exported over the NBD UNIX socket
     ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
-	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix',
-	'--targetstorage', '1');
+        'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix', '--targetstorage', '1');
     is($rc, 0, 'target start with --targetstorage 1') or diag($err);
-    is($out, "migration listens on unix:/run/qemu-server/$v.migrate\n"
-	. "storage migration listens on nbd:unix:/run/qemu-server/${v}_nbd.migrate:exportname=drive-ide0 volume:$volid,size=4M\n",
-	'upstream\'s two lines: RAM socket, then the NBD export with the new drive string');
-    like(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')), qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
-	'the new volume is on node2\'s local storage, same size');
+    is(
+        $out,
+        "migration listens on unix:/run/qemu-server/$v.migrate\n"
+            . "storage migration listens on nbd:unix:/run/qemu-server/${v}_nbd.migrate:exportname=drive-ide0 volume:$volid,size=4M\n",
+        'upstream\'s two lines: RAM socket, then the NBD export with the new drive string'
+    );
+    like(
+        scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')),
+        qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
+        'the new volume is on node2\'s local storage, same size'
+    );
     qm('node2', 'stop', $v, '--migratedfrom', 'node1');
-    is(scalar($lab->run_ok('node2', 'pvesm', 'free', $volid)), "Removed volume '$volid'\n", 'pvesm free removes it');
+    is(
+        scalar($lab->run_ok('node2', 'pvesm', 'free', $volid)),
+        "Removed volume '$volid'\n",
+        'pvesm free removes it'
+    );
 
     # --targetstorage small: mapped to another storage
-    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
-	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'secure', '--stateuri', 'unix',
-	'--targetstorage', 'local:small');
+    ($rc, $out, $err) = run_input(
+        'node2', "nbd_protocol_version: 1\n",
+        'qm', 'start',
+        $v, '--skiplock',
+        '--migratedfrom', 'node1',
+        '--migration_type', 'secure',
+        '--stateuri', 'unix',
+        '--targetstorage', 'local:small'
+    );
     is($rc, 0, 'target start with a storage map') or diag($err);
-    like($out, qr/^storage migration listens on \S+ volume:small:$v\/vm-$v-disk-0\.raw,size=4M$/m, 'the map sends local to small');
+    like(
+        $out,
+        qr/^storage migration listens on \S+ volume:small:$v\/vm-$v-disk-0\.raw,size=4M$/m,
+        'the map sends local to small'
+    );
     qm('node2', 'stop', $v, '--migratedfrom', 'node1');
     $lab->run_ok('node2', 'pvesm', 'free', "small:$v/vm-$v-disk-0.raw");
 
     # insecure: RAM and NBD on the address in the migration network, on ports QEMU bound itself
-    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
-	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'insecure',
-	'--migration_network', '198.19.0.0/24', '--stateuri', 'tcp', '--targetstorage', '1');
+    ($rc, $out, $err) = run_input(
+        'node2', "nbd_protocol_version: 1\n",
+        'qm', 'start',
+        $v, '--skiplock',
+        '--migratedfrom', 'node1',
+        '--migration_type', 'insecure',
+        '--migration_network', '198.19.0.0/24',
+        '--stateuri', 'tcp',
+        '--targetstorage', '1'
+    );
     is($rc, 0, 'insecure target start') or diag($err);
     my ($ram) = $out =~ /^migration listens on tcp:198\.19\.0\.2:(\d+)$/m;
-    my ($nbd) = $out =~ /^storage migration listens on nbd:198\.19\.0\.2:(\d+):exportname=drive-ide0 volume:\Q$volid\E,size=4M$/m;
-    ok($ram && $nbd && $ram != $nbd, "insecure: RAM ($ram) and NBD ($nbd) on the migration network address") or diag($out);
-    like($cmdline->('node2'), qr/-incoming defer/, 'insecure: QEMU starts with -incoming defer (the port comes after)');
+    my ($nbd) = $out =~
+        /^storage migration listens on nbd:198\.19\.0\.2:(\d+):exportname=drive-ide0 volume:\Q$volid\E,size=4M$/m;
+    ok($ram && $nbd && $ram != $nbd,
+        "insecure: RAM ($ram) and NBD ($nbd) on the migration network address")
+        or diag($out);
+    like(
+        $cmdline->('node2'),
+        qr/-incoming defer/,
+        'insecure: QEMU starts with -incoming defer (the port comes after)'
+    );
     my (undef, $ss) = $lab->run('node2', 'ss', '-Hltn');
     like($ss, qr/198\.19\.0\.2:$ram\b/, 'insecure: the RAM port really listens');
     like($ss, qr/198\.19\.0\.2:$nbd\b/, 'insecure: the NBD port really listens');
@@ -384,12 +498,24 @@ sub v2 {
     $lab->run_ok('node2', 'pvesm', 'free', $volid);
 
     # a migration network without an address of this node
-    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
-	'qm', 'start', $v, '--skiplock', '--migratedfrom', 'node1', '--migration_type', 'insecure',
-	'--migration_network', '198.20.0.0/24', '--stateuri', 'tcp', '--targetstorage', '1');
+    ($rc, $out, $err) = run_input(
+        'node2', "nbd_protocol_version: 1\n",
+        'qm', 'start',
+        $v, '--skiplock',
+        '--migratedfrom', 'node1',
+        '--migration_type', 'insecure',
+        '--migration_network', '198.20.0.0/24',
+        '--stateuri', 'tcp',
+        '--targetstorage', '1'
+    );
     isnt($rc, 0, 'insecure start with a foreign network fails');
-    like($err, qr/^could not get IP: no address configured on local node for network '198\.20\.0\.0\/24'$/m, 'upstream\'s text');
-    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//, 1, 'the failed start left no volume behind');
+    like(
+        $err,
+        qr/^could not get IP: no address configured on local node for network '198\.20\.0\.0\/24'$/m,
+        'upstream\'s text'
+    );
+    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//,
+        1, 'the failed start left no volume behind');
     is($cmdline->('node2'), '', 'the failed start left no QEMU');
 
     qm('node1', 'stop', $v);
@@ -399,8 +525,10 @@ sub v2 {
 # ------------------------------------------------------------ teardown
 
 $lab->down;
-my @mounted = grep { (split / /)[4] =~ /^\Q$dir\E(\/|$)/ } split /\n/, MTunnelLab::slurp('/proc/self/mountinfo');
+my @mounted = grep { (split / /)[4] =~ /^\Q$dir\E(\/|$)/ } split /\n/,
+    MTunnelLab::slurp('/proc/self/mountinfo');
 is_deeply(\@mounted, [], 'lab down leaves nothing of the lab mounted');
-ok(!-e '/usr/sbin/qm' || MTunnelLab::slurp('/usr/sbin/qm') !~ /MTUNNEL_LAB/, "no lab qm on the host's /usr/sbin after down");
+ok(!-e '/usr/sbin/qm' || MTunnelLab::slurp('/usr/sbin/qm') !~ /MTUNNEL_LAB/,
+    "no lab qm on the host's /usr/sbin after down");
 is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left by this test');
 done_testing();

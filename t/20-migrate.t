@@ -18,31 +18,58 @@ my $mem = 256;
 my $lab = MTunnelLab->up(nodes => 2);
 $lab->write_vm_config($vmid, memory => $mem);
 $lab->run_ok('node1', 'qm', 'start', $vmid);
-like(scalar($lab->run_ok('node1', 'qm', 'status', $vmid, '--verbose')), qr/qmpstatus: running/, 'source VM runs on node1');
+like(
+    scalar($lab->run_ok('node1', 'qm', 'status', $vmid, '--verbose')),
+    qr/qmpstatus: running/,
+    'source VM runs on node1'
+);
 # KVM guests spend seconds in SeaBIOS: wait until the page loop runs, then let it dirty memory.
 $lab->run_ok("node1", "$top/lab/guest-check", "--wait", $vmid);
 sleep(1);
 
-my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
-    '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2', '--memory', $mem);
+my ($rc, $out, $err) = $lab->run(
+    'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+    '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2',
+    '--memory', $mem
+);
 is($rc, 0, 'driver exits 0') or diag("$out$err");
 is($err, '', 'driver writes nothing to stderr (no Perl warning)');
-like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ssh tunnel ver 1$/m, 'task log shows the tunnel version');
-like($out, qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d starting online\/live migration on unix:\/run\/qemu-server\/$vmid\.migrate$/m,
-    'task log shows the migration URI');
+like(
+    $out,
+    qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ssh tunnel ver 1$/m,
+    'task log shows the tunnel version'
+);
+like(
+    $out,
+    qr/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d starting online\/live migration on unix:\/run\/qemu-server\/$vmid\.migrate$/m,
+    'task log shows the migration URI'
+);
 like($out, qr/migration status: completed$/m, 'migration completed');
-like(MTunnelLab::slurp($lab->dir . '/node2/qm-start.log'),
+like(
+    MTunnelLab::slurp($lab->dir . '/node2/qm-start.log'),
     qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix --machine pc-\S+ stdin=nbd_protocol_version:1$/m,
-    'the target was started as upstream does: --skiplock, --stateuri, the source\'s machine type, nbd_protocol_version on stdin');
-like($out, qr/^\S+ \S+ migration downtime limit: 100 ms\n\S+ \S+ migration cachesize: 32\.0 MiB\n\S+ \S+ set migration parameters$/m,
-    'parameters logged as upstream: downtime limit, xbzrle cache of a tenth of 256 MiB rounded up');
+    'the target was started as upstream does: --skiplock, --stateuri, the source\'s machine type, nbd_protocol_version on stdin'
+);
+like(
+    $out,
+    qr/^\S+ \S+ migration downtime limit: 100 ms\n\S+ \S+ migration cachesize: 32\.0 MiB\n\S+ \S+ set migration parameters$/m,
+    'parameters logged as upstream: downtime limit, xbzrle cache of a tenth of 256 MiB rounded up'
+);
 like($out, qr/^TASK OK$/m, 'task OK');
 my ($timing) = $out =~ /^(TIMING .*)$/m;
 diag($timing // 'no timing line');
 note($out);
 
-like(scalar($lab->run_ok('node2', 'qm', 'status', $vmid, '--verbose')), qr/qmpstatus: running/, 'target VM is running on node2');
-like(scalar($lab->run_ok('node1', 'qm', 'status', $vmid)), qr/^status: stopped$/m, 'VM is stopped on node1');
+like(
+    scalar($lab->run_ok('node2', 'qm', 'status', $vmid, '--verbose')),
+    qr/qmpstatus: running/,
+    'target VM is running on node2'
+);
+like(
+    scalar($lab->run_ok('node1', 'qm', 'status', $vmid)),
+    qr/^status: stopped$/m,
+    'VM is stopped on node1'
+);
 is_deeply([$lab->qemu_pids('node1')], [], 'no QEMU process left on node1');
 
 my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
@@ -53,9 +80,10 @@ $lab->run_ok('node2', 'qm', 'stop', $vmid);
 
 is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
 for my $node (qw(node1 node2)) {
-    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' } $lab->procs_in($node);
+    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' }
+        $lab->procs_in($node);
     is_deeply(\@left, [], "no ssh, QEMU or other process left in $node (besides sshd)")
-	or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
+        or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
 }
 is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left by this test');
 

@@ -31,7 +31,8 @@ sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 
 sub run_flow {
     my ($from, $to, @args) = @_;
-    return $lab->run($from, $flow, $vmid, $to, '--node', $from, '--ssh-file', "$dir/ssh_prefix_$to", '--config-dir', $confdir, @args);
+    return $lab->run($from, $flow, $vmid, $to, '--node', $from, '--ssh-file',
+        "$dir/ssh_prefix_$to", '--config-dir', $confdir, @args);
 }
 
 # Both nodes clean: no socket file, nothing but sshd in their netns, no lock, no zombie.
@@ -39,8 +40,13 @@ sub clean_ok {
     my ($name, $since) = @_;
     is_deeply([$lab->socket_files($_)], [], "$name: no socket file left on $_") for qw(node1 node2);
     for my $node (qw(node1 node2)) {
-	my @left = grep { my $c = slurp("/proc/$_/comm"); chomp $c; $c ne 'sshd' && $c ne 'qemu-system-x86' } $lab->procs_in($node);
-	is_deeply(\@left, [], "$name: no ssh or qm process left in $node") or diag(`ps -o pid,args -p @{[join(',', @left)]}`);
+        my @left = grep {
+            my $c = slurp("/proc/$_/comm");
+            chomp $c;
+            $c ne 'sshd' && $c ne 'qemu-system-x86'
+        } $lab->procs_in($node);
+        is_deeply(\@left, [], "$name: no ssh or qm process left in $node")
+            or diag(`ps -o pid,args -p @{[join(',', @left)]}`);
     }
     unlike(slurp("$confdir/$vmid.conf"), qr/^lock:/m, "$name: the migrate lock is gone");
     is_deeply([MTunnelLab::zombies_since($since)], [], "$name: no zombie left");
@@ -69,8 +75,8 @@ sub upstream_log_ok {
     my @lines = split /\n/, $out;
     my $i = 0;
     for my $re (@upstream_lines) {
-	$i++ while $i < @lines && $lines[$i] !~ /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d $re$/;
-	ok($i < @lines, "$name: task log has upstream's line /$re/ in order") or return diag($out);
+        $i++ while $i < @lines && $lines[$i] !~ /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d $re$/;
+        ok($i < @lines, "$name: task log has upstream's line /$re/ in order") or return diag($out);
     }
 }
 
@@ -82,14 +88,22 @@ sleep(1);
 {
     my $t0 = time();
     my ($rc, $out, $err) = run_flow('node1', 'node2');
-    is($rc, 0, 'v1: QemuMigrate.pm\'s sequence on the drop-in migrates node1 -> node2') or diag("$out$err");
+    is($rc, 0, 'v1: QemuMigrate.pm\'s sequence on the drop-in migrates node1 -> node2')
+        or diag("$out$err");
     is($err, '', 'v1: nothing on stderr (no Perl warning)');
     upstream_log_ok('v1', $out);
     like($out, qr/ssh tunnel ver 1$/m, 'v1: the tunnel speaks protocol v1');
-    like($out, qr/-S poll: sockets ready at look 1$/m, 'v1: QemuMigrate.pm\'s -S poll passes at its first look');
+    like(
+        $out,
+        qr/-S poll: sockets ready at look 1$/m,
+        'v1: QemuMigrate.pm\'s -S poll passes at its first look'
+    );
     unlike($out, qr/ERROR/, 'v1: no error in the task log');
-    like(slurp("$dir/node2/qm-start.log"), qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix --machine pc-\S+ stdin=nbd_protocol_version:1$/m,
-	'v1: the target was started with upstream\'s options and stdin line');
+    like(
+        slurp("$dir/node2/qm-start.log"),
+        qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri unix --machine pc-\S+ stdin=nbd_protocol_version:1$/m,
+        'v1: the target was started with upstream\'s options and stdin line'
+    );
     is(qmpstatus('node2'), 'running', 'v1: VM runs on node2 (resumed through the tunnel)');
     is(qmpstatus('node1'), 'stopped', 'v1: VM is stopped on node1');
     note($out);
@@ -99,11 +113,15 @@ sleep(1);
 {
     my $t0 = time();
     my ($rc, $out, $err) = run_flow('node2', 'node1', '--tunnel-version', 2);
-    is($rc, 0, 'v2: the same sequence over a protocol v2 tunnel migrates node2 -> node1') or diag("$out$err");
+    is($rc, 0, 'v2: the same sequence over a protocol v2 tunnel migrates node2 -> node1')
+        or diag("$out$err");
     upstream_log_ok('v2', $out);
     like($out, qr/ssh tunnel ver 2$/m, 'v2: the tunnel speaks protocol v2');
-    like($out, qr/received command 'resume'.*received command 'unlock'.*received command 'quit'/s,
-	'v2: resume, unlock and quit went through the tunnel as JSON commands');
+    like(
+        $out,
+        qr/received command 'resume'.*received command 'unlock'.*received command 'quit'/s,
+        'v2: resume, unlock and quit went through the tunnel as JSON commands'
+    );
     is(qmpstatus('node1'), 'running', 'v2: VM runs on node1');
     is(qmpstatus('node2'), 'stopped', 'v2: VM is stopped on node2');
     clean_ok('v2', $t0);
@@ -113,9 +131,21 @@ sleep(1);
     my $t0 = time();
     my ($rc, $out, $err) = run_flow('node1', 'node2', '--fault', 'after-tunnel');
     isnt($rc, 0, 'failure after the tunnel is up: the flow reports failure');
-    like($out, qr/ERROR: online migrate failure - injected fault after the tunnel is up$/m, 'failure after the tunnel: cause logged');
-    like($out, qr/aborting phase 2 - cleanup resources$/m, 'failure after the tunnel: phase2_cleanup ran');
-    like($out, qr/ERROR: migration finished with problems/m, 'failure after the tunnel: verdict as upstream');
+    like(
+        $out,
+        qr/ERROR: online migrate failure - injected fault after the tunnel is up$/m,
+        'failure after the tunnel: cause logged'
+    );
+    like(
+        $out,
+        qr/aborting phase 2 - cleanup resources$/m,
+        'failure after the tunnel: phase2_cleanup ran'
+    );
+    like(
+        $out,
+        qr/ERROR: migration finished with problems/m,
+        'failure after the tunnel: verdict as upstream'
+    );
     is(qmpstatus('node1'), 'running', 'failure after the tunnel: VM keeps running on node1');
     is(qmpstatus('node2'), 'stopped', 'failure after the tunnel: no VM left on node2');
     clean_ok('failure after the tunnel', $t0);
@@ -128,38 +158,61 @@ sleep(1);
     my $log = "$dir/flow-kill.log";
     my $pid = fork() // die;
     if (!$pid) {
-	$ENV{MTUNNEL_LAB} = $lab->name;
-	open(STDOUT, '>', $log) or die;
-	open(STDERR, '>&', \*STDOUT) or die;
-	exec("$top/lab/lab.sh", 'exec', 'node1', $flow, $vmid, 'node2', '--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2",
-	    '--config-dir', $confdir, '--tunnel-version', 2, '--bwlimit', 8192) or die;
+        $ENV{MTUNNEL_LAB} = $lab->name;
+        open(STDOUT, '>', $log) or die;
+        open(STDERR, '>&', \*STDOUT) or die;
+        exec(
+            "$top/lab/lab.sh", 'exec', 'node1',
+            $flow, $vmid, 'node2',
+            '--node', 'node1', '--ssh-file',
+            "$dir/ssh_prefix_node2", '--config-dir', $confdir,
+            '--tunnel-version', 2, '--bwlimit',
+            8192
+        ) or die;
     }
     my ($done, $status) = (0, undef);
-    my $reap = sub { if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? } return $done };
+    my $reap = sub {
+        if (!$done && waitpid($pid, WNOHANG) == $pid) { $done = 1; $status = $? }
+        return $done;
+    };
     my $active = 0;
     for (1 .. 300) {
-	if (slurp($log) =~ /migration active/) { $active = 1; last }
-	last if $reap->();
-	sleep(0.1);
+        if (slurp($log) =~ /migration active/) { $active = 1; last }
+        last if $reap->();
+        sleep(0.1);
     }
     ok($active, 'target killed: migration was under way') or diag(slurp($log));
     ok(kill('KILL', $lab->qemu_pids('node2')), 'target killed: the target QEMU was killed');
     for (1 .. 600) { last if $reap->(); sleep(0.1) }
-    ok($done, sprintf('target killed: the flow finished (%.1f s)', time() - $t0)) or kill('KILL', $pid);
+    ok($done, sprintf('target killed: the flow finished (%.1f s)', time() - $t0))
+        or kill('KILL', $pid);
     my $out = slurp($log);
     isnt(($status // 0) >> 8, 0, 'target killed: the flow reports failure');
-    like($out, qr/migration status error: failed/m, 'target killed: the failed migration is logged');
-    like($out, qr/received command 'stop'/, 'target killed: phase2_cleanup stopped the target through the v2 tunnel');
+    like($out, qr/migration status error: failed/m,
+        'target killed: the failed migration is logged');
+    like(
+        $out,
+        qr/received command 'stop'/,
+        'target killed: phase2_cleanup stopped the target through the v2 tunnel'
+    );
     my @errors = map { s/^\S+ \S+ ERROR: //r } grep { /^\S+ \S+ ERROR: / } split /\n/, $out;
-    is_deeply(\@errors, ['online migrate failure - aborting', 'migration finished with problems (duration ' . ($errors[-1] =~ /\((duration [^)]*)\)/ ? substr($1, 9) : '') . ')'],
-	'target killed: the only errors are the failure and the verdict (stop and finish_tunnel went through)') or diag($out);
+    is_deeply(
+        \@errors,
+        [
+            'online migrate failure - aborting',
+            'migration finished with problems (duration '
+                . ($errors[-1] =~ /\((duration [^)]*)\)/ ? substr($1, 9) : '') . ')'
+        ],
+        'target killed: the only errors are the failure and the verdict (stop and finish_tunnel went through)'
+    ) or diag($out);
     is(qmpstatus('node1'), 'running', 'target killed: VM keeps running on node1');
     is(qmpstatus('node2'), 'stopped', 'target killed: no VM on node2');
     clean_ok('target killed', $t0);
 }
 
 my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
-is($crc, 0, 'after four migrations and two failures the guest memory is intact on node1') or diag($check);
+is($crc, 0, 'after four migrations and two failures the guest memory is intact on node1')
+    or diag($check);
 $lab->run_ok('node1', 'qm', 'stop', $vmid);
 
 # ------------------------------------------------------------ the drop-in's contract
@@ -181,28 +234,45 @@ sub dies_like {
 
 {
     my @log;
-    my $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { push @log, [@_] });
+    my $t =
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { push @log, [@_] });
     is($t->{version}, 1, 'fork_ssh_tunnel: version 1');
     like($t->{pid}, qr/^\d+$/, 'fork_ssh_tunnel: pid of ssh');
     is_deeply($t->{rem_ssh}, \@ssh, 'fork_ssh_tunnel: rem_ssh kept');
     ok(ref($t->{log}) eq 'CODE', 'fork_ssh_tunnel: log kept');
     ok(-S $sock, 'fork_ssh_tunnel: returns with the forward listening (-S passes at once)');
-    ok((grep { $_->[0] eq 'info' && $_->[1] eq "ssh tunnel ver 1\n" } @log), 'fork_ssh_tunnel: logs "ssh tunnel ver 1\n" at info, as upstream');
+    ok(
+        (grep { $_->[0] eq 'info' && $_->[1] eq "ssh tunnel ver 1\n" } @log),
+        'fork_ssh_tunnel: logs "ssh tunnel ver 1\n" at info, as upstream'
+    );
 
-    dies_like(sub { PVE::MTunnel::Tunnel::write_tunnel($t, 30, "resume 999") },
-	qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/, 'write_tunnel v1: ERR reply is upstream\'s error');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 30, "resume 999") },
+        qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/,
+        'write_tunnel v1: ERR reply is upstream\'s error'
+    );
     my $start = time();
     my $alarms = 0;
     local $SIG{ALRM} = sub { $alarms++ };
     alarm(1);
-    dies_like(sub { PVE::MTunnel::Tunnel::write_tunnel($t, 2.5, "frobnicate") },
-	qr/^no reply to command 'frobnicate': no reply from tunnel to root\@198\.18\.0\.2 within \d+ ms/, 'write_tunnel v1: an unknown command times out naming it');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 2.5, "frobnicate") },
+        qr/^no reply to command 'frobnicate': no reply from tunnel to root\@198\.18\.0\.2 within \d+ ms/,
+        'write_tunnel v1: an unknown command times out naming it'
+    );
     alarm(0);
     my $took = time() - $start;
-    ok($took >= 2.4, sprintf('write_tunnel: a host alarm after 1 s did not cut the 2.5 s deadline short (%.2f s)', $took));
+    ok(
+        $took >= 2.4,
+        sprintf(
+            'write_tunnel: a host alarm after 1 s did not cut the 2.5 s deadline short (%.2f s)',
+            $took)
+    );
     is($alarms, 1, 'write_tunnel: the host\'s alarm handler still ran');
-    is(PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'quit'), undef, 'write_tunnel v1: OK returns nothing');
-    is(PVE::MTunnel::Tunnel::read_tunnel($t, 5), undef, 'read_tunnel: end of stream after quit reads as undef');
+    is(PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'quit'),
+        undef, 'write_tunnel v1: OK returns nothing');
+    is(PVE::MTunnel::Tunnel::read_tunnel($t, 5),
+        undef, 'read_tunnel: end of stream after quit reads as undef');
     PVE::MTunnel::Tunnel::finish_tunnel($t);
     ok(!-e $sock, 'finish_tunnel: the forwarded socket is removed');
     PVE::MTunnel::Tunnel::finish_tunnel($t);
@@ -223,47 +293,97 @@ sub dies_like {
     close($fh);
     my $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
     $t->{unix_sockets} = [$sock, $file];
-    dies_like(sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
-	qr/^refusing to use socket path '\Q$file\E': it is a regular file, not a socket$/, 'finish_tunnel: a local regular file in unix_sockets is named');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
+        qr/^refusing to use socket path '\Q$file\E': it is a regular file, not a socket$/,
+        'finish_tunnel: a local regular file in unix_sockets is named'
+    );
     is(slurp($file), "canary\n", 'finish_tunnel: the local regular file is kept');
-    is(scalar($lab->run_ok('node2', 'cat', $file)), "canary\n", 'finish_tunnel: the remote regular file is kept');
+    is(scalar($lab->run_ok('node2', 'cat', $file)),
+        "canary\n", 'finish_tunnel: the remote regular file is kept');
     unlink($file);
     $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
     $t->{unix_sockets} = [$sock, $file];
-    dies_like(sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
-	qr/^refusing to remove '\Q$file\E' on root\@198\.18\.0\.2: not a socket \(kept\)$/, 'finish_tunnel: a remote regular file in unix_sockets is named');
-    is(scalar($lab->run_ok('node2', 'cat', $file)), "canary\n", 'finish_tunnel: the remote regular file is still kept');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
+        qr/^refusing to remove '\Q$file\E' on root\@198\.18\.0\.2: not a socket \(kept\)$/,
+        'finish_tunnel: a remote regular file in unix_sockets is named'
+    );
+    is(scalar($lab->run_ok('node2', 'cat', $file)),
+        "canary\n", 'finish_tunnel: the remote regular file is still kept');
     $lab->run_ok('node2', 'rm', $file);
     $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, [], sub { });
     $t->{unix_sockets} = [$canary];
-    dies_like(sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
-	qr/^not removing cleanup socket: invalid socket path '\Q$canary\E': not in \/run\/qemu-server$/, 'finish_tunnel: a path outside the socket pattern is refused');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::finish_tunnel($t) },
+        qr/^not removing cleanup socket: invalid socket path '\Q$canary\E': not in \/run\/qemu-server$/,
+        'finish_tunnel: a path outside the socket pattern is refused'
+    );
     is(slurp($canary), "canary\n", 'finish_tunnel: the canary outside the pattern is untouched');
 }
 
-dies_like(sub { PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:localhost:60000'], sub { }) },
-    qr/^can't open tunnel - unsupported forward '60000:localhost:60000': only UNIX socket forwards/, 'fork_ssh_tunnel: a TCP forward spec is refused, naming it');
-dies_like(sub { PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'no quorum'], [], sub { }) },
-    qr/^can't open tunnel - no quorum on target node$/, 'fork_ssh_tunnel: no quorum');
-dies_like(sub { PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'Welcome!'], [], sub { }) },
-    qr/^can't open tunnel - got strange reply from tunnel \('Welcome!'\)$/, 'fork_ssh_tunnel: strange greeting');
-dies_like(sub { PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'tunnel online'], [], sub { }) },
-    qr/^can't open tunnel - failed to receive tunnel version string \(ssh to root\@198\.18\.0\.2 exit code 0/, 'fork_ssh_tunnel: no version line');
-dies_like(sub { PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['sh', '-c', 'echo "no such command" >&2; exit 127'], [], sub { }) },
+dies_like(
+    sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:localhost:60000'], sub { });
+    },
+    qr/^can't open tunnel - unsupported forward '60000:localhost:60000': only UNIX socket forwards/,
+    'fork_ssh_tunnel: a TCP forward spec is refused, naming it'
+);
+dies_like(
+    sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'no quorum'], [], sub { });
+    },
+    qr/^can't open tunnel - no quorum on target node$/,
+    'fork_ssh_tunnel: no quorum'
+);
+dies_like(
+    sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'Welcome!'], [], sub { });
+    },
+    qr/^can't open tunnel - got strange reply from tunnel \('Welcome!'\)$/,
+    'fork_ssh_tunnel: strange greeting'
+);
+dies_like(
+    sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'tunnel online'], [], sub { });
+    },
+    qr/^can't open tunnel - failed to receive tunnel version string \(ssh to root\@198\.18\.0\.2 exit code 0/,
+    'fork_ssh_tunnel: no version line'
+);
+dies_like(
+    sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh,
+            ['sh', '-c', 'echo "no such command" >&2; exit 127'],
+            [], sub { });
+    },
     qr/^can't open tunnel - ssh to root\@198\.18\.0\.2 exit code 127 while waiting for 'tunnel online'; stderr: no such command$/,
-    'fork_ssh_tunnel: ssh\'s stderr tail is in the error');
+    'fork_ssh_tunnel: ssh\'s stderr tail is in the error'
+);
 
 {
     my $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, [@$qm, '--v2', 300], [], sub { });
     is($t->{version}, 2, 'v2: version 2');
     my $reply = PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'version');
-    is_deeply([$reply->{api}, $reply->{age}, !!$reply->{success}], [2, 0, 1], 'write_tunnel v2: returns the decoded reply');
-    dies_like(sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'resume') },
-	qr/^error - tunnel command '\{"cmd":"resume"\}' failed - .*VM 300 not running/, 'write_tunnel v2: success false dies with msg');
-    dies_like(sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'lab-garbage') },
-	qr/^failed to decode tunnel reply 'this is not json' \(command '\{"cmd":"lab-garbage"\}'\) - /, 'write_tunnel v2: a reply that is not JSON');
-    dies_like(sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'frobnicate', { x => 1 }) },
-	qr/^error - tunnel command '\{"cmd":"frobnicate","x":1\}' failed - unknown command 'frobnicate' given$/, 'write_tunnel v2: params go into the JSON command');
+    is_deeply(
+        [$reply->{api}, $reply->{age}, !!$reply->{success}],
+        [2, 0, 1],
+        'write_tunnel v2: returns the decoded reply'
+    );
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'resume') },
+        qr/^error - tunnel command '\{"cmd":"resume"\}' failed - .*VM 300 not running/,
+        'write_tunnel v2: success false dies with msg'
+    );
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'lab-garbage') },
+        qr/^failed to decode tunnel reply 'this is not json' \(command '\{"cmd":"lab-garbage"\}'\) - /,
+        'write_tunnel v2: a reply that is not JSON'
+    );
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 10, 'frobnicate', { x => 1 }) },
+        qr/^error - tunnel command '\{"cmd":"frobnicate","x":1\}' failed - unknown command 'frobnicate' given$/,
+        'write_tunnel v2: params go into the JSON command'
+    );
     PVE::MTunnel::Tunnel::finish_tunnel($t, 1);
     pass('finish_tunnel v2: quit with cleanup answered');
 }
@@ -287,32 +407,63 @@ PM
     local @INC = ("$inc", @INC);
     PVE::MTunnel::Tunnel->import(':pve-tunnel');
     my $t = PVE::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
-    ok($t->{mtunnel} && -S $sock, 'one-line switch: PVE::Tunnel::fork_ssh_tunnel opens the tunnel through the library');
-    dies_like(sub { PVE::Tunnel::write_tunnel($t, 30, "resume 999") },
-	qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/, 'one-line switch: PVE::Tunnel::write_tunnel on it is the library\'s');
+    ok($t->{mtunnel} && -S $sock,
+        'one-line switch: PVE::Tunnel::fork_ssh_tunnel opens the tunnel through the library');
+    dies_like(
+        sub { PVE::Tunnel::write_tunnel($t, 30, "resume 999") },
+        qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/,
+        'one-line switch: PVE::Tunnel::write_tunnel on it is the library\'s'
+    );
     PVE::Tunnel::finish_tunnel($t);
     ok(!-e $sock, 'one-line switch: PVE::Tunnel::finish_tunnel closes it');
     my $websocket = { version => 2, pid => 1 };
-    is_deeply(PVE::Tunnel::write_tunnel($websocket, 10, 'stop'), { success => 1 }, 'one-line switch: another tunnel goes to upstream\'s write_tunnel');
+    is_deeply(
+        PVE::Tunnel::write_tunnel($websocket, 10, 'stop'),
+        { success => 1 },
+        'one-line switch: another tunnel goes to upstream\'s write_tunnel'
+    );
     PVE::Tunnel::finish_tunnel($websocket);
-    is(PVE::Tunnel::read_tunnel($websocket, 1), 'line', 'one-line switch: ... and to upstream\'s read_tunnel');
+    is(PVE::Tunnel::read_tunnel($websocket, 1),
+        'line', 'one-line switch: ... and to upstream\'s read_tunnel');
     no warnings 'once';
-    is_deeply(\@PVE::Tunnel::calls, ['write_tunnel stop', 'finish_tunnel', 'read_tunnel'], 'one-line switch: only the other tunnel reached upstream\'s functions');
+    is_deeply(
+        \@PVE::Tunnel::calls,
+        ['write_tunnel stop', 'finish_tunnel', 'read_tunnel'],
+        'one-line switch: only the other tunnel reached upstream\'s functions'
+    );
 }
 
 {
     # qmp_migrate_setup on a real QEMU: capabilities as set_migration_caps, parameters as phase 2.
     $lab->run_ok('node1', 'qm', 'start', 300);
     my $qmp = '/run/qemu-server/300.qmp';
-    PVE::MTunnel::qmp_execute($qmp, 'migrate-set-capabilities', { capabilities => [{ capability => 'events', state => JSON::PP::true }] });
-    my $applied = PVE::MTunnel::qmp_migrate_setup($qmp, { capabilities => { 'auto-converge' => 1, xbzrle => 1 }, parameters => { 'downtime-limit' => 100 } });
-    my @on = sort map { $_->{capability} } grep { $_->{state} } @{ PVE::MTunnel::qmp_execute($qmp, 'query-migrate-capabilities') };
-    is_deeply(\@on, ['auto-converge', 'xbzrle'], 'qmp_migrate_setup: only the wanted capabilities are on ("events", left on before, is off)');
+    PVE::MTunnel::qmp_execute($qmp, 'migrate-set-capabilities',
+        { capabilities => [{ capability => 'events', state => JSON::PP::true }] });
+    my $applied = PVE::MTunnel::qmp_migrate_setup(
+        $qmp,
+        {
+            capabilities => { 'auto-converge' => 1, xbzrle => 1 },
+            parameters => { 'downtime-limit' => 100 }
+        }
+    );
+    my @on = sort map { $_->{capability} }
+        grep { $_->{state} } @{ PVE::MTunnel::qmp_execute($qmp, 'query-migrate-capabilities') };
+    is_deeply(
+        \@on,
+        ['auto-converge', 'xbzrle'],
+        'qmp_migrate_setup: only the wanted capabilities are on ("events", left on before, is off)'
+    );
     my $p = PVE::MTunnel::qmp_execute($qmp, 'query-migrate-parameters');
-    is_deeply([@$p{qw(max-bandwidth downtime-limit xbzrle-cache-size)}], [16 << 30, 100, 8 << 20],
-	'qmp_migrate_setup: 16 GiB/s, the downtime limit, and a tenth of 64 MiB rounded up to 8 MiB as xbzrle cache');
-    is_deeply($applied->{parameters}, { 'max-bandwidth' => 16 << 30, 'downtime-limit' => 100, 'xbzrle-cache-size' => 8 << 20 },
-	'qmp_migrate_setup: returns what it set');
+    is_deeply(
+        [@$p{qw(max-bandwidth downtime-limit xbzrle-cache-size)}],
+        [16 << 30, 100, 8 << 20],
+        'qmp_migrate_setup: 16 GiB/s, the downtime limit, and a tenth of 64 MiB rounded up to 8 MiB as xbzrle cache'
+    );
+    is_deeply(
+        $applied->{parameters},
+        { 'max-bandwidth' => 16 << 30, 'downtime-limit' => 100, 'xbzrle-cache-size' => 8 << 20 },
+        'qmp_migrate_setup: returns what it set'
+    );
     $lab->run_ok('node1', 'qm', 'stop', 300);
 }
 

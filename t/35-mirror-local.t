@@ -38,25 +38,37 @@ sub stop_qemu {
     for (1 .. 200) { last if !kill(0, $pid); sleep(0.02) }
 }
 END { stop_qemu($_) for keys %QEMU }
-$SIG{$_} = sub { exit(1) } for qw(INT TERM HUP);    # END still runs
+$SIG{$_} = sub { exit(1) }
+    for qw(INT TERM HUP);    # END still runs
 
 # Starts a daemonized QEMU with one IDE disk (id drive-ide0) and its QMP socket; stderr to a log.
 sub start_qemu {
     my ($name, $disk, @extra) = @_;
-    my @cmd = ($qemu, '-name', $name, '-nodefaults', '-display', 'none', '-serial', 'none', '-monitor', 'none',
-	@accel, '-cpu', 'qemu64,-pni', '-m', '64',
-	'-drive', "file=$disk,format=raw,if=ide,id=drive-ide0",
-	'-qmp', "unix:$T/$name.qmp,server=on,wait=off", '-pidfile', "$T/$name.pid", '-daemonize', @extra);
+    my @cmd = (
+        $qemu, '-name',
+        $name, '-nodefaults',
+        '-display', 'none',
+        '-serial', 'none',
+        '-monitor', 'none',
+        @accel, '-cpu',
+        'qemu64,-pni', '-m',
+        '64', '-drive',
+        "file=$disk,format=raw,if=ide,id=drive-ide0", '-qmp',
+        "unix:$T/$name.qmp,server=on,wait=off", '-pidfile',
+        "$T/$name.pid", '-daemonize',
+        @extra
+    );
     my $child = fork() // die "fork: $!";
     if (!$child) {
-	open(STDIN, '<', '/dev/null');
-	open(STDOUT, '>>', "$T/$name.log");
-	open(STDERR, '>>', "$T/$name.log");
-	exec(@cmd) or POSIX::_exit(127);
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>>', "$T/$name.log");
+        open(STDERR, '>>', "$T/$name.log");
+        exec(@cmd) or POSIX::_exit(127);
     }
     waitpid($child, 0);    # -daemonize: returns once QEMU is set up
     my $rc = $?;
-    open(my $fh, '<', "$T/$name.pid") or die "QEMU $name did not start (exit $rc): " . slurp("$T/$name.log");
+    open(my $fh, '<', "$T/$name.pid")
+        or die "QEMU $name did not start (exit $rc): " . slurp("$T/$name.log");
     my ($pid) = <$fh> =~ /(\d+)/;
     $QEMU{$name} = $pid;
     return "$T/$name.qmp";
@@ -64,7 +76,11 @@ sub start_qemu {
 
 sub slurp { my ($f) = @_; open(my $fh, '<', $f) or return ''; local $/; return <$fh> }
 sub sha { return Digest::SHA->new(256)->addfile($_[0])->hexdigest }
-sub qmp { my ($sock, $cmd, %args) = @_; return PVE::MTunnel::qmp_execute($sock, $cmd, %args ? \%args : undef) }
+
+sub qmp {
+    my ($sock, $cmd, %args) = @_;
+    return PVE::MTunnel::qmp_execute($sock, $cmd, %args ? \%args : undef);
+}
 
 sub dies_like(&$$) {
     my ($code, $re, $name) = @_;
@@ -79,7 +95,11 @@ sub dies_like(&$$) {
     open(my $in, '<:raw', '/dev/urandom') or die;
     open(my $out, '>:raw', "$T/src.raw") or die;
     my $left = $size;
-    while ($left > 0) { read($in, my $buf, 1 << 20) == 1 << 20 or die; print $out $buf or die; $left -= 1 << 20 }
+    while ($left > 0) {
+        read($in, my $buf, 1 << 20) == 1 << 20 or die;
+        print $out $buf or die;
+        $left -= 1 << 20;
+    }
     close($out) or die;
     open($out, '>', "$T/dst.raw") or die;
     truncate($out, $size) or die;
@@ -93,21 +113,28 @@ my $dst = start_qemu('dst', "$T/dst.raw", '-incoming', 'defer');
 my ($blk) = grep { $_->{device} eq 'drive-ide0' } @{ qmp($dst, 'query-block') };
 my $node = $blk->{inserted}{'node-name'} or BAIL_OUT('no node-name for drive-ide0 on the target');
 qmp($dst, 'nbd-server-start', addr => { type => 'unix', data => { path => "$T/nbd.sock" } });
-qmp($dst, 'block-export-add', type => 'nbd', id => 'drive-ide0', 'node-name' => $node, name => 'drive-ide0',
-    writable => JSON::PP::true);
+qmp(
+    $dst, 'block-export-add',
+    type => 'nbd',
+    id => 'drive-ide0',
+    'node-name' => $node,
+    name => 'drive-ide0',
+    writable => JSON::PP::true
+);
 my $nbd = "nbd:unix:$T/nbd.sock:exportname=drive-ide0";
 my @jobs = ('drive-ide0');
 note("accel $accel, QEMUs up after " . sprintf('%.1f', time() - $t0) . ' s');
 
-isnt(File::Compare::compare("$T/src.raw", "$T/dst.raw"), 0, 'before: the target disk differs from the source');
+isnt(File::Compare::compare("$T/src.raw", "$T/dst.raw"),
+    0, 'before: the target disk differs from the source');
 
 # --- the migration path: start, ready, finish with cancel
 {
     my $job = PVE::MTunnel::qmp_mirror_start($src, 'drive-ide0', $nbd);
     is($job, 'drive-ide0', 'mirror_start returns the job id (the device)');
     dies_like { PVE::MTunnel::qmp_mirror_start($src, 'drive-ide0', $nbd) }
-	qr/^drive-ide0: starting the mirror to '\Q$nbd\E': QMP command 'drive-mirror' failed: GenericError: /,
-	'a second mirror of the same device: QEMU refuses, its message is passed on';
+    qr/^drive-ide0: starting the mirror to '\Q$nbd\E': QMP command 'drive-mirror' failed: GenericError: /,
+        'a second mirror of the same device: QEMU refuses, its message is passed on';
     is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{qmp}, 'QEMU refused: qmp code');
     my $st = PVE::MTunnel::qmp_mirror_status($src, \@jobs);
     is($st->{jobs}[0]{id}, 'drive-ide0', 'status names the job');
@@ -118,7 +145,8 @@ isnt(File::Compare::compare("$T/src.raw", "$T/dst.raw"), 0, 'before: the target 
     is($r->{jobs}[0]{id}, 'drive-ide0', 'finish reports the job');
     cmp_ok($r->{jobs}[0]{offset}, '>=', $size, 'finish: the whole disk was copied');
     is_deeply(qmp($src, 'query-block-jobs'), [], 'finish: no job left (dismissed)');
-    is(File::Compare::compare("$T/src.raw", "$T/dst.raw"), 0, 'the target disk equals the source disk (cmp)');
+    is(File::Compare::compare("$T/src.raw", "$T/dst.raw"),
+        0, 'the target disk equals the source disk (cmp)');
     my ($after) = grep { $_->{device} eq 'drive-ide0' } @{ qmp($src, 'query-block') };
     is($after->{inserted}{file}, "$T/src.raw", 'the source VM still uses its own disk (no pivot)');
 }
@@ -131,37 +159,58 @@ isnt(File::Compare::compare("$T/src.raw", "$T/dst.raw"), 0, 'before: the target 
     is($st->{jobs}[0]{speed}, 1 << 20, 'speed reaches QEMU as a number');
     ok(!$st->{all_ready}, 'the slow mirror is not ready');
     dies_like { PVE::MTunnel::qmp_mirror_finish($src, \@jobs) }
-	qr/^drive-ide0 at \d+ of \d+ bytes \([\d.]+%\) is not ready \(status '\w+'\): wait until every mirror is ready before finishing$/,
-	'finish on a mirror that is not ready is refused';
-    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{invalid_argument}, 'finish refused: invalid_argument code');
+    qr/^drive-ide0 at \d+ of \d+ bytes \([\d.]+%\) is not ready \(status '\w+'\): wait until every mirror is ready before finishing$/,
+        'finish on a mirror that is not ready is refused';
+    is(
+        $PVE::MTunnel::last_error_code,
+        $PVE::MTunnel::ERROR_CODE{invalid_argument},
+        'finish refused: invalid_argument code'
+    );
     is(scalar(@{ qmp($src, 'query-block-jobs') }), 1, 'finish refused: the job was left alone');
     my $w0 = time();
     dies_like { PVE::MTunnel::qmp_mirror_wait_ready($src, \@jobs, timeout_ms => 600) }
-	qr/^mirror not ready after 0\.\d s: drive-ide0 at \d+ of \d+ bytes \([\d.]+%\)$/, 'wait_ready deadline: the job and its progress are named';
+    qr/^mirror not ready after 0\.\d s: drive-ide0 at \d+ of \d+ bytes \([\d.]+%\)$/,
+        'wait_ready deadline: the job and its progress are named';
     cmp_ok(time() - $w0, '<', 3, 'wait_ready honoured its deadline');
-    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{timeout}, 'wait_ready deadline: timeout code');
+    is(
+        $PVE::MTunnel::last_error_code,
+        $PVE::MTunnel::ERROR_CODE{timeout},
+        'wait_ready deadline: timeout code'
+    );
 
     my $r = PVE::MTunnel::qmp_mirror_cancel($src, \@jobs, timeout_ms => 10_000);
-    is_deeply($r, { cancelled => ['drive-ide0'], already_gone => [] }, 'cancel mid-copy: the job was cancelled');
-    is_deeply(qmp($src, 'query-block-jobs'), [], 'cancel mid-copy: no job left, not even a concluded one');
+    is_deeply(
+        $r,
+        { cancelled => ['drive-ide0'], already_gone => [] },
+        'cancel mid-copy: the job was cancelled'
+    );
+    is_deeply(qmp($src, 'query-block-jobs'),
+        [], 'cancel mid-copy: no job left, not even a concluded one');
     is(sha("$T/src.raw"), $src_sha, 'cancel mid-copy: the source disk is intact');
-    is(qmp($src, 'query-status')->{status}, 'prelaunch', 'cancel mid-copy: the source VM is as it was');
-    is_deeply(PVE::MTunnel::qmp_mirror_cancel($src, \@jobs, timeout_ms => 10_000), { cancelled => [], already_gone => ['drive-ide0'] },
-	'cancel again: the job is already gone, which is fine');
+    is(qmp($src, 'query-status')->{status},
+        'prelaunch', 'cancel mid-copy: the source VM is as it was');
+    is_deeply(
+        PVE::MTunnel::qmp_mirror_cancel($src, \@jobs, timeout_ms => 10_000),
+        { cancelled => [], already_gone => ['drive-ide0'] },
+        'cancel again: the job is already gone, which is fine'
+    );
 }
 
 # --- the target disappears mid-copy
 {
     # 4 MiB/s: a burst, then ~4 s of sleep; the target dies in between.
     PVE::MTunnel::qmp_mirror_start($src, 'drive-ide0', $nbd, { speed => 4 << 20 });
-    ok(!PVE::MTunnel::qmp_mirror_status($src, \@jobs)->{all_ready}, 'target loss: the mirror is copying');
+    ok(!PVE::MTunnel::qmp_mirror_status($src, \@jobs)->{all_ready},
+        'target loss: the mirror is copying');
     stop_qemu('dst');
     dies_like { PVE::MTunnel::qmp_mirror_wait_ready($src, \@jobs, timeout_ms => 20_000) }
-	qr/^drive-ide0: mirror failed: .+ \(io-status: [\w-]+\)$/, 'target loss: wait_ready fails naming the job and QEMU\'s error';
+    qr/^drive-ide0: mirror failed: .+ \(io-status: [\w-]+\)$/,
+        'target loss: wait_ready fails naming the job and QEMU\'s error';
     is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{qmp}, 'target loss: qmp code');
     is_deeply(qmp($src, 'query-block-jobs'), [], 'target loss: the failed job was dismissed');
     dies_like { PVE::MTunnel::qmp_mirror_status($src, \@jobs) }
-	qr/^drive-ide0: block job has vanished \(cancelled\?\)$/, 'status of a job that is gone names it';
+    qr/^drive-ide0: block job has vanished \(cancelled\?\)$/,
+        'status of a job that is gone names it';
     is(sha("$T/src.raw"), $src_sha, 'target loss: the source disk is intact');
 }
 

@@ -28,7 +28,9 @@ for my $round (1 .. $rounds) {
     my $rc = $? >> 8;
     my ($summary) = $out =~ /^(parallel N=.*)$/m;
     diag("round $round: " . ($summary // $out));
-    is($rc, 0, "round $round: all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
+    is($rc, 0,
+        "round $round: all $n migrations succeeded, each VM running on node2 and stopped on node1")
+        or diag($out);
     like($summary // '', qr/: $n\/$n succeeded/, "round $round: $n of $n");
 }
 
@@ -41,8 +43,11 @@ for my $round (1 .. $rounds) {
     my ($summary) = $out =~ /^(parallel N=.*)$/m;
     my $drops = (() = MTunnelLab::slurp($log) =~ /drop connection/g) - $drops_before;
     diag("MaxStartups 2:50:4: " . ($summary // $out) . "; sshd dropped $drops handshakes");
-    cmp_ok($drops, '>', 0, 'the contended sshd did drop handshakes (the round tested what it should)');
-    is($rc, 0, "MaxStartups 2:50:4: all $n migrations succeeded, each VM running on node2 and stopped on node1") or diag($out);
+    cmp_ok($drops, '>', 0,
+        'the contended sshd did drop handshakes (the round tested what it should)');
+    is($rc, 0,
+        "MaxStartups 2:50:4: all $n migrations succeeded, each VM running on node2 and stopped on node1"
+    ) or diag($out);
     like($summary // '', qr/: $n\/$n succeeded/, "MaxStartups 2:50:4: $n of $n");
     unlike($out, qr/exit \d+$/m, 'no migration reported failed while its VM runs on node2');
     $lab->sshd('node2');
@@ -54,19 +59,29 @@ my $n_insecure = $ENV{MTUNNEL_PARALLEL_INSECURE_N} // 16;
     my $rc = $? >> 8;
     my ($summary) = $out =~ /^(parallel N=.*)$/m;
     diag("insecure: " . ($summary // $out));
-    is($rc, 0, "$n_insecure insecure migrations at once all succeeded, each VM on node2 only") or diag($out);
-    like($summary // '', qr/ insecure: $n_insecure\/$n_insecure succeeded/, "insecure: $n_insecure of $n_insecure");
+    is($rc, 0, "$n_insecure insecure migrations at once all succeeded, each VM on node2 only")
+        or diag($out);
+    like(
+        $summary // '',
+        qr/ insecure: $n_insecure\/$n_insecure succeeded/,
+        "insecure: $n_insecure of $n_insecure"
+    );
     my @addr = map { /^\S+ \S+ starting online\/live migration on (tcp:\S+)$/m ? $1 : () }
-	map { MTunnelLab::slurp($lab->dir . "/parallel-logs/$_.log") } 3000 .. 3000 + $n_insecure - 1;
+        map { MTunnelLab::slurp($lab->dir . "/parallel-logs/$_.log") }
+        3000 .. 3000 + $n_insecure - 1;
     is(scalar(@addr), $n_insecure, 'insecure: every migration went to a TCP address');
-    is(scalar(grep { /^tcp:198\.19\.0\.2:\d+$/ } @addr), $n_insecure, 'insecure: all on node2\'s migration network address');
+    is(scalar(grep { /^tcp:198\.19\.0\.2:\d+$/ } @addr),
+        $n_insecure, 'insecure: all on node2\'s migration network address');
 }
 
 is_deeply([$lab->socket_files($_)], [], "no socket file left on $_") for qw(node1 node2);
-is_deeply([$lab->qemu_pids($_)], [], "no QEMU left on $_ (parallel-migrate stopped them)") for qw(node1 node2);
+is_deeply([$lab->qemu_pids($_)], [], "no QEMU left on $_ (parallel-migrate stopped them)")
+    for qw(node1 node2);
 for my $node (qw(node1 node2)) {
-    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' } $lab->procs_in($node);
-    is_deeply(\@left, [], "no ssh or other process left in $node") or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
+    my @left = grep { my $c = `cat /proc/$_/comm 2>/dev/null`; chomp $c; $c ne 'sshd' }
+        $lab->procs_in($node);
+    is_deeply(\@left, [], "no ssh or other process left in $node")
+        or diag(`ps -o pid,stat,args -p @{[join(',', @left)]}`);
 }
 is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left');
 

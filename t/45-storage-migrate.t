@@ -30,17 +30,27 @@ sub tunnel_ssh { return $lab->ssh_pids('node1') }
 
 sub migrate {
     my ($vmid, @args) = @_;
-    return $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
-	'--ssh-file', "$dir/ssh_prefix_node2", '--online', @args);
+    return $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
+        $vmid, 'node2', '--node', 'node1',
+        '--ssh-file', "$dir/ssh_prefix_node2", '--online', @args);
 }
 
 # a VM writing its memory and its local disk, running on node1
 sub start_disk_vm {
     my ($vmid) = @_;
-    $lab->write_vm_config($vmid, memory => $mem, guest => 'disk', ide0 => "local:$vmid/vm-$vmid-disk-0.raw,size=32M");
+    $lab->write_vm_config(
+        $vmid,
+        memory => $mem,
+        guest => 'disk',
+        ide0 => "local:$vmid/vm-$vmid-disk-0.raw,size=32M"
+    );
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     my $wait = $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
-    like($wait, qr/^guest running: pass \d+, disk pass \d+ sector \d+/m, "VM $vmid: the guest writes its disk") or diag($wait);
+    like(
+        $wait,
+        qr/^guest running: pass \d+, disk pass \d+ sector \d+/m,
+        "VM $vmid: the guest writes its disk"
+    ) or diag($wait);
 }
 
 sub nothing_left {
@@ -53,40 +63,74 @@ sub nothing_left {
 # ------------------------------------------------------------ secure, with a local disk
 
 for my $case (
-    [ secure => 400, [] ],
-    [ insecure => 401, [ '--migration_type', 'insecure', '--migration_network', $net ] ],
-) {
+    [secure => 400, []],
+    [insecure => 401, ['--migration_type', 'insecure', '--migration_network', $net]],
+    )
+{
     my ($type, $vmid, $args) = @$case;
     my $t0 = time();
     start_disk_vm($vmid);
     my ($rc, $out, $err) = migrate($vmid, '--with-local-disks', @$args);
     is($rc, 0, "$type with a local disk: TASK OK") or diag("$out$err");
     like($out, qr/^TASK OK$/m, "$type with a local disk: the task says OK");
-    like(slurp("$dir/node2/qm-start.log"),
-	qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type $type .*--targetstorage 1 stdin=nbd_protocol_version:1$/m,
-	"$type: the target was started with --targetstorage 1, as upstream without a storage map");
-    my $nbd = $type eq 'secure' ? qr{nbd:unix:/run/qemu-server/${vmid}_nbd\.migrate:exportname=drive-ide0}
-	: qr{nbd:198\.19\.0\.2:\d+:exportname=drive-ide0};
-    like($out, qr/^\S+ \S+ ide0: start migration to $nbd$/m, "$type: the disk is mirrored into the target's NBD export");
-    like($out, qr/^\S+ \S+ volume 'local:$vmid\/vm-$vmid-disk-0\.raw' is 'local:$vmid\/vm-$vmid-disk-0\.raw' on the target$/m,
-	"$type: the volume mapping is logged as upstream does");
-    like($out, qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
-	"$type: disk progress, PVE style");
+    like(
+        slurp("$dir/node2/qm-start.log"),
+        qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type $type .*--targetstorage 1 stdin=nbd_protocol_version:1$/m,
+        "$type: the target was started with --targetstorage 1, as upstream without a storage map"
+    );
+    my $nbd =
+        $type eq 'secure'
+        ? qr{nbd:unix:/run/qemu-server/${vmid}_nbd\.migrate:exportname=drive-ide0}
+        : qr{nbd:198\.19\.0\.2:\d+:exportname=drive-ide0};
+    like(
+        $out,
+        qr/^\S+ \S+ ide0: start migration to $nbd$/m,
+        "$type: the disk is mirrored into the target's NBD export"
+    );
+    like(
+        $out,
+        qr/^\S+ \S+ volume 'local:$vmid\/vm-$vmid-disk-0\.raw' is 'local:$vmid\/vm-$vmid-disk-0\.raw' on the target$/m,
+        "$type: the volume mapping is logged as upstream does"
+    );
+    like(
+        $out,
+        qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
+        "$type: disk progress, PVE style"
+    );
     like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
-    like($out, qr/all 'mirror' jobs are ready.*starting online\/live migration.*drive-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
-	"$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped");
-    like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too") if $out =~ /migration active/;
-    like($out, $type eq 'secure' ? qr/starting online\/live migration on unix:/ : qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m,
-	"$type: RAM goes " . ($type eq 'secure' ? 'through the tunnel' : 'over the migration network'));
+    like(
+        $out,
+        qr/all 'mirror' jobs are ready.*starting online\/live migration.*drive-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
+        "$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped"
+    );
+    like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too")
+        if $out =~ /migration active/;
+    like(
+        $out,
+        $type eq 'secure'
+        ? qr/starting online\/live migration on unix:/
+        : qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m,
+        "$type: RAM goes "
+            . ($type eq 'secure' ? 'through the tunnel' : 'over the migration network')
+    );
 
     is(qmpstatus('node2', $vmid), 'running', "$type: the VM runs on node2");
     is(qmpstatus('node1', $vmid), 'stopped', "$type: and not on node1");
     my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, "$type: guest memory and disk intact on node2") or diag($check);
     like($check, qr/^guest memory ok:/m, "$type: memory pattern ok");
-    like($check, qr/^guest disk ok: \d+ sectors, pass \d+, next sector \d+/m, "$type: every disk write the guest made is on node2's disk");
-    is_deeply([volumes('node1', 'local')], [], "$type: the source's volume was freed after the migration");
-    is_deeply([volumes('node2', 'local')], ["local:$vmid/vm-$vmid-disk-0.raw"], "$type: node2 has the new volume");
+    like(
+        $check,
+        qr/^guest disk ok: \d+ sectors, pass \d+, next sector \d+/m,
+        "$type: every disk write the guest made is on node2's disk"
+    );
+    is_deeply([volumes('node1', 'local')],
+        [], "$type: the source's volume was freed after the migration");
+    is_deeply(
+        [volumes('node2', 'local')],
+        ["local:$vmid/vm-$vmid-disk-0.raw"],
+        "$type: node2 has the new volume"
+    );
     $lab->run_ok('node2', 'qm', 'stop', $vmid);
     $lab->run_ok('node2', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
     nothing_left($type, $t0);
@@ -99,9 +143,14 @@ for my $case (
     $lab->write_vm_config($vmid, memory => $mem);
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
-    my ($rc, $out, $err) = migrate($vmid, '--migration_type', 'insecure', '--migration_network', $net);
+    my ($rc, $out, $err) =
+        migrate($vmid, '--migration_type', 'insecure', '--migration_network', $net);
     is($rc, 0, 'insecure RAM-only: TASK OK') or diag("$out$err");
-    like($out, qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m, 'insecure RAM-only: to the migration network address');
+    like(
+        $out,
+        qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m,
+        'insecure RAM-only: to the migration network address'
+    );
     unlike($out, qr/storage migration/, 'insecure RAM-only: no storage migration');
     my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, 'insecure RAM-only: guest memory intact on node2') or diag($check);
@@ -126,15 +175,24 @@ for my $case (
 	print $@ ? "TASK ERROR: $@" : "TASK OK\n";
 	exit($@ ? 1 : 0);
     };
-    my ($rc, $out, $err) = $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel::Migrate', '-e', $code,
-	$vmid, "$dir/ssh_prefix_node2", $net);
+    my ($rc, $out, $err) =
+        $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel::Migrate', '-e', $code,
+        $vmid, "$dir/ssh_prefix_node2", $net);
     isnt($rc, 0, 'address outside the migration network: refused');
-    like($out, qr/^TASK ERROR: target address 198\.18\.0\.2 in 'tcp:198\.18\.0\.2:\d+' is outside the migration network 198\.19\.0\.0\/24 - refusing to migrate over it - VM $vmid runs on node 'node1' \(source\) only$/m,
-	'address outside the migration network: the error names address and network') or diag($out);
+    like(
+        $out,
+        qr/^TASK ERROR: target address 198\.18\.0\.2 in 'tcp:198\.18\.0\.2:\d+' is outside the migration network 198\.19\.0\.0\/24 - refusing to migrate over it - VM $vmid runs on node 'node1' \(source\) only$/m,
+        'address outside the migration network: the error names address and network'
+    ) or diag($out);
     is(qmpstatus('node1', $vmid), 'running', 'refused address: the VM still runs on node1');
     is(qmpstatus('node2', $vmid), 'stopped', 'refused address: the target VM was stopped');
-    is_deeply([volumes('node2', 'local')], [], 'refused address: the target\'s new volume was freed');
-    is_deeply([volumes('node1', 'local')], ["local:$vmid/vm-$vmid-disk-0.raw"], 'refused address: the source volume is kept');
+    is_deeply([volumes('node2', 'local')],
+        [], 'refused address: the target\'s new volume was freed');
+    is_deeply(
+        [volumes('node1', 'local')],
+        ["local:$vmid/vm-$vmid-disk-0.raw"],
+        'refused address: the source volume is kept'
+    );
     my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, 'refused address: guest memory and disk intact on node1') or diag($check);
     $lab->run_ok('node1', 'qm', 'stop', $vmid);
@@ -144,9 +202,13 @@ for my $case (
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     ($rc, $out, $err) = migrate($vmid);
     isnt($rc, 0, 'local disk without --with-local-disks: refused');
-    like($out, qr/^TASK ERROR: .*volume 'local:$vmid\/vm-$vmid-disk-0\.raw' does not exist/m,
-	'local disk without --with-local-disks: the target says which volume is missing') or diag($out);
-    is(qmpstatus('node1', $vmid), 'running', 'without --with-local-disks: the VM still runs on node1');
+    like(
+        $out,
+        qr/^TASK ERROR: .*volume 'local:$vmid\/vm-$vmid-disk-0\.raw' does not exist/m,
+        'local disk without --with-local-disks: the target says which volume is missing'
+    ) or diag($out);
+    is(qmpstatus('node1', $vmid),
+        'running', 'without --with-local-disks: the VM still runs on node1');
     $lab->run_ok('node1', 'qm', 'stop', $vmid);
     $lab->run_ok('node1', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
     nothing_left('without --with-local-disks', $t0);

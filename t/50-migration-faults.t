@@ -28,35 +28,48 @@ sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 
 my %scenario = (
     'kill ssh' => {
-	inject => sub { kill('KILL', tunnel_ssh()) or die "no tunnel ssh found\n" },
-	error => qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset)/,
+        inject => sub { kill('KILL', tunnel_ssh()) or die "no tunnel ssh found\n" },
+        error =>
+            qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset)/,
     },
     'SIGSTOP ssh' => {
-	args => ['--stall-timeout', 4000],
-	inject => sub { kill('STOP', tunnel_ssh()) or die "no tunnel ssh found\n" },
-	error => qr/TASK ERROR: migration made no progress for \d+ s - aborting/,
+        args => ['--stall-timeout', 4000],
+        inject => sub { kill('STOP', tunnel_ssh()) or die "no tunnel ssh found\n" },
+        error => qr/TASK ERROR: migration made no progress for \d+ s - aborting/,
     },
     'kill the target QEMU' => {
-	inject => sub { my @p = $lab->qemu_pids('node2'); kill('KILL', @p) or die "no target QEMU (@p)\n" },
-	error => qr/TASK ERROR: aborting phase 2 - failed/,
+        inject => sub {
+            my @p = $lab->qemu_pids('node2');
+            kill('KILL', @p) or die "no target QEMU (@p)\n";
+        },
+        error => qr/TASK ERROR: aborting phase 2 - failed/,
     },
     'cancel' => {
-	inject => sub {
-	    my ($rc, $out, $err) = $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel', '-e',
-		"print PVE::MTunnel::qmp_migrate_cancel('/run/qemu-server/$vmid.qmp')->{status}");
-	    die "cancel failed: $out$err" if $rc != 0 || $out !~ /^(cancelled|cancelling)$/;
-	},
-	error => qr/TASK ERROR: aborting phase 2 - cancelled/,
+        inject => sub {
+            my ($rc, $out, $err) =
+                $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel', '-e',
+                "print PVE::MTunnel::qmp_migrate_cancel('/run/qemu-server/$vmid.qmp')->{status}");
+            die "cancel failed: $out$err" if $rc != 0 || $out !~ /^(cancelled|cancelling)$/;
+        },
+        error => qr/TASK ERROR: aborting phase 2 - cancelled/,
     },
     'cut the lab link' => {
-	args => ['--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
-	    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0'],
-	inject => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'down') == 0 or die "ip link failed\n" },
-	restore => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'up') },
-	# node2 could not be told to stop its incoming QEMU nor to remove its socket while cut
-	# off: once reachable, a new migration must work and leave everything clean.
-	unreachable_target => 1,
-	error => qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset|Timeout)/i,
+        args => [
+            '--ssh-option', 'server_alive_interval_s=1',
+            '--ssh-option', 'server_alive_count_max=3',
+            '--ssh-option', 'connect_timeout_s=2',
+            '--ssh-option', 'connect_retries=0'
+        ],
+        inject => sub {
+            system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'down') == 0
+                or die "ip link failed\n";
+        },
+        restore => sub { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', 'up') },
+        # node2 could not be told to stop its incoming QEMU nor to remove its socket while cut
+        # off: once reachable, a new migration must work and leave everything clean.
+        unreachable_target => 1,
+        error =>
+            qr/TASK ERROR: aborting phase 2 - failed|TASK ERROR: .*(Broken pipe|Connection reset|Timeout)/i,
     },
 );
 
@@ -68,9 +81,17 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
     # 4 MiB/s: the migration lasts long enough to hit it in the middle.
-    my $bg = $lab->background('node1', "$dir/fault-$vmid.log", "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
-	'--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem, '--bwlimit', 4096, @{$s->{args} // []});
-    ok($bg->wait_for(qr/migration active/, 30), "$name: migration was under way when the fault hit") or diag($bg->output);
+    my $bg = $lab->background(
+        'node1', "$dir/fault-$vmid.log",
+        "$top/perl/bin/mtunnel-migrate", $vmid,
+        'node2', '--node',
+        'node1', '--ssh-file',
+        "$dir/ssh_prefix_node2", '--memory',
+        $mem, '--bwlimit',
+        4096, @{ $s->{args} // [] }
+    );
+    ok($bg->wait_for(qr/migration active/, 30), "$name: migration was under way when the fault hit")
+        or diag($bg->output);
     eval { $s->{inject}->() };
     is($@, '', "$name: fault injected");
     my $done = $bg->finish(60);
@@ -80,9 +101,13 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $out = $bg->output;
     isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
     like($out, $s->{error}, "$name: error says what happened") or diag($out);
-    like($out, $s->{unreachable_target}
-	? qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\); node 'node2' cannot be reached to confirm that its incoming copy is gone \(run 'qm stop $vmid' there once it is reachable\)$/m
-	: qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\) only$/m, "$name: the verdict says where the VM runs") or diag($out);
+    like(
+        $out,
+        $s->{unreachable_target}
+        ? qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\); node 'node2' cannot be reached to confirm that its incoming copy is gone \(run 'qm stop $vmid' there once it is reachable\)$/m
+        : qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\) only$/m,
+        "$name: the verdict says where the VM runs"
+    ) or diag($out);
     my ($err) = $out =~ /^(TASK ERROR: .*)$/m;
     diag("$name: " . ($err // 'no TASK ERROR line') . sprintf(" (%.1f s)", $took));
     $s->{restore}->() if $s->{restore};
@@ -92,12 +117,13 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, "$name: guest memory intact on node1") or diag($check);
     if ($s->{unreachable_target}) {
-	$lab->run('node2', 'qm', 'stop', $vmid);
-	$lab->run_ok('node1', 'qm', 'resume', $vmid);
-	my ($rc2, $out2) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2', '--node', 'node1',
-	    '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem);
-	is($rc2, 0, "$name: once node2 is reachable again, the VM migrates there") or diag($out2);
-	is(qmpstatus('node2'), 'running', "$name: VM runs on node2 after the new migration");
+        $lab->run('node2', 'qm', 'stop', $vmid);
+        $lab->run_ok('node1', 'qm', 'resume', $vmid);
+        my ($rc2, $out2) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
+            $vmid, 'node2', '--node', 'node1',
+            '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem);
+        is($rc2, 0, "$name: once node2 is reachable again, the VM migrates there") or diag($out2);
+        is(qmpstatus('node2'), 'running', "$name: VM runs on node2 after the new migration");
     }
     # guest-check paused the source for its dump: stop the VM for the next round
     $lab->run($_, 'qm', 'stop', $vmid) for qw(node1 node2);

@@ -22,17 +22,28 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 my ($vmid, $mem) = (600, 128);
 my $ssh_file = "$dir/ssh_prefix_node2";
-my @check = ("$top/perl/bin/mtunnel-migrate", '--check', $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file);
+my @check = (
+    "$top/perl/bin/mtunnel-migrate",
+    '--check', $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file
+);
 # fast failure detection when the link is cut
-my @fast = ('--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
-    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0');
+my @fast = (
+    '--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
+    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0'
+);
 
 *slurp = \&MTunnelLab::slurp;
 sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
-sub link_node2 { system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', $_[0]) == 0 or die "ip link failed\n" }
+
+sub link_node2 {
+    system('ip', '-n', $lab->netns('node2'), 'link', 'set', 'eth0', $_[0]) == 0
+        or die "ip link failed\n";
+}
 
 # the tunnel's remote end on node2
-sub mtunnel_pids { return grep { slurp("/proc/$_/cmdline") =~ /\bqm\0mtunnel\b/ } $lab->procs_in('node2') }
+sub mtunnel_pids {
+    return grep { slurp("/proc/$_/cmdline") =~ /\bqm\0mtunnel\b/ } $lab->procs_in('node2');
+}
 
 # where the VM runs: 'node1', 'node2', 'both' or 'none'
 sub placement {
@@ -43,57 +54,77 @@ sub placement {
 my %scenario;
 for my $sig (qw(INT TERM QUIT HUP PIPE)) {
     $scenario{"SIG$sig mid-RAM"} = {
-	args => [ '--bwlimit', 4096 ], trigger => qr/migration active/, signal => $sig,
-	verdict => qr/^TASK ERROR: interrupted by signal SIG$sig - VM $vmid runs on node 'node1' \(source\) only$/m,
-	on => 'node1',
+        args => ['--bwlimit', 4096],
+        trigger => qr/migration active/,
+        signal => $sig,
+        verdict =>
+            qr/^TASK ERROR: interrupted by signal SIG$sig - VM $vmid runs on node 'node1' \(source\) only$/m,
+        on => 'node1',
     };
 }
-%scenario = (%scenario,
+%scenario = (
+    %scenario,
     'SIGTERM during the target start' => {
-	trigger => qr/starting VM $vmid on remote node/, signal => 'TERM',
-	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
-	on => 'node1',
+        trigger => qr/starting VM $vmid on remote node/,
+        signal => 'TERM',
+        verdict =>
+            qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+        on => 'node1',
     },
     'SIGTERM with the tunnel up' => {
-	trigger => qr/start remote tunnel/, signal => 'TERM',
-	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
-	on => 'node1',
+        trigger => qr/start remote tunnel/,
+        signal => 'TERM',
+        verdict =>
+            qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+        on => 'node1',
     },
     'SIGTERM at the switchover' => {
-	# the moment QEMU reports the end of the RAM copy: whichever way it goes, the verdict must
-	# match where the VM runs
-	trigger => qr/migration active|migration status: completed/, signal => 'TERM',
-	verdict => qr/^(TASK OK|TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only)$/m,
+        # the moment QEMU reports the end of the RAM copy: whichever way it goes, the verdict must
+        # match where the VM runs
+        trigger => qr/migration active|migration status: completed/,
+        signal => 'TERM',
+        verdict =>
+            qr/^(TASK OK|TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only)$/m,
     },
     'SIGTERM after completion' => {
-	trigger => qr/migration status: completed/, signal => 'TERM',
-	verdict => qr/^TASK OK$/m,
-	log => qr/received signal SIGTERM after the migration completed: it was finished/,
-	on => 'node2',
+        trigger => qr/migration status: completed/,
+        signal => 'TERM',
+        verdict => qr/^TASK OK$/m,
+        log => qr/received signal SIGTERM after the migration completed: it was finished/,
+        on => 'node2',
     },
     'second SIGTERM during the cleanup' => {
-	args => [ '--bwlimit', 4096 ], trigger => qr/migration active/, signal => 'TERM',
-	then => [ qr/aborting phase 2 - cleanup resources/, 'TERM' ],
-	verdict => qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
-	on => 'node1',
+        args => ['--bwlimit', 4096],
+        trigger => qr/migration active/,
+        signal => 'TERM',
+        then => [qr/aborting phase 2 - cleanup resources/, 'TERM'],
+        verdict =>
+            qr/^TASK ERROR: interrupted by signal SIGTERM - VM $vmid runs on node 'node1' \(source\) only$/m,
+        on => 'node1',
     },
     'SIGKILL after completion' => {
-	trigger => qr/migration status: completed/, signal => 'KILL',
-	killed => 1,
+        trigger => qr/migration status: completed/,
+        signal => 'KILL',
+        killed => 1,
     },
     'link cut after completion' => {
-	# node2's `qm mtunnel` is stopped before RAM starts (the resume then waits in its
-	# stdin), and the link is cut once node2 holds the complete state: the resume cannot
-	# reach node2, nor can anything ask it whether it runs
-	args => \@fast,
-	trigger => qr/start migrate command/, inject => sub { kill('STOP', mtunnel_pids()) or die "no qm mtunnel on node2\n" },
-	then => [ qr/migration status: completed/, sub {
-	    for (1 .. 100) { last if qmpstatus('node2') eq 'paused'; sleep(0.05) }
-	    link_node2('down');
-	} ],
-	verdict => qr/^TASK ERROR: .* - VM $vmid is paused on node 'node1' \(source, postmigrate\) after its migration completed, and node 'node2' cannot be reached: it holds the migrated state and may run it\. Once 'node2' is reachable, run on 'node1': \S+ --check $vmid node2 --node node1 --ssh-file \S+ --fix$/m,
-	source_paused => 1,
-	restore => sub { link_node2('up'); kill('KILL', mtunnel_pids()) },
+        # node2's `qm mtunnel` is stopped before RAM starts (the resume then waits in its
+        # stdin), and the link is cut once node2 holds the complete state: the resume cannot
+        # reach node2, nor can anything ask it whether it runs
+        args => \@fast,
+        trigger => qr/start migrate command/,
+        inject => sub { kill('STOP', mtunnel_pids()) or die "no qm mtunnel on node2\n" },
+        then => [
+            qr/migration status: completed/,
+            sub {
+                for (1 .. 100) { last if qmpstatus('node2') eq 'paused'; sleep(0.05) }
+                link_node2('down');
+            }
+        ],
+        verdict =>
+            qr/^TASK ERROR: .* - VM $vmid is paused on node 'node1' \(source, postmigrate\) after its migration completed, and node 'node2' cannot be reached: it holds the migrated state and may run it\. Once 'node2' is reachable, run on 'node1': \S+ --check $vmid node2 --node node1 --ssh-file \S+ --fix$/m,
+        source_paused => 1,
+        restore => sub { link_node2('up'); kill('KILL', mtunnel_pids()) },
     },
 );
 
@@ -104,18 +135,19 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
-    my $bg = $lab->background('node1', "$dir/interrupt-$vmid.log", "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
-	'--node', 'node1', '--ssh-file', $ssh_file, @{$s->{args} // []});
+    my $bg = $lab->background('node1', "$dir/interrupt-$vmid.log", "$top/perl/bin/mtunnel-migrate",
+        $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, @{ $s->{args} // [] });
     my $pid = $bg->pid;
     ok($bg->wait_for($s->{trigger}, 30), "$name: the moment came") or diag($bg->output);
+
     if ($s->{inject}) {
-	$s->{inject}->();
+        $s->{inject}->();
     } else {
-	kill($s->{signal}, $pid);
+        kill($s->{signal}, $pid);
     }
     if (my $then = $s->{then}) {
-	ok($bg->wait_for($then->[0], 30), "$name: the second moment came");
-	ref $then->[1] ? $then->[1]->() : kill($then->[1], $pid);
+        ok($bg->wait_for($then->[0], 30), "$name: the second moment came");
+        ref $then->[1] ? $then->[1]->() : kill($then->[1], $pid);
     }
     ok($bg->finish(120), sprintf("$name: driver ended in bounded time (%.1f s)", time() - $t0));
     my $status = $bg->status;
@@ -124,28 +156,44 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     diag("$name: " . ($verdict // 'no verdict') . sprintf(" (%.1f s)", time() - $t0));
 
     if ($s->{killed}) {
-	# nothing ran after SIGKILL: --check says what is where, and --fix settles it
-	my ($rc, $o) = $lab->run('node1', @check);
-	is($rc, 1, "$name: --check says a fix is needed") or diag($o);
-	like($o, qr/state: VM $vmid is paused on both nodes after its migration completed: the target was never resumed|state: VM $vmid runs on node 'node2' \(target\); its copy on 'node1' is left postmigrate/,
-	    "$name: --check tells the state") or diag($o);
-	like($o, qr/to fix \(run again with --fix\): /, "$name: --check names the fix and changes nothing");
-	isnt(qmpstatus('node1'), 'stopped', "$name: --check left the source alone");
-	($rc, $o) = $lab->run('node1', @check, '--fix');
-	is($rc, 0, "$name: --check --fix settles it") or diag($o);
-	like($o, qr/state: VM $vmid runs on node 'node2' \(target\) only$/m, "$name: after the fix the VM runs on node2 only");
-	$s->{on} = 'node2';
+        # nothing ran after SIGKILL: --check says what is where, and --fix settles it
+        my ($rc, $o) = $lab->run('node1', @check);
+        is($rc, 1, "$name: --check says a fix is needed") or diag($o);
+        like(
+            $o,
+            qr/state: VM $vmid is paused on both nodes after its migration completed: the target was never resumed|state: VM $vmid runs on node 'node2' \(target\); its copy on 'node1' is left postmigrate/,
+            "$name: --check tells the state"
+        ) or diag($o);
+        like(
+            $o,
+            qr/to fix \(run again with --fix\): /,
+            "$name: --check names the fix and changes nothing"
+        );
+        isnt(qmpstatus('node1'), 'stopped', "$name: --check left the source alone");
+        ($rc, $o) = $lab->run('node1', @check, '--fix');
+        is($rc, 0, "$name: --check --fix settles it") or diag($o);
+        like(
+            $o,
+            qr/state: VM $vmid runs on node 'node2' \(target\) only$/m,
+            "$name: after the fix the VM runs on node2 only"
+        );
+        $s->{on} = 'node2';
     } else {
-	like($out, $s->{verdict}, "$name: the verdict") or diag($out);
-	like($out, $s->{log}, "$name: the log says so") if $s->{log};
-	is(($status // 0) >> 8, ($verdict // '') eq 'TASK OK' ? 0 : 1, "$name: exit code matches the verdict");
+        like($out, $s->{verdict}, "$name: the verdict") or diag($out);
+        like($out, $s->{log}, "$name: the log says so") if $s->{log};
+        is(
+            ($status // 0) >> 8,
+            ($verdict // '') eq 'TASK OK' ? 0 : 1,
+            "$name: exit code matches the verdict"
+        );
     }
     if ($s->{source_paused}) {
-	is(qmpstatus('node1'), 'postmigrate', "$name: the source stays paused while node2 cannot be reached");
-	$s->{restore}->();
-	my ($rc, $o) = $lab->run('node1', @check, '--fix');
-	is($rc, 0, "$name: once node2 is reachable, --check --fix settles it") or diag($o);
-	$s->{on} = 'node2';
+        is(qmpstatus('node1'), 'postmigrate',
+            "$name: the source stays paused while node2 cannot be reached");
+        $s->{restore}->();
+        my ($rc, $o) = $lab->run('node1', @check, '--fix');
+        is($rc, 0, "$name: once node2 is reachable, --check --fix settles it") or diag($o);
+        $s->{on} = 'node2';
     }
     my $on = $s->{on} // (($verdict // '') eq 'TASK OK' ? 'node2' : 'node1');
     is(placement(), $on, "$name: the VM runs on $on only");
@@ -165,10 +213,14 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
     local $ENV{MTUNNEL_LAB} = $lab->name;
-    my $pid = open(my $fh, '-|', "$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
-	'--node', 'node1', '--ssh-file', $ssh_file, '--bwlimit', 4096) // die;
+    my $pid =
+        open(my $fh, '-|', "$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate",
+        $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--bwlimit', 4096) // die;
     my $seen = 0;
-    while (my $line = <$fh>) { if ($line =~ /migration active/) { $seen = 1; last } }
+
+    while (my $line = <$fh>) {
+        if ($line =~ /migration active/) { $seen = 1; last }
+    }
     ok($seen, "$name: the migration was under way");
     close($fh);    # waits for the driver: its next log line meets a closed pipe
     isnt($? >> 8, 0, "$name: the driver reports failure");

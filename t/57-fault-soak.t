@@ -54,8 +54,10 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $mem = 128;
 my $bwlimit = 4096;
 # fast failure detection when the link is cut
-my @fast = ('--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
-    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0');
+my @fast = (
+    '--ssh-option', 'server_alive_interval_s=1', '--ssh-option', 'server_alive_count_max=3',
+    '--ssh-option', 'connect_timeout_s=2', '--ssh-option', 'connect_retries=0'
+);
 
 *slurp = \&MTunnelLab::slurp;
 
@@ -72,8 +74,20 @@ my %moments_of = (
     'SIGINT' => [@all_moments],
     'SIGKILL' => [@all_moments],
 );
-my @faults = ('kill ssh', 'SIGSTOP ssh', 'kill target QEMU', 'cut link', 'kill qm mtunnel', 'SIGTERM', 'SIGINT', 'SIGKILL');
-my @pairs = map { my $f = $_; map { [$f, $_] } @{$moments_of{$f}} } @faults;
+my @faults = (
+    'kill ssh',
+    'SIGSTOP ssh',
+    'kill target QEMU',
+    'cut link',
+    'kill qm mtunnel',
+    'SIGTERM',
+    'SIGINT',
+    'SIGKILL'
+);
+my @pairs = map {
+    my $f = $_;
+    map { [$f, $_] } @{ $moments_of{$f} }
+} @faults;
 if (defined(my $re = $ENV{MTUNNEL_SOAK_ONLY})) {
     # a regex on "FAULT at MOMENT" (moment as in @all_moments), to soak some pairs only
     @pairs = grep { "$_->[0] at $_->[1]" =~ /$re/ } @pairs;
@@ -88,20 +102,34 @@ if (defined(my $re = $ENV{MTUNNEL_SOAK_ONLY})) {
 my (@plan, @deck);
 for my $i (1 .. $rounds) {
     if (!@deck) {
-	@deck = @pairs;
-	for my $k (reverse 1 .. $#deck) { my $j = int(rand($k + 1)); @deck[$k, $j] = @deck[$j, $k] }
+        @deck = @pairs;
+        for my $k (reverse 1 .. $#deck) { my $j = int(rand($k + 1)); @deck[$k, $j] = @deck[$j, $k] }
     }
-    my ($fault, $moment) = @{shift @deck};
+    my ($fault, $moment) = @{ shift @deck };
     my $disk = rand() < 1 / 3 ? 1 : 0;
     my ($src, $dst) = $i % 2 ? ('node1', 'node2') : ('node2', 'node1');
-    push @plan, { i => $i, v => 700 + $i, fault => $fault, moment => $moment, disk => $disk, src => $src, dst => $dst };
+    push @plan,
+        {
+        i => $i,
+        v => 700 + $i,
+        fault => $fault,
+        moment => $moment,
+        disk => $disk,
+        src => $src,
+        dst => $dst
+        };
 }
 my %only = map { $_ => 1 } split /,/, ($ENV{MTUNNEL_SOAK_ROUNDS} // '');
 
 sub moment_name {
     my ($r) = @_;
-    return { start => 'target start', tunnel => 'tunnel up', mid => $r->{disk} ? 'mid-mirror' : 'mid-RAM',
-	switchover => 'switchover', after => 'after completion' }->{$r->{moment}};
+    return {
+        start => 'target start',
+        tunnel => 'tunnel up',
+        mid => $r->{disk} ? 'mid-mirror' : 'mid-RAM',
+        switchover => 'switchover',
+        after => 'after completion'
+    }->{ $r->{moment} };
 }
 
 # ---------------------------------------------------------------- the lab
@@ -112,7 +140,8 @@ my $t_start = time();
 
 sub link_set {
     my ($node, $state) = @_;
-    system('ip', '-n', $lab->netns($node), 'link', 'set', 'eth0', $state) == 0 or die "ip link set eth0 $state in $node failed\n";
+    system('ip', '-n', $lab->netns($node), 'link', 'set', 'eth0', $state) == 0
+        or die "ip link set eth0 $state in $node failed\n";
 }
 
 sub procs_matching {
@@ -138,22 +167,27 @@ sub qmp {
     return $rc == 0 ? $out : undef;
 }
 
-sub lab_volumes { my ($node, $v) = @_; return grep { m{^local:$v/} } $lab->volumes($node, 'local') }
+sub lab_volumes {
+    my ($node, $v) = @_;
+    return grep { m{^local:$v/} } $lab->volumes($node, 'local');
+}
 
 sub wait_until {
     my ($cond, $timeout, $step) = @_;
     my $deadline = time() + $timeout;
     while (1) {
-	my @r = $cond->();
-	return @r if @r && $r[0];
-	return () if time() >= $deadline;
-	sleep($step // 0.05);
+        my @r = $cond->();
+        return @r if @r && $r[0];
+        return () if time() >= $deadline;
+        sleep($step // 0.05);
     }
 }
 
 sub dump_events {
     my ($node, $v) = @_;
-    return "$node events:\n" . join('', map { "  $_->{t} $_->{pid} $_->{kind} $_->{detail}\n" } @{$lab->vm_events($node, $v)});
+    return "$node events:\n"
+        . join('',
+        map { "  $_->{t} $_->{pid} $_->{kind} $_->{detail}\n" } @{ $lab->vm_events($node, $v) });
 }
 
 # ---------------------------------------------------------------- one round
@@ -170,16 +204,24 @@ sub run_round {
     my $log = "$dir/soak-$v.log";
     my @notes;
     my $check = sub {
-	my ($ok, $property, $observed) = @_;
-	ok($ok, "$label: $property")
-	    or diag("FAILED: seed $seed, round $i, $fault at $moment ($kind VM $v, $src -> $dst): $property\n"
-	    . "observed: " . ($observed // '?') . "\n--- task log ---\n" . slurp($log));
-	return $ok;
+        my ($ok, $property, $observed) = @_;
+        ok($ok, "$label: $property")
+            or diag(
+            "FAILED: seed $seed, round $i, $fault at $moment ($kind VM $v, $src -> $dst): $property\n"
+                . "observed: "
+                . ($observed // '?')
+                . "\n--- task log ---\n"
+                . slurp($log));
+        return $ok;
     };
 
     my $volid = "local:$v/vm-$v-disk-0.raw";
-    $lab->write_vm_config($v, memory => $mem, accel => 'tcg',
-	$r->{disk} ? (guest => 'disk', ide0 => "$volid,size=32M") : (guest => 'dirty'));
+    $lab->write_vm_config(
+        $v,
+        memory => $mem,
+        accel => 'tcg',
+        $r->{disk} ? (guest => 'disk', ide0 => "$volid,size=32M") : (guest => 'dirty')
+    );
     $lab->run_ok($src, 'qm', 'start', $v);
     $lab->run_ok($src, "$top/lab/guest-check", '--wait', $v);
 
@@ -188,110 +230,130 @@ sub run_round {
     push @args, '--bwlimit', $bwlimit if $r->{moment} eq 'mid';
     push @args, '--stall-timeout', 4000 if $fault eq 'SIGSTOP ssh';
     push @args, @fast if $fault eq 'cut link';
-    my $hold = $r->{moment} eq 'after' || ($r->{moment} eq 'switchover' && $fault eq 'kill target QEMU');
+    my $hold =
+        $r->{moment} eq 'after' || ($r->{moment} eq 'switchover' && $fault eq 'kill target QEMU');
 
     unlink $log;
     my $t0 = time();
     my $pid = fork() // die "fork: $!\n";
     if (!$pid) {
-	$ENV{MTUNNEL_LAB} = $lab->name;
-	open(STDOUT, '>', $log) or POSIX::_exit(127);
-	open(STDERR, '>&', \*STDOUT) or POSIX::_exit(127);
-	# lab.sh exec execs all the way down: $pid becomes the driver's pid
-	exec("$top/lab/lab.sh", "exec", $src, "$top/perl/bin/mtunnel-migrate", @args) or POSIX::_exit(127);
+        $ENV{MTUNNEL_LAB} = $lab->name;
+        open(STDOUT, '>', $log) or POSIX::_exit(127);
+        open(STDERR, '>&', \*STDOUT) or POSIX::_exit(127);
+        # lab.sh exec execs all the way down: $pid becomes the driver's pid
+        exec("$top/lab/lab.sh", "exec", $src, "$top/perl/bin/mtunnel-migrate", @args)
+            or POSIX::_exit(127);
     }
     my ($done, $status, $t_end) = (0, undef, undef);
     my $reap = sub {
-	if (!$done && waitpid($pid, WNOHANG) == $pid) { ($done, $status, $t_end) = (1, $?, time()) }
-	return $done;
+        if (!$done && waitpid($pid, WNOHANG) == $pid) { ($done, $status, $t_end) = (1, $?, time()) }
+        return $done;
     };
     my $wait_log = sub {
-	my ($re, $timeout) = @_;
-	my $deadline = time() + ($timeout // 60);
-	while (time() < $deadline) { return 1 if slurp($log) =~ $re; return 0 if $reap->(); sleep(0.01) }
-	return 0;
+        my ($re, $timeout) = @_;
+        my $deadline = time() + ($timeout // 60);
+        while (time() < $deadline) {
+            return 1 if slurp($log) =~ $re;
+            return 0 if $reap->();
+            sleep(0.01);
+        }
+        return 0;
     };
     # pids that $find returns, waited for while the driver runs
     my $wait_pids = sub {
-	my ($find, $timeout) = @_;
-	my $deadline = time() + $timeout;
-	while (time() < $deadline) { my @p = grep { defined } $find->(); return @p if @p; last if $reap->(); sleep(0.01) }
-	return ();
+        my ($find, $timeout) = @_;
+        my $deadline = time() + $timeout;
+        while (time() < $deadline) {
+            my @p = grep { defined } $find->();
+            return @p if @p;
+            last if $reap->();
+            sleep(0.01);
+        }
+        return ();
     };
 
     # the process the fault hits: once the tunnel is up it is found before the moment, so
     # that the fault follows the moment's log line within milliseconds
     my $find = {
-	'kill ssh' => sub { $lab->ssh_pids($src, $v) },
-	'SIGSTOP ssh' => sub { $lab->ssh_pids($src, $v) },
-	'kill target QEMU' => sub { qemu_pid($dst, $v) },
-	'kill qm mtunnel' => sub { mtunnel_pids($dst) },
+        'kill ssh' => sub { $lab->ssh_pids($src, $v) },
+        'SIGSTOP ssh' => sub { $lab->ssh_pids($src, $v) },
+        'kill target QEMU' => sub { qemu_pid($dst, $v) },
+        'kill qm mtunnel' => sub { mtunnel_pids($dst) },
     }->{$fault};
     my @victims;
-    @victims = $wait_pids->($find, 5) if $find && $r->{moment} =~ /^(?:mid|switchover|after)$/ && $wait_log->(qr/ssh tunnel ver/);
+    @victims = $wait_pids->($find, 5)
+        if $find && $r->{moment} =~ /^(?:mid|switchover|after)$/ && $wait_log->(qr/ssh tunnel ver/);
 
     # the hold: the target's `qm mtunnel` stopped from the start of the RAM migration
     my @held;
     if ($hold) {
-	if ($wait_log->(qr/start migrate command/)) {
-	    @held = $wait_pids->(sub { mtunnel_pids($dst) }, 5);
-	    kill('STOP', @held);
-	}
-	push @notes, 'hold missed: no qm mtunnel at the start of the RAM migration' if !@held;
+        if ($wait_log->(qr/start migrate command/)) {
+            @held = $wait_pids->(sub { mtunnel_pids($dst) }, 5);
+            kill('STOP', @held);
+        }
+        push @notes, 'hold missed: no qm mtunnel at the start of the RAM migration' if !@held;
     }
 
     my $trigger = {
-	start => qr/starting VM $v on remote node/,
-	tunnel => qr/start remote tunnel/,
-	mid => $r->{disk} ? qr/drive-ide0: transferred/ : qr/migration active/,
-	switchover => qr/migration active|migration status: completed/,
-	after => qr/migration status: completed/,
-    }->{$r->{moment}};
+        start => qr/starting VM $v on remote node/,
+        tunnel => qr/start remote tunnel/,
+        mid => $r->{disk} ? qr/drive-ide0: transferred/ : qr/migration active/,
+        switchover => qr/migration active|migration status: completed/,
+        after => qr/migration status: completed/,
+    }->{ $r->{moment} };
     my ($missed, @stopped, $cut);
     if (!$wait_log->($trigger)) {
-	$missed = 'the moment never came';
+        $missed = 'the moment never came';
     } else {
-	if ($r->{moment} eq 'after') {
-	    # the target holds the complete state once its incoming migration is done
-	    wait_until(sub { $lab->qmpstatus($dst, $v) eq 'paused' }, 10) or push @notes, "$dst never showed paused";
-	}
-	if ($find) {
-	    @victims = grep { MTunnelLab::alive($_) } @victims;
-	    @victims = $wait_pids->($find, $fault eq 'kill target QEMU' ? 10 : 5) if !@victims;
-	}
-	if ($find && !@victims) {
-	    $missed = { 'kill target QEMU' => 'no target QEMU', 'kill qm mtunnel' => 'no qm mtunnel' }->{$fault} // 'no tunnel ssh';
-	} elsif ($fault eq 'SIGSTOP ssh') {
-	    kill('STOP', @victims);
-	    @stopped = @victims;
-	} elsif ($find) {
-	    kill('KILL', @victims);
-	} elsif ($fault eq 'cut link') {
-	    link_set($dst, 'down');
-	    $cut = 1;
-	} else {
-	    my ($sig) = $fault =~ /^SIG(\w+)$/;
-	    kill($sig, $pid);
-	}
+        if ($r->{moment} eq 'after') {
+            # the target holds the complete state once its incoming migration is done
+            wait_until(sub { $lab->qmpstatus($dst, $v) eq 'paused' }, 10)
+                or push @notes, "$dst never showed paused";
+        }
+        if ($find) {
+            @victims = grep { MTunnelLab::alive($_) } @victims;
+            @victims = $wait_pids->($find, $fault eq 'kill target QEMU' ? 10 : 5) if !@victims;
+        }
+        if ($find && !@victims) {
+            $missed =
+                { 'kill target QEMU' => 'no target QEMU', 'kill qm mtunnel' => 'no qm mtunnel' }
+                ->{$fault} // 'no tunnel ssh';
+        } elsif ($fault eq 'SIGSTOP ssh') {
+            kill('STOP', @victims);
+            @stopped = @victims;
+        } elsif ($find) {
+            kill('KILL', @victims);
+        } elsif ($fault eq 'cut link') {
+            link_set($dst, 'down');
+            $cut = 1;
+        } else {
+            my ($sig) = $fault =~ /^SIG(\w+)$/;
+            kill($sig, $pid);
+        }
     }
     if (@held) {
-	# faults that leave the tunnel working let it go on; the others end it
-	my $ends_tunnel = grep { $fault eq $_ } ('kill ssh', 'cut link', 'SIGKILL', 'kill qm mtunnel');
-	kill($ends_tunnel ? 'KILL' : 'CONT', @held);
+        # faults that leave the tunnel working let it go on; the others end it
+        my $ends_tunnel =
+            grep { $fault eq $_ } ('kill ssh', 'cut link', 'SIGKILL', 'kill qm mtunnel');
+        kill($ends_tunnel ? 'KILL' : 'CONT', @held);
     }
     if (!$missed && $r->{moment} eq 'mid' && $fault eq 'kill qm mtunnel') {
-	# the migration goes on without its command channel: no need to wait for it at 4 MiB/s
-	qmp($src, $v, 'block-job-set-speed', '{"device":"drive-ide0","speed":0}') if $r->{disk};
-	$wait_log->(qr/start migrate command/) if $r->{disk};
-	qmp($src, $v, 'migrate-set-parameters', '{"max-bandwidth":17179869184}') if !$done;
+        # the migration goes on without its command channel: no need to wait for it at 4 MiB/s
+        qmp($src, $v, 'block-job-set-speed', '{"device":"drive-ide0","speed":0}') if $r->{disk};
+        $wait_log->(qr/start migrate command/) if $r->{disk};
+        qmp($src, $v, 'migrate-set-parameters', '{"max-bandwidth":17179869184}') if !$done;
     }
 
     for (1 .. 1200) { last if $reap->(); sleep(0.1) }
-    my $ended = $check->($done, 'the driver ended within 2 min', sprintf('still running after %.0f s', time() - $t0));
+    my $ended = $check->(
+        $done,
+        'the driver ended within 2 min',
+        sprintf('still running after %.0f s', time() - $t0)
+    );
     if (!$done) {
-	kill('KILL', $pid);
-	waitpid($pid, 0);
-	($done, $status, $t_end) = (1, $?, time());
+        kill('KILL', $pid);
+        waitpid($pid, 0);
+        ($done, $status, $t_end) = (1, $?, time());
     }
     my $secs = $t_end - $t0;
     my $out = slurp($log);
@@ -305,87 +367,131 @@ sub run_round {
     # what the verdict says, and whether the nodes agree
     my $class;
     if ($killed) {
-	$class = 'killed';
+        $class = 'killed';
     } elsif (!defined $verdict) {
-	$check->(0, 'the driver gave a verdict', "no verdict; exit status $status");
-	$class = 'none';
+        $check->(0, 'the driver gave a verdict', "no verdict; exit status $status");
+        $class = 'none';
     } else {
-	my $exit = $status & 127 ? 128 + ($status & 127) : $status >> 8;
-	$check->($exit == ($verdict eq 'TASK OK' ? 0 : 1), 'the exit code matches the verdict', "exit $exit, $verdict")
-	    if !$sigkilled;
-	my $reach = qr/node '$dst' cannot be reached/;
-	if ($verdict eq 'TASK OK') {
-	    $class = 'target';
-	    $check->($seen->{$src} eq 'stopped' && $seen->{$dst} eq 'running', 'the verdict matches where the VM runs',
-		"$verdict; $seen_text");
-	} elsif ($verdict =~ /^TASK ERROR: .+ - VM $v runs on node '$src' \(source\) only$/) {
-	    $class = 'source';
-	    $check->($seen->{$src} eq 'running' && $seen->{$dst} eq 'stopped', 'the verdict matches where the VM runs',
-		"$verdict; $seen_text");
-	} elsif ($verdict =~ /^TASK ERROR: .+ - VM $v runs on node '$src' \(source\); $reach to confirm that its incoming copy is gone/) {
-	    $class = 'source, target unreachable';
-	    $check->($seen->{$src} eq 'running' && $seen->{$dst} ne 'running', 'the verdict matches where the VM runs',
-		"$verdict; $seen_text");
-	} elsif ($verdict =~ /^TASK ERROR: .+ - VM $v is paused on node '$src' \(source, postmigrate\) after its migration completed, and $reach/) {
-	    $class = 'paused';
-	    $check->($seen->{$src} eq 'postmigrate', 'the verdict matches where the VM runs', "$verdict; $seen_text");
-	} else {
-	    $class = 'unexpected';
-	    $check->(0, 'the verdict matches where the VM runs', "a verdict of no known form: $verdict; $seen_text");
-	}
+        my $exit = $status & 127 ? 128 + ($status & 127) : $status >> 8;
+        $check->(
+            $exit == ($verdict eq 'TASK OK' ? 0 : 1),
+            'the exit code matches the verdict',
+            "exit $exit, $verdict"
+        ) if !$sigkilled;
+        my $reach = qr/node '$dst' cannot be reached/;
+        if ($verdict eq 'TASK OK') {
+            $class = 'target';
+            $check->(
+                $seen->{$src} eq 'stopped' && $seen->{$dst} eq 'running',
+                'the verdict matches where the VM runs',
+                "$verdict; $seen_text"
+            );
+        } elsif ($verdict =~ /^TASK ERROR: .+ - VM $v runs on node '$src' \(source\) only$/) {
+            $class = 'source';
+            $check->(
+                $seen->{$src} eq 'running' && $seen->{$dst} eq 'stopped',
+                'the verdict matches where the VM runs',
+                "$verdict; $seen_text"
+            );
+        } elsif ($verdict =~
+            /^TASK ERROR: .+ - VM $v runs on node '$src' \(source\); $reach to confirm that its incoming copy is gone/
+            )
+        {
+            $class = 'source, target unreachable';
+            $check->(
+                $seen->{$src} eq 'running' && $seen->{$dst} ne 'running',
+                'the verdict matches where the VM runs',
+                "$verdict; $seen_text"
+            );
+        } elsif ($verdict =~
+            /^TASK ERROR: .+ - VM $v is paused on node '$src' \(source, postmigrate\) after its migration completed, and $reach/
+            )
+        {
+            $class = 'paused';
+            $check->(
+                $seen->{$src} eq 'postmigrate',
+                'the verdict matches where the VM runs',
+                "$verdict; $seen_text"
+            );
+        } else {
+            $class = 'unexpected';
+            $check->(
+                0,
+                'the verdict matches where the VM runs',
+                "a verdict of no known form: $verdict; $seen_text"
+            );
+        }
     }
 
     # restore the fault
     kill('CONT', grep { MTunnelLab::alive($_) } @stopped);
     kill('KILL', grep { MTunnelLab::alive($_) } @held);
     if ($cut) {
-	link_set($dst, 'up');
-	# the target's end of a cut session cannot know the client is gone
-	my @left = mtunnel_pids($dst);
-	if (@left) { kill('KILL', @left); push @notes, "killed the cut tunnel's qm mtunnel on $dst" }
+        link_set($dst, 'up');
+        # the target's end of a cut session cannot know the client is gone
+        my @left = mtunnel_pids($dst);
+        if (@left) {
+            kill('KILL', @left);
+            push @notes, "killed the cut tunnel's qm mtunnel on $dst";
+        }
     }
     # remote commands of a killed driver or a cut session end by themselves
-    wait_until(sub { !qm_start_pids($dst, $v) }, 20) or push @notes, "qm start still running on $dst";
+    wait_until(sub { !qm_start_pids($dst, $v) }, 20)
+        or push @notes, "qm start still running on $dst";
 
     my ($fixed, $fix_log);
     if ($class eq 'killed' || $class eq 'paused') {
-	# the killed driver's ssh die with it; the source's migration fails once they are gone
-	wait_until(sub { !$lab->ssh_pids($src) }, 5);
-	wait_until(sub { (qmp($src, $v, 'query-migrate') // '') !~ /"status":"(active|setup|device|pre-switchover)"/ }, 10);
-	my ($rc, $fix_out, $fix_err) = $lab->run($src, "$top/perl/bin/mtunnel-migrate", '--check', $v, $dst, '--node', $src,
-	    '--ssh-file', "$dir/ssh_prefix_$dst", '--fix');
-	$check->($rc == 0, 'mtunnel-migrate --check --fix settles it (exit 0)', "exit $rc:\n$fix_out$fix_err"
-	    . "now: $src: " . $lab->qmpstatus($src, $v) . ', block jobs ' . (qmp($src, $v, 'query-block-jobs') // "?\n")
-	    . "$dst: " . $lab->qmpstatus($dst, $v));
-	$fix_log = "--- mtunnel-migrate --check --fix (exit $rc) ---\n$fix_out$fix_err";
-	my @st = $fix_out =~ /state: (.*)$/mg;
-	$fixed = $st[-1] // 'no state';
+        # the killed driver's ssh die with it; the source's migration fails once they are gone
+        wait_until(sub { !$lab->ssh_pids($src) }, 5);
+        wait_until(
+            sub {
+                (qmp($src, $v, 'query-migrate') // '') !~
+                    /"status":"(active|setup|device|pre-switchover)"/;
+            },
+            10
+        );
+        my ($rc, $fix_out, $fix_err) = $lab->run($src, "$top/perl/bin/mtunnel-migrate",
+            '--check', $v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst", '--fix');
+        $check->(
+            $rc == 0,
+            'mtunnel-migrate --check --fix settles it (exit 0)',
+            "exit $rc:\n$fix_out$fix_err"
+                . "now: $src: "
+                . $lab->qmpstatus($src, $v)
+                . ', block jobs '
+                . (qmp($src, $v, 'query-block-jobs') // "?\n")
+                . "$dst: "
+                . $lab->qmpstatus($dst, $v)
+        );
+        $fix_log = "--- mtunnel-migrate --check --fix (exit $rc) ---\n$fix_out$fix_err";
+        my @st = $fix_out =~ /state: (.*)$/mg;
+        $fixed = $st[-1] // 'no state';
     }
     if ($class eq 'source, target unreachable') {
-	my $left = $lab->qmpstatus($dst, $v);
-	if ($left ne 'stopped' && $left ne 'running') {
-	    $lab->run($dst, 'qm', 'stop', $v, '--migratedfrom', $src);
-	    push @notes, "stopped the incoming QEMU left $left on $dst";
-	}
-	if ($lab->qmpstatus($dst, $v) eq 'stopped') {
-	    for my $vol (lab_volumes($dst, $v)) {
-		$lab->run($dst, 'pvesm', 'free', $vol);
-		push @notes, "freed $vol left on $dst";
-	    }
-	    # its listening sockets: the tunnel's close would have removed them
-	    for my $sock (grep { m{/${v}(_nbd)?\.migrate$} } $lab->socket_files($dst)) {
-		$lab->run($dst, 'rm', '-f', $sock);
-		push @notes, "removed $sock left on $dst";
-	    }
-	}
+        my $left = $lab->qmpstatus($dst, $v);
+        if ($left ne 'stopped' && $left ne 'running') {
+            $lab->run($dst, 'qm', 'stop', $v, '--migratedfrom', $src);
+            push @notes, "stopped the incoming QEMU left $left on $dst";
+        }
+        if ($lab->qmpstatus($dst, $v) eq 'stopped') {
+            for my $vol (lab_volumes($dst, $v)) {
+                $lab->run($dst, 'pvesm', 'free', $vol);
+                push @notes, "freed $vol left on $dst";
+            }
+            # its listening sockets: the tunnel's close would have removed them
+            for my $sock (grep { m{/${v}(_nbd)?\.migrate$} } $lab->socket_files($dst)) {
+                $lab->run($dst, 'rm', '-f', $sock);
+                push @notes, "removed $sock left on $dst";
+            }
+        }
     }
 
     if ($cut && $out =~ /removing (?:remote )?sockets.* failed/) {
-	# the driver could not reach the target to remove them: its log says so
-	for my $sock (grep { m{/${v}(_nbd)?\.migrate$} } $lab->socket_files($dst)) {
-	    $lab->run($dst, 'rm', '-f', $sock);
-	    push @notes, "removed $sock left on the unreachable $dst";
-	}
+        # the driver could not reach the target to remove them: its log says so
+        for my $sock (grep { m{/${v}(_nbd)?\.migrate$} } $lab->socket_files($dst)) {
+            $lab->run($dst, 'rm', '-f', $sock);
+            push @notes, "removed $sock left on the unreachable $dst";
+        }
     }
 
     # where the VM runs now
@@ -395,81 +501,134 @@ sub run_round {
     my $where = @on == 2 ? 'both' : @on ? $on[0] : 'none';
     $check->(@on == 1, 'exactly one node runs the VM', "$src: $st{$src}, $dst: $st{$dst}");
     my $expect = { target => $dst, source => $src, 'source, target unreachable' => $src }->{$class};
-    $check->($where eq $expect, "the VM runs where the verdict says ($expect)", "runs on $where; $src: $st{$src}, $dst: $st{$dst}")
-	if defined $expect;
+    $check->(
+        $where eq $expect,
+        "the VM runs where the verdict says ($expect)",
+        "runs on $where; $src: $st{$src}, $dst: $st{$dst}"
+    ) if defined $expect;
 
     if ($on) {
-	my ($crc, $gc_out, $gc_err) = $lab->run($on, "$top/lab/guest-check", $v, $mem);
-	$check->($crc == 0, "the guest's memory is intact on $on", "exit $crc: $gc_out$gc_err");
-	$check->($gc_out =~ /^guest disk ok:/m, "the guest's disk is intact on $on", "$gc_out$gc_err") if $r->{disk};
-	$lab->run($on, 'qm', 'stop', $v);
+        my ($crc, $gc_out, $gc_err) = $lab->run($on, "$top/lab/guest-check", $v, $mem);
+        $check->($crc == 0, "the guest's memory is intact on $on", "exit $crc: $gc_out$gc_err");
+        $check->(
+            $gc_out =~ /^guest disk ok:/m,
+            "the guest's disk is intact on $on",
+            "$gc_out$gc_err"
+        ) if $r->{disk};
+        $lab->run($on, 'qm', 'stop', $v);
     }
     my @runs = ($lab->run_intervals($src, $v), $lab->run_intervals($dst, $v));
     my @both = MTunnelLab::overlaps(@runs);
-    $check->(!@both, 'the VM never ran on both nodes at once',
-	scalar(@both) . " overlapping runs:\n" . dump_events($src, $v) . dump_events($dst, $v));
+    $check->(
+        !@both,
+        'the VM never ran on both nodes at once',
+        scalar(@both) . " overlapping runs:\n" . dump_events($src, $v) . dump_events($dst, $v)
+    );
 
     # nothing left
     my %qemu = map { $_ => [$lab->qemu_pids($_)] } ($src, $dst);
-    $check->(!@{$qemu{$_}}, "no QEMU left on $_", "QEMU @{$qemu{$_}}; qm status: " . $lab->qmpstatus($_, $v)) for ($src, $dst);
+    $check->(
+        !@{ $qemu{$_} },
+        "no QEMU left on $_",
+        "QEMU @{$qemu{$_}}; qm status: " . $lab->qmpstatus($_, $v)
+    ) for ($src, $dst);
     my %sock = map { $_ => [$lab->socket_files($_)] } ($src, $dst);
-    $check->(!@{$sock{$_}}, "no socket file left on $_", "@{$sock{$_}}") for ($src, $dst);
+    $check->(!@{ $sock{$_} }, "no socket file left on $_", "@{$sock{$_}}") for ($src, $dst);
     my %ssh = map { $_ => [$lab->ssh_pids($_)] } ($src, $dst);
-    $check->(!@{$ssh{$_}}, "no ssh process left in $_",
-	join('; ', map { my $c = slurp("/proc/$_/cmdline"); $c =~ s/\0/ /g; "$_: $c" } @{$ssh{$_}})) for ($src, $dst);
+    $check->(
+        !@{ $ssh{$_} },
+        "no ssh process left in $_",
+        join('; ',
+            map { my $c = slurp("/proc/$_/cmdline"); $c =~ s/\0/ /g; "$_: $c" } @{ $ssh{$_} })
+    ) for ($src, $dst);
     my @z = MTunnelLab::zombies_since($t0);
     $check->(!@z, 'no zombie left', "@z");
+
     if ($r->{disk} && defined $on) {
-	my %vols = map { $_ => [lab_volumes($_, $v)] } ($src, $dst);
-	my $other = $on eq $src ? $dst : $src;
-	$check->("@{$vols{$on}}" eq $volid, "the volume is kept where the VM runs ($on)", "volumes on $on: @{$vols{$on}}");
-	if (@{$vols{$other}} && defined $fixed) {
-	    # --check --fix settles where the VM runs; it frees no volume
-	    push @notes, "left by the fix: @{$vols{$other}} on $other";
-	} elsif ($other eq $src) {
-	    $check->(!@{$vols{$src}}, "the source volume was freed after the migration", "volumes on $src: @{$vols{$src}}");
-	} else {
-	    $check->(!@{$vols{$dst}}, "no volume left on $dst, where the VM does not run", "volumes on $dst: @{$vols{$dst}}");
-	}
+        my %vols = map { $_ => [lab_volumes($_, $v)] } ($src, $dst);
+        my $other = $on eq $src ? $dst : $src;
+        $check->(
+            "@{$vols{$on}}" eq $volid,
+            "the volume is kept where the VM runs ($on)",
+            "volumes on $on: @{$vols{$on}}"
+        );
+        if (@{ $vols{$other} } && defined $fixed) {
+            # --check --fix settles where the VM runs; it frees no volume
+            push @notes, "left by the fix: @{$vols{$other}} on $other";
+        } elsif ($other eq $src) {
+            $check->(
+                !@{ $vols{$src} },
+                "the source volume was freed after the migration",
+                "volumes on $src: @{$vols{$src}}"
+            );
+        } else {
+            $check->(
+                !@{ $vols{$dst} },
+                "no volume left on $dst, where the VM does not run",
+                "volumes on $dst: @{$vols{$dst}}"
+            );
+        }
     }
 
     # a clean slate for the next round, whatever happened
     for my $node ($src, $dst) {
-	$lab->run($node, 'qm', 'stop', $v, '--skiplock') if $lab->qmpstatus($node, $v) ne 'stopped';
-	$lab->run($node, 'pvesm', 'free', $_) for lab_volumes($node, $v);
-	kill('CONT', $lab->ssh_pids($node));
-	kill('KILL', $lab->ssh_pids($node), mtunnel_pids($node));
-	$lab->run($node, 'sh', '-c', 'rm -f /run/qemu-server/*.migrate');
+        $lab->run($node, 'qm', 'stop', $v, '--skiplock') if $lab->qmpstatus($node, $v) ne 'stopped';
+        $lab->run($node, 'pvesm', 'free', $_) for lab_volumes($node, $v);
+        kill('CONT', $lab->ssh_pids($node));
+        kill('KILL', $lab->ssh_pids($node), mtunnel_pids($node));
+        $lab->run($node, 'sh', '-c', 'rm -f /run/qemu-server/*.migrate');
     }
 
-    my $outcome = $class eq 'killed' || $class eq 'paused'
-	? "$class -> fix -> " . ($where eq $src ? 'source' : $where eq $dst ? 'target' : $where)
-	: $class;
+    my $outcome =
+        $class eq 'killed' || $class eq 'paused'
+        ? "$class -> fix -> " . ($where eq $src ? 'source' : $where eq $dst ? 'target' : $where)
+        : $class;
     $outcome .= " (fault missed: $missed)" if $missed;
     $tally{"$fault × $moment"}{$outcome}++;
-    my $line = sprintf("round %d: %s at %s (%s, %s -> %s) -> %s (%.1f s) -> %s%s", $i, $fault, $moment, $kind, $src, $dst,
-	$verdict // ($killed ? 'killed, no verdict' : 'no verdict'), $secs,
-	$where eq 'none' || $where eq 'both' ? $where : "$where" . (defined $fixed ? ' after --check --fix' : ''),
-	@notes ? ' [' . join('; ', @notes) . ']' : '');
+    my $line = sprintf(
+        "round %d: %s at %s (%s, %s -> %s) -> %s (%.1f s) -> %s%s",
+        $i,
+        $fault,
+        $moment,
+        $kind,
+        $src,
+        $dst,
+        $verdict // ($killed ? 'killed, no verdict' : 'no verdict'),
+        $secs,
+        $where eq 'none' || $where eq 'both'
+        ? $where
+        : "$where" . (defined $fixed ? ' after --check --fix' : ''),
+        @notes ? ' [' . join('; ', @notes) . ']' : ''
+    );
     diag($line);
     push @lines, $line;
     if (my $keep = $ENV{MTUNNEL_SOAK_LOGS}) {
-	# the task logs, kept past the lab's teardown
-	if (open(my $fh, '>', "$keep/round-$i.log")) { print $fh "$line\n", slurp($log), $fix_log // ''; close($fh) }
+        # the task logs, kept past the lab's teardown
+        if (open(my $fh, '>', "$keep/round-$i.log")) {
+            print $fh "$line\n", slurp($log), $fix_log // '';
+            close($fh);
+        }
     }
 }
 
 for my $r (@plan) {
-    next if %only && !$only{$r->{i}};
+    next if %only && !$only{ $r->{i} };
     run_round($r);
 }
 
 my @summary;
 for my $key (sort keys %tally) {
-    push @summary, "  $key: " . join(', ', map { "$tally{$key}{$_} × $_" } sort keys %{$tally{$key}});
+    push @summary,
+        "  $key: " . join(', ', map { "$tally{$key}{$_} × $_" } sort keys %{ $tally{$key} });
 }
-diag(sprintf("soak seed %d: %d rounds in %.0f s; outcomes per fault × moment:\n%s", $seed, scalar(@lines), time() - $t_start,
-    join("\n", @summary)));
+diag(
+    sprintf(
+        "soak seed %d: %d rounds in %.0f s; outcomes per fault × moment:\n%s",
+        $seed, scalar(@lines),
+        time() - $t_start,
+        join("\n", @summary)
+    )
+);
 
 $lab->down;
 done_testing();

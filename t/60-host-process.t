@@ -18,12 +18,17 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 $lab->enter('node1');
-my @ssh = @{$lab->ssh_prefix('node2')};
+my @ssh = @{ $lab->ssh_prefix('node2') };
 my $sock = '/run/qemu-server/100.migrate';
 
 *slurp = \&MTunnelLab::slurp;
 *alive = \&MTunnelLab::alive;
-sub wait_gone { my ($pid, $secs) = @_; for (1 .. $secs * 10) { return 1 if !alive($pid); sleep(0.1) } return 0 }
+
+sub wait_gone {
+    my ($pid, $secs) = @_;
+    for (1 .. $secs * 10) { return 1 if !alive($pid); sleep(0.1) }
+    return 0;
+}
 
 # One round of everything a migration does with the library: tunnel open, ready, command,
 # close, and a one-shot remote command.
@@ -46,7 +51,10 @@ sub round_trip {
 {
     local $SIG{CHLD} = 'IGNORE';
     my $res = round_trip("SIGCHLD ignored");
-    ok(!defined($res->{exit_code}) || $res->{exit_code} == 0, 'SIGCHLD ignored: exit status is unknown or 0, never an error');
+    ok(
+        !defined($res->{exit_code}) || $res->{exit_code} == 0,
+        'SIGCHLD ignored: exit status is unknown or 0, never an error'
+    );
 }
 
 {
@@ -61,13 +69,23 @@ sub round_trip {
     local $SIG{ALRM} = sub { $alarms++ };
     ualarm(10_000, 10_000);
     round_trip("10 ms alarm storm");
-    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => [$sock], command => ['sleep', '30'], greeting_timeout_ms => 1500);
+    my $t = PVE::MTunnel->open(
+        ssh => \@ssh,
+        forwards => [$sock],
+        command => ['sleep', '30'],
+        greeting_timeout_ms => 1500
+    );
     my $t0 = time();
     eval { $t->wait_ready(timeout_ms => 30_000) };
     my $took = time() - $t0;
-    like($@, qr/^no reply from tunnel to .* within \d+ ms while waiting for 'tunnel online'/, 'alarm storm: silent remote times out');
+    like(
+        $@,
+        qr/^no reply from tunnel to .* within \d+ ms while waiting for 'tunnel online'/,
+        'alarm storm: silent remote times out'
+    );
     # A lower bound only: interrupted waits must not end a deadline early.
-    cmp_ok($took, '>=', 1.5, sprintf('alarm storm: the 1.5 s deadline was not shortened (%.2f s)', $took));
+    cmp_ok($took, '>=', 1.5,
+        sprintf('alarm storm: the 1.5 s deadline was not shortened (%.2f s)', $took));
     $t->close(remote_cleanup => 0);
     ualarm(0);
     # The library holds handled signals back during a call; they run when it returns.
@@ -92,17 +110,33 @@ sub round_trip {
     is(hex($blk), 0, 'ssh starts with an empty signal mask');
     is(hex($ign) & (1 << (SIGINT - 1)), 0, "ssh does not inherit the host's ignored SIGINT");
     my @fds = map { readlink($_) // '' } glob("/proc/$pid/fd/*");
-    ok(!grep({ $_ eq "$dir/inherit-canary" } @fds), "ssh does not inherit the host's open files") or diag("@fds");
-    like(slurp("/proc/$pid/cmdline"), qr/\0-o\0ConnectTimeout=10\0(-o\0Ciphers=[^\0]+\0)?-o\0ServerAliveInterval=15\0-o\0ServerAliveCountMax=3\0/,
-	'ssh gets ConnectTimeout and ServerAlive defaults');
+    ok(!grep({ $_ eq "$dir/inherit-canary" } @fds), "ssh does not inherit the host's open files")
+        or diag("@fds");
+    like(
+        slurp("/proc/$pid/cmdline"),
+        qr/\0-o\0ConnectTimeout=10\0(-o\0Ciphers=[^\0]+\0)?-o\0ServerAliveInterval=15\0-o\0ServerAliveCountMax=3\0/,
+        'ssh gets ConnectTimeout and ServerAlive defaults'
+    );
     $t->close;
     close($canary);
     sigprocmask(SIG_SETMASK, $old);
-    my $t2 = PVE::MTunnel->open(ssh => [$ssh[0], '-o', 'ConnectTimeout=3', @ssh[1 .. $#ssh]], forwards => [$sock],
-	server_alive_interval_s => 5, server_alive_count_max => 2);
+    my $t2 = PVE::MTunnel->open(
+        ssh => [$ssh[0], '-o', 'ConnectTimeout=3', @ssh[1 .. $#ssh]],
+        forwards => [$sock],
+        server_alive_interval_s => 5,
+        server_alive_count_max => 2
+    );
     my $cmd = slurp("/proc/" . $t2->pid . "/cmdline");
-    like($cmd, qr/\0-o\0ConnectTimeout=3\0.*\0-o\0ConnectTimeout=10\0/, "the caller's ConnectTimeout comes first, so it wins");
-    like($cmd, qr/\0ServerAliveInterval=5\0-o\0ServerAliveCountMax=2\0/, 'keepalive settings can be changed');
+    like(
+        $cmd,
+        qr/\0-o\0ConnectTimeout=3\0.*\0-o\0ConnectTimeout=10\0/,
+        "the caller's ConnectTimeout comes first, so it wins"
+    );
+    like(
+        $cmd,
+        qr/\0ServerAliveInterval=5\0-o\0ServerAliveCountMax=2\0/,
+        'keepalive settings can be changed'
+    );
     $t2->close(remote_cleanup => 0);
 }
 
@@ -112,9 +146,9 @@ sub round_trip {
     $t->wait_ready(timeout_ms => 30_000);
     my $pid = fork() // die;
     if (!$pid) {
-	eval { $t->close };
-	undef $t;
-	POSIX::_exit($@ ? 1 : 0);
+        eval { $t->close };
+        undef $t;
+        POSIX::_exit($@ ? 1 : 0);
     }
     waitpid($pid, 0);
     is($?, 0, 'fork: close and DESTROY in the child succeed');
@@ -143,16 +177,19 @@ PERL
     my $ssh_pid = <$kid>;
     chomp $ssh_pid;
     ok($ssh_pid && alive($ssh_pid), 'SIGKILL: the host has a tunnel open');
-    my ($host_pid) = grep { slurp("/proc/$_/stat") =~ /^\d+ \(perl\) \S+ $$ / } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
+    my ($host_pid) = grep { slurp("/proc/$_/stat") =~ /^\d+ \(perl\) \S+ $$ / }
+        map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
     kill('KILL', $host_pid);
     close($kid);
     ok(wait_gone($ssh_pid, 10), 'SIGKILL: ssh exits soon after its host died');
     my $mtunnel_left = 0;
+
     for (1 .. 50) {
-	my ($rc, $out) = $lab->run('node2', 'sh', '-c', 'ps -eo args | grep -c "^perl .*/lab/qm mtunnel" || true');
-	$mtunnel_left = $out + 0;
-	last if !$mtunnel_left;
-	sleep(0.1);
+        my ($rc, $out) = $lab->run('node2', 'sh', '-c',
+            'ps -eo args | grep -c "^perl .*/lab/qm mtunnel" || true');
+        $mtunnel_left = $out + 0;
+        last if !$mtunnel_left;
+        sleep(0.1);
     }
     is($mtunnel_left, 0, "SIGKILL: no orphaned 'qm mtunnel' left on node2");
     unlink($sock);    # ssh leaves its socket file; the next open would remove it anyway

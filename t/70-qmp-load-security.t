@@ -20,7 +20,7 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 $lab->enter('node1');
-my @ssh = @{$lab->ssh_prefix('node2')};
+my @ssh = @{ $lab->ssh_prefix('node2') };
 
 *slurp = \&MTunnelLab::slurp;
 *fd_count = \&MTunnelLab::fd_count;
@@ -37,8 +37,16 @@ my @ssh = @{$lab->ssh_prefix('node2')};
     like($greeting, qr/"QMP"/, 'another client holds the monitor');
     my $t0 = time();
     eval { PVE::MTunnel::qmp_query_migrate($qmp, timeout_ms => 1000) };
-    like($@, qr/^no QMP greeting on '\Q$qmp\E' before the deadline \(monitor busy with another client\?\)$/, 'busy monitor: clear error');
-    is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{timeout}, 'busy monitor: timeout code');
+    like(
+        $@,
+        qr/^no QMP greeting on '\Q$qmp\E' before the deadline \(monitor busy with another client\?\)$/,
+        'busy monitor: clear error'
+    );
+    is(
+        $PVE::MTunnel::last_error_code,
+        $PVE::MTunnel::ERROR_CODE{timeout},
+        'busy monitor: timeout code'
+    );
     cmp_ok(time() - $t0, '>=', 1.0, 'busy monitor: the deadline was honoured, not cut short');
     close($other);
     my $st = PVE::MTunnel::qmp_execute($qmp, 'query-status');
@@ -48,6 +56,7 @@ my @ssh = @{$lab->ssh_prefix('node2')};
 
 # --- QMP: a scripted monitor for what a real QEMU does not do on purpose
 my $tmp = tempdir(CLEANUP => 1);
+
 sub scripted {
     my ($script) = @_;    # gets the connected socket
     my $path = "$tmp/1.qmp";
@@ -59,32 +68,55 @@ sub scripted {
     return ($path, $pid);
 }
 my $greet = qq({"QMP": {"version": {}, "capabilities": []}}\r\n);
-sub reply_to { my ($c) = @_; my $line = <$c> // return; my ($id) = $line =~ /"id":\s*("[^"]*")/; return $id }
+
+sub reply_to {
+    my ($c) = @_;
+    my $line = <$c> // return;
+    my ($id) = $line =~ /"id":\s*("[^"]*")/;
+    return $id;
+}
 
 for my $case (
-    ['garbage', sub { print {$_[0]} "this is not JSON\r\n" }, qr/^QMP socket '.*': unexpected QMP message 'this is not JSON'$/, 'protocol'],
-    ['a 2 MiB line', sub { print {$_[0]} $greet; reply_to($_[0]); print {$_[0]} ('x' x (2 << 20)) . "\r\n" },
-	qr/received a line longer than 1048576 bytes/, 'protocol'],
-    ['silence after the greeting', sub { print {$_[0]} $greet; reply_to($_[0]); sleep 5 },
-	qr/^no reply to QMP command 'qmp_capabilities' on '.*' before the deadline$/, 'timeout'],
-) {
+    [
+        'garbage',
+        sub { print { $_[0] } "this is not JSON\r\n" },
+        qr/^QMP socket '.*': unexpected QMP message 'this is not JSON'$/, 'protocol'
+    ],
+    [
+        'a 2 MiB line',
+        sub { print { $_[0] } $greet; reply_to($_[0]); print { $_[0] } ('x' x (2 << 20)) . "\r\n" },
+        qr/received a line longer than 1048576 bytes/,
+        'protocol'
+    ],
+    [
+        'silence after the greeting',
+        sub { print { $_[0] } $greet; reply_to($_[0]); sleep 5 },
+        qr/^no reply to QMP command 'qmp_capabilities' on '.*' before the deadline$/, 'timeout'
+    ],
+    )
+{
     my ($name, $script, $re, $code) = @$case;
     my ($path, $pid) = scripted($script);
     eval { PVE::MTunnel::qmp_query_migrate($path, timeout_ms => 1500) };
     like($@, $re, "QMP $name: clear error");
     is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{$code}, "QMP $name: $code code");
-    kill('KILL', $pid); waitpid($pid, 0);
+    kill('KILL', $pid);
+    waitpid($pid, 0);
 }
 {
-    my ($path, $pid) = scripted(sub {
-	my ($c) = @_;
-	print $c qq({"event": "RESUME", "timestamp": {}}\r\n), $greet;
-	my $id = reply_to($c);
-	print $c qq({"event": "STOP", "timestamp": {}}\r\n{"return": {}, "id": $id}\r\n);
-	$id = reply_to($c);
-	print $c qq({"event": "MIGRATION", "data": {"status": "active"}}\r\n{"return": {"id": "stale"}, "id": "not-ours"}\r\n);
-	print $c qq({"return": {"status": "active", "ram": {"transferred": 42}}, "id": $id}\r\n);
-    });
+    my ($path, $pid) = scripted(
+        sub {
+            my ($c) = @_;
+            print $c qq({"event": "RESUME", "timestamp": {}}\r\n), $greet;
+            my $id = reply_to($c);
+            print $c qq({"event": "STOP", "timestamp": {}}\r\n{"return": {}, "id": $id}\r\n);
+            $id = reply_to($c);
+            print $c
+                qq({"event": "MIGRATION", "data": {"status": "active"}}\r\n{"return": {"id": "stale"}, "id": "not-ours"}\r\n);
+            print $c
+                qq({"return": {"status": "active", "ram": {"transferred": 42}}, "id": $id}\r\n);
+        }
+    );
     my $st = eval { PVE::MTunnel::qmp_query_migrate($path, timeout_ms => 3000) };
     is($@, '', 'QMP events before and between replies: no error');
     is($st->{ram}{transferred}, 42, "QMP events and others' replies are skipped, ours is returned");
@@ -102,16 +134,16 @@ for my $case (
     chmod 0755, $fake;
     my ($fds, @kids) = (fd_count(), children());
     for (1 .. 1000) {
-	my $t = PVE::MTunnel->open(ssh => [$fake, 'root@198.18.0.2'], handshake_slots => 0);
-	$t->wait_ready(timeout_ms => 10_000);
-	$t->close(remote_cleanup => 0);
+        my $t = PVE::MTunnel->open(ssh => [$fake, 'root@198.18.0.2'], handshake_slots => 0);
+        $t->wait_ready(timeout_ms => 10_000);
+        $t->close(remote_cleanup => 0);
     }
     is(fd_count(), $fds, '1000 cycles: no fd growth');
     is_deeply([children()], \@kids, '1000 cycles: no process growth');
     for (1 .. 50) {
-	my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => ['/run/qemu-server/100.migrate']);
-	$t->wait_ready(timeout_ms => 30_000);
-	$t->close(remote_cleanup => 0);
+        my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => ['/run/qemu-server/100.migrate']);
+        $t->wait_ready(timeout_ms => 30_000);
+        $t->close(remote_cleanup => 0);
     }
     is(fd_count(), $fds, '50 cycles through the real sshd: no fd growth');
     is_deeply([children()], \@kids, '50 cycles through the real sshd: no process growth');
@@ -123,23 +155,31 @@ for my $case (
     my @log;
     my $pid = fork() // die;
     if (!$pid) {
-	my $r = PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['sh', '-c', "read t; echo \"\$t\" > $dir/ticket-seen; sleep 2"], input => "$secret\n");
-	POSIX::_exit(0);
+        my $r = PVE::MTunnel::ssh_run(
+            ssh => \@ssh,
+            command => ['sh', '-c', "read t; echo \"\$t\" > $dir/ticket-seen; sleep 2"],
+            input => "$secret\n"
+        );
+        POSIX::_exit(0);
     }
     my $seen_in = '';
     my $until = time() + 1.8;
     while (time() < $until) {
-	for my $p (glob('/proc/[0-9]*')) {
-	    for my $what (qw(cmdline environ)) {
-		$seen_in .= "$p/$what " if index(slurp("$p/$what"), $secret) >= 0;
-	    }
-	}
-	sleep(0.05);
+        for my $p (glob('/proc/[0-9]*')) {
+            for my $what (qw(cmdline environ)) {
+                $seen_in .= "$p/$what " if index(slurp("$p/$what"), $secret) >= 0;
+            }
+        }
+        sleep(0.05);
     }
     waitpid($pid, 0);
     is($seen_in, '', 'the secret never appeared in any process argv or environment on either node');
     is(slurp("$dir/ticket-seen"), "$secret\n", 'the remote command received it on stdin');
-    my $t = PVE::MTunnel->open(ssh => \@ssh, forwards => ['/run/qemu-server/100.migrate'], log => sub { push @log, $_[1] });
+    my $t = PVE::MTunnel->open(
+        ssh => \@ssh,
+        forwards => ['/run/qemu-server/100.migrate'],
+        log => sub { push @log, $_[1] }
+    );
     $t->wait_ready(timeout_ms => 30_000);
     $t->close;
     ok(!grep({ index($_, $secret) >= 0 } @log), 'nor in the log');
@@ -147,9 +187,20 @@ for my $case (
 {
     # A VMID with shell syntax is refused before anything runs.
     require PVE::MTunnel::Migrate;
-    eval { PVE::MTunnel::Migrate->new(vmid => "100\$(touch $dir/pwned)", node => 'node1', target => 'node2', ssh => \@ssh) };
+    eval {
+        PVE::MTunnel::Migrate->new(
+            vmid => "100\$(touch $dir/pwned)",
+            node => 'node1',
+            target => 'node2',
+            ssh => \@ssh
+        );
+    };
     like($@, qr/^invalid VMID/, 'a VMID carrying $(touch …) is refused by the driver');
-    eval { PVE::MTunnel::migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100;touch $dir/pwned") };
+    eval {
+        PVE::MTunnel::migrate_listen_parse(
+            "migration listens on unix:/run/qemu-server/100.migrate\n",
+            "100;touch $dir/pwned");
+    };
     like($@, qr/^invalid VMID/, 'and by the listen parser');
     ok(!-e "$dir/pwned", 'nothing ran');
 }

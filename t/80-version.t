@@ -30,17 +30,23 @@ my %macro = $header =~ /^#define (MTUNNEL_VERSION_\w+) (\S+)$/mg;
 is($macro{MTUNNEL_VERSION_MAJOR}, $major, 'header MTUNNEL_VERSION_MAJOR is Cargo.toml\'s major');
 is($macro{MTUNNEL_VERSION_MINOR}, $minor, 'header MTUNNEL_VERSION_MINOR is Cargo.toml\'s minor');
 is($macro{MTUNNEL_VERSION_PATCH}, $patch, 'header MTUNNEL_VERSION_PATCH is Cargo.toml\'s patch');
-is($macro{MTUNNEL_VERSION_STRING}, "\"$cargo\"", 'header MTUNNEL_VERSION_STRING is Cargo.toml\'s version');
+is($macro{MTUNNEL_VERSION_STRING},
+    "\"$cargo\"", 'header MTUNNEL_VERSION_STRING is Cargo.toml\'s version');
 like($header, qr/^const char \*mtunnel_version\(void\);$/m, 'header declares mtunnel_version()');
 
-is(PVE::MTunnel::version(), $cargo, 'PVE::MTunnel::version() (the library\'s mtunnel_version) is Cargo.toml\'s version');
+is(PVE::MTunnel::version(), $cargo,
+    'PVE::MTunnel::version() (the library\'s mtunnel_version) is Cargo.toml\'s version');
 is($PVE::MTunnel::VERSION, $cargo, '$PVE::MTunnel::VERSION is Cargo.toml\'s version');
 
 my ($changelog) = slurp("$top/debian/changelog") =~ /\A\S+ \(([^)]+)\)/;
 # native package: the Debian version is the upstream version (a -N revision would follow it)
 (my $upstream = $changelog // '') =~ s/-[^-]+\z//;
 is($upstream, $cargo, 'debian/changelog\'s top entry is Cargo.toml\'s version');
-like(slurp("$top/debian/mtunnel.pc.in"), qr/^Version: \@VERSION\@$/m, 'mtunnel.pc gets its version filled in from Cargo.toml');
+like(
+    slurp("$top/debian/mtunnel.pc.in"),
+    qr/^Version: \@VERSION\@$/m,
+    'mtunnel.pc gets its version filled in from Cargo.toml'
+);
 
 SKIP: {
     my $lib = PVE::MTunnel::library_path();
@@ -59,12 +65,17 @@ int main(void) {
 C
     close($fh);
     # link against exactly the library the binding loaded (by path, so no -L search)
-    my $out = `cc -std=c11 -Wall -Wextra -Werror -I'$top/include' -o '$dir/version' '$dir/version.c' '$lib' 2>&1`;
+    my $out =
+        `cc -std=c11 -Wall -Wextra -Werror -I'$top/include' -o '$dir/version' '$dir/version.c' '$lib' 2>&1`;
     is($?, 0, 'a C program using the version macros and mtunnel_version() compiles') or diag($out);
     # it needs the soname libmtunnel.so.0: a link to the loaded file, in our own directory
     symlink($lib, "$dir/libmtunnel.so.0") or die "symlink: $!\n";
     my $got = `LD_LIBRARY_PATH='$dir' '$dir/version'`;
-    is($got, "$cargo $cargo $cargo\n", 'in C: MTUNNEL_VERSION_STRING == mtunnel_version() == the macros == Cargo.toml\'s version');
+    is(
+        $got,
+        "$cargo $cargo $cargo\n",
+        'in C: MTUNNEL_VERSION_STRING == mtunnel_version() == the macros == Cargo.toml\'s version'
+    );
 }
 
 done_testing();

@@ -33,7 +33,11 @@ for my $package (sort keys %module) {
     my $pc = Pod::Coverage->new(package => $package, pod_from => $module{$package});
     my $coverage = $pc->coverage;
     is($coverage, 1, "$package: every public sub has a POD entry")
-	or diag(defined $coverage ? "undocumented: " . join(', ', sort $pc->naked) : "not rated: " . $pc->why_unrated);
+        or diag(
+        defined $coverage
+        ? "undocumented: " . join(', ', sort $pc->naked)
+        : "not rated: " . $pc->why_unrated
+        );
 }
 
 {
@@ -45,8 +49,13 @@ for my $package (sort keys %module) {
     my @options = map { /^([\w-]+)/ ? $1 : () } ($spec // '') =~ /'([^']+)'/g;
     cmp_ok(scalar(@options), '>=', 10, 'mtunnel-migrate: its options are read from GetOptions');
     my ($pod_options) = $src =~ /^=head1 OPTIONS\n(.*?)^=head1 /ms;
+
     for my $o (@options) {
-	like($pod_options // '', qr/^=item .*B<--\Q$o\E>/m, "mtunnel-migrate: option --$o is described in OPTIONS");
+        like(
+            $pod_options // '',
+            qr/^=item .*B<--\Q$o\E>/m,
+            "mtunnel-migrate: option --$o is described in OPTIONS"
+        );
     }
 }
 

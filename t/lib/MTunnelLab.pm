@@ -34,7 +34,7 @@ use Config;
 my $LABSH = abs_path(dirname(abs_path(__FILE__)) . '/../../lab/lab.sh');
 
 use constant {
-    CLONE_NEWNS  => 0x00020000,
+    CLONE_NEWNS => 0x00020000,
     CLONE_NEWNET => 0x40000000,
 };
 my %SYS_SETNS = ('x86_64' => 308, 'aarch64' => 268, 'i386' => 346, 'i686' => 346);
@@ -89,14 +89,19 @@ sub attach {
     opendir(my $dh, $dir) or croak "cannot read $dir: $!";
     my $nodes = grep { /^node[1-9][0-9]*\z/ && -d "$dir/$_" } readdir($dh);
     closedir($dh);
-    my $self = bless { name => $name, nodes => $nodes, dir => $dir, owner => 0, up => 1, down_done => 1 }, $class;
+    my $self =
+        bless { name => $name, nodes => $nodes, dir => $dir, owner => 0, up => 1, down_done => 1 },
+        $class;
     $self->{env} = $self->_read_env;
     return $self;
 }
 
 sub name { $_[0]->{name} }
 sub dir { $_[0]->{dir} }
-sub nodes { map { "node$_" } 1 .. $_[0]->{nodes} }
+
+sub nodes {
+    map { "node$_" } 1 .. $_[0]->{nodes};
+}
 sub lab_sh { $LABSH }
 
 sub _node {
@@ -278,6 +283,7 @@ sub enter {
     open(my $net, '<', $netns) or die "open $netns: $!\n";
     open(my $mnt, '<', "$self->{dir}/$node/mnt") or die "open $self->{dir}/$node/mnt: $!\n";
     _setns($net, CLONE_NEWNET, "$node net");
+
     if (!eval { _setns($mnt, CLONE_NEWNS, "$node mnt"); 1 }) {
         my $err = $@;
         _setns($e{host_net}, CLONE_NEWNET, 'host net');
@@ -344,16 +350,20 @@ sub volumes {
 sub ssh_pids {
     my ($self, $node, $vmid) = @_;
     return grep {
-	my $c = _slurp("/proc/$_/cmdline");
-	$c =~ /^\/usr\/bin\/ssh\0/ && (!defined $vmid || $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/);
+        my $c = _slurp("/proc/$_/cmdline");
+        $c =~ /^\/usr\/bin\/ssh\0/
+            && (!defined $vmid || $c =~ /\0-L\0\/run\/qemu-server\/$vmid\.migrate:/);
     } $self->procs_in($node);
 }
 
 # paths of *.migrate files in $node's /run/qemu-server
 sub socket_files {
     my ($self, $node) = @_;
-    my ($rc, $out, $err) = $self->run($node, 'find', '/run/qemu-server', '-mindepth', '1',
-        '-maxdepth', '1', '-name', '*.migrate');
+    my ($rc, $out, $err) = $self->run(
+        $node, 'find', '/run/qemu-server', '-mindepth',
+        '1', '-maxdepth', '1', '-name',
+        '*.migrate'
+    );
     die "socket_files($node): $err" if $rc != 0;
     return sort split /\n/, $out;
 }
@@ -367,7 +377,8 @@ sub procs_in {
 }
 
 # Programs a lab test starts, directly or through the lab.
-my %LAB_COMM = map { $_ => 1 } qw(ssh sshd qemu-system-x86 perl mtunnel-migrate qm lab.sh bash sh nsenter
+my %LAB_COMM = map { $_ => 1 }
+    qw(ssh sshd qemu-system-x86 perl mtunnel-migrate qm lab.sh bash sh nsenter
     guest-check ip find cat);
 
 # zombies (as "pid(comm)") of the lab's programs that were started at or after epoch second
@@ -414,7 +425,8 @@ sub fd_count {
 
 # Pids whose parent is this process (zombies included).
 sub children {
-    return grep { _slurp("/proc/$_/stat") =~ /^\d+ \(.*\) \S+ $$ /s } map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
+    return grep { _slurp("/proc/$_/stat") =~ /^\d+ \(.*\) \S+ $$ /s }
+        map { m{/proc/(\d+)/} ? $1 : () } glob('/proc/[0-9]*/stat');
 }
 
 # Whether $pid exists and is not a zombie.
@@ -467,7 +479,8 @@ sub run_intervals {
             my $start = delete $open{$pid};
             next if !defined $start;
             # an event read with the status reply may carry an earlier QEMU time: no negative run
-            push @runs, { start => $start, end => ($r->{t} < $start ? $start : $r->{t}), pid => $pid };
+            push @runs,
+                { start => $start, end => ($r->{t} < $start ? $start : $r->{t}), pid => $pid };
         }
     }
     for my $i (0 .. $#order) {
@@ -476,7 +489,8 @@ sub run_intervals {
         next if !defined $start;
         my $end;
         for my $later (@order[$i + 1 .. $#order]) {
-            $end = $first{$later} if $first{$later} >= $start && (!defined $end || $first{$later} < $end);
+            $end = $first{$later}
+                if $first{$later} >= $start && (!defined $end || $first{$later} < $end);
         }
         push @runs, { start => $start, end => $end, pid => $pid };
     }
@@ -541,9 +555,10 @@ sub down {
     $self->leave;
     return 1 if $self->{down_done};
     $self->{down_done} = 1;
-    delete $LIVE{$self->{name}};
+    delete $LIVE{ $self->{name} };
     my ($rc, $out, $err) = $self->_lab_sh(undef, 'down');
     $self->{up} = 0;
+
     if ($rc != 0) {
         warn "lab down ($self->{name}) failed (exit $rc):\n$out$err";
         return 0;
@@ -558,6 +573,7 @@ sub DESTROY {
 }
 
 my $handlers_installed;
+
 sub _install_signal_handlers {
     return if $handlers_installed++;
     for my $sig (qw(INT TERM HUP)) {

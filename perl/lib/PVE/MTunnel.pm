@@ -17,8 +17,16 @@ our $VERSION = '0.1.0';
 our $last_error_code = 0;
 
 our %ERROR_CODE = (
-    invalid_argument => 1, timeout => 2, ssh_exited => 3, protocol => 4, no_quorum => 5,
-    remote => 6, qmp => 7, io => 8, closed => 9, panic => 10,
+    invalid_argument => 1,
+    timeout => 2,
+    ssh_exited => 3,
+    protocol => 4,
+    no_quorum => 5,
+    remote => 6,
+    qmp => 7,
+    io => 8,
+    closed => 9,
+    panic => 10,
 );
 my %LEVEL_NAME = (1 => 'err', 2 => 'warn', 3 => 'info', 4 => 'debug');
 
@@ -27,10 +35,10 @@ sub library_path {
     my $top = Cwd::abs_path(File::Basename::dirname(__FILE__) . '/../../..');
     # in a build tree (perl/lib/PVE/MTunnel.pm next to Cargo.toml): its own cargo build
     if (defined($top) && -f "$top/Cargo.toml") {
-	for my $profile (qw(release debug)) {
-	    my $so = "$top/target/$profile/libmtunnel.so";
-	    return $so if -f $so;
-	}
+        for my $profile (qw(release debug)) {
+            my $so = "$top/target/$profile/libmtunnel.so";
+            return $so if -f $so;
+        }
     }
     # installed (libmtunnel0): by soname, through the dynamic loader's search path
     return 'libmtunnel.so.0';
@@ -43,26 +51,42 @@ $ffi->type('(opaque,int,string)->void' => 'mtunnel_log_fn');
 $ffi->attach(mtunnel_last_error => [] => 'string');
 $ffi->attach(mtunnel_string_free => ['opaque'] => 'void');
 $ffi->attach([mtunnel_version => 'version'] => [] => 'string');
-$ffi->attach([tunnel_open => '_tunnel_open'] => ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int');
+$ffi->attach(
+    [tunnel_open => '_tunnel_open'] => ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int');
 $ffi->attach([tunnel_wait_ready => '_tunnel_wait_ready'] => ['opaque', 'sint64'] => 'int');
-$ffi->attach([tunnel_command => '_tunnel_command'] => ['opaque', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach(
+    [tunnel_command => '_tunnel_command'] => ['opaque', 'string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([tunnel_read_line => '_tunnel_read_line'] => ['opaque', 'sint64', 'opaque*'] => 'int');
 $ffi->attach([tunnel_close => '_tunnel_close'] => ['opaque', 'string'] => 'int');
 $ffi->attach([tunnel_status => '_tunnel_status'] => ['opaque', 'opaque*'] => 'int');
 $ffi->attach([tunnel_free => '_tunnel_free'] => ['opaque'] => 'void');
 $ffi->attach([qmp_migrate => '_qmp_migrate'] => ['string', 'string', 'string'] => 'int');
-$ffi->attach([qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string', 'opaque*'] => 'int');
-$ffi->attach([qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_wait_migration => '_qmp_wait_migration'] => ['string', 'string', 'opaque*'] => 'int');
-$ffi->attach([qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] => ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_status => '_qmp_mirror_status'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_wait_ready => '_qmp_mirror_wait_ready'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_finish => '_qmp_mirror_finish'] => ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_wait_migration => '_qmp_wait_migration'] => ['string', 'string', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] =>
+        'int');
+$ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] =>
+        ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_mirror_status => '_qmp_mirror_status'] => ['string', 'string', 'sint64', 'opaque*'] =>
+        'int');
+$ffi->attach([qmp_mirror_wait_ready => '_qmp_mirror_wait_ready'] =>
+        ['string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach([qmp_mirror_finish => '_qmp_mirror_finish'] =>
+        ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
+$ffi->attach(
+    [qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] =>
+        'int');
 $ffi->attach([ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
-$ffi->attach([migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] => 'int');
+$ffi->attach(
+    [migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] => 'int');
 
 # Dies PVE-style with the library's message unless $rc is 0.
 sub _check {
@@ -83,28 +107,37 @@ sub _take_string {
     return $s;
 }
 
-sub _decode { my ($ptr) = @_; my $s = _take_string($ptr); return defined($s) ? $json->decode($s) : undef; }
+sub _decode {
+    my ($ptr) = @_;
+    my $s = _take_string($ptr);
+    return defined($s) ? $json->decode($s) : undef;
+}
 
 # Perl hands us numbers as strings and booleans as 1/0; the library wants JSON types. Only
 # options that are numbers by name become numbers, and only from a plain decimal integer:
 # "1234\n" or "0042" stay strings (so the library names the bad option), and a string option
 # such as ssh_run's 'input' is never turned into a number.
-my %BOOL_OPTION = map { $_ => 1 } qw(remote_cleanup check cleanup setup adaptive_slots cleanup_in_command);
+my %BOOL_OPTION =
+    map { $_ => 1 } qw(remote_cleanup check cleanup setup adaptive_slots cleanup_in_command);
 
 # Options that are integers by name without one of those suffixes: qmp_mirror_start's 'speed'
 # (bytes per second).
 my %INTEGER_OPTION = map { $_ => 1 } qw(speed);
 
-sub _numeric_option { return $INTEGER_OPTION{$_[0]} || $_[0] =~ /(?:_ms|_s|_slots|_retries|_count_max)\z/ }
+sub _numeric_option {
+    return $INTEGER_OPTION{ $_[0] } || $_[0] =~ /(?:_ms|_s|_slots|_retries|_count_max)\z/;
+}
 
 # QEMU's integer and boolean migration parameters (qapi MigrationParameters); the others
 # (tls-creds, mode, …) are strings.
-my %INTEGER_PARAMETER = map { $_ => 1 } qw(announce-initial announce-max announce-rounds announce-step
+my %INTEGER_PARAMETER = map { $_ => 1 }
+    qw(announce-initial announce-max announce-rounds announce-step
     throttle-trigger-threshold cpu-throttle-initial cpu-throttle-increment max-bandwidth
     avail-switchover-bandwidth downtime-limit x-checkpoint-delay multifd-channels xbzrle-cache-size
     max-postcopy-bandwidth max-cpu-throttle multifd-zlib-level multifd-qatzip-level multifd-zstd-level
     x-vcpu-dirty-limit-period vcpu-dirty-limit compress-level compress-threads decompress-threads);
-my %BOOL_PARAMETER = map { $_ => 1 } qw(cpu-throttle-tailslow direct-io block-incremental compress-wait-thread);
+my %BOOL_PARAMETER =
+    map { $_ => 1 } qw(cpu-throttle-tailslow direct-io block-incremental compress-wait-thread);
 
 sub _typed {
     my ($v, $type) = @_;
@@ -132,14 +165,14 @@ sub _options_json {
     my (%opts) = @_;
     my $out = {};
     for my $k (keys %opts) {
-	my $v = $opts{$k};
-	if (ref($v) eq 'ARRAY') {
-	    $out->{$k} = [ map { "$_" } @$v ];
-	} elsif (ref($v) eq 'HASH') {
-	    $out->{$k} = $v;
-	} else {
-	    $out->{$k} = _typed($v, _option_type($k));
-	}
+        my $v = $opts{$k};
+        if (ref($v) eq 'ARRAY') {
+            $out->{$k} = [map { "$_" } @$v];
+        } elsif (ref($v) eq 'HASH') {
+            $out->{$k} = $v;
+        } else {
+            $out->{$k} = _typed($v, _option_type($k));
+        }
     }
     return $json->encode($out);
 }
@@ -151,13 +184,15 @@ sub open {
     my $self = bless { ptr => undef, closed => 0, pid_owner => $$ }, $class;
     my $closure;
     if ($log) {
-	# A die inside a callback must not unwind through Rust: report it as a warning.
-	$closure = $ffi->closure(sub {
-	    my (undef, $level, $msg) = @_;
-	    eval { $log->($LEVEL_NAME{$level} // 'info', $msg) };
-	    warn "mtunnel log callback failed: $@" if $@;
-	});
-	$self->{closure} = $closure;
+        # A die inside a callback must not unwind through Rust: report it as a warning.
+        $closure = $ffi->closure(
+            sub {
+                my (undef, $level, $msg) = @_;
+                eval { $log->($LEVEL_NAME{$level} // 'info', $msg) };
+                warn "mtunnel log callback failed: $@" if $@;
+            }
+        );
+        $self->{closure} = $closure;
     }
     my $ptr;
     _check(_tunnel_open(_options_json(%opts), $closure, undef, \$ptr));
@@ -220,10 +255,10 @@ sub _migrate_options_json {
     $opts //= {};
     my %o;
     if (my $caps = $opts->{capabilities}) {
-	$o{capabilities} = { map { $_ => _typed($caps->{$_}, 'bool') } keys %$caps };
+        $o{capabilities} = { map { $_ => _typed($caps->{$_}, 'bool') } keys %$caps };
     }
     if (my $params = $opts->{parameters}) {
-	$o{parameters} = { map { $_ => _typed($params->{$_}, _parameter_type($_)) } keys %$params };
+        $o{parameters} = { map { $_ => _typed($params->{$_}, _parameter_type($_)) } keys %$params };
     }
     $o{timeout_ms} = _typed($opts->{timeout_ms}, 'int') if defined $opts->{timeout_ms};
     $o{setup} = _typed($opts->{setup}, 'bool') if defined $opts->{setup};
@@ -279,43 +314,65 @@ sub qmp_execute {
 sub _jobs_json {
     my ($function, $jobs) = @_;
     die "$function: jobs must be an array reference\n" if ref($jobs) ne 'ARRAY';
-    return $json->encode([ map { "$_" } @$jobs ]);
+    return $json->encode([map { "$_" } @$jobs]);
 }
 
 sub qmp_mirror_start {
     my ($qmp_socket, $device, $target, $opts) = @_;
-    die "qmp_mirror_start: options must be a hash reference\n" if defined($opts) && ref($opts) ne 'HASH';
+    die "qmp_mirror_start: options must be a hash reference\n"
+        if defined($opts) && ref($opts) ne 'HASH';
     my $out;
-    _check(_qmp_mirror_start($qmp_socket, $device, $target, _options_json(%{ $opts // {} }), \$out));
+    _check(
+        _qmp_mirror_start($qmp_socket, $device, $target, _options_json(%{ $opts // {} }), \$out));
     return _take_string($out);
 }
 
 sub qmp_mirror_status {
     my ($qmp_socket, $jobs, %opts) = @_;
     my $out;
-    _check(_qmp_mirror_status($qmp_socket, _jobs_json('qmp_mirror_status', $jobs), $opts{timeout_ms} // 10_000, \$out));
+    _check(
+        _qmp_mirror_status(
+            $qmp_socket, _jobs_json('qmp_mirror_status', $jobs),
+            $opts{timeout_ms} // 10_000, \$out
+        )
+    );
     return _decode($out);
 }
 
 sub qmp_mirror_wait_ready {
     my ($qmp_socket, $jobs, %opts) = @_;
     my $out;
-    _check(_qmp_mirror_wait_ready($qmp_socket, _jobs_json('qmp_mirror_wait_ready', $jobs), $opts{timeout_ms} // -1, \$out));
+    _check(
+        _qmp_mirror_wait_ready(
+            $qmp_socket, _jobs_json('qmp_mirror_wait_ready', $jobs),
+            $opts{timeout_ms} // -1, \$out
+        )
+    );
     return _decode($out);
 }
 
 sub qmp_mirror_finish {
     my ($qmp_socket, $jobs, %opts) = @_;
     my $out;
-    _check(_qmp_mirror_finish($qmp_socket, _jobs_json('qmp_mirror_finish', $jobs), $opts{mode},
-	$opts{timeout_ms} // 60_000, \$out));
+    _check(
+        _qmp_mirror_finish(
+            $qmp_socket, _jobs_json('qmp_mirror_finish', $jobs),
+            $opts{mode}, $opts{timeout_ms} // 60_000,
+            \$out
+        )
+    );
     return _decode($out);
 }
 
 sub qmp_mirror_cancel {
     my ($qmp_socket, $jobs, %opts) = @_;
     my $out;
-    _check(_qmp_mirror_cancel($qmp_socket, _jobs_json('qmp_mirror_cancel', $jobs), $opts{timeout_ms} // 30_000, \$out));
+    _check(
+        _qmp_mirror_cancel(
+            $qmp_socket, _jobs_json('qmp_mirror_cancel', $jobs),
+            $opts{timeout_ms} // 30_000, \$out
+        )
+    );
     return _decode($out);
 }
 

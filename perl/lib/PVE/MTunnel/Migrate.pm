@@ -36,7 +36,7 @@ my $MAX_DOWNTIME_MS = 2000 * 1000;
 sub new {
     my ($class, %param) = @_;
     for my $k (qw(vmid node target ssh)) {
-	die "PVE::MTunnel::Migrate->new: missing '$k'\n" if !defined($param{$k});
+        die "PVE::MTunnel::Migrate->new: missing '$k'\n" if !defined($param{$k});
     }
     die "invalid VMID '$param{vmid}'\n" if $param{vmid} !~ m/^[1-9][0-9]{0,8}$/;
     my $type = $param{migration_type} // 'secure';
@@ -44,53 +44,53 @@ sub new {
     my $wait = $param{completion_wait} // 'events';
     die "invalid completion wait '$wait' (events, poll or pve)\n" if $wait !~ /^(events|poll|pve)$/;
     die "invalid migration network '$param{migration_network}' (want an IPv4 CIDR)\n"
-	if defined $param{migration_network} && !parse_cidr($param{migration_network});
+        if defined $param{migration_network} && !parse_cidr($param{migration_network});
     my $vmid = $param{vmid};
     my $self = bless {
-	qm => ['qm'],
-	socket_dir => '/run/qemu-server',
-	# as PVE's set_migration_caps: these on, every other capability off
-	capabilities => { 'auto-converge' => 1, xbzrle => 1 },
-	parameters => {},
-	downtime_ms => 100,
-	# KiB/s, as PVE's bwlimit; undef = no limit (max-bandwidth 16 GiB/s)
-	bwlimit => undef,
-	# qm start's --machine: default is the machine type the source QEMU runs, as PVE's
-	# forcemachine; --force-cpu, --targetstorage and a spice ticket (sent on stdin) if given
-	machine => undef,
-	force_cpu => undef,
-	targetstorage => undef,
-	spice_ticket => undef,
-	# qm migrate's --with-local-disks: mirror the disks the target exports over NBD
-	with_local_disks => 0,
-	# secure: RAM and NBD through the ssh tunnel's UNIX socket forwards; insecure: straight
-	# over TCP to the target's address in migration_network, the tunnel carries commands only
-	migration_type => 'secure',
-	migration_network => undef,
-	# abort when the mirrors are not all ready after this long (undef: no limit; a stalled
-	# mirror is caught by stall_timeout_ms either way)
-	mirror_timeout_ms => undef,
-	# one short QMP connection per look (other monitor clients are never starved)
-	mirror_poll_ms => 200,
-	# the source's volume of each migrated drive (drive => volid), freed after success;
-	# default: from the source's `qm config`
-	source_volumes => undef,
-	local_qm => ['qm'],
-	pvesm => ['pvesm'],
-	# what the verdict tells to run when the VM's state cannot be settled (the CLI fills in
-	# its own command line)
-	check_command => undef,
-	# how the end of the RAM migration is noticed (see wait_for_completion): events, poll, pve
-	completion_wait => 'events',
-	# events: the longest the source's monitor is held at a time (other clients wait behind)
-	hold_ms => 250,
-	poll_interval_ms => 1000,
-	# abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
-	stall_timeout_ms => 60_000,
-	tunnel_options => {},
-	# handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
-	ssh_options => {},
-	%param,
+        qm => ['qm'],
+        socket_dir => '/run/qemu-server',
+        # as PVE's set_migration_caps: these on, every other capability off
+        capabilities => { 'auto-converge' => 1, xbzrle => 1 },
+        parameters => {},
+        downtime_ms => 100,
+        # KiB/s, as PVE's bwlimit; undef = no limit (max-bandwidth 16 GiB/s)
+        bwlimit => undef,
+        # qm start's --machine: default is the machine type the source QEMU runs, as PVE's
+        # forcemachine; --force-cpu, --targetstorage and a spice ticket (sent on stdin) if given
+        machine => undef,
+        force_cpu => undef,
+        targetstorage => undef,
+        spice_ticket => undef,
+        # qm migrate's --with-local-disks: mirror the disks the target exports over NBD
+        with_local_disks => 0,
+        # secure: RAM and NBD through the ssh tunnel's UNIX socket forwards; insecure: straight
+        # over TCP to the target's address in migration_network, the tunnel carries commands only
+        migration_type => 'secure',
+        migration_network => undef,
+        # abort when the mirrors are not all ready after this long (undef: no limit; a stalled
+        # mirror is caught by stall_timeout_ms either way)
+        mirror_timeout_ms => undef,
+        # one short QMP connection per look (other monitor clients are never starved)
+        mirror_poll_ms => 200,
+        # the source's volume of each migrated drive (drive => volid), freed after success;
+        # default: from the source's `qm config`
+        source_volumes => undef,
+        local_qm => ['qm'],
+        pvesm => ['pvesm'],
+        # what the verdict tells to run when the VM's state cannot be settled (the CLI fills in
+        # its own command line)
+        check_command => undef,
+        # how the end of the RAM migration is noticed (see wait_for_completion): events, poll, pve
+        completion_wait => 'events',
+        # events: the longest the source's monitor is held at a time (other clients wait behind)
+        hold_ms => 250,
+        poll_interval_ms => 1000,
+        # abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
+        stall_timeout_ms => 60_000,
+        tunnel_options => {},
+        # handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
+        ssh_options => {},
+        %param,
     }, $class;
     $self->{qmp_socket} //= "$self->{socket_dir}/$vmid.qmp";
     $self->{log} //= sub { my ($level, $msg) = @_; print "$msg\n" };
@@ -103,7 +103,7 @@ sub log {
     chomp $msg;
     my $prefix = strftime("%F %H:%M:%S", localtime) . ($level eq 'err' ? ' ERROR:' : '');
     for my $line (split /\n/, $msg) {
-	$self->{log}->($level, "$prefix $line");
+        $self->{log}->($level, "$prefix $line");
     }
 }
 
@@ -123,8 +123,10 @@ sub current_machine {
     my $machines = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-machines');
     my ($current) = grep { $_->{'is-current'} } @$machines;
     return $current->{name} if $current;
-    my $type = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'qom-get', { path => '/machine', property => 'type' });
-    die "cannot tell which machine type VM $self->{vmid} runs ('$type')\n" if !defined($type) || $type !~ /^([A-Za-z0-9_.,+-]+)-machine$/;
+    my $type = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'qom-get',
+        { path => '/machine', property => 'type' });
+    die "cannot tell which machine type VM $self->{vmid} runs ('$type')\n"
+        if !defined($type) || $type !~ /^([A-Za-z0-9_.,+-]+)-machine$/;
     return $1;
 }
 
@@ -158,18 +160,23 @@ sub ip_in_network {
 # `qm …` on the target
 sub remote {
     my ($self, $cmd, %opts) = @_;
-    return $self->remote_command([@{$self->{qm}}, @$cmd], %opts);
+    return $self->remote_command([@{ $self->{qm} }, @$cmd], %opts);
 }
 
 sub remote_command {
     my ($self, $cmd, %opts) = @_;
-    return PVE::MTunnel::ssh_run(ssh => $self->{ssh}, command => $cmd, timeout_ms => 120_000,
-	%{$self->{ssh_options}}, %opts);
+    return PVE::MTunnel::ssh_run(
+        ssh => $self->{ssh},
+        command => $cmd,
+        timeout_ms => 120_000,
+        %{ $self->{ssh_options} }, %opts
+    );
 }
 
 # Removes the paths that are sockets, prints the others: what the library's close runs on the
 # target, for a cleanup without a tunnel.
-my $SOCKET_CLEANUP = 'for p; do if [ -S "$p" ]; then rm -f -- "$p"; elif [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done';
+my $SOCKET_CLEANUP =
+    'for p; do if [ -S "$p" ]; then rm -f -- "$p"; elif [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done';
 
 # The signals PVE's migration base class defers.
 my @DEFERRED_SIGNALS = qw(INT TERM QUIT HUP PIPE);
@@ -179,26 +186,32 @@ sub migrate {
     my $vmid = $self->{vmid};
     # Only noted here: Perl runs the handler between ops (and the library holds signals back
     # while a call runs), the driver acts on it at its next safe point.
-    local @SIG{@DEFERRED_SIGNALS} = (sub { $self->{signal} //= $_[0]; $self->{signals}++ }) x @DEFERRED_SIGNALS;
+    local @SIG{@DEFERRED_SIGNALS} =
+        (sub { $self->{signal} //= $_[0]; $self->{signals}++ }) x @DEFERRED_SIGNALS;
     $self->log('info', "starting migration of VM $vmid to node '$self->{target}'");
     my $start = time();
     eval { $self->phase2() };
     if (my $err = $@) {
-	$self->log('err', "migration failed: $err");
-	# a cancel that came too late leaves a completed migration: finish it instead
-	$self->phase2_cleanup($err);
-	return $self->fail($err) if !$self->{completed};
-	$self->log('info', "the migration completed before it could be cancelled: finishing it");
+        $self->log('err', "migration failed: $err");
+        # a cancel that came too late leaves a completed migration: finish it instead
+        $self->phase2_cleanup($err);
+        return $self->fail($err) if !$self->{completed};
+        $self->log('info', "the migration completed before it could be cancelled: finishing it");
     }
     eval { $self->phase3() };
     if (my $err = $@) {
-	$self->log('err', "migration failed after RAM migration completed: $err");
-	$self->phase3_recover($err);
-	return $self->fail($err) if !$self->{target_resumed};
+        $self->log('err', "migration failed after RAM migration completed: $err");
+        $self->phase3_recover($err);
+        return $self->fail($err) if !$self->{target_resumed};
     }
-    $self->log('info', "received signal SIG$self->{signal} after the migration completed: it was finished")
-	if $self->{signal};
-    $self->log('info', sprintf("migration finished successfully (duration %s)", strftime("%H:%M:%S", gmtime(time() - $start))));
+    $self->log('info',
+        "received signal SIG$self->{signal} after the migration completed: it was finished")
+        if $self->{signal};
+    $self->log(
+        'info',
+        sprintf("migration finished successfully (duration %s)",
+            strftime("%H:%M:%S", gmtime(time() - $start)))
+    );
     return $self;
 }
 
@@ -206,7 +219,8 @@ sub migrate {
 sub fail {
     my ($self, $err) = @_;
     chomp $err;
-    my $where = eval { $self->diagnose($self->inspect())->{state} } // "its state could not be determined: $@";
+    my $where = eval { $self->diagnose($self->inspect())->{state} }
+        // "its state could not be determined: $@";
     chomp $where;
     $self->{verdict} = $where;
     die "$err - $where\n";
@@ -224,7 +238,8 @@ sub start_target {
     my ($self) = @_;
     my ($vmid, $node, $type) = @$self{qw(vmid node migration_type)};
     my @cmd = ('start', $vmid, '--skiplock', '--migratedfrom', $node, '--migration_type', $type);
-    push @cmd, '--migration_network', $self->{migration_network} if defined $self->{migration_network};
+    push @cmd, '--migration_network', $self->{migration_network}
+        if defined $self->{migration_network};
     push @cmd, '--stateuri', $type eq 'insecure' ? 'tcp' : 'unix';
     push @cmd, '--machine', $self->{machine} // $self->current_machine();
     push @cmd, '--force-cpu', $self->{force_cpu} if defined $self->{force_cpu};
@@ -235,7 +250,7 @@ sub start_target {
     my $res = $self->remote(\@cmd, input => $input);
     $self->log('info', "[$self->{target}] $_") for grep { length } split /\n/, $res->{stderr} // '';
     my $listen = PVE::MTunnel::migrate_listen_parse($res->{stdout}, $vmid);
-    $self->log('info', "[$self->{target}] $_") for @{$listen->{messages}};
+    $self->log('info', "[$self->{target}] $_") for @{ $listen->{messages} };
     return $listen;
 }
 
@@ -243,20 +258,22 @@ sub start_target {
 # for secure; for insecure TCP, inside the migration network when one is given.
 sub check_listen {
     my ($self, $listen) = @_;
-    my @uris = ($listen->{uri}, map { $_->{uri} } @{$listen->{nbd}});
+    my @uris = ($listen->{uri}, map { $_->{uri} } @{ $listen->{nbd} });
     if ($self->{migration_type} eq 'secure') {
-	for my $uri (@uris) {
-	    die "target answered '$uri' for a secure migration: only UNIX sockets can go through the tunnel\n"
-		if $uri !~ /^(?:nbd:)?unix:/;
-	}
-	return;
+        for my $uri (@uris) {
+            die
+                "target answered '$uri' for a secure migration: only UNIX sockets can go through the tunnel\n"
+                if $uri !~ /^(?:nbd:)?unix:/;
+        }
+        return;
     }
     for my $uri (@uris) {
-	my ($host) = $uri =~ /^(?:tcp|nbd):([0-9.]+|localhost|\[[0-9a-fA-F:.]+\]):[0-9]+/
-	    or die "target answered '$uri' for an insecure migration: expected a TCP address\n";
-	next if !defined $self->{migration_network};
-	die "target address $host in '$uri' is outside the migration network $self->{migration_network} - refusing to migrate over it\n"
-	    if !ip_in_network($host, $self->{migration_network});
+        my ($host) = $uri =~ /^(?:tcp|nbd):([0-9.]+|localhost|\[[0-9a-fA-F:.]+\]):[0-9]+/
+            or die "target answered '$uri' for an insecure migration: expected a TCP address\n";
+        next if !defined $self->{migration_network};
+        die
+            "target address $host in '$uri' is outside the migration network $self->{migration_network} - refusing to migrate over it\n"
+            if !ip_in_network($host, $self->{migration_network});
     }
 }
 
@@ -265,11 +282,12 @@ sub source_volumes {
     my ($self) = @_;
     return $self->{source_volumes} if $self->{source_volumes};
     my %vol;
-    if (open(my $fh, '-|', @{$self->{local_qm}}, 'config', $self->{vmid})) {
-	while (my $line = <$fh>) {
-	    $vol{$1} = $2 if $line =~ /^((?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+): ([^,\s]+)/;
-	}
-	close($fh);
+    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
+        while (my $line = <$fh>) {
+            $vol{$1} = $2
+                if $line =~ /^((?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+): ([^,\s]+)/;
+        }
+        close($fh);
     }
     return $self->{source_volumes} = \%vol;
 }
@@ -284,27 +302,31 @@ sub phase2 {
     $self->check_interrupt();
     my $listen = $self->start_target();
     # new volumes on the target: freed by the cleanup unless the migration completes
-    $self->{target_volumes} = [ map { ($_->{volume} =~ /^([^,]+)/)[0] } @{$listen->{nbd}} ];
+    $self->{target_volumes} = [map { ($_->{volume} =~ /^([^,]+)/)[0] } @{ $listen->{nbd} }];
     # the target's listening sockets: the tunnel's close removes them, else the cleanup
-    $self->{target_sockets} = [ grep { defined } $listen->{socket}, map { $_->{socket} } @{$listen->{nbd}} ];
+    $self->{target_sockets} =
+        [grep { defined } $listen->{socket}, map { $_->{socket} } @{ $listen->{nbd} }];
     $self->check_interrupt();
     $self->check_listen($listen);
     $self->{ruri} = $listen->{uri};
-    my @nbd = @{$listen->{nbd}};
-    die "target exported disks for storage migration (" . join(', ', map { "drive-$_->{drive}" } @nbd)
-	. ") but --with-local-disks was not given\n" if @nbd && !$self->{with_local_disks};
+    my @nbd = @{ $listen->{nbd} };
+    die "target exported disks for storage migration ("
+        . join(', ', map { "drive-$_->{drive}" } @nbd)
+        . ") but --with-local-disks was not given\n"
+        if @nbd && !$self->{with_local_disks};
 
     $self->log('info', "start remote tunnel");
     # insecure: no forwards, the tunnel carries the commands (resume) only
-    my @forwards = $self->{migration_type} eq 'secure' ? ($listen->{socket}, map { $_->{socket} } @nbd) : ();
+    my @forwards =
+        $self->{migration_type} eq 'secure' ? ($listen->{socket}, map { $_->{socket} } @nbd) : ();
     $self->{tunnel} = PVE::MTunnel->open(
-	ssh => $self->{ssh},
-	forwards => \@forwards,
-	command => [@{$self->{qm}}, 'mtunnel'],
-	socket_dir => $self->{socket_dir},
-	log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
-	%{$self->{ssh_options}},
-	%{$self->{tunnel_options}},
+        ssh => $self->{ssh},
+        forwards => \@forwards,
+        command => [@{ $self->{qm} }, 'mtunnel'],
+        socket_dir => $self->{socket_dir},
+        log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
+        %{ $self->{ssh_options} },
+        %{ $self->{tunnel_options} },
     );
     $self->{tunnel_opened} = 1;
     my $t0 = time();
@@ -317,18 +339,21 @@ sub phase2 {
     $self->check_interrupt();
 
     $self->log('info', "starting online/live migration on $self->{ruri}");
-    my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{$self->{parameters}} };
+    my $params = { 'downtime-limit' => int($self->{downtime_ms}), %{ $self->{parameters} } };
     $params->{'max-bandwidth'} = int($self->{bwlimit} * 1024) if $self->{bwlimit};
     $self->log('info', "set migration capabilities");
     # 'events': QEMU's MIGRATION events wake the completion wait (and the lab's run-state log)
-    my $caps = { %{$self->{capabilities}}, events => 1 };
-    my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket}, { capabilities => $caps, parameters => $params });
+    my $caps = { %{ $self->{capabilities} }, events => 1 };
+    my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket},
+        { capabilities => $caps, parameters => $params });
     my $set = $applied->{parameters};
-    $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s") if $self->{bwlimit};
+    $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s")
+        if $self->{bwlimit};
     $self->log('info', "capping downtime limit to maximum possible: $set->{'downtime-limit'} ms")
-	if $set->{'downtime-limit'} < $params->{'downtime-limit'};
+        if $set->{'downtime-limit'} < $params->{'downtime-limit'};
     $self->log('info', "migration downtime limit: $set->{'downtime-limit'} ms");
-    $self->log('info', "migration cachesize: " . render_bytes($set->{'xbzrle-cache-size'})) if defined $set->{'xbzrle-cache-size'};
+    $self->log('info', "migration cachesize: " . render_bytes($set->{'xbzrle-cache-size'}))
+        if defined $set->{'xbzrle-cache-size'};
     $self->log('info', "set migration parameters");
 
     $self->log('info', "start migrate command to $self->{ruri}");
@@ -349,24 +374,27 @@ sub storage_migration {
     my %device = map { $_->{device} => $_ } grep { $_->{inserted} } @$blocks;
     my $volumes = $self->source_volumes();
     for my $export (@$nbd) {
-	my $device = "drive-$export->{drive}";
-	die "target exported '$device', but VM $vmid has no such drive\n" if !$device{$device};
-	my $source = $volumes->{$export->{drive}} // $device{$device}{inserted}{file};
-	my ($target) = $export->{volume} =~ /^([^,]+)/;
-	$self->log('info', "volume '$source' is '$target' on the target");
+        my $device = "drive-$export->{drive}";
+        die "target exported '$device', but VM $vmid has no such drive\n" if !$device{$device};
+        my $source = $volumes->{ $export->{drive} } // $device{$device}{inserted}{file};
+        my ($target) = $export->{volume} =~ /^([^,]+)/;
+        $self->log('info', "volume '$source' is '$target' on the target");
     }
     $self->{mirror_jobs} = [];
     for my $export (@$nbd) {
-	my $device = "drive-$export->{drive}";
-	$self->log('info', "$export->{drive}: start migration to $export->{uri}");
-	my %opts;
-	if ($self->{bwlimit}) {
-	    $opts{speed} = int($self->{bwlimit} * 1024);
-	    $self->log('info', "drive mirror is starting for $device with bandwidth limit: $self->{bwlimit} KiB/s");
-	} else {
-	    $self->log('info', "drive mirror is starting for $device");
-	}
-	push @{$self->{mirror_jobs}}, PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
+        my $device = "drive-$export->{drive}";
+        $self->log('info', "$export->{drive}: start migration to $export->{uri}");
+        my %opts;
+        if ($self->{bwlimit}) {
+            $opts{speed} = int($self->{bwlimit} * 1024);
+            $self->log('info',
+                "drive mirror is starting for $device with bandwidth limit: $self->{bwlimit} KiB/s"
+            );
+        } else {
+            $self->log('info', "drive mirror is starting for $device");
+        }
+        push @{ $self->{mirror_jobs} },
+            PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
     }
     $self->wait_mirror_ready();
 }
@@ -380,37 +408,45 @@ sub wait_mirror_ready {
     my ($last_offset, $last_progress, $last_log) = (-1, $start, 0);
     my %was_ready;
     while (1) {
-	my $st = PVE::MTunnel::qmp_mirror_status($self->{qmp_socket}, $jobs);
-	my $now = time();
-	# looks are frequent (readiness is noticed soon), progress lines once a second
-	my $log_now = $st->{all_ready} || $now - $last_log >= 1;
-	$last_log = $now if $log_now;
-	my $offset = 0;
-	for my $job (@{$st->{jobs}}) {
-	    $offset += $job->{offset} // 0;
-	    next if $was_ready{$job->{id}} || !($log_now || $job->{ready});
-	    my $len = $job->{len} || 0;
-	    my $line = sprintf("%s: transferred %s of %s (%.2f%%) in %s", $job->{id}, render_bytes($job->{offset} // 0),
-		render_bytes($len), $len ? ($job->{offset} // 0) * 100 / $len : 0, render_duration($now - $start));
-	    $line .= $job->{busy} ? ", still busy" : ", ready" if $job->{ready};
-	    $self->log('info', $line);
-	    $was_ready{$job->{id}} = 1 if $job->{ready};
-	}
-	if ($st->{all_ready}) {
-	    $self->log('info', "all 'mirror' jobs are ready");
-	    $self->{timing}{mirror} = $now - $start;
-	    $self->{timing}{mirror_bytes} = $offset;
-	    return $st;
-	}
-	if ($offset != $last_offset) {
-	    ($last_offset, $last_progress) = ($offset, $now);
-	} elsif (($now - $last_progress) * 1000 > $self->{stall_timeout_ms}) {
-	    die sprintf("storage migration made no progress for %.0f s - aborting\n", $now - $last_progress);
-	}
-	die sprintf("storage migration not ready after %.0f s (mirror timeout) - aborting\n", $now - $start)
-	    if defined $self->{mirror_timeout_ms} && ($now - $start) * 1000 > $self->{mirror_timeout_ms};
-	$self->check_interrupt();
-	usleep($self->{mirror_poll_ms} * 1000);
+        my $st = PVE::MTunnel::qmp_mirror_status($self->{qmp_socket}, $jobs);
+        my $now = time();
+        # looks are frequent (readiness is noticed soon), progress lines once a second
+        my $log_now = $st->{all_ready} || $now - $last_log >= 1;
+        $last_log = $now if $log_now;
+        my $offset = 0;
+        for my $job (@{ $st->{jobs} }) {
+            $offset += $job->{offset} // 0;
+            next if $was_ready{ $job->{id} } || !($log_now || $job->{ready});
+            my $len = $job->{len} || 0;
+            my $line = sprintf(
+                "%s: transferred %s of %s (%.2f%%) in %s",
+                $job->{id}, render_bytes($job->{offset} // 0),
+                render_bytes($len),
+                $len ? ($job->{offset} // 0) * 100 / $len : 0,
+                render_duration($now - $start)
+            );
+            $line .= $job->{busy} ? ", still busy" : ", ready" if $job->{ready};
+            $self->log('info', $line);
+            $was_ready{ $job->{id} } = 1 if $job->{ready};
+        }
+        if ($st->{all_ready}) {
+            $self->log('info', "all 'mirror' jobs are ready");
+            $self->{timing}{mirror} = $now - $start;
+            $self->{timing}{mirror_bytes} = $offset;
+            return $st;
+        }
+        if ($offset != $last_offset) {
+            ($last_offset, $last_progress) = ($offset, $now);
+        } elsif (($now - $last_progress) * 1000 > $self->{stall_timeout_ms}) {
+            die sprintf("storage migration made no progress for %.0f s - aborting\n",
+                $now - $last_progress);
+        }
+        die sprintf("storage migration not ready after %.0f s (mirror timeout) - aborting\n",
+            $now - $start)
+            if defined $self->{mirror_timeout_ms}
+            && ($now - $start) * 1000 > $self->{mirror_timeout_ms};
+        $self->check_interrupt();
+        usleep($self->{mirror_poll_ms} * 1000);
     }
 }
 
@@ -425,91 +461,111 @@ sub wait_for_completion {
     my ($self, $downtime) = @_;
     my $mode = $self->{completion_wait};
     my $usleep = $self->{poll_interval_ms} * 1000;
-    my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) = (-1, undef, 0, 0, 0, '');
+    my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) =
+        (-1, undef, 0, 0, 0, '');
     my $start = time();
     my ($last_progress, $last_look) = ($start, 0);
     while (1) {
-	my $stat;
-	if ($mode eq 'events') {
-	    $stat = eval { PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => $self->{hold_ms}) };
-	} else {
-	    usleep($usleep);
-	    $stat = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}) };
-	}
-	if (my $err = $@) {
-	    $self->log('info', "query migrate failed: $err");
-	    die "too many query migrate failures - aborting\n" if ++$errors > 5;
-	    usleep($self->{poll_interval_ms} * 1000) if $mode eq 'events';
-	    next;
-	}
-	$errors = 0;
-	my $status = $stat->{status} // 'none';
-	my $ram = $stat->{ram} // {};
-	if ($FINAL{$status}) {
-	    $self->{timing}{noticed} = time();
-	    $self->{timing}{qemu_downtime_ms} = $stat->{downtime};
-	}
-	if ($status eq 'completed') {
-	    $self->{completed} = 1;
-	    $self->{timing}{migration} = time() - $start;
-	    $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
-	    $self->{completed_stat} = $stat;
-	    my $delay = time() - $start;
-	    $self->log('info', sprintf("average migration speed: %s/s - downtime %s ms",
-		render_bytes(($ram->{total} // 0) / ($delay || 1)), $stat->{downtime} // 0));
-	    $self->log('info', "migration completed, transferred " . render_bytes($ram->{transferred}) . " VM-state")
-		if $ram->{transferred};
-	    $self->log('info', "migration status: completed");
-	    return $stat;
-	}
-	if ($FINAL{$status}) {
-	    my $message = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
-	    $self->log('info', "migration status error: $message");
-	    die "aborting phase 2 - $message\n";
-	}
-	# not completed: a deferred signal cancels it (completion, when seen first, wins)
-	$self->check_interrupt();
-	next if $mode eq 'events' && time() - $last_look < 1;
-	$last_look = time();
-	$i++;
-	if ($status ne 'active') {
-	    $self->log('info', "migration status: $status") if $status ne $laststatus;
-	    $laststatus = $status;
-	    next;
-	}
-	$laststatus = $status;
-	my $trans = $ram->{transferred} // 0;
-	if ($trans == $lasttrans) {
-	    my $stalled = time() - $last_progress;
-	    die sprintf("migration made no progress for %.0f s - aborting\n", $stalled)
-		if $stalled * 1000 > $self->{stall_timeout_ms};
-	    next;
-	}
-	$last_progress = time();
-	my $rem = $ram->{remaining} // 0;
-	my $speed = ($ram->{'pages-per-second'} // 0) * ($ram->{'page-size'} // 0);
-	my $dirty = ($ram->{'dirty-pages-rate'} // 0) * ($ram->{'page-size'} // 0);
-	if ($mode eq 'poll') {
-	    $usleep = 100_000 if $speed && $rem < $speed;
-	} elsif ($mode eq 'pve') {
-	    $usleep = 100_000 if $rem < $trans / $i;
-	}
-	if ($usleep > 100_000 || $i % 10 == 0) {
-	    my $progress = sprintf("transferred %s of %s VM-state, %s/s", render_bytes($trans), render_bytes($ram->{total} // 0), render_bytes($speed));
-	    $progress .= ", VM dirties lots of memory: " . render_bytes($dirty) . "/s" if $dirty > $speed;
-	    $self->log('info', "migration active, $progress");
-	}
-	$downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
-	$lastrem = $rem;
-	if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS) {
-	    $downtimecounter = 0;
-	    $downtime *= 2;
-	    $downtime = $MAX_DOWNTIME_MS if $downtime > $MAX_DOWNTIME_MS;
-	    $self->log('info', "auto-increased downtime to continue migration: $downtime ms");
-	    eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'migrate-set-parameters', { 'downtime-limit' => int($downtime) }) };
-	    $self->log('info', "migrate-set-parameters error: $@") if $@;
-	}
-	$lasttrans = $trans;
+        my $stat;
+        if ($mode eq 'events') {
+            $stat = eval {
+                PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => $self->{hold_ms});
+            };
+        } else {
+            usleep($usleep);
+            $stat = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}) };
+        }
+        if (my $err = $@) {
+            $self->log('info', "query migrate failed: $err");
+            die "too many query migrate failures - aborting\n" if ++$errors > 5;
+            usleep($self->{poll_interval_ms} * 1000) if $mode eq 'events';
+            next;
+        }
+        $errors = 0;
+        my $status = $stat->{status} // 'none';
+        my $ram = $stat->{ram} // {};
+        if ($FINAL{$status}) {
+            $self->{timing}{noticed} = time();
+            $self->{timing}{qemu_downtime_ms} = $stat->{downtime};
+        }
+        if ($status eq 'completed') {
+            $self->{completed} = 1;
+            $self->{timing}{migration} = time() - $start;
+            $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
+            $self->{completed_stat} = $stat;
+            my $delay = time() - $start;
+            $self->log(
+                'info',
+                sprintf(
+                    "average migration speed: %s/s - downtime %s ms",
+                    render_bytes(($ram->{total} // 0) / ($delay || 1)),
+                    $stat->{downtime} // 0
+                )
+            );
+            $self->log('info',
+                      "migration completed, transferred "
+                    . render_bytes($ram->{transferred})
+                    . " VM-state")
+                if $ram->{transferred};
+            $self->log('info', "migration status: completed");
+            return $stat;
+        }
+        if ($FINAL{$status}) {
+            my $message = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
+            $self->log('info', "migration status error: $message");
+            die "aborting phase 2 - $message\n";
+        }
+        # not completed: a deferred signal cancels it (completion, when seen first, wins)
+        $self->check_interrupt();
+        next if $mode eq 'events' && time() - $last_look < 1;
+        $last_look = time();
+        $i++;
+        if ($status ne 'active') {
+            $self->log('info', "migration status: $status") if $status ne $laststatus;
+            $laststatus = $status;
+            next;
+        }
+        $laststatus = $status;
+        my $trans = $ram->{transferred} // 0;
+        if ($trans == $lasttrans) {
+            my $stalled = time() - $last_progress;
+            die sprintf("migration made no progress for %.0f s - aborting\n", $stalled)
+                if $stalled * 1000 > $self->{stall_timeout_ms};
+            next;
+        }
+        $last_progress = time();
+        my $rem = $ram->{remaining} // 0;
+        my $speed = ($ram->{'pages-per-second'} // 0) * ($ram->{'page-size'} // 0);
+        my $dirty = ($ram->{'dirty-pages-rate'} // 0) * ($ram->{'page-size'} // 0);
+        if ($mode eq 'poll') {
+            $usleep = 100_000 if $speed && $rem < $speed;
+        } elsif ($mode eq 'pve') {
+            $usleep = 100_000 if $rem < $trans / $i;
+        }
+        if ($usleep > 100_000 || $i % 10 == 0) {
+            my $progress = sprintf(
+                "transferred %s of %s VM-state, %s/s",
+                render_bytes($trans), render_bytes($ram->{total} // 0),
+                render_bytes($speed)
+            );
+            $progress .= ", VM dirties lots of memory: " . render_bytes($dirty) . "/s"
+                if $dirty > $speed;
+            $self->log('info', "migration active, $progress");
+        }
+        $downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
+        $lastrem = $rem;
+        if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS) {
+            $downtimecounter = 0;
+            $downtime *= 2;
+            $downtime = $MAX_DOWNTIME_MS if $downtime > $MAX_DOWNTIME_MS;
+            $self->log('info', "auto-increased downtime to continue migration: $downtime ms");
+            eval {
+                PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'migrate-set-parameters',
+                    { 'downtime-limit' => int($downtime) });
+            };
+            $self->log('info', "migrate-set-parameters error: $@") if $@;
+        }
+        $lasttrans = $trans;
     }
 }
 
@@ -518,35 +574,43 @@ sub phase3 {
     my ($self) = @_;
     my $vmid = $self->{vmid};
     if (my $jobs = $self->{mirror_jobs}) {
-	# As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
-	# without switching the source over to it; the source lets go of the NBD connection.
-	$self->log('info', "$_: Completing block job...") for @$jobs;
-	eval { PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, $jobs, mode => 'cancel', timeout_ms => 600_000) };
-	if (my $err = $@) {
-	    # the target's disks may lack the last writes: it must not run
-	    $self->{target_disks_incomplete} = 1;
-	    die "Failed to complete storage migration: $err";
-	}
-	$self->log('info', "$_: Completed successfully.") for @$jobs;
-	$self->log('info', "$_: mirror-job finished") for @$jobs;
-	$self->{mirror_done} = 1;
-	# upstream: the target's NBD server must stop before it resumes
-	$self->log('info', "stopping NBD storage migration server on target.");
-	eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
-	$self->log('err', "stopping NBD server on target failed: $@") if $@;
+        # As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
+        # without switching the source over to it; the source lets go of the NBD connection.
+        $self->log('info', "$_: Completing block job...") for @$jobs;
+        eval {
+            PVE::MTunnel::qmp_mirror_finish(
+                $self->{qmp_socket}, $jobs,
+                mode => 'cancel',
+                timeout_ms => 600_000
+            );
+        };
+        if (my $err = $@) {
+            # the target's disks may lack the last writes: it must not run
+            $self->{target_disks_incomplete} = 1;
+            die "Failed to complete storage migration: $err";
+        }
+        $self->log('info', "$_: Completed successfully.") for @$jobs;
+        $self->log('info', "$_: mirror-job finished") for @$jobs;
+        $self->{mirror_done} = 1;
+        # upstream: the target's NBD server must stop before it resumes
+        $self->log('info', "stopping NBD storage migration server on target.");
+        eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
+        $self->log('err', "stopping NBD server on target failed: $@") if $@;
     }
     # From here on the target may run the VM.
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     $self->{timing}{resumed} = time();
     if (my $err = $@) {
-	$self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
-	eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
-	if (my $err2 = $@) {
-	    # the reply may be what got lost: ask the target
-	    my $state = $self->target_state();
-	    die "resuming VM $vmid on node '$self->{target}' failed: $err2" if ($state // '') ne 'running';
-	    $self->log('warn', "resume on node '$self->{target}' reported an error, but VM $vmid runs there");
-	}
+        $self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
+        eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
+        if (my $err2 = $@) {
+            # the reply may be what got lost: ask the target
+            my $state = $self->target_state();
+            die "resuming VM $vmid on node '$self->{target}' failed: $err2"
+                if ($state // '') ne 'running';
+            $self->log('warn',
+                "resume on node '$self->{target}' reported an error, but VM $vmid runs there");
+        }
     }
     # The VM runs on the target; the source must never be continued.
     $self->{target_resumed} = 1;
@@ -558,8 +622,8 @@ sub phase3 {
 sub finish_source {
     my ($self) = @_;
     if (my $tunnel = delete $self->{tunnel}) {
-	eval { $tunnel->close() };
-	$self->log('warn', "closing tunnel: $@") if $@;
+        eval { $tunnel->close() };
+        $self->log('warn', "closing tunnel: $@") if $@;
     }
     $self->stop_source();
     $self->free_source_volumes() if $self->{mirror_jobs};
@@ -572,32 +636,37 @@ sub phase3_recover {
     my ($vmid, $target) = @$self{qw(vmid target)};
     my $state = $self->target_state();
     if (defined $state && $state eq 'running') {
-	$self->log('info', "VM $vmid runs on node '$target': finishing on the source");
-	$self->{target_resumed} = 1;
-	$self->finish_source();
-	return;
+        $self->log('info', "VM $vmid runs on node '$target': finishing on the source");
+        $self->{target_resumed} = 1;
+        $self->finish_source();
+        return;
     }
     if (!defined $state) {
-	$self->log('err', "node '$target' cannot be reached: VM $vmid stays paused on node '$self->{node}', "
-	    . "as it may run on '$target' once that is reachable");
-	$self->close_tunnel_quickly();
-	return;
+        $self->log('err',
+            "node '$target' cannot be reached: VM $vmid stays paused on node '$self->{node}', "
+                . "as it may run on '$target' once that is reachable");
+        $self->close_tunnel_quickly();
+        return;
     }
     # Reachable and not running: stop it (its disks may be incomplete, or its resume failed),
     # and only once it is confirmed stopped continue the source.
     if ($state ne 'stopped') {
-	$self->log('info', "stopping VM $vmid on node '$target' (state $state), then continuing it on '$self->{node}'");
-	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
-	$self->log('err', "stopping target VM failed: $@") if $@;
-	$state = $self->target_state();
+        $self->log('info',
+            "stopping VM $vmid on node '$target' (state $state), then continuing it on '$self->{node}'"
+        );
+        eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+        $self->log('err', "stopping target VM failed: $@") if $@;
+        $state = $self->target_state();
     }
     if (($state // '') eq 'stopped') {
-	$self->cancel_mirrors();
-	$self->cont_source();
-	$self->free_target_volumes();
+        $self->cancel_mirrors();
+        $self->cont_source();
+        $self->free_target_volumes();
     } else {
-	$self->log('err', "VM $vmid on node '$target' could not be confirmed stopped ("
-	    . ($state // 'unreachable') . "): it stays paused on node '$self->{node}'");
+        $self->log('err',
+                  "VM $vmid on node '$target' could not be confirmed stopped ("
+                . ($state // 'unreachable')
+                . "): it stays paused on node '$self->{node}'");
     }
     $self->close_tunnel_quickly();
 }
@@ -608,14 +677,15 @@ sub phase2_cleanup {
     my $vmid = $self->{vmid};
     $self->log('info', "aborting phase 2 - cleanup resources");
     if ($self->{migration_started}) {
-	$self->log('info', "migrate_cancel");
-	my $stat = eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
-	$self->log('info', "migrate_cancel error: $@") if $@;
-	if (($stat->{status} // '') eq 'completed') {
-	    # too late: the target has the complete state; phase 3 takes it from here
-	    $self->{completed} = 1;
-	    return;
-	}
+        $self->log('info', "migrate_cancel");
+        my $stat =
+            eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
+        $self->log('info', "migrate_cancel error: $@") if $@;
+        if (($stat->{status} // '') eq 'completed') {
+            # too late: the target has the complete state; phase 3 takes it from here
+            $self->{completed} = 1;
+            return;
+        }
     }
     # The source ends in postmigrate if the failure came after convergence: continue it. The
     # target never resumed (it waits with -S until told), so nothing runs twice.
@@ -623,14 +693,15 @@ sub phase2_cleanup {
     $self->cancel_mirrors();
     my $target_stopped;
     if ($self->{target_started}) {
-	eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
-	if (my $err = $@) {
-	    $self->log('err', "stopping target VM failed: $err");
-	    $self->log('err', "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
-		. "run 'qm stop $vmid' there once it is reachable");
-	} else {
-	    $self->{target_stopped} = 1;
-	}
+        eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+        if (my $err = $@) {
+            $self->log('err', "stopping target VM failed: $err");
+            $self->log('err',
+                "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
+                    . "run 'qm stop $vmid' there once it is reachable");
+        } else {
+            $self->{target_stopped} = 1;
+        }
     }
     $self->free_target_volumes();
     # Only after the target is stopped, as PVE does.
@@ -642,11 +713,14 @@ sub phase2_cleanup {
 # Without a ready tunnel, its close does not remove the target's sockets.
 sub remove_target_sockets {
     my ($self, @sockets) = @_;
-    @sockets = @{$self->{target_sockets} // []} if !@sockets;
+    @sockets = @{ $self->{target_sockets} // [] } if !@sockets;
     return if !@sockets;
-    my $res = eval { $self->remote_command(['sh', '-c', $SOCKET_CLEANUP, 'sh', @sockets], timeout_ms => 30_000) };
+    my $res = eval {
+        $self->remote_command(['sh', '-c', $SOCKET_CLEANUP, 'sh', @sockets], timeout_ms => 30_000);
+    };
     $self->log('err', "removing sockets on node '$self->{target}' failed: $@") if $@;
-    $self->log('err', "not a socket, left on node '$self->{target}': $_") for grep { length } split /\n/, ($res->{stdout} // '');
+    $self->log('err', "not a socket, left on node '$self->{target}': $_")
+        for grep { length } split /\n/, ($res->{stdout} // '');
 }
 
 # this VM's migration socket paths (the same on both nodes, as PVE forwards them)
@@ -665,9 +739,18 @@ sub stale_sockets {
 # listening sockets of this VM left on the target (its QEMU gone); undef if unreachable
 sub stale_target_sockets {
     my ($self) = @_;
-    my $res = eval { $self->remote_command(['sh', '-c', 'for p; do if [ -S "$p" ]; then echo "$p"; fi; done', 'sh',
-	$self->migration_sockets()], timeout_ms => 20_000, connect_timeout_s => 5, connect_retries => 1) } or return undef;
-    return [ grep { length } split /\n/, $res->{stdout} // '' ];
+    my $res = eval {
+        $self->remote_command(
+            [
+                'sh', '-c', 'for p; do if [ -S "$p" ]; then echo "$p"; fi; done',
+                'sh', $self->migration_sockets()
+            ],
+            timeout_ms => 20_000,
+            connect_timeout_s => 5,
+            connect_retries => 1
+        );
+    } or return undef;
+    return [grep { length } split /\n/, $res->{stdout} // ''];
 }
 
 # Continue the source if the migration left it paused (postmigrate).
@@ -697,14 +780,15 @@ sub cancel_mirrors {
 # As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone.
 sub free_target_volumes {
     my ($self) = @_;
-    for my $volid (@{$self->{target_volumes} // []}) {
-	if (!$self->{target_stopped} && ($self->target_state() // '') ne 'stopped') {
-	    $self->log('err', "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
-	    next;
-	}
-	$self->{target_stopped} = 1;
-	eval { $self->remote_command([@{$self->{pvesm}}, 'free', $volid], timeout_ms => 60_000) };
-	$self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
+    for my $volid (@{ $self->{target_volumes} // [] }) {
+        if (!$self->{target_stopped} && ($self->target_state() // '') ne 'stopped') {
+            $self->log('err',
+                "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
+            next;
+        }
+        $self->{target_stopped} = 1;
+        eval { $self->remote_command([@{ $self->{pvesm} }, 'free', $volid], timeout_ms => 60_000) };
+        $self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
     }
 }
 
@@ -721,16 +805,18 @@ sub close_tunnel_quickly {
 sub free_source_volumes {
     my ($self) = @_;
     my $volumes = $self->source_volumes();
-    for my $job (@{$self->{mirror_jobs}}) {
-	my ($drive) = $job =~ /^drive-(.+)$/;
-	my $volid = $volumes->{$drive} // next;
-	my $ok = open(my $fh, '-|', @{$self->{pvesm}}, 'free', $volid);
-	if ($ok) { local $/; <$fh>; $ok = close($fh) }
-	if (!$ok) {
-	    $self->log('warn', "removing local copy of '$volid' failed: " . ($! ? "$!" : "exit code " . ($? >> 8)));
-	} else {
-	    $self->log('info', "removed local copy of '$volid'");
-	}
+    for my $job (@{ $self->{mirror_jobs} }) {
+        my ($drive) = $job =~ /^drive-(.+)$/;
+        my $volid = $volumes->{$drive} // next;
+        my $ok = open(my $fh, '-|', @{ $self->{pvesm} }, 'free', $volid);
+        if ($ok) { local $/; <$fh>; $ok = close($fh) }
+        if (!$ok) {
+            $self->log('warn',
+                "removing local copy of '$volid' failed: "
+                    . ($! ? "$!" : "exit code " . ($? >> 8)));
+        } else {
+            $self->log('info', "removed local copy of '$volid'");
+        }
     }
 }
 
@@ -760,8 +846,11 @@ sub stop_source {
     eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'quit') };
     $self->log('warn', "stopping source VM: $@") if $@;
     if ($pid) {
-	for (1 .. 100) { last if process_gone($pid); usleep(100_000) }
-	if (!process_gone($pid)) { kill('KILL', $pid); $self->log('warn', "source VM $vmid did not quit, killed") }
+        for (1 .. 100) { last if process_gone($pid); usleep(100_000) }
+        if (!process_gone($pid)) {
+            kill('KILL', $pid);
+            $self->log('warn', "source VM $vmid did not quit, killed");
+        }
     }
     $self->log('info', "stopped VM $vmid on source node '$self->{node}'");
 }
@@ -772,7 +861,14 @@ sub stop_source {
 # prelaunch, postmigrate, … or stopped); undef when the node cannot be reached.
 sub target_state {
     my ($self) = @_;
-    my $res = eval { $self->remote(['status', $self->{vmid}, '--verbose'], timeout_ms => 20_000, connect_timeout_s => 5, connect_retries => 1) };
+    my $res = eval {
+        $self->remote(
+            ['status', $self->{vmid}, '--verbose'],
+            timeout_ms => 20_000,
+            connect_timeout_s => 5,
+            connect_retries => 1
+        );
+    };
     return undef if !$res;
     my $out = $res->{stdout} // '';
     return $1 if $out =~ /^qmpstatus: (\S+)$/m;
@@ -786,13 +882,19 @@ sub inspect {
     my %src = (state => 'stopped', migration => 'none', jobs => []);
     my $pid = $self->source_pid();
     if ($pid && !process_gone($pid)) {
-	my $st = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status', undef, timeout_ms => 5000) };
-	$src{state} = $st ? $st->{status} : 'unknown';
-	$src{error} = $@ if !$st;
-	my $mig = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}, timeout_ms => 5000) };
-	$src{migration} = $mig->{status} // 'none' if $mig;
-	my $jobs = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block-jobs', undef, timeout_ms => 5000) };
-	$src{jobs} = $jobs // [];
+        my $st = eval {
+            PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status', undef,
+                timeout_ms => 5000);
+        };
+        $src{state} = $st ? $st->{status} : 'unknown';
+        $src{error} = $@ if !$st;
+        my $mig = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}, timeout_ms => 5000) };
+        $src{migration} = $mig->{status} // 'none' if $mig;
+        my $jobs = eval {
+            PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block-jobs', undef,
+                timeout_ms => 5000);
+        };
+        $src{jobs} = $jobs // [];
     }
     return { source => \%src, target => { state => $self->target_state() } };
 }
@@ -804,75 +906,177 @@ sub diagnose {
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
     my ($s, $t) = ($seen->{source}{state}, $seen->{target}{state});
     my $completed = $seen->{source}{migration} eq 'completed' || $s eq 'postmigrate';
-    my $check = $self->{check_command} // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix";
+    my $check = $self->{check_command}
+        // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix";
     my %incoming = map { $_ => 1 } qw(inmigrate prelaunch paused);
-    my $stop_target = ["stop the incoming VM $vmid on '$target'",
-	sub { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]) }];
+    my $stop_target = [
+        "stop the incoming VM $vmid on '$target'",
+        sub { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]) }
+    ];
     if (!defined $t) {
-	return { state => "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)", undecided => 1 }
-	    if $s eq 'running';
-	return { state => "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'", undecided => 1 }
-	    if $completed && $self->{target_disks_incomplete};
-	return { state => "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: it holds the migrated state and may run it. Once '$target' is reachable, run on '$node': $check", undecided => 1 }
-	    if $completed;
-	return { state => "VM $vmid is $s on node '$node' (source); node '$target' cannot be reached: run on '$node' once it is: $check", undecided => 1 };
+        return {
+            state =>
+                "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)",
+            undecided => 1
+            }
+            if $s eq 'running';
+        return {
+            state =>
+                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'",
+            undecided => 1
+            }
+            if $completed && $self->{target_disks_incomplete};
+        return {
+            state =>
+                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: it holds the migrated state and may run it. Once '$target' is reachable, run on '$node': $check",
+            undecided => 1
+            }
+            if $completed;
+        return {
+            state =>
+                "VM $vmid is $s on node '$node' (source); node '$target' cannot be reached: run on '$node' once it is: $check",
+            undecided => 1
+        };
     }
-    return { state => "VM $vmid runs on node '$node' (source) only", ok => 1 } if $s eq 'running' && $t eq 'stopped';
-    return { state => "VM $vmid runs on node '$target' (target) only", ok => 1 } if $t eq 'running' && $s eq 'stopped';
-    return { state => "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand", undecided => 1 }
-	if $s eq 'running' && $t eq 'running';
+    return { state => "VM $vmid runs on node '$node' (source) only", ok => 1 }
+        if $s eq 'running' && $t eq 'stopped';
+    return { state => "VM $vmid runs on node '$target' (target) only", ok => 1 }
+        if $t eq 'running' && $s eq 'stopped';
+    return {
+        state =>
+            "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand",
+        undecided => 1
+        }
+        if $s eq 'running' && $t eq 'running';
     if ($s eq 'running' && $incoming{$t}) {
-	return { state => "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target' (new volumes it got for local disks, if any, stay: see 'pvesm list' there)", fix => [$stop_target] };
+        return {
+            state =>
+                "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target' (new volumes it got for local disks, if any, stay: see 'pvesm list' there)",
+            fix => [$stop_target]
+        };
     }
     if ($t eq 'running') {
-	return { state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s", fix => [
-	    ["stop VM $vmid on '$node'", sub { $self->stop_source() }] ] };
+        return {
+            state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s",
+            fix => [["stop VM $vmid on '$node'", sub { $self->stop_source() }]]
+        };
     }
     if ($completed && $t eq 'paused' && $self->{target_disks_incomplete}) {
-	return { state => "VM $vmid is paused on both nodes after its migration completed, but the disk mirrors failed: the copy on '$target' must not run", fix => [
-	    $stop_target, ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] };
+        return {
+            state =>
+                "VM $vmid is paused on both nodes after its migration completed, but the disk mirrors failed: the copy on '$target' must not run",
+            fix => [
+                $stop_target,
+                [
+                    "continue VM $vmid on '$node'",
+                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
+                ]
+            ]
+        };
     }
     if ($completed && $t eq 'paused') {
-	my @jobs = @{$seen->{source}{jobs}};
-	# a mirror that ended without error (block-job-cancel of a ready job, its driver gone
-	# before it dismissed it) synced the target; one with an error did not
-	my @ended = grep { $_->{status} eq 'concluded' && !defined $_->{error} } @jobs;
-	my @failed = grep { $_->{status} eq 'concluded' && defined $_->{error} } @jobs;
-	my @ready = grep { $_->{status} ne 'concluded' && $_->{ready} } @jobs;
-	my @busy = grep { $_->{status} ne 'concluded' && !$_->{ready} } @jobs;
-	return { state => "VM $vmid is paused on both nodes after its migration completed, but disk mirrors on '$node' failed ("
-	    . join(', ', map { "$_->{device}: $_->{error}" } @failed) . "): the copy on '$target' must not run", fix => [
-	    $stop_target, ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] }
-	    if @failed;
-	return { state => "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready (" . join(', ', map { "$_->{device}: $_->{status}" } @busy) . "): the target's disks may be incomplete", undecided => 1 }
-	    if @busy;
-	my @fix;
-	push @fix, ["dismiss the ended disk mirrors on '$node'", sub {
-	    PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'job-dismiss', { id => $_->{device} }) for @ended;
-	}] if @ended;
-	push @fix, ["finish the disk mirrors on '$node'", sub {
-	    PVE::MTunnel::qmp_mirror_finish($self->{qmp_socket}, [map { $_->{device} } @ready], mode => 'cancel', timeout_ms => 600_000);
-	}] if @ready;
-	push @fix, ["stop the NBD server on '$target'", sub { $self->remote(['nbdstop', $vmid]) }] if @jobs;
-	push @fix, ["resume VM $vmid on '$target'", sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }],
-	    ["stop its copy on '$node'" . (@jobs ? " and free the migrated volumes there" : ''), sub {
-		$self->stop_source();
-		# as phase 3: the mirrored disks' source volumes go once the VM runs on the target
-		$self->{mirror_jobs} = [ map { $_->{device} } @jobs ];
-		$self->free_source_volumes() if @jobs;
-	    }];
-	return { state => "VM $vmid is paused on both nodes after its migration completed: the target was never resumed", fix => \@fix };
+        my @jobs = @{ $seen->{source}{jobs} };
+        # a mirror that ended without error (block-job-cancel of a ready job, its driver gone
+        # before it dismissed it) synced the target; one with an error did not
+        my @ended = grep { $_->{status} eq 'concluded' && !defined $_->{error} } @jobs;
+        my @failed = grep { $_->{status} eq 'concluded' && defined $_->{error} } @jobs;
+        my @ready = grep { $_->{status} ne 'concluded' && $_->{ready} } @jobs;
+        my @busy = grep { $_->{status} ne 'concluded' && !$_->{ready} } @jobs;
+        return {
+            state =>
+                "VM $vmid is paused on both nodes after its migration completed, but disk mirrors on '$node' failed ("
+                . join(', ', map { "$_->{device}: $_->{error}" } @failed)
+                . "): the copy on '$target' must not run",
+            fix => [
+                $stop_target,
+                [
+                    "continue VM $vmid on '$node'",
+                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
+                ]
+            ]
+            }
+            if @failed;
+        return {
+            state =>
+                "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready ("
+                . join(', ', map { "$_->{device}: $_->{status}" } @busy)
+                . "): the target's disks may be incomplete",
+            undecided => 1
+            }
+            if @busy;
+        my @fix;
+        push @fix, [
+            "dismiss the ended disk mirrors on '$node'",
+            sub {
+                PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'job-dismiss',
+                    { id => $_->{device} })
+                    for @ended;
+            }
+        ] if @ended;
+        push @fix, [
+            "finish the disk mirrors on '$node'",
+            sub {
+                PVE::MTunnel::qmp_mirror_finish(
+                    $self->{qmp_socket}, [map { $_->{device} } @ready],
+                    mode => 'cancel',
+                    timeout_ms => 600_000
+                );
+            }
+        ] if @ready;
+        push @fix, ["stop the NBD server on '$target'", sub { $self->remote(['nbdstop', $vmid]) }]
+            if @jobs;
+        push @fix,
+            [
+            "resume VM $vmid on '$target'",
+            sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
+            ],
+            [
+            "stop its copy on '$node'" . (@jobs ? " and free the migrated volumes there" : ''),
+            sub {
+                $self->stop_source();
+                # as phase 3: the mirrored disks' source volumes go once the VM runs on the target
+                $self->{mirror_jobs} = [map { $_->{device} } @jobs];
+                $self->free_source_volumes() if @jobs;
+            }
+            ];
+        return {
+            state =>
+                "VM $vmid is paused on both nodes after its migration completed: the target was never resumed",
+            fix => \@fix
+        };
     }
     if ($completed && $t eq 'stopped') {
-	return { state => "VM $vmid is paused on node '$node' (source, $s) and stopped on '$target': its state is only on '$node'", fix => [
-	    ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }] ] };
+        return {
+            state =>
+                "VM $vmid is paused on node '$node' (source, $s) and stopped on '$target': its state is only on '$node'",
+            fix => [
+                [
+                    "continue VM $vmid on '$node'",
+                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
+                ]
+            ]
+        };
     }
     if ($s eq 'stopped' && $t eq 'paused') {
-	return { state => "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration", fix => [
-	    ["resume VM $vmid on '$target'", sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }] ] };
+        return {
+            state =>
+                "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration",
+            fix => [
+                [
+                    "resume VM $vmid on '$target'",
+                    sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
+                ]
+            ]
+        };
     }
-    return { state => "VM $vmid runs on neither node ('$node': $s, '$target': $t)" . ($t eq 'inmigrate' ? "; the incoming VM on '$target' never got the complete state" : ''), undecided => 1 }
-	if $s ne 'running' && $t ne 'running';
+    return {
+        state => "VM $vmid runs on neither node ('$node': $s, '$target': $t)"
+            . (
+            $t eq 'inmigrate' ? "; the incoming VM on '$target' never got the complete state" : ''
+            ),
+        undecided => 1
+        }
+        if $s ne 'running' && $t ne 'running';
     return { state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1 };
 }
 
@@ -883,24 +1087,47 @@ sub check {
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
     my $seen = $self->inspect();
     my $src = $seen->{source};
-    $self->log('info', "node '$node' (source): VM $vmid $src->{state}" . ($src->{migration} ne 'none' ? ", migration $src->{migration}" : '')
-	. (@{$src->{jobs}} ? ", block jobs: " . join(', ', map { "$_->{device} $_->{status}" . ($_->{ready} ? ' ready' : '') } @{$src->{jobs}}) : ''));
-    $self->log('info', "node '$target' (target): " . (defined $seen->{target}{state} ? "VM $vmid $seen->{target}{state}" : 'cannot be reached'));
+    $self->log(
+        'info',
+        "node '$node' (source): VM $vmid $src->{state}"
+            . ($src->{migration} ne 'none' ? ", migration $src->{migration}" : '')
+            . (
+            @{ $src->{jobs} }
+            ? ", block jobs: "
+                . join(', ',
+                map { "$_->{device} $_->{status}" . ($_->{ready} ? ' ready' : '') }
+                    @{ $src->{jobs} })
+            : ''
+            )
+    );
+    $self->log(
+        'info',
+        "node '$target' (target): "
+            . (
+            defined $seen->{target}{state}
+            ? "VM $vmid $seen->{target}{state}"
+            : 'cannot be reached'
+            )
+    );
     my $d = $self->diagnose($seen);
     $self->log('info', "state: $d->{state}");
+
     if ($opts{fix} && !$d->{ok} && !$d->{undecided}) {
-	for my $step (@{$d->{fix}}) {
-	    $self->log('info', "fix: $step->[0]");
-	    $step->[1]->();
-	}
-	$seen = $self->inspect();
-	$d = $self->diagnose($seen);
-	$self->log('info', "state: $d->{state}");
+        for my $step (@{ $d->{fix} }) {
+            $self->log('info', "fix: $step->[0]");
+            $step->[1]->();
+        }
+        $seen = $self->inspect();
+        $d = $self->diagnose($seen);
+        $self->log('info', "state: $d->{state}");
     } elsif (!$d->{ok} && !$d->{undecided}) {
-	$self->log('info', "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{$d->{fix}}));
+        $self->log('info',
+            "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{ $d->{fix} }));
     }
     # sockets left by a killed driver's ssh and by a target QEMU that is gone
-    return $d if !$d->{ok} || $seen->{source}{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/;
+    return $d
+        if !$d->{ok}
+        || $seen->{source}{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/;
     # the VM runs on one node, no migration is under way: the migration sockets of both
     # nodes are stale (QEMU unlinks its incoming socket on accept; nbdstop leaves its own)
     my @stale = $self->stale_sockets();
@@ -909,8 +1136,8 @@ sub check {
     $self->log('info', "stale socket files on '$node' $how: @stale") if @stale;
     $self->log('info', "stale socket files on '$target' $how: @$remote") if @$remote;
     if ($opts{fix}) {
-	unlink(grep { -S $_ } @stale);
-	$self->remove_target_sockets(@$remote) if @$remote;
+        unlink(grep { -S $_ } @stale);
+        $self->remove_target_sockets(@$remote) if @$remote;
     }
     return $d;
 }

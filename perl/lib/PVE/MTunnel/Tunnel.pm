@@ -22,8 +22,9 @@ my $EXIT_TIMEOUT_MS = 30_000;
 sub import {
     my ($class, @tags) = @_;
     for my $tag (@tags) {
-	die "PVE::MTunnel::Tunnel: unknown import '$tag' (known: ':pve-tunnel')\n" if $tag ne ':pve-tunnel';
-	_take_over_pve_tunnel();
+        die "PVE::MTunnel::Tunnel: unknown import '$tag' (known: ':pve-tunnel')\n"
+            if $tag ne ':pve-tunnel';
+        _take_over_pve_tunnel();
     }
 }
 
@@ -31,17 +32,18 @@ my %upstream;
 
 sub _take_over_pve_tunnel {
     return if %upstream;
-    eval { require PVE::Tunnel; 1 } or die "PVE::MTunnel::Tunnel: PVE::Tunnel (pve-guest-common) cannot be loaded: $@";
+    eval { require PVE::Tunnel; 1 }
+        or die "PVE::MTunnel::Tunnel: PVE::Tunnel (pve-guest-common) cannot be loaded: $@";
     no strict 'refs';
     no warnings 'redefine';
     for my $name (qw(fork_ssh_tunnel read_tunnel write_tunnel finish_tunnel)) {
-	my $ours = \&{"PVE::MTunnel::Tunnel::$name"};
-	$upstream{$name} = \&{"PVE::Tunnel::$name"};
-	*{"PVE::Tunnel::$name"} = $name eq 'fork_ssh_tunnel' ? $ours : sub {
-	    my ($tunnel) = @_;
-	    goto &$ours if ref($tunnel) eq 'HASH' && $tunnel->{mtunnel};
-	    goto &{ $upstream{$name} };
-	};
+        my $ours = \&{"PVE::MTunnel::Tunnel::$name"};
+        $upstream{$name} = \&{"PVE::Tunnel::$name"};
+        *{"PVE::Tunnel::$name"} = $name eq 'fork_ssh_tunnel' ? $ours : sub {
+            my ($tunnel) = @_;
+            goto &$ours if ref($tunnel) eq 'HASH' && $tunnel->{mtunnel};
+            goto &{ $upstream{$name} };
+        };
     }
     return;
 }
@@ -64,34 +66,34 @@ sub fork_ssh_tunnel {
     $log //= sub { };
     # The library's lines come without "\n"; upstream's callers get them with one.
     my $relay = sub {
-	my ($level, $msg) = @_;
-	$log->($level, "$msg\n") if $level ne 'debug';
+        my ($level, $msg) = @_;
+        $log->($level, "$msg\n") if $level ne 'debug';
     };
     my $t = eval {
-	PVE::MTunnel->open(
-	    ssh => $rem_ssh,
-	    command => $cmd,
-	    forwards => [@{ $ssh_forward_info // [] }],
-	    log => $relay,
-	);
+        PVE::MTunnel->open(
+            ssh => $rem_ssh,
+            command => $cmd,
+            forwards => [@{ $ssh_forward_info // [] }],
+            log => $relay,
+        );
     };
     die "can't open tunnel - $@" if $@;
 
     # Greeting, version and every forward listening: QemuMigrate.pm's -S poll passes at once.
     eval { $t->wait_ready() };
     if (my $err = $@) {
-	eval { $t->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
-	$log->('warn', "closing the failed tunnel: $@") if $@;
-	die "can't open tunnel - $err";
+        eval { $t->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
+        $log->('warn', "closing the failed tunnel: $@") if $@;
+        die "can't open tunnel - $err";
     }
 
     my $status = $t->status();
     return {
-	pid => $status->{pid},
-	version => $status->{version},
-	rem_ssh => $rem_ssh,
-	log => $log,
-	mtunnel => $t,
+        pid => $status->{pid},
+        version => $status->{version},
+        rem_ssh => $rem_ssh,
+        log => $log,
+        mtunnel => $t,
     };
 }
 
@@ -101,9 +103,9 @@ sub read_tunnel {
     $timeout = 60 if !defined($timeout);
     my $line = eval { _mtunnel($tunnel)->read_line(timeout_ms => int($timeout * 1000)) };
     if (my $err = $@) {
-	# End of stream reads as undef, as from upstream's pipe.
-	return undef if _error_is('ssh_exited');
-	die "reading from tunnel failed: $err";
+        # End of stream reads as undef, as from upstream's pipe.
+        return undef if _error_is('ssh_exited');
+        die "reading from tunnel failed: $err";
     }
     return $line;
 }
@@ -116,19 +118,20 @@ sub write_tunnel {
     my $version = $tunnel->{version} // 0;
 
     if ($version >= 2) {
-	my $object = defined($params) ? {%$params} : {};
-	$object->{cmd} = $command;
-	$command = eval { $json->encode($object) };
-	die "failed to encode command as JSON - $@\n" if $@;
+        my $object = defined($params) ? {%$params} : {};
+        $object->{cmd} = $command;
+        $command = eval { $json->encode($object) };
+        die "failed to encode command as JSON - $@\n" if $@;
     }
 
     my $reply = eval { $t->command($command, timeout_ms => int($timeout * 1000)) };
     if (my $err = $@) {
-	# The library's texts are upstream's: "tunnel replied '…' to command '…'", "failed to
-	# decode tunnel reply '…' (command '…') - …", "error - tunnel command '…' failed - …".
-	die $err if _error_is('remote') || _error_is('protocol');
-	die "writing to tunnel failed: $err" if _error_is('closed') || _error_is('invalid_argument');
-	die "no reply to command '$command': $err";
+        # The library's texts are upstream's: "tunnel replied '…' to command '…'", "failed to
+        # decode tunnel reply '…' (command '…') - …", "error - tunnel command '…' failed - …".
+        die $err if _error_is('remote') || _error_is('protocol');
+        die "writing to tunnel failed: $err"
+            if _error_is('closed') || _error_is('invalid_argument');
+        die "no reply to command '$command': $err";
     }
     return if $version < 2;
     return $json->decode($reply);
@@ -142,10 +145,10 @@ sub finish_tunnel {
     # both nodes with the forwards, and only if they are sockets.
     my $sockets = $tunnel->{unix_sockets} // [];
     $t->close(
-	cleanup => $cleanup ? 1 : 0,
-	cleanup_sockets => [@$sockets],
-	quit_timeout_ms => $QUIT_TIMEOUT_MS,
-	exit_timeout_ms => $EXIT_TIMEOUT_MS,
+        cleanup => $cleanup ? 1 : 0,
+        cleanup_sockets => [@$sockets],
+        quit_timeout_ms => $QUIT_TIMEOUT_MS,
+        exit_timeout_ms => $EXIT_TIMEOUT_MS,
     );
     return;
 }
