@@ -422,7 +422,11 @@ library's result code. Timeouts are in milliseconds (C<timeout_ms>).
 Class method: starts ssh. A forward is one socket path (the same on both nodes) or
 C<"LOCAL:REMOTE">; TCP forwards are refused. Options that are numbers by name (C<*_ms>,
 C<*_s>, C<*_slots>, C<*_retries>, C<*_count_max>) must be plain integers; every other scalar
-is passed as a string.
+is passed as a string. C<cleanup_in_command> (default 1): the remote command removes the
+forwards' sockets on the target when it ends, so a normal close needs no second connection;
+C<adaptive_slots> (default 1): a node that drops handshakes gets fewer concurrent ones for a
+while; C<connect_retries>: a maximum of retries of a pre-authentication drop (default: until
+the deadline); C<share>: OpenSSH connection sharing (F<docs/sharing.md>).
 
 =item C<< $t->wait_ready(timeout_ms => N) >>, C<< $t->command($cmd, timeout_ms => N) >>, C<< $t->read_line(timeout_ms => N) >>
 
@@ -433,7 +437,12 @@ remote.
 =item C<< $t->close(%opts) >>
 
 Method: staged close; C<cleanup> (v2 C<quit>), C<cleanup_sockets> (more socket paths removed
-on both nodes, sockets only), C<quit_timeout_ms>, C<exit_timeout_ms>, C<remote_cleanup>.
+on both nodes, sockets only), C<quit_timeout_ms>, C<exit_timeout_ms>, C<remote_cleanup>,
+C<cleanup_timeout_ms> (5000: the bound of the separate remote cleanup, also on C<DESTROY>).
+The separate remote cleanup only runs when the remote command did not remove the sockets
+itself; when it fails (node unreachable, connection refused) that is a warning through the
+C<log> callback and C<< status->{cleanup_warning} >>, not an error. It dies only for what the
+caller has to act on (e.g. a file that is no socket at a socket path, kept and named).
 
 =item C<qmp_migrate_setup($qmp_socket, { capabilities => {...}, parameters => {...} })>
 
@@ -449,7 +458,8 @@ Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
 
 Method: the tunnel's state as a hashref: C<state> (C<started>, C<online>, C<greeted>,
 C<ready>, C<closed>), C<pid> (ssh's), C<version> (the remote protocol's, C<undef> before the
-greeting), C<forwards>, and for a shared connection C<master_pid> and C<control_path>.
+greeting), C<forwards>, for a shared connection C<master_pid> and C<control_path>, and
+C<cleanup_warning> (why close could not remove the remote sockets, else C<undef>).
 C<pid> returns C<< status->{pid} >>.
 
 =item C<< DESTROY >>
