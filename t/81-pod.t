@@ -44,7 +44,7 @@ for my $package (sort keys %module) {
     open(my $fh, '<', $cli) or die "cannot read $cli: $!\n";
     my $src = do { local $/; <$fh> };
     close($fh);
-    my ($spec) = $src =~ /^GetOptions\(\\%opt,\s*(.*?)\)\s*or die/ms;
+    my ($spec) = $src =~ /^GetOptions\(\s*\\%opt,\s*(.*?)\)\s*or die/ms;
     ok(defined $spec, 'mtunnel-migrate: the GetOptions list is found');
     my @options = map { /^([\w-]+)/ ? $1 : () } ($spec // '') =~ /'([^']+)'/g;
     cmp_ok(scalar(@options), '>=', 10, 'mtunnel-migrate: its options are read from GetOptions');
