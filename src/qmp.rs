@@ -508,14 +508,35 @@ pub(crate) fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
     let hold = Deadline::after_ms(opts.hold_ms);
     let reply = qmp.execute("query-migrate", None, deadline)?;
     if is_finished(status(&reply)) {
-        return Ok(reply);
+        return with_final_figures(&mut qmp, reply, deadline);
     }
     while let Some((name, data)) = qmp.next_event(hold)? {
         if is_final_migration_event(&name, &data) {
             break;
         }
     }
-    qmp.execute("query-migrate", None, Deadline::after_ms(opts.timeout_ms))
+    let deadline = Deadline::after_ms(opts.timeout_ms);
+    let reply = qmp.execute("query-migrate", None, deadline)?;
+    with_final_figures(&mut qmp, reply, deadline)
+}
+
+/// How long to wait for QEMU's figures of a completed migration.
+const FIGURES_WAIT_MS: i64 = 100;
+
+/// QEMU sets `completed` (and sends the event) in the migration thread a moment before it
+/// computes `total-time` and `downtime` (`migration_calculate_complete`); a query in between
+/// reports them as 0. Asks again, every millisecond for at most [`FIGURES_WAIT_MS`], until
+/// they are there. The migration is complete either way: only the figures wait.
+fn with_final_figures(qmp: &mut Qmp, mut reply: Value, deadline: Deadline) -> Result<Value> {
+    let settle = Deadline::after_ms(FIGURES_WAIT_MS).min(deadline);
+    let unset = |r: &Value| {
+        status(r) == "completed" && r.get("total-time").and_then(Value::as_u64).unwrap_or(0) == 0
+    };
+    while unset(&reply) && !settle.expired() {
+        settle.sleep(Duration::from_millis(1));
+        reply = qmp.execute("query-migrate", None, deadline)?;
+    }
+    Ok(reply)
 }
 
 /// Sends `migrate_cancel` and waits until the migration is no longer running; returns the last

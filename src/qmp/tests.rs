@@ -453,7 +453,7 @@ fn wait_returns_at_the_final_migration_event_skipping_other_and_queued_events() 
         s.send(&event("MIGRATION", json!({"status": "completed"})));
         seen.push(s.answer(
             "query-migrate",
-            json!({"status": "completed", "downtime": 7}),
+            json!({"status": "completed", "total-time": 900, "downtime": 7}),
         ));
         seen
     });
@@ -463,7 +463,10 @@ fn wait_returns_at_the_final_migration_event_skipping_other_and_queued_events() 
     };
     let started = std::time::Instant::now();
     let reply = wait_migration(&server.path, &hold).unwrap();
-    assert_eq!(reply, json!({"status": "completed", "downtime": 7}));
+    assert_eq!(
+        reply,
+        json!({"status": "completed", "total-time": 900, "downtime": 7})
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the completed event did not end the wait: it returned after {:?}",
@@ -526,7 +529,10 @@ fn wait_on_a_finished_migration_asks_once() {
     let server = Server::script("wait-done", |s| {
         vec![
             s.answer("qmp_capabilities", json!({})),
-            s.answer("query-migrate", json!({"status": "completed"})),
+            s.answer(
+                "query-migrate",
+                json!({"status": "completed", "total-time": 5}),
+            ),
         ]
     });
     let reply = wait_migration(&server.path, &WaitOptions::default()).unwrap();
@@ -571,4 +577,31 @@ fn wait_options_refuse_a_negative_hold_and_unknown_keys() {
         (o.hold_ms, o.timeout_ms),
         (DEFAULT_HOLD_MS, DEFAULT_TIMEOUT_MS)
     );
+}
+
+#[test]
+fn a_completed_migration_without_its_figures_yet_is_asked_again() {
+    let server = Server::script("wait-figures", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "active"})));
+        s.send(&event("MIGRATION", json!({"status": "completed"})));
+        // the state is set a moment before QEMU computes total-time and downtime
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "completed", "total-time": 0}),
+        ));
+        seen.push(s.answer("query-migrate", json!({"status": "completed"})));
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "completed", "total-time": 1160, "downtime": 40}),
+        ));
+        seen
+    });
+    let reply = wait_migration(&server.path, &WaitOptions::default()).unwrap();
+    assert_eq!(
+        reply["total-time"], 1160,
+        "returned before QEMU's figures: {reply}"
+    );
+    assert_eq!(reply["downtime"], 40);
+    assert_eq!(server.commands().len(), 5);
 }
