@@ -259,6 +259,21 @@ int qmp_wait_migration(const char *qmp_socket, const char *options_json, char **
 int ssh_run(const char *options_json,
             char **result_out);
 
+// Removes socket files on the remote node, as a tunnel's close does for its forwards: for a
+// caller whose tunnel never got ready (the target's QEMU was started and listens, but no
+// tunnel ran the cleanup) or that finds stale sockets there. Only sockets are removed; any
+// other file at one of the paths is kept and named in the error.
+//
+// `options_json` (required): `{"ssh": [prefix…, "user@host"], "sockets": ["/run/qemu-server/
+// 100.migrate", …], "socket_dir": "/run/qemu-server", "timeout_ms": 30000}` plus the ssh
+// options of `tunnel_open`. Each path must be a socket path in `socket_dir`, as forwards
+// are. Returns `MTUNNEL_OK` (also when there was nothing to remove),
+// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad options or path; a non-socket kept:
+// "refusing to remove '…' on user@host: not a socket (kept)"), `MTUNNEL_ERR_SSH_EXITED`,
+// `MTUNNEL_ERR_REMOTE` or `MTUNNEL_ERR_TIMEOUT` (the connection failed; ssh's stderr tail in
+// the last error).
+int ssh_remove_sockets(const char *options_json);
+
 // Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
 // `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
 // or `port N`; `storage migration listens on nbd:unix:…`; `spice listens on port N`;

@@ -194,6 +194,37 @@ sub error_like {
 }
 
 {
+    # ssh_remove_sockets: the same remote cleanup without a tunnel (a target whose QEMU listens
+    # but no tunnel got ready): sockets removed, anything else kept and named.
+    $lab->run_ok('node2', 'perl', '-MIO::Socket::UNIX', '-e',
+        'IO::Socket::UNIX->new(Local => "/run/qemu-server/100.migrate", Listen => 1) or die');
+    $lab->run_ok('node2', 'sh', '-c', 'echo canary > /run/qemu-server/100_nbd.migrate');
+    my @paths = ('/run/qemu-server/100.migrate', '/run/qemu-server/100_nbd.migrate');
+    error_like(
+        sub { PVE::MTunnel::ssh_remove_sockets(ssh => \@ssh, sockets => \@paths) },
+        qr/^refusing to remove '\/run\/qemu-server\/100_nbd\.migrate' on root\@198\.18\.0\.2: not a socket \(kept\)$/,
+        'invalid_argument',
+        'ssh_remove_sockets names the regular file it kept'
+    );
+    is_deeply(
+        [$lab->socket_files('node2')],
+        ['/run/qemu-server/100_nbd.migrate'],
+        'ssh_remove_sockets removed the socket and kept the regular file'
+    );
+    is(scalar($lab->run_ok('node2', 'cat', '/run/qemu-server/100_nbd.migrate')),
+        "canary\n", 'the regular file is untouched');
+    $lab->run_ok('node2', 'rm', '/run/qemu-server/100_nbd.migrate');
+    ok(PVE::MTunnel::ssh_remove_sockets(ssh => \@ssh, sockets => \@paths),
+        'nothing left to remove: success');
+    error_like(
+        sub { PVE::MTunnel::ssh_remove_sockets(ssh => \@ssh, sockets => ['/etc/passwd']) },
+        qr/invalid socket path '\/etc\/passwd'/,
+        'invalid_argument',
+        'ssh_remove_sockets refuses a path outside the socket directory'
+    );
+}
+
+{
     # Permission denied: an unprivileged host process whose socket directory is not writable.
     # (The lab's own directory is root-only, so nobody's copies live in a directory of its own.)
     my $ro = "/run/mtunnel-ro-$$";

@@ -32,6 +32,28 @@ pub unsafe extern "C" fn ssh_run(
     })
 }
 
+/// Removes socket files on the remote node, as a tunnel's close does for its forwards: for a
+/// caller whose tunnel never got ready (the target's QEMU was started and listens, but no
+/// tunnel ran the cleanup) or that finds stale sockets there. Only sockets are removed; any
+/// other file at one of the paths is kept and named in the error.
+///
+/// `options_json` (required): `{"ssh": [prefix…, "user@host"], "sockets": ["/run/qemu-server/
+/// 100.migrate", …], "socket_dir": "/run/qemu-server", "timeout_ms": 30000}` plus the ssh
+/// options of `tunnel_open`. Each path must be a socket path in `socket_dir`, as forwards
+/// are. Returns `MTUNNEL_OK` (also when there was nothing to remove),
+/// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad options or path; a non-socket kept:
+/// "refusing to remove '…' on user@host: not a socket (kept)"), `MTUNNEL_ERR_SSH_EXITED`,
+/// `MTUNNEL_ERR_REMOTE` or `MTUNNEL_ERR_TIMEOUT` (the connection failed; ssh's stderr tail in
+/// the last error).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ssh_remove_sockets(options_json: *const c_char) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
+        crate::tunnel::remove_sockets_json(&opts)
+    })
+}
+
 /// Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
 /// `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
 /// or `port N`; `storage migration listens on nbd:unix:…`; `spice listens on port N`;

@@ -759,44 +759,106 @@ impl Tunnel {
         }
     }
 
-    /// Removes the sockets among `paths` on the target node; anything else there is kept and
-    /// named in the error. Paths are validated and quoted.
+    /// Removes the sockets among `paths` on the target node (see [`remove_remote_sockets`]).
     fn remove_remote_sockets(&self, paths: &[&str], deadline: Deadline) -> Result<()> {
-        let mut cmd: Vec<String> = ["sh", "-c", SOCKET_CLEANUP, "sh"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        cmd.extend(paths.iter().map(|p| p.to_string()));
-        let mut direct = self.opts.ssh.clone();
-        let out = match &self.lease {
-            // Our session slot is free again now that the tunnel's client has exited.
-            Some(l) if l.alive() => ssh::run_with_lease(&self.opts.ssh, l, &cmd, b"", deadline),
-            // A dead master: one connection of our own, so nothing is left running after us.
-            Some(_) => {
-                direct.share = None;
-                ssh::run(&direct, &cmd, b"", deadline)
-            }
-            None => ssh::run(&self.opts.ssh, &cmd, b"", deadline),
-        }
-        .and_then(|out| match out.exit {
-            // the script's "kept a non-socket"
-            Exit::Code(75) => Ok(out),
-            _ => ssh::checked(&direct, &cmd, out),
-        })
-        .map_err(|e| e.context("removing remote sockets"))?;
-        let kept: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| format!("'{}'", printable(l.as_bytes(), 120)))
-            .collect();
-        if kept.is_empty() {
-            return Ok(());
-        }
-        Err(Error::invalid(format!(
-            "refusing to remove {} on {}: not a socket (kept)",
-            kept.join(", "),
-            self.dest()
-        )))
+        remove_remote_sockets(&self.opts.ssh, self.lease.as_ref(), paths, deadline)
     }
+}
+
+/// Removes the sockets among `paths` on `ssh`'s destination; anything else there is kept and
+/// named in the error (`Kind::InvalidArgument`). Paths are passed quoted. With a lease, through
+/// its shared master while it lives; else over a connection of its own.
+fn remove_remote_sockets(
+    ssh: &Ssh,
+    lease: Option<&Lease>,
+    paths: &[&str],
+    deadline: Deadline,
+) -> Result<()> {
+    let mut cmd: Vec<String> = ["sh", "-c", SOCKET_CLEANUP, "sh"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cmd.extend(paths.iter().map(|p| p.to_string()));
+    let mut direct = ssh.clone();
+    direct.share = None;
+    let out = match lease {
+        // Our session slot is free again now that the tunnel's client has exited.
+        Some(l) if l.alive() => ssh::run_with_lease(ssh, l, &cmd, b"", deadline),
+        // A dead master, or no sharing: one connection of our own, nothing left running after us.
+        _ => ssh::run(&direct, &cmd, b"", deadline),
+    }
+    .and_then(|out| match out.exit {
+        // the script's "kept a non-socket"
+        Exit::Code(75) => Ok(out),
+        _ => ssh::checked(&direct, &cmd, out),
+    })
+    .map_err(|e| e.context("removing remote sockets"))?;
+    let kept: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| format!("'{}'", printable(l.as_bytes(), 120)))
+        .collect();
+    if kept.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "refusing to remove {} on {}: not a socket (kept)",
+        kept.join(", "),
+        ssh.destination()
+    )))
+}
+
+/// The options of `ssh_remove_sockets` besides the ssh ones.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RemoveJson {
+    sockets: Vec<String>,
+    socket_dir: String,
+    timeout_ms: i64,
+}
+
+impl Default for RemoveJson {
+    fn default() -> Self {
+        RemoveJson {
+            sockets: Vec::new(),
+            socket_dir: validate::DEFAULT_SOCKET_DIR.into(),
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// `ssh_remove_sockets`: the sockets among `"sockets"` (validated as forwards are) removed on
+/// the destination, anything else kept and named; the same cleanup a tunnel's close does,
+/// for a caller whose tunnel never got ready (the target's QEMU listening, no tunnel to it).
+pub(crate) fn remove_sockets_json(opts: &Value) -> Result<()> {
+    let (ssh, o): (ssh::SshOptions, RemoveJson) = options::from_value_split(opts)?;
+    let ssh = Ssh::from_parsed(ssh)?;
+    validate::socket_dir(&o.socket_dir)?;
+    for path in &o.sockets {
+        validate::socket_path(path, &o.socket_dir)?;
+    }
+    let paths = unique(o.sockets.iter().map(String::as_str));
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let lease = match &ssh.share {
+        Some(cfg) => Some(share::acquire(
+            &ssh,
+            cfg,
+            Deadline::after_ms(o.timeout_ms),
+            |_| {},
+        )?),
+        None => None,
+    };
+    let result = remove_remote_sockets(
+        &ssh,
+        lease.as_ref(),
+        &paths,
+        Deadline::after_ms(o.timeout_ms),
+    );
+    if let Some(l) = lease {
+        l.release(&ssh);
+    }
+    result
 }
 
 /// `paths` without repeats, in order.

@@ -85,6 +85,7 @@ $ffi->attach(
     [qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] =>
         'int');
 $ffi->attach([ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
+$ffi->attach([ssh_remove_sockets => '_ssh_remove_sockets'] => ['string'] => 'int');
 $ffi->attach(
     [migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] => 'int');
 
@@ -383,6 +384,13 @@ sub ssh_run {
     return _decode($out);
 }
 
+# the sockets among sockets => [...] removed on the remote node; dies naming anything else kept
+sub ssh_remove_sockets {
+    my (%opts) = @_;
+    _check(_ssh_remove_sockets(_options_json(%opts)));
+    return 1;
+}
+
 sub migrate_listen_parse {
     my ($output, $vmid) = @_;
     my $out;
@@ -499,6 +507,14 @@ With C<check> (the default) a non-zero exit dies with the stderr tail. A connect
 failed before authentication is retried (C<connect_retries>), so the command never runs
 twice. Takes the ssh options of C<open> (C<handshake_slots>, C<connect_timeout_s>, C<share>,
 ...).
+
+=item C<ssh_remove_sockets(ssh =E<gt> \@rem_ssh, sockets =E<gt> [...], socket_dir =E<gt> '/run/qemu-server', timeout_ms =E<gt> 30000, %ssh_opts)>
+
+Function: removes the sockets among C<sockets> on the remote node, as a tunnel's close does
+for its forwards (for a target whose QEMU listens but no tunnel got ready). Each path must
+be a socket path in C<socket_dir>; any other file there is kept, and the call dies naming it
+(C<refusing to remove '...' on user@host: not a socket (kept)>). Dies with ssh's error when
+the connection fails.
 
 =item C<migrate_listen_parse($output, $vmid)>
 

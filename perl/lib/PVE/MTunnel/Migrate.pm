@@ -173,11 +173,6 @@ sub remote_command {
     );
 }
 
-# Removes the paths that are sockets, prints the others: what the library's close runs on the
-# target, for a cleanup without a tunnel.
-my $SOCKET_CLEANUP =
-    'for p; do if [ -S "$p" ]; then rm -f -- "$p"; elif [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done';
-
 # The signals PVE's migration base class defers.
 my @DEFERRED_SIGNALS = qw(INT TERM QUIT HUP PIPE);
 
@@ -715,12 +710,16 @@ sub remove_target_sockets {
     my ($self, @sockets) = @_;
     @sockets = @{ $self->{target_sockets} // [] } if !@sockets;
     return if !@sockets;
-    my $res = eval {
-        $self->remote_command(['sh', '-c', $SOCKET_CLEANUP, 'sh', @sockets], timeout_ms => 30_000);
+    eval {
+        PVE::MTunnel::ssh_remove_sockets(
+            ssh => $self->{ssh},
+            sockets => \@sockets,
+            socket_dir => $self->{socket_dir},
+            timeout_ms => 30_000,
+            %{ $self->{ssh_options} },
+        );
     };
     $self->log('err', "removing sockets on node '$self->{target}' failed: $@") if $@;
-    $self->log('err', "not a socket, left on node '$self->{target}': $_")
-        for grep { length } split /\n/, ($res->{stdout} // '');
 }
 
 # this VM's migration socket paths (the same on both nodes, as PVE forwards them)
