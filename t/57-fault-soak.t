@@ -149,7 +149,9 @@ sub procs_matching {
     return grep { slurp("/proc/$_/cmdline") =~ $re } $lab->procs_in($node);
 }
 
-sub mtunnel_pids { return procs_matching($_[0], qr/\bqm\0mtunnel\b/) }
+# the qm mtunnel process itself, not the sh around it that removes the sockets when it ended
+# normally (the library's remote command): a crash of qm leaves that sh running
+sub mtunnel_pids { return procs_matching($_[0], qr/^(?!sh\0-c\0).*\bqm\0mtunnel\b/s) }
 
 sub qm_start_pids { my ($node, $v) = @_; return procs_matching($node, qr/\bqm\0start\0$v\0/) }
 

@@ -69,10 +69,13 @@ impl Forward {
 /// and, when that did not run to its end, by a separate connection at close.
 const SOCKET_CLEANUP: &str = "kept=; for p; do if [ -S \"$p\" ]; then rm -f -- \"$p\"; elif [ -e \"$p\" ] || [ -L \"$p\" ]; then echo \"$p\"; kept=1; fi; done; [ -z \"$kept\" ] || exit 75";
 
-/// The command the tunnel runs on the target: the caller's, then (when it has forwards) the
-/// removal of the forwards' remote sockets, in the same session, so a normal close needs no
-/// second ssh connection. Its exit status is the command's, or 75 when a non-socket was kept
-/// (then close's separate cleanup names it).
+/// The command the tunnel runs on the target: the caller's, then (when it has forwards and the
+/// command ended with 0, as `qm mtunnel` does after `quit`) the removal of the forwards'
+/// remote sockets, in the same session, so a normal close needs no second ssh connection.
+/// A command that failed or was killed leaves the sockets alone: the migration may still be
+/// using the forwards (the ssh client lives on while forwarded connections are open), and
+/// close's separate cleanup comes after it. Exit status: the command's, or 75 when a
+/// non-socket was kept (then close's separate cleanup names it).
 fn remote_command(command: &[String], forwards: &[Forward]) -> Vec<String> {
     let remote = unique(forwards.iter().map(|f| f.remote.as_str()));
     if remote.is_empty() {
@@ -80,7 +83,7 @@ fn remote_command(command: &[String], forwards: &[Forward]) -> Vec<String> {
     }
     let paths: Vec<String> = remote.iter().map(|p| validate::shell_quote(p)).collect();
     let script = format!(
-        "\"$@\"; rc=$?; set -- {}; {SOCKET_CLEANUP}; exit $rc",
+        "\"$@\"; rc=$?; [ $rc = 0 ] || exit $rc; set -- {}; {SOCKET_CLEANUP}",
         paths.join(" ")
     );
     ["sh", "-c", &script, "sh"]
@@ -938,9 +941,15 @@ mod tests {
         );
         drop(listener);
 
-        // the command's exit status is kept
+        // a command that failed keeps its exit status and leaves the sockets (they may still
+        // be in use; close cleans up after it)
         let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         assert_eq!(run_remote(&["sh", "-c", "exit 3"], &forwards).0, Some(3));
+        assert!(
+            std::path::Path::new(&sock).exists(),
+            "a failed command's sockets were removed"
+        );
+        assert_eq!(run_remote(&["true"], &forwards).0, Some(0));
         assert!(!std::path::Path::new(&sock).exists());
 
         // a regular file at a forward's path is kept and named: exit 75
