@@ -54,10 +54,12 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 ///   `handshake_slots`;
 /// - `"connect_retries"` (default: until the greeting timeout): retries of a connection that
 ///   failed before authentication (nothing ran remotely), with jittered backoff;
-/// - `"cleanup_in_command"` (true): the remote command runs as `sh -c '"$@"; <remove the
-///   forwards' sockets>; exit $rc' sh qm mtunnel`, so the target's sockets go when it ends
-///   and a normal close needs no second connection; false: the command as given (a target
-///   that runs nothing else, e.g. a forced command), the sockets removed by close;
+/// - `"cleanup_in_command"` (true): the remote command runs as `sh -c '"$@"; rc=$?; [ $rc = 0 ]
+///   || exit $rc; <remove the forwards' sockets>' sh qm mtunnel`, so the target's sockets go
+///   when `qm mtunnel` ends normally (after `quit`) and a normal close needs no second
+///   connection; a `qm` that failed or was killed leaves them to close; false: the command as
+///   given (a target that runs nothing else, e.g. a forced command), the sockets removed by
+///   close;
 /// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
 /// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
 ///   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
