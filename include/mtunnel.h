@@ -61,10 +61,6 @@
 // QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
 #define MAX_DOWNTIME_LIMIT_MS (2000 * 1000)
 
-// Default of [`WaitOptions::hold_ms`]: short enough that another client of the monitor
-// (pvestatd, a `qm` command) waiting behind us is served within a fraction of a second.
-#define DEFAULT_HOLD_MS 250
-
 // An open tunnel: an ssh child with its forwards. Opaque; create with `tunnel_open`,
 // release with `tunnel_free`. Not safe to use from two threads at once.
 typedef struct mtunnel_tunnel mtunnel_tunnel;

@@ -452,7 +452,7 @@ pub fn is_finished(status: &str) -> bool {
 
 /// Default of [`WaitOptions::hold_ms`]: short enough that another client of the monitor
 /// (pvestatd, a `qm` command) waiting behind us is served within a fraction of a second.
-pub const DEFAULT_HOLD_MS: i64 = 250;
+pub(crate) const DEFAULT_HOLD_MS: i64 = 250;
 
 /// Options of [`wait_migration`].
 #[derive(Debug, Clone, serde::Deserialize)]
