@@ -18,13 +18,7 @@ impl Server {
         greeting: Option<&'static str>,
         respond: impl Fn(&Value) -> Vec<String> + Send + 'static,
     ) -> Server {
-        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("100.qmp");
-        let listener = UnixListener::bind(&path).unwrap();
-        let handle = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
+        Server::serve(tag, move |conn| {
             let mut w = conn.try_clone().unwrap();
             let mut seen = Vec::new();
             if let Some(g) = greeting {
@@ -41,12 +35,7 @@ impl Server {
                 seen.push(req);
             }
             seen
-        });
-        Server {
-            path: path.to_str().unwrap().into(),
-            dir,
-            handle: Some(handle),
-        }
+        })
     }
 
     /// Serves one client with `script`, which talks to it directly (to send events at moments
@@ -55,20 +44,28 @@ impl Server {
         tag: &str,
         script: impl FnOnce(&mut Script) -> Vec<Value> + Send + 'static,
     ) -> Server {
-        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("100.qmp");
-        let listener = UnixListener::bind(&path).unwrap();
-        let handle = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
+        Server::serve(tag, move |conn| {
             let mut s = Script {
                 w: conn.try_clone().unwrap(),
                 r: BufReader::new(conn),
             };
             s.send(GREETING);
             script(&mut s)
-        });
+        })
+    }
+
+    /// A monitor socket in a fresh temp dir; `client` handles the one connection it accepts
+    /// and returns the requests it saw.
+    fn serve(
+        tag: &str,
+        client: impl FnOnce(std::os::unix::net::UnixStream) -> Vec<Value> + Send + 'static,
+    ) -> Server {
+        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("100.qmp");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || client(listener.accept().unwrap().0));
         Server {
             path: path.to_str().unwrap().into(),
             dir,
