@@ -214,5 +214,42 @@ for my $case (
     nothing_left('without --with-local-disks', $t0);
 }
 
+# a target start that fails once its QEMU listens on VMID.migrate (lab hook: the NBD server
+# start fails, qm kills that QEMU): no tunnel ever names the socket, the cleanup removes it
+{
+    my ($vmid, $t0) = (404, time());
+    start_disk_vm($vmid);
+    my $code = q{
+	my ($vmid, $ssh_file) = @ARGV;
+	open(my $fh, '<', $ssh_file) or die; chomp(my @ssh = <$fh>);
+	my $m = PVE::MTunnel::Migrate->new(vmid => $vmid, node => 'node1', target => 'node2', ssh => \@ssh,
+	    qm => ['env', 'MTUNNEL_LAB_FAIL_NBD_START=1', 'qm'], with_local_disks => 1);
+	eval { $m->migrate() };
+	print $@ ? "TASK ERROR: $@" : "TASK OK\n";
+	exit($@ ? 1 : 0);
+    };
+    my ($rc, $out, $err) =
+        $lab->run('node1', 'perl', "-I$top/perl/lib", '-MPVE::MTunnel::Migrate', '-e', $code,
+        $vmid, "$dir/ssh_prefix_node2");
+    isnt($rc, 0, 'target start failing after its QEMU listened: the migration fails');
+    like(
+        $out,
+        qr/^TASK ERROR: .*start failed: nbd-server-start failed .* - VM $vmid runs on node 'node1' \(source\) only$/m,
+        'target start failing after its QEMU listened: the error is the target\'s'
+    ) or diag($out);
+    is(qmpstatus('node1', $vmid),
+        'running', 'target start failing after its QEMU listened: the VM still runs on node1');
+    is(qmpstatus('node2', $vmid),
+        'stopped', 'target start failing after its QEMU listened: nothing runs on node2');
+    my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
+    is($crc, 0, 'target start failing after its QEMU listened: guest memory and disk intact')
+        or diag($check);
+    $lab->run_ok('node1', 'qm', 'stop', $vmid);
+    $lab->run_ok('node1', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
+    is_deeply([volumes('node2', 'local')],
+        [], 'target start failing after its QEMU listened: no volume left on node2');
+    nothing_left('target start failing after its QEMU listened', $t0);
+}
+
 $lab->down;
 done_testing();

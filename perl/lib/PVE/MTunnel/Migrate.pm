@@ -708,7 +708,11 @@ sub phase2_cleanup {
 # Without a ready tunnel, its close does not remove the target's sockets.
 sub remove_target_sockets {
     my ($self, @sockets) = @_;
-    @sockets = @{ $self->{target_sockets} // [] } if !@sockets;
+    # a start that failed midway named none, but its QEMU may have bound the secure ones
+    @sockets =
+        @{ $self->{target_sockets}
+            // [$self->{migration_type} eq 'secure' ? $self->migration_sockets() : ()] }
+        if !@sockets;
     return if !@sockets;
     eval {
         PVE::MTunnel::ssh_remove_sockets(
