@@ -51,6 +51,8 @@ pub(crate) mod log;
 pub(crate) mod options;
 pub(crate) mod process;
 pub mod qmp;
+#[cfg(test)]
+mod scratch;
 pub(crate) mod share;
 pub(crate) mod signals;
 pub(crate) mod ssh;

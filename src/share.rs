@@ -638,6 +638,7 @@ pub fn acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::ScratchDir;
     use serde_json::json;
 
     #[test]
@@ -692,17 +693,11 @@ mod tests {
         }
     }
 
-    fn tmpdir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("mtunnel-share-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     #[test]
     fn control_dir_is_created_0700_and_bad_ones_are_refused() {
         use std::os::unix::fs::PermissionsExt;
-        let base = tmpdir("dir");
+        let scratch = ScratchDir::new("share-dir");
+        let base = scratch.path();
         let dir = base.join("ctl");
         let dir_s = dir.to_str().unwrap();
         prepare_dir(dir_s).unwrap();
@@ -733,16 +728,14 @@ mod tests {
         let err = prepare_dir(file.to_str().unwrap()).unwrap_err();
         assert!(err.message.contains("not a directory"), "{}", err.message);
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "canary");
-        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
     fn a_directory_of_another_owner_is_refused() {
-        let dir = tmpdir("owner");
-        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        let dir = ScratchDir::new("share-owner");
+        let meta = std::fs::symlink_metadata(dir.path()).unwrap();
         let why = dir_problem(&meta, meta.uid().wrapping_add(1)).unwrap();
         assert!(why.contains("owned by uid"), "{why}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -766,8 +759,8 @@ mod tests {
 
     #[test]
     fn a_master_never_gets_more_than_max_sessions_and_freed_slots_are_reused() {
-        let dir = tmpdir("pool");
-        let d = dir.to_str().unwrap();
+        let dir = ScratchDir::new("share-pool");
+        let d = dir.as_str();
         // flock is per open file description: held slot files act like other processes.
         let mut held = Vec::new();
         for _ in 0..7 {
@@ -778,7 +771,6 @@ mod tests {
         held.remove(1);
         let (m, _f) = take_session(d, "cx", 3).unwrap().unwrap();
         assert_eq!(m, 0, "a freed slot of master 0 is taken first");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

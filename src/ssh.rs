@@ -864,9 +864,8 @@ mod tests {
     #[test]
     fn run_collects_output_input_and_exit_code_of_a_fake_ssh() {
         // A stand-in for ssh that runs the remote command locally: enough to test plumbing.
-        let dir = std::env::temp_dir().join(format!("mtunnel-fake-ssh-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fake = dir.join("ssh");
+        let dir = crate::scratch::ScratchDir::new("fake-ssh");
+        let fake = dir.path().join("ssh");
         std::fs::write(
             &fake,
             "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec sh -c \"$1\"\n",
@@ -910,6 +909,5 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.kind, Kind::Timeout);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -388,15 +388,15 @@ mod tests {
 
     #[test]
     fn a_dropping_destination_gets_fewer_slots_in_every_process() {
-        let dir = std::env::temp_dir().join(format!("mtunnel-window-{}", std::process::id()));
-        let dir_s = dir.to_str().unwrap();
+        let dir = crate::scratch::ScratchDir::new("window");
+        let dir_s = dir.as_str();
         let dest = "root@198.18.0.2";
         let _a = acquire(dir_s, dest, 4, true, Deadline::after_ms(1000))
             .unwrap()
             .unwrap();
         assert_eq!(note_drop(dir_s, dest, 4), 2);
         // the window is in the file: what another process would read
-        let text = std::fs::read_to_string(dir.join("handshake-root@198.18.0.2.window")).unwrap();
+        let text = std::fs::read_to_string(dir.file("handshake-root@198.18.0.2.window")).unwrap();
         assert!(text.starts_with("2 "), "{text:?}");
         // two slots usable, one held by _a (it may be slot 0 or 1, or beyond the window)
         let held: Vec<_> = (0..4)
@@ -411,13 +411,12 @@ mod tests {
             "{} slots taken in a window of 2",
             held.len() + 1
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn slots_are_exclusive_and_released_on_drop() {
-        let dir = std::env::temp_dir().join(format!("mtunnel-throttle-{}", std::process::id()));
-        let dir_s = dir.to_str().unwrap();
+        let dir = crate::scratch::ScratchDir::new("throttle");
+        let dir_s = dir.as_str();
         let a = acquire(dir_s, "root@198.18.0.2", 2, true, Deadline::after_ms(1000))
             .unwrap()
             .unwrap();
@@ -446,6 +445,5 @@ mod tests {
                 .is_none(),
             "0 slots = no limit"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

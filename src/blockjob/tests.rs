@@ -7,11 +7,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::scratch::ScratchDir;
+
 /// A reply of the scripted monitor: a `return` value, or an error class and description.
 type Reply = std::result::Result<Value, (&'static str, String)>;
 
 struct Monitor {
-    dir: std::path::PathBuf,
+    /// removed after the server thread ended (fields drop after `Drop::drop`)
+    _dir: ScratchDir,
     path: String,
     stop: Arc<AtomicBool>,
     /// `(command, arguments)` of every request but `qmp_capabilities`, in order.
@@ -29,11 +32,8 @@ impl Monitor {
         tag: &str,
         mut respond: impl FnMut(&str, &Value) -> Reply + Send + 'static,
     ) -> Monitor {
-        let dir =
-            std::env::temp_dir().join(format!("mtunnel-blockjob-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("100.qmp");
+        let dir = ScratchDir::new(&format!("blockjob-{tag}"));
+        let path = dir.path().join("100.qmp");
         let listener = UnixListener::bind(&path).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -78,7 +78,7 @@ impl Monitor {
         });
         Monitor {
             path: path.to_str().unwrap().into(),
-            dir,
+            _dir: dir,
             stop,
             seen,
             connections,
@@ -131,7 +131,6 @@ impl Drop for Monitor {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

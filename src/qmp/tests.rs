@@ -4,8 +4,10 @@ use super::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 
+use crate::scratch::ScratchDir;
+
 struct Server {
-    dir: std::path::PathBuf,
+    _dir: ScratchDir,
     path: String,
     handle: Option<std::thread::JoinHandle<Vec<Value>>>,
 }
@@ -60,15 +62,13 @@ impl Server {
         tag: &str,
         client: impl FnOnce(std::os::unix::net::UnixStream) -> Vec<Value> + Send + 'static,
     ) -> Server {
-        let dir = std::env::temp_dir().join(format!("mtunnel-qmp-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("100.qmp");
+        let dir = ScratchDir::new(&format!("qmp-{tag}"));
+        let path = dir.path().join("100.qmp");
         let listener = UnixListener::bind(&path).unwrap();
         let handle = std::thread::spawn(move || client(listener.accept().unwrap().0));
         Server {
             path: path.to_str().unwrap().into(),
-            dir,
+            _dir: dir,
             handle: Some(handle),
         }
     }
@@ -83,12 +83,6 @@ impl Server {
             .iter()
             .map(|r| r["execute"].as_str().unwrap().to_string())
             .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -905,10 +905,8 @@ mod tests {
 
     #[test]
     fn the_remote_command_removes_the_forwarded_sockets_when_it_ends_and_keeps_other_files() {
-        let dir = std::env::temp_dir().join(format!("mtunnel-remote-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.to_str().unwrap();
+        let dir = crate::scratch::ScratchDir::new("remote");
+        let d = dir.as_str();
         let sock = format!("{d}/100.migrate");
         let nbd = format!("{d}/100_nbd.migrate");
         let forwards = [
@@ -957,7 +955,6 @@ mod tests {
         let (code, out) = run_remote(&["true"], &forwards);
         assert_eq!((code, out.trim()), (Some(75), nbd.as_str()));
         assert_eq!(std::fs::read_to_string(&nbd).unwrap(), "canary\n");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -81,9 +81,8 @@ mod tests {
 
     #[test]
     fn a_listener_held_by_this_process_is_seen_and_others_are_not() {
-        let dir = std::env::temp_dir().join(format!("mtunnel-ready-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("100.migrate");
+        let dir = crate::scratch::ScratchDir::new("ready");
+        let path = dir.path().join("100.migrate");
         let path_s = path.to_str().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(is_listening(path_s, std::process::id() as i32).unwrap());
@@ -93,6 +92,5 @@ mod tests {
         // The file stays behind but nobody listens: a stale socket is not ready.
         assert!(path.exists());
         assert!(!is_listening(path_s, std::process::id() as i32).unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -73,29 +73,12 @@ pub(crate) fn prepare(path: &str) -> Result<bool> {
 mod tests {
     use super::*;
 
-    struct Canary(std::path::PathBuf);
-    impl Canary {
-        fn new(tag: &str) -> Canary {
-            let dir =
-                std::env::temp_dir().join(format!("mtunnel-sockfile-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Canary(dir)
-        }
-        fn path(&self, name: &str) -> String {
-            self.0.join(name).to_str().unwrap().to_string()
-        }
-    }
-    impl Drop for Canary {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::ScratchDir;
 
     #[test]
     fn stale_socket_is_removed() {
-        let c = Canary::new("stale");
-        let p = c.path("100.migrate");
+        let c = ScratchDir::new("sockfile-stale");
+        let p = c.file("100.migrate");
         drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
         assert!(prepare(&p).unwrap());
         assert!(!Path::new(&p).exists());
@@ -104,8 +87,8 @@ mod tests {
 
     #[test]
     fn regular_file_directory_and_symlink_are_refused_and_kept() {
-        let c = Canary::new("refuse");
-        let file = c.path("100.migrate");
+        let c = ScratchDir::new("sockfile-refuse");
+        let file = c.file("100.migrate");
         std::fs::write(&file, "canary").unwrap();
         let err = prepare(&file).unwrap_err();
         assert!(
@@ -115,12 +98,12 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "canary");
 
-        let dir = c.path("101.migrate");
+        let dir = c.file("101.migrate");
         std::fs::create_dir(&dir).unwrap();
         assert!(prepare(&dir).unwrap_err().message.contains("a directory"));
         assert!(Path::new(&dir).is_dir());
 
-        let link = c.path("102.migrate");
+        let link = c.file("102.migrate");
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert!(
             remove_socket(&link)
@@ -139,8 +122,8 @@ mod tests {
 
     #[test]
     fn missing_directory_is_named() {
-        let c = Canary::new("nodir");
-        let p = c.path("gone/100.migrate");
+        let c = ScratchDir::new("sockfile-nodir");
+        let p = c.file("gone/100.migrate");
         let err = prepare(&p).unwrap_err();
         assert!(
             err.message.contains("does not exist") && err.message.contains("gone"),
