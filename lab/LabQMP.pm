@@ -8,6 +8,8 @@ package LabQMP;
 #   my $ret = LabQMP::cmd('/run/qemu-server/100.qmp', 'query-status');
 #   LabQMP::cmd($sock, 'migrate', { uri => 'unix:/run/...' }, timeout => 10);
 #   my $q = LabQMP->connect($sock); $q->execute(...); $q->execute(...); $q->close;
+#   LabQMP->connect($sock, retry => 1, pid => $qemu_pid): retries a missing or refusing socket
+#   until the timeout, but not once that QEMU is gone
 #
 # Errors die with a one-line message ending in "\n".
 
@@ -33,8 +35,12 @@ sub connect {
         last if $sock;
         my $errno = $! + 0;
         my $err = "$!";
-        # QEMU may still be creating its monitor socket right after start
-        if (($errno == ENOENT || $errno == ECONNREFUSED) && $opt{retry} && time < $deadline) {
+        # QEMU may still be creating its monitor socket right after start (not if it died)
+        if (   ($errno == ENOENT || $errno == ECONNREFUSED)
+            && $opt{retry}
+            && time < $deadline
+            && (!$opt{pid} || pid_alive($opt{pid})))
+        {
             sleep 0.05;
             next;
         }
@@ -52,6 +58,17 @@ sub connect {
     die "QMP $path: no greeting\n" if !$greeting || !$greeting->{QMP};
     $self->execute('qmp_capabilities');
     return $self;
+}
+
+# alive and not a zombie (a daemonized QEMU is not our child)
+sub pid_alive {
+    my ($pid) = @_;
+    return 0 if !kill(0, $pid);
+    open(my $fh, '<', "/proc/$pid/stat") or return 0;
+    my $stat = <$fh> // '';
+    close $fh;
+    return 0 if $stat =~ /^\d+ \(.*\) ([ZX]) /s;
+    return 1;
 }
 
 sub _read_line {
