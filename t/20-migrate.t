@@ -87,5 +87,52 @@ for my $node (qw(node1 node2)) {
 }
 is_deeply([MTunnelLab::zombies_since($^T)], [], 'no zombie left by this test');
 
+# Refused before anything happens on the target (QemuMigrate.pm's prepare), each with an error
+# naming what is wrong, a verdict saying nothing was done, and no `qm start` on node2.
+sub migrate_refused {
+    my ($what, $v, $ssh_file, $error) = @_;
+    my $starts = () = MTunnelLab::slurp($lab->dir . '/node2/qm-start.log') =~ /^start /mg;
+    my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
+        $v, 'node2', '--node', 'node1', '--ssh-file', $ssh_file);
+    is($rc, 1, "$what: the driver exits 1") or diag("$out$err");
+    like($out, $error, "$what: the error says what is wrong") or diag($out);
+    unlike($out, qr/left waiting|cannot be reached|qm stop/, "$what: no alarm about node2")
+        or diag($out);
+    my $after = () = MTunnelLab::slurp($lab->dir . '/node2/qm-start.log') =~ /^start /mg;
+    is($after, $starts, "$what: nothing was started on node2");
+    is($lab->qmpstatus('node2', $v), 'stopped', "$what: node2 does not run the VM");
+}
+
+$lab->write_vm_config(101, memory => 64);
+migrate_refused(
+    'a VM that is not running',
+    101,
+    $lab->dir . '/ssh_prefix_node2',
+    qr/^TASK ERROR: VM 101 is not running on node 'node1' \(.*\) - nothing was done: VM 101 is left as it was on node 'node1'$/m
+);
+
+$lab->run_ok('node1', 'qm', 'start', 101);
+$lab->run_ok('node1', 'qmp', 101, 'stop');
+migrate_refused(
+    'a paused VM',
+    101,
+    $lab->dir . '/ssh_prefix_node2',
+    qr/^TASK ERROR: VM 101 on node 'node1' is paused, not running: only a running VM is live-migrated \(resume it first\) - nothing was done/m
+);
+is($lab->qmpstatus('node1', 101), 'paused', 'a paused VM: it stays paused on node1');
+$lab->run_ok('node1', 'qmp', 101, 'cont');
+
+# an ssh file that names no destination: the library refuses it before ssh runs
+my $bad_ssh = $lab->dir . '/ssh_prefix_bad';
+unlink($bad_ssh);
+open(my $fh, '>', $bad_ssh) or die "$bad_ssh: $!\n";
+print $fh "ssh\n";
+close($fh);
+migrate_refused('an ssh file without a destination', 101, $bad_ssh,
+    qr/^TASK ERROR: .*ssh prefix needs at least the ssh binary and user\@host - VM 101 runs on node 'node1' \(source\) only$/m
+);
+is($lab->qmpstatus('node1', 101), 'running', 'bad ssh file: the VM still runs on node1');
+$lab->run_ok('node1', 'qm', 'stop', 101);
+
 $lab->down;
 done_testing();

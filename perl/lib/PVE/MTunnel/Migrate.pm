@@ -185,6 +185,13 @@ sub migrate {
         (sub { $self->{signal} //= $_[0]; $self->{signals}++ }) x @DEFERRED_SIGNALS;
     $self->log('info', "starting migration of VM $vmid to node '$self->{target}'");
     my $start = time();
+    eval { $self->prepare() };
+    if (my $err = $@) {
+        chomp $err;
+        $self->log('err', "migration aborted: $err");
+        $self->{verdict} = "nothing was done: VM $vmid is left as it was on node '$self->{node}'";
+        die "$err - $self->{verdict}\n";
+    }
     eval { $self->phase2() };
     if (my $err = $@) {
         $self->log('err', "migration failed: $err");
@@ -208,6 +215,24 @@ sub migrate {
             strftime("%H:%M:%S", gmtime(time() - $start)))
     );
     return $self;
+}
+
+# As QemuMigrate.pm prepare: what can be checked before anything happens on the target. The
+# source VM must run (a paused VM would be resumed on the target: refused, not changed).
+sub prepare {
+    my ($self) = @_;
+    my ($vmid, $node) = @$self{qw(vmid node)};
+    my $status = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status')->{status} };
+    if (my $err = $@) {
+        chomp $err;
+        die "VM $vmid is not running on node '$node' ($err)\n";
+    }
+    $status //= 'unknown';
+    die "VM $vmid on node '$node' is $status, not running: only a running VM is live-migrated"
+        . ($status eq 'paused' ? " (resume it first)" : " ('--check' tells what is where)") . "\n"
+        if $status ne 'running';
+    $self->{machine} //= $self->current_machine();
+    $self->check_interrupt();
 }
 
 # The task's verdict on failure: the error, then where the VM is now (asked from both nodes).
@@ -236,13 +261,19 @@ sub start_target {
     push @cmd, '--migration_network', $self->{migration_network}
         if defined $self->{migration_network};
     push @cmd, '--stateuri', $type eq 'insecure' ? 'tcp' : 'unix';
-    push @cmd, '--machine', $self->{machine} // $self->current_machine();
+    push @cmd, '--machine', $self->{machine};
     push @cmd, '--force-cpu', $self->{force_cpu} if defined $self->{force_cpu};
     push @cmd, '--targetstorage', $self->{targetstorage} // '1' if $self->{with_local_disks};
     # version 1: NBD over UNIX sockets
     my $input = "nbd_protocol_version: 1\n";
     $input .= "spice_ticket: $self->{spice_ticket}\n" if defined $self->{spice_ticket};
-    my $res = $self->remote(\@cmd, input => $input);
+    my $res = eval { $self->remote(\@cmd, input => $input) };
+    if (my $err = $@) {
+        # refused before ssh ran (the ssh command or an option is invalid): nothing started there
+        $self->{target_started} = 0
+            if $PVE::MTunnel::last_error_code == $PVE::MTunnel::ERROR_CODE{invalid_argument};
+        die $err;
+    }
     $self->log('info', "[$self->{target}] $_") for grep { length } split /\n/, $res->{stderr} // '';
     my $listen = PVE::MTunnel::migrate_listen_parse($res->{stdout}, $vmid);
     $self->log('info', "[$self->{target}] $_") for @{ $listen->{messages} };
@@ -899,7 +930,13 @@ sub inspect {
         };
         $src{jobs} = $jobs // [];
     }
-    return { source => \%src, target => { state => $self->target_state() } };
+    # a start refused before ssh ran left nothing there (the target is not asked: it may be
+    # unreachable with the same ssh command)
+    my $untouched = defined $self->{target_started} && !$self->{target_started};
+    return {
+        source => \%src,
+        target => { state => $untouched ? 'stopped' : $self->target_state() }
+    };
 }
 
 # What the two states mean: {state => sentence, ok => VM runs on exactly one node,
@@ -1258,6 +1295,13 @@ Method: runs the whole migration (phase2, phase3 and the cleanup that fits) and 
 object, with C<< $m->{timing} >> (C<open_to_ready>, C<migration>, C<qemu_total_ms>,
 C<qemu_downtime_ms>, C<noticed>, C<resumed>, C<mirror>, C<mirror_bytes>) filled in. On failure
 dies with C<"WHAT FAILED - WHERE THE VM IS NOW\n"> (see C<fail>).
+
+=head2 prepare()
+
+Method: the checks before anything happens on the target, as QemuMigrate.pm's C<prepare>: the
+source VM runs (QMP C<query-status> says C<running>; a paused VM is refused, since the target
+would run it), and the machine type for the target's C<--machine> is read from it. C<migrate>
+ends with C<"WHAT FAILED - nothing was done: ...\n"> when this fails.
 
 =head2 phase2()
 
