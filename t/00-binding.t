@@ -9,6 +9,7 @@ use File::Temp qw(tempdir);
 use JSON::PP ();
 
 use PVE::MTunnel;
+use PVE::MTunnel::Migrate;
 
 sub dies_like(&$$) {
     my ($code, $re, $name) = @_;
@@ -127,6 +128,25 @@ qr/^unable to detect remote migration address$/m, 'no address is the PVE error';
         '"0042" is not taken as 42 but refused by name';
     dies_like { PVE::MTunnel->open(ssh => \@ssh, connect_timeout_s => "10\n") }
     qr/^option 'connect_timeout_s' must be a non-negative integer/, '"10\n" is refused by name';
+    my $b = JSON::PP->new->decode(
+        PVE::MTunnel::_options_json(
+            check => 'true',
+            setup => '1',
+            remote_cleanup => 'False',
+            adaptive_slots => ''
+        )
+    );
+    is_deeply(
+        [
+            map { JSON::PP::is_bool($b->{$_}) ? ($b->{$_} ? 'true' : 'false') : "'$b->{$_}'" }
+                qw(check setup remote_cleanup adaptive_slots)
+        ],
+        [qw(true true false false)],
+        'boolean options: 1/true and 0/false/"" (any case)'
+    );
+    dies_like { PVE::MTunnel->open(ssh => \@ssh, cleanup_in_command => 'maybe') }
+    qr/^option 'cleanup_in_command' must be true or false/,
+        '"maybe" for a boolean option is refused by name, not taken as true';
     my $m = JSON::PP->new->decode(
         PVE::MTunnel::_migrate_options_json(
             {
@@ -268,5 +288,44 @@ dies_like {
     PVE::MTunnel::ssh_run(ssh => ['/nonexistent/ssh', 'root@198.18.0.2'], command => ['true'])
 }
 qr/cannot execute '\/nonexistent\/ssh': No such file or directory/, 'missing ssh binary is named';
+
+# The driver refuses bad settings before anything runs, naming them.
+for my $case (
+    [target => 'node1', qr/^target is local node \('node1'\)$/],
+    [bwlimit => -5, qr/^invalid bwlimit '-5' \(KiB\/s, a whole number; 0 = no limit\)$/],
+    [
+        stall_timeout_ms => -1,
+        qr/^invalid stall_timeout_ms '-1' \(a whole number of milliseconds, more than 0\)$/
+    ],
+    [mirror_timeout_ms => 0, qr/^invalid mirror_timeout_ms '0'/],
+    [downtime_ms => '100ms', qr/^invalid downtime_ms '100ms'/],
+    [hold_ms => -1, qr/^invalid hold_ms '-1'/],
+    [completion_wait => 'sleep', qr/^invalid completion wait 'sleep' \(events, poll or pve\)$/],
+    [vmid => '0100', qr/^invalid VMID '0100'$/],
+    )
+{
+    my ($key, $value, $error) = @$case;
+    dies_like {
+        PVE::MTunnel::Migrate->new(
+            vmid => 100,
+            node => 'node1',
+            target => 'node2',
+            ssh => \@ssh,
+            $key => $value
+        )
+    }
+    $error, "Migrate->new: $key '$value' is refused by name";
+}
+ok(
+    PVE::MTunnel::Migrate->new(
+        vmid => 100,
+        node => 'node1',
+        target => 'node2',
+        ssh => \@ssh,
+        bwlimit => 0,
+        hold_ms => 0
+    ),
+    'Migrate->new: bwlimit 0 (no limit) and hold_ms 0 are accepted'
+);
 
 done_testing();

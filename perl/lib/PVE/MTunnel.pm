@@ -143,7 +143,11 @@ my %BOOL_PARAMETER =
 sub _typed {
     my ($v, $type) = @_;
     return $v if ref($v) || !defined($v);
-    return $v ? JSON::PP::true : JSON::PP::false if $type eq 'bool';
+    if ($type eq 'bool') {
+        return JSON::PP::true if $v =~ /\A(?:1|true)\z/i;
+        return JSON::PP::false if $v =~ /\A(?:0|false|)\z/i;
+        return "$v";    # not a boolean: the library refuses it, naming the option
+    }
     return 0 + $v if $type eq 'int' && $v =~ /\A-?(?:0|[1-9][0-9]*)\z/;
     return "$v";
 }

@@ -39,6 +39,16 @@ sub new {
         die "PVE::MTunnel::Migrate->new: missing '$k'\n" if !defined($param{$k});
     }
     die "invalid VMID '$param{vmid}'\n" if $param{vmid} !~ m/^[1-9][0-9]{0,8}$/;
+    # as upstream's migrate_vm
+    die "target is local node ('$param{target}')\n" if $param{target} eq $param{node};
+    for my $k (qw(stall_timeout_ms mirror_timeout_ms mirror_poll_ms poll_interval_ms downtime_ms)) {
+        die "invalid $k '$param{$k}' (a whole number of milliseconds, more than 0)\n"
+            if defined $param{$k} && $param{$k} !~ /^[1-9][0-9]{0,11}$/;
+    }
+    die "invalid hold_ms '$param{hold_ms}' (a whole number of milliseconds)\n"
+        if defined $param{hold_ms} && $param{hold_ms} !~ /^[0-9]{1,12}$/;
+    die "invalid bwlimit '$param{bwlimit}' (KiB/s, a whole number; 0 = no limit)\n"
+        if defined $param{bwlimit} && $param{bwlimit} !~ /^[0-9]{1,12}$/;
     my $type = $param{migration_type} // 'secure';
     die "invalid migration type '$type' (secure or insecure)\n" if $type !~ /^(secure|insecure)$/;
     my $wait = $param{completion_wait} // 'events';
