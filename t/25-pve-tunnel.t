@@ -331,6 +331,13 @@ dies_like(
 );
 dies_like(
     sub {
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, "$sock:$sock", sub { });
+    },
+    qr/^can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE' socket pairs, not '\Q$sock:$sock\E'$/,
+    'fork_ssh_tunnel: forwards given as a string, not a list, are refused clearly'
+);
+dies_like(
+    sub {
         PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, ['echo', 'no quorum'], [], sub { });
     },
     qr/^can't open tunnel - no quorum on target node$/,

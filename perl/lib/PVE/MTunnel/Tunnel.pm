@@ -64,6 +64,9 @@ sub fork_ssh_tunnel {
     my ($rem_ssh, $cmd, $ssh_forward_info, $log) = @_;
 
     $log //= sub { };
+    die "can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE'"
+        . " socket pairs, not '$ssh_forward_info'\n"
+        if defined($ssh_forward_info) && ref($ssh_forward_info) ne 'ARRAY';
     # The library's lines come without "\n"; upstream's callers get them with one.
     my $relay = sub {
         my ($level, $msg) = @_;
