@@ -289,6 +289,19 @@ dies_like {
 }
 qr/cannot execute '\/nonexistent\/ssh': No such file or directory/, 'missing ssh binary is named';
 
+dies_like { PVE::MTunnel::qmp_execute('/run/qemu-server/100.qmp', 'query-status', 'running') }
+qr/^qmp_execute: arguments must be a hash reference$/, 'qmp_execute: arguments that are not a hash';
+{
+    my @warnings;
+    local $SIG{__WARN__} = sub { push @warnings, @_ };
+    dies_like {
+        PVE::MTunnel::migrate_listen_parse(
+            "migration listens on unix:/run/qemu-server/100.migrate\n", undef)
+    }
+    qr/^invalid VMID '': expected 1-9 digits$/, 'migrate_listen_parse: a missing VMID is named';
+    is_deeply(\@warnings, [], 'migrate_listen_parse: a missing VMID gives no Perl warning');
+}
+
 # The driver refuses bad settings before anything runs, naming them.
 for my $case (
     [target => 'node1', qr/^target is local node \('node1'\)$/],

@@ -309,6 +309,8 @@ sub qmp_migrate_cancel {
 
 sub qmp_execute {
     my ($qmp_socket, $command, $arguments, %opts) = @_;
+    die "qmp_execute: arguments must be a hash reference\n"
+        if defined($arguments) && ref($arguments) ne 'HASH';
     my $out;
     my $args = defined($arguments) ? $json->encode($arguments) : undef;
     _check(_qmp_execute($qmp_socket, $command, $args, $opts{timeout_ms} // 10_000, \$out));
@@ -398,7 +400,7 @@ sub ssh_remove_sockets {
 sub migrate_listen_parse {
     my ($output, $vmid) = @_;
     my $out;
-    _check(_migrate_listen_parse($output, "$vmid", \$out));
+    _check(_migrate_listen_parse($output, $vmid // '', \$out));
     return _decode($out);
 }
 
