@@ -60,6 +60,16 @@ sub connect {
     return $self;
 }
 
+# the pid in a pid file (QEMU's -pidfile), undef if there is none
+sub read_pidfile {
+    my ($path) = @_;
+    open(my $fh, '<', $path) or return undef;
+    my $pid = <$fh>;
+    close $fh;
+    return undef if !defined $pid || $pid !~ /^\s*([0-9]+)\s*$/;
+    return $1;
+}
+
 # alive and not a zombie (a daemonized QEMU is not our child)
 sub pid_alive {
     my ($pid) = @_;
