@@ -6,6 +6,7 @@ use strict;
 use warnings;
 use Test::More;
 use File::Temp qw(tempdir);
+use File::Basename qw(dirname);
 use JSON::PP ();
 
 use PVE::MTunnel;
@@ -340,5 +341,49 @@ ok(
     ),
     'Migrate->new: bwlimit 0 (no limit) and hold_ms 0 are accepted'
 );
+
+# On a Proxmox VE node (/etc/pve; MTUNNEL_PVE_DIR here) the CLI refuses and names `qm migrate`
+# and the flag that lets a non-PVE host through. The CLI beside the modules under test.
+{
+    my $cli =
+        $INC{'PVE/MTunnel.pm'} =~ m{^/usr/share/perl5/}
+        ? '/usr/bin/mtunnel-migrate'
+        : dirname($INC{'PVE/MTunnel.pm'}) . '/../../bin/mtunnel-migrate';
+    my $pve = tempdir(CLEANUP => 1);
+    my $cli_run = sub {
+        my ($pve_dir, @args) = @_;
+        local $ENV{MTUNNEL_PVE_DIR} = $pve_dir;
+        my $out = `$^X $cli @args 2>&1`;
+        return ($? >> 8, $out);
+    };
+    my @args = (100, 'node2', '--node', 'node1', '--ssh-file', "$pve/no-such-ssh-file");
+    my ($rc, $out) = $cli_run->($pve, @args);
+    is($rc, 1, 'CLI on a PVE node: exit 1');
+    like(
+        $out,
+        qr/^TASK ERROR: this is a Proxmox VE node \(\Q$pve\E exists\): migrate VM 100 with 'qm migrate 100 node2 --online'\. .*does not move the VM's config, take its 'migrate' lock or tell HA, so VM 100 would look stopped on node 'node1' and could be started there a second time\. .*pass --standalone - nothing was done$/,
+        'CLI on a PVE node: refused, naming qm migrate, what it would skip and --standalone'
+    );
+    ($rc, $out) = $cli_run->($pve, @args, '--check', '--fix');
+    like(
+        $out,
+        qr/^TASK ERROR: this is a Proxmox VE node/,
+        'CLI on a PVE node: --check --fix is refused too'
+    );
+    for my $case (
+        ['--standalone', [$pve, @args, '--standalone']],
+        ['--check without --fix only reads', [$pve, @args, '--check']],
+        ['a host without the directory', ["$pve/none", @args]],
+        )
+    {
+        my ($name, $run) = @$case;
+        ($rc, $out) = $cli_run->(@$run);
+        like(
+            $out,
+            qr/^cannot read \Q$pve\E\/no-such-ssh-file: /,
+            "CLI: $name goes on (to reading the ssh file)"
+        );
+    }
+}
 
 done_testing();
