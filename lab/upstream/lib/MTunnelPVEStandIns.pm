@@ -102,8 +102,16 @@ my sub storage_cfg_text {
     return $text;
 }
 
+my sub storage_cfg {
+    my $cfg = PVE::Storage::Plugin->parse_config('storage.cfg', storage_cfg_text());
+    # PVE pins 'local' to /var/lib/vz; the lab's node-local storage of that name is elsewhere
+    $cfg->{ids}->{local}->{path} = "$LAB/local";
+    $cfg->{ids}->{local}->{content} = { images => 1 };
+    return $cfg;
+}
+
 my %cfs_read = (
-    'storage.cfg' => sub { PVE::Storage::Plugin->parse_config('storage.cfg', storage_cfg_text()) },
+    'storage.cfg' => \&storage_cfg,
     'datacenter.cfg' => sub { {} },
     'replication.cfg' => sub { PVE::ReplicationConfig->parse_config('replication.cfg', '') },
     # resource mappings (PCI, USB, directories): none on the lab
