@@ -38,7 +38,8 @@ my sub ipc_const_source {
         return "package PVE::Cluster::IPCConst;\nuse base 'Exporter';\nmy %ops;\n"
             . "BEGIN { %ops = (@ops) }\nuse constant \\%ops;\nour \@EXPORT = keys %ops;\n1;\n";
     }
-    die "PVE::Cluster::IPCConst stand-in: no pmxcfs/cfs-ipc-ops.h beside a PVE/Cluster.pm in \@INC\n";
+    die
+        "PVE::Cluster::IPCConst stand-in: no pmxcfs/cfs-ipc-ops.h beside a PVE/Cluster.pm in \@INC\n";
 }
 
 unshift @INC, sub {

@@ -9,7 +9,8 @@ package MTunnelPVEStandIns;
 #   $LAB/pve/qemu-server/VMID.conf, shared by all nodes as /etc/pve is, parsed and written by
 #   PVE::QemuServer's own parser and writer; the lab's own keys 'guest' and 'accel' are
 #   kept), storage.cfg (the lab's storages as PVE "dir" storages, lab/LabStorage.pm),
-#   datacenter.cfg and replication.cfg (empty); quorum; the node list and addresses.
+#   datacenter.cfg, replication.cfg and the resource mappings (empty), user.cfg (root@pam,
+#   the task's user); quorum; the node list and addresses.
 # - the config's node and lock files: config_file (the lab's one file for every node: a move
 #   to another node is a rename onto itself) and config_file_lock (a lock file of this node,
 #   as /var/lock is per node).
@@ -27,6 +28,7 @@ use warnings;
 
 use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW);
 
+use PVE::AccessControl;
 use PVE::Cluster;
 use PVE::HA::Config;
 use PVE::INotify;
@@ -82,7 +84,7 @@ my sub node_ip {
     my $ip = $e->{"LAB_${node}_IP"} // die "no node '$node' in the lab\n";
     return $ip if !defined($cidr);
     for my $candidate ($ip, $e->{"LAB_${node}_MIGRATION_IP"} // ()) {
-        return $candidate if PVE::Network::ip_is_in_cidr($candidate, $cidr);
+        return $candidate if PVE::Network::is_ip_in_cidr($candidate, $cidr);
     }
     die "failed to get ip for node '$node' in network '$cidr'\n";
 }
@@ -114,8 +116,13 @@ my %cfs_read = (
     'storage.cfg' => \&storage_cfg,
     'datacenter.cfg' => sub { {} },
     'replication.cfg' => sub { PVE::ReplicationConfig->parse_config('replication.cfg', '') },
+    # root@pam alone, as on a fresh node: the task's user
+    'user.cfg' =>
+        sub { PVE::AccessControl::parse_user_config('user.cfg', "user:root\@pam:1:0::::::\n") },
     # resource mappings (PCI, USB, directories): none on the lab
-    map { ("mapping/$_.cfg" => sub { { ids => {}, order => {} } }) } qw(pci usb directory),
+    map {
+        ("mapping/$_.cfg" => sub { { ids => {}, order => {} } })
+    } qw(pci usb directory),
 );
 
 my sub cfs_read_file {
