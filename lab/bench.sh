@@ -30,6 +30,9 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
 echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
 "$TOP/lab/bench-pause" --runs 10 --failures 3 --guests dirty,idle,disk
 
+echo "-- upstream's QemuMigrate.pm on the lab: the guest's pause, qemu-server as released against with the series"
+"$TOP/lab/bench-upstream-pause" --runs 5
+
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
 for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
 fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }
