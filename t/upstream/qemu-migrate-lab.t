@@ -23,15 +23,18 @@ my $top = abs_path(dirname(__FILE__) . '/../..');
 my ($perl5lib, $skip) = UpstreamLab::sources();
 plan skip_all => "upstream trees missing: $skip" if $skip;
 
-my $tree = UpstreamLab::tree('on');
+my %tree = map { $_ => UpstreamLab::tree($_) } qw(on off);
 my $lab = MTunnelLab->up(nodes => 2, accel => 'tcg');
 my $dir = $lab->dir;
 UpstreamLab::series_on_node($lab, $_, 1) for $lab->nodes;
 my $mem = 256;
 
-# upstream's migration of $vmid from node1 to node2, in the background
+# upstream's migration of $vmid from node1 to node2, in the background; with the series
+# unless the first option is 'released'
 sub migrate {
     my ($vmid, @opts) = @_;
+    my $tree = $tree{on};
+    $tree = $tree{off}, shift(@opts) if @opts && $opts[0] eq 'released';
     return $lab->background(
         'node1',
         "$dir/qemu-migrate-$vmid.log",
@@ -135,6 +138,36 @@ sub check_vm {
         'insecure: straight to the target in the migration network'
     );
     check_vm('insecure', $vmid, 'node2');
+}
+
+# --- mixed nodes: a patched source and a released target, and the other way round
+{
+    my $vmid = 103;
+    UpstreamLab::series_on_node($lab, 'node2', 0);
+    start_vm(
+        $vmid,
+        guest => 'disk',
+        ide0 => "local:$vmid/vm-$vmid-disk-0.raw,size=16M"
+    );
+    my $bg = migrate($vmid, '--with-local-disks');
+    ok($bg->finish(180), 'released target: the migration ended');
+    my $out = $bg->output;
+    like($out, qr/^TASK OK$/m, 'released target: TASK OK') or diag($out);
+    unlike(
+        $out,
+        qr/tunnel does not know nbdstop/,
+        'released target: nbdstop never went into its tunnel (it was not announced)'
+    );
+    check_vm('released target', $vmid, 'node2', disk => 1);
+    $lab->run('node2', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
+    UpstreamLab::series_on_node($lab, 'node2', 1);
+
+    start_vm($vmid, guest => 'dirty', ide0 => "shared:$vmid/vm-$vmid-disk-0.raw,size=1M");
+    $bg = migrate($vmid, 'released');
+    ok($bg->finish(120), 'released source: the migration ended');
+    $out = $bg->output;
+    like($out, qr/^TASK OK$/m, 'released source, patched target: TASK OK') or diag($out);
+    check_vm('released source', $vmid, 'node2');
 }
 
 # --- faults in the middle of the RAM migration: the VM stays on node1
