@@ -326,6 +326,65 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     is($rest, '', 'mtunnel v1: nothing else on stdout');
 }
 
+# ------------------------------------------------------------ qemu-server with the series
+
+# $LAB/NODE/qemu-server-series: the node's qm behaves as with patches/qemu-server/ (0005)
+{
+    my $v = 120;
+    my $volid = "local:$v/vm-$v-disk-0.raw";
+    my $marker = "$dir/node2/qemu-server-series";
+    $lab->write_vm_config($v, memory => 64, guest => 'idle', ide0 => "$volid,size=4M");
+    my @target = (
+        'qm', 'start', $v, '--skiplock',
+        '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix', '--targetstorage', '1'
+    );
+    my ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @target);
+    is($rc, 0, 'as released: a target with a local disk starts') or diag($err);
+    unlike($out, qr/^mtunnel commands:/m, 'as released: no mtunnel commands line');
+    like(
+        qemu_cmdline('node2'),
+        qr/ -pidfile \/var\/run\/qemu-server\/$v\.pid /,
+        "QEMU's pid file is named as PVE names it (its vm_running_locally compares the argument)"
+    );
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    $lab->run_ok('node2', 'pvesm', 'free', $volid);
+
+    open(my $fh, '>', $marker) or die "$marker: $!\n";
+    close($fh);
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @target);
+    is($rc, 0, 'with the series: the target starts') or diag($err);
+    like(
+        $out,
+        qr/^migration listens on unix:\S+\nmtunnel commands: nbdstop\nstorage migration listens on /,
+        'with the series: qm start announces nbdstop after the listens line'
+    );
+    my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel');
+    is($t->read_line(30), 'tunnel online', 'with the series: greeting');
+    is($t->read_line(10), 'ver 1', 'with the series: still version 1');
+    $t->send("bogus command\n");
+    is(
+        $t->read_line(10),
+        "ERR: unknown command 'bogus command'",
+        'with the series: an unknown command is answered'
+    );
+    $t->send("nbdstop $v\n");
+    is($t->read_line(10), 'OK', 'with the series: nbdstop stops the NBD server');
+    $t->send("nbdstop $v\n");
+    like(
+        $t->read_line(10) // '',
+        qr/^ERR: nbdstop failed - /,
+        'with the series: nbdstop without an NBD server is an error'
+    );
+    $t->send("quit\n");
+    is($t->read_line(10), 'OK', 'with the series: quit -> OK');
+    ($rc, $out, $err) = $t->finish(10);
+    is($rc, 0, 'with the series: mtunnel exits 0 after quit') or diag($err);
+    unlink($marker);
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    $lab->run_ok('node2', 'pvesm', 'free', $volid);
+}
+
 # ------------------------------------------------------------ mtunnel --v2 (lab extension)
 
 sub v2_call {
