@@ -8,7 +8,7 @@ package MTunnelPVEStandIns;
 # - pmxcfs (PVE::Cluster): cfs_read_file/cfs_write_file of the VM's config (the lab's
 #   $LAB/pve/qemu-server/VMID.conf, shared by all nodes as /etc/pve is, parsed and written by
 #   PVE::QemuServer's own parser and writer; the lab's own keys 'guest' and 'accel' are
-#   kept), storage.cfg (the lab's storages as PVE "dir" storages, lab/LabStorage.pm),
+#   kept), storage.cfg (the lab's storages as PVE "dir" storages, from lab/LabStorage.pm),
 #   datacenter.cfg, replication.cfg and the resource mappings (empty), user.cfg (root@pam,
 #   the task's user); quorum; the node list and addresses.
 # - the config's node and lock files: config_file (the lab's one file for every node: a move
@@ -27,6 +27,10 @@ use strict;
 use warnings;
 
 use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW);
+use File::Basename qw(dirname);
+
+use lib dirname(__FILE__) . '/../..';    # lab/
+use LabStorage;
 
 use PVE::AccessControl;
 use PVE::Cluster;
@@ -94,11 +98,13 @@ my sub vm_config_path {
     return "$LAB/pve/qemu-server/$vmid.conf";
 }
 
+# the lab's storages (lab/LabStorage.pm) as PVE dir storages
 my sub storage_cfg_text {
     my $text = '';
-    for my $store (qw(shared local small)) {
-        $text .= "dir: $store\n\tpath $LAB/$store\n\tcontent images\n";
-        $text .= "\tshared 1\n" if $store eq 'shared';
+    for my $store (LabStorage::ids()) {
+        $text .= "dir: $store\n\tpath $LAB/" . LabStorage::storage($store)->{dir} . "\n";
+        $text .= "\tcontent images\n";
+        $text .= "\tshared 1\n" if LabStorage::is_shared($store);
         $text .= "\n";
     }
     return $text;
@@ -107,7 +113,7 @@ my sub storage_cfg_text {
 my sub storage_cfg {
     my $cfg = PVE::Storage::Plugin->parse_config('storage.cfg', storage_cfg_text());
     # PVE pins 'local' to /var/lib/vz; the lab's node-local storage of that name is elsewhere
-    $cfg->{ids}->{local}->{path} = "$LAB/local";
+    $cfg->{ids}->{local}->{path} = "$LAB/" . LabStorage::storage('local')->{dir};
     $cfg->{ids}->{local}->{content} = { images => 1 };
     return $cfg;
 }
