@@ -49,6 +49,12 @@ fn version_macros() -> String {
          #define MTUNNEL_VERSION_MAJOR {major}\n\
          #define MTUNNEL_VERSION_MINOR {minor}\n\
          #define MTUNNEL_VERSION_PATCH {patch}\n\
-         #define MTUNNEL_VERSION_STRING \"{version}\""
+         #define MTUNNEL_VERSION_STRING \"{version}\"\n\n\
+         // Marks the former names of renamed functions (see DEPRECATED NAMES above).\n\
+         #if defined(__GNUC__) || defined(__clang__)\n\
+         #define MTUNNEL_DEPRECATED(note) __attribute__((deprecated(note)))\n\
+         #else\n\
+         #define MTUNNEL_DEPRECATED(note)\n\
+         #endif"
     )
 }

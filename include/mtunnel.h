@@ -1,4 +1,63 @@
-/* mtunnel: ssh UNIX-socket migration tunnel and QMP for QEMU hosts. C ABI conventions: see the crate documentation (src/lib.rs) and README.md. */
+/*
+ * mtunnel: the socket and process work of a QEMU live migration over ssh, for C callers.
+ *
+ * This header is the whole contract. Its rules hold for every function below; each
+ * function's own comment adds its options, results and codes.
+ *
+ * RESULT CODES. Every fallible function returns MTUNNEL_OK (0) or one of the fixed
+ * MTUNNEL_ERR_* codes, which are never renumbered. mtunnel_last_error() gives the detail (ssh's
+ * stderr tail, QEMU's error class and description, the offending value); it is per thread and
+ * valid until the next call into the library on that thread.
+ *
+ * OWNERSHIP. A tunnel handle belongs to the caller from tunnel_open until tunnel_free, and
+ * must not be used after it. Strings the library hands out through out-parameters belong to
+ * the caller, who frees each once with mtunnel_string_free. Out-parameters are written only
+ * on success, and may be NULL when the result is not wanted. mtunnel_last_error() and
+ * mtunnel_version() return the library's own strings: never free them. The library keeps no
+ * pointer of the caller beyond a call, except a tunnel's log callback and its userdata, which
+ * it keeps until tunnel_free.
+ *
+ * NULL AND TEXT. Any pointer argument may be NULL: a required one then gives
+ * MTUNNEL_ERR_INVALID_ARGUMENT, a NULL options string means all defaults, and tunnel_close and
+ * tunnel_free take a NULL handle as a no-op. Strings are NUL-terminated UTF-8. Options are one
+ * JSON object; a key the function does not know is refused. Booleans in options are JSON
+ * true/false, 1/0 or the strings "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off"/"".
+ *
+ * TIME. Every wait has a deadline (timeout_ms; negative means no limit). Deadlines are
+ * monotonic, and a signal (EINTR) neither shortens nor extends them.
+ *
+ * THREADS. The library starts no threads. A tunnel handle must not be used by two threads at
+ * once (there is no lock inside); different handles, and the qmp_* and mtunnel_* functions,
+ * may run on different threads at the same time. While a call runs, the calling thread blocks
+ * the signals that have a handler; they are delivered when the call returns. The signal mask is
+ * per thread: other threads of the process still take those signals meanwhile. ssh children
+ * are started by tunnel_open and tunnel_wait_ready (a retried connection) and get SIGTERM when
+ * the THREAD that started them exits (the parent-death signal follows the creating thread, not
+ * the process): open, wait for, use and free a tunnel on a thread that outlives it.
+ *
+ * PROCESSES AND SIGNALS. Children are tracked by pidfd, so a host that ignores SIGCHLD or
+ * reaps with waitpid(-1) is fine (an exit status it took itself is reported as unknown). A
+ * child inherits no fd beyond stdio, on every kernel. Writes to ssh never raise SIGPIPE.
+ * Signal dispositions are never changed. A Rust panic never crosses into the caller: it
+ * becomes MTUNNEL_ERR_PANIC.
+ *
+ * LOG CALLBACK. A tunnel's callback (userdata, level, msg) is called only on the thread that
+ * makes a call on that tunnel, during that call; msg is valid only during the callback. The
+ * callback must return normally. It must never unwind (no C++ exception, no panic), never
+ * longjmp out (neither itself nor from a signal handler that runs in it), and never call into
+ * the same tunnel (no tunnel_* on that handle, tunnel_free least of all). A call into the
+ * library from it overwrites mtunnel_last_error() of the call under way.
+ *
+ * FREEING. tunnel_free of a tunnel that is still open closes it with tunnel_close's default
+ * options, all of it (quit, the remote socket cleanup, a shared master's forwards and its
+ * idle exit) within their cleanup_timeout_ms, 5000 ms. Killing and reaping ssh and removing
+ * the local socket files are always done, whatever that leaves; only they may add to it.
+ *
+ * DEPRECATED NAMES. ssh_run, ssh_remove_sockets and migrate_listen_parse are the former names
+ * of mtunnel_ssh_run, mtunnel_ssh_remove_sockets and mtunnel_migrate_listen_parse (ssh_ is
+ * libssh's namespace). They still link, for one release.
+ */
+
 
 #ifndef MTUNNEL_H
 #define MTUNNEL_H
@@ -12,6 +71,13 @@
 #define MTUNNEL_VERSION_MINOR 1
 #define MTUNNEL_VERSION_PATCH 0
 #define MTUNNEL_VERSION_STRING "0.1.0"
+
+// Marks the former names of renamed functions (see DEPRECATED NAMES above).
+#if defined(__GNUC__) || defined(__clang__)
+#define MTUNNEL_DEPRECATED(note) __attribute__((deprecated(note)))
+#else
+#define MTUNNEL_DEPRECATED(note)
+#endif
 
 // Success.
 #define MTUNNEL_OK 0
@@ -58,8 +124,9 @@
 // Log level of debugging details.
 #define MTUNNEL_LOG_DEBUG 4
 
-// QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
-#define MAX_DOWNTIME_LIMIT_MS (2000 * 1000)
+// The largest `downtime-limit` in milliseconds (QEMU's 2000 s): a larger one in
+// `"parameters"` is lowered to it.
+#define MTUNNEL_MAX_DOWNTIME_LIMIT_MS (2000 * 1000)
 
 // An open tunnel: an ssh child with its forwards. Opaque; create with `tunnel_open`,
 // release with `tunnel_free`. Not safe to use from two threads at once.
@@ -196,13 +263,15 @@ int qmp_migrate(const char *qmp_socket, const char *uri, const char *options_jso
 //   leaks in; without the key, capabilities are left alone;
 // - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
 //   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
-//   QEMU's 2000000 ms, and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
+//   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
 //   guest's RAM (asked from QEMU) rounded up to a power of two.
 //
 // `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
 // NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
 // "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
-int qmp_migrate_setup(const char *qmp_socket, const char *options_json, char **applied_out);
+int qmp_migrate_setup(const char *qmp_socket,
+                      const char *options_json,
+                      char **applied_out);
 
 // Runs `query-migrate` and writes QEMU's answer as JSON to `*status_out` (free with
 // `mtunnel_string_free`; may be NULL). Unknown statuses are passed through unchanged: treat
@@ -252,8 +321,12 @@ int qmp_wait_migration(const char *qmp_socket, const char *options_json, char **
 // `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
 // `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
 // On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
-int ssh_run(const char *options_json,
-            char **result_out);
+int mtunnel_ssh_run(const char *options_json,
+                    char **result_out);
+
+// Deprecated name of [`mtunnel_ssh_run`] (`ssh_` is libssh's namespace), kept for one
+// release: same arguments, ownership and result codes.
+MTUNNEL_DEPRECATED("use mtunnel_ssh_run") int ssh_run(const char *options_json, char **result_out);
 
 // Removes socket files on the remote node, as a tunnel's close does for its forwards: for a
 // caller whose tunnel never got ready (the target's QEMU was started and listens, but no
@@ -268,6 +341,11 @@ int ssh_run(const char *options_json,
 // "refusing to remove '…' on user@host: not a socket (kept)"), `MTUNNEL_ERR_SSH_EXITED`,
 // `MTUNNEL_ERR_REMOTE` or `MTUNNEL_ERR_TIMEOUT` (the connection failed; ssh's stderr tail in
 // the last error).
+int mtunnel_ssh_remove_sockets(const char *options_json);
+
+// Deprecated name of [`mtunnel_ssh_remove_sockets`], kept for one release: same arguments
+// and result codes.
+MTUNNEL_DEPRECATED("use mtunnel_ssh_remove_sockets")
 int ssh_remove_sockets(const char *options_json);
 
 // Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
@@ -277,7 +355,14 @@ int ssh_remove_sockets(const char *options_json);
 // `{"uri": …, "socket": … (unix only), "nbd": [{"drive", "uri", "socket", "volume"}],
 // "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
 // `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
-int migrate_listen_parse(const char *output, const char *vmid, char **result_out);
+int mtunnel_migrate_listen_parse(const char *output, const char *vmid, char **result_out);
+
+// Deprecated name of [`mtunnel_migrate_listen_parse`], kept for one release: same
+// arguments, ownership and result codes.
+MTUNNEL_DEPRECATED("use mtunnel_migrate_listen_parse")
+int migrate_listen_parse(const char *output,
+                         const char *vmid,
+                         char **result_out);
 
 // Starts `ssh … -o ExitOnForwardFailure=yes -L SOCK:SOCK … -- qm mtunnel` and returns a handle
 // at once; call `tunnel_wait_ready` next.
@@ -377,14 +462,14 @@ int tunnel_command(mtunnel_tunnel *tunnel,
 //
 // `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
 // "remote_cleanup": true, "cleanup_timeout_ms": 5000, "cleanup": false, "cleanup_sockets": []}`;
-// `cleanup_timeout_ms` bounds the remote cleanup, also when `tunnel_free` closes; `cleanup` is sent with
+// `cleanup_timeout_ms` bounds the remote cleanup (and, when `tunnel_free` closes, the whole
+// close); `cleanup` is sent with
 // a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
 // remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
 // returns `MTUNNEL_OK`.
 // `tunnel` NULL is a no-op returning `MTUNNEL_OK`. In a forked child that inherited the
 // handle, only the child's fds are released; the parent's ssh is not touched.
-int tunnel_close(mtunnel_tunnel *tunnel,
-                 const char *options_json);
+int tunnel_close(mtunnel_tunnel *tunnel, const char *options_json);
 
 // Reads the next line the remote sends, after the greeting (read first if needed), without
 // sending anything; waits up to `timeout_ms`. On success `*line_out` (if not NULL) receives
@@ -405,6 +490,10 @@ int tunnel_status(mtunnel_tunnel *tunnel, char **status_out);
 
 // Closes the tunnel with default options if still open, then frees the handle. NULL is a
 // no-op. The handle must not be used afterwards.
+//
+// Bounded: the close takes at most the default `cleanup_timeout_ms` (5000 ms) in total
+// (quit, the remote socket cleanup, a shared master's forwards and idle exit), plus the kill
+// and reap of ssh and the removal of the local socket files, which are always done.
 void tunnel_free(mtunnel_tunnel *tunnel);
 
 #ifdef __cplusplus

@@ -440,32 +440,33 @@ pub fn wait_ready(path: &str, jobs: &[String], timeout_ms: i64, poll_ms: u64) ->
     let started = Instant::now();
     let deadline = Deadline::after_ms(timeout_ms);
     let mut last: Option<Value> = None;
-    loop {
+    let step = Duration::from_millis(poll_ms.max(1));
+    let ready = io::poll_until(deadline, step, || {
         match status_once(path, jobs, deadline) {
-            Ok(status) if status["all_ready"] == json!(true) => return Ok(status),
+            Ok(status) if status["all_ready"] == json!(true) => return Ok(Some(status)),
             Ok(status) => last = Some(status),
             // The wait's deadline passed during a look: report the progress seen so far.
             Err(e) if e.kind == Kind::Timeout && deadline.expired() && last.is_some() => {}
             Err(e) => return Err(e),
         }
-        if deadline.expired() {
-            let behind: Vec<String> = last
-                .iter()
-                .flat_map(|s| s["jobs"].as_array().cloned().unwrap_or_default())
-                .filter(|j| j["ready"] != json!(true))
-                .map(|j| progress(text(&j, "id"), &j))
-                .collect();
-            return Err(Error::new(
-                Kind::Timeout,
-                format!(
-                    "mirror not ready after {}: {}",
-                    seconds(started.elapsed()),
-                    behind.join(", ")
-                ),
-            ));
-        }
-        deadline.sleep(Duration::from_millis(poll_ms.max(1)));
-    }
+        Ok(None)
+    })?;
+    ready.ok_or_else(|| {
+        let behind: Vec<String> = last
+            .iter()
+            .flat_map(|s| s["jobs"].as_array().cloned().unwrap_or_default())
+            .filter(|j| j["ready"] != json!(true))
+            .map(|j| progress(text(&j, "id"), &j))
+            .collect();
+        Error::new(
+            Kind::Timeout,
+            format!(
+                "mirror not ready after {}: {}",
+                seconds(started.elapsed()),
+                behind.join(", ")
+            ),
+        )
+    })
 }
 
 /// Polls until none of `pending` is left: gone, or concluded and dismissed. `failed_is_error`
@@ -481,7 +482,8 @@ fn wait_gone(
     started: Instant,
 ) -> Result<()> {
     let mut errors = Vec::new();
-    loop {
+    let step = Duration::from_millis(END_POLL_MS);
+    let gone = io::poll_until(deadline, step, || {
         match look(path, deadline) {
             Ok((mut qmp, found)) => pending.retain(|id| {
                 let Some(info) = found.get(id) else {
@@ -504,33 +506,30 @@ fn wait_gone(
             Err(e) if e.kind == Kind::Timeout && deadline.expired() => {}
             Err(e) => return Err(e),
         }
-        if pending.is_empty() {
-            return joined(errors);
-        }
-        if deadline.expired() {
-            let left: Vec<String> = pending
-                .iter()
-                .map(|id| match seen.get(id) {
-                    Some(info) => {
-                        format!("{} (status '{}')", progress(id, info), text(info, "status"))
-                    }
-                    None => id.clone(),
-                })
-                .collect();
-            errors.push(Error::new(
-                Kind::Timeout,
-                format!(
-                    "block jobs still present after {}: {}",
-                    seconds(started.elapsed()),
-                    left.join(", ")
-                ),
-            ));
-            // The timeout first: it is what the caller has to act on.
-            errors.rotate_right(1);
-            return joined(errors);
-        }
-        deadline.sleep(Duration::from_millis(END_POLL_MS));
+        Ok(pending.is_empty().then_some(()))
+    })?;
+    if gone.is_none() {
+        let left: Vec<String> = pending
+            .iter()
+            .map(|id| match seen.get(id) {
+                Some(info) => {
+                    format!("{} (status '{}')", progress(id, info), text(info, "status"))
+                }
+                None => id.clone(),
+            })
+            .collect();
+        errors.push(Error::new(
+            Kind::Timeout,
+            format!(
+                "block jobs still present after {}: {}",
+                seconds(started.elapsed()),
+                left.join(", ")
+            ),
+        ));
+        // The timeout first: it is what the caller has to act on.
+        errors.rotate_right(1);
     }
+    joined(errors)
 }
 
 /// Ends every job; all must be ready (else [`Kind::InvalidArgument`] naming the ones that are
@@ -590,11 +589,10 @@ pub fn finish(path: &str, jobs: &[String], mode: Finish, timeout_ms: i64) -> Res
     Ok(json!({"jobs": figures}))
 }
 
-/// Whether a `block-job-cancel` error says the job does not exist (class `DeviceNotActive`,
-/// "Block job 'X' not found").
+/// Whether a `block-job-cancel` error says the job does not exist: QEMU answers class
+/// `DeviceNotActive` ("Block job 'X' not found") for a job id it does not know.
 fn is_not_found(e: &Error) -> bool {
-    e.kind == Kind::Qmp
-        && (e.message.contains("DeviceNotActive") || e.message.ends_with("not found"))
+    e.qmp_class() == Some("DeviceNotActive")
 }
 
 /// The abort path: `block-job-cancel` with `force: true` for each job (one that does not exist

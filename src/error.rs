@@ -1,33 +1,62 @@
 //! Errors of the pure-Rust layer and the fixed result codes they map to.
 
-use crate::ffi;
 use std::fmt;
 
-/// What went wrong, as a stable category. Each value is its C result code: the
-/// `MTUNNEL_ERR_*` constants in [`crate::ffi`] are the one source of the numbers (the header is
-/// generated from them, and a test checks the Perl binding's table against the header).
+/// What went wrong, as a stable category. Each value is its C result code, fixed forever:
+/// this enum is the one source of the numbers. The C boundary's `MTUNNEL_ERR_*` constants
+/// (from which the header is generated) are checked against it at compile time, and a test
+/// checks the Perl binding's table against the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
 pub enum Kind {
     /// A caller-supplied argument is missing, malformed or refused by validation.
-    InvalidArgument = ffi::MTUNNEL_ERR_INVALID_ARGUMENT as isize,
+    InvalidArgument = 1,
     /// A deadline passed before the step finished.
-    Timeout = ffi::MTUNNEL_ERR_TIMEOUT as isize,
+    Timeout = 2,
     /// ssh exited (or could not connect); the message carries its stderr tail.
-    SshExited = ffi::MTUNNEL_ERR_SSH_EXITED as isize,
+    SshExited = 3,
     /// The remote side answered something the protocol does not allow.
-    Protocol = ffi::MTUNNEL_ERR_PROTOCOL as isize,
+    Protocol = 4,
     /// The target node reported `no quorum`.
-    NoQuorum = ffi::MTUNNEL_ERR_NO_QUORUM as isize,
+    NoQuorum = 5,
     /// The remote side refused a command (`ERR: …`) or a remote command failed.
-    Remote = ffi::MTUNNEL_ERR_REMOTE as isize,
+    Remote = 6,
     /// QEMU answered a QMP command with an error (class and desc in the message).
-    Qmp = ffi::MTUNNEL_ERR_QMP as isize,
+    Qmp = 7,
     /// A local system call failed.
-    Io = ffi::MTUNNEL_ERR_IO as isize,
+    Io = 8,
     /// The handle was already closed.
-    Closed = ffi::MTUNNEL_ERR_CLOSED as isize,
+    Closed = 9,
     /// A Rust panic was caught at the C boundary.
-    Panic = ffi::MTUNNEL_ERR_PANIC as isize,
+    Panic = 10,
+}
+
+impl Kind {
+    /// The C result code (`MTUNNEL_ERR_*`).
+    pub const fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// What an error is about beyond its text, for callers that decide on it (never by matching
+/// the message).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Detail {
+    /// Nothing more than the message.
+    #[default]
+    None,
+    /// QEMU refused a QMP command: its error class (`GenericError`, `DeviceNotActive`, …).
+    Qmp {
+        /// QEMU's error class.
+        class: String,
+    },
+    /// A process (ssh or a remote command through it) ended badly.
+    Exit {
+        /// Its exit code, if it exited (255 from ssh: ssh's own failure).
+        code: Option<i32>,
+        /// The signal that ended it, if one did.
+        signal: Option<i32>,
+    },
 }
 
 /// An error with its category and a human-readable, self-contained message.
@@ -37,6 +66,8 @@ pub struct Error {
     pub kind: Kind,
     /// What failed and why, naming the step and the offending value.
     pub message: String,
+    /// Structured facts about the failure (QMP error class, exit status).
+    pub detail: Detail,
 }
 
 impl Error {
@@ -45,6 +76,21 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            detail: Detail::None,
+        }
+    }
+
+    /// Adds structured facts to the error.
+    pub fn with(mut self, detail: Detail) -> Self {
+        self.detail = detail;
+        self
+    }
+
+    /// QEMU's error class, for a refused QMP command.
+    pub fn qmp_class(&self) -> Option<&str> {
+        match &self.detail {
+            Detail::Qmp { class } => Some(class),
+            _ => None,
         }
     }
 
@@ -61,8 +107,8 @@ impl Error {
     /// Prefixes the message with the step that failed, keeping the kind.
     pub fn context(self, step: impl fmt::Display) -> Self {
         Error {
-            kind: self.kind,
             message: format!("{step}: {}", self.message),
+            ..self
         }
     }
 }

@@ -28,7 +28,6 @@ impl Deadline {
     }
 
     /// Never expires.
-    #[cfg(test)]
     pub(crate) fn never() -> Self {
         Deadline(None)
     }
@@ -68,6 +67,26 @@ impl Deadline {
         let d = self.remaining().map_or(step, |left| left.min(step));
         // std's sleep resumes after EINTR with the remaining time.
         std::thread::sleep(d);
+    }
+}
+
+/// The one sleep-and-poll loop: runs `check` until it gives a value, sleeping `step` between
+/// tries; `Ok(None)` once the deadline has passed (after a last try). An error of `check`
+/// ends the wait. For conditions nothing can be polled for (flocks, a remote monitor's state);
+/// fds are waited for with [`poll`].
+pub(crate) fn poll_until<T>(
+    deadline: Deadline,
+    step: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    loop {
+        if let Some(value) = check()? {
+            return Ok(Some(value));
+        }
+        if deadline.expired() {
+            return Ok(None);
+        }
+        deadline.sleep(step);
     }
 }
 
@@ -144,21 +163,39 @@ pub(crate) fn send_all(fd: BorrowedFd<'_>, mut data: &[u8], deadline: Deadline) 
     Ok(())
 }
 
-/// Splits a byte stream into lines (`\n`, with an optional `\r` before it) and refuses lines
-/// longer than a limit, so that a peer sending garbage cannot make us buffer without bound.
+/// Splits a byte stream into lines (`\n`, with an optional `\r` before it), buffering at most
+/// a limit, so that a peer sending garbage cannot make us buffer without bound: the one line
+/// splitter of the crate (protocol streams, QMP, ssh's stderr).
 #[derive(Debug)]
 pub struct LineDecoder {
     buf: Vec<u8>,
     max_line: usize,
+    /// Longer lines are cut into pieces of `max_line` bytes instead of refused.
+    cut: bool,
 }
 
 impl LineDecoder {
-    /// A decoder that rejects lines longer than `max_line` bytes.
+    /// A decoder that rejects lines longer than `max_line` bytes (a protocol error).
     pub fn new(max_line: usize) -> Self {
         LineDecoder {
             buf: Vec::new(),
             max_line,
+            cut: false,
         }
+    }
+
+    /// A decoder for free text (stderr): a line longer than `max_line` bytes comes out in
+    /// pieces of at most that length.
+    pub fn cutting(max_line: usize) -> Self {
+        LineDecoder {
+            cut: true,
+            ..LineDecoder::new(max_line)
+        }
+    }
+
+    /// What is left at the end of the stream (an unterminated last line), emptying the buffer.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     /// The buffer to append freshly read bytes to.
@@ -174,6 +211,12 @@ impl LineDecoder {
     /// The next complete line without its terminator, if one is buffered.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>> {
         match self.buf.iter().position(|&b| b == b'\n') {
+            Some(pos) if pos > self.max_line && self.cut => {
+                Ok(Some(self.buf.drain(..self.max_line).collect()))
+            }
+            None if self.buf.len() > self.max_line && self.cut => {
+                Ok(Some(self.buf.drain(..self.max_line).collect()))
+            }
             Some(pos) => {
                 if pos > self.max_line {
                     return Err(self.too_long());
@@ -231,6 +274,39 @@ mod tests {
         assert_eq!(d.next_line().unwrap().unwrap(), b"ver 1");
         assert_eq!(d.next_line().unwrap(), None);
         assert_eq!(d.pending(), b"part");
+    }
+
+    #[test]
+    fn a_cutting_line_decoder_hands_out_overlong_lines_in_pieces_and_the_rest_at_eof() {
+        let mut d = LineDecoder::cutting(4);
+        d.buffer().extend_from_slice(b"abcdefghij\r\nxy");
+        assert_eq!(d.next_line().unwrap().unwrap(), b"abcd");
+        assert_eq!(d.next_line().unwrap().unwrap(), b"efgh");
+        assert_eq!(d.next_line().unwrap().unwrap(), b"ij");
+        assert_eq!(d.next_line().unwrap(), None);
+        assert_eq!(d.take_rest(), b"xy");
+        assert_eq!(d.pending(), b"");
+    }
+
+    #[test]
+    fn poll_until_returns_the_first_value_or_none_at_the_deadline() {
+        let mut tries = 0;
+        let got = poll_until(Deadline::never(), Duration::from_millis(1), || {
+            tries += 1;
+            Ok((tries == 3).then_some(tries))
+        });
+        assert_eq!(got.unwrap(), Some(3));
+        let mut tries = 0;
+        let none = poll_until(Deadline::after_ms(20), Duration::from_millis(5), || {
+            tries += 1;
+            Ok(None::<()>)
+        });
+        assert_eq!(none.unwrap(), None);
+        assert!(tries >= 2, "checked {tries} times");
+        let err = poll_until(Deadline::never(), Duration::from_millis(1), || {
+            Err::<Option<()>, _>(Error::new(Kind::Io, "gone"))
+        });
+        assert_eq!(err.unwrap_err().message, "gone");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! | `Vec<String>`           | `option 'k' must be a list of strings`             |
 //! | `u32`, `u64`            | `option 'k' must be a non-negative integer`        |
 //! | `i64` (always a time)   | `option 'k' must be an integer number of milliseconds` |
-//! | `bool`                  | `option 'k' must be true or false`                 |
+//! | `bool` (see [`boolean`]) | `option 'k' must be true or false`                |
 //! | `Map<String, Value>`    | `option 'k' must be an object`                     |
 //! | (a key no field has)    | `unknown option 'k' (known: a, b, …)`              |
 //!
@@ -24,6 +24,26 @@ use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
 use serde_json::{Map, Value};
 use std::cell::{Cell, RefCell};
 use std::fmt;
+
+/// The one boolean rule of every option: JSON `true`/`false`, the numbers 1 and 0, and the
+/// strings a command line or Perl hands over: "1", "true", "yes", "on" and "0", "false",
+/// "no", "off", "" (any case, surrounding blanks ignored). Anything else is no boolean.
+pub(crate) fn boolean(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_u64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" | "" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// Parses an options string; `None` or an empty string is an empty object.
 pub(crate) fn parse(json: Option<&str>) -> Result<Value> {
@@ -261,9 +281,9 @@ impl<'a> de::Deserializer<'a> for Field<'a, '_> {
     }
 
     fn deserialize_bool<V: Visitor<'a>>(self, v: V) -> std::result::Result<V::Value, Problem> {
-        match self.value {
-            Value::Bool(b) => v.visit_bool(*b),
-            _ => expected("true or false"),
+        match boolean(self.value) {
+            Some(b) => v.visit_bool(b),
+            None => expected("true or false"),
         }
     }
 
@@ -370,7 +390,8 @@ mod tests {
         let e = err(serde_json::json!({"ssh": "ssh root@x"}));
         assert!(e.contains("'ssh' must be a list"), "{e}");
         assert!(err(serde_json::json!({"t": "5"})).contains("'t'"));
-        assert!(err(serde_json::json!({"b": 1})).contains("'b' must be true or false"));
+        assert!(err(serde_json::json!({"b": 2})).contains("'b' must be true or false"));
+        assert!(err(serde_json::json!({"b": "maybe"})).contains("'b' must be true or false"));
         let e = err(serde_json::json!({"n": -1}));
         assert_eq!(e, "option 'n' must be a non-negative integer");
         assert!(err(serde_json::json!({"n": 1u64 << 33})).contains("'n' must be a non-negative"));

@@ -8,6 +8,7 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::io::{self, Deadline};
+use crate::sys::ChildStep;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus};
@@ -127,8 +128,9 @@ impl Child {
             exit: None,
         };
 
-        // EOF on the report pipe means exec succeeded (close-on-exec); 4 bytes are its errno.
-        let mut buf = [0u8; 4];
+        // EOF on the report pipe means exec succeeded (close-on-exec); 8 bytes are the step
+        // that failed and its errno.
+        let mut buf = [0u8; 8];
         let n = loop {
             match nix::unistd::read(report_r.as_raw_fd(), &mut buf) {
                 Err(Errno::EINTR) => continue,
@@ -136,17 +138,23 @@ impl Child {
                 Ok(n) => break n,
             }
         };
-        if n == 4 {
-            let errno = Errno::from_raw(i32::from_ne_bytes(buf));
+        if n == 8 {
+            let word = |i: usize| i32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+            let errno = Errno::from_raw(word(4));
             child.wait(Deadline::after_ms(5000))?;
-            return Err(Error::new(
-                Kind::Io,
-                format!(
-                    "cannot execute '{}': {}",
-                    io::printable(prog_name.as_bytes(), 80),
-                    errno.desc()
-                ),
-            ));
+            let prog = io::printable(prog_name.as_bytes(), 80);
+            let what = match ChildStep::from_report(word(0)) {
+                Some(ChildStep::Exec) | None => format!("cannot execute '{prog}'"),
+                Some(ChildStep::Stdio) => format!("cannot give '{prog}' its stdio"),
+                Some(ChildStep::CloseFds) => {
+                    format!("cannot keep the host's fds from '{prog}' (close-on-exec)")
+                }
+                Some(ChildStep::Setsid) => format!("cannot start a session for '{prog}'"),
+                Some(ChildStep::DeathSignal) => {
+                    format!("cannot set the parent-death signal of '{prog}'")
+                }
+            };
+            return Err(Error::new(Kind::Io, format!("{what}: {}", errno.desc())));
         }
         Ok(child)
     }
@@ -223,16 +231,17 @@ impl Child {
         }
     }
 
-    /// Waits until `grace` passes, then SIGTERM, then SIGKILL, and reaps. Returns how it ended
-    /// and whether it had to be signalled.
-    pub fn terminate(&mut self, grace: Deadline) -> Result<(Exit, bool)> {
-        if let Some(exit) = self.wait(grace)? {
+    /// Waits until `grace` passes, then SIGTERM (2 s, but not beyond `overall`), then
+    /// SIGKILL, and reaps. Returns how it ended and whether it had to be signalled. The kill
+    /// and the reap happen whatever `overall` says: nothing is left running or unreaped.
+    pub fn terminate(&mut self, grace: Deadline, overall: Deadline) -> Result<(Exit, bool)> {
+        if let Some(exit) = self.wait(grace.min(overall))? {
             return Ok((exit, false));
         }
         self.signal(libc::SIGTERM)?;
         // A stopped process only acts on SIGTERM once continued.
         self.signal(libc::SIGCONT)?;
-        if let Some(exit) = self.wait(Deadline::after_ms(2000))? {
+        if let Some(exit) = self.wait(Deadline::after_ms(2000).min(overall))? {
             return Ok((exit, true));
         }
         self.signal(libc::SIGKILL)?;
@@ -311,6 +320,49 @@ mod tests {
     }
 
     #[test]
+    fn without_close_range_cloexec_the_host_fds_are_marked_one_by_one() {
+        // An fd without close-on-exec at a number no shell opens by itself.
+        let leaked = std::io::stdout().as_fd().try_clone_to_owned().unwrap();
+        // SAFETY: dup2 onto fd 200, which this test owns (closed again below); the new fd has
+        // no close-on-exec.
+        assert_eq!(unsafe { libc::dup2(leaked.as_raw_fd(), 200) }, 200);
+        crate::sys::NO_CLOSE_RANGE.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (_, out) = run(&[
+            "sh",
+            "-c",
+            "test -e /proc/self/fd/200 && echo leaked || echo clean",
+        ]);
+        crate::sys::NO_CLOSE_RANGE.store(false, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: closes the fd 200 made above, which nothing else uses.
+        unsafe { libc::close(200) };
+        assert_eq!(out.trim(), "clean", "fd 200 reached the child");
+    }
+
+    #[test]
+    fn a_failed_mask_restore_after_clone_leaks_neither_the_pidfd_nor_the_child() {
+        let null = devnull();
+        let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let prog = CString::new("/bin/sleep").unwrap();
+        let args = [CString::new("sleep").unwrap(), CString::new("60").unwrap()];
+        let (pid, pidfd) = crate::sys::spawn(
+            &prog,
+            &args,
+            [null.as_fd(), null.as_fd(), null.as_fd()],
+            report_w.as_fd(),
+        )
+        .unwrap();
+        drop((report_r, report_w));
+        let err = crate::sys::adopt(pid, pidfd, Err(Errno::EINVAL)).unwrap_err();
+        assert_eq!(err, Errno::EINVAL);
+        // Killed and reaped: no such child any more (not running, not a zombie).
+        let waited = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        assert_eq!(waited, Err(Errno::ECHILD), "child {pid} is still there");
+    }
+
+    #[test]
     fn child_starts_with_empty_mask_and_default_dispositions() {
         let (_, out) = run(&["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"]);
         for line in out.lines() {
@@ -349,9 +401,42 @@ mod tests {
         )
         .unwrap();
         child.signal(libc::SIGSTOP).unwrap();
-        let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
+        let (exit, signalled) = child
+            .terminate(Deadline::after_ms(50), Deadline::never())
+            .unwrap();
         assert!(signalled);
         assert_eq!(exit, Exit::Signal(libc::SIGTERM));
+    }
+
+    #[test]
+    fn terminate_past_the_overall_deadline_kills_and_reaps_at_once() {
+        let null = devnull();
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        // A child that ignores SIGTERM (once it says so): only SIGKILL ends it.
+        let mut child = Child::spawn(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "trap '' TERM; echo ready; sleep 60 & wait".into(),
+            ],
+            [null.as_fd(), theirs.as_fd(), null.as_fd()],
+        )
+        .unwrap();
+        drop(theirs);
+        let mut ready = [0u8; 6];
+        use std::io::Read;
+        (&std::fs::File::from(ours)).read_exact(&mut ready).unwrap();
+        let (exit, signalled) = child
+            .terminate(Deadline::after_ms(0), Deadline::after_ms(0))
+            .unwrap();
+        assert!(signalled);
+        assert_eq!(exit, Exit::Signal(libc::SIGKILL));
     }
 
     #[test]
@@ -362,7 +447,9 @@ mod tests {
             [null.as_fd(), null.as_fd(), null.as_fd()],
         )
         .unwrap();
-        let (exit, signalled) = child.terminate(Deadline::after_ms(50)).unwrap();
+        let (exit, signalled) = child
+            .terminate(Deadline::after_ms(50), Deadline::never())
+            .unwrap();
         assert!(signalled);
         assert_eq!(exit, Exit::Signal(libc::SIGTERM));
     }

@@ -1,7 +1,7 @@
 //! A QMP client that holds the monitor only for the duration of one call: connect with a
 //! deadline, greeting, `qmp_capabilities`, commands with ids, events skipped.
 
-use crate::error::{Error, Kind, Result};
+use crate::error::{Detail, Error, Kind, Result};
 use crate::io::{self, Deadline, LineDecoder, Read};
 use crate::options;
 use crate::validate::MAX_SOCKET_PATH;
@@ -23,7 +23,7 @@ pub(crate) const DEFAULT_TIMEOUT_MS: i64 = 10_000;
 pub(crate) const DEFAULT_MAX_BANDWIDTH: u64 = 16 << 30;
 
 /// QEMU's largest `downtime-limit` (2000 s, `MAX_MIGRATE_DOWNTIME_SECONDS`); PVE caps there.
-pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
+pub(crate) const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
 
 /// One message from the monitor.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,7 +233,8 @@ impl Qmp {
                     return Err(Error::new(
                         Kind::Qmp,
                         format!("QMP command '{command}' failed: {class}: {desc}"),
-                    ));
+                    )
+                    .with(Detail::Qmp { class }));
                 }
                 // Events, and replies to someone else's ids, are not ours.
                 _ => continue,
@@ -532,10 +533,14 @@ fn with_final_figures(qmp: &mut Qmp, mut reply: Value, deadline: Deadline) -> Re
     let unset = |r: &Value| {
         status(r) == "completed" && r.get("total-time").and_then(Value::as_u64).unwrap_or(0) == 0
     };
-    while unset(&reply) && !settle.expired() {
-        settle.sleep(Duration::from_millis(1));
-        reply = qmp.execute("query-migrate", None, deadline)?;
+    if !unset(&reply) {
+        return Ok(reply);
     }
+    // Still unset at the end of the wait: the migration is complete all the same.
+    io::poll_until(settle, Duration::from_millis(1), || {
+        reply = qmp.execute("query-migrate", None, deadline)?;
+        Ok((!unset(&reply)).then_some(()))
+    })?;
     Ok(reply)
 }
 
@@ -545,19 +550,18 @@ pub(crate) fn migrate_cancel(path: &str, timeout_ms: i64) -> Result<Value> {
     let deadline = Deadline::after_ms(timeout_ms);
     let mut qmp = Qmp::connect(path, deadline)?;
     qmp.execute("migrate_cancel", None, deadline)?;
-    loop {
-        let reply = qmp.execute("query-migrate", None, deadline)?;
-        if is_finished(status(&reply)) {
-            return Ok(reply);
-        }
-        if deadline.expired() {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!("migration still '{}' after migrate_cancel", status(&reply)),
-            ));
-        }
-        deadline.sleep(Duration::from_millis(50));
-    }
+    let mut last = Value::Null;
+    io::poll_until(deadline, Duration::from_millis(50), || {
+        last = qmp.execute("query-migrate", None, deadline)?;
+        Ok(is_finished(status(&last)).then_some(()))
+    })?
+    .ok_or_else(|| {
+        Error::new(
+            Kind::Timeout,
+            format!("migration still '{}' after migrate_cancel", status(&last)),
+        )
+    })?;
+    Ok(last)
 }
 
 #[cfg(test)]

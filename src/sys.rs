@@ -3,7 +3,7 @@
 //! only the C boundary (`ffi`) and test code.
 //!
 //! - [`spawn`]: `clone(CLONE_PIDFD)` and the child's side until `execve` (raw
-//!   `rt_sigaction` for every signal, `close_range`), async-signal-safe only;
+//!   `rt_sigaction` for every signal, `close_range` or its fallback), async-signal-safe only;
 //! - [`pidfd_send_signal`];
 //! - [`has_handler`] and [`block_signals`]: signal dispositions and masks including the
 //!   real-time signals, which `nix::sys::signal::Signal` cannot name;
@@ -14,7 +14,7 @@
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow};
 use std::ffi::{CStr, CString, c_char, c_int};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 unsafe extern "C" {
     static environ: *const *const c_char;
@@ -24,7 +24,7 @@ unsafe extern "C" {
 /// included) and the current environment, the three `stdio` fds as its fds 0–2. Before exec
 /// the child resets every signal disposition and its mask, keeps only fds 0–2, starts a new
 /// session and asks for SIGTERM when its parent dies; if exec (or a step before it) fails,
-/// it writes its errno (4 bytes) to `report` and exits 127. Every signal is blocked in the
+/// it writes the step ([`ChildStep`]) and its errno (4 bytes each) to `report` and exits 127. Every signal is blocked in the
 /// calling thread across the clone, so no host handler runs in the child.
 ///
 /// The `stdio` fds must be 3 or above (so installing one cannot overwrite another) and
@@ -74,13 +74,162 @@ pub(crate) fn spawn(
         }
     }
     let clone_errno = Errno::last();
-    old.thread_set_mask()?;
     if pid < 0 {
+        old.thread_set_mask()?;
         return Err(clone_errno);
     }
     // SAFETY: clone succeeded (pid > 0), so CLONE_PIDFD stored a fresh pidfd nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    Ok((pid as libc::pid_t, pidfd))
+    adopt(pid as libc::pid_t, pidfd, old.thread_set_mask())
+}
+
+/// The parent's side after a successful clone, once the pidfd is owned: if restoring the
+/// signal mask failed, the child is killed and reaped through the pidfd before the error is
+/// returned (and the pidfd closed), so neither the fd nor the child outlives the failure.
+pub(crate) fn adopt(
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    restored: Result<(), Errno>,
+) -> Result<(libc::pid_t, OwnedFd), Errno> {
+    if let Err(e) = restored {
+        let _ = pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = nix::sys::wait::waitid(
+            nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
+            nix::sys::wait::WaitPidFlag::WEXITED,
+        );
+        return Err(e);
+    }
+    Ok((pid, pidfd))
+}
+
+/// What the child was doing when it failed before exec: the first 4 bytes on the report
+/// pipe (the errno follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum ChildStep {
+    /// Installing the stdio fds.
+    Stdio = 1,
+    /// Marking every fd above stdio close-on-exec.
+    CloseFds = 2,
+    /// Starting a new session.
+    Setsid = 3,
+    /// Asking for SIGTERM when the parent dies.
+    DeathSignal = 4,
+    /// `execve` itself.
+    Exec = 5,
+}
+
+impl ChildStep {
+    /// The step a report names, if it names one.
+    pub(crate) fn from_report(code: i32) -> Option<ChildStep> {
+        [
+            ChildStep::Stdio,
+            ChildStep::CloseFds,
+            ChildStep::Setsid,
+            ChildStep::DeathSignal,
+            ChildStep::Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as i32 == code)
+    }
+}
+
+/// Tests set this to make the child act as on a kernel without `CLOSE_RANGE_CLOEXEC` (before
+/// 5.11), so that the fallback runs.
+#[cfg(test)]
+pub(crate) static NO_CLOSE_RANGE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`, in the child; false where the kernel refuses it.
+///
+/// # Safety
+/// Only in the child of [`spawn`] before exec.
+unsafe fn close_range_cloexec() -> bool {
+    #[cfg(test)]
+    if NO_CLOSE_RANGE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    // SAFETY: a plain system call on the child's own fd table; no memory is involved.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+    }
+}
+
+/// Marks every open fd above stdio close-on-exec one by one, in the child, for kernels
+/// without `CLOSE_RANGE_CLOEXEC`: the fds listed in /proc/self/fd (raw `getdents64`, no
+/// allocation), else every number below the fd limit. False if it could not be done.
+///
+/// # Safety
+/// Only in the child of [`spawn`] before exec: async-signal-safe system calls only.
+unsafe fn cloexec_one_by_one() -> bool {
+    // SAFETY: async-signal-safe system calls on the child's own fds and a stack buffer.
+    unsafe {
+        let dir = libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if dir >= 0 {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+                if n < 0 {
+                    libc::close(dir);
+                    return false;
+                }
+                if n == 0 {
+                    break;
+                }
+                let mut at = 0usize;
+                while at < n as usize {
+                    // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name
+                    let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                    let mut fd: c_int = 0;
+                    let mut digits = 0;
+                    for &b in &buf[at + 19..at + reclen] {
+                        if !b.is_ascii_digit() {
+                            break;
+                        }
+                        fd = fd.saturating_mul(10).saturating_add((b - b'0') as c_int);
+                        digits += 1;
+                    }
+                    if digits > 0 && fd > 2 && fd != dir && !set_cloexec(fd) {
+                        libc::close(dir);
+                        return false;
+                    }
+                    at += reclen;
+                }
+            }
+            libc::close(dir);
+            return true;
+        }
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        let max = limit.rlim_cur.min(1 << 20) as c_int;
+        (3..max).all(|fd| set_cloexec(fd))
+    }
+}
+
+/// Sets FD_CLOEXEC on `fd` if it is open; false only if an open fd could not be marked.
+///
+/// # Safety
+/// In the child of [`spawn`] before exec.
+unsafe fn set_cloexec(fd: c_int) -> bool {
+    // SAFETY: fcntl on a number of the child's own fd table; EBADF just means "not open".
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags < 0 {
+            return *libc::__errno_location() == libc::EBADF;
+        }
+        flags & libc::FD_CLOEXEC != 0
+            || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == 0
+    }
 }
 
 /// The kernel's `struct sigaction` (not glibc's): handler, flags, restorer, a 64-bit mask.
@@ -158,18 +307,20 @@ unsafe fn exec_child(
         }
         for (target, &fd) in stdio.iter().enumerate() {
             if libc::dup2(fd, target as c_int) < 0 {
-                fail(report);
+                fail(report, ChildStep::Stdio);
             }
         }
-        // Everything above stdio closes at exec, including the report pipe on success.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
-        libc::setsid();
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        // Everything above stdio closes at exec, including the report pipe on success. A
+        // child that cannot be made clean does not run: the host's fds would leak into it.
+        if !close_range_cloexec() && !cloexec_one_by_one() {
+            fail(report, ChildStep::CloseFds);
+        }
+        if libc::setsid() < 0 {
+            fail(report, ChildStep::Setsid);
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            fail(report, ChildStep::DeathSignal);
+        }
         if libc::getppid() != parent {
             libc::_exit(126);
         }
@@ -177,24 +328,20 @@ unsafe fn exec_child(
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(prog, argv, envp);
-        fail(report)
+        fail(report, ChildStep::Exec)
     }
 }
 
-/// Reports errno on `report` and exits 127.
+/// Reports the step and errno on `report` (8 bytes, one write) and exits 127.
 ///
 /// # Safety
 /// Only in the child of [`spawn`] before exec.
-unsafe fn fail(report: RawFd) -> ! {
-    // SAFETY: async-signal-safe calls in the child: write of a local int to the report
+unsafe fn fail(report: RawFd, step: ChildStep) -> ! {
+    // SAFETY: async-signal-safe calls in the child: write of a local array to the report
     // pipe, then _exit.
     unsafe {
-        let errno = *libc::__errno_location();
-        libc::write(
-            report,
-            (&errno as *const c_int).cast(),
-            std::mem::size_of::<c_int>(),
-        );
+        let words: [c_int; 2] = [step as c_int, *libc::__errno_location()];
+        libc::write(report, words.as_ptr().cast(), std::mem::size_of_val(&words));
         libc::_exit(127)
     }
 }

@@ -75,12 +75,25 @@ int main(void)
            "qmp_socket is NULL");
     expect(out == NULL, 1, "no output was written on failure", NULL);
     expect(qmp_mirror_cancel("/nonexistent/100.qmp", "[]", 1000, NULL), MTUNNEL_OK, "cancelling no jobs is a no-op (NULL out is fine)", NULL);
-    expect(migrate_listen_parse("garbage\n", "100", &out), MTUNNEL_ERR_PROTOCOL, "output without an address is refused",
+    expect(mtunnel_migrate_listen_parse("garbage\n", "100", &out), MTUNNEL_ERR_PROTOCOL, "output without an address is refused",
            "unable to detect remote migration address");
-    expect(migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100", &out), MTUNNEL_OK,
+    expect(mtunnel_migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100", &out), MTUNNEL_OK,
            "a listen line is parsed", NULL);
     expect(out && strstr(out, "\"uri\":\"unix:/run/qemu-server/100.migrate\"") != NULL, 1, "the parsed URI is returned", NULL);
     mtunnel_string_free(out);
+    out = NULL;
+    /* The former names still link and behave the same, for one release. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    expect(migrate_listen_parse("migration listens on unix:/run/qemu-server/100.migrate\n", "100", &out), MTUNNEL_OK,
+           "the deprecated migrate_listen_parse still links and parses", NULL);
+    expect(ssh_run(NULL, NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "the deprecated ssh_run still links and checks its arguments",
+           "options_json is NULL");
+    expect(ssh_remove_sockets("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"sockets\": [\"/etc/passwd\"]}"),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "the deprecated ssh_remove_sockets still links and checks its paths", "/etc/passwd");
+#pragma GCC diagnostic pop
+    mtunnel_string_free(out);
+    expect(mtunnel_ssh_run(NULL, NULL), MTUNNEL_ERR_INVALID_ARGUMENT, "mtunnel_ssh_run(NULL options) is refused", "options_json is NULL");
     printf("1..%d\n", count);
     printf("RESULT: %d passed, %d failed\n", count - failures, failures);
     return failures != 0;

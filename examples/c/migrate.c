@@ -310,7 +310,7 @@ struct nbd_export {
 };
 
 /* Runs `argv` (NULL-terminated) on the target over ssh, with `input` on stdin (may be NULL),
- * a non-zero exit an error. `*result_out` (may be NULL) as for ssh_run. */
+ * a non-zero exit an error. `*result_out` (may be NULL) as for mtunnel_ssh_run. */
 static int remote_run(const char *prefix, const char *const *argv, const char *input, char **result_out)
 {
     char opts[8192];
@@ -325,7 +325,7 @@ static int remote_run(const char *prefix, const char *const *argv, const char *i
         return MTUNNEL_ERR_INVALID_ARGUMENT;
     if (append(opts, sizeof opts, "}") < 0)
         return MTUNNEL_ERR_INVALID_ARGUMENT;
-    return ssh_run(opts, result_out);
+    return mtunnel_ssh_run(opts, result_out);
 }
 
 /* State of one migration, for the cleanup. */
@@ -500,7 +500,7 @@ int main(int argc, char **argv)
             FAIL("reading qm start output");
         mtunnel_string_free(result);
         result = NULL;
-        if (migrate_listen_parse(stdout_text, vmid, &listen) != MTUNNEL_OK)
+        if (mtunnel_migrate_listen_parse(stdout_text, vmid, &listen) != MTUNNEL_OK)
             FAIL("parsing the target's listen address");
         if (json_str(listen, "uri", uri, sizeof uri) < 0 || json_str(listen, "socket", sock, sizeof sock) < 0) {
             fprintf(stderr, "migrate: target did not report a UNIX socket\n");

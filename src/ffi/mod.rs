@@ -11,7 +11,7 @@ pub mod qmp;
 pub mod remote;
 pub mod tunnel;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -48,6 +48,18 @@ pub const MTUNNEL_LOG_INFO: c_int = 3;
 /// Log level of debugging details.
 pub const MTUNNEL_LOG_DEBUG: c_int = 4;
 
+// The result codes are Kind's; these fail the build if a constant ever drifts from it.
+const _: () = assert!(MTUNNEL_ERR_INVALID_ARGUMENT == Kind::InvalidArgument.code());
+const _: () = assert!(MTUNNEL_ERR_TIMEOUT == Kind::Timeout.code());
+const _: () = assert!(MTUNNEL_ERR_SSH_EXITED == Kind::SshExited.code());
+const _: () = assert!(MTUNNEL_ERR_PROTOCOL == Kind::Protocol.code());
+const _: () = assert!(MTUNNEL_ERR_NO_QUORUM == Kind::NoQuorum.code());
+const _: () = assert!(MTUNNEL_ERR_REMOTE == Kind::Remote.code());
+const _: () = assert!(MTUNNEL_ERR_QMP == Kind::Qmp.code());
+const _: () = assert!(MTUNNEL_ERR_IO == Kind::Io.code());
+const _: () = assert!(MTUNNEL_ERR_CLOSED == Kind::Closed.code());
+const _: () = assert!(MTUNNEL_ERR_PANIC == Kind::Panic.code());
+
 // The log levels are fixed; these fail the build if the Rust enum ever drifts from them.
 const _: () = assert!(MTUNNEL_LOG_ERROR == crate::log::Level::Error as c_int);
 const _: () = assert!(MTUNNEL_LOG_WARN == crate::log::Level::Warn as c_int);
@@ -72,7 +84,7 @@ pub(crate) fn boundary(f: impl FnOnce() -> Result<()>) -> c_int {
         Ok(Ok(())) => MTUNNEL_OK,
         Ok(Err(e)) => {
             set_last_error(&e.message);
-            e.kind as c_int
+            e.kind.code()
         }
         Err(panic) => {
             let what = panic

@@ -6,6 +6,13 @@ use crate::error::Error;
 use crate::{options, qmp};
 use std::ffi::{c_char, c_int};
 
+/// The largest `downtime-limit` in milliseconds (QEMU's 2000 s): a larger one in
+/// `"parameters"` is lowered to it.
+pub const MTUNNEL_MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
+
+// One number: QEMU's cap, which the setup applies.
+const _: () = assert!(MTUNNEL_MAX_DOWNTIME_LIMIT_MS == qmp::MAX_DOWNTIME_LIMIT_MS);
+
 /// Starts a migration of the VM behind `qmp_socket` to `uri` (`unix:/PATH` or `tcp:HOST:PORT`):
 /// first the setup of `qmp_migrate_setup` (unless `"setup": false`), then `migrate`. Returns
 /// once QEMU accepted the command; poll `qmp_query_migrate` for progress.
@@ -42,7 +49,7 @@ pub unsafe extern "C" fn qmp_migrate(
 ///   leaks in; without the key, capabilities are left alone;
 /// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
 ///   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
-///   QEMU's 2000000 ms, and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
+///   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
 ///   guest's RAM (asked from QEMU) rounded up to a power of two.
 ///
 /// `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be

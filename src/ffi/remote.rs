@@ -18,7 +18,7 @@ use std::ffi::{c_char, c_int};
 /// `{"exit_code": N|null, "signal": N|null, "stdout": "…", "stderr": "…"}`.
 /// On deadline ssh is killed and reaped: `MTUNNEL_ERR_TIMEOUT`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn ssh_run(
+pub unsafe extern "C" fn mtunnel_ssh_run(
     options_json: *const c_char,
     result_out: *mut *mut c_char,
 ) -> c_int {
@@ -30,6 +30,18 @@ pub unsafe extern "C" fn ssh_run(
         unsafe { put_string(result_out, result.to_string()) };
         Ok(())
     })
+}
+
+/// Deprecated name of [`mtunnel_ssh_run`] (`ssh_` is libssh's namespace), kept for one
+/// release: same arguments, ownership and result codes.
+#[deprecated(note = "use mtunnel_ssh_run")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ssh_run(
+    options_json: *const c_char,
+    result_out: *mut *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+    unsafe { mtunnel_ssh_run(options_json, result_out) }
 }
 
 /// Removes socket files on the remote node, as a tunnel's close does for its forwards: for a
@@ -46,12 +58,21 @@ pub unsafe extern "C" fn ssh_run(
 /// `MTUNNEL_ERR_REMOTE` or `MTUNNEL_ERR_TIMEOUT` (the connection failed; ssh's stderr tail in
 /// the last error).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn ssh_remove_sockets(options_json: *const c_char) -> c_int {
+pub unsafe extern "C" fn mtunnel_ssh_remove_sockets(options_json: *const c_char) -> c_int {
     boundary(|| {
         // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
         let opts = options::parse(Some(unsafe { str_arg(options_json, "options_json") }?))?;
         crate::tunnel::remove_sockets_json(&opts)
     })
+}
+
+/// Deprecated name of [`mtunnel_ssh_remove_sockets`], kept for one release: same arguments
+/// and result codes.
+#[deprecated(note = "use mtunnel_ssh_remove_sockets")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ssh_remove_sockets(options_json: *const c_char) -> c_int {
+    // SAFETY: the caller's argument, passed on unchanged under the same contract.
+    unsafe { mtunnel_ssh_remove_sockets(options_json) }
 }
 
 /// Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
@@ -62,7 +83,7 @@ pub unsafe extern "C" fn ssh_remove_sockets(options_json: *const c_char) -> c_in
 /// "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
 /// `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn migrate_listen_parse(
+pub unsafe extern "C" fn mtunnel_migrate_listen_parse(
     output: *const c_char,
     vmid: *const c_char,
     result_out: *mut *mut c_char,
@@ -77,4 +98,17 @@ pub unsafe extern "C" fn migrate_listen_parse(
         unsafe { put_string(result_out, result.to_string()) };
         Ok(())
     })
+}
+
+/// Deprecated name of [`mtunnel_migrate_listen_parse`], kept for one release: same
+/// arguments, ownership and result codes.
+#[deprecated(note = "use mtunnel_migrate_listen_parse")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn migrate_listen_parse(
+    output: *const c_char,
+    vmid: *const c_char,
+    result_out: *mut *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+    unsafe { mtunnel_migrate_listen_parse(output, vmid, result_out) }
 }

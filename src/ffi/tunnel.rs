@@ -169,7 +169,8 @@ pub unsafe extern "C" fn tunnel_command(
 ///
 /// `options_json` may be NULL: `{"quit_timeout_ms": 10000, "exit_timeout_ms": 5000,
 /// "remote_cleanup": true, "cleanup_timeout_ms": 5000, "cleanup": false, "cleanup_sockets": []}`;
-/// `cleanup_timeout_ms` bounds the remote cleanup, also when `tunnel_free` closes; `cleanup` is sent with
+/// `cleanup_timeout_ms` bounds the remote cleanup (and, when `tunnel_free` closes, the whole
+/// close); `cleanup` is sent with
 /// a v2 `quit` (`{"cmd":"quit","cleanup":…}`); `cleanup_sockets` are more socket paths to
 /// remove on both nodes (validated as forwards are). Idempotent: closing a closed tunnel
 /// returns `MTUNNEL_OK`.
@@ -236,6 +237,10 @@ pub unsafe extern "C" fn tunnel_status(
 
 /// Closes the tunnel with default options if still open, then frees the handle. NULL is a
 /// no-op. The handle must not be used afterwards.
+///
+/// Bounded: the close takes at most the default `cleanup_timeout_ms` (5000 ms) in total
+/// (quit, the remote socket cleanup, a shared master's forwards and idle exit), plus the kill
+/// and reap of ssh and the removal of the local socket files, which are always done.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn tunnel_free(tunnel: *mut mtunnel_tunnel) {
     if !tunnel.is_null() {

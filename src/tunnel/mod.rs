@@ -2,16 +2,15 @@
 //! commands and a staged close.
 
 pub mod protocol;
-pub(crate) mod ready;
 pub(crate) mod sockfile;
 
 use crate::error::{Error, Kind, Result};
 use crate::io::{self, Deadline, LineDecoder, printable};
+use crate::listen;
 use crate::log::{Level, Log};
 use crate::options;
 use crate::process::{Child, Exit};
-use crate::share::{self, Lease};
-use crate::ssh::{self, Ssh, Stderr};
+use crate::ssh::{self, Lease, Route, Ssh, Stderr, share};
 use crate::validate;
 use nix::poll::{PollFd, PollFlags};
 use serde_json::{Value, json};
@@ -232,11 +231,12 @@ pub(crate) struct Tunnel {
     opts: OpenOptions,
     /// ExitOnForwardFailure and the `-L` forwards (a shared tunnel adds its client options).
     enforced: Vec<String>,
-    /// The session on a shared master (`share` option): the master holds the forwards.
-    lease: Option<Lease>,
+    /// A connection of its own, or a session on a shared master (`share` option) that holds
+    /// the forwards.
+    route: Route,
     child: Child,
     /// Held from spawn until `tunnel online` proves the handshake is over.
-    slot: Option<crate::throttle::Slot>,
+    slot: Option<ssh::throttle::Slot>,
     attempt: u32,
     sock: Option<OwnedFd>,
     stderr: OwnedFd,
@@ -256,10 +256,8 @@ impl Tunnel {
     /// greeting: that is [`Tunnel::wait_ready`], so the caller can do other work meanwhile.
     pub(crate) fn open(opts: OpenOptions, mut log: Log) -> Result<Tunnel> {
         let deadline = Deadline::after_ms(opts.greeting_timeout_ms);
-        let lease = match &opts.ssh.share {
-            Some(cfg) => Some(Self::lease(&opts, cfg, deadline, &mut log)?),
-            None => None,
-        };
+        // From here on, an early return releases the route (a lease ends when dropped).
+        let route = Self::route(&opts, deadline, &mut log)?;
         for f in &opts.forwards {
             if sockfile::prepare(&f.local)? {
                 log.emit(Level::Info, &format!("removed stale socket {}", f.local));
@@ -269,7 +267,7 @@ impl Tunnel {
         for f in &opts.forwards {
             enforced.extend(["-L".to_string(), f.spec()]);
         }
-        let full = Self::full_enforced(&lease, &enforced);
+        let full = Self::full_enforced(&route, &enforced);
         let remote = if opts.cleanup_in_command {
             remote_command(&opts.command, &opts.forwards)
         } else {
@@ -286,16 +284,12 @@ impl Tunnel {
                     .join(" ")
             ),
         );
-        // A client of a shared master does no handshake.
-        let slot = match lease {
-            Some(_) => None,
-            None => opts.ssh.handshake_slot(deadline)?,
-        };
+        let slot = route.handshake_slot(&opts.ssh, deadline)?;
         let (child, sock, stderr) = opts.ssh.spawn(&full, &remote)?;
         Ok(Tunnel {
             opts,
             enforced,
-            lease,
+            route,
             child,
             slot,
             attempt: 0,
@@ -311,20 +305,19 @@ impl Tunnel {
         })
     }
 
-    /// Takes a session on a shared master. A forward of ours that the master still listens on
-    /// (left by a client that was killed before it could cancel it) is cancelled first: the
-    /// master would otherwise answer "OK" to our `-L` without binding the path again.
-    fn lease(
-        opts: &OpenOptions,
-        cfg: &share::Config,
-        deadline: Deadline,
-        log: &mut Log,
-    ) -> Result<Lease> {
-        let lease = share::acquire(&opts.ssh, cfg, deadline, |m| log.emit(Level::Info, m))?;
+    /// Chooses the route (see [`Route::choose`]). On a shared master, a forward of ours that
+    /// the master still listens on (left by a client that was killed before it could cancel
+    /// it) is cancelled first: the master would otherwise answer "OK" to our `-L` without
+    /// binding the path again.
+    fn route(opts: &OpenOptions, deadline: Deadline, log: &mut Log) -> Result<Route> {
+        let route = Route::choose(&opts.ssh, deadline, |m| log.emit(Level::Info, m))?;
+        let Some(lease) = route.lease() else {
+            return Ok(route);
+        };
         let stale: Vec<String> = opts
             .forwards
             .iter()
-            .filter(|f| ready::is_listening(&f.local, lease.master_pid()).unwrap_or(false))
+            .filter(|f| listen::is_listening(&f.local, lease.master_pid()).unwrap_or(false))
             .map(Forward::spec)
             .collect();
         if !stale.is_empty() {
@@ -336,7 +329,7 @@ impl Tunnel {
                     lease.master_pid()
                 ),
             );
-            lease.cancel_forwards(&opts.ssh, &stale)?;
+            lease.cancel_forwards(&stale, deadline)?;
         }
         log.emit(
             Level::Debug,
@@ -346,14 +339,11 @@ impl Tunnel {
                 lease.master_pid()
             ),
         );
-        Ok(lease)
+        Ok(route)
     }
 
-    fn full_enforced(lease: &Option<Lease>, enforced: &[String]) -> Vec<String> {
-        let mut full = lease
-            .as_ref()
-            .map(Lease::client_options)
-            .unwrap_or_default();
+    fn full_enforced(route: &Route, enforced: &[String]) -> Vec<String> {
+        let mut full = route.client_options();
         full.extend(enforced.iter().cloned());
         full
     }
@@ -361,14 +351,11 @@ impl Tunnel {
     /// Starts ssh again after a connection that failed before authentication (or, shared,
     /// after a client that found its master gone: then on a new master).
     fn respawn(&mut self, deadline: Deadline) -> Result<()> {
-        if let Some(old) = self.lease.take() {
-            old.release(&self.opts.ssh);
-            let cfg = self.opts.ssh.share.clone().unwrap_or_default();
-            self.lease = Some(Self::lease(&self.opts, &cfg, deadline, &mut self.log)?);
-        } else {
-            self.slot = self.opts.ssh.handshake_slot(deadline)?;
-        }
-        let full = Self::full_enforced(&self.lease, &self.enforced);
+        let old = std::mem::replace(&mut self.route, Route::Direct);
+        old.release(deadline);
+        self.route = Self::route(&self.opts, deadline, &mut self.log)?;
+        self.slot = self.route.handshake_slot(&self.opts.ssh, deadline)?;
+        let full = Self::full_enforced(&self.route, &self.enforced);
         let (child, sock, stderr) = self.opts.ssh.spawn(&full, &self.remote)?;
         self.child = child;
         self.sock = Some(sock);
@@ -382,7 +369,7 @@ impl Tunnel {
     /// so that it may be retried on a new master.
     fn master_vanished_before_start(&self) -> bool {
         let text = self.tail.text();
-        self.lease.as_ref().is_some_and(|l| !l.alive())
+        self.route.lease().is_some_and(|l| !l.alive())
             && share::fell_back(&text)
             && !share::forward_refused(&text)
             && self.lines.pending().is_empty()
@@ -395,7 +382,7 @@ impl Tunnel {
             let err = match self.line(deadline, "'tunnel online'") {
                 Ok(line) => {
                     self.slot = None;
-                    if self.lease.is_none() {
+                    if self.route.lease().is_none() {
                         self.opts.ssh.note_authenticated();
                     }
                     return Ok(line);
@@ -407,7 +394,7 @@ impl Tunnel {
                 (Kind::SshExited, Some(exit)) => exit,
                 _ => return Err(err),
             };
-            let pause = if self.lease.is_some() {
+            let pause = if self.route.lease().is_some() {
                 if !(self.master_vanished_before_start()
                     && self.attempt < self.opts.ssh.connect_retries.max(1))
                 {
@@ -419,7 +406,8 @@ impl Tunnel {
                     self.attempt,
                     exit,
                     self.lines.pending().is_empty(),
-                    &self.tail,
+                    self.tail.authenticated(),
+                    &self.tail.text(),
                 ) {
                     Some(p) if deadline.remaining().is_none_or(|left| left > p) => p,
                     _ => return Err(err),
@@ -441,8 +429,8 @@ impl Tunnel {
 
     /// The process that holds the forwards' listening sockets: the shared master, or our ssh.
     fn holder_pid(&self) -> i32 {
-        self.lease
-            .as_ref()
+        self.route
+            .lease()
             .map_or(self.child.pid(), Lease::master_pid)
     }
 
@@ -457,8 +445,8 @@ impl Tunnel {
         };
         let forwards: Vec<String> = self.opts.forwards.iter().map(Forward::shown).collect();
         json!({"state": state, "pid": self.child.pid(), "version": self.version, "forwards": forwards,
-               "master_pid": self.lease.as_ref().map(Lease::master_pid),
-               "control_path": self.lease.as_ref().map(Lease::control_path),
+               "master_pid": self.route.lease().map(Lease::master_pid),
+               "control_path": self.route.lease().map(Lease::control_path),
                "cleanup_warning": self.cleanup_warning})
     }
 
@@ -504,7 +492,7 @@ impl Tunnel {
             Ok(Some(exit)) => exit.to_string(),
             _ => "closed its output".into(),
         };
-        if let Some(l) = self.lease.as_ref().filter(|l| !l.alive()) {
+        if let Some(l) = self.route.lease().filter(|l| !l.alive()) {
             return Error::new(
                 Kind::SshExited,
                 format!(
@@ -570,10 +558,10 @@ impl Tunnel {
         for i in 0..self.opts.forwards.len() {
             loop {
                 let path = &self.opts.forwards[i].local;
-                if ready::is_listening(path, self.holder_pid())? {
+                if listen::is_listening(path, self.holder_pid())? {
                     break;
                 }
-                let master_gone = self.lease.as_ref().is_some_and(|l| !l.alive());
+                let master_gone = self.route.lease().is_some_and(|l| !l.alive());
                 if master_gone || self.child.try_wait()?.is_some() {
                     let what = format!("waiting for forward {path} to listen");
                     return Err(self.exited(&what));
@@ -600,8 +588,12 @@ impl Tunnel {
     /// sent as `{"cmd": WORD}`), the reply is a JSON object whose `success` must be true; it is
     /// returned as sent.
     pub(crate) fn command(&mut self, cmd: &str, timeout_ms: i64) -> Result<String> {
+        self.command_by(cmd, Deadline::after_ms(timeout_ms))
+    }
+
+    /// [`Tunnel::command`] with a deadline.
+    fn command_by(&mut self, cmd: &str, deadline: Deadline) -> Result<String> {
         protocol::command(cmd)?;
-        let deadline = Deadline::after_ms(timeout_ms);
         self.greet(deadline)?;
         let v2 = self.version.is_some_and(|v| v >= 2);
         let line = if v2 {
@@ -653,19 +645,52 @@ impl Tunnel {
     /// ssh, removes the local socket files and, if asked, the remote ones. Idempotent. In a
     /// forked child (the handle was inherited) it only lets go of its fds.
     pub(crate) fn close(&mut self, opts: &CloseOptions) -> Result<()> {
+        self.close_by(opts, Deadline::never())
+    }
+
+    /// [`Tunnel::close`], each step of it that waits for the network or ssh cut short at
+    /// `overall`. Killing and reaping ssh and removing the local sockets are done whatever
+    /// time is left.
+    pub(crate) fn close_by(&mut self, opts: &CloseOptions, overall: Deadline) -> Result<()> {
         if self.state == State::Closed {
             return Ok(());
         }
         if !self.child.owned_here() {
-            self.state = State::Closed;
-            self.sock = None;
-            // Only our copy of the slot's fd closes; the flock stays with the owner.
-            self.lease = None;
+            self.let_go();
             return Ok(());
         }
         self.slot = None;
         let mut errors = Vec::new();
-        // Checked first: a bad path must not be half cleaned up.
+        let extra = self.cleanup_sockets(opts, &mut errors);
+        let greeted = self.state >= State::Greeted;
+        if greeted {
+            self.quit(opts, overall, &mut errors);
+        }
+        let remote_done = self.stop_ssh(opts, overall, &mut errors);
+        self.state = State::Closed;
+        self.cancel_shared_forwards(overall, &mut errors);
+        self.remove_local_sockets(&extra, &mut errors);
+        if opts.remote_cleanup && greeted {
+            self.remove_remote_leftovers(&extra, remote_done, opts, overall, &mut errors);
+        }
+        std::mem::replace(&mut self.route, Route::Direct).release(overall);
+        errors.into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// In a forked child that inherited the handle: closes only our copies of the fds. The
+    /// child process, the flocks and the sockets stay the owner's.
+    fn let_go(&mut self) {
+        self.state = State::Closed;
+        self.sock = None;
+        if let Route::Shared(lease) = std::mem::replace(&mut self.route, Route::Direct) {
+            // Dropped in a process that is not its owner: it ends nothing.
+            drop(lease);
+        }
+    }
+
+    /// The caller's extra cleanup sockets, checked first: a bad path must not be half
+    /// cleaned up. Refused ones are noted in `errors` and left out.
+    fn cleanup_sockets(&self, opts: &CloseOptions, errors: &mut Vec<Error>) -> Vec<String> {
         let mut extra = Vec::new();
         for path in &opts.cleanup_sockets {
             match validate::socket_path(path, &self.opts.socket_dir) {
@@ -673,26 +698,39 @@ impl Tunnel {
                 Err(e) => errors.push(e.context("not removing cleanup socket")),
             }
         }
-        let greeted = self.state >= State::Greeted;
-        if greeted && self.child.try_wait()?.is_none() {
-            let quit = if self.version.is_some_and(|v| v >= 2) {
-                json!({"cmd": "quit", "cleanup": opts.cleanup}).to_string()
-            } else {
-                "quit".to_string()
-            };
-            if let Err(e) = self.command(&quit, opts.quit_timeout_ms) {
-                errors.push(e.context("closing tunnel"));
-            }
+        extra
+    }
+
+    /// Sends `quit` (v2: with the caller's `cleanup` flag) and reads its reply, if ssh still runs.
+    fn quit(&mut self, opts: &CloseOptions, overall: Deadline, errors: &mut Vec<Error>) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
+        let quit = if self.version.is_some_and(|v| v >= 2) {
+            json!({"cmd": "quit", "cleanup": opts.cleanup}).to_string()
+        } else {
+            "quit".to_string()
+        };
+        let deadline = Deadline::after_ms(opts.quit_timeout_ms).min(overall);
+        if let Err(e) = self.command_by(&quit, deadline) {
+            errors.push(e.context("closing tunnel"));
+        }
+    }
+
+    /// Shuts the socket and ends ssh: it gets `exit_timeout_ms` to exit by itself, then
+    /// SIGTERM and SIGKILL. Returns whether the remote command ran to its end, with the
+    /// socket cleanup after it (exit 0 of a command that has one).
+    fn stop_ssh(
+        &mut self,
+        opts: &CloseOptions,
+        overall: Deadline,
+        errors: &mut Vec<Error>,
+    ) -> bool {
         if let Some(sock) = self.sock.take() {
             let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
-        // exit 0: the remote command ran to its end, with the socket cleanup after it
-        let mut remote_done = false;
-        match self
-            .child
-            .terminate(Deadline::after_ms(opts.exit_timeout_ms))
-        {
+        let grace = Deadline::after_ms(opts.exit_timeout_ms);
+        match self.child.terminate(grace, overall) {
             Ok((exit, true)) => self.log.emit(
                 Level::Warn,
                 &format!(
@@ -700,80 +738,83 @@ impl Tunnel {
                     self.dest()
                 ),
             ),
-            Ok((Exit::Code(0), false)) => remote_done = self.opts.cleanup_in_command,
+            Ok((Exit::Code(0), false)) => return self.opts.cleanup_in_command,
             Ok((Exit::Unknown, false)) => {}
             Ok((exit, false)) => self
                 .log
                 .emit(Level::Debug, &format!("ssh tunnel ended with {exit}")),
             Err(e) => errors.push(e.context("stopping ssh")),
         }
-        self.state = State::Closed;
-        // A shared master keeps a client's forwards after the client exits.
+        false
+    }
+
+    /// A shared master keeps a client's forwards after the client exits: cancelled here.
+    fn cancel_shared_forwards(&self, overall: Deadline, errors: &mut Vec<Error>) {
+        let Some(lease) = self.route.lease() else {
+            return;
+        };
         let specs: Vec<String> = self.opts.forwards.iter().map(Forward::spec).collect();
-        if let Some(l) = &self.lease {
-            if let Err(e) = l.cancel_forwards(&self.opts.ssh, &specs) {
-                errors.push(e.context("closing tunnel"));
-            }
+        if let Err(e) = lease.cancel_forwards(&specs, overall) {
+            errors.push(e.context("closing tunnel"));
         }
-        let extra = extra.iter().map(String::as_str);
-        let forwards = &self.opts.forwards;
-        let local = unique(
-            forwards
-                .iter()
-                .map(|f| f.local.as_str())
-                .chain(extra.clone()),
-        );
-        let remote = unique(forwards.iter().map(|f| f.remote.as_str()).chain(extra));
-        for path in local {
+    }
+
+    /// Removes the forwards' local socket files and the caller's extra ones on this node.
+    fn remove_local_sockets(&self, extra: &[String], errors: &mut Vec<Error>) {
+        let local = self.opts.forwards.iter().map(|f| f.local.as_str());
+        for path in unique(local.chain(extra.iter().map(String::as_str))) {
             if let Err(e) = sockfile::remove_socket(path) {
                 errors.push(e);
             }
         }
-        // the forwards' remote sockets went with the remote command when it ended normally
-        let remote: Vec<&str> = if remote_done {
-            let cleaned = unique(forwards.iter().map(|f| f.remote.as_str()));
-            remote
-                .into_iter()
-                .filter(|p| !cleaned.contains(p))
-                .collect()
-        } else {
-            remote
-        };
-        if opts.remote_cleanup && greeted && !remote.is_empty() {
-            let deadline = Deadline::after_ms(opts.cleanup_timeout_ms);
-            match self.remove_remote_sockets(&remote, deadline) {
-                Ok(()) => {}
-                // a file that is no socket: the caller has to look at it
-                Err(e) if e.kind == Kind::InvalidArgument => errors.push(e),
-                // sockets left behind are harmless (the next start replaces them): a warning
-                Err(e) => {
-                    let text = format!("{e} (left on {}: {})", self.dest(), remote.join(", "));
-                    self.log.emit(Level::Warn, &text);
-                    self.cleanup_warning = Some(text);
-                }
-            }
-        }
-        if let Some(l) = self.lease.take() {
-            l.release(&self.opts.ssh);
-        }
-        match errors.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 
-    /// Removes the sockets among `paths` on the target node (see [`remove_remote_sockets`]).
-    fn remove_remote_sockets(&self, paths: &[&str], deadline: Deadline) -> Result<()> {
-        remove_remote_sockets(&self.opts.ssh, self.lease.as_ref(), paths, deadline)
+    /// Removes the sockets left on the target node: the forwards' remote ends (unless the
+    /// remote command ended normally and removed them itself) and the extra ones, within
+    /// `cleanup_timeout_ms`. Sockets left behind are harmless (the next start replaces
+    /// them): a failure is a warning, kept for `tunnel_status`; a file there that is no
+    /// socket is an error the caller has to look at.
+    fn remove_remote_leftovers(
+        &mut self,
+        extra: &[String],
+        remote_done: bool,
+        opts: &CloseOptions,
+        overall: Deadline,
+        errors: &mut Vec<Error>,
+    ) {
+        let forwards = || self.opts.forwards.iter().map(|f| f.remote.as_str());
+        // the forwards' remote sockets went with the remote command when it ended normally
+        let cleaned: Vec<&str> = if remote_done {
+            forwards().collect()
+        } else {
+            Vec::new()
+        };
+        let remote: Vec<&str> = unique(forwards().chain(extra.iter().map(String::as_str)))
+            .into_iter()
+            .filter(|p| !cleaned.contains(p))
+            .collect();
+        if remote.is_empty() {
+            return;
+        }
+        let deadline = Deadline::after_ms(opts.cleanup_timeout_ms).min(overall);
+        match remove_remote_sockets(&self.opts.ssh, &self.route, &remote, deadline) {
+            Ok(()) => {}
+            Err(e) if e.kind == Kind::InvalidArgument => errors.push(e),
+            Err(e) => {
+                let text = format!("{e} (left on {}: {})", self.dest(), remote.join(", "));
+                self.log.emit(Level::Warn, &text);
+                self.cleanup_warning = Some(text);
+            }
+        }
     }
 }
 
 /// Removes the sockets among `paths` on `ssh`'s destination; anything else there is kept and
-/// named in the error (`Kind::InvalidArgument`). Paths are passed quoted. With a lease, through
-/// its shared master while it lives; else over a connection of its own.
+/// named in the error (`Kind::InvalidArgument`). Paths are passed quoted. Through `route`'s
+/// shared master while it lives; else over a connection of its own.
 fn remove_remote_sockets(
     ssh: &Ssh,
-    lease: Option<&Lease>,
+    route: &Route,
     paths: &[&str],
     deadline: Deadline,
 ) -> Result<()> {
@@ -784,11 +825,11 @@ fn remove_remote_sockets(
     cmd.extend(paths.iter().map(|p| p.to_string()));
     let mut direct = ssh.clone();
     direct.share = None;
-    let out = match lease {
+    let out = match route.lease() {
         // Our session slot is free again now that the tunnel's client has exited.
-        Some(l) if l.alive() => ssh::run_with_lease(ssh, l, &cmd, b"", deadline),
+        Some(l) if l.alive() => route.run(ssh, &cmd, b"", deadline),
         // A dead master, or no sharing: one connection of our own, nothing left running after us.
-        _ => ssh::run(&direct, &cmd, b"", deadline),
+        _ => Route::Direct.run(&direct, &cmd, b"", deadline),
     }
     .and_then(|out| match out.exit {
         // the script's "kept a non-socket"
@@ -843,24 +884,10 @@ pub(crate) fn remove_sockets_json(opts: &Value) -> Result<()> {
     if paths.is_empty() {
         return Ok(());
     }
-    let lease = match &ssh.share {
-        Some(cfg) => Some(share::acquire(
-            &ssh,
-            cfg,
-            Deadline::after_ms(o.timeout_ms),
-            |_| {},
-        )?),
-        None => None,
-    };
-    let result = remove_remote_sockets(
-        &ssh,
-        lease.as_ref(),
-        &paths,
-        Deadline::after_ms(o.timeout_ms),
-    );
-    if let Some(l) = lease {
-        l.release(&ssh);
-    }
+    let deadline = Deadline::after_ms(o.timeout_ms);
+    let route = Route::choose(&ssh, deadline, |_| {})?;
+    let result = remove_remote_sockets(&ssh, &route, &paths, deadline);
+    route.release(deadline);
     result
 }
 
@@ -875,9 +902,13 @@ fn unique<'a>(paths: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     out
 }
 
+/// Dropping a tunnel (`tunnel_free`) closes it with the default options, all of it within
+/// their `cleanup_timeout_ms` (plus the kill and reap of ssh, which are always done).
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        if let Err(e) = self.close(&CloseOptions::default()) {
+        let opts = CloseOptions::default();
+        let overall = Deadline::after_ms(opts.cleanup_timeout_ms);
+        if let Err(e) = self.close_by(&opts, overall) {
             self.log
                 .emit(Level::Warn, &format!("closing tunnel on drop: {e}"));
         }
@@ -1086,7 +1117,7 @@ mod tests {
         );
         let e = close(json!({"quit_timeout": 1})).err().unwrap().message;
         assert!(e.starts_with("unknown option 'quit_timeout'"), "{e}");
-        let e = close(json!({"cleanup": "yes"})).err().unwrap().message;
+        let e = close(json!({"cleanup": "maybe"})).err().unwrap().message;
         assert_eq!(e, "option 'cleanup' must be true or false");
     }
 }

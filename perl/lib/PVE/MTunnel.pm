@@ -84,10 +84,11 @@ $ffi->attach([qmp_mirror_finish => '_qmp_mirror_finish'] =>
 $ffi->attach(
     [qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] =>
         'int');
-$ffi->attach([ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
-$ffi->attach([ssh_remove_sockets => '_ssh_remove_sockets'] => ['string'] => 'int');
+$ffi->attach([mtunnel_ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
+$ffi->attach([mtunnel_ssh_remove_sockets => '_ssh_remove_sockets'] => ['string'] => 'int');
 $ffi->attach(
-    [migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] => 'int');
+    [mtunnel_migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] =>
+        'int');
 
 # Dies PVE-style with the library's message unless $rc is 0.
 sub _check {

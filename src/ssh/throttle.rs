@@ -8,7 +8,7 @@
 //! process dies, which releases flocks by itself).
 
 use crate::error::{Error, Kind, Result};
-use crate::io::Deadline;
+use crate::io::{Deadline, poll_until};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -149,16 +149,11 @@ fn window(
     let Ok(mut file) = open_lock_file(&path) else {
         return full;
     };
-    // a short critical section: spin briefly instead of blocking forever
-    let mut locked = false;
-    for _ in 0..200 {
-        if crate::sys::try_flock(file.as_fd()) {
-            locked = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    if !locked {
+    // a short critical section: try briefly instead of blocking forever
+    let locked = poll_until(Deadline::after_ms(200), Duration::from_millis(1), || {
+        Ok(crate::sys::try_flock(file.as_fd()).then_some(()))
+    });
+    if !matches!(locked, Ok(Some(()))) {
         return full;
     }
     let mut text = String::new();
@@ -226,7 +221,9 @@ pub fn acquire(
             )
         })?;
     let name = lock_name(destination);
-    loop {
+    // Jittered, so that waiters spread out.
+    let step = Duration::from_millis(20 + random_below(30));
+    poll_until(deadline, step, || {
         let usable = if adaptive {
             window(lock_dir, destination, slots, None).limit
         } else {
@@ -241,16 +238,17 @@ pub fn acquire(
                 return Ok(Some(Slot { _file: file }));
             }
         }
-        if deadline.expired() {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!(
-                    "all {slots} ssh handshake slots for {destination} stayed busy until the deadline"
-                ),
-            ));
-        }
-        deadline.sleep(Duration::from_millis(20 + random_below(30)));
-    }
+        Ok(None)
+    })?
+    .map(Some)
+    .ok_or_else(|| {
+        Error::new(
+            Kind::Timeout,
+            format!(
+                "all {slots} ssh handshake slots for {destination} stayed busy until the deadline"
+            ),
+        )
+    })
 }
 
 /// Whether ssh failed before authentication, so that no remote command can have run: exit 255,

@@ -1,5 +1,7 @@
-//! Readiness of a forwarded socket, decided without ever connecting to it: a connection would
-//! be forwarded to the target QEMU, which accepts exactly one and exits on a bad stream.
+//! Which process listens on a UNIX socket path, decided from the kernel's socket table without
+//! ever connecting: a forward's readiness (a connection would be forwarded to the target QEMU,
+//! which accepts exactly one and exits on a bad stream) and a shared ssh master's liveness
+//! (it holds its control socket).
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;

@@ -25,168 +25,22 @@
 //! own. Clients get `-o ProxyCommand=false` so that such a fallback fails at once, before any
 //! remote command could run, instead of bypassing the pool (and the forward readiness check).
 
+use super::command::{ShareConfig, Ssh, check_dir_name};
+use super::run::{run_argv, run_retrying};
+use super::throttle::open_lock_file;
 use crate::error::{Error, Kind, Result};
-use crate::io::{self, Deadline};
+use crate::io::{Deadline, poll_until};
 use crate::process::Exit;
-use crate::ssh::{self, Ssh};
-use serde_json::Value;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::time::Duration;
 
-/// Where control sockets live unless the caller says otherwise.
-pub const DEFAULT_CONTROL_DIR: &str = "/run/mtunnel/ssh-ctl";
+/// How long a lease's end (`-O exit` of an idle master) may take when nobody bounds it.
+const RELEASE_TIMEOUT_MS: i64 = 5_000;
 
 /// Masters tried per pool before a user waits for a free session slot.
 pub(crate) const MAX_MASTERS: u32 = 64;
-
-/// ssh binds its control socket under a temporary name: PATH + "." + 16 random characters.
-const SSH_TEMP_SUFFIX: usize = 17;
-
-/// The longest control directory we accept: `DIR/cHASH16.MM` plus ssh's temporary suffix
-/// must fit in `sun_path`.
-pub const MAX_CONTROL_DIR: usize =
-    crate::validate::MAX_SOCKET_PATH - SSH_TEMP_SUFFIX - "/c0123456789abcdef.63".len();
-
-/// The `share` object as given. Numbers and flags are also taken as strings (a command line
-/// and Perl hand them over so), hence `Value` for those.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct ShareOptions {
-    control_dir: Option<String>,
-    persist_s: Option<Value>,
-    max_sessions: Option<Value>,
-    exit_idle: Option<Value>,
-}
-
-/// Connection sharing settings (the `share` option).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
-    /// Directory of control sockets and pool files; created 0700, refused if it is not a
-    /// directory of ours with mode 0700 (or stricter).
-    pub control_dir: String,
-    /// `ControlPersist`: a master exits this many seconds after its last session ended.
-    pub persist_s: u32,
-    /// Sessions per master at most (sshd's `MaxSessions`).
-    pub max_sessions: u32,
-    /// The last user of a master asks it to exit at once (`-O exit`) instead of letting it
-    /// persist for later users.
-    pub exit_idle: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            control_dir: DEFAULT_CONTROL_DIR.into(),
-            persist_s: 30,
-            max_sessions: 10,
-            exit_idle: false,
-        }
-    }
-}
-
-fn uint_field(value: Option<&Value>, key: &str) -> Result<Option<u32>> {
-    let bad = || Error::invalid(format!("option 'share.{key}' must be a positive integer"));
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(bad),
-        // The CLI and Perl hand over numbers as strings.
-        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().map(Some).map_err(|_| bad())
-        }
-        Some(_) => Err(bad()),
-    }
-}
-
-impl Config {
-    /// Reads the `share` option: absent, `false`, `"0"`, `"off"` = no sharing; `true`, `"1"`,
-    /// `"on"` = the defaults; an object (or a string holding a JSON object, as a command line
-    /// passes it) with `control_dir`, `persist_s`, `max_sessions`, `exit_idle`.
-    pub fn from_option(value: Option<&Value>) -> Result<Option<Config>> {
-        let obj = match value {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(None),
-            Some(Value::Bool(true)) => return Ok(Some(Config::default())),
-            Some(Value::Number(n)) => {
-                return Ok((n.as_u64() != Some(0)).then(Config::default));
-            }
-            Some(Value::String(s)) => match s.trim() {
-                "" | "0" | "off" | "no" | "false" => return Ok(None),
-                "1" | "on" | "yes" | "true" => return Ok(Some(Config::default())),
-                t if t.starts_with('{') => serde_json::from_str::<Value>(t).map_err(|e| {
-                    Error::invalid(format!("option 'share' is not a valid JSON object: {e}"))
-                })?,
-                _ => {
-                    return Err(Error::invalid(
-                        "option 'share' must be true/false or an object {control_dir, persist_s, max_sessions, exit_idle}",
-                    ));
-                }
-            },
-            Some(v @ Value::Object(_)) => v.clone(),
-            Some(_) => {
-                return Err(Error::invalid(
-                    "option 'share' must be true/false or an object {control_dir, persist_s, max_sessions, exit_idle}",
-                ));
-            }
-        };
-        let map = obj
-            .as_object()
-            .ok_or_else(|| Error::invalid("option 'share' must be true/false or an object"))?;
-        let o: ShareOptions = crate::options::from_map(map, "share.")?;
-        let mut c = Config::default();
-        if let Some(dir) = o.control_dir {
-            check_dir_name(&dir)?;
-            c.control_dir = dir;
-        }
-        if let Some(v) = uint_field(o.persist_s.as_ref(), "persist_s")? {
-            // 0 would mean "forever" to ssh.
-            if v == 0 || v > 86_400 {
-                return Err(Error::invalid(
-                    "option 'share.persist_s' must be between 1 and 86400 seconds",
-                ));
-            }
-            c.persist_s = v;
-        }
-        if let Some(v) = uint_field(o.max_sessions.as_ref(), "max_sessions")? {
-            if v == 0 || v > 1000 {
-                return Err(Error::invalid(
-                    "option 'share.max_sessions' must be between 1 and 1000",
-                ));
-            }
-            c.max_sessions = v;
-        }
-        match o.exit_idle {
-            None | Some(Value::Null) => {}
-            Some(Value::Bool(b)) => c.exit_idle = b,
-            Some(Value::Number(n)) => c.exit_idle = n.as_u64() != Some(0),
-            Some(Value::String(s)) => c.exit_idle = !matches!(s.as_str(), "" | "0"),
-            Some(_) => return Err(Error::invalid("option 'share.exit_idle' must be a boolean")),
-        }
-        Ok(Some(c))
-    }
-}
-
-/// Checks the spelling of a control directory: absolute, normalized, short enough that
-/// ssh's control socket (and its temporary name) fits in `sun_path`.
-pub fn check_dir_name(dir: &str) -> Result<()> {
-    crate::validate::socket_dir(dir).map_err(|_| {
-        Error::invalid(format!(
-            "invalid share.control_dir '{}': must be an absolute, normalized path",
-            io::printable(dir.as_bytes(), 120)
-        ))
-    })?;
-    if dir.len() > MAX_CONTROL_DIR {
-        return Err(Error::invalid(format!(
-            "invalid share.control_dir '{}': longer than {MAX_CONTROL_DIR} bytes (control sockets must fit in 107 bytes)",
-            io::printable(dir.as_bytes(), 120)
-        )));
-    }
-    Ok(())
-}
 
 /// Creates the control directory (mode 0700) if it is missing, and refuses one that is a
 /// symlink, not a directory, not owned by us, or open to group or others: its sockets give
@@ -264,7 +118,7 @@ pub fn pool_name(identity: &[String]) -> String {
 
 /// What makes masters interchangeable for `ssh`: its argv for the master, our uid and
 /// namespaces, and the pool settings.
-pub fn identity(ssh: &Ssh, cfg: &Config) -> Vec<String> {
+pub fn identity(ssh: &Ssh, cfg: &ShareConfig) -> Vec<String> {
     let ns = |kind: &str| {
         std::fs::read_link(format!("/proc/self/ns/{kind}"))
             .map(|p| p.to_string_lossy().into_owned())
@@ -292,7 +146,7 @@ fn try_lock(file: &File) -> bool {
 pub fn take_session(dir: &str, name: &str, max_sessions: u32) -> Result<Option<(u32, File)>> {
     for m in 0..MAX_MASTERS {
         for k in 0..max_sessions {
-            let f = crate::throttle::open_lock_file(&format!("{dir}/{name}.{m}.s{k}"))?;
+            let f = open_lock_file(&format!("{dir}/{name}.{m}.s{k}"))?;
             if try_lock(&f) {
                 return Ok(Some((m, f)));
             }
@@ -301,24 +155,11 @@ pub fn take_session(dir: &str, name: &str, max_sessions: u32) -> Result<Option<(
     Ok(None)
 }
 
-/// Whether `pid` is a live (not zombie) ssh master for control socket `ctl`: the pid may
-/// have been reused, so its command line must name the control path.
+/// Whether `pid` is a live ssh master for control socket `ctl`: it holds the socket that
+/// listens at `ctl`. Proven from the socket table, like a forward's readiness, so neither a
+/// reused pid nor a stale socket file nor another process's argv can pass for it.
 pub fn master_alive(pid: i32, ctl: &str) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.split(' ').next())
-        .unwrap_or("");
-    if state.is_empty() || state == "Z" || state == "X" {
-        return false;
-    }
-    let want = format!("ControlPath={ctl}");
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|&b| b == 0).any(|a| a == want.as_bytes()))
-        .unwrap_or(false)
+    pid > 0 && crate::listen::is_listening(ctl, pid).unwrap_or(false)
 }
 
 /// Parses `Master running (pid=1234)` from `ssh -O check`.
@@ -349,11 +190,13 @@ fn remove_if_socket(path: &str) {
 #[derive(Debug)]
 pub struct Lease {
     slot: Option<File>,
-    cfg: Config,
-    name: String,
-    master: u32,
+    /// The ssh invocation the master was started with (for `-O` control commands).
+    ssh: Ssh,
+    cfg: ShareConfig,
     control_path: String,
     master_pid: i32,
+    /// The process that took the lease: a forked child that inherited it ends nothing.
+    owner: u32,
 }
 
 impl Lease {
@@ -386,7 +229,7 @@ impl Lease {
 
     /// Asks the master to stop listening on these `-L` forwards (a mux client's forwards stay
     /// in the master after the client exits). Best effort: a dead master has none.
-    pub fn cancel_forwards(&self, ssh: &Ssh, specs: &[String]) -> Result<()> {
+    pub fn cancel_forwards(&self, specs: &[String], deadline: Deadline) -> Result<()> {
         if specs.is_empty() || !self.alive() {
             return Ok(());
         }
@@ -399,17 +242,17 @@ impl Lease {
         for s in specs {
             enforced.extend(["-L".into(), s.clone()]);
         }
-        control(ssh, &enforced, "cancel forwards")
+        control(&self.ssh, &enforced, "cancel forwards", deadline)
     }
 
     /// Removes what a dead master left behind (its control socket and pid file), unless
     /// another user has started a new master in its place meanwhile.
-    pub fn clean_dead_master(&self) {
+    pub fn clean_dead_master(&self, deadline: Deadline) {
         if self.alive() {
             return;
         }
         let base = &self.control_path;
-        let Ok(_lock) = lock_master(&format!("{base}.lock"), Deadline::after_ms(2000)) else {
+        let Ok(_lock) = lock_master(&format!("{base}.lock"), deadline) else {
             return;
         };
         let pid = read_pid(&format!("{base}.pid"));
@@ -419,30 +262,44 @@ impl Lease {
         }
     }
 
-    /// Ends the session: frees its slot; with `exit_idle`, stops the master if no other
-    /// session uses it. A dead master's files are removed.
-    pub fn release(mut self, ssh: &Ssh) {
-        self.slot = None;
+    /// Ends the session by `deadline`: frees its slot; with `exit_idle`, stops the master if
+    /// no other session uses it. A dead master's files are removed. Dropping a lease ends it
+    /// too (within [`RELEASE_TIMEOUT_MS`]), so no path can skip this.
+    pub fn release(mut self, deadline: Deadline) {
+        self.end(deadline);
+    }
+
+    fn end(&mut self, deadline: Deadline) {
+        if self.slot.take().is_none() {
+            return;
+        }
         if !self.alive() {
-            self.clean_dead_master();
+            self.clean_dead_master(deadline);
             return;
         }
         if self.cfg.exit_idle {
-            let _ = exit_if_idle(
-                ssh,
-                &self.cfg.control_dir,
-                &self.name,
-                self.master,
-                &self.cfg,
-            );
+            let base = &self.control_path;
+            let _ = exit_if_idle(&self.ssh, base, &self.cfg, deadline);
         }
     }
 }
 
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // In a forked child the flocks are the parent's: only our copy of the fd closes.
+        if self.owner != std::process::id() {
+            self.slot = None;
+            return;
+        }
+        self.end(Deadline::after_ms(RELEASE_TIMEOUT_MS));
+    }
+}
+
 /// Runs an `ssh -O …` control command against a master.
-fn control(ssh: &Ssh, enforced: &[String], what: &str) -> Result<()> {
+fn control(ssh: &Ssh, enforced: &[String], what: &str, deadline: Deadline) -> Result<()> {
     let argv = ssh.argv_tail(enforced, &[]);
-    let (out, _) = ssh::run_argv(ssh, &argv, what, b"", &mut None, Deadline::after_ms(10_000))?;
+    let deadline = deadline.min(Deadline::after_ms(10_000));
+    let (out, _) = run_argv(ssh, &argv, what, b"", &mut None, deadline)?;
     // Unknown: a host with SIGCHLD ignored reaped it (the control commands are best effort).
     if matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
         return Ok(());
@@ -460,19 +317,17 @@ fn control(ssh: &Ssh, enforced: &[String], what: &str) -> Result<()> {
 
 /// Waits for the lock of master `m`.
 fn lock_master(path: &str, deadline: Deadline) -> Result<File> {
-    let f = crate::throttle::open_lock_file(path)?;
-    loop {
-        if try_lock(&f) {
-            return Ok(f);
-        }
-        if deadline.expired() {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!("shared ssh master lock '{path}' stayed busy until the deadline"),
-            ));
-        }
-        deadline.sleep(Duration::from_millis(5));
-    }
+    let f = open_lock_file(path)?;
+    poll_until(deadline, Duration::from_millis(5), || {
+        Ok(try_lock(&f).then_some(()))
+    })?
+    .ok_or_else(|| {
+        Error::new(
+            Kind::Timeout,
+            format!("shared ssh master lock '{path}' stayed busy until the deadline"),
+        )
+    })?;
+    Ok(f)
 }
 
 fn read_pid(path: &str) -> i32 {
@@ -482,40 +337,37 @@ fn read_pid(path: &str) -> i32 {
         .unwrap_or(0)
 }
 
-/// Stops master `m` of pool `name` if no session slot of it is held (`-O exit`).
-fn exit_if_idle(ssh: &Ssh, dir: &str, name: &str, m: u32, cfg: &Config) -> Result<bool> {
-    let base = format!("{dir}/{name}.{m}");
-    let lock = crate::throttle::open_lock_file(&format!("{base}.lock"))?;
+/// Stops the master at control socket `base` if no session slot of it is held (`-O exit`),
+/// by `deadline`.
+fn exit_if_idle(ssh: &Ssh, base: &str, cfg: &ShareConfig, deadline: Deadline) -> Result<bool> {
+    let lock = open_lock_file(&format!("{base}.lock"))?;
     if !try_lock(&lock) {
         return Ok(false);
     }
     let mut held = Vec::new();
     for k in 0..cfg.max_sessions {
-        let f = crate::throttle::open_lock_file(&format!("{base}.s{k}"))?;
+        let f = open_lock_file(&format!("{base}.s{k}"))?;
         if !try_lock(&f) {
             return Ok(false);
         }
         held.push(f);
     }
     let pid = read_pid(&format!("{base}.pid"));
-    if master_alive(pid, &base) {
-        let _ = control(
-            ssh,
-            &[
-                "-o".into(),
-                format!("ControlPath={base}"),
-                "-O".into(),
-                "exit".into(),
-            ],
-            "exit",
-        );
-        let deadline = Deadline::after_ms(5000);
-        while master_alive(pid, &base) && !deadline.expired() {
-            deadline.sleep(Duration::from_millis(5));
-        }
+    if master_alive(pid, base) {
+        let exit = [
+            "-o".into(),
+            format!("ControlPath={base}"),
+            "-O".into(),
+            "exit".into(),
+        ];
+        let _ = control(ssh, &exit, "exit", deadline);
+        let wait = deadline.min(Deadline::after_ms(5000));
+        poll_until(wait, Duration::from_millis(5), || {
+            Ok((!master_alive(pid, base)).then_some(()))
+        })?;
     }
-    if !master_alive(pid, &base) {
-        remove_if_socket(&base);
+    if !master_alive(pid, base) {
+        remove_if_socket(base);
         let _ = std::fs::remove_file(format!("{base}.pid"));
     }
     Ok(true)
@@ -523,7 +375,7 @@ fn exit_if_idle(ssh: &Ssh, dir: &str, name: &str, m: u32, cfg: &Config) -> Resul
 
 /// Starts master `m` (its lock held by the caller): `ssh -N` backgrounds itself once the
 /// control socket listens; `-O check` then names its pid.
-fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Result<i32> {
+fn start_master(ssh: &Ssh, cfg: &ShareConfig, base: &str, deadline: Deadline) -> Result<i32> {
     remove_if_socket(base);
     let _ = std::fs::remove_file(format!("{base}.pid"));
     let enforced = vec![
@@ -536,7 +388,7 @@ fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Resu
         "-N".into(),
     ];
     let argv = ssh.argv_tail(&enforced, &[]);
-    let (out, stderr) = ssh::run_retrying(ssh, &argv, "shared ssh master", b"", deadline)?;
+    let (out, stderr) = run_retrying(ssh, &argv, "shared ssh master", b"", deadline)?;
     // Unknown: a host with SIGCHLD ignored reaped the foreground ssh; `-O check` below tells
     // whether the master came up.
     if !matches!(out.exit, Exit::Code(0) | Exit::Unknown) {
@@ -559,7 +411,7 @@ fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Resu
         ],
         &[],
     );
-    let (out, _) = ssh::run_argv(ssh, &check, "ssh -O check", b"", &mut None, deadline)?;
+    let (out, _) = run_argv(ssh, &check, "ssh -O check", b"", &mut None, deadline)?;
     let pid = parse_check(&String::from_utf8_lossy(&out.stderr))
         .filter(|&p| master_alive(p, base))
         .ok_or_else(|| {
@@ -590,29 +442,26 @@ fn start_master(ssh: &Ssh, cfg: &Config, base: &str, deadline: Deadline) -> Resu
 /// `on_start` hears about a master being started (for logs).
 pub fn acquire(
     ssh: &Ssh,
-    cfg: &Config,
+    cfg: &ShareConfig,
     deadline: Deadline,
     mut on_start: impl FnMut(&str),
 ) -> Result<Lease> {
     prepare_dir(&cfg.control_dir)?;
     let name = pool_name(&identity(ssh, cfg));
     let dir = &cfg.control_dir;
-    let (master, slot) = loop {
-        if let Some(got) = take_session(dir, &name, cfg.max_sessions)? {
-            break got;
-        }
-        if deadline.expired() {
-            return Err(Error::new(
-                Kind::Timeout,
-                format!(
-                    "all {MAX_MASTERS} x {} shared ssh sessions to {} stayed busy until the deadline",
-                    cfg.max_sessions,
-                    ssh.destination()
-                ),
-            ));
-        }
-        deadline.sleep(Duration::from_millis(20));
-    };
+    let (master, slot) = poll_until(deadline, Duration::from_millis(20), || {
+        take_session(dir, &name, cfg.max_sessions)
+    })?
+    .ok_or_else(|| {
+        Error::new(
+            Kind::Timeout,
+            format!(
+                "all {MAX_MASTERS} x {} shared ssh sessions to {} stayed busy until the deadline",
+                cfg.max_sessions,
+                ssh.destination()
+            ),
+        )
+    })?;
     let base = format!("{dir}/{name}.{master}");
     let lock = lock_master(&format!("{base}.lock"), deadline)?;
     let mut pid = read_pid(&format!("{base}.pid"));
@@ -627,11 +476,11 @@ pub fn acquire(
     drop(lock);
     Ok(Lease {
         slot: Some(slot),
+        ssh: ssh.clone(),
         cfg: cfg.clone(),
-        name,
-        master,
         control_path: base,
         master_pid: pid,
+        owner: std::process::id(),
     })
 }
 
@@ -639,59 +488,7 @@ pub fn acquire(
 mod tests {
     use super::*;
     use crate::scratch::ScratchDir;
-    use serde_json::json;
-
-    #[test]
-    fn share_option_is_off_by_default_and_accepts_booleans_objects_and_command_line_strings() {
-        assert_eq!(Config::from_option(None).unwrap(), None);
-        assert_eq!(Config::from_option(Some(&json!(false))).unwrap(), None);
-        assert_eq!(Config::from_option(Some(&json!("0"))).unwrap(), None);
-        assert_eq!(
-            Config::from_option(Some(&json!(true))).unwrap(),
-            Some(Config::default())
-        );
-        assert_eq!(
-            Config::from_option(Some(&json!("1"))).unwrap(),
-            Some(Config::default())
-        );
-        let c = Config::from_option(Some(&json!({"control_dir": "/run/x", "persist_s": 5, "max_sessions": "2", "exit_idle": true})))
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            c,
-            Config {
-                control_dir: "/run/x".into(),
-                persist_s: 5,
-                max_sessions: 2,
-                exit_idle: true
-            }
-        );
-        let c = Config::from_option(Some(&json!(r#"{"persist_s": "7"}"#)))
-            .unwrap()
-            .unwrap();
-        assert_eq!(c.persist_s, 7);
-    }
-
-    #[test]
-    fn bad_share_options_are_refused_naming_the_key() {
-        for (v, want) in [
-            (json!({"persist_s": 0}), "share.persist_s"),
-            (json!({"max_sessions": 0}), "share.max_sessions"),
-            (json!({"max_sessions": -1}), "share.max_sessions"),
-            (json!({"control_dir": "run/x"}), "share.control_dir"),
-            (json!({"control_dir": "/run/../etc"}), "share.control_dir"),
-            (
-                json!({"control_dir": format!("/{}", "x".repeat(80))}),
-                "longer than",
-            ),
-            (json!({"persist": 5}), "unknown option 'share.persist'"),
-            (json!("maybe"), "option 'share'"),
-            (json!([1]), "option 'share'"),
-        ] {
-            let err = Config::from_option(Some(&v)).unwrap_err();
-            assert!(err.message.contains(want), "{v}: {}", err.message);
-        }
-    }
+    use crate::ssh::command::{MAX_CONTROL_DIR, SSH_TEMP_SUFFIX};
 
     #[test]
     fn control_dir_is_created_0700_and_bad_ones_are_refused() {
@@ -790,9 +587,23 @@ mod tests {
     }
 
     #[test]
-    fn liveness_needs_the_control_path_in_the_command_line() {
+    fn a_master_is_alive_only_while_it_holds_the_listening_control_socket() {
+        let scratch = ScratchDir::new("share-alive");
+        let ctl = scratch.path().join("c0123.0");
+        let ctl_s = ctl.to_str().unwrap();
         let me = std::process::id() as i32;
-        assert!(!master_alive(me, "/run/mtunnel/ssh-ctl/cx.0"));
-        assert!(!master_alive(0, "/x"));
+        assert!(!master_alive(me, ctl_s), "no socket yet");
+        let listener = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
+        assert!(
+            master_alive(me, ctl_s),
+            "we hold the listening control socket"
+        );
+        // A process that merely names the path in its argv is no master (pid 1 holds no such
+        // socket), and neither is a pid that does not exist.
+        assert!(!master_alive(1, ctl_s));
+        assert!(!master_alive(0, ctl_s));
+        drop(listener);
+        assert!(ctl.exists(), "the stale socket file stays");
+        assert!(!master_alive(me, ctl_s), "a stale socket file is no master");
     }
 }
