@@ -22,7 +22,11 @@ while [ "$1" != -- ]; do shift; done; shift
 case "$1" in
 *" qm mtunnel")
     echo 'tunnel online'; echo 'ver 1'
-    while read -r line; do echo OK; [ "$line" = quit ] && exit "$(cat "$dir/quit-exit" 2>/dev/null || echo 1)"; done ;;
+    while read -r line; do
+        # hang-quit: a tunnel that never answers quit and ignores SIGTERM
+        [ "$line" = quit ] && [ -e "$dir/hang-quit" ] && { trap '' TERM; while :; do sleep 1; done; }
+        echo OK; [ "$line" = quit ] && exit "$(cat "$dir/quit-exit" 2>/dev/null || echo 1)"
+    done ;;
 *)
     echo "$1" >> "$dir/cleanup-ran"
     exec sleep 60 ;;
@@ -100,6 +104,34 @@ fn tunnel_free_does_not_wait_long_for_a_hanging_remote_cleanup() {
     assert!(
         took < Duration::from_secs(15),
         "tunnel_free took {took:?} with a hanging remote cleanup"
+    );
+}
+
+#[test]
+fn tunnel_free_takes_at_most_cleanup_timeout_ms_when_every_step_hangs() {
+    let f = Fixture::new("free-total");
+    // quit is never answered (10 s of quit_timeout_ms), ssh ignores SIGTERM (5 s of
+    // exit_timeout_ms, then 2 s), the remote cleanup hangs (5 s): 22 s unbounded.
+    std::fs::write(f.dir.join("hang-quit"), "").unwrap();
+    let t = f.open();
+    let socket = f.dir.join("100.migrate");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let start = Instant::now();
+    // SAFETY: `t` is a live handle from tunnel_open, freed once and not used afterwards.
+    unsafe { tunnel_free(t) };
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "tunnel_free took {took:?}: more than cleanup_timeout_ms (5 s) and the kill"
+    );
+    assert!(!socket.exists(), "the local socket file was left");
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let children =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).unwrap_or_default();
+    assert!(
+        children.trim().is_empty(),
+        "children left after tunnel_free: {children}"
     );
 }
 

@@ -382,4 +382,43 @@ mod tests {
         assert!(e.tail_len <= STDERR_TAIL, "{}", e.tail_len);
         assert!(e.text().ends_with("line 999") && !e.text().contains("line 0 "));
     }
+
+    /// CPU time the calling thread has used.
+    fn thread_cpu() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the local it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn read_line_waits_quietly_once_stderr_is_closed() {
+        let ssh = Ssh::new(vec!["ssh".into(), "root@node".into()]).unwrap();
+        // Closes its stderr at once, keeps stdout open and sends nothing.
+        let argv = ["sh", "-c", "exec 2>&-; sleep 5"].map(String::from);
+        let (mut child, sock, err_r) = ssh.spawn_argv(&argv).unwrap();
+        let (mut lines, mut stderr) = (LineDecoder::new(4096), Stderr::default());
+        let cpu = thread_cpu();
+        let got = read_line(
+            &mut lines,
+            &sock,
+            &err_r,
+            &mut stderr,
+            &mut child,
+            Deadline::after_ms(2000),
+            |_| {},
+        );
+        let used = thread_cpu() - cpu;
+        assert_eq!(got.unwrap_err().kind, Kind::Timeout);
+        assert!(stderr.closed(), "the end of stderr was not noticed");
+        // Polling the closed pipe again and again would burn the 2 s in a loop.
+        assert!(
+            used < std::time::Duration::from_millis(200),
+            "waiting 2 s for a line used {used:?} of CPU"
+        );
+        let _ = child.terminate(Deadline::after_ms(0), Deadline::after_ms(0));
+    }
 }

@@ -606,4 +606,34 @@ mod tests {
         assert!(ctl.exists(), "the stale socket file stays");
         assert!(!master_alive(me, ctl_s), "a stale socket file is no master");
     }
+
+    #[test]
+    fn dropping_a_lease_of_a_dead_master_removes_its_files() {
+        let scratch = ScratchDir::new("share-drop");
+        let base = scratch.path().join("c0123456789abcdef.0");
+        let base_s = base.to_str().unwrap().to_string();
+        // A master that died: its socket file and pid file stay, nobody listens.
+        drop(std::os::unix::net::UnixListener::bind(&base).unwrap());
+        let dead_pid = i32::MAX;
+        std::fs::write(format!("{base_s}.pid"), format!("{dead_pid}\n")).unwrap();
+        let slot = open_lock_file(&format!("{base_s}.s0")).unwrap();
+        assert!(try_lock(&slot));
+        let lease = Lease {
+            slot: Some(slot),
+            ssh: Ssh::new(vec!["ssh".into(), "root@198.18.0.2".into()]).unwrap(),
+            cfg: ShareConfig::default(),
+            control_path: base_s.clone(),
+            master_pid: dead_pid,
+            owner: std::process::id(),
+        };
+        // An early return drops the lease without calling release.
+        drop(lease);
+        assert!(!base.exists(), "the dead master's control socket was left");
+        assert!(
+            !std::path::Path::new(&format!("{base_s}.pid")).exists(),
+            "the dead master's pid file was left"
+        );
+        let again = open_lock_file(&format!("{base_s}.s0")).unwrap();
+        assert!(try_lock(&again), "the session slot is still held");
+    }
 }
