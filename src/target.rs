@@ -45,139 +45,164 @@ fn tcp_host_ok(host: &str) -> bool {
 /// socket forward can carry).
 pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<Value> {
     validate::vmid(vmid)?;
-    let mut result = Map::new();
-    let mut nbd = Vec::new();
-    let mut replicated = Vec::new();
-    let mut messages = Vec::new();
-    let check_socket = |path: &str| -> Result<()> {
-        let id = validate::socket_path(path, socket_dir)
-            .map_err(|e| Error::new(Kind::Protocol, e.message))?;
-        if id != vmid {
-            return Err(Error::new(
-                Kind::Protocol,
-                format!("destination UNIX socket's VMID {id} does not match source VMID {vmid}"),
-            ));
-        }
-        Ok(())
+    let mut parsed = StartOutput {
+        vmid,
+        socket_dir,
+        result: Map::new(),
+        nbd: Vec::new(),
+        replicated: Vec::new(),
+        messages: Vec::new(),
     };
     for line in output.lines() {
-        let line = line.trim_end_matches('\r');
-        let shown = || printable(line.as_bytes(), 200);
+        parsed.line(line.trim_end_matches('\r'))?;
+    }
+    parsed.finish()
+}
+
+/// What the lines of `qm start` said so far; one method per kind of line.
+struct StartOutput<'a> {
+    vmid: &'a str,
+    socket_dir: &'a str,
+    result: Map<String, Value>,
+    nbd: Vec<Value>,
+    replicated: Vec<Value>,
+    messages: Vec<Value>,
+}
+
+/// A [`Kind::Protocol`] error: the target said something QemuMigrate.pm would not take.
+fn protocol(message: impl Into<String>) -> Error {
+    Error::new(Kind::Protocol, message)
+}
+
+impl StartOutput<'_> {
+    /// Takes one line: an address line, a storage line, a replicated volume, spice's port,
+    /// or a message (a `QEMU: ` line or any other text).
+    fn line(&mut self, line: &str) -> Result<()> {
+        let shown = printable(line.as_bytes(), 200);
         if let Some(addr) = line.strip_prefix("migration listens on ") {
-            // One address only: a second one could pair a forwarded socket with another URI.
-            if result.contains_key("uri") {
-                return Err(Error::new(
-                    Kind::Protocol,
-                    "target reported more than one migration address",
-                ));
-            }
-            if let Some(path) = addr.strip_prefix("unix:") {
-                if !path.ends_with(".migrate") || path.ends_with("_nbd.migrate") {
-                    return Err(Error::new(
-                        Kind::Protocol,
-                        format!("unexpected migration socket in '{}'", shown()),
-                    ));
-                }
-                check_socket(path)?;
-                result.insert("uri".into(), json!(addr));
-                result.insert("socket".into(), json!(path));
-            } else if addr.strip_prefix("port ").and_then(port).is_some() {
-                return Err(Error::new(
-                    Kind::Protocol,
-                    format!(
-                        "target answered with the legacy address '{}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target",
-                        shown()
-                    ),
-                ));
-            } else if let Some((host, p)) =
-                addr.strip_prefix("tcp:").and_then(|a| a.rsplit_once(':'))
-            {
-                let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(|| {
-                    Error::new(
-                        Kind::Protocol,
-                        format!("unexpected migration address in '{}'", shown()),
-                    )
-                })?;
-                result.insert("uri".into(), json!(format!("tcp:{host}:{p}")));
-            } else {
-                return Err(Error::new(
-                    Kind::Protocol,
-                    format!("unexpected migration address in '{}'", shown()),
-                ));
-            }
+            self.migration_address(addr, &shown)
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:unix:") {
-            let bad = || {
-                Error::new(
-                    Kind::Protocol,
-                    format!("unexpected storage migration line '{}'", shown()),
-                )
-            };
-            let (path, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
-            let (export, volume) = export_volume(rest).ok_or_else(bad)?;
-            check_socket(path)?;
-            if !path.ends_with("_nbd.migrate") {
-                return Err(Error::new(
-                    Kind::Protocol,
-                    format!("unexpected NBD socket '{path}'"),
-                ));
-            }
-            nbd.push(json!({
-                "drive": export.replace("drive-", ""),
-                "uri": format!("nbd:unix:{path}:exportname={export}"),
-                "socket": path,
-                "volume": volume,
-            }));
+            self.nbd_unix(rest, &shown)
         } else if let Some(rest) = line.strip_prefix("storage migration listens on nbd:") {
-            let bad = || {
-                Error::new(
-                    Kind::Protocol,
-                    format!("unexpected storage migration line '{}'", shown()),
-                )
-            };
-            let (addr, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
-            let (host, p) = addr.rsplit_once(':').ok_or_else(bad)?;
-            let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(bad)?;
-            let (export, volume) = export_volume(rest).ok_or_else(bad)?;
-            nbd.push(json!({
-                "drive": export.replace("drive-", ""),
-                "uri": format!("nbd:{host}:{p}:exportname={export}"),
-                "volume": volume,
-            }));
+            self.nbd_tcp(rest, &shown)
         } else if let Some(rest) = line.strip_prefix("re-using replicated volume: ") {
-            let (drive, volume) = rest
-                .split_once(" - ")
-                .filter(|(d, v)| word(d) && !v.is_empty() && !v.chars().any(char::is_control))
-                .ok_or_else(|| {
-                    Error::new(
-                        Kind::Protocol,
-                        format!("unexpected replicated volume line '{}'", shown()),
-                    )
-                })?;
-            replicated.push(json!({"drive": drive, "volume": volume}));
+            self.replicated_volume(rest, &shown)
         } else if let Some(p) = line.strip_prefix("spice listens on port ") {
-            let p = port(p).ok_or_else(|| {
-                Error::new(
-                    Kind::Protocol,
-                    format!("unexpected spice port in '{}'", shown()),
-                )
-            })?;
-            result.insert("spice_port".into(), json!(p));
-        } else if let Some(msg) = line.strip_prefix("QEMU: ") {
-            messages.push(json!(printable(msg.as_bytes(), 1000)));
-        } else if !line.trim().is_empty() {
-            messages.push(json!(printable(line.as_bytes(), 1000)));
+            let p =
+                port(p).ok_or_else(|| protocol(format!("unexpected spice port in '{shown}'")))?;
+            self.result.insert("spice_port".into(), json!(p));
+            Ok(())
+        } else {
+            let msg = line.strip_prefix("QEMU: ").unwrap_or(line);
+            if !msg.trim().is_empty() || line.starts_with("QEMU: ") {
+                self.messages.push(json!(printable(msg.as_bytes(), 1000)));
+            }
+            Ok(())
         }
     }
-    if !result.contains_key("uri") {
-        return Err(Error::new(
-            Kind::Protocol,
-            "unable to detect remote migration address",
-        ));
+
+    /// A socket the target named must be in the socket directory and carry our VMID.
+    fn check_socket(&self, path: &str) -> Result<()> {
+        let id = validate::socket_path(path, self.socket_dir).map_err(|e| protocol(e.message))?;
+        if id != self.vmid {
+            return Err(protocol(format!(
+                "destination UNIX socket's VMID {id} does not match source VMID {}",
+                self.vmid
+            )));
+        }
+        Ok(())
     }
-    result.insert("nbd".into(), Value::Array(nbd));
-    result.insert("replicated".into(), Value::Array(replicated));
-    result.insert("messages".into(), Value::Array(messages));
-    Ok(Value::Object(result))
+
+    /// `migration listens on unix:PATH` or `tcp:HOST:PORT`; the legacy `port N` is refused.
+    fn migration_address(&mut self, addr: &str, shown: &str) -> Result<()> {
+        // One address only: a second one could pair a forwarded socket with another URI.
+        if self.result.contains_key("uri") {
+            return Err(protocol("target reported more than one migration address"));
+        }
+        let unexpected = || protocol(format!("unexpected migration address in '{shown}'"));
+        if let Some(path) = addr.strip_prefix("unix:") {
+            if !path.ends_with(".migrate") || path.ends_with("_nbd.migrate") {
+                return Err(protocol(format!(
+                    "unexpected migration socket in '{shown}'"
+                )));
+            }
+            self.check_socket(path)?;
+            self.result.insert("uri".into(), json!(addr));
+            self.result.insert("socket".into(), json!(path));
+        } else if addr.strip_prefix("port ").and_then(port).is_some() {
+            return Err(protocol(format!(
+                "target answered with the legacy address '{shown}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target"
+            )));
+        } else {
+            let (host, p) = addr
+                .strip_prefix("tcp:")
+                .and_then(|a| a.rsplit_once(':'))
+                .ok_or_else(unexpected)?;
+            let p = port(p)
+                .filter(|_| tcp_host_ok(host))
+                .ok_or_else(unexpected)?;
+            self.result
+                .insert("uri".into(), json!(format!("tcp:{host}:{p}")));
+        }
+        Ok(())
+    }
+
+    /// `storage migration listens on nbd:unix:PATH:exportname=EXPORT volume:VOLUME`.
+    fn nbd_unix(&mut self, rest: &str, shown: &str) -> Result<()> {
+        let bad = || protocol(format!("unexpected storage migration line '{shown}'"));
+        let (path, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
+        let (export, volume) = export_volume(rest).ok_or_else(bad)?;
+        self.check_socket(path)?;
+        if !path.ends_with("_nbd.migrate") {
+            return Err(protocol(format!("unexpected NBD socket '{path}'")));
+        }
+        self.nbd.push(json!({
+            "drive": export.replace("drive-", ""),
+            "uri": format!("nbd:unix:{path}:exportname={export}"),
+            "socket": path,
+            "volume": volume,
+        }));
+        Ok(())
+    }
+
+    /// `storage migration listens on nbd:HOST:PORT:exportname=EXPORT volume:VOLUME`.
+    fn nbd_tcp(&mut self, rest: &str, shown: &str) -> Result<()> {
+        let bad = || protocol(format!("unexpected storage migration line '{shown}'"));
+        let (addr, rest) = rest.split_once(":exportname=").ok_or_else(bad)?;
+        let (host, p) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let p = port(p).filter(|_| tcp_host_ok(host)).ok_or_else(bad)?;
+        let (export, volume) = export_volume(rest).ok_or_else(bad)?;
+        self.nbd.push(json!({
+            "drive": export.replace("drive-", ""),
+            "uri": format!("nbd:{host}:{p}:exportname={export}"),
+            "volume": volume,
+        }));
+        Ok(())
+    }
+
+    /// `re-using replicated volume: DRIVE - VOLUME`.
+    fn replicated_volume(&mut self, rest: &str, shown: &str) -> Result<()> {
+        let (drive, volume) = rest
+            .split_once(" - ")
+            .filter(|(d, v)| word(d) && !v.is_empty() && !v.chars().any(char::is_control))
+            .ok_or_else(|| protocol(format!("unexpected replicated volume line '{shown}'")))?;
+        self.replicated
+            .push(json!({"drive": drive, "volume": volume}));
+        Ok(())
+    }
+
+    /// The result once every line is read: without a migration address there is none.
+    fn finish(mut self) -> Result<Value> {
+        if !self.result.contains_key("uri") {
+            return Err(protocol("unable to detect remote migration address"));
+        }
+        self.result.insert("nbd".into(), Value::Array(self.nbd));
+        self.result
+            .insert("replicated".into(), Value::Array(self.replicated));
+        self.result
+            .insert("messages".into(), Value::Array(self.messages));
+        Ok(Value::Object(self.result))
+    }
 }
 
 #[cfg(test)]
