@@ -5,7 +5,7 @@ PROVE   ?= prove
 LIB     := target/release/libmtunnel.so
 PERL5   := -Iperl/lib -It/lib
 
-.PHONY: all setup tidy tidy-check build header header-check examples test test-rust test-c test-perl test-upstream test-series test-deb deb demo bench lab-down clean fuzz
+.PHONY: all setup tidy tidy-check build header header-check examples check test test-rust test-c test-perl test-upstream test-series test-deb deb demo bench lab-down clean fuzz
 
 all: build
 
@@ -31,6 +31,16 @@ header:
 	MTUNNEL_WRITE_HEADER=1 $(CARGO) build --release --locked
 
 examples: build
+
+# The quick loop (a few minutes at most): cargo's tests, the C example's argument checks and
+# every prove test that needs no lab (those that do not use t/lib/MTunnelLab.pm or
+# UpstreamLab.pm). `make test` stays the full suite; CI runs that.
+NOLAB_TESTS = $(shell grep -L -e MTunnelLab -e UpstreamLab t/*.t)
+
+check: build
+	@$(MAKE) --no-print-directory test-rust test-c
+	MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run $(PROVE) $(PERL5) $(NOLAB_TESTS)
+	@echo "make check: passed (the lab tests run with make test)"
 
 test: build
 	@$(MAKE) --no-print-directory test-rust test-c test-perl test-upstream test-deb
