@@ -24,6 +24,8 @@
 
 pub(crate) mod blockjob;
 pub mod error;
+#[cfg(test)]
+mod fake_qmp;
 pub mod ffi;
 pub mod io;
 pub(crate) mod listen;

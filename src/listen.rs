@@ -11,12 +11,18 @@ const ACCEPTCON: u32 = 0x0001_0000;
 
 /// Inodes of listening sockets bound to `path`, from the text of /proc/net/unix.
 pub(crate) fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
+    listening_inodes_where(proc_net_unix, |p| p == path)
+}
+
+/// Inodes of listening sockets whose bound path passes `bound`. The path is the one given to
+/// `bind`: a socket file renamed or linked elsewhere afterwards still shows its first name.
+fn listening_inodes_where(proc_net_unix: &str, bound: impl Fn(&str) -> bool) -> Vec<u64> {
     proc_net_unix
         .lines()
         .skip(1)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || fields[7..].join(" ") != path {
+            if fields.len() < 8 || !bound(&fields[7..].join(" ")) {
                 return None;
             }
             let flags = u32::from_str_radix(fields[3], 16).ok()?;
@@ -43,13 +49,18 @@ pub(crate) fn socket_inodes(pid: i32) -> Result<HashSet<u64>> {
 /// Whether `path` is a listening socket held by process `pid`. A stale socket file, or one
 /// bound by some other process, does not count.
 pub(crate) fn is_listening(path: &str, pid: i32) -> Result<bool> {
+    holds_listener(pid, |p| p == path)
+}
+
+/// Whether process `pid` holds a listening socket whose bound path passes `bound`.
+pub(crate) fn holds_listener(pid: i32, bound: impl Fn(&str) -> bool) -> Result<bool> {
     let table = std::fs::read_to_string("/proc/net/unix").map_err(|e| {
         Error::new(
             crate::error::Kind::Io,
             format!("reading /proc/net/unix: {e}"),
         )
     })?;
-    let candidates = listening_inodes(&table, path);
+    let candidates = listening_inodes_where(&table, bound);
     if candidates.is_empty() {
         return Ok(false);
     }

@@ -125,13 +125,9 @@ for my $case (
 
 # --- load: 1000 open/close cycles, no growth in fds or processes
 {
-    # A stand-in for ssh that speaks the tunnel protocol at once: a real handshake costs
-    # ~0.3 s, so the real sshd gets 50 cycles below and the stand-in gets the 1000.
-    my $fake = "$tmp/ssh";
-    open(my $fh, '>', $fake) or die;
-    print $fh "#!/bin/sh\necho 'tunnel online'; echo 'ver 1'; read cmd; echo OK\n";
-    close $fh;
-    chmod 0755, $fake;
+    # The tests' fake ssh speaks the tunnel protocol at once: a real handshake costs ~0.3 s,
+    # so the real sshd gets 50 cycles below and the fake gets the 1000.
+    my $fake = "$top/tests/fake-ssh";
     my ($fds, @kids) = (fd_count(), children());
     for (1 .. 1000) {
         my $t = PVE::MTunnel->open(ssh => [$fake, 'root@198.18.0.2'], handshake_slots => 0);

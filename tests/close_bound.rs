@@ -10,28 +10,13 @@ use mtunnel::ffi::tunnel::{
 };
 use mtunnel::ffi::{MTUNNEL_OK, mtunnel_string_free};
 use std::ffi::{CString, c_char};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The fake: everything up to `--` is ssh options; the tunnel command greets and answers `OK`
-/// (exiting on `quit`), anything else (the remote cleanup) records that it ran and hangs.
-const FAKE_SSH: &str = r#"#!/bin/sh
-dir=$(dirname "$0")
-while [ "$1" != -- ]; do shift; done; shift
-case "$1" in
-*" qm mtunnel")
-    echo 'tunnel online'; echo 'ver 1'
-    while read -r line; do
-        # hang-quit: a tunnel that never answers quit and ignores SIGTERM
-        [ "$line" = quit ] && [ -e "$dir/hang-quit" ] && { trap '' TERM; while :; do sleep 1; done; }
-        echo OK; [ "$line" = quit ] && exit "$(cat "$dir/quit-exit" 2>/dev/null || echo 1)"
-    done ;;
-*)
-    echo "$1" >> "$dir/cleanup-ran"
-    exec sleep 60 ;;
-esac
-"#;
+/// The tests' one fake ssh (see its header): greets and answers `OK` on the tunnel; the
+/// fixture's directory is its state (`hang-commands`: the remote cleanup records that it ran
+/// and hangs).
+const FAKE_SSH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake-ssh");
 
 struct Fixture {
     dir: PathBuf,
@@ -42,9 +27,7 @@ impl Fixture {
         let dir = std::env::temp_dir().join(format!("mt-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let fake = dir.join("ssh");
-        std::fs::write(&fake, FAKE_SSH).unwrap();
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("hang-commands"), "").unwrap();
         Fixture { dir }
     }
 
@@ -52,7 +35,7 @@ impl Fixture {
     fn open(&self) -> *mut mtunnel_tunnel {
         let dir = self.dir.to_str().unwrap();
         let opts = serde_json::json!({
-            "ssh": [format!("{dir}/ssh"), "root@node"],
+            "ssh": [FAKE_SSH, "-o", format!("FakeState={dir}"), "root@node"],
             "forwards": [format!("{dir}/100.migrate")],
             "socket_dir": dir,
             "handshake_slots": 0,
@@ -75,7 +58,7 @@ impl Fixture {
     }
 
     fn cleanup_ran(&self) -> bool {
-        self.dir.join("cleanup-ran").exists()
+        self.dir.join("commands-ran").exists()
     }
 }
 

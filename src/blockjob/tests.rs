@@ -2,136 +2,57 @@
 //! but any number of them in turn, since every look at the jobs is a new connection.
 
 use super::*;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::fake_qmp::{FakeQmp, Reply};
 
-use crate::scratch::ScratchDir;
-
-/// A reply of the scripted monitor: a `return` value, or an error class and description.
-type Reply = std::result::Result<Value, (&'static str, String)>;
-
-struct Monitor {
-    /// removed after the server thread ended (fields drop after `Drop::drop`)
-    _dir: ScratchDir,
-    path: String,
-    stop: Arc<AtomicBool>,
-    /// `(command, arguments)` of every request but `qmp_capabilities`, in order.
-    seen: Arc<Mutex<Vec<(String, Value)>>>,
-    connections: Arc<AtomicUsize>,
-    handle: Option<std::thread::JoinHandle<()>>,
+/// A monitor answering every command but `qmp_capabilities` with `respond(command, args)`.
+fn monitor(tag: &str, respond: impl FnMut(&str, &Value) -> Reply + Send + 'static) -> FakeQmp {
+    FakeQmp::answering(&format!("blockjob-{tag}"), respond)
 }
 
-const GREETING: &str = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n";
-
-impl Monitor {
-    /// Greets each client, answers `qmp_capabilities` itself and every other request with
-    /// `respond(command, arguments)`, each reply preceded by an event (to be skipped).
-    fn start(
-        tag: &str,
-        mut respond: impl FnMut(&str, &Value) -> Reply + Send + 'static,
-    ) -> Monitor {
-        let dir = ScratchDir::new(&format!("blockjob-{tag}"));
-        let path = dir.path().join("100.qmp");
-        let listener = UnixListener::bind(&path).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (stop2, seen2, connections2) = (stop.clone(), seen.clone(), connections.clone());
-        let handle = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                connections2.fetch_add(1, Ordering::SeqCst);
-                let mut w = conn.try_clone().unwrap();
-                if w.write_all(GREETING.as_bytes()).is_err() {
-                    continue;
-                }
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { break };
-                    let req: Value = serde_json::from_str(&line).unwrap();
-                    let command = req["execute"].as_str().unwrap_or("").to_string();
-                    let args = req.get("arguments").cloned().unwrap_or(Value::Null);
-                    let reply = if command == "qmp_capabilities" {
-                        Ok(json!({}))
-                    } else {
-                        seen2.lock().unwrap().push((command.clone(), args.clone()));
-                        respond(&command, &args)
-                    };
-                    let body = match reply {
-                        Ok(ret) => json!({"return": ret, "id": req["id"]}),
-                        Err((class, desc)) => {
-                            json!({"error": {"class": class, "desc": desc}, "id": req["id"]})
-                        }
-                    };
-                    let text = format!(
-                        "{{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {{}}, \"timestamp\": {{}}}}\r\n{body}\r\n"
-                    );
-                    if w.write_all(text.as_bytes()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Monitor {
-            path: path.to_str().unwrap().into(),
-            _dir: dir,
-            stop,
-            seen,
-            connections,
-            handle: Some(handle),
+/// A monitor whose `query-block-jobs` answers are `looks`, one per call (the last one
+/// repeats), and that answers every other command with `other(command, arguments)`.
+fn jobs_monitor(
+    tag: &str,
+    looks: Vec<Value>,
+    mut other: impl FnMut(&str, &Value) -> Reply + Send + 'static,
+) -> FakeQmp {
+    let mut n = 0;
+    monitor(tag, move |command, args| {
+        if command == "query-block-jobs" {
+            n += 1;
+            Ok(looks[(n - 1).min(looks.len() - 1)].clone())
+        } else {
+            other(command, args)
         }
-    }
+    })
+}
 
-    /// A monitor whose `query-block-jobs` answers are `looks`, one per call (the last one
-    /// repeats), and that answers every other command with `other(command, arguments)`.
-    fn jobs(
-        tag: &str,
-        looks: Vec<Value>,
-        mut other: impl FnMut(&str, &Value) -> Reply + Send + 'static,
-    ) -> Monitor {
-        let mut n = 0;
-        Monitor::start(tag, move |command, args| {
-            if command == "query-block-jobs" {
-                n += 1;
-                Ok(looks[(n - 1).min(looks.len() - 1)].clone())
-            } else {
-                other(command, args)
-            }
+/// `(command, arguments)` of every request but `qmp_capabilities`, in order.
+fn seen(m: &FakeQmp) -> Vec<(String, Value)> {
+    m.requests()
+        .into_iter()
+        .map(|r| {
+            let command = r["execute"].as_str().unwrap_or("").to_string();
+            (command, r.get("arguments").cloned().unwrap_or(Value::Null))
         })
-    }
-
-    fn seen(&self) -> Vec<(String, Value)> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// The commands it was sent, `query-block-jobs` left out.
-    fn commands(&self) -> Vec<(String, Value)> {
-        self.seen()
-            .into_iter()
-            .filter(|(c, _)| c != "query-block-jobs")
-            .collect()
-    }
-
-    fn looks(&self) -> usize {
-        self.seen()
-            .iter()
-            .filter(|(c, _)| c == "query-block-jobs")
-            .count()
-    }
+        .filter(|(c, _)| c != "qmp_capabilities")
+        .collect()
 }
 
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+/// The commands it was sent, `query-block-jobs` left out.
+fn commands(m: &FakeQmp) -> Vec<(String, Value)> {
+    seen(m)
+        .into_iter()
+        .filter(|(c, _)| c != "query-block-jobs")
+        .collect()
+}
+
+/// How often it was asked for the jobs.
+fn looks(m: &FakeQmp) -> usize {
+    seen(m)
+        .iter()
+        .filter(|(c, _)| c == "query-block-jobs")
+        .count()
 }
 
 fn ok(_: &str, _: &Value) -> Reply {
@@ -154,7 +75,7 @@ const MIB16: u64 = 16 << 20;
 
 #[test]
 fn start_sends_drive_mirror_with_pve_arguments_and_speed_only_when_given() {
-    let m = Monitor::start("start", ok);
+    let m = monitor("start", ok);
     let job = mirror_start(&m.path, "drive-scsi0", NBD, &MirrorOptions::default()).unwrap();
     assert_eq!(job, "drive-scsi0", "the job id is the device");
     let opts =
@@ -167,7 +88,7 @@ fn start_sends_drive_mirror_with_pve_arguments_and_speed_only_when_given() {
     )
     .unwrap();
     assert_eq!(
-        m.commands(),
+        commands(&m),
         [
             (
                 "drive-mirror".to_string(),
@@ -280,7 +201,7 @@ fn bad_devices_and_targets_are_refused_before_connecting() {
 
 #[test]
 fn qemus_refusal_is_a_qmp_error_with_its_description() {
-    let m = Monitor::start("refused", |_, _| {
+    let m = monitor("refused", |_, _| {
         Err(("GenericError", "Device 'drive-ide0' is busy".into()))
     });
     let e = mirror_start(&m.path, "drive-ide0", NBD, &MirrorOptions::default()).unwrap_err();
@@ -301,7 +222,7 @@ fn qemus_refusal_is_a_qmp_error_with_its_description() {
 
 #[test]
 fn status_reports_each_listed_job_in_the_callers_order() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "status",
         vec![json!([
             job("drive-scsi0", "ready", MIB16, MIB16),
@@ -321,15 +242,15 @@ fn status_reports_each_listed_job_in_the_callers_order() {
         ]})
     );
     assert!(
-        m.commands().is_empty(),
+        commands(&m).is_empty(),
         "a look sends nothing else: {:?}",
-        m.commands()
+        commands(&m)
     );
 }
 
 #[test]
 fn a_vanished_job_is_named() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "vanished",
         vec![json!([job("drive-scsi0", "ready", 1, 1)])],
         ok,
@@ -347,7 +268,7 @@ fn a_job_concluded_with_an_error_is_dismissed_and_named() {
     let mut failed = job("drive-scsi0", "concluded", 3 << 20, MIB16);
     failed["error"] = json!("Input/output error");
     failed["io-status"] = json!("failed");
-    let m = Monitor::jobs("failed", vec![json!([failed])], ok);
+    let m = jobs_monitor("failed", vec![json!([failed])], ok);
     let e = jobs_status(&m.path, &ids(&["drive-scsi0"]), 5000).unwrap_err();
     assert_eq!(e.kind, Kind::Qmp);
     assert_eq!(
@@ -355,7 +276,7 @@ fn a_job_concluded_with_an_error_is_dismissed_and_named() {
         "drive-scsi0: mirror failed: Input/output error (io-status: failed)"
     );
     assert_eq!(
-        m.commands(),
+        commands(&m),
         [("job-dismiss".to_string(), json!({"id": "drive-scsi0"}))]
     );
 }
@@ -370,21 +291,17 @@ fn wait_ready_looks_on_a_new_connection_each_time_until_all_are_ready() {
         job("drive-scsi0", "ready", MIB16, MIB16),
         job("drive-scsi1", "ready", 1, 1)
     ]);
-    let m = Monitor::jobs("ready", vec![running.clone(), running, ready], ok);
+    let m = jobs_monitor("ready", vec![running.clone(), running, ready], ok);
     let st = wait_ready(&m.path, &ids(&["drive-scsi0", "drive-scsi1"]), 5000, 10).unwrap();
     assert_eq!(st["all_ready"], true);
     assert_eq!(st["jobs"][0]["offset"], MIB16);
-    assert_eq!(m.looks(), 3);
-    assert_eq!(
-        m.connections.load(Ordering::SeqCst),
-        3,
-        "the monitor is not held between looks"
-    );
+    assert_eq!(looks(&m), 3);
+    assert_eq!(m.connections(), 3, "the monitor is not held between looks");
 }
 
 #[test]
 fn wait_ready_timeout_names_the_jobs_not_ready_with_their_progress() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "notready",
         vec![json!([
             job("drive-scsi0", "running", 1 << 20, MIB16),
@@ -413,12 +330,12 @@ fn wait_ready_timeout_names_the_jobs_not_ready_with_their_progress() {
         "{}",
         e.message
     );
-    assert!(m.looks() >= 3, "polled: {}", m.looks());
+    assert!(looks(&m) >= 3, "polled: {}", looks(&m));
 }
 
 #[test]
 fn finish_cancels_without_force_and_waits_until_the_jobs_are_gone() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "finish",
         vec![
             json!([
@@ -449,7 +366,7 @@ fn finish_cancels_without_force_and_waits_until_the_jobs_are_gone() {
     );
     let c = |name: &str, args: Value| (name.to_string(), args);
     assert_eq!(
-        m.commands(),
+        commands(&m),
         [
             c("block-job-cancel", json!({"device": "drive-scsi0"})),
             c("block-job-cancel", json!({"device": "drive-scsi1"})),
@@ -459,7 +376,7 @@ fn finish_cancels_without_force_and_waits_until_the_jobs_are_gone() {
         "no force: a ready mirror syncs the target, then ends without pivoting"
     );
     assert_eq!(
-        m.looks(),
+        looks(&m),
         4,
         "every concluded job was dismissed once, then nothing was left"
     );
@@ -467,21 +384,21 @@ fn finish_cancels_without_force_and_waits_until_the_jobs_are_gone() {
 
 #[test]
 fn finish_with_complete_sends_job_complete() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "complete",
         vec![json!([job("drive-scsi0", "ready", 1, 1)]), json!([])],
         ok,
     );
     finish(&m.path, &ids(&["drive-scsi0"]), Finish::Complete, 5000).unwrap();
     assert_eq!(
-        m.commands(),
+        commands(&m),
         [("job-complete".to_string(), json!({"id": "drive-scsi0"}))]
     );
 }
 
 #[test]
 fn finish_refuses_jobs_that_are_not_ready_and_sends_nothing() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "finishnotready",
         vec![json!([
             job("drive-scsi0", "ready", 1, 1),
@@ -501,14 +418,14 @@ fn finish_refuses_jobs_that_are_not_ready_and_sends_nothing() {
         e.message,
         "drive-scsi1 at 1048576 of 4194304 bytes (25.00%) is not ready (status 'running'): wait until every mirror is ready before finishing"
     );
-    assert!(m.commands().is_empty(), "{:?}", m.commands());
+    assert!(commands(&m).is_empty(), "{:?}", commands(&m));
 }
 
 #[test]
 fn finish_names_a_job_that_failed_while_ending() {
     let mut failed = job("drive-scsi0", "concluded", 1, 2);
     failed["error"] = json!("Input/output error");
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "finishfailed",
         vec![json!([job("drive-scsi0", "ready", 1, 1)]), json!([failed])],
         ok,
@@ -520,7 +437,7 @@ fn finish_names_a_job_that_failed_while_ending() {
         "drive-scsi0: mirror failed: Input/output error (io-status: ok)"
     );
     assert_eq!(
-        m.commands().last().unwrap(),
+        commands(&m).last().unwrap(),
         &("job-dismiss".to_string(), json!({"id": "drive-scsi0"}))
     );
 }
@@ -529,7 +446,7 @@ fn finish_names_a_job_that_failed_while_ending() {
 fn cancel_forces_tolerates_unknown_and_concluded_jobs_and_dismisses() {
     let mut cancelled = job("drive-scsi0", "concluded", 1, 2);
     cancelled["error"] = json!("Operation canceled");
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "cancel",
         vec![
             json!([cancelled, job("drive-scsi2", "concluded", 2, 2)]),
@@ -559,7 +476,7 @@ fn cancel_forces_tolerates_unknown_and_concluded_jobs_and_dismisses() {
     );
     let c = |name: &str, args: Value| (name.to_string(), args);
     assert_eq!(
-        m.commands(),
+        commands(&m),
         [
             c(
                 "block-job-cancel",
@@ -581,7 +498,7 @@ fn cancel_forces_tolerates_unknown_and_concluded_jobs_and_dismisses() {
 
 #[test]
 fn cancel_fails_on_its_deadline_naming_what_is_left() {
-    let m = Monitor::jobs(
+    let m = jobs_monitor(
         "cancelstuck",
         vec![json!([job("drive-scsi0", "running", 1 << 20, 2 << 20)])],
         ok,

@@ -1,132 +1,7 @@
 //! QMP against a scripted socket server (a thread in the test; the library has none).
 
 use super::*;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
-
-use crate::scratch::ScratchDir;
-
-struct Server {
-    _dir: ScratchDir,
-    path: String,
-    handle: Option<std::thread::JoinHandle<Vec<Value>>>,
-}
-
-impl Server {
-    /// Serves one client: sends `greeting` (if any), then answers each request with
-    /// `respond(request)` lines. Returns the requests it saw.
-    fn start(
-        tag: &str,
-        greeting: Option<&'static str>,
-        respond: impl Fn(&Value) -> Vec<String> + Send + 'static,
-    ) -> Server {
-        Server::serve(tag, move |conn| {
-            let mut w = conn.try_clone().unwrap();
-            let mut seen = Vec::new();
-            if let Some(g) = greeting {
-                w.write_all(g.as_bytes()).unwrap();
-            }
-            for line in BufReader::new(conn).lines() {
-                let Ok(line) = line else { break };
-                let req: Value = serde_json::from_str(&line).unwrap();
-                for reply in respond(&req) {
-                    if w.write_all(reply.as_bytes()).is_err() {
-                        break;
-                    }
-                }
-                seen.push(req);
-            }
-            seen
-        })
-    }
-
-    /// Serves one client with `script`, which talks to it directly (to send events at moments
-    /// of its choosing) and returns the requests it read.
-    fn script(
-        tag: &str,
-        script: impl FnOnce(&mut Script) -> Vec<Value> + Send + 'static,
-    ) -> Server {
-        Server::serve(tag, move |conn| {
-            let mut s = Script {
-                w: conn.try_clone().unwrap(),
-                r: BufReader::new(conn),
-            };
-            s.send(GREETING);
-            script(&mut s)
-        })
-    }
-
-    /// A monitor socket in a fresh temp dir; `client` handles the one connection it accepts
-    /// and returns the requests it saw.
-    fn serve(
-        tag: &str,
-        client: impl FnOnce(std::os::unix::net::UnixStream) -> Vec<Value> + Send + 'static,
-    ) -> Server {
-        let dir = ScratchDir::new(&format!("qmp-{tag}"));
-        let path = dir.path().join("100.qmp");
-        let listener = UnixListener::bind(&path).unwrap();
-        let handle = std::thread::spawn(move || client(listener.accept().unwrap().0));
-        Server {
-            path: path.to_str().unwrap().into(),
-            _dir: dir,
-            handle: Some(handle),
-        }
-    }
-
-    fn requests(mut self) -> Vec<Value> {
-        self.handle.take().unwrap().join().unwrap()
-    }
-
-    /// The names of the commands it was sent, in order.
-    fn commands(self) -> Vec<String> {
-        self.requests()
-            .iter()
-            .map(|r| r["execute"].as_str().unwrap().to_string())
-            .collect()
-    }
-}
-
-/// One scripted monitor connection.
-struct Script {
-    w: std::os::unix::net::UnixStream,
-    r: BufReader<std::os::unix::net::UnixStream>,
-}
-
-impl Script {
-    fn send(&mut self, text: &str) {
-        self.w.write_all(text.as_bytes()).unwrap();
-    }
-
-    /// Reads the next request and checks its command name.
-    fn expect(&mut self, command: &str) -> Value {
-        let mut line = String::new();
-        self.r.read_line(&mut line).unwrap();
-        let req: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|_| panic!("expected '{command}', got {line:?}"));
-        assert_eq!(req["execute"], command, "unexpected request {req}");
-        req
-    }
-
-    /// Reads a request for `command` and answers it with `ret`.
-    fn answer(&mut self, command: &str, ret: Value) -> Value {
-        let req = self.expect(command);
-        self.send(&ok(&req, ret));
-        req
-    }
-}
-
-fn event(name: &str, data: Value) -> String {
-    format!(
-        "{}\r\n",
-        json!({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 2}})
-    )
-}
-
-const GREETING: &str = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\r\n";
-
-fn ok(req: &Value, ret: Value) -> String {
-    format!("{}\r\n", json!({"return": ret, "id": req["id"]}))
-}
+use crate::fake_qmp::{FakeQmp, GREETING, event, ok};
 
 #[test]
 fn decode_tells_greeting_event_return_and_error_apart() {
@@ -156,8 +31,8 @@ fn decode_tells_greeting_event_return_and_error_apart() {
 }
 
 /// A monitor that knows three capabilities and 1 GiB of RAM, answering everything else `{}`.
-fn migration_monitor(tag: &str) -> Server {
-    Server::start(tag, Some(GREETING), |req| {
+fn migration_monitor(tag: &str) -> FakeQmp {
+    FakeQmp::lines(tag, Some(GREETING), |req| {
         let ret = match req["execute"].as_str().unwrap() {
             "query-migrate-capabilities" => json!([
                 {"capability": "xbzrle", "state": false},
@@ -180,7 +55,7 @@ fn migrate_turns_wanted_capabilities_on_and_every_other_off_then_sets_parameters
     let server = migration_monitor("migrate");
     let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true, "auto-converge": true}, "parameters": {"downtime-limit": 100}})).unwrap();
     let applied = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
-    let reqs = server.requests();
+    let reqs = server.finish();
     let names: Vec<&str> = reqs
         .iter()
         .map(|r| r["execute"].as_str().unwrap())
@@ -315,7 +190,7 @@ fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
 
 #[test]
 fn qmp_error_carries_class_and_desc() {
-    let server = Server::start("error", Some(GREETING), |req| {
+    let server = FakeQmp::lines("error", Some(GREETING), |req| {
         if req["execute"] == "migrate" {
             vec![format!(
                 "{}\r\n",
@@ -343,7 +218,7 @@ fn qmp_error_carries_class_and_desc() {
 
 #[test]
 fn query_migrate_returns_qemus_answer() {
-    let server = Server::start("query", Some(GREETING), |req| {
+    let server = FakeQmp::lines("query", Some(GREETING), |req| {
         if req["execute"] == "query-migrate" {
             vec![ok(
                 req,
@@ -360,7 +235,7 @@ fn query_migrate_returns_qemus_answer() {
 
 #[test]
 fn silent_monitor_times_out_naming_the_greeting() {
-    let server = Server::start("silent", None, |_| vec![]);
+    let server = FakeQmp::lines("silent", None, |_| vec![]);
     let err = query_migrate(&server.path, 200).unwrap_err();
     assert_eq!(err.kind, Kind::Timeout);
     assert!(err.message.contains("no QMP greeting"), "{}", err.message);
@@ -368,7 +243,7 @@ fn silent_monitor_times_out_naming_the_greeting() {
 
 #[test]
 fn garbage_from_the_monitor_is_a_protocol_error() {
-    let server = Server::start("garbage", Some("this is not json\r\n"), |_| vec![]);
+    let server = FakeQmp::lines("garbage", Some("this is not json\r\n"), |_| vec![]);
     let err = query_migrate(&server.path, 2000).unwrap_err();
     assert_eq!(err.kind, Kind::Protocol);
     assert!(
@@ -393,7 +268,7 @@ fn missing_socket_is_named() {
 #[test]
 fn cancel_waits_for_cancelled() {
     let polls = std::sync::atomic::AtomicUsize::new(0);
-    let server = Server::start("cancel", Some(GREETING), move |req| {
+    let server = FakeQmp::lines("cancel", Some(GREETING), move |req| {
         if req["execute"] == "query-migrate" {
             let n = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let status = if n < 2 { "cancelling" } else { "cancelled" };
@@ -434,7 +309,7 @@ fn uri_must_be_unix_or_tcp() {
 
 #[test]
 fn wait_returns_at_the_final_migration_event_skipping_other_and_queued_events() {
-    let server = Server::script("wait-queued", |s| {
+    let server = FakeQmp::script("wait-queued", |s| {
         let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
         seen.push(s.answer("query-migrate", json!({"status": "active"})));
         // queued right behind the reply: events of no interest, a non-final status change
@@ -471,7 +346,7 @@ fn wait_returns_at_the_final_migration_event_skipping_other_and_queued_events() 
 
 #[test]
 fn wait_wakes_on_a_failure_event_that_comes_later() {
-    let server = Server::script("wait-late", |s| {
+    let server = FakeQmp::script("wait-late", |s| {
         let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
         seen.push(s.answer("query-migrate", json!({"status": "active"})));
         std::thread::sleep(Duration::from_millis(200));
@@ -494,7 +369,7 @@ fn wait_wakes_on_a_failure_event_that_comes_later() {
 
 #[test]
 fn wait_without_events_asks_again_when_the_hold_ends() {
-    let server = Server::script("wait-hold", |s| {
+    let server = FakeQmp::script("wait-hold", |s| {
         let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
         seen.push(s.answer("query-migrate", json!({"status": "active"})));
         seen.push(s.answer(
@@ -517,7 +392,7 @@ fn wait_without_events_asks_again_when_the_hold_ends() {
 
 #[test]
 fn wait_on_a_finished_migration_asks_once() {
-    let server = Server::script("wait-done", |s| {
+    let server = FakeQmp::script("wait-done", |s| {
         vec![
             s.answer("qmp_capabilities", json!({})),
             s.answer(
@@ -533,13 +408,13 @@ fn wait_on_a_finished_migration_asks_once() {
 
 #[test]
 fn a_monitor_that_closes_while_held_is_an_error_at_once() {
-    let server = Server::script("wait-gone", |s| {
+    let server = FakeQmp::script("wait-gone", |s| {
         let seen = vec![
             s.answer("qmp_capabilities", json!({})),
             s.answer("query-migrate", json!({"status": "active"})),
         ];
         // QEMU died: its end of the monitor closes
-        s.w.shutdown(std::net::Shutdown::Both).unwrap();
+        s.close();
         seen
     });
     let hold = WaitOptions {
@@ -572,7 +447,7 @@ fn wait_options_refuse_a_negative_hold_and_unknown_keys() {
 
 #[test]
 fn a_completed_migration_without_its_figures_yet_is_asked_again() {
-    let server = Server::script("wait-figures", |s| {
+    let server = FakeQmp::script("wait-figures", |s| {
         let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
         seen.push(s.answer("query-migrate", json!({"status": "active"})));
         s.send(&event("MIGRATION", json!({"status": "completed"})));

@@ -201,17 +201,9 @@ mod tests {
 
     #[test]
     fn run_collects_output_input_and_exit_code_of_a_fake_ssh() {
-        // A stand-in for ssh that runs the remote command locally: enough to test plumbing.
-        let dir = crate::scratch::ScratchDir::new("fake-ssh");
-        let fake = dir.path().join("ssh");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec sh -c \"$1\"\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let ssh = Ssh::new(vec![fake.to_str().unwrap().into(), "root@node".into()]).unwrap();
+        // The tests' fake ssh runs the remote command here: enough to test the plumbing.
+        let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake-ssh");
+        let ssh = Ssh::new(vec![fake.into(), "root@node".into()]).unwrap();
         let out = run(
             &ssh,
             &[

@@ -25,7 +25,7 @@
 //! own. Clients get `-o ProxyCommand=false` so that such a fallback fails at once, before any
 //! remote command could run, instead of bypassing the pool (and the forward readiness check).
 
-use super::command::{ShareConfig, Ssh, check_dir_name};
+use super::command::{SSH_TEMP_SUFFIX, ShareConfig, Ssh, check_dir_name};
 use super::run::{run_argv, run_retrying};
 use super::throttle::open_lock_file;
 use crate::error::{Error, Kind, Result};
@@ -156,10 +156,20 @@ pub fn take_session(dir: &str, name: &str, max_sessions: u32) -> Result<Option<(
 }
 
 /// Whether `pid` is a live ssh master for control socket `ctl`: it holds the socket that
-/// listens at `ctl`. Proven from the socket table, like a forward's readiness, so neither a
-/// reused pid nor a stale socket file nor another process's argv can pass for it.
+/// listens there. Proven from the socket table, like a forward's readiness, so neither a
+/// reused pid nor a stale socket file nor another process's argv can pass for it. ssh binds
+/// the socket under a temporary name (`ctl` + `.` + 16 random characters) and then links it
+/// to `ctl`; the table shows the name it was bound to.
 pub fn master_alive(pid: i32, ctl: &str) -> bool {
-    pid > 0 && crate::listen::is_listening(ctl, pid).unwrap_or(false)
+    let bound_for_ctl = |p: &str| {
+        p == ctl
+            || p.strip_prefix(ctl)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|r| {
+                    r.len() + 1 == SSH_TEMP_SUFFIX && r.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
+    };
+    pid > 0 && crate::listen::holds_listener(pid, bound_for_ctl).unwrap_or(false)
 }
 
 /// Parses `Master running (pid=1234)` from `ssh -O check`.
@@ -488,7 +498,7 @@ pub fn acquire(
 mod tests {
     use super::*;
     use crate::scratch::ScratchDir;
-    use crate::ssh::command::{MAX_CONTROL_DIR, SSH_TEMP_SUFFIX};
+    use crate::ssh::command::MAX_CONTROL_DIR;
 
     #[test]
     fn control_dir_is_created_0700_and_bad_ones_are_refused() {
@@ -605,6 +615,19 @@ mod tests {
         drop(listener);
         assert!(ctl.exists(), "the stale socket file stays");
         assert!(!master_alive(me, ctl_s), "a stale socket file is no master");
+        // As ssh does it: bound under a temporary name, then linked to the control path.
+        std::fs::remove_file(&ctl).unwrap();
+        let temp = scratch.path().join("c0123.0.AbCdEfGh12345678");
+        let listener = std::os::unix::net::UnixListener::bind(&temp).unwrap();
+        std::fs::hard_link(&temp, &ctl).unwrap();
+        std::fs::remove_file(&temp).unwrap();
+        assert!(
+            master_alive(me, ctl_s),
+            "a master that bound a temporary name is alive"
+        );
+        let other = scratch.path().join("c0123.0.lock");
+        assert!(!master_alive(me, other.to_str().unwrap()));
+        drop(listener);
     }
 
     #[test]
