@@ -9,12 +9,8 @@ use std::collections::HashSet;
 /// `__SO_ACCEPTCON` in the Flags column of /proc/net/unix: the socket is listening.
 const ACCEPTCON: u32 = 0x0001_0000;
 
-/// Inodes of listening sockets bound to `path`, from the text of /proc/net/unix.
-pub(crate) fn listening_inodes(proc_net_unix: &str, path: &str) -> Vec<u64> {
-    listening_inodes_where(proc_net_unix, |p| p == path)
-}
-
-/// Inodes of listening sockets whose bound path passes `bound`. The path is the one given to
+/// Inodes of listening sockets whose bound path passes `bound`, from the text of
+/// /proc/net/unix. The path is the one given to
 /// `bind`: a socket file renamed or linked elsewhere afterwards still shows its first name.
 fn listening_inodes_where(proc_net_unix: &str, bound: impl Fn(&str) -> bool) -> Vec<u64> {
     proc_net_unix
@@ -83,11 +79,11 @@ mod tests {
     #[test]
     fn only_listening_sockets_at_exactly_the_path_count() {
         assert_eq!(
-            listening_inodes(TABLE, "/run/qemu-server/100.migrate"),
+            listening_inodes_where(TABLE, |p| p == "/run/qemu-server/100.migrate"),
             vec![4242]
         );
         assert_eq!(
-            listening_inodes(TABLE, "/run/qemu-server/10.migrate"),
+            listening_inodes_where(TABLE, |p| p == "/run/qemu-server/10.migrate"),
             Vec::<u64>::new()
         );
     }
