@@ -55,3 +55,81 @@ fn perl_error_codes_match_the_header() {
         "perl/lib/PVE/MTunnel.pm %ERROR_CODE differs from include/mtunnel.h"
     );
 }
+
+/// Everything the header declares is in mtunnel's namespaces: `MTUNNEL_*` macros,
+/// `mtunnel_*` types, and functions of the `tunnel_*`, `qmp_*` and `mtunnel_*` families; the
+/// only exceptions are the deprecated former names, which still link for one release.
+#[test]
+fn nothing_unprefixed_leaks_into_the_header() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let header = std::fs::read_to_string(format!("{root}/include/mtunnel.h")).unwrap();
+    const DEPRECATED: [&str; 3] = ["ssh_run", "ssh_remove_sockets", "migrate_listen_parse"];
+    let mut leaks = Vec::new();
+    for line in header.lines() {
+        if let Some(rest) = line.strip_prefix("#define ") {
+            let name = rest.split(['(', ' ']).next().unwrap_or("");
+            if !name.starts_with("MTUNNEL_") {
+                leaks.push(format!("macro {name}"));
+            }
+        } else if let Some(rest) = line.strip_prefix("typedef ") {
+            // `typedef struct X NAME;` or `typedef RET (*NAME)(ARGS);`
+            let name = match rest.split_once("(*") {
+                Some((_, after)) => after.split(')').next().unwrap_or(""),
+                None => rest.trim_end_matches(';').rsplit(' ').next().unwrap_or(""),
+            };
+            if !name.starts_with("mtunnel_") {
+                leaks.push(format!("type in '{line}'"));
+            }
+        } else if line.starts_with("MTUNNEL_DEPRECATED(") && line.ends_with(')') {
+            // the attribute of the declaration on the next line
+        } else if !line.starts_with([' ', '/', '#', '*', '}']) && line.contains('(') {
+            // a declaration: `[MTUNNEL_DEPRECATED("…")] TYPE *?NAME(ARGS…`
+            let decl = line.rsplit(") ").next().unwrap_or(line);
+            let name = decl
+                .split('(')
+                .next()
+                .unwrap_or("")
+                .rsplit([' ', '*'])
+                .next()
+                .unwrap();
+            let family = ["tunnel_", "qmp_", "mtunnel_"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if !family && !DEPRECATED.contains(&name) {
+                leaks.push(format!("function {name}"));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "unprefixed names in include/mtunnel.h: {leaks:?}"
+    );
+    for name in DEPRECATED {
+        assert!(
+            header.contains(&format!("MTUNNEL_DEPRECATED(\"use mtunnel_{name}\")")),
+            "{name} is not marked deprecated in favour of mtunnel_{name}"
+        );
+    }
+}
+
+/// The header is all a C caller reads: it states the ABI's rules itself.
+#[test]
+fn the_header_states_its_rules() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let header = std::fs::read_to_string(format!("{root}/include/mtunnel.h")).unwrap();
+    for rule in [
+        "RESULT CODES.",
+        "OWNERSHIP.",
+        "THREADS.",
+        "signal mask is\n * per thread",
+        "parent-death signal follows the creating thread",
+        "LOG CALLBACK.",
+        "never unwind",
+        "never\n * longjmp",
+        "never call into\n * the same tunnel",
+        "FREEING.",
+        "cleanup_timeout_ms",
+    ] {
+        assert!(header.contains(rule), "the header does not state '{rule}'");
+    }
+}
