@@ -2,7 +2,7 @@
 //! handshake slot let go once authenticated), the retry of a connection dropped before
 //! authentication, reading a tunnel-style stream line by line, and ssh's stderr.
 
-use super::Ssh;
+use super::command::Ssh;
 use super::throttle::Slot;
 use crate::error::{Detail, Error, Kind, Result};
 use crate::io::{self, Deadline, LineDecoder, Read};
