@@ -126,13 +126,20 @@ sub render_bytes {
     return sprintf("%.1f %s", $v / 1024**$i, $units[$i]);
 }
 
-# The machine type the source QEMU runs, for the target's --machine: Proxmox's QEMU marks it
-# 'is-current' in query-machines; a stock QEMU names it in the QOM type of /machine.
+# The machine type the source QEMU runs, for the target's --machine, as upstream's
+# PVE::QemuServer::Machine::current_from_query_machines builds it: Proxmox's QEMU marks the
+# entry 'is-current' in query-machines and gives that entry a 'pve-version' ("pve1") when the
+# machine is pinned to one, sent as "pc-i440fx-9.2+pve1" (else the plain name). A stock QEMU
+# marks none: the QOM type of /machine names it.
 sub current_machine {
     my ($self) = @_;
     my $machines = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-machines');
     my ($current) = grep { $_->{'is-current'} } @$machines;
-    return $current->{name} if $current;
+    if ($current) {
+        my $name = $current->{name};
+        $name .= "+$current->{'pve-version'}" if $current->{'pve-version'};
+        return $name;
+    }
     my $type = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'qom-get',
         { path => '/machine', property => 'type' });
     die "cannot tell which machine type VM $self->{vmid} runs ('$type')\n"
@@ -241,7 +248,7 @@ sub prepare {
     die "VM $vmid on node '$node' is $status, not running: only a running VM is live-migrated"
         . ($status eq 'paused' ? " (resume it first)" : " ('--check' tells what is where)") . "\n"
         if $status ne 'running';
-    $self->{machine} //= $self->current_machine();
+    $self->{machine} //= $self->target_machine();
     $self->check_interrupt();
 }
 
@@ -313,19 +320,46 @@ sub check_listen {
     }
 }
 
+# The source's config as `qm config` on this (the source) node prints it: key => value
+# ({} when it cannot be read)
+sub source_config {
+    my ($self) = @_;
+    return $self->{source_config} if $self->{source_config};
+    my %conf;
+    # a host without qm: no config (and no "Can't exec" warning)
+    no warnings 'exec';
+    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
+        while (my $line = <$fh>) {
+            $conf{$1} = $2 if $line =~ /^([a-z][a-z0-9_-]*): (.*?)\s*$/i;
+        }
+        close($fh);
+    }
+    return $self->{source_config} = \%conf;
+}
+
 # drive => volid of the source's config, from `qm config` on this (the source) node
 sub source_volumes {
     my ($self) = @_;
     return $self->{source_volumes} if $self->{source_volumes};
+    my $conf = $self->source_config();
     my %vol;
-    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
-        while (my $line = <$fh>) {
-            $vol{$1} = $2
-                if $line =~ /^((?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+): ([^,\s]+)/;
-        }
-        close($fh);
+    for my $key (keys %$conf) {
+        $vol{$key} = $1
+            if $key =~ /^(?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+$/
+            && $conf->{$key} =~ /^([^,\s]+)/;
     }
     return $self->{source_volumes} = \%vol;
+}
+
+# qm start's --machine for the target, as upstream's qemu_machine_pxe: the machine the source
+# runs, with '.pxe' when the config's machine type asks for the PXE ROMs
+sub target_machine {
+    my ($self) = @_;
+    my $machine = $self->current_machine();
+    my ($type) = grep { defined } map { /^type=(.+)$/ ? $1 : /=/ ? undef : $_ } split /,/,
+        $self->source_config()->{machine} // '';
+    $machine .= '.pxe' if defined $type && $type =~ /\.pxe$/;
+    return $machine;
 }
 
 sub phase2 {
@@ -1310,7 +1344,8 @@ dies with C<"WHAT FAILED - WHERE THE VM IS NOW\n"> (see C<fail>).
 
 Method: the checks before anything happens on the target, as QemuMigrate.pm's C<prepare>: the
 source VM runs (QMP C<query-status> says C<running>; a paused VM is refused, since the target
-would run it), and the machine type for the target's C<--machine> is read from it. C<migrate>
+would run it), and the machine type for the target's C<--machine> is read from it
+(C<target_machine>). C<migrate>
 ends with C<"WHAT FAILED - nothing was done: ...\n"> when this fails.
 
 =head2 phase2()
@@ -1431,8 +1466,21 @@ C<source_volumes> parameter).
 
 =head2 current_machine()
 
-Method: the machine type the source QEMU runs (C<query-machines>' C<is-current>, else the QOM
-type of F</machine>), for the target's C<--machine>.
+Method: the machine type the source QEMU runs, as upstream's C<current_from_query_machines>
+writes it: the C<query-machines> entry marked C<is-current> (Proxmox's QEMU), with C<+pveN>
+when that entry has a C<pve-version> (C<pc-i440fx-9.2+pve1>); a stock QEMU marks none, then
+the QOM type of F</machine> names it.
+
+=head2 target_machine()
+
+Method: the target's C<qm start --machine> as upstream's C<qemu_machine_pxe>:
+C<current_machine>, with C<.pxe> appended when the config's machine type ends in C<.pxe>.
+C<prepare> uses it unless C<machine> was given.
+
+=head2 source_config()
+
+Method: the source VM's config as C<qm config> on this node prints it (key => value; C<{}>
+when it cannot be read), read once.
 
 =head2 remote(\@qm_args, %opts), remote_command(\@argv, %opts)
 
