@@ -1241,12 +1241,10 @@ sub disks_complete {
     return (1) if $st->{phase} eq 'finishing-mirrors' && !@unproven;
     return (
         0,
-        'the disk mirrors were not finished (' . join(
-            ', ',
-            map {
-                $job{$_} ? "$_: $job{$_}{status}" . ($job{$_}{ready} ? ', ready' : '') : "$_: gone"
-            } @unproven ? @unproven : sort keys %all
-            )
+        'the disk mirrors were not finished ('
+            . join(', ',
+            map { $job{$_} ? "$_: $job{$_}{status}" : "$_: gone" }
+                @unproven ? @unproven : sort keys %all)
             . ')'
     );
 }
@@ -1267,13 +1265,16 @@ sub diagnose {
     my @job_ids = map { $_->{device} } @jobs;
     my $new = $seen->{target}{new_volumes};
 
-    my @left;
+    # what the migration left: its block jobs, and (unless the VM is to run there) the
+    # target's new volumes
+    my (@left, @left_jobs);
     push @left,
         "block jobs on '$node': "
         . join(', ',
         map { "$_->{device} ($_->{status}" . (defined $_->{error} ? ": $_->{error}" : '') . ')' }
             @jobs)
         if @jobs;
+    @left_jobs = @left;
     push @left, "volumes allocated for this migration on '$target': @$new"
         if $new && @$new && defined $t && $t ne 'running';
 
@@ -1431,7 +1432,9 @@ sub diagnose {
         return $result->(
             state =>
                 "VM $vmid is paused on both nodes after its migration completed: the target was never resumed",
-            fix => \@fix
+            fix => \@fix,
+            # its new volumes are the VM's disks from now on
+            left => \@left_jobs
         );
     }
     if ($completed && $t eq 'stopped') {
