@@ -1767,7 +1767,64 @@ then SIGKILL.
 
 Methods: C<pvesm free> of the migrated disks' source volumes (after success; failures warn),
 and of the target's new volumes (after a failure, only once the target VM is confirmed
-stopped; else the log names the command to run there).
+stopped; else the log names the command to run there). New are the volumes of the VM that
+the target lists now and did not list before its start (C<new_target_volumes>), whether the
+start named them or not; a volume that existed before is never freed. The log names each
+volume freed (C<freed volume 'VOLID' on node 'NODE' (allocated for this migration)>).
+
+=head2 free_new_target_volumes(\%before, \@named)
+
+Method: frees the volumes C<new_target_volumes> finds, logging each; the caller made sure
+the target VM is stopped.
+
+=head2 new_target_volumes(\%before, \@named)
+
+Method: the target's volumes of the VM that are new since C<%before> (storage => [volids],
+the listing taken before the start): listed now and not before. Without a listing before,
+the volumes the target named (C<@named>); when listing now fails, those of them not listed
+before. Returns an array ref.
+
+=head2 target_storages()
+
+Method: the storages the target allocates the local disks' new volumes on: the source's
+disks' storages mapped through C<targetstorage> as upstream's C<map_id> does (C<1>: the same
+storage; C<ID>: all to ID; C<SRC:DST,...>: per storage, a plain ID being the default).
+
+=head2 list_target_volumes(@storages)
+
+Method: the VM's volumes on the target's storages, from C<pvesm list STORAGE --vmid VMID>
+over ssh: C<{ storage => [volids] }>; C<undef> when a listing fails (logged as a warning).
+
+=head2 wait_target_start_gone()
+
+Method: after a target start whose answer was lost (its ssh killed, timed out): waits (30 s
+at most) until no C<qm start VMID --skiplock --migratedfrom NODE> (nor PVE's C<qmstart>
+worker of the VM) runs on the target any more, so that what it leaves is stopped and freed
+after it, not raced with (C<pgrep -f> there).
+
+=head2 state_path(), write_state(%set), read_state(), remove_state()
+
+Methods: the storage migration's record on the source node, F<SOCKET_DIR/VMID.mtunnel>
+(JSON: C<vmid>, C<node>, C<target>, C<source_pid>, C<started>, C<phase>,
+C<target_volumes_before>, C<target_volumes>, C<mirror_jobs>), which a C<--check> after the
+driver's death reads. C<phase> is one of C<starting> (before the target's C<qm start>),
+C<started>, C<mirroring>, C<migrating>, C<finishing-mirrors> (C<block-job-cancel> of the
+ready mirrors after RAM completed), C<mirrors-finished>, C<mirrors-failed>, C<resumed>.
+C<write_state> merges C<%set> into it and writes it through a temp file of its own renamed
+over the path (a failure only warns); C<read_state> returns it (C<undef>: none, invalid, or
+another VM's); C<remove_state> removes it (a plain file only). Written only with
+C<with_local_disks>; removed after success, and after a failure once the VM runs on one node
+with nothing left behind.
+
+=head2 disks_complete($record, \@jobs)
+
+Method: whether the target's disks are shown complete after RAM migration completed:
+C<(1)>, or C<(0, WHY)>. Complete: no disk was mirrored; or the record says the mirrors were
+finished (C<mirrors-finished>, C<resumed>); or it says they were being finished
+(C<finishing-mirrors>) and every mirror job is there and ended without an error (QEMU syncs
+and flushes the target before such a job ends). A mirror that is still ready proves nothing:
+the driver's death took its NBD connection. Without a record, a disk mirror is never shown
+complete.
 
 =head2 close_tunnel_quickly()
 
@@ -1823,21 +1880,31 @@ Method: the VM's state on the target as C<qm status --verbose> tells it (C<runni
 C<paused>, C<inmigrate>, C<prelaunch>, C<postmigrate>, ... or C<stopped>); C<undef> when the
 target cannot be reached.
 
-=head2 inspect()
+=head2 inspect(volumes => 0|1)
 
-Method: both nodes' view: C<< { source => { state, migration, jobs }, target => { state } } >>.
+Method: both nodes' view: C<< { source => { state, migration, jobs, pid }, target => { state
+}, state => RECORD } >>; C<state> is the storage migration's record (C<read_state>) when it
+is about this target and the source QEMU that runs now (its pid). With C<volumes> and a
+reachable target that does not run the VM: C<< target => { new_volumes => [...] } >>, its
+volumes allocated for the migration (C<new_target_volumes>).
 
 =head2 diagnose($seen)
 
 Method: what C<inspect>'s view means: C<< { state => SENTENCE, ok => 1 } >> when the VM runs
 on exactly one node, C<< { state, fix => [[DESCRIPTION, CODE], ...] } >> when a safe fix
-exists, C<< { state, undecided => 1 } >> when none does.
+exists, C<< { state, undecided => 1 } >> when none does; C<< left => [...] >> names what the
+migration left behind (the source's block jobs, the target's new volumes unless the VM is
+to run there), which the fix also removes. After RAM migration completed with local disks,
+the fix finishes on the target only when C<disks_complete> says so; otherwise it stops the
+target (and confirms it stopped), frees its new volumes, cancels and dismisses the source's
+block jobs and continues the source.
 
 =head2 check(fix => 0|1)
 
-Method: C<mtunnel-migrate --check>: logs both nodes' state and the diagnosis; with C<fix>,
-applies the fix and removes the migration's stale sockets of both nodes once the VM runs on
-one node. Returns the (final) diagnosis.
+Method: C<mtunnel-migrate --check>: logs both nodes' state, the record, the diagnosis and
+what was left behind; with C<fix>, applies the fix (a step that fails ends it and is logged)
+and, once the VM runs on one node with nothing left, removes the migration's stale sockets
+of both nodes and its record. Returns the (final) diagnosis.
 
 =head2 log($level, $msg)
 
