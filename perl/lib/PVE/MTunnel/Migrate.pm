@@ -388,7 +388,8 @@ sub phase2 {
     if ($self->{with_local_disks}) {
         # what the target has of this VM before its start allocates anything: a failure frees
         # only what is new, whether the start named it or not
-        my $before = $self->list_target_volumes($self->target_storages());
+        my @stores = $self->target_storages();
+        my $before = @stores ? $self->list_target_volumes(@stores) : undef;
         $self->{target_volumes_before} = $before;
         my @had = $before ? map { @$_ } values %$before : ();
         $self->log('info',
@@ -941,18 +942,23 @@ sub free_new_target_volumes {
 }
 
 # The target's volumes of this VM that are new since $before ({storage => [volids]}, the
-# listing taken before its start): listed now and not before. Without a listing before (or
-# when listing now fails), the ones the target named ($named) that were not listed before.
+# listing taken before its start): on the storages listed then, the ones listed now and not
+# before; a volume the target named on another storage counts as new (as upstream, which
+# frees what the target named). Without a listing before, the ones the target named; when
+# listing now fails, the named ones that were not listed before.
 sub new_target_volumes {
     my ($self, $before, $named) = @_;
     $named //= [];
     return [@$named] if !$before;
     my %old = map { $_ => 1 } map { @$_ } values %$before;
-    my %stores = map { $_ => 1 } keys %$before, map { /^([^:\s]+):/ ? $1 : () } @$named;
-    my $now = $self->list_target_volumes(sort keys %stores);
-    my @new = grep { !$old{$_} } ($now ? map { @{ $now->{$_} } } sort keys %$now : @$named);
+    my @listed = sort keys %$before;
+    my %listed = map { $_ => 1 } @listed;
+    my $store_of = sub { $_[0] =~ /^([^:\s]+):/ ? $1 : '' };
+    my @elsewhere = grep { !$listed{ $store_of->($_) } } @$named;
+    my $now = @listed ? $self->list_target_volumes(@listed) : {};
+    my @new = $now ? map { @{ $now->{$_} } } @listed : grep { $listed{ $store_of->($_) } } @$named;
     my %seen;
-    return [grep { !$seen{$_}++ } @new];
+    return [grep { !$old{$_} && !$seen{$_}++ } @new, @elsewhere];
 }
 
 # The storages the target allocates the local disks' new volumes on: the source's disks'
