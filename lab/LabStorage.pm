@@ -105,6 +105,29 @@ sub alloc {
     die "no free disk name for VM $vmid on storage '$store'\n";
 }
 
+# `pvesm alloc STORE VMID NAME SIZE`: exactly that name, as the dir plugin's alloc_image (an
+# existing one is an error, never overwritten)
+sub alloc_named {
+    my ($lab, $store, $vmid, $name, $size) = @_;
+    die "illegal name '$name' - should be 'vm-$vmid-*'\n" if $name !~ m/^vm-$vmid-/;
+    die "illegal name '$name' - the lab's storages hold vm-$vmid-disk-N.raw only\n"
+        if $name !~ /^vm-$vmid-disk-[0-9]+\.raw$/;
+    my $dir = "$lab/" . storage($store)->{dir};
+    for my $sub ('', '/images', "/images/$vmid") {
+        mkdir("$dir$sub", 0755);
+    }
+    my $path = "$dir/images/$vmid/$name";
+    die "disk image '$path' already exists\n" if -e $path || -l $path;
+    sysopen(my $fh, $path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600)
+        or die "disk image '$path' already exists\n";
+    if (!truncate($fh, $size) || !close($fh)) {
+        my $err = $!;
+        unlink($path);
+        die "cannot allocate $store:$vmid/$name: $err\n";
+    }
+    return "$store:$vmid/$name";
+}
+
 sub free {
     my ($lab, $volid) = @_;
     my $path = path($lab, $volid);

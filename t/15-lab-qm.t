@@ -577,6 +577,63 @@ sub v2_call {
         1, 'the failed start left no volume behind');
     is($cmdline->('node2'), '', 'the failed start left no QEMU');
 
+    # a start that fails after allocating (the NBD server start fails): the lab frees the new
+    # volume; with $LAB/NODE/qm-start-keeps-volumes it stays, as upstream's vm_start leaves it
+    my @fail_after_alloc = (
+        'env', 'MTUNNEL_LAB_FAIL_NBD_START=1',
+        'qm', 'start', $v, '--skiplock', '--migratedfrom',
+        'node1', '--migration_type', 'secure', '--stateuri', 'unix', '--targetstorage', '1'
+    );
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @fail_after_alloc);
+    like($err, qr/^start failed: nbd-server-start failed/m, 'a start failing after its allocation');
+    is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//,
+        1, 'the lab frees what it allocated');
+    my $keep = "$dir/node2/qm-start-keeps-volumes";
+    open(my $kfh, '>', $keep) or die "$keep: $!\n";
+    close($kfh);
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @fail_after_alloc);
+    like(
+        $err,
+        qr/^start failed: nbd-server-start failed/m,
+        'the same start with qm-start-keeps-volumes'
+    );
+    like(
+        scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')),
+        qr/^\Q$volid\E\s+raw\s+images\s+4194304 $v$/m,
+        'with qm-start-keeps-volumes the failed start leaves its new volume, as upstream'
+    );
+    unlink($keep);
+    is($cmdline->('node2'), '', 'nor a QEMU');
+    $lab->run_ok('node2', 'pvesm', 'free', $volid);
+    $lab->run('node2', 'rm', '-f', "/run/qemu-server/$v.migrate");
+
+    # pvesm alloc and list as real pvesm: SIZE in KiB or with M/G, exactly that name, never
+    # over an existing one; list's columns as wide as the longest volid and size
+    is(
+        scalar($lab->run_ok('node2', 'pvesm', 'alloc', 'local', $v, "vm-$v-disk-3.raw", '2M')),
+        "successfully created 'local:$v/vm-$v-disk-3.raw'\n",
+        'pvesm alloc prints what real pvesm prints'
+    );
+    ($rc, $out, $err) = $lab->run('node2', 'pvesm', 'alloc', 'local', $v, "vm-$v-disk-3.raw", '1M');
+    isnt($rc, 0, 'pvesm alloc of an existing name fails');
+    like($err, qr/^disk image '.*\/vm-$v-disk-3\.raw' already exists$/m, 'with upstream\'s text');
+    ($rc, $out, $err) =
+        $lab->run('node2', 'pvesm', 'alloc', 'local', $v, "vm-999-disk-0.raw", '1M');
+    like(
+        $err,
+        qr/^illegal name 'vm-999-disk-0\.raw' - should be 'vm-$v-\*'$/m,
+        'pvesm alloc refuses another VM\'s name'
+    );
+    $lab->run_ok('node2', 'pvesm', 'alloc', 'local', $v + 1, "vm-@{[$v + 1]}-disk-0.raw", '64');
+    is(
+        scalar($lab->run_ok('node2', 'pvesm', 'list', 'local', '--vmid', $v)),
+        "Volid                       Format  Type         Size VMID\n"
+            . "local:$v/vm-$v-disk-3.raw raw     images    2097152 $v\n",
+        'pvesm list --vmid: that VM only, in real pvesm\'s columns'
+    );
+    $lab->run_ok('node2', 'pvesm', 'free', "local:$v/vm-$v-disk-3.raw");
+    $lab->run_ok('node2', 'pvesm', 'free', "local:@{[$v + 1]}/vm-@{[$v + 1]}-disk-0.raw");
+
     qm('node1', 'stop', $v);
     $lab->run_ok('node1', 'pvesm', 'free', $volid);
 }

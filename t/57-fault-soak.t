@@ -2,28 +2,31 @@
 # A seeded randomized fault soak (docs/faults.md). Each round migrates a fresh VM (VMID
 # 700 + round) between the two lab nodes (odd rounds node1 -> node2, even rounds back) and
 # hits it with one fault at one moment, both picked at random (uniform over the pairs that
-# make sense, the filled cells of the fault x moment table); about a third of the VMs have a
-# local disk that is mirrored with --with-local-disks. Faults: the tunnel's ssh killed or stopped,
+# make sense, the filled cells of the fault x moment table); about a third of the VMs (two
+# thirds of the SIGKILL rounds) have a local disk that is mirrored with --with-local-disks.
+# Faults: the tunnel's ssh killed or stopped,
 # the target QEMU killed, the target's link cut, the target's `qm mtunnel` killed, SIGTERM,
 # SIGINT or SIGKILL of the driver. Moments, read from the task log: the target start, the
 # tunnel coming up, mid-RAM (or mid-mirror for disk VMs, both under --bwlimit), the
-# switchover, after completion. After each round, once settled (a SIGKILLed driver or a
-# source left paused settled with `mtunnel-migrate --check --fix`):
+# switchover, after completion; for SIGKILL also two moments of disk VMs only: the mirror
+# ready (RAM about to start) and mid-RAM after the mirror. After each round, once settled (a
+# SIGKILLed driver or a source left paused settled with `mtunnel-migrate --check --fix`):
 #   - the driver ended in bounded time; --check --fix, where needed, exits 0;
 #   - the verdict matches where the VM runs;
 #   - exactly one node runs the VM, and according to both nodes' run-state logs the two
 #     never ran it at the same moment;
 #   - the guest's memory (and disk) is intact;
-#   - nothing is left: no socket file, ssh process, zombie, QEMU, nor a volume of the VM on
-#     a node where it does not run. Expected, and named in the round's line: what a verdict
-#     "node X cannot be reached" says is left there (the incoming QEMU, its new volume and
-#     listening sockets, removed by the test once X is reachable), and the volumes that
-#     --check --fix leaves (it settles where the VM runs and frees no volume).
+#   - nothing is left: no block job where the VM runs, no socket file, ssh process, zombie,
+#     QEMU, migration record, nor a volume of the VM on a node where it does not run (nor
+#     the source's volume once the VM runs on the target). Expected, and named in the
+#     round's line: what a verdict "node X cannot be reached" says is left there (the
+#     incoming QEMU, its new volume and listening sockets, removed by the test once X is
+#     reachable, and the migration's record that names them).
 # The seed is printed first; MTUNNEL_SOAK_SEED=N repeats a run, MTUNNEL_SOAK_N sets the
 # number of rounds (default 24), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
 # plan, MTUNNEL_SOAK_LOGS=DIR keeps each round's task log there (DIR/round-N.log),
 # MTUNNEL_SOAK_ONLY=REGEX draws only from the pairs "FAULT at MOMENT" it matches (moments:
-# start, tunnel, mid, switchover, after; e.g. 'SIGKILL at (mid|after)').
+# start, tunnel, mid, switchover, after, ready, midram; e.g. 'SIGKILL at (mid|after)').
 #
 # "After completion" means: RAM migration completed, the target holds the complete state
 # paused, and the driver's `resume` has not been acted upon yet. That window is a few ms
@@ -72,8 +75,10 @@ my %moments_of = (
     'kill qm mtunnel' => [qw(tunnel mid switchover after)],
     'SIGTERM' => [@all_moments],
     'SIGINT' => [@all_moments],
-    'SIGKILL' => [@all_moments],
+    # and two moments of disk VMs only: the mirror ready, mid-RAM after the mirror
+    'SIGKILL' => [@all_moments, 'ready', 'midram'],
 );
+my %disk_only = map { $_ => 1 } qw(ready midram);
 my @faults = (
     'kill ssh',
     'SIGSTOP ssh',
@@ -106,7 +111,8 @@ for my $i (1 .. $rounds) {
         for my $k (reverse 1 .. $#deck) { my $j = int(rand($k + 1)); @deck[$k, $j] = @deck[$j, $k] }
     }
     my ($fault, $moment) = @{ shift @deck };
-    my $disk = rand() < 1 / 3 ? 1 : 0;
+    my $disk = rand() < ($fault eq 'SIGKILL' ? 2 / 3 : 1 / 3) ? 1 : 0;
+    $disk = 1 if $disk_only{$moment};
     my ($src, $dst) = $i % 2 ? ('node1', 'node2') : ('node2', 'node1');
     push @plan,
         {
@@ -128,7 +134,9 @@ sub moment_name {
         tunnel => 'tunnel up',
         mid => $r->{disk} ? 'mid-mirror' : 'mid-RAM',
         switchover => 'switchover',
-        after => 'after completion'
+        after => 'after completion',
+        ready => 'mirror ready',
+        midram => 'mid-RAM after the mirror',
     }->{ $r->{moment} };
 }
 
@@ -230,6 +238,8 @@ sub run_round {
     my @args = ($v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst");
     push @args, '--with-local-disks' if $r->{disk};
     push @args, '--bwlimit', $bwlimit if $r->{moment} eq 'mid';
+    # the mirror's 32 MiB in 2 s, then RAM slow enough to be hit mid-way
+    push @args, '--bwlimit', 4 * $bwlimit if $r->{moment} eq 'midram';
     push @args, '--stall-timeout', 4000 if $fault eq 'SIGSTOP ssh';
     push @args, @fast if $fault eq 'cut link';
     my $hold =
@@ -302,6 +312,8 @@ sub run_round {
         mid => $r->{disk} ? qr/drive-ide0: transferred/ : qr/migration active/,
         switchover => qr/migration active|migration status: completed/,
         after => qr/migration status: completed/,
+        ready => qr/all 'mirror' jobs are ready/,
+        midram => qr/migration active/,
     }->{ $r->{moment} };
     my ($missed, @stopped, $cut);
     if (!$wait_log->($trigger)) {
@@ -510,6 +522,8 @@ sub run_round {
     ) if defined $expect;
 
     if ($on) {
+        my $jobs = qmp($on, $v, 'query-block-jobs') // '?';
+        $check->($jobs eq "[]\n", "no block job left on $on, where the VM runs", $jobs);
         my ($crc, $gc_out, $gc_err) = $lab->run($on, "$top/lab/guest-check", $v, $mem);
         $check->($crc == 0, "the guest's memory is intact on $on", "exit $crc: $gc_out$gc_err");
         $check->(
@@ -545,6 +559,13 @@ sub run_round {
     ) for ($src, $dst);
     my @z = MTunnelLab::zombies_since($t0);
     $check->(!@z, 'no zombie left', "@z");
+    my ($rrc) = $lab->run($src, 'test', '-e', "/run/qemu-server/$v.mtunnel");
+
+    if ($class eq 'source, target unreachable' && $rrc == 0) {
+        push @notes, "the migration's record kept on $src (it names what $dst was left with)";
+    } else {
+        $check->($rrc != 0, "no migration record left on $src", "/run/qemu-server/$v.mtunnel");
+    }
 
     if ($r->{disk} && defined $on) {
         my %vols = map { $_ => [lab_volumes($_, $v)] } ($src, $dst);
@@ -554,10 +575,7 @@ sub run_round {
             "the volume is kept where the VM runs ($on)",
             "volumes on $on: @{$vols{$on}}"
         );
-        if (@{ $vols{$other} } && defined $fixed) {
-            # --check --fix settles where the VM runs; it frees no volume
-            push @notes, "left by the fix: @{$vols{$other}} on $other";
-        } elsif ($other eq $src) {
+        if ($other eq $src) {
             $check->(
                 !@{ $vols{$src} },
                 "the source volume was freed after the migration",
@@ -578,7 +596,8 @@ sub run_round {
         $lab->run($node, 'pvesm', 'free', $_) for lab_volumes($node, $v);
         kill('CONT', $lab->ssh_pids($node));
         kill('KILL', $lab->ssh_pids($node), mtunnel_pids($node));
-        $lab->run($node, 'sh', '-c', 'rm -f /run/qemu-server/*.migrate');
+        $lab->run($node, 'sh', '-c',
+            "rm -f /run/qemu-server/*.migrate /run/qemu-server/$v.mtunnel");
     }
 
     my $outcome =

@@ -14,6 +14,7 @@ use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 
 use MTunnelLab;
+use ScriptedQMP;
 use PVE::MTunnel;
 
 my $top = abs_path(dirname(__FILE__) . '/..');
@@ -57,24 +58,8 @@ my @ssh = @{ $lab->ssh_prefix('node2') };
 # --- QMP: a scripted monitor for what a real QEMU does not do on purpose
 my $tmp = tempdir(CLEANUP => 1);
 
-sub scripted {
-    my ($script) = @_;    # gets the connected socket
-    my $path = "$tmp/1.qmp";
-    unlink $path;
-    my $l = IO::Socket::UNIX->new(Local => $path, Listen => 1) or die "listen: $!";
-    my $pid = fork() // die;
-    if (!$pid) { my $c = $l->accept; $script->($c); sleep(0.5); POSIX::_exit(0) }
-    close $l;
-    return ($path, $pid);
-}
-my $greet = qq({"QMP": {"version": {}, "capabilities": []}}\r\n);
-
-sub reply_to {
-    my ($c) = @_;
-    my $line = <$c> // return;
-    my ($id) = $line =~ /"id":\s*("[^"]*")/;
-    return $id;
-}
+my $greet = $ScriptedQMP::GREETING;
+*reply_to = \&ScriptedQMP::reply_id;
 
 for my $case (
     [
@@ -96,15 +81,15 @@ for my $case (
     )
 {
     my ($name, $script, $re, $code) = @$case;
-    my ($path, $pid) = scripted($script);
-    eval { PVE::MTunnel::qmp_query_migrate($path, timeout_ms => 1500) };
+    my $mon = ScriptedQMP->script("$tmp/1.qmp", $script);
+    eval { PVE::MTunnel::qmp_query_migrate($mon->path, timeout_ms => 1500) };
     like($@, $re, "QMP $name: clear error");
     is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{$code}, "QMP $name: $code code");
-    kill('KILL', $pid);
-    waitpid($pid, 0);
+    $mon->stop;
 }
 {
-    my ($path, $pid) = scripted(
+    my $mon = ScriptedQMP->script(
+        "$tmp/1.qmp",
         sub {
             my ($c) = @_;
             print $c qq({"event": "RESUME", "timestamp": {}}\r\n), $greet;
@@ -117,10 +102,10 @@ for my $case (
                 qq({"return": {"status": "active", "ram": {"transferred": 42}}, "id": $id}\r\n);
         }
     );
-    my $st = eval { PVE::MTunnel::qmp_query_migrate($path, timeout_ms => 3000) };
+    my $st = eval { PVE::MTunnel::qmp_query_migrate($mon->path, timeout_ms => 3000) };
     is($@, '', 'QMP events before and between replies: no error');
     is($st->{ram}{transferred}, 42, "QMP events and others' replies are skipped, ours is returned");
-    waitpid($pid, 0);
+    $mon->wait;
 }
 
 # --- load: 1000 open/close cycles, no growth in fds or processes

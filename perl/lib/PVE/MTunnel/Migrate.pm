@@ -21,6 +21,8 @@ use warnings;
 
 use POSIX qw(strftime);
 use Errno qw(ESRCH);
+use Fcntl qw(O_RDONLY O_WRONLY O_CREAT O_EXCL O_NOFOLLOW);
+use JSON::PP ();
 use Socket qw(inet_aton);
 use Time::HiRes qw(usleep time);
 
@@ -32,6 +34,15 @@ my %FINAL = map { $_ => 1 } qw(completed failed cancelled);
 
 # QEMU's largest downtime-limit (2000 s); PVE never doubles past it.
 my $MAX_DOWNTIME_MS = 2000 * 1000;
+
+my $JSON = JSON::PP->new->canonical;
+
+# How far a storage migration got, as its record says (see write_state); from
+# 'mirrors-finished' on the target's disks are complete (every mirror ended without error
+# after the RAM migration completed, the source paused).
+my %PHASES = map { $_ => 1 }
+    qw(starting started mirroring migrating finishing-mirrors mirrors-finished mirrors-failed resumed);
+my %DISKS_COMPLETE = map { $_ => 1 } qw(mirrors-finished resumed);
 
 sub new {
     my ($class, %param) = @_;
@@ -126,13 +137,20 @@ sub render_bytes {
     return sprintf("%.1f %s", $v / 1024**$i, $units[$i]);
 }
 
-# The machine type the source QEMU runs, for the target's --machine: Proxmox's QEMU marks it
-# 'is-current' in query-machines; a stock QEMU names it in the QOM type of /machine.
+# The machine type the source QEMU runs, for the target's --machine, as upstream's
+# PVE::QemuServer::Machine::current_from_query_machines builds it: Proxmox's QEMU marks the
+# entry 'is-current' in query-machines and gives that entry a 'pve-version' ("pve1") when the
+# machine is pinned to one, sent as "pc-i440fx-9.2+pve1" (else the plain name). A stock QEMU
+# marks none: the QOM type of /machine names it.
 sub current_machine {
     my ($self) = @_;
     my $machines = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-machines');
     my ($current) = grep { $_->{'is-current'} } @$machines;
-    return $current->{name} if $current;
+    if ($current) {
+        my $name = $current->{name};
+        $name .= "+$current->{'pve-version'}" if $current->{'pve-version'};
+        return $name;
+    }
     my $type = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'qom-get',
         { path => '/machine', property => 'type' });
     die "cannot tell which machine type VM $self->{vmid} runs ('$type')\n"
@@ -219,6 +237,7 @@ sub migrate {
     $self->log('info',
         "received signal SIG$self->{signal} after the migration completed: it was finished")
         if $self->{signal};
+    $self->remove_state() if $self->{state};
     $self->log(
         'info',
         sprintf("migration finished successfully (duration %s)",
@@ -241,7 +260,7 @@ sub prepare {
     die "VM $vmid on node '$node' is $status, not running: only a running VM is live-migrated"
         . ($status eq 'paused' ? " (resume it first)" : " ('--check' tells what is where)") . "\n"
         if $status ne 'running';
-    $self->{machine} //= $self->current_machine();
+    $self->{machine} //= $self->target_machine();
     $self->check_interrupt();
 }
 
@@ -249,9 +268,12 @@ sub prepare {
 sub fail {
     my ($self, $err) = @_;
     chomp $err;
-    my $where = eval { $self->diagnose($self->inspect())->{state} }
-        // "its state could not be determined: $@";
+    my $d = eval { $self->diagnose($self->inspect()) };
+    my $where = $d ? $d->{state} : "its state could not be determined: $@";
     chomp $where;
+    # settled, nothing left: no record for a --check to use
+    $self->remove_state()
+        if $self->{state} && $d && $d->{ok} && !@{ $d->{left} } && !$self->{volumes_left};
     $self->{verdict} = $where;
     die "$err - $where\n";
 }
@@ -313,19 +335,46 @@ sub check_listen {
     }
 }
 
+# The source's config as `qm config` on this (the source) node prints it: key => value
+# ({} when it cannot be read)
+sub source_config {
+    my ($self) = @_;
+    return $self->{source_config} if $self->{source_config};
+    my %conf;
+    # a host without qm: no config (and no "Can't exec" warning)
+    no warnings 'exec';
+    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
+        while (my $line = <$fh>) {
+            $conf{$1} = $2 if $line =~ /^([a-z][a-z0-9_-]*): (.*?)\s*$/i;
+        }
+        close($fh);
+    }
+    return $self->{source_config} = \%conf;
+}
+
 # drive => volid of the source's config, from `qm config` on this (the source) node
 sub source_volumes {
     my ($self) = @_;
     return $self->{source_volumes} if $self->{source_volumes};
+    my $conf = $self->source_config();
     my %vol;
-    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
-        while (my $line = <$fh>) {
-            $vol{$1} = $2
-                if $line =~ /^((?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+): ([^,\s]+)/;
-        }
-        close($fh);
+    for my $key (keys %$conf) {
+        $vol{$key} = $1
+            if $key =~ /^(?:ide|scsi|sata|virtio|efidisk|tpmstate)[0-9]+$/
+            && $conf->{$key} =~ /^([^,\s]+)/;
     }
     return $self->{source_volumes} = \%vol;
+}
+
+# qm start's --machine for the target, as upstream's qemu_machine_pxe: the machine the source
+# runs, with '.pxe' when the config's machine type asks for the PXE ROMs
+sub target_machine {
+    my ($self) = @_;
+    my $machine = $self->current_machine();
+    my ($type) = grep { defined } map { /^type=(.+)$/ ? $1 : /=/ ? undef : $_ } split /,/,
+        $self->source_config()->{machine} // '';
+    $machine .= '.pxe' if defined $type && $type =~ /\.pxe$/;
+    return $machine;
 }
 
 sub phase2 {
@@ -336,9 +385,29 @@ sub phase2 {
     # From here on the target may be running; cleanup must stop it.
     $self->{target_started} = 1;
     $self->check_interrupt();
-    my $listen = $self->start_target();
+    if ($self->{with_local_disks}) {
+        # what the target has of this VM before its start allocates anything: a failure frees
+        # only what is new, whether the start named it or not
+        my @stores = $self->target_storages();
+        my $before = @stores ? $self->list_target_volumes(@stores) : undef;
+        $self->{target_volumes_before} = $before;
+        my @had = $before ? map { @$_ } values %$before : ();
+        $self->log('info',
+            "VM $vmid already has volumes on node '$self->{target}' (kept whatever happens): @had")
+            if @had;
+        $self->write_state(phase => 'starting', target_volumes_before => $before);
+        $self->check_interrupt();
+    }
+    my $listen = eval { $self->start_target() };
+    if (my $err = $@) {
+        # its answer may be lost (ssh killed or timed out) while it goes on there
+        $self->{start_failed} = 1 if $self->{target_started};
+        die $err;
+    }
     # new volumes on the target: freed by the cleanup unless the migration completes
     $self->{target_volumes} = [map { ($_->{volume} =~ /^([^,]+)/)[0] } @{ $listen->{nbd} }];
+    $self->write_state(phase => 'started', target_volumes => $self->{target_volumes})
+        if $self->{state};
     # the target's listening sockets: the tunnel's close removes them, else the cleanup
     $self->{target_sockets} =
         [grep { defined } $listen->{socket}, map { $_->{socket} } @{ $listen->{nbd} }];
@@ -394,6 +463,7 @@ sub phase2 {
 
     $self->log('info', "start migrate command to $self->{ruri}");
     $self->{migration_started} = 1;
+    $self->write_state(phase => 'migrating') if $self->{state};
     PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { setup => 0 });
     $self->wait_for_completion($set->{'downtime-limit'});
 }
@@ -431,6 +501,8 @@ sub storage_migration {
         }
         push @{ $self->{mirror_jobs} },
             PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
+        $self->write_state(phase => 'mirroring', mirror_jobs => $self->{mirror_jobs})
+            if $self->{state};
     }
     $self->wait_mirror_ready();
 }
@@ -613,6 +685,8 @@ sub phase3 {
         # As upstream: block-job-cancel on a ready mirror syncs the target, then ends the job
         # without switching the source over to it; the source lets go of the NBD connection.
         $self->log('info', "$_: Completing block job...") for @$jobs;
+        # a job that ends without error from here on synced the target with the paused source
+        $self->write_state(phase => 'finishing-mirrors') if $self->{state};
         eval {
             PVE::MTunnel::qmp_mirror_finish(
                 $self->{qmp_socket}, $jobs,
@@ -623,8 +697,10 @@ sub phase3 {
         if (my $err = $@) {
             # the target's disks may lack the last writes: it must not run
             $self->{target_disks_incomplete} = 1;
+            $self->write_state(phase => 'mirrors-failed') if $self->{state};
             die "Failed to complete storage migration: $err";
         }
+        $self->write_state(phase => 'mirrors-finished') if $self->{state};
         $self->log('info', "$_: Completed successfully.") for @$jobs;
         $self->log('info', "$_: mirror-job finished") for @$jobs;
         $self->{mirror_done} = 1;
@@ -650,6 +726,7 @@ sub phase3 {
     }
     # The VM runs on the target; the source must never be continued.
     $self->{target_resumed} = 1;
+    $self->write_state(phase => 'resumed') if $self->{state};
     $self->finish_source();
 }
 
@@ -727,8 +804,9 @@ sub phase2_cleanup {
     # target never resumed (it waits with -S until told), so nothing runs twice.
     $self->cont_source();
     $self->cancel_mirrors();
-    my $target_stopped;
     if ($self->{target_started}) {
+        # a start whose answer was lost may still run there: stop only what it left
+        $self->wait_target_start_gone() if $self->{start_failed};
         eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
         if (my $err = $@) {
             $self->log('err', "stopping target VM failed: $err");
@@ -821,19 +899,132 @@ sub cancel_mirrors {
     $self->log('err', "cancelling block jobs failed: $@") if $@;
 }
 
-# As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone.
+# As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone. New are
+# the ones listed now that were not listed before the start (a start that failed or whose
+# answer was lost may have allocated volumes it never named); without a listing before it,
+# the ones the target named. Never one that existed before the start.
 sub free_target_volumes {
     my ($self) = @_;
-    for my $volid (@{ $self->{target_volumes} // [] }) {
-        if (!$self->{target_stopped} && ($self->target_state() // '') ne 'stopped') {
-            $self->log('err',
-                "volume '$volid' left on node '$self->{target}': run 'pvesm free $volid' there");
-            next;
-        }
-        $self->{target_stopped} = 1;
-        eval { $self->remote_command([@{ $self->{pvesm} }, 'free', $volid], timeout_ms => 60_000) };
-        $self->log('err', "removing volume '$volid' on node '$self->{target}' failed: $@") if $@;
+    my ($vmid, $target) = @$self{qw(vmid target)};
+    my ($before, $named) = ($self->{target_volumes_before}, $self->{target_volumes} // []);
+    return if !$self->{target_started} || (!$before && !@$named);
+    if (!$self->{target_stopped} && ($self->target_state() // '') ne 'stopped') {
+        $self->{volumes_left} = 1;
+        $self->log('err',
+            "volume '$_' left on node '$target': run 'pvesm free $_' there once VM $vmid is stopped there"
+        ) for @$named;
+        $self->log('err',
+                  "volumes its start allocated for VM $vmid may be left on node '$target': "
+                . "compare 'pvesm list STORAGE --vmid $vmid' there with what it had before ("
+                . (join(', ', map { @$_ } values %$before) || 'none') . ')')
+            if $before && !@$named;
+        return;
     }
+    $self->{target_stopped} = 1;
+    $self->free_new_target_volumes($before, $named);
+}
+
+# Frees the target's volumes of this VM that are new since $before (see new_target_volumes);
+# the caller made sure the target VM is stopped. Logs each one freed or left.
+sub free_new_target_volumes {
+    my ($self, $before, $named) = @_;
+    my $target = $self->{target};
+    for my $volid (@{ $self->new_target_volumes($before, $named) }) {
+        eval { $self->remote_command([@{ $self->{pvesm} }, 'free', $volid], timeout_ms => 60_000) };
+        if (my $err = $@) {
+            $self->{volumes_left} = 1;
+            $self->log('err', "removing volume '$volid' on node '$target' failed: $err");
+        } else {
+            $self->log('info',
+                "freed volume '$volid' on node '$target' (allocated for this migration)");
+        }
+    }
+}
+
+# The target's volumes of this VM that are new since $before ({storage => [volids]}, the
+# listing taken before its start): on the storages listed then, the ones listed now and not
+# before; a volume the target named on another storage counts as new (as upstream, which
+# frees what the target named). Without a listing before, the ones the target named; when
+# listing now fails, the named ones that were not listed before.
+sub new_target_volumes {
+    my ($self, $before, $named) = @_;
+    $named //= [];
+    return [@$named] if !$before;
+    my %old = map { $_ => 1 } map { @$_ } values %$before;
+    my @listed = sort keys %$before;
+    my %listed = map { $_ => 1 } @listed;
+    my $store_of = sub { $_[0] =~ /^([^:\s]+):/ ? $1 : '' };
+    my @elsewhere = grep { !$listed{ $store_of->($_) } } @$named;
+    my $now = @listed ? $self->list_target_volumes(@listed) : {};
+    my @new = $now ? map { @{ $now->{$_} } } @listed : grep { $listed{ $store_of->($_) } } @$named;
+    my %seen;
+    return [grep { !$old{$_} && !$seen{$_}++ } @new, @elsewhere];
+}
+
+# The storages the target allocates the local disks' new volumes on: the source's disks'
+# storages mapped through targetstorage as upstream's map_id does ('1': the same storage;
+# "ID": all to ID; "SRC:DST,...": per storage, a plain ID in the list is the default)
+sub target_storages {
+    my ($self) = @_;
+    my $map = $self->{targetstorage} // '1';
+    my (%entry, $default);
+    for my $e (grep { length } split /[,;\s]+/, $map) {
+        if ($e =~ /^([^:]+):([^:]+)$/) {
+            $entry{$1} = $2;
+        } else {
+            $default = $e;
+        }
+    }
+    $default = undef if defined $default && $default eq '1';
+    my %stores;
+    for my $volid (values %{ $self->source_volumes() }) {
+        my ($store) = $volid =~ /^([a-z][a-z0-9\-_.]*[a-z0-9]):/i or next;
+        $stores{ $entry{$store} // $default // $store } = 1;
+    }
+    return sort keys %stores;
+}
+
+# This VM's volumes on the target's storages, as `pvesm list STORAGE --vmid VMID` there tells
+# them: {storage => [volids]}; undef when a listing fails (the reason is logged).
+sub list_target_volumes {
+    my ($self, @stores) = @_;
+    my ($vmid, $target) = @$self{qw(vmid target)};
+    my %list;
+    for my $store (@stores) {
+        my $res = eval {
+            $self->remote_command([@{ $self->{pvesm} }, 'list', $store, '--vmid', $vmid],
+                timeout_ms => 30_000);
+        };
+        if (my $err = $@) {
+            chomp $err;
+            $self->log('warn',
+                "cannot list the volumes of VM $vmid on storage '$store' of node '$target': $err");
+            return undef;
+        }
+        # "Volid Format Type Size VMID" (the header has no ':'), one volume a line
+        $list{$store} = [
+            grep { index($_, "$store:") == 0 }
+                map { /^(\S+:\S+)\s/ ? $1 : () } split /\n/,
+            $res->{stdout} // ''
+        ];
+    }
+    return \%list;
+}
+
+# A `qm start` whose answer was lost (its ssh died or timed out) may still be running on the
+# target: it holds the VM's config lock, allocates volumes and starts QEMU after its ssh is
+# gone. Stopping the VM or listing its volumes before it ended would race with it, so wait
+# (30 s at most) until no such start runs there: `qm start VMID --skiplock --migratedfrom
+# NODE` (the command this driver sent) or PVE's task worker for it (qmstart:VMID).
+sub wait_target_start_gone {
+    my ($self) = @_;
+    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    # an ERE for pgrep -f; "[q]" keeps it from matching the shell that carries it
+    my $pattern = "[q]m start $vmid --skiplock --migratedfrom $node( |\$)|:[q]mstart:$vmid:";
+    my $script = 'i=0; while pgrep -f -- "$1" >/dev/null; do '
+        . 'i=$((i+1)); if [ "$i" -ge 300 ]; then echo "still running"; exit 1; fi; sleep 0.1; done';
+    eval { $self->remote_command(['sh', '-c', $script, 'sh', $pattern], timeout_ms => 45_000); };
+    $self->log('warn', "waiting for the start of VM $vmid on node '$target' to end: $@") if $@;
 }
 
 # The tunnel is broken or idle by now: do not wait long for its 'quit'.
@@ -899,6 +1090,70 @@ sub stop_source {
     $self->log('info', "stopped VM $vmid on source node '$self->{node}'");
 }
 
+# ------------------------------------------------------------ the migration's record
+
+# A storage migration keeps a record on the source node, next to the VM's pid file and
+# monitor, of what a `--check` after the driver's death cannot ask QEMU: the target, the
+# source QEMU migrated (its pid), the target's volumes of the VM before its start, the new
+# volumes the target named, the mirror jobs and how far they got (phase: starting, started,
+# mirroring, migrating, finishing-mirrors, mirrors-finished, mirrors-failed, resumed). It is
+# removed once the VM runs on one node and nothing is left to clean up.
+sub state_path {
+    my ($self) = @_;
+    return "$self->{socket_dir}/$self->{vmid}.mtunnel";
+}
+
+# Updates the record: a temp file of ours renamed over it (never written through a path we
+# did not create). A failure only warns (once): the migration does not depend on it.
+sub write_state {
+    my ($self, %set) = @_;
+    my $st = $self->{state} //= {
+        vmid => $self->{vmid},
+        node => $self->{node},
+        target => $self->{target},
+        source_pid => $self->source_pid(),
+        started => int(time()),
+    };
+    %$st = (%$st, %set);
+    my $path = $self->state_path();
+    my $tmp = "$path.tmp.$$";
+    my $ok = eval {
+        # a leftover of a crashed process with our pid: only a plain file is removed
+        unlink($tmp) if -f $tmp && !-l $tmp;
+        sysopen(my $fh, $tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600)
+            or die "cannot create $tmp: $!\n";
+        my $written = print {$fh} $JSON->encode($st), "\n";
+        close($fh) && $written or die "cannot write $tmp: $!\n";
+        rename($tmp, $path) or die "cannot rename $tmp to $path: $!\n";
+        1;
+    };
+    return 1 if $ok;
+    my $err = $@;
+    unlink($tmp) if -f $tmp && !-l $tmp;
+    $self->log('warn', "cannot keep the migration's record: $err") if !$self->{state_warned}++;
+    return 0;
+}
+
+# The record of this node's last storage migration of the VM, or undef (none, unreadable,
+# not this VM's).
+sub read_state {
+    my ($self) = @_;
+    sysopen(my $fh, $self->state_path(), O_RDONLY | O_NOFOLLOW) or return undef;
+    my $text = do { local $/; <$fh> };
+    close($fh);
+    my $st = eval { $JSON->decode($text // '') };
+    return undef if ref $st ne 'HASH' || ($st->{vmid} // '') ne $self->{vmid};
+    return undef if !$PHASES{ $st->{phase} // '' };
+    return $st;
+}
+
+sub remove_state {
+    my ($self) = @_;
+    my $path = $self->state_path();
+    unlink($path) if -f $path && !-l $path;
+    delete $self->{state};
+}
+
 # ------------------------------------------------------------ where is the VM?
 
 # The target's run state as `qm status --verbose` tells it (running, paused, inmigrate,
@@ -920,12 +1175,16 @@ sub target_state {
     return undef;
 }
 
-# Both nodes' view: source {state, migration, jobs}, target {state} (undef = unreachable).
+# Both nodes' view: source {state, migration, jobs, pid}, target {state} (undef = unreachable),
+# and this migration's record when it is about the source QEMU that runs now (state). With
+# volumes => 1 (and the target reachable, not running the VM): target {new_volumes}, its
+# volumes of the VM allocated for the migration (see new_target_volumes).
 sub inspect {
-    my ($self) = @_;
+    my ($self, %opts) = @_;
     my %src = (state => 'stopped', migration => 'none', jobs => []);
     my $pid = $self->source_pid();
     if ($pid && !process_gone($pid)) {
+        $src{pid} = $pid;
         my $st = eval {
             PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status', undef,
                 timeout_ms => 5000);
@@ -943,172 +1202,267 @@ sub inspect {
     # a start refused before ssh ran left nothing there (the target is not asked: it may be
     # unreachable with the same ssh command)
     my $untouched = defined $self->{target_started} && !$self->{target_started};
-    return {
+    my %seen = (
         source => \%src,
         target => { state => $untouched ? 'stopped' : $self->target_state() }
-    };
+    );
+    my $st = $self->read_state();
+    if ($st && $st->{node} eq $self->{node} && $st->{target} eq $self->{target}) {
+        # the record is about this source QEMU only while it is the one that was migrated
+        if ($src{pid} && ($st->{source_pid} // 0) == $src{pid}) {
+            $seen{state} = $st;
+            my $t = $seen{target}{state};
+            $seen{target}{new_volumes} =
+                $self->new_target_volumes($st->{target_volumes_before}, $st->{target_volumes})
+                if $opts{volumes} && defined $t && $t ne 'running';
+        } else {
+            $seen{old_state} = $st;
+        }
+    }
+    return \%seen;
+}
+
+# Whether the target's disks are shown complete after the RAM migration completed: (1) or
+# (0, why not). Shown complete: no disk was mirrored; or the record says the mirrors were
+# finished; or it says they were being finished (block-job-cancel of ready mirrors, sent
+# only after completion) and every one of them ended without an error (QEMU syncs the
+# target and flushes it before such a job ends). A mirror still ready proves nothing: the
+# driver's death took its NBD connection, and the writes it had not copied are lost to it.
+sub disks_complete {
+    my ($self, $st, $jobs) = @_;
+    my %job = map { $_->{device} => $_ } @$jobs;
+    my @ids = $st ? @{ $st->{mirror_jobs} // [] } : ();
+    my %all = map { $_ => 1 } @ids, keys %job;
+    return (0, 'the disk mirrors failed')
+        if $self->{target_disks_incomplete} || ($st && $st->{phase} eq 'mirrors-failed');
+    return (0, 'its new volumes were never mirrored')
+        if !%all && $st && @{ $st->{target_volumes} // [] };
+    return (1) if !%all;
+    my @failed = grep { defined $_->{error} } @$jobs;
+    return (0, join(', ', map { "$_->{device}: $_->{error}" } @failed)) if @failed;
+    return (0, 'no record of its disk mirrors') if !$st;
+    return (1) if $DISKS_COMPLETE{ $st->{phase} };
+    my @unproven =
+        grep { !$job{$_} || $job{$_}{status} ne 'concluded' } sort keys %all;
+    return (1) if $st->{phase} eq 'finishing-mirrors' && !@unproven;
+    return (
+        0,
+        'the disk mirrors were not finished ('
+            . join(', ',
+            map { $job{$_} ? "$_: $job{$_}{status}" : "$_: gone" }
+                @unproven ? @unproven : sort keys %all)
+            . ')'
+    );
 }
 
 # What the two states mean: {state => sentence, ok => VM runs on exactly one node,
-# fix => [steps] (each [description, code]), undecided => 1 when no fix is safe}.
+# fix => [steps] (each [description, code]), undecided => 1 when no fix is safe,
+# left => [what the migration left behind: block jobs, the target's new volumes]}.
 sub diagnose {
     my ($self, $seen) = @_;
-    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    my ($vmid, $node, $target, $qmp) = @$self{qw(vmid node target qmp_socket)};
     my ($s, $t) = ($seen->{source}{state}, $seen->{target}{state});
     my $completed = $seen->{source}{migration} eq 'completed' || $s eq 'postmigrate';
     my $check = $self->{check_command}
         // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix";
     my %incoming = map { $_ => 1 } qw(inmigrate prelaunch paused);
+    my $st = $seen->{state};
+    my @jobs = @{ $seen->{source}{jobs} };
+    my @job_ids = map { $_->{device} } @jobs;
+    my $new = $seen->{target}{new_volumes};
+
+    # what the migration left: its block jobs, and (unless the VM is to run there) the
+    # target's new volumes
+    my (@left, @left_jobs);
+    push @left,
+        "block jobs on '$node': "
+        . join(', ',
+        map { "$_->{device} ($_->{status}" . (defined $_->{error} ? ": $_->{error}" : '') . ')' }
+            @jobs)
+        if @jobs;
+    @left_jobs = @left;
+    push @left, "volumes allocated for this migration on '$target': @$new"
+        if $new && @$new && defined $t && $t ne 'running';
+
     my $stop_target = [
         "stop the incoming VM $vmid on '$target'",
-        sub { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]) }
+        sub {
+            # a start whose answer was lost may still run there
+            $self->wait_target_start_gone() if $st && $st->{phase} eq 'starting';
+            $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]);
+            my $now = $self->target_state() // 'unreachable';
+            die "VM $vmid on '$target' is $now after 'qm stop'\n" if $now ne 'stopped';
+        }
     ];
+    # only with the record: the volumes new since the start (listed again when it runs)
+    my @free_new = (
+        $st && (($new && @$new) || $st->{phase} eq 'starting')
+        ? [
+            "free the volumes allocated for this migration on '$target'"
+                . ($new && @$new ? ": @$new" : ''),
+            sub {
+                $self->free_new_target_volumes($st->{target_volumes_before}, $st->{target_volumes});
+            }
+            ]
+        : ()
+    );
+    my @cancel_jobs = (
+        @jobs
+        ? [
+            "cancel the block jobs on '$node': @job_ids",
+            sub { PVE::MTunnel::qmp_mirror_cancel($qmp, \@job_ids, timeout_ms => 60_000) }
+            ]
+        : ()
+    );
+    my $cont = ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($qmp, 'cont') }];
+    # the target's copy must not run: stop it (confirmed), free what it got, end the mirrors,
+    # and only then continue the source
+    my $to_source = sub {
+        return [
+            ($t eq 'stopped' ? () : $stop_target), @free_new,
+            @cancel_jobs, ($s eq 'postmigrate' ? $cont : ())
+        ];
+    };
+    my $result = sub { return { left => \@left, fix => [], @_ } };
+
     if (!defined $t) {
-        return {
+        return $result->(
             state =>
                 "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)",
             undecided => 1
-            }
-            if $s eq 'running';
-        return {
+        ) if $s eq 'running';
+        my ($complete) = $self->disks_complete($st, \@jobs);
+        return $result->(
             state =>
                 "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'",
             undecided => 1
-            }
-            if $completed && $self->{target_disks_incomplete};
-        return {
+        ) if $completed && $self->{target_disks_incomplete};
+        return $result->(
             state =>
-                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: it holds the migrated state and may run it. Once '$target' is reachable, run on '$node': $check",
+                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: "
+                . (
+                $complete
+                ? 'it holds the migrated state and may run it'
+                : 'its copy there must not run (its disks cannot be shown complete)'
+                )
+                . ". Once '$target' is reachable, run on '$node': $check",
             undecided => 1
-            }
-            if $completed;
-        return {
+        ) if $completed;
+        return $result->(
             state =>
                 "VM $vmid is $s on node '$node' (source); node '$target' cannot be reached: run on '$node' once it is: $check",
             undecided => 1
-        };
+        );
     }
-    return { state => "VM $vmid runs on node '$node' (source) only", ok => 1 }
-        if $s eq 'running' && $t eq 'stopped';
-    return { state => "VM $vmid runs on node '$target' (target) only", ok => 1 }
+    if ($s eq 'running' && $t eq 'stopped') {
+        return $result->(
+            state => "VM $vmid runs on node '$node' (source) only",
+            ok => 1,
+            fix => [@free_new, @cancel_jobs]
+        );
+    }
+    return $result->(state => "VM $vmid runs on node '$target' (target) only", ok => 1)
         if $t eq 'running' && $s eq 'stopped';
-    return {
+    return $result->(
         state =>
             "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand",
         undecided => 1
-        }
-        if $s eq 'running' && $t eq 'running';
+    ) if $s eq 'running' && $t eq 'running';
     if ($s eq 'running' && $incoming{$t}) {
-        return {
+        return $result->(
             state =>
-                "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target' (new volumes it got for local disks, if any, stay: see 'pvesm list' there)",
-            fix => [$stop_target]
-        };
+                "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target'"
+                . (
+                $st
+                ? ''
+                : " (new volumes it got for local disks, if any, stay: see 'pvesm list' there)"
+                ),
+            fix => $to_source->()
+        );
     }
     if ($t eq 'running') {
-        return {
+        # the target runs its new volumes: the source's copies go, as after a migration
+        my @migrated = $st && $DISKS_COMPLETE{ $st->{phase} } ? @{ $st->{mirror_jobs} // [] } : ();
+        return $result->(
             state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s",
-            fix => [["stop VM $vmid on '$node'", sub { $self->stop_source() }]]
-        };
-    }
-    if ($completed && $t eq 'paused' && $self->{target_disks_incomplete}) {
-        return {
-            state =>
-                "VM $vmid is paused on both nodes after its migration completed, but the disk mirrors failed: the copy on '$target' must not run",
             fix => [
-                $stop_target,
                 [
-                    "continue VM $vmid on '$node'",
-                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
+                    "stop VM $vmid on '$node'"
+                        . (@migrated ? " and free its migrated volumes there" : ''),
+                    sub {
+                        $self->stop_source();
+                        $self->{mirror_jobs} = \@migrated;
+                        $self->free_source_volumes() if @migrated;
+                    }
                 ]
             ]
-        };
+        );
     }
     if ($completed && $t eq 'paused') {
-        my @jobs = @{ $seen->{source}{jobs} };
-        # a mirror that ended without error (block-job-cancel of a ready job, its driver gone
-        # before it dismissed it) synced the target; one with an error did not
-        my @ended = grep { $_->{status} eq 'concluded' && !defined $_->{error} } @jobs;
-        my @failed = grep { $_->{status} eq 'concluded' && defined $_->{error} } @jobs;
-        my @ready = grep { $_->{status} ne 'concluded' && $_->{ready} } @jobs;
-        my @busy = grep { $_->{status} ne 'concluded' && !$_->{ready} } @jobs;
-        return {
+        my ($complete, $why) = $self->disks_complete($st, \@jobs);
+        return $result->(
             state =>
-                "VM $vmid is paused on both nodes after its migration completed, but disk mirrors on '$node' failed ("
-                . join(', ', map { "$_->{device}: $_->{error}" } @failed)
-                . "): the copy on '$target' must not run",
-            fix => [
-                $stop_target,
-                [
-                    "continue VM $vmid on '$node'",
-                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
-                ]
-            ]
-            }
-            if @failed;
-        return {
-            state =>
-                "VM $vmid is paused on both nodes after its migration completed, but block jobs on '$node' are not ready ("
-                . join(', ', map { "$_->{device}: $_->{status}" } @busy)
-                . "): the target's disks may be incomplete",
-            undecided => 1
-            }
-            if @busy;
+                "VM $vmid is paused on both nodes after its migration completed, but its disks on '$target' cannot be shown complete ($why): the copy on '$target' must not run",
+            fix => $to_source->()
+        ) if !$complete;
+        my @mirrored = $st ? @{ $st->{mirror_jobs} // [] } : ();
         my @fix;
         push @fix, [
             "dismiss the ended disk mirrors on '$node'",
             sub {
-                PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'job-dismiss',
-                    { id => $_->{device} })
-                    for @ended;
+                PVE::MTunnel::qmp_execute($qmp, 'job-dismiss', { id => $_ }) for @job_ids;
             }
-        ] if @ended;
+        ] if @jobs;
         push @fix, [
-            "finish the disk mirrors on '$node'",
+            "stop the NBD server on '$target'",
             sub {
-                PVE::MTunnel::qmp_mirror_finish(
-                    $self->{qmp_socket}, [map { $_->{device} } @ready],
-                    mode => 'cancel',
-                    timeout_ms => 600_000
-                );
+                # it may be stopped already (the driver got that far): not an error
+                eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
+                $self->log('warn', "stopping the NBD server on '$target': $@") if $@;
             }
-        ] if @ready;
-        push @fix, ["stop the NBD server on '$target'", sub { $self->remote(['nbdstop', $vmid]) }]
-            if @jobs;
+        ] if @mirrored;
         push @fix,
             [
             "resume VM $vmid on '$target'",
             sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
             ],
             [
-            "stop its copy on '$node'" . (@jobs ? " and free the migrated volumes there" : ''),
+            "stop its copy on '$node'" . (@mirrored ? " and free the migrated volumes there" : ''),
             sub {
                 $self->stop_source();
                 # as phase 3: the mirrored disks' source volumes go once the VM runs on the target
-                $self->{mirror_jobs} = [map { $_->{device} } @jobs];
-                $self->free_source_volumes() if @jobs;
+                $self->{mirror_jobs} = \@mirrored;
+                $self->free_source_volumes() if @mirrored;
             }
             ];
-        return {
+        return $result->(
             state =>
                 "VM $vmid is paused on both nodes after its migration completed: the target was never resumed",
-            fix => \@fix
-        };
+            fix => \@fix,
+            # its new volumes are the VM's disks from now on
+            left => \@left_jobs
+        );
     }
     if ($completed && $t eq 'stopped') {
-        return {
+        return $result->(
             state =>
                 "VM $vmid is paused on node '$node' (source, $s) and stopped on '$target': its state is only on '$node'",
-            fix => [
-                [
-                    "continue VM $vmid on '$node'",
-                    sub { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') }
-                ]
-            ]
-        };
+            fix => $to_source->()
+        );
     }
     if ($s eq 'stopped' && $t eq 'paused') {
-        return {
+        # the source's QEMU is gone, its record cannot be tied to it: a storage migration
+        # whose mirrors were not finished leaves the target's disks unproven
+        my $old = $seen->{old_state};
+        return $result->(
+            state =>
+                "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration, but the disk mirrors of that migration were not finished ($old->{phase}): its disks on '$target' may be incomplete, decide by hand (the disks on '$node' are intact; the VM's memory is only on '$target')",
+            undecided => 1
+            )
+            if $old
+            && @{ $old->{mirror_jobs} // [] }
+            && !$DISKS_COMPLETE{ $old->{phase} };
+        return $result->(
             state =>
                 "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration",
             fix => [
@@ -1117,25 +1471,26 @@ sub diagnose {
                     sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
                 ]
             ]
-        };
+        );
     }
-    return {
+    return $result->(
         state => "VM $vmid runs on neither node ('$node': $s, '$target': $t)"
             . (
             $t eq 'inmigrate' ? "; the incoming VM on '$target' never got the complete state" : ''
             ),
         undecided => 1
-        }
-        if $s ne 'running' && $t ne 'running';
-    return { state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1 };
+    ) if $s ne 'running' && $t ne 'running';
+    return $result->(state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1);
 }
 
 # mtunnel-migrate --check: say what is where; with $fix, apply the fix that diagnose found
-# and remove the migration's stale sockets once the VM runs on exactly one node.
+# (a step that fails ends the fix; the state is looked at again either way) and, once the VM
+# runs on exactly one node with nothing left, remove the migration's stale sockets of both
+# nodes and its record.
 sub check {
     my ($self, %opts) = @_;
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
-    my $seen = $self->inspect();
+    my $seen = $self->inspect(volumes => 1);
     my $src = $seen->{source};
     $self->log(
         'info',
@@ -1159,18 +1514,31 @@ sub check {
             : 'cannot be reached'
             )
     );
+    if (my $st = $seen->{state}) {
+        $self->log('info',
+            "record of the storage migration to '$target': $st->{phase}"
+                . (@{ $st->{mirror_jobs} // [] } ? ", mirrors @{ $st->{mirror_jobs} }" : ''));
+    }
     my $d = $self->diagnose($seen);
     $self->log('info', "state: $d->{state}");
+    $self->log('info', "left behind: $_") for @{ $d->{left} };
+    my $todo = !$d->{undecided} && @{ $d->{fix} } && (!$d->{ok} || @{ $d->{left} });
 
-    if ($opts{fix} && !$d->{ok} && !$d->{undecided}) {
+    if ($opts{fix} && $todo) {
         for my $step (@{ $d->{fix} }) {
             $self->log('info', "fix: $step->[0]");
-            $step->[1]->();
+            eval { $step->[1]->() };
+            if (my $err = $@) {
+                chomp $err;
+                $self->log('err', "fix failed: $err");
+                last;
+            }
         }
-        $seen = $self->inspect();
+        $seen = $self->inspect(volumes => 1);
         $d = $self->diagnose($seen);
         $self->log('info', "state: $d->{state}");
-    } elsif (!$d->{ok} && !$d->{undecided}) {
+        $self->log('info', "left behind: $_") for @{ $d->{left} };
+    } elsif ($todo) {
         $self->log('info',
             "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{ $d->{fix} }));
     }
@@ -1188,6 +1556,7 @@ sub check {
     if ($opts{fix}) {
         unlink(grep { -S $_ } @stale);
         $self->remove_target_sockets(@$remote) if @$remote;
+        $self->remove_state() if !@{ $d->{left} };
     }
     return $d;
 }
@@ -1310,7 +1679,8 @@ dies with C<"WHAT FAILED - WHERE THE VM IS NOW\n"> (see C<fail>).
 
 Method: the checks before anything happens on the target, as QemuMigrate.pm's C<prepare>: the
 source VM runs (QMP C<query-status> says C<running>; a paused VM is refused, since the target
-would run it), and the machine type for the target's C<--machine> is read from it. C<migrate>
+would run it), and the machine type for the target's C<--machine> is read from it
+(C<target_machine>). C<migrate>
 ends with C<"WHAT FAILED - nothing was done: ...\n"> when this fails.
 
 =head2 phase2()
@@ -1403,7 +1773,64 @@ then SIGKILL.
 
 Methods: C<pvesm free> of the migrated disks' source volumes (after success; failures warn),
 and of the target's new volumes (after a failure, only once the target VM is confirmed
-stopped; else the log names the command to run there).
+stopped; else the log names the command to run there). New are the volumes of the VM that
+the target lists now and did not list before its start (C<new_target_volumes>), whether the
+start named them or not; a volume that existed before is never freed. The log names each
+volume freed (C<freed volume 'VOLID' on node 'NODE' (allocated for this migration)>).
+
+=head2 free_new_target_volumes(\%before, \@named)
+
+Method: frees the volumes C<new_target_volumes> finds, logging each; the caller made sure
+the target VM is stopped.
+
+=head2 new_target_volumes(\%before, \@named)
+
+Method: the target's volumes of the VM that are new since C<%before> (storage => [volids],
+the listing taken before the start): listed now and not before. Without a listing before,
+the volumes the target named (C<@named>); when listing now fails, those of them not listed
+before. Returns an array ref.
+
+=head2 target_storages()
+
+Method: the storages the target allocates the local disks' new volumes on: the source's
+disks' storages mapped through C<targetstorage> as upstream's C<map_id> does (C<1>: the same
+storage; C<ID>: all to ID; C<SRC:DST,...>: per storage, a plain ID being the default).
+
+=head2 list_target_volumes(@storages)
+
+Method: the VM's volumes on the target's storages, from C<pvesm list STORAGE --vmid VMID>
+over ssh: C<{ storage => [volids] }>; C<undef> when a listing fails (logged as a warning).
+
+=head2 wait_target_start_gone()
+
+Method: after a target start whose answer was lost (its ssh killed, timed out): waits (30 s
+at most) until no C<qm start VMID --skiplock --migratedfrom NODE> (nor PVE's C<qmstart>
+worker of the VM) runs on the target any more, so that what it leaves is stopped and freed
+after it, not raced with (C<pgrep -f> there).
+
+=head2 state_path(), write_state(%set), read_state(), remove_state()
+
+Methods: the storage migration's record on the source node, F<SOCKET_DIR/VMID.mtunnel>
+(JSON: C<vmid>, C<node>, C<target>, C<source_pid>, C<started>, C<phase>,
+C<target_volumes_before>, C<target_volumes>, C<mirror_jobs>), which a C<--check> after the
+driver's death reads. C<phase> is one of C<starting> (before the target's C<qm start>),
+C<started>, C<mirroring>, C<migrating>, C<finishing-mirrors> (C<block-job-cancel> of the
+ready mirrors after RAM completed), C<mirrors-finished>, C<mirrors-failed>, C<resumed>.
+C<write_state> merges C<%set> into it and writes it through a temp file of its own renamed
+over the path (a failure only warns); C<read_state> returns it (C<undef>: none, invalid, or
+another VM's); C<remove_state> removes it (a plain file only). Written only with
+C<with_local_disks>; removed after success, and after a failure once the VM runs on one node
+with nothing left behind.
+
+=head2 disks_complete($record, \@jobs)
+
+Method: whether the target's disks are shown complete after RAM migration completed:
+C<(1)>, or C<(0, WHY)>. Complete: no disk was mirrored; or the record says the mirrors were
+finished (C<mirrors-finished>, C<resumed>); or it says they were being finished
+(C<finishing-mirrors>) and every mirror job is there and ended without an error (QEMU syncs
+and flushes the target before such a job ends). A mirror that is still ready proves nothing:
+the driver's death took its NBD connection. Without a record, a disk mirror is never shown
+complete.
 
 =head2 close_tunnel_quickly()
 
@@ -1431,8 +1858,21 @@ C<source_volumes> parameter).
 
 =head2 current_machine()
 
-Method: the machine type the source QEMU runs (C<query-machines>' C<is-current>, else the QOM
-type of F</machine>), for the target's C<--machine>.
+Method: the machine type the source QEMU runs, as upstream's C<current_from_query_machines>
+writes it: the C<query-machines> entry marked C<is-current> (Proxmox's QEMU), with C<+pveN>
+when that entry has a C<pve-version> (C<pc-i440fx-9.2+pve1>); a stock QEMU marks none, then
+the QOM type of F</machine> names it.
+
+=head2 target_machine()
+
+Method: the target's C<qm start --machine> as upstream's C<qemu_machine_pxe>:
+C<current_machine>, with C<.pxe> appended when the config's machine type ends in C<.pxe>.
+C<prepare> uses it unless C<machine> was given.
+
+=head2 source_config()
+
+Method: the source VM's config as C<qm config> on this node prints it (key => value; C<{}>
+when it cannot be read), read once.
 
 =head2 remote(\@qm_args, %opts), remote_command(\@argv, %opts)
 
@@ -1446,21 +1886,31 @@ Method: the VM's state on the target as C<qm status --verbose> tells it (C<runni
 C<paused>, C<inmigrate>, C<prelaunch>, C<postmigrate>, ... or C<stopped>); C<undef> when the
 target cannot be reached.
 
-=head2 inspect()
+=head2 inspect(volumes => 0|1)
 
-Method: both nodes' view: C<< { source => { state, migration, jobs }, target => { state } } >>.
+Method: both nodes' view: C<< { source => { state, migration, jobs, pid }, target => { state
+}, state => RECORD } >>; C<state> is the storage migration's record (C<read_state>) when it
+is about this target and the source QEMU that runs now (its pid). With C<volumes> and a
+reachable target that does not run the VM: C<< target => { new_volumes => [...] } >>, its
+volumes allocated for the migration (C<new_target_volumes>).
 
 =head2 diagnose($seen)
 
 Method: what C<inspect>'s view means: C<< { state => SENTENCE, ok => 1 } >> when the VM runs
 on exactly one node, C<< { state, fix => [[DESCRIPTION, CODE], ...] } >> when a safe fix
-exists, C<< { state, undecided => 1 } >> when none does.
+exists, C<< { state, undecided => 1 } >> when none does; C<< left => [...] >> names what the
+migration left behind (the source's block jobs, the target's new volumes unless the VM is
+to run there), which the fix also removes. After RAM migration completed with local disks,
+the fix finishes on the target only when C<disks_complete> says so; otherwise it stops the
+target (and confirms it stopped), frees its new volumes, cancels and dismisses the source's
+block jobs and continues the source.
 
 =head2 check(fix => 0|1)
 
-Method: C<mtunnel-migrate --check>: logs both nodes' state and the diagnosis; with C<fix>,
-applies the fix and removes the migration's stale sockets of both nodes once the VM runs on
-one node. Returns the (final) diagnosis.
+Method: C<mtunnel-migrate --check>: logs both nodes' state, the record, the diagnosis and
+what was left behind; with C<fix>, applies the fix (a step that fails ends it and is logged)
+and, once the VM runs on one node with nothing left, removes the migration's stale sockets
+of both nodes and its record. Returns the (final) diagnosis.
 
 =head2 log($level, $msg)
 

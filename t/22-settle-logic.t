@@ -1,0 +1,288 @@
+#!/usr/bin/perl
+# The driver's judgement after a failure or a killed driver, without a lab: which of the
+# target's volumes are the migration's own (new since the listing before the start, never one
+# that existed before; on storages not listed, what the target named), which storages a start
+# allocates on (targetstorage mapped as upstream's map_id), when the target's disks count as
+# complete after RAM migration completed (only with the record of mirrors finished, or of
+# mirrors ended without error after block-job-cancel), and what --check --fix then does: finish
+# on the target, or stop the target, free its new volumes, cancel the source's block jobs and
+# continue the source.
+
+use strict;
+use warnings;
+use Test::More;
+
+use PVE::MTunnel::Migrate;
+
+# the target's listing is a table here (undef: the listing fails); nothing runs over ssh
+package StubMigrate {
+    our @ISA = ('PVE::MTunnel::Migrate');
+    our ($listing, @listed);
+
+    sub list_target_volumes {
+        my ($self, @stores) = @_;
+        push @listed, [@stores];
+        return undef if !defined $listing;
+        return { map { $_ => [@{ $listing->{$_} // [] }] } @stores };
+    }
+}
+
+sub driver {
+    return StubMigrate->new(
+        vmid => 600,
+        node => 'node1',
+        target => 'node2',
+        ssh => ['ssh', 'root@198.18.0.2'],
+        log => sub { },
+        @_
+    );
+}
+
+my $d0 = 'local:600/vm-600-disk-0.raw';
+my $d1 = 'local:600/vm-600-disk-1.raw';
+my $small = 'small:600/vm-600-disk-0.raw';
+
+# ---------------------------------------------------------------- new_target_volumes
+{
+    my $m = driver();
+    local $StubMigrate::listing = { local => [$d0, $d1] };
+    is_deeply($m->new_target_volumes({ local => [$d0] }, []),
+        [$d1], 'new: listed now and not before, named or not');
+    is_deeply($m->new_target_volumes({ local => [$d0] }, [$d0, $d1]),
+        [$d1], 'new: a named volume that existed before is never new');
+    local $StubMigrate::listing = undef;
+    is_deeply($m->new_target_volumes({ local => [$d0] }, [$d0, $d1]),
+        [$d1], 'new: when listing now fails, the named ones not listed before');
+    is_deeply($m->new_target_volumes(undef, [$d0]),
+        [$d0], 'new: without a listing before, what the target named (as upstream)');
+    local @StubMigrate::listed;
+    is_deeply($m->new_target_volumes({}, [$small]),
+        [$small], 'new: a named volume on a storage not listed before');
+    is_deeply(\@StubMigrate::listed, [], 'new: no storage listed before, none listed now');
+    local $StubMigrate::listing = { local => [$d0] };
+    is_deeply(
+        $m->new_target_volumes({ local => [] }, [$small]),
+        [$d0, $small],
+        'new: the listed storage and a named volume elsewhere'
+    );
+    is_deeply($StubMigrate::listed[-1], ['local'], 'new: only the storages listed before');
+}
+
+# ---------------------------------------------------------------- target_storages
+{
+    my %vols = (ide0 => $d0, ide1 => 'shared:600/vm-600-disk-0.raw', ide2 => 'none');
+    for my $case (
+        [undef, [qw(local shared)]],
+        ['1', [qw(local shared)]],
+        ['small', ['small']],
+        ['local:small', [qw(shared small)]],
+        ['local:small,other', [qw(other small)]],
+        )
+    {
+        my ($map, $want) = @$case;
+        my $m = driver(source_volumes => \%vols, targetstorage => $map);
+        is_deeply([$m->target_storages()],
+            $want, 'target storages with --targetstorage ' . ($map // '(none)') . ": @$want");
+    }
+}
+
+# ---------------------------------------------------------------- disks_complete
+{
+    my $m = driver();
+    my $rec =
+        sub { return { phase => $_[0], mirror_jobs => ['drive-ide0'], target_volumes => [$d1] } };
+    my $job = sub { return { device => 'drive-ide0', status => $_[0], ready => 1, @_[1 .. $#_] } };
+    my @cases = (
+        ['no disk mirrored, no record', undef, [], 1],
+        [
+            'a mirror job, no record', undef,
+            [$job->('ready')], 0,
+            qr/^no record of its disk mirrors$/
+        ],
+        ['record: mirrors finished', $rec->('mirrors-finished'), [], 1],
+        ['record: resumed', $rec->('resumed'), [], 1],
+        [
+            'record: being finished, the job ended without error', $rec->('finishing-mirrors'),
+            [$job->('concluded')], 1
+        ],
+        [
+            'record: being finished, the job ended with an error',
+            $rec->('finishing-mirrors'),
+            [$job->('concluded', error => 'Input/output error')],
+            0,
+            qr/^drive-ide0: Input\/output error$/
+        ],
+        [
+            'record: being finished, the job is gone',
+            $rec->('finishing-mirrors'),
+            [], 0, qr/^the disk mirrors were not finished \(drive-ide0: gone\)$/
+        ],
+        [
+            'record: migrating, the job still ready', $rec->('migrating'),
+            [$job->('ready')], 0,
+            qr/^the disk mirrors were not finished \(drive-ide0: ready\)$/
+        ],
+        [
+            'record: migrating, the job ended without error (not after completion)',
+            $rec->('migrating'), [$job->('concluded')],
+            0, qr/not finished/
+        ],
+        ['record: mirrors failed', $rec->('mirrors-failed'), [], 0, qr/^the disk mirrors failed$/],
+        [
+            'record: new volumes, no mirror ever started',
+            { phase => 'started', target_volumes => [$d1] },
+            [], 0, qr/never mirrored/
+        ],
+    );
+    for my $c (@cases) {
+        my ($name, $st, $jobs, $want, $why) = @$c;
+        my ($got, $reason) = $m->disks_complete($st, $jobs);
+        is($got ? 1 : 0, $want, "complete disks? $name: " . ($want ? 'yes' : 'no'));
+        like($reason // '', $why, "$name: the reason") if $why;
+    }
+}
+
+# ---------------------------------------------------------------- diagnose
+sub seen {
+    my (%o) = @_;
+    return {
+        source =>
+            { state => $o{s}, migration => $o{mig} // 'none', jobs => $o{jobs} // [], pid => 1 },
+        target => { state => $o{t}, (exists $o{new} ? (new_volumes => $o{new}) : ()) },
+        ($o{st} ? (state => $o{st}) : ()),
+    };
+}
+
+sub steps {
+    return [map { $_->[0] } @{ $_[0]->{fix} }];
+}
+
+{
+    my $m = driver();
+    my $ready = { device => 'drive-ide0', status => 'ready', ready => 1 };
+    my $rec = { phase => 'migrating', mirror_jobs => ['drive-ide0'], target_volumes => [$d1] };
+
+    my $d = $m->diagnose(
+        seen(
+            s => 'postmigrate',
+            t => 'paused',
+            mig => 'completed',
+            jobs => [$ready],
+            st => $rec,
+            new => [$d1]
+        )
+    );
+    like(
+        $d->{state},
+        qr/cannot be shown complete \(the disk mirrors were not finished \(drive-ide0: ready\)\): the copy on 'node2' must not run$/,
+        'completed, the mirror still ready: the target cannot be shown complete'
+    );
+    ok(!$d->{ok} && !$d->{undecided}, 'completed, the mirror still ready: a fix exists');
+    is_deeply(
+        steps($d),
+        [
+            "stop the incoming VM 600 on 'node2'",
+            "free the volumes allocated for this migration on 'node2': $d1",
+            "cancel the block jobs on 'node1': drive-ide0",
+            "continue VM 600 on 'node1'"
+        ],
+        'completed, the mirror still ready: stop the target, free, cancel, continue the source, in that order'
+    );
+    is_deeply(
+        $d->{left},
+        [
+            "block jobs on 'node1': drive-ide0 (ready)",
+            "volumes allocated for this migration on 'node2': $d1"
+        ],
+        'completed, the mirror still ready: the block job and the new volume are named as left'
+    );
+
+    $d = $m->diagnose(
+        seen(
+            s => 'postmigrate',
+            t => 'paused',
+            mig => 'completed',
+            st => { %$rec, phase => 'mirrors-finished' },
+            new => [$d1]
+        )
+    );
+    is(
+        $d->{state},
+        'VM 600 is paused on both nodes after its migration completed: the target was never resumed',
+        'completed, mirrors finished: the target gets the VM'
+    );
+    is_deeply(
+        steps($d),
+        [
+            "stop the NBD server on 'node2'",
+            "resume VM 600 on 'node2'",
+            "stop its copy on 'node1' and free the migrated volumes there"
+        ],
+        'completed, mirrors finished: nbdstop, resume the target, stop the source and free its volumes'
+    );
+    is_deeply($d->{left}, [],
+        'completed, mirrors finished: the new volume is the VM\'s disk now, not left');
+
+    $d = $m->diagnose(seen(s => 'postmigrate', t => 'paused', mig => 'completed'));
+    is_deeply(
+        steps($d),
+        ["resume VM 600 on 'node2'", "stop its copy on 'node1'"],
+        'completed, RAM only: resume the target, stop the source'
+    );
+
+    $d = $m->diagnose(
+        seen(
+            s => 'running',
+            t => 'stopped',
+            jobs => [{ %$ready, status => 'concluded', error => 'Input/output error' }],
+            st => $rec,
+            new => [$d1]
+        )
+    );
+    is(
+        $d->{state},
+        "VM 600 runs on node 'node1' (source) only",
+        'source only: the verdict\'s words'
+    );
+    ok($d->{ok}, 'source only: ok');
+    is(scalar @{ $d->{left} }, 2, 'source only: but the block job and the new volume are left');
+    is_deeply(
+        steps($d),
+        [
+            "free the volumes allocated for this migration on 'node2': $d1",
+            "cancel the block jobs on 'node1': drive-ide0"
+        ],
+        'source only: the fix frees them and cancels the job'
+    );
+
+    $d = $m->diagnose(
+        seen(
+            s => 'running',
+            t => 'inmigrate',
+            st => { phase => 'starting', target_volumes_before => { local => [$d0] } },
+            new => []
+        )
+    );
+    is_deeply(
+        steps($d),
+        [
+            "stop the incoming VM 600 on 'node2'",
+            "free the volumes allocated for this migration on 'node2'"
+        ],
+        'a start under way when the driver died: stop it, then free what is new by then'
+    );
+
+    $d = $m->diagnose(seen(s => 'running', t => 'inmigrate'));
+    is_deeply(
+        steps($d),
+        ["stop the incoming VM 600 on 'node2'"],
+        'no record: the incoming copy is stopped, nothing freed'
+    );
+    like(
+        $d->{state},
+        qr/new volumes it got for local disks, if any, stay/,
+        'no record: the state says volumes may stay'
+    );
+}
+
+done_testing();
