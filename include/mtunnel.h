@@ -249,7 +249,8 @@ int qmp_mirror_cancel(const char *qmp_socket,
 // once QEMU accepted the command; poll `qmp_query_migrate` for progress.
 //
 // `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
-// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true}`.
+// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true,
+// "postcopy": false}` (`"postcopy"`: see `qmp_migrate_setup`).
 // `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
 // `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 // `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
@@ -264,7 +265,13 @@ int qmp_migrate(const char *qmp_socket, const char *uri, const char *options_jso
 // - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
 //   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
 //   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
-//   guest's RAM (asked from QEMU) rounded up to a power of two.
+//   guest's RAM (asked from QEMU) rounded up to a power of two;
+// - `"postcopy": true` makes the migration able to switch to post-copy
+//   (`qmp_migrate_start_postcopy`): `postcopy-ram` on, `postcopy-preempt` on where QEMU
+//   offers it, the other capabilities as `"capabilities"` says (off when absent), and
+//   `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without `postcopy-ram`
+//   → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the target as well:
+//   QEMU needs `postcopy-ram` on both sides before `migrate`.
 //
 // `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
 // NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
@@ -294,10 +301,12 @@ int qmp_execute(const char *qmp_socket,
                 int64_t timeout_ms,
                 char **reply_out);
 
-// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends,
-// or when `hold_ms` passed: holds one monitor connection at most that long, waiting for
-// QEMU's `MIGRATION` event with a final status (`completed`, `failed`, `cancelled`), which
-// needs the `events` capability; without it the end is seen when the hold ends. Call it in
+// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends
+// or its post-copy status changes, or when `hold_ms` passed: holds one monitor connection at
+// most that long, waiting for QEMU's `MIGRATION` event with a final status (`completed`,
+// `failed`, `cancelled`) or a post-copy status other than the one at the call's start
+// (`postcopy-active`, `postcopy-paused`, `postcopy-recover`, …), which needs the `events`
+// capability; without it the change is seen when the hold ends. Call it in
 // a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
 // noticed within milliseconds, and between calls the monitor is free for other clients.
 //
@@ -307,6 +316,38 @@ int qmp_execute(const char *qmp_socket,
 // options → `MTUNNEL_ERR_INVALID_ARGUMENT`; a monitor that closes while held →
 // `MTUNNEL_ERR_IO` at once. Otherwise the codes of `qmp_migrate`.
 int qmp_wait_migration(const char *qmp_socket, const char *options_json, char **status_out);
+
+// Switches the running migration of the VM behind `qmp_socket` to post-copy
+// (`migrate-start-postcopy`): the source stops, its device state goes over, and the target
+// runs (once resumed, when started paused) while it pulls the remaining pages. From then on
+// the VM's memory is split between the two nodes until the migration completes: a migration
+// in a post-copy status can only be finished (recovered if it pauses), never cancelled.
+// Needs `"postcopy": true` in the setup of both sides. `qmp_socket` NULL →
+// `MTUNNEL_ERR_INVALID_ARGUMENT`; QEMU's refusal (no migration, post-copy not enabled) →
+// `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+int qmp_migrate_start_postcopy(const char *qmp_socket, int64_t timeout_ms);
+
+// Pauses the post-copy migration of the VM behind `qmp_socket` (`migrate-pause`; on the
+// source or the target): QEMU shuts its channel down and goes to `postcopy-paused`. For a
+// channel that hangs instead of failing (a stopped ssh, a cut link), so that it can be
+// recovered. `qmp_socket` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; no post-copy migration →
+// `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+int qmp_migrate_pause(const char *qmp_socket, int64_t timeout_ms);
+
+// On the target of a paused post-copy migration (`postcopy-paused`): listens on `uri`
+// (`unix:/PATH` or `tcp:HOST:PORT`) for the source's resume (`migrate-recover`). Where only a
+// stock node's tools reach the target, HMP's `migrate_recover URI` through `qm monitor VMID`
+// does the same. `qmp_socket` or `uri` NULL, or a bad URI → `MTUNNEL_ERR_INVALID_ARGUMENT`;
+// QEMU's refusal (nothing paused) → `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+int qmp_migrate_recover(const char *qmp_socket, const char *uri, int64_t timeout_ms);
+
+// On the source of a paused post-copy migration (`postcopy-paused`): resumes it into `uri`,
+// where the target listens again (`qmp_migrate_recover`), usually a new tunnel's forward
+// (`migrate` with `resume: true`). Returns once QEMU accepted the command; the status goes
+// `postcopy-recover`, then `postcopy-active` (`qmp_wait_migration` wakes on each).
+// `qmp_socket` or `uri` NULL, or a bad URI → `MTUNNEL_ERR_INVALID_ARGUMENT`; QEMU's refusal
+// (nothing paused) → `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+int qmp_migrate_resume(const char *qmp_socket, const char *uri, int64_t timeout_ms);
 
 // Runs one remote command over ssh and collects its output, e.g. `qm start VMID
 // --migratedfrom NODE`. Every word of the command is shell-quoted for the remote shell.

@@ -274,6 +274,10 @@ pub(crate) struct MigrateOptions {
     pub(crate) timeout_ms: i64,
     /// Whether [`migrate`] sets capabilities and parameters first (default) or only migrates.
     pub(crate) setup: bool,
+    /// Post-copy: `postcopy-ram` on (refused where QEMU lacks it), `postcopy-preempt` too
+    /// where QEMU offers it, and the post-copy phase held to the pre-copy bandwidth. Implies
+    /// that capabilities are set, as if `capabilities` were given (empty when absent).
+    pub(crate) postcopy: bool,
 }
 
 impl Default for MigrateOptions {
@@ -283,12 +287,14 @@ impl Default for MigrateOptions {
             parameters: Map::new(),
             timeout_ms: DEFAULT_TIMEOUT_MS,
             setup: true,
+            postcopy: false,
         }
     }
 }
 
 impl MigrateOptions {
-    /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N, "setup": bool}`.
+    /// Reads `{"capabilities": {...}, "parameters": {...}, "timeout_ms": N, "setup": bool,
+    /// "postcopy": bool}`.
     pub(crate) fn from_json(opts: &Value) -> Result<MigrateOptions> {
         let o: MigrateOptions = options::from_value(opts)?;
         for (name, state) in o.capabilities.iter().flatten() {
@@ -300,7 +306,26 @@ impl MigrateOptions {
         }
         Ok(o)
     }
+
+    /// The capabilities to turn on, with post-copy's added; `None` leaves them alone.
+    fn wanted_capabilities(&self, offered: &[String]) -> Option<Map<String, Value>> {
+        if !self.postcopy {
+            return self.capabilities.clone();
+        }
+        let mut wanted = self.capabilities.clone().unwrap_or_default();
+        wanted.insert(POSTCOPY_RAM.into(), json!(true));
+        if offered.iter().any(|n| n == POSTCOPY_PREEMPT) {
+            wanted.entry(POSTCOPY_PREEMPT).or_insert(json!(true));
+        }
+        Some(wanted)
+    }
 }
+
+/// The capability that makes a migration able to switch to post-copy (source and target).
+pub(crate) const POSTCOPY_RAM: &str = "postcopy-ram";
+/// The capability that sends faulted pages ahead of the background stream (QEMU 7.2+).
+pub(crate) const POSTCOPY_PREEMPT: &str = "postcopy-preempt";
+
 /// Checks a migration URI: the transports PVE uses.
 pub fn check_uri(uri: &str) -> Result<()> {
     let ok = (uri.starts_with("unix:/") || uri.starts_with("tcp:"))
@@ -322,10 +347,12 @@ pub(crate) fn round_up_power_of_two(n: u64) -> u64 {
 
 /// The `migrate-set-parameters` arguments, as PVE's phase 2 sets them: the caller's, with
 /// `max-bandwidth` always present ([`DEFAULT_MAX_BANDWIDTH`] unless given), `downtime-limit`
-/// capped at QEMU's maximum, and — when xbzrle is on and no size is given — an
+/// capped at QEMU's maximum, with `postcopy` `max-postcopy-bandwidth` as `max-bandwidth`
+/// unless given, and — when xbzrle is on and no size is given — an
 /// `xbzrle-cache-size` of a tenth of `memory_bytes`, rounded up to a power of two.
 pub(crate) fn parameters(
     given: &Map<String, Value>,
+    postcopy: bool,
     xbzrle: bool,
     memory_bytes: Option<u64>,
 ) -> Result<Map<String, Value>> {
@@ -338,6 +365,12 @@ pub(crate) fn parameters(
             "downtime-limit".into(),
             json!(ms.min(MAX_DOWNTIME_LIMIT_MS)),
         );
+    }
+    if postcopy && !p.contains_key("max-postcopy-bandwidth") {
+        // QEMU's 0 is unlimited: the limit the caller set for the migration holds after the
+        // switch too.
+        let limit = p["max-bandwidth"].clone();
+        p.insert("max-postcopy-bandwidth".into(), limit);
     }
     if let (true, false, Some(mem)) = (xbzrle, p.contains_key("xbzrle-cache-size"), memory_bytes) {
         p.insert(
@@ -360,7 +393,8 @@ pub(crate) fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
 /// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set).
 pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
     let mut applied = Map::new();
-    if let Some(wanted) = &opts.capabilities {
+    let mut wanted = opts.capabilities.clone();
+    if wanted.is_some() || opts.postcopy {
         let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
         let names: Vec<String> = known
             .as_array()
@@ -369,6 +403,16 @@ pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline)
             .filter_map(|c| c.get("capability").and_then(Value::as_str))
             .map(str::to_string)
             .collect();
+        if opts.postcopy && !names.iter().any(|n| n == POSTCOPY_RAM) {
+            return Err(Error::invalid(format!(
+                "post-copy needs the migration capability '{POSTCOPY_RAM}', which this QEMU does not offer (supported: {})",
+                names.join(", ")
+            )));
+        }
+        wanted = opts.wanted_capabilities(&names);
+        let wanted = wanted
+            .as_ref()
+            .expect("capabilities are given or post-copy adds them");
         if let Some((name, _)) = wanted
             .iter()
             .find(|(name, on)| **on == json!(true) && !names.contains(name))
@@ -393,8 +437,7 @@ pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline)
         )?;
         applied.insert("capabilities".into(), Value::Object(states));
     }
-    let xbzrle = opts
-        .capabilities
+    let xbzrle = wanted
         .as_ref()
         .is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
     let memory = if xbzrle && !opts.parameters.contains_key("xbzrle-cache-size") {
@@ -402,7 +445,7 @@ pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline)
     } else {
         None
     };
-    let params = parameters(&opts.parameters, xbzrle, memory)?;
+    let params = parameters(&opts.parameters, opts.postcopy, xbzrle, memory)?;
     qmp.execute(
         "migrate-set-parameters",
         Some(Value::Object(params.clone())),
@@ -451,6 +494,13 @@ pub fn is_finished(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "cancelled" | "none")
 }
 
+/// Whether a migration status is one of post-copy's (`postcopy-active`, `postcopy-paused`,
+/// `postcopy-recover`, and newer QEMU's `postcopy-recover-setup`): the VM's state is split
+/// between source and target, and only finishing the migration puts it back in one piece.
+pub fn is_postcopy(status: &str) -> bool {
+    status.starts_with("postcopy-")
+}
+
 /// Default of [`WaitOptions::hold_ms`]: short enough that another client of the monitor
 /// (pvestatd, a `qm` command) waiting behind us is served within a fraction of a second.
 pub(crate) const DEFAULT_HOLD_MS: i64 = 250;
@@ -488,19 +538,20 @@ impl WaitOptions {
         Ok(o)
     }
 }
-/// Whether an event is QEMU announcing that a migration reached a final status (the
-/// `MIGRATION` event, sent when the `events` capability is on).
-pub(crate) fn is_final_migration_event(name: &str, data: &Value) -> bool {
+/// Whether an event is QEMU announcing a migration status worth waking for (the `MIGRATION`
+/// event, sent when the `events` capability is on): a final one, or a post-copy one other
+/// than `current` (post-copy's pauses and recoveries need acting on at once).
+pub(crate) fn is_wake_migration_event(name: &str, data: &Value, current: &str) -> bool {
     name == "MIGRATION"
         && data
             .get("status")
             .and_then(Value::as_str)
-            .is_some_and(is_finished)
+            .is_some_and(|s| is_finished(s) || (is_postcopy(s) && s != current))
 }
 
-/// `query-migrate`, returned as soon as the migration is over: on one connection held at most
-/// `hold_ms`, asks once, then waits for QEMU's `MIGRATION` event with a final status and asks
-/// again. Events only wake the wait; the answer is always `query-migrate`'s, so a migration
+/// `query-migrate`, returned as soon as the migration is over or its post-copy status changes:
+/// on one connection held at most `hold_ms`, asks once, then waits for QEMU's `MIGRATION`
+/// event with such a status (see [`is_wake_migration_event`]) and asks again. Events only wake the wait; the answer is always `query-migrate`'s, so a migration
 /// without the `events` capability is still seen, at the latest when the hold ends. Call it in
 /// a loop: between calls the monitor is free for other clients.
 pub(crate) fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
@@ -508,11 +559,12 @@ pub(crate) fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
     let mut qmp = Qmp::connect(path, deadline)?;
     let hold = Deadline::after_ms(opts.hold_ms);
     let reply = qmp.execute("query-migrate", None, deadline)?;
-    if is_finished(status(&reply)) {
+    let current = status(&reply);
+    if is_finished(current) {
         return with_final_figures(&mut qmp, reply, deadline);
     }
     while let Some((name, data)) = qmp.next_event(hold)? {
-        if is_final_migration_event(&name, &data) {
+        if is_wake_migration_event(&name, &data, current) {
             break;
         }
     }
@@ -542,6 +594,41 @@ fn with_final_figures(qmp: &mut Qmp, mut reply: Value, deadline: Deadline) -> Re
         Ok((!unset(&reply)).then_some(()))
     })?;
     Ok(reply)
+}
+
+/// Switches a running migration to post-copy (`migrate-start-postcopy`): the source stops,
+/// its devices go over, and the target runs while it pulls the remaining pages. Both sides
+/// must have had `postcopy-ram` on before `migrate`; QEMU refuses otherwise.
+pub(crate) fn migrate_start_postcopy(path: &str, timeout_ms: i64) -> Result<()> {
+    execute(path, "migrate-start-postcopy", None, timeout_ms).map(drop)
+}
+
+/// Resumes a paused post-copy migration (`postcopy-paused`) into `uri`, where the target
+/// listens again (see [`migrate_recover`]): `migrate` with `resume: true`.
+pub(crate) fn migrate_resume(path: &str, uri: &str, timeout_ms: i64) -> Result<()> {
+    check_uri(uri)?;
+    let args = json!({"uri": uri, "resume": true});
+    execute(path, "migrate", Some(args), timeout_ms).map(drop)
+}
+
+/// On the target of a paused post-copy migration: listens on `uri` for the source's resume
+/// (`migrate-recover`).
+pub(crate) fn migrate_recover(path: &str, uri: &str, timeout_ms: i64) -> Result<()> {
+    check_uri(uri)?;
+    execute(
+        path,
+        "migrate-recover",
+        Some(json!({"uri": uri})),
+        timeout_ms,
+    )
+    .map(drop)
+}
+
+/// Pauses a post-copy migration whose channel hangs instead of failing (`migrate-pause`, on
+/// either side): QEMU shuts the channel down and goes to `postcopy-paused`, from where it can
+/// be recovered.
+pub(crate) fn migrate_pause(path: &str, timeout_ms: i64) -> Result<()> {
+    execute(path, "migrate-pause", None, timeout_ms).map(drop)
 }
 
 /// Sends `migrate_cancel` and waits until the migration is no longer running; returns the last

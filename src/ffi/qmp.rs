@@ -18,7 +18,8 @@ const _: () = assert!(MTUNNEL_MAX_DOWNTIME_LIMIT_MS == qmp::MAX_DOWNTIME_LIMIT_M
 /// once QEMU accepted the command; poll `qmp_query_migrate` for progress.
 ///
 /// `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
-/// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true}`.
+/// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true,
+/// "postcopy": false}` (`"postcopy"`: see `qmp_migrate_setup`).
 /// `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
 /// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 /// `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
@@ -50,7 +51,13 @@ pub unsafe extern "C" fn qmp_migrate(
 /// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
 ///   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
 ///   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
-///   guest's RAM (asked from QEMU) rounded up to a power of two.
+///   guest's RAM (asked from QEMU) rounded up to a power of two;
+/// - `"postcopy": true` makes the migration able to switch to post-copy
+///   (`qmp_migrate_start_postcopy`): `postcopy-ram` on, `postcopy-preempt` on where QEMU
+///   offers it, the other capabilities as `"capabilities"` says (off when absent), and
+///   `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without `postcopy-ram`
+///   → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the target as well:
+///   QEMU needs `postcopy-ram` on both sides before `migrate`.
 ///
 /// `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
 /// NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
@@ -146,10 +153,12 @@ pub unsafe extern "C" fn qmp_execute(
     })
 }
 
-/// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends,
-/// or when `hold_ms` passed: holds one monitor connection at most that long, waiting for
-/// QEMU's `MIGRATION` event with a final status (`completed`, `failed`, `cancelled`), which
-/// needs the `events` capability; without it the end is seen when the hold ends. Call it in
+/// Returns the `query-migrate` answer (as `qmp_query_migrate`) as soon as the migration ends
+/// or its post-copy status changes, or when `hold_ms` passed: holds one monitor connection at
+/// most that long, waiting for QEMU's `MIGRATION` event with a final status (`completed`,
+/// `failed`, `cancelled`) or a post-copy status other than the one at the call's start
+/// (`postcopy-active`, `postcopy-paused`, `postcopy-recover`, …), which needs the `events`
+/// capability; without it the change is seen when the hold ends. Call it in
 /// a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
 /// noticed within milliseconds, and between calls the monitor is free for other clients.
 ///
@@ -175,5 +184,80 @@ pub unsafe extern "C" fn qmp_wait_migration(
         // SAFETY: the out-parameter is NULL or points to writable storage for one pointer (crate conventions).
         unsafe { put_string(status_out, reply.to_string()) };
         Ok(())
+    })
+}
+
+/// Switches the running migration of the VM behind `qmp_socket` to post-copy
+/// (`migrate-start-postcopy`): the source stops, its device state goes over, and the target
+/// runs (once resumed, when started paused) while it pulls the remaining pages. From then on
+/// the VM's memory is split between the two nodes until the migration completes: a migration
+/// in a post-copy status can only be finished (recovered if it pauses), never cancelled.
+/// Needs `"postcopy": true` in the setup of both sides. `qmp_socket` NULL →
+/// `MTUNNEL_ERR_INVALID_ARGUMENT`; QEMU's refusal (no migration, post-copy not enabled) →
+/// `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_start_postcopy(
+    qmp_socket: *const c_char,
+    timeout_ms: i64,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        qmp::migrate_start_postcopy(path, timeout_ms)
+    })
+}
+
+/// Pauses the post-copy migration of the VM behind `qmp_socket` (`migrate-pause`; on the
+/// source or the target): QEMU shuts its channel down and goes to `postcopy-paused`. For a
+/// channel that hangs instead of failing (a stopped ssh, a cut link), so that it can be
+/// recovered. `qmp_socket` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`; no post-copy migration →
+/// `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_pause(qmp_socket: *const c_char, timeout_ms: i64) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        qmp::migrate_pause(path, timeout_ms)
+    })
+}
+
+/// On the target of a paused post-copy migration (`postcopy-paused`): listens on `uri`
+/// (`unix:/PATH` or `tcp:HOST:PORT`) for the source's resume (`migrate-recover`). Where only a
+/// stock node's tools reach the target, HMP's `migrate_recover URI` through `qm monitor VMID`
+/// does the same. `qmp_socket` or `uri` NULL, or a bad URI → `MTUNNEL_ERR_INVALID_ARGUMENT`;
+/// QEMU's refusal (nothing paused) → `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_recover(
+    qmp_socket: *const c_char,
+    uri: *const c_char,
+    timeout_ms: i64,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let uri = unsafe { str_arg(uri, "uri") }?;
+        qmp::migrate_recover(path, uri, timeout_ms)
+    })
+}
+
+/// On the source of a paused post-copy migration (`postcopy-paused`): resumes it into `uri`,
+/// where the target listens again (`qmp_migrate_recover`), usually a new tunnel's forward
+/// (`migrate` with `resume: true`). Returns once QEMU accepted the command; the status goes
+/// `postcopy-recover`, then `postcopy-active` (`qmp_wait_migration` wakes on each).
+/// `qmp_socket` or `uri` NULL, or a bad URI → `MTUNNEL_ERR_INVALID_ARGUMENT`; QEMU's refusal
+/// (nothing paused) → `MTUNNEL_ERR_QMP`. Otherwise the codes of `qmp_migrate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qmp_migrate_resume(
+    qmp_socket: *const c_char,
+    uri: *const c_char,
+    timeout_ms: i64,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let path = unsafe { str_arg(qmp_socket, "qmp_socket") }?;
+        // SAFETY: the C caller passes NULL or a NUL-terminated string that stays valid during the call (crate conventions).
+        let uri = unsafe { str_arg(uri, "uri") }?;
+        qmp::migrate_resume(path, uri, timeout_ms)
     })
 }

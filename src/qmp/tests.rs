@@ -148,10 +148,11 @@ fn a_wanted_capability_qemu_lacks_is_refused_before_anything_is_set() {
 #[test]
 fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
     let given = |v: Value| v.as_object().unwrap().clone();
-    let p = parameters(&given(json!({})), false, None).unwrap();
+    let p = parameters(&given(json!({})), false, false, None).unwrap();
     assert_eq!(Value::Object(p), json!({"max-bandwidth": 17179869184u64}));
     let p = parameters(
         &given(json!({"max-bandwidth": 1000, "downtime-limit": 5_000_000})),
+        false,
         true,
         Some(64 << 20),
     )
@@ -173,6 +174,7 @@ fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
     );
     let p = parameters(
         &given(json!({"xbzrle-cache-size": 4096})),
+        false,
         true,
         Some(1 << 30),
     )
@@ -182,7 +184,7 @@ fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
         json!(4096),
         "the caller's cache size wins"
     );
-    assert!(parameters(&given(json!({"downtime-limit": "100"})), false, None).is_err());
+    assert!(parameters(&given(json!({"downtime-limit": "100"})), false, false, None).is_err());
     assert_eq!(round_up_power_of_two(0), 1);
     assert_eq!(round_up_power_of_two(1 << 20), 1 << 20);
     assert_eq!(round_up_power_of_two((1 << 20) + 1), 2 << 20);
@@ -470,4 +472,178 @@ fn a_completed_migration_without_its_figures_yet_is_asked_again() {
     );
     assert_eq!(reply["downtime"], 40);
     assert_eq!(server.commands().len(), 5);
+}
+
+/// A monitor offering post-copy (with preempt when `preempt`), answering everything else `{}`.
+fn postcopy_monitor(tag: &str, offered: &'static [&'static str]) -> FakeQmp {
+    FakeQmp::answering(tag, move |command, _| {
+        Ok(match command {
+            "query-migrate-capabilities" => Value::Array(
+                offered
+                    .iter()
+                    .map(|c| json!({"capability": c, "state": false}))
+                    .collect(),
+            ),
+            _ => json!({}),
+        })
+    })
+}
+
+#[test]
+fn postcopy_turns_on_postcopy_ram_and_preempt_where_offered_and_keeps_the_bandwidth_limit() {
+    let server = postcopy_monitor(
+        "pc-preempt",
+        &["xbzrle", "events", "postcopy-ram", "postcopy-preempt"],
+    );
+    let opts = MigrateOptions::from_json(&json!({"capabilities": {"events": true}, "parameters": {"max-bandwidth": 33554432}, "postcopy": true})).unwrap();
+    let applied = setup(&server.path, &opts).unwrap();
+    assert_eq!(
+        applied["capabilities"],
+        json!({"events": true, "postcopy-preempt": true, "postcopy-ram": true, "xbzrle": false})
+    );
+    assert_eq!(
+        applied["parameters"],
+        json!({"max-bandwidth": 33554432, "max-postcopy-bandwidth": 33554432}),
+        "after the switch the migration must keep the caller's limit, not QEMU's unlimited 0"
+    );
+    let reqs = server.finish();
+    assert_eq!(reqs[2]["execute"], "migrate-set-capabilities");
+
+    // No preempt offered (older QEMU): post-copy alone; no capabilities given: the rest off.
+    let server = postcopy_monitor("pc-plain", &["xbzrle", "postcopy-ram"]);
+    let opts = MigrateOptions::from_json(&json!({"postcopy": true})).unwrap();
+    let applied = setup(&server.path, &opts).unwrap();
+    assert_eq!(
+        applied["capabilities"],
+        json!({"postcopy-ram": true, "xbzrle": false})
+    );
+    assert_eq!(
+        applied["parameters"]["max-postcopy-bandwidth"],
+        applied["parameters"]["max-bandwidth"]
+    );
+}
+
+#[test]
+fn postcopy_on_a_qemu_without_it_is_refused_before_anything_is_set() {
+    let server = postcopy_monitor("pc-none", &["xbzrle", "events"]);
+    let opts = MigrateOptions::from_json(&json!({"postcopy": true})).unwrap();
+    let err = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap_err();
+    assert_eq!(err.kind, Kind::InvalidArgument);
+    assert_eq!(
+        err.message,
+        "post-copy needs the migration capability 'postcopy-ram', which this QEMU does not offer (supported: xbzrle, events)"
+    );
+    assert_eq!(
+        server.commands(),
+        ["qmp_capabilities", "query-migrate-capabilities"]
+    );
+}
+
+#[test]
+fn postcopy_calls_send_qemus_commands() {
+    let server = postcopy_monitor("pc-calls", &[]);
+    migrate_start_postcopy(&server.path, 5000).unwrap();
+    migrate_pause(&server.path, 5000).unwrap();
+    migrate_recover(
+        &server.path,
+        "unix:/run/qemu-server/100.migrate-recover",
+        5000,
+    )
+    .unwrap();
+    migrate_resume(&server.path, "unix:/run/qemu-server/100.migrate-1", 5000).unwrap();
+    let reqs: Vec<Value> = server
+        .finish()
+        .into_iter()
+        .filter(|r| r["execute"] != "qmp_capabilities")
+        .map(|mut r| {
+            r.as_object_mut().unwrap().remove("id");
+            r
+        })
+        .collect();
+    assert_eq!(
+        reqs,
+        [
+            json!({"execute": "migrate-start-postcopy"}),
+            json!({"execute": "migrate-pause"}),
+            json!({"execute": "migrate-recover", "arguments": {"uri": "unix:/run/qemu-server/100.migrate-recover"}}),
+            json!({"execute": "migrate", "arguments": {"uri": "unix:/run/qemu-server/100.migrate-1", "resume": true}}),
+        ]
+    );
+}
+
+#[test]
+fn resume_and_recover_refuse_a_bad_uri_before_connecting() {
+    for err in [
+        migrate_resume("/nonexistent/100.qmp", "exec:cat", 5000).unwrap_err(),
+        migrate_recover("/nonexistent/100.qmp", "unix:/x\n", 5000).unwrap_err(),
+    ] {
+        assert_eq!(err.kind, Kind::InvalidArgument, "{}", err.message);
+        assert!(
+            err.message.starts_with("invalid migration URI"),
+            "{}",
+            err.message
+        );
+    }
+}
+
+#[test]
+fn a_switch_to_postcopy_qemu_refuses_carries_qemus_error() {
+    let server = FakeQmp::answering("pc-refused", |command, _| match command {
+        "migrate-start-postcopy" => Err((
+            "GenericError",
+            "Enable postcopy with migrate_set_capability before the start of migration".into(),
+        )),
+        _ => Ok(json!({})),
+    });
+    let err = migrate_start_postcopy(&server.path, 5000).unwrap_err();
+    assert_eq!(err.kind, Kind::Qmp);
+    assert!(
+        err.message
+            .contains("Enable postcopy with migrate_set_capability"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn wait_wakes_on_each_postcopy_status_change_but_not_on_the_status_it_started_in() {
+    // pre-copy → post-copy: the switch wakes the wait
+    let server = FakeQmp::script("wait-pc-active", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "active"})));
+        s.send(&event("MIGRATION", json!({"status": "device"})));
+        s.send(&event("MIGRATION", json!({"status": "postcopy-active"})));
+        seen.push(s.answer("query-migrate", json!({"status": "postcopy-active"})));
+        seen
+    });
+    let hold = WaitOptions {
+        hold_ms: 60_000,
+        ..WaitOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let reply = wait_migration(&server.path, &hold).unwrap();
+    assert_eq!(status(&reply), "postcopy-active");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the switch to post-copy did not wake the wait ({:?})",
+        started.elapsed()
+    );
+
+    // in post-copy: a repeated postcopy-active is no news, a pause is
+    let server = FakeQmp::script("wait-pc-paused", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer("query-migrate", json!({"status": "postcopy-active"})));
+        s.send(&event("MIGRATION", json!({"status": "postcopy-active"})));
+        std::thread::sleep(Duration::from_millis(100));
+        s.send(&event("MIGRATION", json!({"status": "postcopy-paused"})));
+        seen.push(s.answer("query-migrate", json!({"status": "postcopy-paused"})));
+        seen
+    });
+    let reply = wait_migration(&server.path, &hold).unwrap();
+    assert_eq!(status(&reply), "postcopy-paused");
+    assert_eq!(
+        server.commands(),
+        ["qmp_capabilities", "query-migrate", "query-migrate"]
+    );
+    assert!(is_postcopy("postcopy-recover") && !is_finished("postcopy-paused"));
 }

@@ -70,6 +70,13 @@ $ffi->attach(
 $ffi->attach(
     [qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
 $ffi->attach(
+    [qmp_migrate_start_postcopy => '_qmp_migrate_start_postcopy'] => ['string', 'sint64'] => 'int');
+$ffi->attach([qmp_migrate_pause => '_qmp_migrate_pause'] => ['string', 'sint64'] => 'int');
+$ffi->attach(
+    [qmp_migrate_recover => '_qmp_migrate_recover'] => ['string', 'string', 'sint64'] => 'int');
+$ffi->attach(
+    [qmp_migrate_resume => '_qmp_migrate_resume'] => ['string', 'string', 'sint64'] => 'int');
+$ffi->attach(
     [qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] =>
         'int');
 $ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] =>
@@ -255,7 +262,8 @@ sub DESTROY {
     _tunnel_free($ptr);
 }
 
-# { capabilities => {...}, parameters => {...}, timeout_ms => N, setup => 0|1 } as JSON.
+# { capabilities => {...}, parameters => {...}, timeout_ms => N, setup => 0|1,
+#   postcopy => 0|1 } as JSON.
 sub _migrate_options_json {
     my ($opts) = @_;
     $opts //= {};
@@ -267,7 +275,9 @@ sub _migrate_options_json {
         $o{parameters} = { map { $_ => _typed($params->{$_}, _parameter_type($_)) } keys %$params };
     }
     $o{timeout_ms} = _typed($opts->{timeout_ms}, 'int') if defined $opts->{timeout_ms};
-    $o{setup} = _typed($opts->{setup}, 'bool') if defined $opts->{setup};
+    for my $flag (qw(setup postcopy)) {
+        $o{$flag} = _typed($opts->{$flag}, 'bool') if defined $opts->{$flag};
+    }
     return $json->encode(\%o);
 }
 
@@ -306,6 +316,30 @@ sub qmp_migrate_cancel {
     my $out;
     _check(_qmp_migrate_cancel($qmp_socket, $opts{timeout_ms} // 30_000, \$out));
     return _decode($out);
+}
+
+sub qmp_migrate_start_postcopy {
+    my ($qmp_socket, %opts) = @_;
+    _check(_qmp_migrate_start_postcopy($qmp_socket, $opts{timeout_ms} // 10_000));
+    return;
+}
+
+sub qmp_migrate_pause {
+    my ($qmp_socket, %opts) = @_;
+    _check(_qmp_migrate_pause($qmp_socket, $opts{timeout_ms} // 10_000));
+    return;
+}
+
+sub qmp_migrate_recover {
+    my ($qmp_socket, $uri, %opts) = @_;
+    _check(_qmp_migrate_recover($qmp_socket, $uri, $opts{timeout_ms} // 10_000));
+    return;
+}
+
+sub qmp_migrate_resume {
+    my ($qmp_socket, $uri, %opts) = @_;
+    _check(_qmp_migrate_resume($qmp_socket, $uri, $opts{timeout_ms} // 10_000));
+    return;
 }
 
 sub qmp_execute {
@@ -464,6 +498,10 @@ caller has to act on (e.g. a file that is no socket at a socket path, kept and n
 Function: capabilities as Proxmox VE's C<set_migration_caps> (the ones named true on, every
 other one off) and parameters as its phase 2 (C<max-bandwidth> 16 GiB/s unless given,
 C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what was applied.
+C<< postcopy => 1 >> makes the migration able to switch to post-copy: C<postcopy-ram> on (a
+QEMU without it is refused before anything is set), C<postcopy-preempt> on where QEMU offers
+it, the other capabilities as C<capabilities> says (off when absent), and
+C<max-postcopy-bandwidth> as C<max-bandwidth> unless given. QEMU needs it on both sides.
 
 =item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
 
@@ -490,7 +528,9 @@ through: treat them as still running.
 =item C<qmp_wait_migration($qmp_socket, hold_ms =E<gt> 250, timeout_ms =E<gt> N)>
 
 Function: C<query-migrate>'s answer as soon as QEMU's C<MIGRATION> event says the migration
-ended (completed, failed, cancelled), or when C<hold_ms> passed, whichever comes first. The
+ended (completed, failed, cancelled) or entered another post-copy status (C<postcopy-active>,
+C<postcopy-paused>, C<postcopy-recover>, ...), or when C<hold_ms> passed, whichever comes
+first. The
 monitor connection is held at most that long, so other clients are served. Call it in a loop
 instead of sleeping between C<qmp_query_migrate> calls (needs the C<events> capability).
 
@@ -499,6 +539,29 @@ instead of sleeping between C<qmp_query_migrate> calls (needs the C<events> capa
 Function: C<migrate_cancel>, then waits until the migration is cancelled, failed or completed
 (or there was none); returns the last C<query-migrate> answer. A migration that completed
 before the cancel shows as C<completed>: it must then be finished, not rolled back.
+
+=item C<qmp_migrate_start_postcopy($qmp_socket, timeout_ms =E<gt> 10000)>
+
+Function: switches the running migration to post-copy (C<migrate-start-postcopy>): the source
+stops and the target runs (once resumed) while it pulls the remaining pages. From then on the
+VM's memory is split between the nodes: the migration can only be finished, or recovered when
+it pauses, never cancelled.
+
+=item C<qmp_migrate_pause($qmp_socket, timeout_ms =E<gt> 10000)>
+
+Function: C<migrate-pause>, on either side: a post-copy migration whose channel hangs instead
+of failing goes to C<postcopy-paused>, from where it can be recovered.
+
+=item C<qmp_migrate_recover($qmp_socket, $uri, timeout_ms =E<gt> 10000)>
+
+Function: on the target of a paused post-copy migration, C<migrate-recover>: listens on
+C<$uri> for the source's resume. On a stock node the same goes through C<qm monitor VMID>
+(HMP C<migrate_recover URI>).
+
+=item C<qmp_migrate_resume($qmp_socket, $uri, timeout_ms =E<gt> 10000)>
+
+Function: on the source of a paused post-copy migration, C<migrate> with C<resume>: continues
+it into C<$uri>, where the target listens again (a new tunnel's forward).
 
 =item C<qmp_execute($qmp_socket, $command, \%arguments, timeout_ms =E<gt> 10000)>
 
