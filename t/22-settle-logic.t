@@ -285,4 +285,80 @@ sub steps {
     );
 }
 
+# ---------------------------------------------------------------- post-copy
+{
+    my $m = driver();
+    my $d = $m->diagnose(seen(s => 'finish-migrate', t => undef, mig => 'postcopy-paused'));
+    ok($d->{undecided} && !@{ $d->{fix} }, 'post-copy, target unreachable: nothing is touched');
+    like(
+        $d->{state},
+        qr/^VM 600 is in post-copy \(postcopy-paused\): its memory is split between node 'node1' and node 'node2', which cannot be reached\. Nothing may be stopped or continued/,
+        'post-copy, target unreachable: the state says the memory is split'
+    );
+
+    $d = $m->diagnose(seen(s => 'finish-migrate', t => 'stopped', mig => 'postcopy-paused'));
+    ok($d->{lost} && $d->{undecided} && !@{ $d->{fix} },
+        'post-copy, the target QEMU gone: lost, and no fix pretends otherwise');
+    like(
+        $d->{state},
+        qr/^VM 600 is lost: in post-copy \(postcopy-paused\) its memory was split between node 'node1' and node 'node2', and its QEMU on 'node2' is gone/,
+        'post-copy, the target QEMU gone: the verdict says lost, and why'
+    );
+
+    for my $mig (qw(postcopy-paused postcopy-active postcopy-recover)) {
+        $d = $m->diagnose(seen(s => 'finish-migrate', t => 'running', mig => $mig));
+        like(
+            $d->{state},
+            qr/^VM 600 runs on node 'node2' \(target\) in post-copy \($mig\)/,
+            "$mig, the target runs: said so"
+        );
+        is_deeply(
+            steps($d),
+            [
+                "finish the post-copy migration (recovered through a new tunnel if it is paused), then stop VM 600 on 'node1'"
+            ],
+            "$mig, the target runs: the fix finishes the migration, never continues the source"
+        );
+    }
+}
+
+# ---------------------------------------------------------------- when to switch to post-copy
+{
+    my $M = 1 << 20;
+    eval { driver(postcopy => 'sometimes') };
+    is(
+        $@,
+        "invalid postcopy 'sometimes' (off, auto or always)\n",
+        'an unknown --postcopy is refused by name'
+    );
+    eval { driver(postcopy => 'auto', with_local_disks => 1) };
+    like(
+        $@,
+        qr/^--postcopy auto with --with-local-disks is not supported yet/,
+        'post-copy with local disks is refused, not half done'
+    );
+    is(driver()->postcopy_reason([64 * $M, 64 * $M, 64 * $M]), undef, 'off: never');
+    my $always = driver(postcopy => 'always');
+    is($always->postcopy_reason([]), undef, 'always: not during the first pass');
+    is(
+        $always->postcopy_reason([300 * $M]),
+        'the first pass is done',
+        'always: once the first pass is done'
+    );
+    my $auto = driver(postcopy => 'auto');
+    is($auto->postcopy_reason([64 * $M, 63 * $M]), undef,
+        'auto: two passes are not enough to tell');
+    like(
+        $auto->postcopy_reason([64 * $M, 62 * $M, 64 * $M]),
+        qr/^pre-copy is not converging \(remaining at the last 3 passes: 64\.0 MiB, 62\.0 MiB, 64\.0 MiB\)$/,
+        'auto: what is left stopped shrinking over two passes'
+    );
+    is($auto->postcopy_reason([64 * $M, 40 * $M, 39 * $M]),
+        undef, 'auto: a pass that shrank by more than a tenth is progress');
+    is($auto->postcopy_reason([64 * $M, 50 * $M, 40 * $M, 30 * $M]),
+        undef, 'auto: converging: no switch');
+    $auto->{postcopy_started} = 1;
+    is($auto->postcopy_reason([64 * $M, 64 * $M, 64 * $M]), undef, 'auto: only once');
+}
+
 done_testing();

@@ -52,11 +52,18 @@ truncate("$T/guest.img", 1 << 20) or die "truncate: $!";
 sub start_qemu {
     my ($name, @extra) = @_;
     my @cmd = (
-        $qemu, '-name', $name, '-nodefaults', '-display', 'none', '-serial', 'none',
-        '-monitor', 'none', @accel, '-cpu', 'qemu64,-pni', '-m', $MEM,
-        '-drive', "file=$T/guest.img,format=raw,if=ide,id=drive-ide0,snapshot=on",
-        '-qmp', "unix:$T/$name.qmp,server=on,wait=off",
-        '-pidfile', "$T/$name.pid", '-daemonize', @extra
+        $qemu, '-name',
+        $name, '-nodefaults',
+        '-display', 'none',
+        '-serial', 'none',
+        '-monitor', 'none',
+        @accel, '-cpu',
+        'qemu64,-pni', '-m',
+        $MEM, '-drive',
+        "file=$T/guest.img,format=raw,if=ide,id=drive-ide0,snapshot=on", '-qmp',
+        "unix:$T/$name.qmp,server=on,wait=off", '-pidfile',
+        "$T/$name.pid", '-daemonize',
+        @extra
     );
     my $child = fork() // die "fork: $!";
     if (!$child) {
@@ -117,13 +124,25 @@ note("start_postcopy refused: $@") if $ENV{SHOW_ERRORS};
 
 my $bw = 16 << 20;    # the first pass takes a few seconds: the switch comes mid-way
 for my $side ([src => $src], [dst => $dst]) {
-    my $applied = PVE::MTunnel::qmp_migrate_setup($side->[1],
-        { capabilities => { events => 1 }, parameters => { 'max-bandwidth' => $bw }, postcopy => 1 });
+    my $applied = PVE::MTunnel::qmp_migrate_setup(
+        $side->[1],
+        {
+            capabilities => { events => 1 },
+            parameters => { 'max-bandwidth' => $bw },
+            postcopy => 1
+        }
+    );
     ok($applied->{capabilities}{'postcopy-ram'}, "$side->[0]: postcopy-ram on");
-    is($applied->{capabilities}{'postcopy-preempt'} ? 1 : 0,
-        (grep { $_->{capability} eq 'postcopy-preempt' } @{ qmp($side->[1], 'query-migrate-capabilities') }) ? 1 : 0,
-        "$side->[0]: postcopy-preempt on exactly where QEMU offers it");
-    is($applied->{parameters}{'max-postcopy-bandwidth'}, $bw, "$side->[0]: the limit holds after the switch");
+    is(
+        $applied->{capabilities}{'postcopy-preempt'} ? 1 : 0,
+        (
+            grep { $_->{capability} eq 'postcopy-preempt' }
+                @{ qmp($side->[1], 'query-migrate-capabilities') }
+        ) ? 1 : 0,
+        "$side->[0]: postcopy-preempt on exactly where QEMU offers it"
+    );
+    is($applied->{parameters}{'max-postcopy-bandwidth'},
+        $bw, "$side->[0]: the limit holds after the switch");
 }
 
 PVE::MTunnel::qmp_migrate($src, "unix:$T/migrate.sock", { setup => 0 });
@@ -145,8 +164,13 @@ for (1 .. 300) {
     last if $dst_run eq 'running';
     sleep(0.02);
 }
-note(sprintf("target ran %.2f s after the switch; source %s, migration %s",
-    time() - $switch_t, $src_run, PVE::MTunnel::qmp_query_migrate($src)->{status}));
+note(
+    sprintf(
+        "target ran %.2f s after the switch; source %s, migration %s",
+        time() - $switch_t,
+        $src_run, PVE::MTunnel::qmp_query_migrate($src)->{status}
+    )
+);
 is($dst_run, 'running', 'the guest runs on the target during post-copy');
 is($src_run, 'finish-migrate', 'the source is stopped');
 my $pass0 = guest_loop_pass($dst);

@@ -41,7 +41,8 @@ my $JSON = JSON::PP->new->canonical;
 # 'mirrors-finished' on the target's disks are complete (every mirror ended without error
 # after the RAM migration completed, the source paused).
 my %PHASES = map { $_ => 1 }
-    qw(starting started mirroring migrating finishing-mirrors mirrors-finished mirrors-failed resumed);
+    qw(starting started mirroring migrating finishing-mirrors mirrors-finished mirrors-failed resumed
+    postcopy);
 my %DISKS_COMPLETE = map { $_ => 1 } qw(mirrors-finished resumed);
 
 sub new {
@@ -66,6 +67,17 @@ sub new {
     die "invalid completion wait '$wait' (events, poll or pve)\n" if $wait !~ /^(events|poll|pve)$/;
     die "invalid migration network '$param{migration_network}' (want an IPv4 CIDR)\n"
         if defined $param{migration_network} && !parse_cidr($param{migration_network});
+    my $postcopy = $param{postcopy} // 'off';
+    die "invalid postcopy '$postcopy' (off, auto or always)\n"
+        if $postcopy !~ /^(off|auto|always)$/;
+    die "--postcopy $postcopy with --with-local-disks is not supported yet: "
+        . "migrate VMs with local disks with --postcopy off\n"
+        if $postcopy ne 'off' && $param{with_local_disks};
+
+    for my $k (qw(postcopy_recover_timeout_ms postcopy_stall_ms)) {
+        die "invalid $k '$param{$k}' (a whole number of milliseconds, more than 0)\n"
+            if defined $param{$k} && $param{$k} !~ /^[1-9][0-9]{0,11}$/;
+    }
     my $vmid = $param{vmid};
     my $self = bless {
         qm => ['qm'],
@@ -108,6 +120,14 @@ sub new {
         poll_interval_ms => 1000,
         # abort when RAM transfer makes no progress this long (a stopped ssh, a dead link)
         stall_timeout_ms => 60_000,
+        # post-copy: off; auto (switch when pre-copy stops converging, instead of doubling the
+        # downtime); always (switch once the first pass is done)
+        postcopy => 'off',
+        # a paused post-copy migration is recovered through new tunnels until this long
+        postcopy_recover_timeout_ms => 600_000,
+        # in post-copy a channel without progress this long is paused, then recovered (a hung
+        # link or a stopped ssh never fails by itself)
+        postcopy_stall_ms => 10_000,
         tunnel_options => {},
         # handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
         ssh_options => {},
@@ -223,6 +243,11 @@ sub migrate {
     eval { $self->phase2() };
     if (my $err = $@) {
         $self->log('err', "migration failed: $err");
+        if ($self->{postcopy_split}) {
+            # nothing may be undone: the VM's memory is split between the nodes
+            $self->close_tunnel_quickly();
+            return $self->fail($err);
+        }
         # a cancel that came too late leaves a completed migration: finish it instead
         $self->phase2_cleanup($err);
         return $self->fail($err) if !$self->{completed};
@@ -261,6 +286,7 @@ sub prepare {
         . ($status eq 'paused' ? " (resume it first)" : " ('--check' tells what is where)") . "\n"
         if $status ne 'running';
     $self->{machine} //= $self->target_machine();
+    $self->check_postcopy_source() if $self->{postcopy} ne 'off';
     $self->check_interrupt();
 }
 
@@ -278,10 +304,16 @@ sub fail {
     die "$err - $where\n";
 }
 
-# At a safe point: a deferred signal ends the phase.
+# At a safe point: a deferred signal ends the phase. Not in post-copy: the VM's memory is split
+# between the nodes, and only finishing the migration puts it back together.
 sub check_interrupt {
     my ($self) = @_;
-    die "interrupted by signal SIG$self->{signal}\n" if $self->{signal};
+    return if !$self->{signal};
+    die "interrupted by signal SIG$self->{signal}\n" if !$self->{postcopy_started};
+    $self->log('info',
+        "received signal SIG$self->{signal} during post-copy: the VM's memory is split between "
+            . "the nodes, the migration is finished, not cancelled")
+        if !$self->{signal_noted}++;
 }
 
 # As QemuMigrate.pm phase2_start_local_cluster: the target's `qm start`, with upstream's
@@ -449,8 +481,20 @@ sub phase2 {
     $self->log('info', "set migration capabilities");
     # 'events': QEMU's MIGRATION events wake the completion wait (and the lab's run-state log)
     my $caps = { %{ $self->{capabilities} }, events => 1 };
+    my $postcopy = $self->{postcopy} ne 'off';
+    if ($postcopy) {
+        # both sides need it; preempt only where both offer it
+        my $preempt = $self->setup_postcopy_target();
+        # throttling the guest is what post-copy spares it
+        $caps->{'auto-converge'} = 0;
+        $caps->{'postcopy-preempt'} = $preempt;
+    }
     my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket},
-        { capabilities => $caps, parameters => $params });
+        { capabilities => $caps, parameters => $params, postcopy => $postcopy ? 1 : 0 });
+    $self->log('info',
+        "post-copy: $self->{postcopy}"
+            . ($applied->{capabilities}{'postcopy-preempt'} ? ' (with postcopy-preempt)' : ''))
+        if $postcopy;
     my $set = $applied->{parameters};
     $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s")
         if $self->{bwlimit};
@@ -571,6 +615,7 @@ sub wait_for_completion {
     my $usleep = $self->{poll_interval_ms} * 1000;
     my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) =
         (-1, undef, 0, 0, 0, '');
+    my ($sync_seen, @pass_rem) = (0);
     my $start = time();
     my ($last_progress, $last_look) = ($start, 0);
     while (1) {
@@ -585,7 +630,8 @@ sub wait_for_completion {
         }
         if (my $err = $@) {
             $self->log('info', "query migrate failed: $err");
-            die "too many query migrate failures - aborting\n" if ++$errors > 5;
+            die "too many query migrate failures - aborting\n"
+                if ++$errors > 5 && !$self->{postcopy_split};
             usleep($self->{poll_interval_ms} * 1000) if $mode eq 'events';
             next;
         }
@@ -619,9 +665,48 @@ sub wait_for_completion {
             return $stat;
         }
         if ($FINAL{$status}) {
+            # a post-copy that failed (before its devices went over) left the VM on the source
+            delete $self->{postcopy_split};
             my $message = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
             $self->log('info', "migration status error: $message");
             die "aborting phase 2 - $message\n";
+        }
+        if ($status =~ /^postcopy-/) {
+            $self->{postcopy_split} = 1;
+            if ($status ne $laststatus) {
+                $self->log('info', "migration status: $status");
+                $laststatus = $status;
+            }
+            if ($status eq 'postcopy-paused') {
+                $self->postcopy_recover('its channel broke');
+                ($last_progress, $lasttrans, $laststatus) = (time(), -1, '');
+                next;
+            }
+            $self->check_interrupt();
+            next if $mode eq 'events' && time() - $last_look < 1;
+            $last_look = time();
+            $i++;
+            my $trans = $ram->{transferred} // 0;
+            if ($status eq 'postcopy-active' && $trans == $lasttrans) {
+                my $stalled = time() - $last_progress;
+                if ($stalled * 1000 > $self->{postcopy_stall_ms}) {
+                    $self->postcopy_recover(sprintf("no progress for %.0f s", $stalled),
+                        pause => 1);
+                    ($last_progress, $lasttrans, $laststatus) = (time(), -1, '');
+                }
+                next;
+            }
+            ($last_progress, $lasttrans) = (time(), $trans);
+            $self->log(
+                'info',
+                sprintf(
+                    "post-copy active, transferred %s of %s VM-state, %s remaining",
+                    render_bytes($trans),
+                    render_bytes($ram->{total} // 0),
+                    render_bytes($ram->{remaining} // 0)
+                )
+            ) if $i % 10 == 0;
+            next;
         }
         # not completed: a deferred signal cancels it (completion, when seen first, wins)
         $self->check_interrupt();
@@ -662,7 +747,22 @@ sub wait_for_completion {
         }
         $downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
         $lastrem = $rem;
-        if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS) {
+        if ($self->{postcopy} ne 'off') {
+            # what each pass starts with: the memory dirtied during the one before
+            my $sync = $ram->{'dirty-sync-count'} // 0;
+            if ($sync > $sync_seen) {
+                push @pass_rem, $rem if $sync >= 2;
+                $sync_seen = $sync;
+            }
+            my $why = $self->postcopy_reason(\@pass_rem);
+            if (defined $why) {
+                $self->switch_to_postcopy($why);
+                $lasttrans = -1;
+                next;
+            }
+        }
+        # post-copy (auto) is the remedy instead
+        if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS && $self->{postcopy} eq 'off') {
             $downtimecounter = 0;
             $downtime *= 2;
             $downtime = $MAX_DOWNTIME_MS if $downtime > $MAX_DOWNTIME_MS;
@@ -675,6 +775,217 @@ sub wait_for_completion {
         }
         $lasttrans = $trans;
     }
+}
+
+# How many passes in a row must fail to shrink what is left before 'auto' switches.
+my $POSTCOPY_STALLED_PASSES = 2;
+
+# Why to switch to post-copy now, or undef: 'always' once the first pass is done; 'auto' once
+# what each pass starts with stopped shrinking (by a tenth) over $POSTCOPY_STALLED_PASSES
+# passes. $pass_rem: the remaining bytes at the start of each pass from the second on.
+sub postcopy_reason {
+    my ($self, $pass_rem) = @_;
+    my $mode = $self->{postcopy};
+    return undef if $mode eq 'off' || $self->{postcopy_started} || !@$pass_rem;
+    return 'the first pass is done' if $mode eq 'always';
+    return undef if @$pass_rem <= $POSTCOPY_STALLED_PASSES;
+    my @last = @$pass_rem[-($POSTCOPY_STALLED_PASSES + 1) .. -1];
+    for my $k (1 .. $#last) {
+        return undef if $last[$k] < 0.9 * $last[$k - 1];
+    }
+    return sprintf("pre-copy is not converging (remaining at the last %d passes: %s)",
+        scalar(@last), join(', ', map { render_bytes($_) } @last));
+}
+
+# The source's QEMU must offer post-copy: checked before anything happens on the target.
+sub check_postcopy_source {
+    my ($self) = @_;
+    my ($vmid, $node) = @$self{qw(vmid node)};
+    my $caps = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-migrate-capabilities');
+    my %offered = map { $_->{capability} => 1 } @$caps;
+    die "--postcopy $self->{postcopy}: the QEMU of VM $vmid on node '$node' does not offer "
+        . "post-copy (no migration capability 'postcopy-ram')\n"
+        if !$offered{'postcopy-ram'};
+    $self->{source_preempt} = $offered{'postcopy-preempt'} ? 1 : 0;
+}
+
+# HMP commands to the target's QEMU through `qm monitor VMID` (what a stock node has); returns
+# what it printed. Dies when the monitor cannot be reached.
+sub target_monitor {
+    my ($self, @commands) = @_;
+    my $res = $self->remote(
+        ['monitor', $self->{vmid}],
+        input => join('', map { "$_\n" } @commands, 'quit'),
+        timeout_ms => 30_000,
+        connect_timeout_s => 5,
+        connect_retries => 1
+    );
+    my $out = $res->{stdout} // '';
+    die "qm monitor on node '$self->{target}': $1\n" if $out =~ /^(?:qm> )*ERROR: (.*)$/m;
+    return $out;
+}
+
+# Post-copy on the target's QEMU (before `migrate`, as QEMU wants it on both sides):
+# postcopy-ram, and postcopy-preempt where both QEMUs offer it. Returns whether preempt is on.
+sub setup_postcopy_target {
+    my ($self) = @_;
+    my ($vmid, $target) = @$self{qw(vmid target)};
+    my @set = ('migrate_set_capability postcopy-ram on');
+    push @set, 'migrate_set_capability postcopy-preempt on' if $self->{source_preempt};
+    my $out = $self->target_monitor(@set, 'info migrate_capabilities');
+    my %on = $out =~ /^(?:qm> )*([a-z0-9-]+): (on|off)\s*$/mg;
+    die "--postcopy $self->{postcopy}: post-copy could not be turned on for VM $vmid on node "
+        . "'$target' (its QEMU said: "
+        . join(' ', grep { /\S/ && !/^(?:qm> )*[a-z0-9-]+: o(?:n|ff)\s*$/ } split /\n/, $out)
+        . ")\n"
+        if ($on{'postcopy-ram'} // '') ne 'on';
+    return ($on{'postcopy-preempt'} // '') eq 'on' ? 1 : 0;
+}
+
+# Switches the running migration to post-copy. The target is resumed first (it waits with -S):
+# QEMU then runs it as soon as its devices arrive, so the guest pauses only for the switch.
+sub switch_to_postcopy {
+    my ($self, $why) = @_;
+    my $vmid = $self->{vmid};
+    $self->log('info', "switching to post-copy: $why");
+    $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
+    $self->write_state(phase => 'postcopy');
+    $self->{timing}{switched} = time();
+    PVE::MTunnel::qmp_migrate_start_postcopy($self->{qmp_socket});
+    # from here the VM's memory may be split: no cancel, no continuing the source
+    $self->{postcopy_started} = 1;
+    $self->{postcopy_split} = 1;
+}
+
+# The target's post-copy status as `info migrate` in its monitor tells it; undef when its QEMU
+# is not there (the monitor said so).
+sub target_migration_status {
+    my ($self) = @_;
+    my $out = eval { $self->target_monitor('info migrate') };
+    if (my $err = $@) {
+        return undef if $err =~ /not running|does not exist/;
+        die $err;
+    }
+    return $out =~ /^(?:qm> )*Migration status: (\S+)/m ? $1 : 'none';
+}
+
+# A paused post-copy migration: recovered through new tunnels, retried until
+# postcopy_recover_timeout_ms. pause => 1: the channel hangs; pause both sides first.
+sub postcopy_recover {
+    my ($self, $why, %opts) = @_;
+    my ($vmid, $target) = @$self{qw(vmid target)};
+    my $deadline = time() + $self->{postcopy_recover_timeout_ms} / 1000;
+    $self->log('warn', "post-copy migration paused ($why): recovering it through a new tunnel");
+    if ($opts{pause}) {
+        eval { PVE::MTunnel::qmp_migrate_pause($self->{qmp_socket}) };
+        $self->log('info', "pausing the migration on node '$self->{node}': $@") if $@;
+        my $status = $self->wait_source_status(10, 'postcopy-paused');
+        die
+            "the stalled post-copy migration on node '$self->{node}' could not be paused ($status)\n"
+            if $status ne 'postcopy-paused' && $status ne 'completed';
+        return if $status eq 'completed';
+    }
+    # the old tunnel is broken or hung
+    $self->close_tunnel_quickly();
+    my $attempt = 0;
+    while (1) {
+        $attempt++;
+        my $ok = eval { $self->postcopy_recover_once($attempt); 1 };
+        if ($ok) {
+            $self->{postcopy_recovered}++;
+            $self->log('info', "post-copy migration recovered (attempt $attempt)");
+            return;
+        }
+        my $err = $@;
+        chomp $err;
+        $self->close_tunnel_quickly();
+        die "$err\n" if $self->{postcopy_lost};
+        die "post-copy recovery failed for "
+            . render_duration($self->{postcopy_recover_timeout_ms} / 1000)
+            . " ($attempt attempts), the last one: $err\n"
+            if time() >= $deadline;
+        $self->log('warn', "post-copy recovery attempt $attempt failed: $err - retrying");
+        usleep(1_000_000);
+    }
+}
+
+# One recovery: the source paused; the target paused (a hung channel is paused there too) and
+# listening on a new socket; a new tunnel forwarding it; the source resumed into it.
+sub postcopy_recover_once {
+    my ($self, $attempt) = @_;
+    my ($vmid, $node, $target, $qmp) = @$self{qw(vmid node target qmp_socket)};
+    my $src = PVE::MTunnel::qmp_query_migrate($qmp)->{status} // 'none';
+    # an earlier attempt's resume got through after all
+    return if $src eq 'completed' || $src eq 'postcopy-active';
+    die "the migration on node '$node' is $src, not postcopy-paused\n" if $src ne 'postcopy-paused';
+    my $dst = $self->target_migration_status();
+    if (!defined $dst) {
+        my $state = $self->target_state();
+        if (defined $state && $state eq 'stopped') {
+            $self->{postcopy_lost} = 1;
+            die "VM $vmid is lost: its QEMU on node '$target' is gone after the switch to "
+                . "post-copy, and the rest of its memory was only there (the source on node "
+                . "'$node' holds no complete state; it is kept paused)\n";
+        }
+        die "the monitor of VM $vmid on node '$target' cannot be reached\n";
+    }
+    if ($dst eq 'postcopy-active') {
+        # its end of a hung channel never fails by itself
+        $self->target_monitor('migrate_pause');
+        for (1 .. 50) {
+            $dst = $self->target_migration_status() // 'gone';
+            last if $dst ne 'postcopy-active';
+            usleep(100_000);
+        }
+    }
+    die "the incoming migration on node '$target' is $dst, not postcopy-paused\n"
+        if $dst ne 'postcopy-paused';
+    my $path = "$self->{socket_dir}/$vmid.migrate-recover-$attempt";
+    my $out = $self->target_monitor("migrate_recover unix:$path");
+    die "node '$target' did not listen for the recovery: $1\n" if $out =~ /^(?:qm> )*(Error: .*)$/m;
+    $self->log('info', "node '$target' listens for the recovery on unix:$path");
+    $self->{tunnel} = PVE::MTunnel->open(
+        ssh => $self->{ssh},
+        forwards => [$path],
+        command => [@{ $self->{qm} }, 'mtunnel'],
+        socket_dir => $self->{socket_dir},
+        log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
+        %{ $self->{ssh_options} },
+        %{ $self->{tunnel_options} },
+    );
+    $self->{tunnel}->wait_ready(timeout_ms => 30_000);
+    PVE::MTunnel::qmp_migrate_resume($qmp, "unix:$path");
+    $src = $self->wait_source_status(30, 'postcopy-active', 'completed');
+    die "the resumed migration is $src\n" if $src ne 'postcopy-active' && $src ne 'completed';
+}
+
+# --check --fix of a post-copy migration whose driver is gone: waits for its end, recovering
+# it when it pauses or hangs, then resumes the target (a no-op when it runs) and stops the
+# source, as phase 3.
+sub postcopy_finish {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    @$self{qw(postcopy_started postcopy_split)} = (1, 1);
+    $self->wait_for_completion($self->{downtime_ms});
+    $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000);
+    $self->{target_resumed} = 1;
+    $self->remove_state() if $self->read_state();
+    $self->finish_source();
+}
+
+# Waits up to $limit_s for the source's migration to reach one of @want (or a final status);
+# returns the last status.
+sub wait_source_status {
+    my ($self, $limit_s, @want) = @_;
+    my %want = map { $_ => 1 } @want;
+    my $end = time() + $limit_s;
+    my $status = 'none';
+    while (time() < $end) {
+        my $stat = PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => 250);
+        $status = $stat->{status} // 'none';
+        last if $want{$status} || $FINAL{$status};
+    }
+    return $status;
 }
 
 # Once RAM migration completed: the complete state is on both nodes, paused. Forward only.
@@ -1324,6 +1635,33 @@ sub diagnose {
         ];
     };
     my $result = sub { return { left => \@left, fix => [], @_ } };
+
+    my $mig = $seen->{source}{migration};
+    if ($mig =~ /^postcopy-/) {
+        # the VM's memory is split between the nodes: only finishing the migration helps
+        return $result->(
+            state =>
+                "VM $vmid is in post-copy ($mig): its memory is split between node '$node' and node '$target', which cannot be reached. Nothing may be stopped or continued: once '$target' is reachable, run on '$node': $check",
+            undecided => 1
+        ) if !defined $t;
+        return $result->(
+            state =>
+                "VM $vmid is lost: in post-copy ($mig) its memory was split between node '$node' and node '$target', and its QEMU on '$target' is gone. The source on '$node' holds no complete state (it is kept $s for inspection; 'qm stop $vmid' there ends it)",
+            undecided => 1,
+            lost => 1
+        ) if $t eq 'stopped';
+        return $result->(
+            state => "VM $vmid "
+                . ($t eq 'running' ? "runs on node '$target' (target)" : "is $t on node '$target'")
+                . " in post-copy ($mig): the rest of its memory is still on '$node'",
+            fix => [
+                [
+                    "finish the post-copy migration (recovered through a new tunnel if it is paused), then stop VM $vmid on '$node'",
+                    sub { $self->postcopy_finish() }
+                ]
+            ]
+        );
+    }
 
     if (!defined $t) {
         return $result->(
