@@ -682,6 +682,8 @@ sub wait_for_completion {
                 ($last_progress, $lasttrans, $laststatus) = (time(), -1, '');
                 next;
             }
+            $self->resume_target_in_postcopy()
+                if $status eq 'postcopy-active' && $self->{target_resume_pending};
             $self->check_interrupt();
             next if $mode eq 'events' && time() - $last_look < 1;
             $last_look = time();
@@ -842,19 +844,54 @@ sub setup_postcopy_target {
     return ($on{'postcopy-preempt'} // '') eq 'on' ? 1 : 0;
 }
 
-# Switches the running migration to post-copy. The target is resumed first (it waits with -S):
-# QEMU then runs it as soon as its devices arrive, so the guest pauses only for the switch.
+# Switches the running migration to post-copy. The target (waiting with -S) is resumed as soon
+# as the switch is through (see resume_target_in_postcopy).
 sub switch_to_postcopy {
     my ($self, $why) = @_;
-    my $vmid = $self->{vmid};
     $self->log('info', "switching to post-copy: $why");
-    $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
     $self->write_state(phase => 'postcopy');
     $self->{timing}{switched} = time();
     PVE::MTunnel::qmp_migrate_start_postcopy($self->{qmp_socket});
     # from here the VM's memory may be split: no cancel, no continuing the source
     $self->{postcopy_started} = 1;
     $self->{postcopy_split} = 1;
+    $self->{target_resume_pending} = 1;
+}
+
+# Resumes the target once the source's side of the switch is through. Not before: QEMU's 'cont'
+# on an incoming VM takes its disks at once (QEMU 7.2), while the source holds them until it
+# stopped and let them go, right before it sends its devices; pages sent in post-copy
+# (postcopy-bytes) come after that. A 'cont' that comes before the devices arrive makes QEMU
+# run the target as soon as they do.
+sub resume_target_in_postcopy {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    my $end = time() + 30;
+    while (1) {
+        my $stat = PVE::MTunnel::qmp_query_migrate($self->{qmp_socket});
+        my $status = $stat->{status} // 'none';
+        return if $status ne 'postcopy-active' && $status ne 'completed';
+        last if $status eq 'completed' || ($stat->{ram}{'postcopy-bytes'} // 0) > 0;
+        die "the switch to post-copy did not get through in 30 s\n" if time() > $end;
+        usleep(2000);
+    }
+    eval {
+        die "no tunnel\n" if !$self->{tunnel};
+        $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
+    };
+    if (my $err = $@) {
+        chomp $err;
+        $self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
+        eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
+        if (my $err2 = $@) {
+            # still pending: tried again at the next look (after a recovery, if it comes to that)
+            $self->log('warn', "resuming VM $vmid on node '$self->{target}' failed: $err2");
+            return;
+        }
+    }
+    $self->{timing}{resumed} = time();
+    delete $self->{target_resume_pending};
+    $self->log('info', "VM $vmid resumed on node '$self->{target}' (post-copy)");
 }
 
 # The target's post-copy status as `info migrate` in its monitor tells it; undef when its QEMU
