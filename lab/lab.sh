@@ -418,6 +418,10 @@ cmd_up() {
     nasm -f bin -DDISK -o "$LAB/guest-disk.bin" "$LAB_SRC/guest/guest.asm"
     cp "$LAB/guest-disk.bin" "$LAB/guest-disk.img"
     truncate -s 1M "$LAB/guest-disk.img"
+    # hot variant: rewrites a working set at a set rate (VM config "guest: hot", "hot: W:R")
+    nasm -f bin -DHOT -o "$LAB/guest-hot.bin" "$LAB_SRC/guest/guest.asm"
+    cp "$LAB/guest-hot.bin" "$LAB/guest-hot.img"
+    truncate -s 1M "$LAB/guest-hot.img"
 
     # client key
     ssh-keygen -q -t ed25519 -N '' -C "mtunnel-lab-$NAME" -f "$LAB/id_ed25519"

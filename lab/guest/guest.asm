@@ -4,6 +4,8 @@
 ;        nasm -f bin -DIDLE -o guest-idle.bin guest.asm (writes the RAM pattern once, halts)
 ;        nasm -f bin -DDISK -o guest-disk.bin guest.asm (also writes its disk, see below;
 ;                                     1 KiB: pad it to a disk of more than 1 MiB, e.g. 32 MiB)
+;        nasm -f bin -DHOT -o guest-hot.bin guest.asm   (rewrites a working set at a set rate,
+;                                     see "Hot variant" below; several sectors, padded likewise)
 ;
 ; Design
 ;   SeaBIOS loads this sector to 0x7c00 and jumps to it in real mode. We
@@ -63,16 +65,77 @@
 ; a 32 MiB disk: TCG ~4400-5000 sectors/s (2.2-2.6 MB/s); the lab machine's KVM
 ; (kvm-pvm, nested, which emulates this unpaged guest) ~750 sectors/s (0.38 MB/s),
 ; and the RAM loop follows at 4 pages per sector (~3000 pages/s).
+;
+; Hot variant (-DHOT): dirties memory at a set rate, in real time, for post-copy tests
+; (pre-copy at a bandwidth below the rate never converges). Steps 1-5 as above (every
+; page >= 1 MiB holds 1), then, in code loaded like the disk variant's:
+;   - W (MiB) and R (MiB/s) from the fw_cfg file "opt/mtunnel/hot", the string "W:R"
+;     (lab/qm: VM config "hot: W:R" -> -fw_cfg name=opt/mtunnel/hot,string=W:R), read
+;     through the I/O ports (selector 0x510, data 0x511; the file directory at key 0x19).
+;     No fw_cfg file: W = 64, R = 64. W 1..65535, R 0..1000000; R = 0: unpaced.
+;   - the TSC calibrated against the PIT: channel 2 counts CAL_LATCH cycles (50 ms)
+;     gated through port 0x61 until OUT2 rises; the median of three runs (a vCPU
+;     preempted during one run does not count).
+;   - loop forever over the working set, the pages [1 MiB, 1 MiB + W MiB) (at most up
+;     to ram_end): inc byte [page] at R * 256 pages/s, paced by TSC deadlines (one
+;     page every kHz * 1000 / (R * 256) ticks). A vCPU that falls behind writes as fast
+;     as it can; the schedule never lags more than SLACK_MS, so after a stall the loop
+;     does not burst to catch up. Pages from 1 MiB + W MiB on keep their 1.
+;   - every gap between two consecutive page writes (TSC after each write) is a stall
+;     candidate: without stalls a gap is the pacing interval 1 / (R * 256) s (122 us at
+;     32 MiB/s); a post-copy page fault, a preempted vCPU, or dirty-logging faults show
+;     as longer gaps.
+;   Its status block (after "MTLG" at 0x500 and the pass count at 0x504, which counts
+;   completed passes over the working set; 0x50C..0x51C stay 0):
+;        0x520 dword "MTLH"   hot mode (set with the rest, just before "MTLG")
+;        0x524 dword end of the working set (address, exclusive): 1 MiB + W MiB, or
+;              ram_end if W MiB did not fit
+;        0x528 dword R as set, MiB/s (0: unpaced)
+;        0x52C dword TSC kHz as calibrated
+;        0x530 dword flags: 1 W:R read from fw_cfg; 2 the file was malformed (defaults
+;              used); 4 W clamped to RAM; 8 no fw_cfg; 0x10 PIT calibration failed
+;              (2 GHz assumed); 0x1000 int 13h did not load the hot code (halted)
+;        0x534 dword achieved rate of the last completed pass, KiB/s (0 before one)
+;        0x538 dword longest gap between two page writes since the loop started, us
+;        0x53C dword W as configured, MiB
+;        0x540 16 dwords: longest gap of pass p at 0x540 + 4 * (p mod 16), us; the
+;              current pass (p = [0x504]) updated live, its slot zeroed when it
+;              begins (before the count moves on): the last 15 completed passes and
+;              the running one can be read, e.g. before and after a migration.
+;   All values are 32 bit, microseconds saturate at 0xffffffff. Invariant checked by
+;   guest-check: the working set follows the v / v+1 step rule, every page after it
+;   holds 1.
 
 DELAY       equ 100000          ; TSC ticks between two pages
 INFO        equ 0x500           ; status block (free memory after the BIOS data area)
 MAGIC       equ 0x474c544d      ; "MTLG" as a little-endian dword
 START       equ 0x100000        ; first page dirtied: 1 MiB
 PAGE        equ 4096
+%ifdef HOT
+%ifdef IDLE
+%error "HOT and IDLE do not combine"
+%endif
+%ifdef DISK
+%error "HOT and DISK do not combine"
+%endif
+%define EXTRA                   ; code in sectors 1..DSECTS, loaded by the boot sector
+HMAGIC      equ 0x484c544d      ; "MTLH"
+HOT_W       equ 64              ; default working set, MiB (no fw_cfg file)
+HOT_R       equ 64              ; default rate, MiB/s
+FW_SEL      equ 0x510           ; fw_cfg selector port (16 bit)
+FW_DATA     equ 0x511           ; fw_cfg data port (8 bit)
+FW_DIR      equ 0x19            ; fw_cfg key of the file directory
+CAL_LATCH   equ 59659           ; PIT cycles of one calibration: 50.0 ms at 1193182 Hz
+CAL_POLLS   equ 1 << 24         ; port 0x61 reads before a calibration counts as failed
+CAL_KHZ     equ 2000000         ; TSC kHz assumed when the calibration failed
+SLACK_MS    equ 2               ; most the pacing catches up after a stall, ms
+BUF         equ 0x1000          ; fw_cfg directory entry, then the file's contents
+%endif
 %ifdef DISK
 %ifdef IDLE
 %error "DISK and IDLE do not combine"
 %endif
+%define EXTRA
 DMAGIC      equ 0x444c544d      ; "MTLD"
 DSTART      equ 2048            ; first sector written: 1 MiB, far from the boot sector
 DEVERY      equ 4               ; RAM pages per disk sector written
@@ -95,7 +158,7 @@ start:
         mov sp, 0x7c00
         jmp 0:.cs0                  ; normalise CS:IP (some BIOSes jump to 07c0:0000)
 .cs0:
-%ifdef DISK
+%ifdef EXTRA
         mov [bootdrv], dl           ; the BIOS passes the boot drive in dl
 %endif
         ; --- A20: ask the BIOS, then set the fast A20 gate (bit 1 of port 0x92,
@@ -126,8 +189,8 @@ start:
         in al, 0x71
         mov [extkb], ax
 
-%ifdef DISK
-        ; --- the disk code: sectors 1..DSECTS (CHS 0/0/2..) to 0x7e00, right behind us
+%ifdef EXTRA
+        ; --- the disk (hot) code: sectors 1..DSECTS (CHS 0/0/2..) to 0x7e00, right behind us
         mov ax, 0x0200 + DSECTS
         mov cx, 2
         xor dh, dh
@@ -198,6 +261,16 @@ pm32:
 .hooked:
         mov esi, DEVERY
 %endif
+%ifdef HOT
+        cmp dword [hot_sig], HMAGIC
+        je hot_main                 ; never returns
+        mov dword [INFO + 0x20], HMAGIC
+        mov dword [INFO + 0x30], 0x1000 ; int 13h failed: the hot code is missing
+        mov dword [INFO], MAGIC
+.dead:
+        hlt
+        jmp .dead
+%endif
         mov dword [INFO], MAGIC     ; now the loop runs
 %ifdef IDLE
         ; idle variant (nasm -DIDLE): the pattern is written once, then the vCPU halts
@@ -251,7 +324,7 @@ gdt_desc:
 ram64k: dw 0
 extkb:  dw 0
 
-%ifdef DISK
+%ifdef EXTRA
 bootdrv: db 0
 %endif
 
@@ -403,6 +476,383 @@ ata_idle:
 .done:
         ret
 
+%endif
+
+%ifdef HOT
+; --- sectors 1..DSECTS of the boot disk, loaded to 0x7e00 by the boot sector
+hot_sig:
+        dd HMAGIC                   ; checked before the jump: the load worked
+
+; In: ebp = ram_end, every page >= 1 MiB holds 1. Reads W:R from fw_cfg, calibrates the
+; TSC, publishes the hot block (0x520..0x57F), then runs the paced loop. Never returns.
+hot_main:
+        mov edi, INFO + 0x20
+        xor eax, eax
+        mov ecx, 0x60 / 4
+        rep stosd
+        mov dword [hot_w], HOT_W
+        mov dword [hot_r], HOT_R
+        call fw_config
+        ; the working set: [1 MiB, 1 MiB + W MiB), at most up to ram_end
+        mov ecx, [hot_w]
+        mov [INFO + 0x3c], ecx
+        mov eax, ebp
+        sub eax, START
+        shr eax, 20                 ; whole MiB above 1 MiB
+        mov ebx, ebp
+        cmp ecx, eax
+        jbe .fits
+        or dword [INFO + 0x30], 4   ; clamped to RAM
+        jmp .end
+.fits:
+        mov ebx, ecx
+        shl ebx, 20
+        add ebx, START
+.end:
+        mov [INFO + 0x24], ebx
+        push ebx
+        mov eax, [hot_r]
+        mov [INFO + 0x28], eax
+        call calibrate
+        mov [INFO + 0x2c], eax
+        mov ecx, SLACK_MS
+        mul ecx
+        mov [h_slack], eax          ; SLACK_MS in ticks
+        ; ticks per page: kHz * 1000 / (R * 256); 0 (unpaced) for R = 0
+        mov ecx, [hot_r]
+        test ecx, ecx
+        jz .paced
+        shl ecx, 8
+        mov eax, [INFO + 0x2c]
+        mov edx, 1000
+        mul edx
+        div ecx                     ; edx (<= 1) < ecx: no overflow
+        mov [h_interval], eax
+.paced:
+        pop ebp                     ; ebp = end of the working set from now on
+        mov dword [INFO + 0x20], HMAGIC
+
+        rdtsc
+        mov [h_last], eax
+        mov [h_last + 4], edx
+        mov [h_deadline], eax
+        mov [h_deadline + 4], edx
+        mov [h_pstart], eax
+        mov [h_pstart + 4], edx
+        mov dword [INFO], MAGIC     ; now the loop runs
+.pass:
+        mov edi, START
+.page:
+        cmp dword [h_interval], 0
+        je .write
+.wait:
+        rdtsc
+        sub eax, [h_deadline]
+        sbb edx, [h_deadline + 4]
+        jns .due                    ; now >= deadline
+        pause
+        jmp .wait
+.due:
+        ; edx:eax = how late; beyond the slack the schedule moves on (now - slack):
+        ; after a stall the loop catches up SLACK_MS at most, never a burst
+        test edx, edx
+        jnz .late
+        cmp eax, [h_slack]
+        jbe .write
+.late:
+        sub eax, [h_slack]
+        sbb edx, 0
+        add [h_deadline], eax
+        adc [h_deadline + 4], edx
+.write:
+        inc byte [edi]
+        rdtsc
+        mov ecx, eax
+        mov ebx, edx
+        sub eax, [h_last]
+        sbb edx, [h_last + 4]       ; edx:eax = the gap since the previous write
+        mov [h_last], ecx
+        mov [h_last + 4], ebx
+        cmp edx, [h_cmax + 4]
+        jb .next
+        ja .longer
+        cmp eax, [h_cmax]
+        jbe .next
+.longer:
+        mov [h_cmax], eax
+        mov [h_cmax + 4], edx
+        call to_us
+        mov edx, [INFO + 4]
+        and edx, 15
+        mov [INFO + 0x40 + edx * 4], eax ; longest of this pass
+        cmp eax, [INFO + 0x38]
+        jbe .next
+        mov [INFO + 0x38], eax      ; longest since the loop started
+.next:
+        mov eax, [h_interval]
+        add [h_deadline], eax
+        adc dword [h_deadline + 4], 0
+        add edi, PAGE
+        cmp edi, ebp
+        jb .page
+        ; a pass completed: its rate, then the next pass's slot, then the counter
+        mov eax, [h_last]
+        mov edx, [h_last + 4]
+        mov ecx, eax
+        mov ebx, edx
+        sub eax, [h_pstart]
+        sbb edx, [h_pstart + 4]
+        mov [h_pstart], ecx
+        mov [h_pstart + 4], ebx
+        call to_us                  ; the pass's duration
+        mov ecx, eax
+        test ecx, ecx
+        jnz .dur
+        inc ecx
+.dur:
+        mov eax, ebp
+        sub eax, START
+        shr eax, 10                 ; KiB per pass
+        mov edx, 1000000
+        mul edx
+        call div_sat
+        mov [INFO + 0x34], eax      ; KiB/s
+        xor eax, eax
+        mov [h_cmax], eax
+        mov [h_cmax + 4], eax
+        mov edx, [INFO + 4]
+        inc edx
+        and edx, 15
+        mov [INFO + 0x40 + edx * 4], eax
+        inc dword [INFO + 4]
+        jmp .pass
+
+; eax = edx:eax / ecx, 0xffffffff if the quotient does not fit; clobbers edx
+div_sat:
+        cmp edx, ecx
+        jae .sat
+        div ecx
+        ret
+.sat:
+        mov eax, -1
+        ret
+
+; eax = edx:eax TSC ticks in microseconds (ticks * 1000 / kHz), 0xffffffff at most;
+; clobbers edx
+to_us:
+        push ebx
+        push ecx
+        mov ecx, 1000
+        mov ebx, eax
+        mov eax, edx
+        mul ecx                     ; high dword * 1000
+        test edx, edx
+        jnz .sat
+        xchg eax, ebx
+        mul ecx                     ; low dword * 1000
+        add edx, ebx
+        jc .sat
+        mov ecx, [INFO + 0x2c]
+        call div_sat
+        jmp .out
+.sat:
+        mov eax, -1
+.out:
+        pop ecx
+        pop ebx
+        ret
+
+; hot_w, hot_r from the fw_cfg file opt/mtunnel/hot ("W:R", decimal); flags at 0x530:
+; 1 read, 2 malformed (defaults kept), 8 no fw_cfg. Clobbers eax..edi except ebp.
+fw_config:
+        xor eax, eax                ; key 0: the signature
+        call fw_select
+        mov edi, BUF
+        mov ecx, 4
+        call fw_read
+        cmp dword [BUF], 0x554d4551 ; "QEMU"
+        je .present
+        or dword [INFO + 0x30], 8
+        ret
+.present:
+        mov ax, FW_DIR
+        call fw_select
+        mov edi, BUF
+        mov ecx, 4
+        call fw_read
+        mov ebx, [BUF]
+        bswap ebx                   ; number of files (big-endian)
+.entry:
+        test ebx, ebx
+        jz .none                    ; no such file: the defaults
+        dec ebx
+        mov edi, BUF                ; size (BE32), select (BE16), reserved, name[56]
+        mov ecx, 64
+        call fw_read
+        mov esi, BUF + 8
+        mov edi, fw_name
+        mov ecx, FW_NAME_LEN        ; with its NUL: the whole name
+        repe cmpsb
+        jne .entry
+        mov ecx, [BUF]
+        bswap ecx
+        cmp ecx, 31
+        ja .bad
+        mov ax, [BUF + 4]
+        xchg al, ah
+        call fw_select
+        mov edi, BUF
+        push ecx
+        call fw_read
+        pop ecx
+        mov byte [BUF + ecx], 0     ; QEMU's string= has no NUL
+        mov esi, BUF
+        call parse_uint
+        jc .bad
+        mov ebx, eax                ; W
+        cmp byte [esi], ':'
+        jne .bad
+        inc esi
+        call parse_uint
+        jc .bad
+        cmp byte [esi], 0
+        jne .bad
+        test ebx, ebx
+        jz .bad
+        cmp ebx, 65535
+        ja .bad
+        cmp eax, 1000000
+        ja .bad
+        mov [hot_w], ebx
+        mov [hot_r], eax
+        or dword [INFO + 0x30], 1
+        ret
+.bad:
+        or dword [INFO + 0x30], 2
+.none:
+        ret
+
+fw_select:                          ; ax = key
+        mov dx, FW_SEL
+        out dx, ax
+        ret
+
+fw_read:                            ; ecx bytes of the selected item to edi
+        mov dx, FW_DATA
+        rep insb
+        ret
+
+; eax = the decimal number at esi (1..7 digits), esi behind it; carry set if there is
+; none or it is longer. Clobbers ecx, edx.
+parse_uint:
+        xor eax, eax
+        xor ecx, ecx
+.digit:
+        movzx edx, byte [esi]
+        sub edx, '0'
+        cmp edx, 9
+        ja .end
+        imul eax, eax, 10
+        add eax, edx
+        inc esi
+        inc ecx
+        cmp ecx, 7
+        jbe .digit
+        stc
+        ret
+.end:
+        cmp ecx, 1                  ; carry if no digit
+        ret
+
+; eax = TSC kHz: the median of three PIT calibrations (a vCPU preempted during one of
+; them does not count); CAL_KHZ and flag 0x10 if the PIT never answered.
+calibrate:
+        call cal_once
+        jc .fail
+        push eax
+        call cal_once
+        jc .fail1
+        push eax
+        call cal_once
+        jc .fail2
+        mov ecx, eax
+        pop ebx
+        pop eax
+        cmp eax, ebx                ; eax = min(a, b), ebx = max(a, b)
+        jbe .s1
+        xchg eax, ebx
+.s1:
+        cmp ebx, ecx                ; ebx = min(max(a, b), c)
+        jbe .s2
+        mov ebx, ecx
+.s2:
+        cmp eax, ebx                ; the median: the larger of the two
+        jae .s3
+        mov eax, ebx
+.s3:
+        mov ecx, 1193182            ; ticks * PIT Hz / (CAL_LATCH * 1000) = kHz
+        mul ecx
+        mov ecx, CAL_LATCH * 1000
+        div ecx
+        test eax, eax
+        jz .fail
+        ret
+.fail2:
+        pop eax
+.fail1:
+        pop eax
+.fail:
+        or dword [INFO + 0x30], 0x10
+        mov eax, CAL_KHZ
+        ret
+
+; eax = TSC ticks of CAL_LATCH PIT cycles: channel 2 in mode 0, gated on through port
+; 0x61, until OUT2 (bit 5 of 0x61) rises - the classic calibration (Linux's
+; pit_calibrate_tsc). Carry set if it never rose. Clobbers ebx, ecx.
+cal_once:
+        in al, 0x61
+        and al, 0xfd                ; speaker data off
+        or al, 1                    ; channel 2 gate on
+        out 0x61, al
+        mov al, 0xb0                ; channel 2, lobyte/hibyte, mode 0, binary
+        out 0x43, al
+        mov al, CAL_LATCH & 0xff
+        out 0x42, al
+        mov al, CAL_LATCH >> 8
+        out 0x42, al
+        rdtsc
+        mov ebx, eax
+        mov ecx, CAL_POLLS
+.poll:
+        in al, 0x61
+        test al, 0x20
+        jnz .done
+        dec ecx
+        jnz .poll
+        stc
+        ret
+.done:
+        rdtsc
+        sub eax, ebx
+        clc
+        ret
+
+fw_name:
+        db "opt/mtunnel/hot", 0
+FW_NAME_LEN equ $ - fw_name
+
+        align 8
+h_deadline: dq 0                    ; TSC of the next page's write
+h_last: dq 0                        ; TSC of the previous write
+h_pstart: dq 0                      ; TSC of the previous pass's last write
+h_cmax: dq 0                        ; longest gap of this pass, ticks
+h_interval: dd 0                    ; ticks per page (0: unpaced)
+h_slack: dd 0                       ; SLACK_MS in ticks
+hot_w:  dd 0                        ; W, MiB
+hot_r:  dd 0                        ; R, MiB/s
+%endif
+
+%ifdef EXTRA
         times (512 - ($ - $$) % 512) % 512 db 0
 DSECTS  equ ($ - $$) / 512 - 1
 %endif
