@@ -25,8 +25,10 @@ pub fn vmid(vmid: &str) -> Result<()> {
     }
 }
 
-/// Checks a forwarded socket path: `<socket_dir>/<vmid>.migrate` or
-/// `<socket_dir>/<vmid>_nbd.migrate`, shorter than `sun_path`. Returns the VMID.
+/// Checks a forwarded socket path: `<socket_dir>/<vmid>.migrate`,
+/// `<socket_dir>/<vmid>_nbd.migrate` or, for the new channel of a recovered post-copy
+/// migration, `<socket_dir>/<vmid>_recover<N>.migrate` (N: 1-4 digits), shorter than
+/// `sun_path`. Returns the VMID.
 pub fn socket_path<'a>(path: &'a str, socket_dir: &str) -> Result<&'a str> {
     let shown = crate::io::printable(path.as_bytes(), 120);
     let bad = |why: &str| Error::invalid(format!("invalid socket path '{shown}': {why}"));
@@ -40,11 +42,24 @@ pub fn socket_path<'a>(path: &'a str, socket_dir: &str) -> Result<&'a str> {
         .strip_prefix(socket_dir)
         .and_then(|rest| rest.strip_prefix('/'))
         .ok_or_else(|| bad(&format!("not in {socket_dir}")))?;
-    let id = name
-        .strip_suffix("_nbd.migrate")
-        .or_else(|| name.strip_suffix(".migrate"))
-        .ok_or_else(|| bad("expected <vmid>.migrate or <vmid>_nbd.migrate"))?;
-    vmid(id).map_err(|_| bad("expected <vmid>.migrate or <vmid>_nbd.migrate"))?;
+    const EXPECTED: &str =
+        "expected <vmid>.migrate, <vmid>_nbd.migrate or <vmid>_recover<N>.migrate";
+    let stem = name.strip_suffix(".migrate").ok_or_else(|| bad(EXPECTED))?;
+    let id = match stem.rsplit_once('_') {
+        None => stem,
+        Some((id, "nbd")) => id,
+        Some((id, rest)) => {
+            let n = rest.strip_prefix("recover").ok_or_else(|| bad(EXPECTED))?;
+            let ok = (1..=4).contains(&n.len())
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && !n.starts_with('0');
+            if !ok {
+                return Err(bad(EXPECTED));
+            }
+            id
+        }
+    };
+    vmid(id).map_err(|_| bad(EXPECTED))?;
     Ok(id)
 }
 
@@ -123,6 +138,11 @@ mod tests {
             "4242"
         );
         assert_eq!(socket_path("/tmp/x/7.migrate", "/tmp/x").unwrap(), "7");
+        assert_eq!(
+            socket_path("/run/qemu-server/100_recover12.migrate", DEFAULT_SOCKET_DIR).unwrap(),
+            "100",
+            "a recovered post-copy migration's new channel"
+        );
     }
 
     #[test]
@@ -139,6 +159,13 @@ mod tests {
             "/etc/passwd",
             "run/qemu-server/100.migrate",
             "/run/qemu-server/$(touch x).migrate",
+            "/run/qemu-server/100_recover.migrate",
+            "/run/qemu-server/100_recover0.migrate",
+            "/run/qemu-server/100_recover12345.migrate",
+            "/run/qemu-server/100_recover1x.migrate",
+            "/run/qemu-server/100_other.migrate",
+            "/run/qemu-server/_nbd.migrate",
+            "/run/qemu-server/100_nbd_nbd.migrate",
             "",
         ] {
             let err = socket_path(bad, DEFAULT_SOCKET_DIR).unwrap_err();

@@ -263,6 +263,9 @@ sub migrate {
         "received signal SIG$self->{signal} after the migration completed: it was finished")
         if $self->{signal};
     $self->remove_state() if $self->{state};
+    $self->remove_recovery_sockets() if $self->{recover_seq};
+    $self->log('info', "post-copy migration recovered $self->{postcopy_recovered} time(s)")
+        if $self->{postcopy_recovered};
     $self->log(
         'info',
         sprintf("migration finished successfully (duration %s)",
@@ -977,7 +980,9 @@ sub postcopy_recover_once {
     }
     die "the incoming migration on node '$target' is $dst, not postcopy-paused\n"
         if $dst ne 'postcopy-paused';
-    my $path = "$self->{socket_dir}/$vmid.migrate-recover-$attempt";
+    # a new path each time: QEMU may still listen on an earlier one
+    my $seq = ++$self->{recover_seq};
+    my $path = "$self->{socket_dir}/${vmid}_recover$seq.migrate";
     my $out = $self->target_monitor("migrate_recover unix:$path");
     die "node '$target' did not listen for the recovery: $1\n" if $out =~ /^(?:qm> )*(Error: .*)$/m;
     $self->log('info', "node '$target' listens for the recovery on unix:$path");
@@ -1008,6 +1013,16 @@ sub postcopy_finish {
     $self->{target_resumed} = 1;
     $self->remove_state() if $self->read_state();
     $self->finish_source();
+}
+
+# Recovery attempts that failed may leave their sockets (QEMU's listener on the target, a
+# forward whose tunnel never got ready): removed on both nodes once the migration is over.
+sub remove_recovery_sockets {
+    my ($self) = @_;
+    my $recover = qr/_recover[0-9]+\.migrate$/;
+    unlink(grep { /$recover/ } $self->stale_sockets());
+    my @remote = grep { /$recover/ } @{ $self->stale_target_sockets() // [] };
+    $self->remove_target_sockets(@remote) if @remote;
 }
 
 # Waits up to $limit_s for the source's migration to reach one of @want (or a final status);
@@ -1201,9 +1216,12 @@ sub migration_sockets {
 }
 
 # forward sockets of this VM left on the source (ssh killed with its driver)
+# ... and the new channels of recovered post-copy migrations (VMID_recoverN.migrate), on this
+# node
 sub stale_sockets {
     my ($self) = @_;
-    return grep { -S $_ } $self->migration_sockets();
+    my ($dir, $vmid) = @$self{qw(socket_dir vmid)};
+    return grep { -S $_ } $self->migration_sockets(), glob("$dir/${vmid}_recover*.migrate");
 }
 
 # listening sockets of this VM left on the target (its QEMU gone); undef if unreachable
@@ -1212,8 +1230,11 @@ sub stale_target_sockets {
     my $res = eval {
         $self->remote_command(
             [
-                'sh', '-c', 'for p; do if [ -S "$p" ]; then echo "$p"; fi; done',
-                'sh', $self->migration_sockets()
+                'sh',
+                '-c',
+                'for p in "$@" "$0"_recover*.migrate; do if [ -S "$p" ]; then echo "$p"; fi; done',
+                "$self->{socket_dir}/$self->{vmid}",
+                $self->migration_sockets()
             ],
             timeout_ms => 20_000,
             connect_timeout_s => 5,
