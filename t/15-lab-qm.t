@@ -638,6 +638,71 @@ sub v2_call {
     $lab->run_ok('node1', 'pvesm', 'free', $volid);
 }
 
+# ------------------------------------------------------------ qm monitor
+
+# as upstream's (CLI/qm.pm): HMP lines through QMP human-monitor-command, driven over ssh
+# without a tty as the post-copy recovery drives it. Upstream's Term::ReadLine (::Gnu on PVE)
+# has no terminal there: stdin, the prompt and the echoed line on stderr, a bare prompt at EOF.
+{
+    my $v = 130;
+    my @ssh = @{ $lab->ssh_prefix('node2') };
+    my $monitor = sub { run_input('node1', $_[0], @ssh, 'qm', 'monitor', $_[1] // $v) };
+    my $enter = "Entering QEMU Monitor for VM $v - type 'help' for help\n";
+    $lab->write_vm_config($v, memory => 64, guest => 'idle');
+    $lab->run_ok('node2', 'qm', 'start', $v);
+
+    my ($rc, $out, $err) = $monitor->("info status\n\n  \nbogus_cmd\nquit\ninfo status\n");
+    is($rc, 0, 'qm monitor over ssh exits 0 after quit') or diag($err);
+    is(
+        $out,
+        "${enter}VM status: running\r\nunknown command: 'bogus_cmd'\r\n",
+        'qm monitor: the greeting, then what QEMU answers (an unknown command is its text, not an error); nothing after quit'
+    );
+    is(
+        $err,
+        "qm> info status\nqm> \nqm>   \nqm> bogus_cmd\nqm> quit\n",
+        'qm monitor without a tty: each prompt and echoed line on stderr, blank lines skipped'
+    );
+
+    ($rc, $out, $err) =
+        $monitor->("migrate_recover unix:/run/qemu-server/$v.migrate-recover\ninfo status");
+    is($rc, 0, 'qm monitor: EOF ends it, exit 0') or diag($err);
+    like(
+        $out,
+        qr/\A\Q$enter\E(?!ERROR)\S.*\r\nVM status: running\r\n\z/s,
+        'qm monitor: an HMP error is QEMU\'s output, then the last line without a newline runs too'
+    );
+    is(
+        $err,
+        "qm> migrate_recover unix:/run/qemu-server/$v.migrate-recover\nqm> info status\nqm> ",
+        'qm monitor: at EOF the bare prompt stays'
+    );
+
+    $lab->run_ok('node2', 'qm', 'stop', $v);
+    ($rc, $out, $err) = $monitor->("info status\n");
+    is($rc, 0, 'qm monitor of a stopped VM still exits 0');
+    is(
+        $out,
+        "${enter}ERROR: VM $v not running\n",
+        'qm monitor of a stopped VM: each command fails with upstream\'s "ERROR: " line'
+    );
+
+    ($rc, $out, $err) = $monitor->("info status\n", $v + 1);
+    is($rc, 255, 'qm monitor of a VM without config is refused');
+    is(
+        $err,
+        "Configuration file 'nodes/node2/qemu-server/" . ($v + 1) . ".conf' does not exist\n",
+        'qm monitor of a VM without config: upstream\'s load_config text'
+    );
+    is($out, '', 'qm monitor of a VM without config: no greeting');
+
+    ($rc, $out, $err) = qm('node2', 'monitor');
+    isnt($rc, 0, 'qm monitor without a VMID is refused');
+    like($err, qr/^400 not enough arguments\nqm monitor <vmid>\n\z/, 'with the usage line')
+        or diag($err);
+    unlink("$dir/pve/qemu-server/$v.conf");
+}
+
 # ------------------------------------------------------------ teardown
 
 $lab->down;
