@@ -83,8 +83,9 @@
 ;     does not burst to catch up. Pages from 1 MiB + W MiB on keep their 1.
 ;   - every gap between two consecutive page writes (TSC after each write) is a stall
 ;     candidate: without stalls a gap is the pacing interval 1 / (R * 256) s (122 us at
-;     32 MiB/s); a post-copy page fault, a preempted vCPU, or dirty-logging faults show
-;     as longer gaps.
+;     32 MiB/s); a post-copy page fault, the switch-over pause of a migration (the
+;     TSC runs on from source stop to target resume here), a preempted vCPU, or
+;     dirty-logging faults show as longer gaps.
 ;   Its status block (after "MTLG" at 0x500 and the pass count at 0x504, which counts
 ;   completed passes over the working set; 0x50C..0x51C stay 0):
 ;        0x520 dword "MTLH"   hot mode (set with the rest, just before "MTLG")
