@@ -21,7 +21,9 @@ my $qmp = "$tmp/100.qmp";
 my $mark = "$tmp/ssh-was-run";
 my @ssh = ('sh', '-c', "touch $mark; exit 255", 'ssh');
 
-sub caps { return [map { { capability => $_, state => JSON::PP::false } } @_] }
+sub caps {
+    return [map { { capability => $_, state => JSON::PP::false } } @_];
+}
 
 sub migrate_against {
     my ($caps, %param) = @_;
@@ -29,8 +31,7 @@ sub migrate_against {
         $qmp,
         {
             'query-status' => { status => 'running', running => JSON::PP::true },
-            'query-machines' =>
-                [{ name => 'pc-i440fx-7.2', 'is-current' => JSON::PP::true }],
+            'query-machines' => [{ name => 'pc-i440fx-7.2', 'is-current' => JSON::PP::true }],
             'query-migrate-capabilities' => $caps,
         }
     );
@@ -71,13 +72,27 @@ sub migrate_against {
 {
     my ($err, $asked) =
         migrate_against(caps(qw(xbzrle auto-converge events postcopy-ram)), postcopy => 'off');
-    ok(!grep({ $_ eq 'query-migrate-capabilities' } @$asked),
-        '--postcopy off: the source is not asked about post-copy');
+    ok(
+        !grep({ $_ eq 'query-migrate-capabilities' } @$asked),
+        '--postcopy off: the source is not asked about post-copy'
+    );
 }
 
 for my $bad ('sometimes', 'on', '') {
-    eval { PVE::MTunnel::Migrate->new(vmid => 100, node => 'node1', target => 'node2', ssh => \@ssh, postcopy => $bad) };
-    is($@, "invalid postcopy '$bad' (off, auto or always)\n", "--postcopy '$bad' is refused by name");
+    eval {
+        PVE::MTunnel::Migrate->new(
+            vmid => 100,
+            node => 'node1',
+            target => 'node2',
+            ssh => \@ssh,
+            postcopy => $bad
+        );
+    };
+    is(
+        $@,
+        "invalid postcopy '$bad' (off, auto or always)\n",
+        "--postcopy '$bad' is refused by name"
+    );
 }
 
 {
@@ -87,9 +102,11 @@ for my $bad ('sometimes', 'on', '') {
     open(my $fh, '>', $ssh_file) or die;
     print $fh "$_\n" for @ssh;
     close($fh);
-    my $out = `MTUNNEL_PVE_DIR=$tmp/none $^X -I$top/perl/lib $top/perl/bin/mtunnel-migrate 100 node2 --node node1 --ssh-file $ssh_file --postcopy sometimes 2>&1`;
+    my $out =
+        `MTUNNEL_PVE_DIR=$tmp/none $^X -I$top/perl/lib $top/perl/bin/mtunnel-migrate 100 node2 --node node1 --ssh-file $ssh_file --postcopy sometimes 2>&1`;
     isnt($?, 0, 'CLI: an unknown --postcopy fails');
-    like($out, qr/invalid postcopy 'sometimes' \(off, auto or always\)/, 'CLI: and names the value');
+    like($out, qr/invalid postcopy 'sometimes' \(off, auto or always\)/,
+        'CLI: and names the value');
     ok(!-e $mark, 'CLI: the target was never contacted');
 }
 
