@@ -33,6 +33,9 @@ echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), pe
 echo "-- upstream's QemuMigrate.pm on the lab: the guest's pause, qemu-server as released against with the series"
 "$TOP/lab/bench-upstream-pause" --runs 5
 
+echo "-- post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto"
+"$TOP/lab/bench-postcopy"
+
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
 for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
 fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }

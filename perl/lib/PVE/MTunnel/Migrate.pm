@@ -713,6 +713,21 @@ sub wait_for_completion {
             ) if $i % 10 == 0;
             next;
         }
+        if ($status eq 'active' && $self->{postcopy} ne 'off') {
+            # what each pass starts with (the memory dirtied during the one before), seen
+            # within a hold of the pass's start
+            my $sync = $ram->{'dirty-sync-count'} // 0;
+            if ($sync > $sync_seen) {
+                push @pass_rem, $ram->{remaining} // 0 if $sync >= 2;
+                $sync_seen = $sync;
+            }
+            my $why = $self->postcopy_reason(\@pass_rem);
+            if (defined $why) {
+                $self->switch_to_postcopy($why);
+                $lasttrans = -1;
+                next;
+            }
+        }
         # not completed: a deferred signal cancels it (completion, when seen first, wins)
         $self->check_interrupt();
         next if $mode eq 'events' && time() - $last_look < 1;
@@ -752,20 +767,6 @@ sub wait_for_completion {
         }
         $downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
         $lastrem = $rem;
-        if ($self->{postcopy} ne 'off') {
-            # what each pass starts with: the memory dirtied during the one before
-            my $sync = $ram->{'dirty-sync-count'} // 0;
-            if ($sync > $sync_seen) {
-                push @pass_rem, $rem if $sync >= 2;
-                $sync_seen = $sync;
-            }
-            my $why = $self->postcopy_reason(\@pass_rem);
-            if (defined $why) {
-                $self->switch_to_postcopy($why);
-                $lasttrans = -1;
-                next;
-            }
-        }
         # post-copy (auto) is the remedy instead
         if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS && $self->{postcopy} eq 'off') {
             $downtimecounter = 0;
@@ -1021,13 +1022,14 @@ sub postcopy_finish {
     $self->finish_source();
 }
 
-# Recovery attempts that failed may leave their sockets (QEMU's listener on the target, a
-# forward whose tunnel never got ready): removed on both nodes once the migration is over.
+# A recovered migration's abandoned tunnels could not always remove their sockets (a cut
+# link), and failed attempts leave theirs (QEMU's listener on the target, a forward whose
+# tunnel never got ready): once the migration is over, every migration socket of the VM on
+# both nodes is stale.
 sub remove_recovery_sockets {
     my ($self) = @_;
-    my $recover = qr/_recover[0-9]+\.migrate$/;
-    unlink(grep { /$recover/ } $self->stale_sockets());
-    my @remote = grep { /$recover/ } @{ $self->stale_target_sockets() // [] };
+    unlink($self->stale_sockets());
+    my @remote = @{ $self->stale_target_sockets() // [] };
     $self->remove_target_sockets(@remote) if @remote;
 }
 
@@ -1082,6 +1084,7 @@ sub phase3 {
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     $self->{timing}{resumed} = time();
     if (my $err = $@) {
+        chomp $err;
         $self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
         eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
         if (my $err2 = $@) {
