@@ -2053,6 +2053,14 @@ C<wait_for_completion>).
 Abort when no progress is made that long; abort when the mirrors are not ready in time; how
 often mirror status is looked at.
 
+=item C<postcopy> (C<off>), C<postcopy_recover_timeout_ms> (600000), C<postcopy_stall_ms> (10000)
+
+C<auto>: switch to post-copy when what each pass starts with stopped shrinking (by a tenth)
+over two passes, instead of doubling the downtime; C<always>: once the first pass is done.
+Both QEMUs must offer C<postcopy-ram>; not with C<with_local_disks> yet. A paused post-copy
+migration is recovered through new tunnels until C<postcopy_recover_timeout_ms>; one without
+progress for C<postcopy_stall_ms> is paused first (a hung link never fails by itself).
+
 =item C<ssh_options> ({}), C<tunnel_options> ({})
 
 Library options for every ssh call (C<handshake_slots>, C<connect_retries>,
@@ -2155,10 +2163,49 @@ deferred signal.
 Method: waits until QEMU reports the migration final and returns the final C<query-migrate>
 answer when it completed; dies C<"aborting phase 2 - STATUS\n"> when it failed or was
 cancelled, on a stall, after 5 failed queries in a row, or on a deferred signal. Logs progress
-and doubles the downtime limit when the migration does not converge, as QemuMigrate.pm.
+and doubles the downtime limit when the migration does not converge, as QemuMigrate.pm, or,
+with C<postcopy>, switches to post-copy; in post-copy it resumes the target, recovers a
+paused or hung migration, and neither a signal nor failed queries end it.
 C<completion_wait> C<events> waits on QEMU's C<MIGRATION> event (C<qmp_wait_migration>,
 holding the monitor at most C<hold_ms>); C<poll> and C<pve> query every
 C<poll_interval_ms>, 100 ms near the end.
+
+=head2 postcopy_reason(\@pass_remaining)
+
+Method: why to switch to post-copy now (a sentence for the log), or C<undef>. The argument
+holds the remaining bytes at the start of each pass from the second on.
+
+=head2 check_postcopy_source(), setup_postcopy_target()
+
+Methods: the source's QEMU must offer C<postcopy-ram> (dies naming it, before anything
+starts); post-copy on the target's QEMU through C<qm monitor> (C<postcopy-preempt> where both
+offer it; returns whether it is on).
+
+=head2 switch_to_postcopy($why), resume_target_in_postcopy()
+
+Methods: C<migrate-start-postcopy> (from then on nothing is cancelled or continued on the
+source); the target resumed once the switch's devices went over (C<postcopy-bytes>), through
+the tunnel, else C<qm resume> over ssh.
+
+=head2 postcopy_recover($why, pause =E<gt> 0|1), postcopy_recover_once($attempt), postcopy_finish()
+
+Methods: a paused (or, with C<pause>, hung) post-copy migration recovered through a new tunnel
+to a new socket (F<VMID_recoverN.migrate>): the target paused and listening
+(C<migrate_recover> through C<qm monitor>), the source resumed (C<qmp_migrate_resume>);
+retried until C<postcopy_recover_timeout_ms>. Dies at once, saying the VM is lost, when the
+target's QEMU is gone. C<postcopy_finish> is C<--check --fix>'s: the migration waited for and
+recovered as needed, then the target resumed and the source stopped.
+
+=head2 target_monitor(@hmp_commands), target_migration_status()
+
+Methods: HMP commands through C<qm monitor VMID> on the target (its output); the target's
+migration status from C<info migrate> (C<undef> when its QEMU is gone).
+
+=head2 abandon_tunnel(), remove_recovery_sockets(), wait_source_status($seconds, @statuses)
+
+Methods: a broken tunnel closed without waiting for its C<quit>; every stale migration socket
+of the VM removed on both nodes after a recovered migration; the source's migration status
+once it is one of C<@statuses> (or final, or the time is up).
 
 =head2 cont_source()
 
