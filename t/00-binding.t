@@ -87,6 +87,20 @@ dies_like { PVE::MTunnel::qmp_query_migrate('/nonexistent-mtunnel/100.qmp') }
 qr/^QMP socket '\/nonexistent-mtunnel\/100\.qmp' does not exist/, 'missing QMP socket is named';
 dies_like { PVE::MTunnel::qmp_migrate('/nonexistent-mtunnel/100.qmp', 'exec:rm -rf /') }
 qr/^invalid migration URI 'exec:rm -rf \/'/, 'exec: migration URI is refused';
+dies_like { PVE::MTunnel::qmp_migrate_resume('/nonexistent-mtunnel/100.qmp', 'exec:cat') }
+qr/^invalid migration URI 'exec:cat'/, 'post-copy resume: a bad URI is refused first';
+dies_like { PVE::MTunnel::qmp_migrate_recover('/nonexistent-mtunnel/100.qmp', 'fd:3') }
+qr/^invalid migration URI 'fd:3'/, 'post-copy recover: a bad URI is refused first';
+
+for my $call (qw(qmp_migrate_start_postcopy qmp_migrate_pause)) {
+    dies_like { no strict 'refs'; &{"PVE::MTunnel::$call"}('/nonexistent-mtunnel/100.qmp') }
+    qr/^QMP socket '\/nonexistent-mtunnel\/100\.qmp' does not exist/,
+        "$call: a missing QMP socket is named";
+}
+dies_like {
+    PVE::MTunnel::qmp_migrate_setup('/nonexistent-mtunnel/100.qmp', { postcopy => 'maybe' })
+}
+qr/postcopy/, 'postcopy must be a boolean';
 
 my $listen = PVE::MTunnel::migrate_listen_parse(
     "QEMU: some warning\nmigration listens on unix:/run/qemu-server/100.migrate\n", 100);
