@@ -26,7 +26,7 @@
 #     incoming QEMU, its new volume and listening sockets, removed by the test once X is
 #     reachable, and the migration's record that names them).
 # The seed is printed first; MTUNNEL_SOAK_SEED=N repeats a run, MTUNNEL_SOAK_N sets the
-# number of rounds (default 24), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
+# number of rounds (default 20), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
 # plan, MTUNNEL_SOAK_LOGS=DIR keeps each round's task log there (DIR/round-N.log),
 # MTUNNEL_SOAK_ONLY=REGEX draws only from the pairs "FAULT at MOMENT" it matches (moments:
 # start, tunnel, mid, switchover, after, ready, midram; e.g. 'SIGKILL at (mid|after)').
@@ -53,7 +53,7 @@ my $seed = $ENV{MTUNNEL_SOAK_SEED} // int(time());
 die "MTUNNEL_SOAK_SEED must be a non-negative integer\n" if $seed !~ /^[0-9]{1,15}$/;
 diag("soak seed: $seed (re-run: MTUNNEL_SOAK_SEED=$seed prove t/57-fault-soak.t)");
 srand($seed);
-my $rounds = $ENV{MTUNNEL_SOAK_N} // 24;
+my $rounds = $ENV{MTUNNEL_SOAK_N} // 20;
 die "MTUNNEL_SOAK_N must be a positive integer\n" if $rounds !~ /^[1-9][0-9]{0,3}$/;
 
 my $top = abs_path(dirname(__FILE__) . '/..');
@@ -249,7 +249,7 @@ sub run_round {
     push @args, '--stall-timeout', 4000 if $fault eq 'SIGSTOP ssh';
     # the switch once the first pass is done: the post-copy phase then moves all the RAM the
     # guest dirtied meanwhile (its whole RAM) at the limit, seconds to hit it in
-    push @args, '--postcopy', 'always', '--bwlimit', 4 * $bwlimit if $r->{moment} eq 'postcopy';
+    push @args, '--postcopy', 'always', '--bwlimit', 8 * $bwlimit if $r->{moment} eq 'postcopy';
     push @args, @fast if $fault eq 'cut link';
     my $hold =
         $r->{moment} eq 'after' || ($r->{moment} eq 'switchover' && $fault eq 'kill target QEMU');
@@ -355,7 +355,7 @@ sub run_round {
             if ($r->{moment} eq 'postcopy') {
                 # post-copy is recovered once the link is back, not given up: it comes back
                 # while the driver retries
-                sleep(8);
+                sleep(5);
                 link_set($dst, 'up');
             }
         } else {
