@@ -955,9 +955,12 @@ sub postcopy_recover {
 # what fails in the close is expected and only noted.
 sub abandon_tunnel {
     my ($self) = @_;
-    my $tunnel = delete $self->{tunnel} or return;
-    eval { $tunnel->close(quit_timeout_ms => 500, exit_timeout_ms => 500) };
-    $self->log('info', "closing the broken tunnel: $@") if $@;
+    $self->close_tunnel_quickly(
+        quit_timeout_ms => 500,
+        exit_timeout_ms => 500,
+        level => 'info',
+        failed => 'closing the broken tunnel'
+    );
 }
 
 # One recovery: the source paused; the target paused (a hung channel is paused there too) and
@@ -1407,10 +1410,15 @@ sub wait_target_start_gone {
 
 # The tunnel is broken or idle by now: do not wait long for its 'quit'.
 sub close_tunnel_quickly {
-    my ($self) = @_;
+    my ($self, %opts) = @_;
     my $tunnel = delete $self->{tunnel} or return;
-    eval { $tunnel->close(quit_timeout_ms => 5000, exit_timeout_ms => 2000) };
-    $self->log('err', "closing tunnel failed: $@") if $@;
+    eval {
+        $tunnel->close(
+            quit_timeout_ms => $opts{quit_timeout_ms} // 5000,
+            exit_timeout_ms => $opts{exit_timeout_ms} // 2000
+        );
+    };
+    $self->log($opts{level} // 'err', ($opts{failed} // 'closing tunnel failed') . ": $@") if $@;
 }
 
 # As upstream's phase3_cleanup: the migrated disks' source volumes go once the VM runs on
