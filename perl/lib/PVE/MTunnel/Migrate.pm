@@ -129,6 +129,11 @@ sub new {
         # link or a stopped ssh never fails by itself)
         postcopy_stall_ms => 10_000,
         tunnel_options => {},
+        # the cluster's config tree in pmxcfs's layout (/etc/pve on a node; the lab's copy):
+        # the VM's config DIR/nodes/NODE/qemu-server/VMID.conf moves to the target by rename
+        # once the migration completed, before the target resumes, as upstream's phase 3 moves
+        # it; undef: configs are not this driver's business (a host that is no PVE node)
+        pve_dir => undef,
         # handshake_slots, connect_retries, connect_timeout_s, …: for every ssh call
         ssh_options => {},
         %param,
@@ -288,6 +293,10 @@ sub prepare {
     die "VM $vmid on node '$node' is $status, not running: only a running VM is live-migrated"
         . ($status eq 'paused' ? " (resume it first)" : " ('--check' tells what is where)") . "\n"
         if $status ne 'running';
+    if (defined $self->{pve_dir}) {
+        my $path = $self->config_path($node);
+        die "VM $vmid has no config on node '$node' ($path does not exist)\n" if !-f $path;
+    }
     $self->{machine} //= $self->target_machine();
     $self->check_postcopy_source() if $self->{postcopy} ne 'off';
     $self->check_interrupt();
@@ -1019,6 +1028,7 @@ sub postcopy_finish {
     my $vmid = $self->{vmid};
     @$self{qw(postcopy_started postcopy_split)} = (1, 1);
     $self->wait_for_completion($self->{downtime_ms});
+    $self->move_config($self->{target});
     $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000);
     $self->{target_resumed} = 1;
     $self->remove_state() if $self->read_state();
@@ -1083,6 +1093,8 @@ sub phase3 {
         eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
         $self->log('err', "stopping NBD server on target failed: $@") if $@;
     }
+    # As upstream: the VM belongs to the target from here on, then it may run there.
+    $self->move_config($self->{target});
     # From here on the target may run the VM.
     eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
     $self->{timing}{resumed} = time();
@@ -1125,6 +1137,7 @@ sub phase3_recover {
     my $state = $self->target_state();
     if (defined $state && $state eq 'running') {
         $self->log('info', "VM $vmid runs on node '$target': finishing on the source");
+        $self->move_config($target);
         $self->{target_resumed} = 1;
         $self->finish_source();
         return;
@@ -1142,11 +1155,18 @@ sub phase3_recover {
         $self->log('info',
             "stopping VM $vmid on node '$target' (state $state), then continuing it on '$self->{node}'"
         );
-        eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+        eval { $self->stop_target() };
         $self->log('err', "stopping target VM failed: $@") if $@;
         $state = $self->target_state();
     }
     if (($state // '') eq 'stopped') {
+        # back where it runs; a config that cannot move back keeps the source paused
+        eval { $self->move_config($self->{node}) };
+        if (my $err = $@) {
+            $self->log('err', "$err - VM $vmid stays paused on node '$self->{node}'");
+            $self->close_tunnel_quickly();
+            return;
+        }
         $self->cancel_mirrors();
         $self->cont_source();
         $self->free_target_volumes();
@@ -1182,7 +1202,7 @@ sub phase2_cleanup {
     if ($self->{target_started}) {
         # a start whose answer was lost may still run there: stop only what it left
         $self->wait_target_start_gone() if $self->{start_failed};
-        eval { $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $self->{node}]) };
+        eval { $self->stop_target() };
         if (my $err = $@) {
             $self->log('err', "stopping target VM failed: $err");
             $self->log('err',
@@ -1197,6 +1217,41 @@ sub phase2_cleanup {
     $self->close_tunnel_quickly();
     # a tunnel that never got ready leaves the target's listening sockets to us
     $self->remove_target_sockets() if !$self->{tunnel_ready} && $self->{target_stopped};
+}
+
+# Stops the incoming VM on the target: with `--migratedfrom` while the config is on the
+# source (upstream's vm_stop asserts it is there), as a plain stop once it moved there.
+sub stop_target {
+    my ($self) = @_;
+    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    my @how = $self->config_node() eq $target ? () : ('--migratedfrom', $node);
+    $self->remote(['stop', $vmid, '--skiplock', @how]);
+}
+
+# pmxcfs's path of the VM's config on $node (see pve_dir)
+sub config_path {
+    my ($self, $node) = @_;
+    return "$self->{pve_dir}/nodes/$node/qemu-server/$self->{vmid}.conf";
+}
+
+# The node whose directory holds the VM's config: the source, unless it moved to the target.
+sub config_node {
+    my ($self) = @_;
+    return $self->{node} if !defined $self->{pve_dir};
+    return -f $self->config_path($self->{target}) ? $self->{target} : $self->{node};
+}
+
+# As upstream's move_config_to_node: one rename in the cluster's config tree, from the node
+# that holds it to $to (nothing when it is there already, or without pve_dir).
+sub move_config {
+    my ($self, $to) = @_;
+    return if !defined $self->{pve_dir};
+    my $from = $self->config_node();
+    return if $from eq $to;
+    my ($src, $dst) = ($self->config_path($from), $self->config_path($to));
+    rename($src, $dst)
+        or die "failed to move the config of VM $self->{vmid} to node '$to' - rename failed: $!\n";
+    $self->log('info', "moved the config of VM $self->{vmid} to node '$to'");
 }
 
 # Without a ready tunnel, its close does not remove the target's sockets.
@@ -1675,7 +1730,7 @@ sub diagnose {
         sub {
             # a start whose answer was lost may still run there
             $self->wait_target_start_gone() if $st && $st->{phase} eq 'starting';
-            $self->remote(['stop', $vmid, '--skiplock', '--migratedfrom', $node]);
+            $self->stop_target();
             my $now = $self->target_state() // 'unreachable';
             die "VM $vmid on '$target' is $now after 'qm stop'\n" if $now ne 'stopped';
         }
@@ -1700,7 +1755,26 @@ sub diagnose {
             ]
         : ()
     );
-    my $cont = ["continue VM $vmid on '$node'", sub { PVE::MTunnel::qmp_execute($qmp, 'cont') }];
+    my $cont = [
+        "continue VM $vmid on '$node'",
+        sub {
+            $self->move_config($node);
+            PVE::MTunnel::qmp_execute($qmp, 'cont');
+        }
+    ];
+    my $resume_target = [
+        "resume VM $vmid on '$target'",
+        sub {
+            $self->move_config($target);
+            $self->remote(['resume', $vmid, '--skiplock', '--nocheck']);
+        }
+    ];
+    # where the VM runs, its config must be (pve_dir)
+    my $config_to = sub {
+        my ($to) = @_;
+        return () if $self->config_node() eq $to;
+        return ["move the config of VM $vmid to node '$to'", sub { $self->move_config($to) }];
+    };
     # the target's copy must not run: stop it (confirmed), free what it got, end the mirrors,
     # and only then continue the source
     my $to_source = sub {
@@ -1768,14 +1842,23 @@ sub diagnose {
         );
     }
     if ($s eq 'running' && $t eq 'stopped') {
+        my @config = $config_to->($node);
         return $result->(
-            state => "VM $vmid runs on node '$node' (source) only",
-            ok => 1,
-            fix => [@free_new, @cancel_jobs]
+            state => "VM $vmid runs on node '$node' (source) only"
+                . (@config ? ", but its config is on '$target'" : ''),
+            ok => !@config,
+            fix => [@config, @free_new, @cancel_jobs]
         );
     }
-    return $result->(state => "VM $vmid runs on node '$target' (target) only", ok => 1)
-        if $t eq 'running' && $s eq 'stopped';
+    if ($t eq 'running' && $s eq 'stopped') {
+        my @config = $config_to->($target);
+        return $result->(
+            state => "VM $vmid runs on node '$target' (target) only"
+                . (@config ? ", but its config is on '$node'" : ''),
+            ok => !@config,
+            fix => \@config
+        );
+    }
     return $result->(
         state =>
             "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand",
@@ -1803,6 +1886,7 @@ sub diagnose {
                     "stop VM $vmid on '$node'"
                         . (@migrated ? " and free its migrated volumes there" : ''),
                     sub {
+                        $self->move_config($target);
                         $self->stop_source();
                         $self->{mirror_jobs} = \@migrated;
                         $self->free_source_volumes() if @migrated;
@@ -1834,12 +1918,7 @@ sub diagnose {
                 $self->log('warn', "stopping the NBD server on '$target': $@") if $@;
             }
         ] if @mirrored;
-        push @fix,
-            [
-            "resume VM $vmid on '$target'",
-            sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
-            ],
-            [
+        push @fix, $resume_target, [
             "stop its copy on '$node'" . (@mirrored ? " and free the migrated volumes there" : ''),
             sub {
                 $self->stop_source();
@@ -1847,7 +1926,7 @@ sub diagnose {
                 $self->{mirror_jobs} = \@mirrored;
                 $self->free_source_volumes() if @mirrored;
             }
-            ];
+        ];
         return $result->(
             state =>
                 "VM $vmid is paused on both nodes after its migration completed: the target was never resumed",
@@ -1878,12 +1957,7 @@ sub diagnose {
         return $result->(
             state =>
                 "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration",
-            fix => [
-                [
-                    "resume VM $vmid on '$target'",
-                    sub { $self->remote(['resume', $vmid, '--skiplock', '--nocheck']) }
-                ]
-            ]
+            fix => [$resume_target]
         );
     }
     return $result->(
@@ -2068,6 +2142,14 @@ over two passes, instead of doubling the downtime; C<always>: once the first pas
 Both QEMUs must offer C<postcopy-ram>; not with C<with_local_disks> yet. A paused post-copy
 migration is recovered through new tunnels until C<postcopy_recover_timeout_ms>; one without
 progress for C<postcopy_stall_ms> is paused first (a hung link never fails by itself).
+
+=item C<pve_dir> (none)
+
+The cluster's config tree in pmxcfs's layout (F</etc/pve> on a node). The VM's config
+F<PVE_DIR/nodes/NODE/qemu-server/VMID.conf> must exist before anything starts; it moves to the
+target's directory by rename once the migration completed, before the target resumes (as
+upstream's phase 3), and back when the source is continued after that. Without it the driver
+leaves configs alone.
 
 =item C<ssh_options> ({}), C<tunnel_options> ({})
 
@@ -2295,6 +2377,19 @@ complete.
 =head2 close_tunnel_quickly()
 
 Method: closes the tunnel with short deadlines (5 s for C<quit>, 2 s for ssh to exit).
+
+=head2 config_path($node), config_node(), move_config($node)
+
+Methods (with C<pve_dir>): the path of the VM's config on C<$node> in pmxcfs's layout; the
+node that holds it (the source unless it moved to the target); moving it to C<$node> by one
+rename, as upstream's C<move_config_to_node> (dies naming the node when the rename fails; a
+no-op where it is already, and without C<pve_dir>).
+
+=head2 stop_target()
+
+Method: C<qm stop VMID --skiplock> on the target, with C<--migratedfrom SOURCE> while the
+config is on the source (upstream's C<vm_stop> asserts that), without it once the config moved
+there. Dies when the stop fails.
 
 =head2 remove_target_sockets(@sockets)
 
