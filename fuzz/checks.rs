@@ -371,12 +371,25 @@ pub fn tunnel_lines(data: &[u8]) {
     // reply() is only ever called for a command that passed command().
     if protocol::command(&cmd).is_ok() {
         match protocol::reply(line, &cmd) {
-            Ok(s) => {
-                assert_eq!(line, b"OK", "reply {line:?} taken as success");
-                assert_eq!(s, "OK");
-            }
+            Ok(s) => match line.strip_prefix(b"OK ") {
+                // an answer with data: its JSON, which parses to what the line held
+                Some(data) => {
+                    let sent: Value = serde_json::from_slice(data)
+                        .unwrap_or_else(|_| panic!("reply {line:?} taken as success"));
+                    assert_eq!(serde_json::from_str::<Value>(&s).unwrap(), sent);
+                }
+                None => {
+                    assert_eq!(line, b"OK", "reply {line:?} taken as success");
+                    assert_eq!(s, "OK");
+                }
+            },
             Err(e) => {
                 assert_ne!(line, b"OK");
+                assert!(
+                    line.strip_prefix(b"OK ")
+                        .is_none_or(|d| serde_json::from_slice::<Value>(d).is_err()),
+                    "an OK with JSON refused: {line:?}"
+                );
                 let want = if line.starts_with(b"ERR:") {
                     Kind::Remote
                 } else {

@@ -310,8 +310,10 @@ int qmp_execute(const char *qmp_socket,
 // a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
 // noticed within milliseconds, and between calls the monitor is free for other clients.
 //
-// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000}` (`timeout_ms`: for
-// connecting to a monitor busy with another client, and for each command). The answer goes
+// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000, "pass": false}`
+// (`timeout_ms`: for connecting to a monitor busy with another client, and for each command;
+// `"pass": true` also wakes on QEMU's `MIGRATION_PASS` event, when a new pass over memory
+// begins, so that what the pass starts with can be read at its start). The answer goes
 // to `*status_out` (free with `mtunnel_string_free`; may be NULL). `qmp_socket` NULL or bad
 // options → `MTUNNEL_ERR_INVALID_ARGUMENT`; a monitor that closes while held →
 // `MTUNNEL_ERR_IO` at once. Otherwise the codes of `qmp_migrate`.
@@ -473,13 +475,15 @@ int tunnel_wait_ready(mtunnel_tunnel *tunnel, int64_t timeout_ms);
 
 // Sends one command and waits up to `timeout_ms` for its reply. Reads the greeting first if
 // `tunnel_wait_ready` was not called. The tunnel's protocol version decides the format:
-// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, anything else is an error
-//   `tunnel replied '…' to command '…'`;
+// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, or `OK ` followed by a
+//   JSON value (the answer of a command that returns data, such as a patched target's
+//   `postcopy-status VMID`); anything else is an error `tunnel replied '…' to command '…'`;
 // - v2: a JSON object with a string `"cmd"` (a bare command name such as `resume` is sent as
 //   `{"cmd":"resume"}`); the reply must be a JSON object with a true `"success"`, else the
 //   error is `failed to decode tunnel reply …` or `error - tunnel command '…' failed - MSG`.
 //
-// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, or v2's JSON object), to
+// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, v1's JSON after `OK `,
+// or v2's JSON object), to
 // be freed with `mtunnel_string_free`. `tunnel` or `command` NULL →
 // `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote
 // refused: `ERR: …`, v2 `success` false), `MTUNNEL_ERR_PROTOCOL` (a reply the protocol does

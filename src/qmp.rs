@@ -514,6 +514,9 @@ pub(crate) struct WaitOptions {
     /// Deadline for connecting (the monitor may be busy with another client) and for each
     /// `query-migrate`.
     pub(crate) timeout_ms: i64,
+    /// Wake on QEMU's `MIGRATION_PASS` event too: a new pass over memory began, so the
+    /// answer shows what that pass starts with (a decision taken at pass boundaries).
+    pub(crate) pass: bool,
 }
 
 impl Default for WaitOptions {
@@ -521,12 +524,13 @@ impl Default for WaitOptions {
         WaitOptions {
             hold_ms: DEFAULT_HOLD_MS,
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            pass: false,
         }
     }
 }
 
 impl WaitOptions {
-    /// Reads `{"hold_ms": N, "timeout_ms": N}` (both optional).
+    /// Reads `{"hold_ms": N, "timeout_ms": N, "pass": bool}` (all optional).
     pub(crate) fn from_json(opts: &Value) -> Result<WaitOptions> {
         let o: WaitOptions = options::from_value(opts)?;
         if o.hold_ms < 0 {
@@ -549,7 +553,8 @@ pub(crate) fn is_wake_migration_event(name: &str, data: &Value, current: &str) -
             .is_some_and(|s| is_finished(s) || (is_postcopy(s) && s != current))
 }
 
-/// `query-migrate`, returned as soon as the migration is over or its post-copy status changes:
+/// `query-migrate`, returned as soon as the migration is over or its post-copy status changes
+/// (with `pass`, also when a new pass over memory begins):
 /// on one connection held at most `hold_ms`, asks once, then waits for QEMU's `MIGRATION`
 /// event with such a status (see [`is_wake_migration_event`]) and asks again. Events only wake the wait; the answer is always `query-migrate`'s, so a migration
 /// without the `events` capability is still seen, at the latest when the hold ends. Call it in
@@ -564,7 +569,8 @@ pub(crate) fn wait_migration(path: &str, opts: &WaitOptions) -> Result<Value> {
         return with_final_figures(&mut qmp, reply, deadline);
     }
     while let Some((name, data)) = qmp.next_event(hold)? {
-        if is_wake_migration_event(&name, &data, current) {
+        if is_wake_migration_event(&name, &data, current) || (opts.pass && name == "MIGRATION_PASS")
+        {
             break;
         }
     }

@@ -27,7 +27,8 @@ pub fn vmid(vmid: &str) -> Result<()> {
 
 /// Checks a forwarded socket path: `<socket_dir>/<vmid>.migrate`,
 /// `<socket_dir>/<vmid>_nbd.migrate` or, for the new channel of a recovered post-copy
-/// migration, `<socket_dir>/<vmid>_recover<N>.migrate` (N: 1-4 digits), shorter than
+/// migration, `<socket_dir>/<vmid>_recover<N>.migrate` (N: 1-10 digits, no leading zero: the
+/// driver's pid and its attempt, unique per run), shorter than
 /// `sun_path`. Returns the VMID.
 pub fn socket_path<'a>(path: &'a str, socket_dir: &str) -> Result<&'a str> {
     let shown = crate::io::printable(path.as_bytes(), 120);
@@ -50,7 +51,7 @@ pub fn socket_path<'a>(path: &'a str, socket_dir: &str) -> Result<&'a str> {
         Some((id, "nbd")) => id,
         Some((id, rest)) => {
             let n = rest.strip_prefix("recover").ok_or_else(|| bad(EXPECTED))?;
-            let ok = (1..=4).contains(&n.len())
+            let ok = (1..=10).contains(&n.len())
                 && n.bytes().all(|b| b.is_ascii_digit())
                 && !n.starts_with('0');
             if !ok {
@@ -139,7 +140,11 @@ mod tests {
         );
         assert_eq!(socket_path("/tmp/x/7.migrate", "/tmp/x").unwrap(), "7");
         assert_eq!(
-            socket_path("/run/qemu-server/100_recover12.migrate", DEFAULT_SOCKET_DIR).unwrap(),
+            socket_path(
+                "/run/qemu-server/100_recover4194304999.migrate",
+                DEFAULT_SOCKET_DIR
+            )
+            .unwrap(),
             "100",
             "a recovered post-copy migration's new channel"
         );
@@ -161,7 +166,8 @@ mod tests {
             "/run/qemu-server/$(touch x).migrate",
             "/run/qemu-server/100_recover.migrate",
             "/run/qemu-server/100_recover0.migrate",
-            "/run/qemu-server/100_recover12345.migrate",
+            "/run/qemu-server/100_recover12345678901.migrate",
+            "/run/qemu-server/100_recover0123.migrate",
             "/run/qemu-server/100_recover1x.migrate",
             "/run/qemu-server/100_other.migrate",
             "/run/qemu-server/_nbd.migrate",

@@ -162,8 +162,10 @@ pub unsafe extern "C" fn qmp_execute(
 /// a loop instead of sleeping between `qmp_query_migrate` calls: completion and failure are
 /// noticed within milliseconds, and between calls the monitor is free for other clients.
 ///
-/// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000}` (`timeout_ms`: for
-/// connecting to a monitor busy with another client, and for each command). The answer goes
+/// `options_json` may be NULL: `{"hold_ms": 250, "timeout_ms": 10000, "pass": false}`
+/// (`timeout_ms`: for connecting to a monitor busy with another client, and for each command;
+/// `"pass": true` also wakes on QEMU's `MIGRATION_PASS` event, when a new pass over memory
+/// begins, so that what the pass starts with can be read at its start). The answer goes
 /// to `*status_out` (free with `mtunnel_string_free`; may be NULL). `qmp_socket` NULL or bad
 /// options → `MTUNNEL_ERR_INVALID_ARGUMENT`; a monitor that closes while held →
 /// `MTUNNEL_ERR_IO` at once. Otherwise the codes of `qmp_migrate`.

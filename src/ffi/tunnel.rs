@@ -125,13 +125,15 @@ pub unsafe extern "C" fn tunnel_wait_ready(tunnel: *mut mtunnel_tunnel, timeout_
 
 /// Sends one command and waits up to `timeout_ms` for its reply. Reads the greeting first if
 /// `tunnel_wait_ready` was not called. The tunnel's protocol version decides the format:
-/// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, anything else is an error
-///   `tunnel replied '…' to command '…'`;
+/// - v1: one line (`resume VMID`, `quit`); the reply must be `OK`, or `OK ` followed by a
+///   JSON value (the answer of a command that returns data, such as a patched target's
+///   `postcopy-status VMID`); anything else is an error `tunnel replied '…' to command '…'`;
 /// - v2: a JSON object with a string `"cmd"` (a bare command name such as `resume` is sent as
 ///   `{"cmd":"resume"}`); the reply must be a JSON object with a true `"success"`, else the
 ///   error is `failed to decode tunnel reply …` or `error - tunnel command '…' failed - MSG`.
 ///
-/// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, or v2's JSON object), to
+/// On success `*reply_out` (if not NULL) receives the reply (`"OK"`, v1's JSON after `OK `,
+/// or v2's JSON object), to
 /// be freed with `mtunnel_string_free`. `tunnel` or `command` NULL →
 /// `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_REMOTE` (the remote
 /// refused: `ERR: …`, v2 `success` false), `MTUNNEL_ERR_PROTOCOL` (a reply the protocol does

@@ -436,6 +436,44 @@ fn a_monitor_that_closes_while_held_is_an_error_at_once() {
 }
 
 #[test]
+fn wait_with_pass_wakes_when_a_new_pass_begins_and_only_then() {
+    let server = FakeQmp::script("wait-pass", |s| {
+        let mut seen = vec![s.answer("qmp_capabilities", json!({}))];
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "active", "ram": {"dirty-sync-count": 2}}),
+        ));
+        s.send(&event("MIGRATION_PASS", json!({"pass": 3})));
+        seen.push(s.answer(
+            "query-migrate",
+            json!({"status": "active", "ram": {"dirty-sync-count": 3}}),
+        ));
+        seen
+    });
+    let opts = WaitOptions {
+        hold_ms: 60_000,
+        pass: true,
+        ..WaitOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let reply = wait_migration(&server.path, &opts).unwrap();
+    assert_eq!(reply["ram"]["dirty-sync-count"], 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the pass event did not end the wait: it returned after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        WaitOptions::from_json(&json!({"pass": true})).unwrap().pass,
+        "\"pass\" is read from the options"
+    );
+    assert!(
+        !is_wake_migration_event("MIGRATION_PASS", &json!({"pass": 3}), "active"),
+        "without the option a pass does not wake the wait"
+    );
+}
+
+#[test]
 fn wait_options_refuse_a_negative_hold_and_unknown_keys() {
     let err = WaitOptions::from_json(&json!({"hold_ms": -1})).unwrap_err();
     assert!(err.message.contains("hold_ms"), "{}", err.message);

@@ -46,10 +46,18 @@ pub fn command(cmd: &str) -> Result<()> {
     Ok(())
 }
 
-/// Interprets the reply to a v1 command: `OK`, or `ERR: message`.
+/// Interprets the reply to a v1 command: `OK`; `OK <JSON>`, the answer of a command that
+/// returns data (a patched target's post-copy commands), returned as the JSON text; or
+/// `ERR: message`.
 pub fn reply(line: &[u8], cmd: &str) -> Result<String> {
     if line == b"OK" {
         return Ok("OK".into());
+    }
+    if let Some(data) = line.strip_prefix(b"OK ") {
+        // valid JSON is valid UTF-8
+        if let Ok(value) = serde_json::from_slice::<Value>(data) {
+            return Ok(value.to_string());
+        }
     }
     let kind = if line.starts_with(b"ERR:") {
         Kind::Remote
@@ -238,6 +246,22 @@ mod tests {
     #[test]
     fn reply_ok_err_and_garbage() {
         assert_eq!(reply(b"OK", "quit").unwrap(), "OK");
+        assert_eq!(
+            reply(br#"OK {"status":"stopped"}"#, "postcopy-status 100").unwrap(),
+            r#"{"status":"stopped"}"#,
+            "an answer with data is its JSON"
+        );
+        for bad in [
+            &b"OK {"[..],
+            b"OK ",
+            b"OK  ",
+            b"OK status",
+            b"OKAY",
+            b"OK\t{}",
+        ] {
+            let err = reply(bad, "postcopy-status 100").unwrap_err();
+            assert_eq!(err.kind, Kind::Protocol, "{bad:?} taken as {}", err.message);
+        }
         let err = reply(b"ERR: VM 100 not running", "resume 100").unwrap_err();
         assert_eq!(err.kind, Kind::Remote);
         assert_eq!(

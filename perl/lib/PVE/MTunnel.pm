@@ -127,7 +127,7 @@ sub _decode {
 # "1234\n" or "0042" stay strings (so the library names the bad option), and a string option
 # such as ssh_run's 'input' is never turned into a number.
 my %BOOL_OPTION =
-    map { $_ => 1 } qw(remote_cleanup check cleanup setup adaptive_slots cleanup_in_command);
+    map { $_ => 1 } qw(remote_cleanup check cleanup setup adaptive_slots cleanup_in_command pass);
 
 # Options that are integers by name without one of those suffixes: qmp_mirror_start's 'speed'
 # (bytes per second).
@@ -525,11 +525,12 @@ child only the child's copies of the file descriptors are released.
 Function: C<query-migrate>; returns QEMU's answer as a hashref. Unknown statuses are passed
 through: treat them as still running.
 
-=item C<qmp_wait_migration($qmp_socket, hold_ms =E<gt> 250, timeout_ms =E<gt> N)>
+=item C<qmp_wait_migration($qmp_socket, hold_ms =E<gt> 250, timeout_ms =E<gt> N, pass =E<gt> 0)>
 
 Function: C<query-migrate>'s answer as soon as QEMU's C<MIGRATION> event says the migration
 ended (completed, failed, cancelled) or entered another post-copy status (C<postcopy-active>,
-C<postcopy-paused>, C<postcopy-recover>, ...), or when C<hold_ms> passed, whichever comes
+C<postcopy-paused>, C<postcopy-recover>, ...), with C<pass> also when its C<MIGRATION_PASS>
+event says a new pass over memory began, or when C<hold_ms> passed, whichever comes
 first. The
 monitor connection is held at most that long, so other clients are served. Call it in a loop
 instead of sleeping between C<qmp_query_migrate> calls (needs the C<events> capability).
