@@ -551,6 +551,23 @@ fn check_listen_result(r: &Value, vmid: &str) {
         r.get("replicated").is_some_and(Value::is_array),
         "no \"replicated\" array: {r}"
     );
+    // tunnel commands are words a v1 command line can start with: never a space, control
+    // character or shell metacharacter
+    let commands = r
+        .get("commands")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("no \"commands\" array: {r}"));
+    for c in commands {
+        let c = c
+            .as_str()
+            .unwrap_or_else(|| panic!("command {c} is not a string"));
+        assert!(
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "tunnel command {c:?}"
+        );
+    }
     let messages = r
         .get("messages")
         .and_then(Value::as_array)

@@ -394,11 +394,13 @@ int ssh_remove_sockets(const char *options_json);
 // Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
 // `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
 // or `port N`; `storage migration listens on nbd:unix:…`; `spice listens on port N`;
-// `QEMU: …`. On success `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
-// `{"uri": …, "socket": … (unix only), "nbd": [{"drive", "uri", "socket", "volume"}],
-// "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
+// `mtunnel commands: …` (a patched target); `QEMU: …`. On success `*result_out` (may be
+// NULL; free with `mtunnel_string_free`) gets `{"uri": …, "socket": … (unix only), "nbd":
+// [{"drive", "uri", "socket", "volume"}], "spice_port": N, "commands": […], "messages": […]}`. `output` or `vmid` NULL →
 // `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
-int mtunnel_migrate_listen_parse(const char *output, const char *vmid, char **result_out);
+int mtunnel_migrate_listen_parse(const char *output,
+                                 const char *vmid,
+                                 char **result_out);
 
 // Deprecated name of [`mtunnel_migrate_listen_parse`], kept for one release: same
 // arguments, ownership and result codes.

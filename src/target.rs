@@ -38,8 +38,10 @@ fn tcp_host_ok(host: &str) -> bool {
 /// Parses the whole output of `qm start --migratedfrom`, every line QemuMigrate.pm's phase 2
 /// reads. Returns `{"uri": "unix:/run/qemu-server/100.migrate", "socket": "/run/…" (unix
 /// only), "nbd": [{"drive", "uri", "socket" (unix only), "volume"}], "replicated": [{"drive",
-/// "volume"}], "spice_port": N, "messages": [...]}`; `messages` holds the text of `QEMU: …`
-/// lines and every line the parser does not know, so nothing is dropped silently.
+/// "volume"}], "spice_port": N, "commands": [...], "messages": [...]}`; `commands` are the
+/// words of a patched target's `mtunnel commands: …` line (what its `qm mtunnel` accepts
+/// beyond `resume` and `quit`; none from a released target); `messages` holds the text of
+/// `QEMU: …` lines and every line the parser does not know, so nothing is dropped silently.
 /// A socket whose VMID differs from `vmid` is an error, as is output without an address or
 /// with a legacy `port N` address (a TCP port on the target's localhost, which no UNIX
 /// socket forward can carry).
@@ -51,6 +53,7 @@ pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<
         result: Map::new(),
         nbd: Vec::new(),
         replicated: Vec::new(),
+        commands: Vec::new(),
         messages: Vec::new(),
     };
     for line in output.lines() {
@@ -66,6 +69,7 @@ struct StartOutput<'a> {
     result: Map<String, Value>,
     nbd: Vec<Value>,
     replicated: Vec<Value>,
+    commands: Vec<Value>,
     messages: Vec<Value>,
 }
 
@@ -87,6 +91,8 @@ impl StartOutput<'_> {
             self.nbd_tcp(rest, &shown)
         } else if let Some(rest) = line.strip_prefix("re-using replicated volume: ") {
             self.replicated_volume(rest, &shown)
+        } else if let Some(words) = line.strip_prefix("mtunnel commands: ") {
+            self.tunnel_commands(words, &shown)
         } else if let Some(p) = line.strip_prefix("spice listens on port ") {
             let p =
                 port(p).ok_or_else(|| protocol(format!("unexpected spice port in '{shown}'")))?;
@@ -180,6 +186,22 @@ impl StartOutput<'_> {
         Ok(())
     }
 
+    /// `mtunnel commands: WORD…`: command names (`[a-z0-9-]`), in the order given.
+    fn tunnel_commands(&mut self, words: &str, shown: &str) -> Result<()> {
+        for w in words.split(' ').filter(|w| !w.is_empty()) {
+            if !w
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(protocol(format!(
+                    "unexpected mtunnel commands line '{shown}'"
+                )));
+            }
+            self.commands.push(json!(w));
+        }
+        Ok(())
+    }
+
     /// `re-using replicated volume: DRIVE - VOLUME`.
     fn replicated_volume(&mut self, rest: &str, shown: &str) -> Result<()> {
         let (drive, volume) = rest
@@ -199,6 +221,8 @@ impl StartOutput<'_> {
         self.result.insert("nbd".into(), Value::Array(self.nbd));
         self.result
             .insert("replicated".into(), Value::Array(self.replicated));
+        self.result
+            .insert("commands".into(), Value::Array(self.commands));
         self.result
             .insert("messages".into(), Value::Array(self.messages));
         Ok(Value::Object(self.result))
@@ -266,6 +290,36 @@ mod tests {
         assert_eq!(r["nbd"][0]["volume"], "local:100/vm-100-disk-0.raw");
         assert_eq!(r["spice_port"], 61000);
         assert_eq!(r["messages"][0], "warning: something");
+    }
+
+    #[test]
+    fn a_patched_targets_tunnel_commands_are_listed_not_messages() {
+        let out = "migration listens on unix:/run/qemu-server/100.migrate\n\
+                   mtunnel commands: nbdstop postcopy-status postcopy-recover\n";
+        let r = parse_start_output(out, "100", DIR).unwrap();
+        assert_eq!(
+            r["commands"],
+            json!(["nbdstop", "postcopy-status", "postcopy-recover"])
+        );
+        assert_eq!(r["messages"], json!([]));
+        let released = parse_start_output(
+            "migration listens on unix:/run/qemu-server/100.migrate\n",
+            "100",
+            DIR,
+        )
+        .unwrap();
+        assert_eq!(
+            released["commands"],
+            json!([]),
+            "a released target names none"
+        );
+        let err = parse_start_output(
+            "mtunnel commands: nbdstop $(id)\nmigration listens on unix:/run/qemu-server/100.migrate\n",
+            "100",
+            DIR,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, Kind::Protocol, "{}", err.message);
     }
 
     #[test]

@@ -78,9 +78,9 @@ pub unsafe extern "C" fn ssh_remove_sockets(options_json: *const c_char) -> c_in
 /// Parses the output of `qm start VMID --migratedfrom NODE` as QemuMigrate.pm does:
 /// `migration listens on unix:/run/qemu-server/VMID.migrate` (the VMID must match), `tcp:H:P`
 /// or `port N`; `storage migration listens on nbd:unix:…`; `spice listens on port N`;
-/// `QEMU: …`. On success `*result_out` (may be NULL; free with `mtunnel_string_free`) gets
-/// `{"uri": …, "socket": … (unix only), "nbd": [{"drive", "uri", "socket", "volume"}],
-/// "spice_port": N, "messages": […]}`. `output` or `vmid` NULL →
+/// `mtunnel commands: …` (a patched target); `QEMU: …`. On success `*result_out` (may be
+/// NULL; free with `mtunnel_string_free`) gets `{"uri": …, "socket": … (unix only), "nbd":
+/// [{"drive", "uri", "socket", "volume"}], "spice_port": N, "commands": […], "messages": […]}`. `output` or `vmid` NULL →
 /// `MTUNNEL_ERR_INVALID_ARGUMENT`; no address or a VMID mismatch → `MTUNNEL_ERR_PROTOCOL`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mtunnel_migrate_listen_parse(
