@@ -19,7 +19,8 @@
 # (wrappers qm, qmp, guest-check) and a read-only overlay on /usr/sbin that adds
 # /usr/sbin/qm and /usr/sbin/pvesm (PVE runs `/usr/sbin/qm mtunnel`), and the node's own
 # storages: tmpfs on $LAB/local ("local") and $LAB/small ("small", 1 MiB); an sshd on 198.18.0.$i:22 with the
-# lab's own config and keys. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
+# lab's own config and keys. VM configs in pmxcfs's layout,
+# $LAB/pve/nodes/nodeI/qemu-server/VMID.conf. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
 # lab's namespaces; addresses are from 198.18.0.0/15 only.
 
 set -euo pipefail
@@ -401,7 +402,10 @@ cmd_up() {
 
     ensure_base
     mkdir -m 0700 "$LAB"
-    mkdir -p "$LAB/pve/qemu-server" "$LAB/pve/lock"
+    # pmxcfs's layout: each VM's config in the directory of the node that owns it
+    # (pve/nodes/nodeI/qemu-server/VMID.conf, moved by rename); qm's config locks in pve/lock
+    mkdir -p "$LAB/pve/lock"
+    for i in $(seq "$n"); do mkdir -p "$LAB/pve/nodes/node$i/qemu-server"; done
     # mount points of the node-local storages (an empty directory on the host)
     mkdir -m 0755 "$LAB/local" "$LAB/small"
 

@@ -2,8 +2,10 @@
 # lab/qm keeps upstream qm's contract (qemu-server 9.2), so that a driver tested against the
 # lab also works against real PVE: the options vm_start accepts and nothing else, stdin read
 # only for a migration target, the config lock, the target's migration capabilities, stop
-# during failure cleanup, unlock, nbdstop, /usr/sbin/qm inside the nodes only, and the mtunnel
-# protocols (v1 as upstream, v2 as the lab's extension).
+# during failure cleanup, unlock, nbdstop, /usr/sbin/qm inside the nodes only, the mtunnel
+# protocols (v1 as upstream, v2 as the lab's extension), each VM config in its node's directory
+# as pmxcfs keeps it (loaded where upstream's qm loads it), and the post-copy commands of the
+# target's qm mtunnel with the series.
 
 use strict;
 use warnings;
@@ -36,8 +38,8 @@ my $vmid = 100;
 my $sock = "/run/qemu-server/$vmid.migrate";
 my $lab = MTunnelLab->up(nodes => 2, accel => 'tcg');
 my $dir = $lab->dir;
-my $conf_path = "$dir/pve/qemu-server/$vmid.conf";
-$lab->write_vm_config($vmid, memory => 64, guest => 'idle', lock => 'migrate');
+# a new VM's config is on node1 ($LAB/pve/nodes/node1/qemu-server/100.conf)
+my $conf_path = $lab->write_vm_config($vmid, memory => 64, guest => 'idle', lock => 'migrate');
 
 # A command in a node with a pipe on each of stdin, stdout and stderr; every read has a deadline.
 {
@@ -132,11 +134,8 @@ sub qm { return $lab->run(shift, 'qm', @_) }
 sub start_log { return MTunnelLab::slurp("$dir/$_[0]/qm-start.log") }
 sub last_log_line { my @l = split /\n/, start_log($_[0]); return $l[-1] // '' }
 
-sub qmpstatus {
-    my ($node) = @_;
-    my (undef, $out) = qm($node, 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)$/m ? $1 : $out =~ /^status: (\S+)$/m ? $1 : '?';
-}
+# QEMU's own run state (qm status needs the config on that node)
+sub qmpstatus { return $lab->qmpstatus($_[0], $_[1] // $vmid) }
 
 sub qemu_cmdline {
     my ($node) = @_;
@@ -147,7 +146,7 @@ sub qemu_cmdline {
 # ------------------------------------------------------------ /usr/sbin/qm
 
 {
-    my ($rc, $out, $err) = $lab->run('node2', '/usr/sbin/qm', 'status', $vmid);
+    my ($rc, $out, $err) = $lab->run('node1', '/usr/sbin/qm', 'status', $vmid);
     is($rc, 0, '/usr/sbin/qm runs inside a node') or diag($err);
     is($out, "status: stopped\n", '/usr/sbin/qm is the lab qm of that node');
     ok(!-e '/usr/sbin/qm' || MTunnelLab::slurp('/usr/sbin/qm') !~ /MTUNNEL_LAB/,
@@ -243,6 +242,15 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     like($err, qr/NBD server not running/, 'nbdstop without an NBD server warns on stderr')
         or diag($err);
 
+    $lab->run_ok('node1', 'qmp', $vmid, 'stop');
+    ($rc, $out, $err) = qm('node1', 'resume', $vmid);
+    isnt($rc, 0, 'resume of a locked paused VM is refused without --skiplock');
+    is($err, "VM is locked (migrate)\n", 'locked resume: upstream\'s check_lock text')
+        or diag($err);
+    ($rc, $out, $err) = qm('node1', 'resume', $vmid, '--skiplock');
+    is($rc, 0, 'resume --skiplock continues it') or diag($err);
+    is(qmpstatus('node1'), 'running', 'resume --skiplock: the guest runs again');
+
     ($rc, $out, $err) = qm('node1', 'stop', $vmid);
     isnt($rc, 0, 'stop of a locked VM is refused without --skiplock');
     is($err, "VM is locked (migrate)\n", 'locked stop: upstream\'s text') or diag($err);
@@ -282,8 +290,12 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     cmp_ok(scalar(@$list), '>', 2, 'target: QEMU reported the other capabilities too');
 
     ($rc, $out, $err) = qm('node2', 'resume', $vmid);
-    isnt($rc, 0, 'resume of a locked paused VM is refused without --skiplock');
-    is($err, "VM is locked (migrate)\n", 'locked resume: upstream\'s text') or diag($err);
+    isnt($rc, 0, 'resume on the target, whose config is still on the source, is refused');
+    is(
+        $err,
+        "unable to find configuration file for VM $vmid on node 'node2'\n",
+        'resume without --nocheck: upstream\'s check_running text'
+    ) or diag($err);
 
     ($rc, $out, $err) = qm('node2', 'stop', $vmid, '--skiplock', '--migratedfrom', 'node1');
     is($rc, 0, 'stop --skiplock --migratedfrom NODE (failure cleanup) succeeds') or diag($err);
@@ -295,13 +307,20 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
 
 {
     my ($rc, $out, $err) = qm('node2', 'unlock', $vmid);
+    is($rc, 255, 'unlock on a node without the config fails');
+    is(
+        $err,
+        "Configuration file 'nodes/node2/qemu-server/$vmid.conf' does not exist\n",
+        'unlock without the config: upstream\'s load_config text'
+    );
+    ($rc, $out, $err) = qm('node1', 'unlock', $vmid);
     is($rc, 0, 'unlock succeeds') or diag($err);
     is(
         MTunnelLab::slurp($conf_path),
         "guest: idle\nmemory: 64\n",
         'unlock removes the lock line and keeps the rest'
     );
-    ($rc, $out, $err) = qm('node2', 'unlock', $vmid);
+    ($rc, $out, $err) = qm('node1', 'unlock', $vmid);
     is($rc, 0, 'unlock without a lock is no error (as upstream)') or diag($err);
 }
 
@@ -332,7 +351,6 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
 {
     my $v = 120;
     my $volid = "local:$v/vm-$v-disk-0.raw";
-    my $marker = "$dir/node2/qemu-server-series";
     $lab->write_vm_config($v, memory => 64, guest => 'idle', ide0 => "$volid,size=4M");
     my @target = (
         'qm', 'start', $v, '--skiplock',
@@ -350,14 +368,13 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     qm('node2', 'stop', $v, '--migratedfrom', 'node1');
     $lab->run_ok('node2', 'pvesm', 'free', $volid);
 
-    open(my $fh, '>', $marker) or die "$marker: $!\n";
-    close($fh);
+    $lab->qemu_server_series('node2', 1);
     ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @target);
     is($rc, 0, 'with the series: the target starts') or diag($err);
     like(
         $out,
-        qr/^migration listens on unix:\S+\nmtunnel commands: nbdstop\nstorage migration listens on /,
-        'with the series: qm start announces nbdstop after the listens line'
+        qr/^migration listens on unix:\S+\nmtunnel commands: nbdstop postcopy-capabilities postcopy-status postcopy-pause postcopy-recover\nstorage migration listens on /,
+        'with the series: qm start announces nbdstop and the post-copy commands after the listens line'
     );
     my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel');
     is($t->read_line(30), 'tunnel online', 'with the series: greeting');
@@ -380,7 +397,7 @@ is_deeply([$lab->qemu_pids('node2')], [], 'no QEMU started by refused starts');
     is($t->read_line(10), 'OK', 'with the series: quit -> OK');
     ($rc, $out, $err) = $t->finish(10);
     is($rc, 0, 'with the series: mtunnel exits 0 after quit') or diag($err);
-    unlink($marker);
+    $lab->qemu_server_series('node2', 0);
     qm('node2', 'stop', $v, '--migratedfrom', 'node1');
     $lab->run_ok('node2', 'pvesm', 'free', $volid);
 }
@@ -396,7 +413,8 @@ sub v2_call {
 }
 
 {
-    my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel', '--v2', $vmid);
+    # on the node whose directory holds the config (v2 loads this node's, as upstream's)
+    my $t = Proc->start($lab, 'node1', 'qm', 'mtunnel', '--v2', $vmid);
     is($t->read_line(30), 'tunnel online', 'mtunnel v2: greeting');
     is($t->read_line(10), 'ver 2', 'mtunnel v2: version 2');
     my $r = v2_call($t, '{"cmd":"version"}');
@@ -440,7 +458,7 @@ sub v2_call {
     is($rest, '', 'mtunnel v2: nothing else on stdout');
     like($err, qr/^received command 'version'$/m, 'mtunnel v2: diagnostics go to stderr');
 
-    $t = Proc->start($lab, 'node2', 'qm', 'mtunnel', '--v2', $vmid);
+    $t = Proc->start($lab, 'node1', 'qm', 'mtunnel', '--v2', $vmid);
     $t->read_line(30) for 1 .. 2;
     ($rc, $rest, $err) = $t->finish(10);
     isnt($rc, 0, 'mtunnel v2: EOF without quit is an error exit');
@@ -649,6 +667,7 @@ sub v2_call {
     my $monitor = sub { run_input('node1', $_[0], @ssh, 'qm', 'monitor', $_[1] // $v) };
     my $enter = "Entering QEMU Monitor for VM $v - type 'help' for help\n";
     $lab->write_vm_config($v, memory => 64, guest => 'idle');
+    $lab->move_vm_config($v, 'node2');
     $lab->run_ok('node2', 'qm', 'start', $v);
 
     my ($rc, $out, $err) = $monitor->("info status\n\n  \nbogus_cmd\nquit\ninfo status\n");
@@ -700,7 +719,250 @@ sub v2_call {
     isnt($rc, 0, 'qm monitor without a VMID is refused');
     like($err, qr/^400 not enough arguments\nqm monitor <vmid>\n\z/, 'with the usage line')
         or diag($err);
-    unlink("$dir/pve/qemu-server/$v.conf");
+    $lab->remove_vm_config($v);
+}
+
+# ------------------------------------------------------------ configs per node, as pmxcfs keeps them
+
+# $LAB/pve/nodes/NODE/qemu-server/VMID.conf, moved between nodes by rename (a migration's source
+# does; here the test does it): qm loads a config where upstream's qm loads it.
+{
+    my $v = 150;
+    my $missing = sub { "Configuration file 'nodes/$_[0]/qemu-server/$v.conf' does not exist\n" };
+    my $not_on = sub { "unable to find configuration file for VM $v on node '$_[0]'\n" };
+    $lab->write_vm_config($v, memory => 80, guest => 'idle');
+    is($lab->vm_config_node($v), 'node1', 'configs: a new VM\'s config is on node1');
+
+    for my $cmd (qw(status config monitor)) {
+        my ($rc, $out, $err) = qm('node2', $cmd, $v);
+        is($rc, 255, "configs: qm $cmd on the node without the config fails");
+        is($err, $missing->('node2'), "configs: qm $cmd: upstream's load_config text");
+        is($out, '', "configs: qm $cmd: nothing on stdout");
+    }
+    my ($rc, $out, $err) = qm('node2', 'start', $v);
+    is($err, $missing->('node2'), 'configs: a plain start loads this node\'s config only');
+
+    # an incoming migration's config is on the source: --migratedfrom names that node
+    my @incoming = ('--migration_type', 'secure', '--stateuri', 'unix');
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+        'qm', 'start', $v, '--migratedfrom', 'node2', @incoming);
+    is($err, $missing->('node2'), 'configs: start --migratedfrom loads the named node\'s config');
+    is_deeply([$lab->qemu_pids('node2')], [], 'configs: no QEMU from that start');
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
+        'qm', 'start', $v, '--migratedfrom', 'node1', @incoming);
+    is($rc, 0, 'configs: start --migratedfrom node1 on node2 starts the incoming VM')
+        or diag($err);
+    like(qemu_cmdline('node2'), qr/ -m 80 /, 'configs: with the source\'s config (its memory)');
+
+    # stop --migratedfrom: the config must be on the named node (upstream's check_running)
+    ($rc, $out, $err) = qm('node2', 'stop', $v, '--migratedfrom', 'node2');
+    is($rc, 255, 'configs: stop --migratedfrom a node without the config is refused');
+    is($err, $not_on->('node2'), 'configs: with upstream\'s check_running text');
+    ($rc, $out, $err) = qm('node2', 'stop', $v);
+    is($err, $not_on->('node2'), 'configs: a plain stop needs this node\'s config');
+    is(qmpstatus('node2', $v), 'inmigrate', 'configs: the refused stops left the VM alone');
+    $lab->move_vm_config($v, 'node2');
+    ($rc, $out, $err) = qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    is($err, $not_on->('node1'),
+        'configs: once the config moved here, stop --migratedfrom the source is refused');
+    ($rc, $out, $err) = qm('node2', 'stop', $v, '--migratedfrom', 'node2');
+    is($rc, 0, 'configs: stop --migratedfrom the node that holds the config works')
+        or diag($err);
+    is(qmpstatus('node2', $v), 'stopped', 'configs: and the VM is gone');
+
+    # resume --nocheck (and mtunnel's resume): the config may be on any node
+    $lab->run_ok('node2', 'qm', 'start', $v);
+    $lab->run_ok('node2', 'qmp', $v, 'stop');
+    $lab->move_vm_config($v, 'node1');
+    ($rc, $out, $err) = qm('node2', 'resume', $v);
+    is($err, $not_on->('node2'), 'configs: resume without --nocheck needs this node\'s config');
+    ($rc, $out, $err) = qm('node2', 'resume', $v, '--nocheck');
+    is($rc, 0, 'configs: resume --nocheck finds the config on the other node') or diag($err);
+    is(qmpstatus('node2', $v), 'running', 'configs: resume --nocheck continued the VM');
+    $lab->run_ok('node2', 'qmp', $v, 'stop');
+    my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel');
+    $t->read_line(30) for 1 .. 2;
+    $t->send("resume $v\nquit\n");
+    is($t->read_line(30), 'OK', 'configs: mtunnel\'s resume finds it there too');
+    $t->finish(10);
+    is(qmpstatus('node2', $v), 'running', 'configs: mtunnel\'s resume continued the VM');
+    $lab->run_ok('node2', 'qmp', $v, 'stop');
+    my $saved = MTunnelLab::slurp($lab->vm_config_path($v));
+    $lab->remove_vm_config($v);
+    ($rc, $out, $err) = qm('node2', 'resume', $v, '--nocheck');
+    is($err, $missing->('node2'),
+        'configs: resume --nocheck without any config: this node\'s load_config text (upstream\'s last try)'
+    );
+    $lab->write_vm_config($v, map { /^(\w+): (.*)$/ ? ($1 => $2) : () } split /\n/, $saved);
+    qm('node2', 'stop', $v, '--migratedfrom', 'node1');
+    is_deeply([$lab->qemu_pids('node2')], [], 'configs: nothing left running on node2');
+    $lab->remove_vm_config($v);
+}
+
+# ------------------------------------------------------------ post-copy commands of qm mtunnel
+
+# qemu-server with the series: the source drives the target's QEMU through the tunnel during a
+# post-copy migration (the target's qm status and qm monitor need the config, still on the
+# source). Replies: OK, OK <JSON> (compact, canonical, one line) or ERR: <command> failed - ....
+{
+    my ($in, $run, $none) = (160, 161, 169);
+    my $canonical = JSON::PP->new->canonical;
+    $lab->qemu_server_series('node2', 1);
+    $lab->write_vm_config($in, memory => 64, guest => 'idle');
+    $lab->write_vm_config($run, memory => 64, guest => 'idle');
+    $lab->move_vm_config($run, 'node2');
+    my @incoming = (
+        'qm', 'start', $in, '--skiplock',
+        '--migratedfrom', 'node1', '--migration_type', 'secure',
+        '--stateuri', 'unix'
+    );
+    my ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @incoming);
+    is($rc, 0, 'post-copy: an incoming VM on a node with the series') or diag($err);
+    is(
+        $out,
+        "migration listens on unix:/run/qemu-server/$in.migrate\n"
+            . "mtunnel commands: nbdstop postcopy-capabilities postcopy-status postcopy-pause postcopy-recover\n",
+        'post-copy: qm start announces every command on one line after the listens line'
+    );
+    $lab->run_ok('node2', 'qm', 'start', $run);
+
+    my $t = Proc->start($lab, 'node2', 'qm', 'mtunnel');
+    $t->read_line(30) for 1 .. 2;
+    my $call = sub { $t->send("$_[0]\n"); return $t->read_line(30) // '(no reply)' };
+    # the JSON of "OK <JSON>", undef if the reply is not that
+    my $json_of = sub {
+        my ($reply) = @_;
+        return undef if $reply !~ /^OK (.+)$/;
+        return eval { JSON::PP::decode_json($1) };
+    };
+    # QEMU's own error text for a command on a VM (through the lab's qmp)
+    my $qemu_error = sub {
+        my ($v, @cmd) = @_;
+        my (undef, undef, $e) = $lab->run('node2', 'qmp', $v, @cmd);
+        return $e =~ /^qmp: QMP command '[^']*' failed - \w+: (.*)$/ ? $1 : "(no error: $e)";
+    };
+
+    my $r = $call->("postcopy-capabilities $in");
+    my $caps = $json_of->($r);
+    is(ref $caps, 'ARRAY', 'postcopy-capabilities: OK and query-migrate-capabilities\' array')
+        or diag($r);
+    my %cap = map { $_->{capability} => $_->{state} } @{ $caps // [] };
+    ok($cap{'postcopy-ram'}, 'postcopy-capabilities: postcopy-ram is true') or diag($r);
+    ok(
+        exists $cap{'postcopy-preempt'} && !$cap{'postcopy-preempt'},
+        'postcopy-capabilities: postcopy-preempt stays off unless asked for'
+    );
+    ok($cap{xbzrle} && $cap{'auto-converge'},
+        'postcopy-capabilities: the capabilities qm start set stay as they were');
+    is(
+        $r,
+        'OK ' . $canonical->encode($caps // []),
+        'postcopy-capabilities: compact canonical JSON on the one line'
+    );
+    $r = $call->("postcopy-capabilities $in postcopy-preempt");
+    %cap = map { $_->{capability} => $_->{state} } @{ $json_of->($r) // [] };
+    ok(
+        $cap{'postcopy-ram'} && $cap{'postcopy-preempt'},
+        'postcopy-capabilities VMID postcopy-preempt: both true'
+    ) or diag($r);
+
+    my $st = $json_of->($call->("postcopy-status $in"));
+    is($st->{status}, 'running', 'postcopy-status of the incoming VM: its QEMU runs');
+    is($st->{qmpstatus}, 'inmigrate', 'postcopy-status: query-status\' status');
+    is(ref $st->{migration}, 'HASH', 'postcopy-status: query-migrate\'s object')
+        or diag(explain($st));
+    $r = $call->("postcopy-status $run");
+    is_deeply(
+        $json_of->($r),
+        { status => 'running', qmpstatus => 'running', migration => {} },
+        'postcopy-status of a running VM without a migration: migration is {}'
+    ) or diag($r);
+    is(
+        $call->("postcopy-status $none"),
+        'OK {"status":"stopped"}',
+        'postcopy-status of a VM without a QEMU here: stopped'
+    );
+    is(
+        $call->("postcopy-capabilities $none"),
+        "ERR: postcopy-capabilities failed - VM $none not running",
+        'postcopy-capabilities of a VM without a QEMU here: not running'
+    );
+
+    is(
+        $call->("postcopy-pause $run"),
+        "ERR: postcopy-pause failed - VM $run qmp command 'migrate-pause' failed - "
+            . $qemu_error->($run, 'migrate-pause'),
+        'postcopy-pause without a migration: QEMU\'s error, as mon_cmd dies with it'
+    );
+    my $path = "/run/qemu-server/${in}_recover1.migrate";
+    is(
+        $call->("postcopy-recover $in $path"),
+        "ERR: postcopy-recover failed - VM $in qmp command 'migrate-recover' failed - "
+            . $qemu_error->($run, 'migrate-recover', qq({"uri":"unix:$path"})),
+        'postcopy-recover of a VM not in postcopy-paused: QEMU\'s error'
+    );
+    like(
+        $call->("postcopy-recover $in /run/qemu-server/${in}_recover1234567890.migrate"),
+        qr/^ERR: postcopy-recover failed - VM $in qmp command 'migrate-recover' failed - /,
+        'postcopy-recover: N of 10 digits is a valid path (QEMU refuses, not the check)'
+    );
+
+    for my $bad (
+        ["/run/qemu-server/${run}_recover1.migrate", 'another VMID'],
+        ["/run/qemu-server/${in}_recover01.migrate", 'N with a leading zero'],
+        ["/run/qemu-server/${in}_recover12345678901.migrate", 'N of 11 digits'],
+        ["/run/qemu-server/${in}_recover.migrate", 'no N'],
+        ["/tmp/${in}_recover1.migrate", 'another directory'],
+        ["/run/qemu-server/../qemu-server/${in}_recover1.migrate", 'a ".."'],
+        ["unix:/run/qemu-server/${in}_recover1.migrate", 'a URI, not a path'],
+        )
+    {
+        is(
+            $call->("postcopy-recover $in $bad->[0]"),
+            "ERR: postcopy-recover failed - invalid recovery socket '$bad->[0]'",
+            "postcopy-recover refuses $bad->[1]"
+        );
+    }
+    is(qmpstatus('node2', $in), 'inmigrate', 'post-copy: the incoming VM is still waiting');
+
+    for my $line (
+        'postcopy-status',
+        "postcopy-status $in extra",
+        "postcopy-capabilities $in preempt",
+        "postcopy-pause $in $in",
+        "postcopy-recover $in",
+        "postcopy-recover $in /run/qemu-server/${in}_recover1.migrate x",
+        "postcopy-status vm$in",
+        )
+    {
+        is($call->($line), "ERR: unknown command '$line'", "a malformed line: '$line'");
+    }
+    $t->send("quit\n");
+    is($t->read_line(10), 'OK', 'post-copy: quit -> OK');
+    ($rc, $out, $err) = $t->finish(10);
+    is($rc, 0, 'post-copy: mtunnel exits 0') or diag($err);
+
+    # qemu-server as released: neither announced nor answered
+    $lab->qemu_server_series('node2', 0);
+    qm('node2', 'stop', $in, '--migratedfrom', 'node1');
+    ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n", @incoming);
+    is(
+        $out,
+        "migration listens on unix:/run/qemu-server/$in.migrate\n",
+        'as released: no mtunnel commands line'
+    );
+    $t = Proc->start($lab, 'node2', 'qm', 'mtunnel');
+    $t->read_line(30) for 1 .. 2;
+    $t->send("postcopy-status $run\n");
+    is($t->read_line(1), undef, 'as released: postcopy-status gets no reply');
+    $t->send("quit\n");
+    is($t->read_line(10), 'OK', 'as released: the tunnel still answers quit');
+    $t->finish(10);
+
+    qm('node2', 'stop', $in, '--migratedfrom', 'node1');
+    $lab->run_ok('node2', 'qm', 'stop', $run);
+    is_deeply([$lab->qemu_pids('node2')], [], 'post-copy: nothing left running on node2');
+    $lab->remove_vm_config($_) for $in, $run;
 }
 
 # ------------------------------------------------------------ teardown

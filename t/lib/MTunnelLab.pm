@@ -6,7 +6,8 @@ package MTunnelLab;
 #   use lib 't/lib';
 #   use MTunnelLab;
 #   my $lab = MTunnelLab->up(nodes => 2, name => 'mig');   # dies with lab.sh's output
-#   $lab->write_vm_config(100, memory => 256);
+#   $lab->write_vm_config(100, memory => 256);   # on node1 (or where its config is now)
+#   $lab->move_vm_config(100, 'node2');           # as a migration's source moves it
 #   $lab->run_ok('node1', qw(qm start 100));
 #   my ($rc, $out, $err) = $lab->run('node2', qw(qm status 100 --verbose));
 #   my $rem_ssh = $lab->ssh_prefix('node2');   # ['/usr/bin/ssh', ..., 'root@198.18.0.2']
@@ -25,6 +26,7 @@ use warnings;
 
 use Carp qw(croak);
 use Cwd qw(getcwd abs_path);
+use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW);
 use File::Basename qw(dirname basename);
 use File::Temp ();
 use POSIX ();
@@ -142,15 +144,93 @@ sub ssh_prefix {
     return \@argv;
 }
 
+# ------------------------------------------------------------ VM configs (the lab's pmxcfs)
+
+# As pmxcfs keeps them: a VM's config is in the directory of the node that owns the VM,
+# $LAB/pve/nodes/NODE/qemu-server/VMID.conf, and only a rename moves it to another node (what a
+# migration's source does when the migration completed). lab/qm loads it where upstream's qm
+# does (lab/README.md).
+
+sub _vmid {
+    my ($vmid) = @_;
+    croak "invalid vmid '" . ($vmid // 'undef') . "'"
+        if !defined $vmid || $vmid !~ /^[1-9][0-9]*\z/;
+    return $vmid;
+}
+
+sub _config_path {
+    my ($self, $vmid, $node) = @_;
+    return
+          "$self->{dir}/pve/nodes/"
+        . $self->_node($node)
+        . "/qemu-server/"
+        . _vmid($vmid) . '.conf';
+}
+
+# The node whose directory holds VMID's config, undef if none does.
+sub vm_config_node {
+    my ($self, $vmid) = @_;
+    my @on = grep { -f $self->_config_path($vmid, $_) } $self->nodes;
+    croak "the config of VM $vmid is on several nodes (@on)" if @on > 1;
+    return $on[0];
+}
+
+# The path of VMID's config where it is now, undef if there is none.
+sub vm_config_path {
+    my ($self, $vmid) = @_;
+    my $node = $self->vm_config_node($vmid) // return undef;
+    return $self->_config_path($vmid, $node);
+}
+
+# Writes VMID's config ("key: value" lines, sorted) where it is now, on node1 for a new VM
+# (a temp file of ours, renamed over it). Returns its path.
 sub write_vm_config {
     my ($self, $vmid, %conf) = @_;
-    croak "invalid vmid '$vmid'" if $vmid !~ /^[1-9][0-9]*\z/;
-    my $path = "$self->{dir}/pve/qemu-server/$vmid.conf";
-    open(my $fh, '>', "$path.tmp") or die "cannot write $path: $!\n";
+    my $path = $self->_config_path($vmid, $self->vm_config_node($vmid) // 'node1');
+    my $tmp = "$path.tmp.$$";
+    unlink($tmp);
+    sysopen(my $fh, $tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644)
+        or die "cannot write $tmp: $!\n";
     print $fh "$_: $conf{$_}\n" for sort keys %conf;
-    close($fh) or die "cannot write $path: $!\n";
-    rename("$path.tmp", $path) or die "cannot rename $path: $!\n";
+    close($fh) or die "cannot write $tmp: $!\n";
+    rename($tmp, $path) or die "cannot rename $tmp to $path: $!\n";
     return $path;
+}
+
+# Moves VMID's config to $node by rename, as a migration's source does (nothing if it is
+# there already; dies without one). Returns its new path.
+sub move_vm_config {
+    my ($self, $vmid, $node) = @_;
+    my $dst = $self->_config_path($vmid, $node);
+    my $from = $self->vm_config_node($vmid) // croak "VM $vmid has no config to move";
+    return $dst if $from eq $node;
+    my $src = $self->_config_path($vmid, $from);
+    rename($src, $dst) or die "cannot move $src to $dst: $!\n";
+    return $dst;
+}
+
+# Removes VMID's config wherever it is; whether there was one.
+sub remove_vm_config {
+    my ($self, $vmid) = @_;
+    my $path = $self->vm_config_path($vmid) // return 0;
+    unlink($path) or die "cannot remove $path: $!\n";
+    return 1;
+}
+
+# Whether $node's qm behaves as qemu-server with mtunnel's series (patches/qemu-server/), as
+# lab/qm's qm_patched reads it: the marker $LAB/NODE/qemu-server-series. Else it is qemu-server
+# as released.
+sub qemu_server_series {
+    my ($self, $node, $on) = @_;
+    my $marker = "$self->{dir}/" . $self->_node($node) . '/qemu-server-series';
+    if (!$on) {
+        unlink($marker) or $!{ENOENT} or die "cannot remove $marker: $!\n";
+    } elsif (sysopen(my $fh, $marker, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644)) {
+        close($fh);
+    } elsif (!$!{EEXIST}) {
+        die "cannot create $marker: $!\n";
+    }
+    return $self;
 }
 
 # ------------------------------------------------------------ running commands
@@ -332,11 +412,19 @@ sub qemu_pids {
     return @pids;
 }
 
-# QEMU's run state of VMID on $node (running, paused, postmigrate, …), 'stopped' without a QEMU
+# QEMU's run state of VMID on $node (running, paused, postmigrate, …), 'stopped' without a
+# QEMU, 'unknown' if its monitor does not answer. Asks QEMU itself, not `qm status`: that one
+# needs the VM's config on $node (as upstream's), which a migration moves.
 sub qmpstatus {
     my ($self, $node, $vmid) = @_;
-    my (undef, $out) = $self->run($node, 'qm', 'status', $vmid, '--verbose');
-    return $out =~ /^qmpstatus: (\S+)/m ? $1 : ($out =~ /^status: (\S+)/m ? $1 : 'unknown');
+    _vmid($vmid);
+    my $pid =
+        _slurp("$self->{dir}/" . $self->_node($node) . "/qemu-$vmid.pid") =~ /^([0-9]+)/ ? $1 : 0;
+    return 'stopped'
+        if !$pid || !alive($pid) || index(_slurp("/proc/$pid/cmdline"), "\0-name\0vm$vmid\0") < 0;
+    # 5 s, as `qm status --verbose` waits for the monitor
+    my ($rc, $out) = $self->run($node, 'timeout', '5', 'qmp', $vmid, 'query-status');
+    return $rc == 0 && $out =~ /"status"\s*:\s*"([^"]+)"/ ? $1 : 'unknown';
 }
 
 # volume ids on $node's storage $store (pvesm list)

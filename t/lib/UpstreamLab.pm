@@ -32,16 +32,10 @@ sub tree {
     return $dir;
 }
 
-# Whether NODE's qm behaves as qemu-server with the series (lab/qm: qm_patched).
+# Whether NODE's qm behaves as qemu-server with the series: MTunnelLab's qemu_server_series.
 sub series_on_node {
     my ($lab, $node, $on) = @_;
-    my $marker = $lab->dir . "/$node/qemu-server-series";
-    if ($on) {
-        open(my $fh, '>', $marker) or die "cannot write $marker: $!\n";
-        close($fh);
-    } else {
-        unlink($marker);
-    }
+    $lab->qemu_server_series($node, $on);
 }
 
 # The argv that runs upstream's migration of VMID from NODE (in NODE: $lab->run or

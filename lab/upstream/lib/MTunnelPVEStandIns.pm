@@ -6,18 +6,20 @@ package MTunnelPVEStandIns;
 #
 # What stands in for what (everything else is upstream's code as it is):
 # - pmxcfs (PVE::Cluster): cfs_read_file/cfs_write_file of the VM's config (the lab's
-#   $LAB/pve/qemu-server/VMID.conf, shared by all nodes as /etc/pve is, parsed and written by
-#   PVE::QemuServer's own parser and writer; the lab's own keys 'guest' and 'accel' are
-#   kept), storage.cfg (the lab's storages as PVE "dir" storages, from lab/LabStorage.pm),
+#   $LAB/pve/nodes/NODE/qemu-server/VMID.conf, pmxcfs's layout, seen by all nodes as
+#   /etc/pve is, parsed and written by PVE::QemuServer's own parser and writer; the lab's own
+#   keys 'guest' and 'accel' are kept), the vmlist (which node's directory holds each
+#   config), storage.cfg (the lab's storages as PVE "dir" storages, from lab/LabStorage.pm),
 #   datacenter.cfg, replication.cfg and the resource mappings (empty), user.cfg (root@pam,
 #   the task's user); quorum; the node list and addresses.
-# - the config's node and lock files: config_file (the lab's one file for every node: a move
-#   to another node is a rename onto itself) and config_file_lock (a lock file of this node,
-#   as /var/lock is per node).
+# - the config's node and lock files: config_file (the node's directory in the lab's tree,
+#   so upstream's move_config_to_node renames the config into the target's directory) and
+#   config_file_lock (a lock file of this node, as /var/lock is per node).
 # - PVE::SSHInfo: the target's address (in the migration network, if given) and the lab's
 #   ssh argv prefix, instead of pvecm mtunnel and the cluster's known_hosts.
 # - vm_stop and vm_stop_cleanup: the lab's `qm stop` (a lab node has no systemd scope, tap
-#   devices or swtpm for PVE's own to tear down).
+#   devices or swtpm for PVE's own to tear down); vm_stop's nocheck (phase 3 stops the source
+#   after its config moved away) as MTUNNEL_LAB_QM_NOCHECK=1, since the CLI has no such option.
 # - PVE::HA::Config::vm_is_ha_managed: no HA on the lab.
 #
 # Environment: MTUNNEL_LAB_DIR, MTUNNEL_LAB_NODE (as lab/qm gets them). Call install() once
@@ -93,9 +95,15 @@ my sub node_ip {
     die "failed to get ip for node '$node' in network '$cidr'\n";
 }
 
+# a node name as PVE's pve-node format allows it: never a path of its own
+my $NODE_NAME = qr/[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?/;
+
+# pmxcfs's nodes/NODE/qemu-server/VMID.conf in the lab's tree
 my sub vm_config_path {
-    my ($vmid) = @_;
-    return "$LAB/pve/qemu-server/$vmid.conf";
+    my ($vmid, $node) = @_;
+    $node //= $NODE;
+    die "invalid node name '$node'\n" if $node !~ /^$NODE_NAME$/;
+    return "$LAB/pve/nodes/$node/qemu-server/$vmid.conf";
 }
 
 # the lab's storages (lab/LabStorage.pm) as PVE dir storages
@@ -133,8 +141,8 @@ my %cfs_read = (
 
 my sub cfs_read_file {
     my ($file) = @_;
-    if (my ($vmid) = $file =~ m!^nodes/[^/]+/qemu-server/(\d+)\.conf$!) {
-        my $text = slurp(vm_config_path($vmid)) // return undef;
+    if (my ($node, $vmid) = $file =~ m!^nodes/($NODE_NAME)/qemu-server/(\d+)\.conf$!) {
+        my $text = slurp(vm_config_path($vmid, $node)) // return undef;
         my $pve = join('', grep { !/^\s*([a-z]+)\s*:/ || $1 !~ $LAB_KEYS } split(/^/, $text));
         return PVE::QemuServer::parse_vm_config("/qemu-server/$vmid.conf", $pve);
     }
@@ -144,9 +152,9 @@ my sub cfs_read_file {
 
 my sub cfs_write_file {
     my ($file, $conf) = @_;
-    my ($vmid) = $file =~ m!^nodes/[^/]+/qemu-server/(\d+)\.conf$!
+    my ($node, $vmid) = $file =~ m!^nodes/($NODE_NAME)/qemu-server/(\d+)\.conf$!
         or die "cfs_write_file: '$file' has no stand-in on the lab\n";
-    my $path = vm_config_path($vmid);
+    my $path = vm_config_path($vmid, $node);
     my $old = slurp($path) // '';
     my $lab = join('', grep { /^\s*([a-z]+)\s*:/ && $1 =~ $LAB_KEYS } split(/^/, $old));
     write_file($path, PVE::QemuServer::write_vm_config("/qemu-server/$vmid.conf", $conf) . $lab);
@@ -199,17 +207,19 @@ sub install {
         'get_vmlist',
         sub {
             my $ids = {};
-            opendir(my $dh, "$LAB/pve/qemu-server") or return { ids => $ids };
-            for my $entry (readdir($dh)) {
-                $ids->{$1} = { node => $NODE, type => 'qemu', version => 1 }
-                    if $entry =~ /^(\d+)\.conf$/;
+            for my $node (split(/ /, lab_env()->{LAB_NODE_NAMES})) {
+                opendir(my $dh, "$LAB/pve/nodes/$node/qemu-server") or next;
+                for my $entry (readdir($dh)) {
+                    $ids->{$1} = { node => $node, type => 'qemu', version => 1 }
+                        if $entry =~ /^(\d+)\.conf$/;
+                }
+                closedir($dh);
             }
-            closedir($dh);
             return { ids => $ids };
         },
     );
 
-    stand_in('PVE::QemuConfig', 'config_file', sub { vm_config_path($_[1]) });
+    stand_in('PVE::QemuConfig', 'config_file', sub { vm_config_path($_[1], $_[2]) });
     stand_in(
         'PVE::QemuConfig',
         'config_file_lock',
@@ -245,7 +255,10 @@ sub install {
         'PVE::QemuServer',
         'vm_stop',
         sub {
-            my ($storecfg, $vmid, $skiplock) = @_;
+            my ($storecfg, $vmid, $skiplock, $nocheck) = @_;
+            # nocheck: no config check (the config may have moved to the target already)
+            local %ENV = %ENV;
+            $ENV{MTUNNEL_LAB_QM_NOCHECK} = 1 if $nocheck;
             run_lab_qm('stop', $vmid, ($skiplock ? ('--skiplock') : ()));
         },
     );
