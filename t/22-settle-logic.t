@@ -13,6 +13,7 @@ use warnings;
 use Test::More;
 
 use PVE::MTunnel::Migrate;
+use PVE::MTunnel::Postcopy;
 
 # the target's listing is a table here (undef: the listing fails); nothing runs over ssh
 package StubMigrate {
@@ -337,28 +338,180 @@ sub steps {
         qr/^--postcopy auto with --with-local-disks is not supported yet/,
         'post-copy with local disks is refused, not half done'
     );
-    is(driver()->postcopy_reason([64 * $M, 64 * $M, 64 * $M]), undef, 'off: never');
-    my $always = driver(postcopy => 'always');
-    is($always->postcopy_reason([]), undef, 'always: not during the first pass');
+    eval { driver(postcopy => 'auto', postcopy_bwlimit => '10M') };
+    like($@, qr/^invalid postcopy_bwlimit '10M'/, 'a bad post-copy bandwidth is refused by name');
+    my $reason = \&PVE::MTunnel::Postcopy::reason;
+    my @mib = sub {
+        map { $_ * $M } @_;
+    };
+    is($reason->('off', [64 * $M, 64 * $M, 64 * $M]), undef, 'off: never');
+    is($reason->('always', []), undef, 'always: not during the first pass');
     is(
-        $always->postcopy_reason([300 * $M]),
+        $reason->('always', [300 * $M]),
         'the first pass is done',
         'always: once the first pass is done'
     );
-    my $auto = driver(postcopy => 'auto');
-    is($auto->postcopy_reason([64 * $M, 63 * $M]), undef,
-        'auto: two passes are not enough to tell');
+    is($reason->('auto', [64 * $M, 63 * $M]), undef, 'auto: two passes are not enough to tell');
     like(
-        $auto->postcopy_reason([64 * $M, 62 * $M, 64 * $M]),
-        qr/^pre-copy is not converging \(remaining at the last 3 passes: 64\.0 MiB, 62\.0 MiB, 64\.0 MiB\)$/,
-        'auto: what is left stopped shrinking over two passes'
+        $reason->('auto', [64 * $M, 62 * $M, 64 * $M]),
+        qr/^pre-copy is not converging \(remaining at the start of the last 3 passes: 64\.0 MiB, 62\.0 MiB, 64\.0 MiB\)$/,
+        'auto: the smallest pass did not shrink by a tenth for two passes'
     );
-    is($auto->postcopy_reason([64 * $M, 40 * $M, 39 * $M]),
+    is($reason->('auto', [64 * $M, 40 * $M, 39 * $M]),
         undef, 'auto: a pass that shrank by more than a tenth is progress');
-    is($auto->postcopy_reason([64 * $M, 50 * $M, 40 * $M, 30 * $M]),
+    is($reason->('auto', [64 * $M, 50 * $M, 40 * $M, 30 * $M]),
         undef, 'auto: converging: no switch');
-    $auto->{postcopy_started} = 1;
-    is($auto->postcopy_reason([64 * $M, 64 * $M, 64 * $M]), undef, 'auto: only once');
+    # sampled mid-pass the sizes of a stalled migration oscillate: each pair looks like progress
+    my @osc = map { $_ % 2 ? 50 * $M : 64 * $M } 0 .. 3;
+    like(
+        $reason->('auto', \@osc),
+        qr/^pre-copy is not converging/,
+        'auto: oscillating passes (64, 50, 64, 50 MiB) switch: the smallest one did not shrink'
+    );
+    my @slow = map { (100 - 9 * $_) * $M } 0 .. 6;    # shrinking by a tenth each pass
+    is($reason->('auto', [@slow[0 .. 5]]),
+        undef, 'auto: seven passes shrinking by a tenth: no switch yet');
+    like(
+        $reason->('auto', \@slow),
+        qr/^pre-copy did not converge in 8 passes/,
+        'auto: after eight passes it switches, converging or not (it cannot stall)'
+    );
+
+    # decide(): only at pass boundaries (dirty-sync-count going up), only once
+    my $m = driver(postcopy => 'auto');
+    my $pc = PVE::MTunnel::Postcopy->new($m);
+    my @said;
+    my $look = sub {
+        my ($sync, $rem) = @_;
+        push @said,
+            $pc->decide(
+            { status => 'active', ram => { 'dirty-sync-count' => $sync, remaining => $rem * $M } });
+        return $said[-1];
+    };
+    $look->(1, 500);
+    $look->(2, 64);
+    $look->(2, 30);    # mid-pass: not a sample
+    $look->(3, 50);
+    $look->(3, 10);
+    $look->(4, 64);
+    is_deeply(
+        $pc->{passes},
+        [64 * $M, 50 * $M, 64 * $M],
+        'decide: one sample per pass, at its start'
+    );
+    like($look->(5, 50), qr/not converging/, 'decide: the switch once the passes stall');
+    $pc->{sent} = 1;
+    is($look->(6, 64), undef, 'decide: never again after the switch was sent');
+}
+
+# ---------------------------------------------------------------- post-copy's rule
+{
+    my $allows = \&PVE::MTunnel::Postcopy::allows;
+    for my $action ('stop target', 'cancel', 'continue source') {
+        is(($allows->({}, $action, 0))[0], 1, "rule: before the switch, $action is allowed");
+        my ($ok, $why) = $allows->({ postcopy_sent => 1, target_resume_sent => 1 }, $action, 1);
+        ok(!$ok, "rule: the target may have run: never $action, even with its QEMU gone");
+        like($why, qr/its newest state is there/, "rule: $action: says why");
+    }
+    is(($allows->({ postcopy_sent => 1 }, 'stop target', 0))[0],
+        1, 'rule: the switch sent, the target never ran: it may be stopped');
+    ok(
+        !($allows->({ postcopy_sent => 1 }, 'continue source', 0))[0],
+        'rule: ... but the source is continued only once its QEMU is confirmed gone'
+    );
+    is(($allows->({ postcopy_sent => 1 }, 'continue source', 1))[0], 1, 'rule: ... and then it is');
+}
+
+# ---------------------------------------------------------------- post-copy's verdicts
+{
+    my $m = driver();
+    my $ran = { phase => 'postcopy', postcopy_sent => 1, target_resume_sent => 1 };
+    my $seen_pc = sub {
+        my (%o) = @_;
+        my $seen = seen(%o);
+        $seen->{target}{migration} = $o{tmig} if exists $o{tmig};
+        $seen->{old_state} = delete $seen->{state} if $o{s} eq 'stopped';
+        return $seen;
+    };
+
+    # the source failed after the target ran: nothing undone, the verdict says where the rest is
+    for my $s (qw(postmigrate finish-migrate)) {
+        my $d = $m->diagnose(
+            $seen_pc->(
+                s => $s,
+                t => 'running',
+                mig => 'failed',
+                st => $ran,
+                tmig => 'postcopy-paused'
+            )
+        );
+        ok($d->{undecided} && !@{ $d->{fix} },
+            "failed post-copy ($s) after the target ran: no fix (no cont, no stop)");
+        like(
+            $d->{state},
+            qr/^VM 600 is paused on node 'node1' \(source, $s\) with incomplete memory: post-copy failed after VM 600 ran on 'node2', which holds the rest of its memory; it is running on 'node2' \(incoming migration postcopy-paused\)\. Nothing is continued or stopped automatically.*Decide by hand/,
+            "failed post-copy ($s): paused on the source with incomplete memory, where the rest is, what to do"
+        );
+    }
+    my $d =
+        $m->diagnose($seen_pc->(s => 'postmigrate', t => 'stopped', mig => 'failed', st => $ran));
+    ok($d->{lost} && !@{ $d->{fix} }, 'failed post-copy, the target gone: lost, no fix');
+    $d = $m->diagnose(
+        $seen_pc->(
+            s => 'postmigrate',
+            t => 'running',
+            mig => 'failed',
+            st => $ran,
+            tmig => 'completed'
+        )
+    );
+    is_deeply(steps($d), ["stop its copy on 'node1'"],
+        'failed post-copy, but the target\'s incoming migration completed: whole there, the source goes'
+    );
+    $d = $m->diagnose(
+        $seen_pc->(
+            s => 'postmigrate',
+            t => 'paused',
+            mig => 'failed',
+            st => { phase => 'postcopy', postcopy_sent => 1 }
+        )
+    );
+    is_deeply(
+        steps($d),
+        ["stop the incoming VM 600 on 'node2'", "continue VM 600 on 'node1'"],
+        'failed post-copy before the target ran: stop it there, then continue the source'
+    );
+    $d = $m->diagnose($seen_pc->(s => 'postmigrate', t => 'paused', mig => 'failed'));
+    ok(!grep({ /continue|resume/ } @{ steps($d) }),
+        'a failed migration with no record and no post-copy set up: as before');
+    my $seen = seen(s => 'postmigrate', t => 'paused', mig => 'failed');
+    $seen->{source}{postcopy_ram} = 1;
+    $d = $m->diagnose($seen);
+    ok($d->{undecided} && !@{ $d->{fix} },
+        'a failed migration that could switch to post-copy, without a record: decided by hand');
+
+    # the source's QEMU gone after the switch
+    $d = $m->diagnose(
+        $seen_pc->(s => 'stopped', t => 'running', st => $ran, tmig => 'postcopy-paused'));
+    ok($d->{lost} && !$d->{ok} && !@{ $d->{fix} },
+        'source gone, target running in post-copy: lost, not "ok"');
+    like(
+        $d->{state},
+        qr/^VM 600 is lost: its QEMU on node 'node1' \(source\) is gone after the switch/,
+        'source gone, target running: the verdict says lost, and why'
+    );
+    $d = $m->diagnose(
+        $seen_pc->(s => 'stopped', t => 'paused', st => $ran, tmig => 'postcopy-paused'));
+    ok($d->{lost} && !@{ $d->{fix} },
+        'source gone, target paused in post-copy: lost, never "resume VM on target"');
+    $d = $m->diagnose($seen_pc->(s => 'stopped', t => 'running', st => $ran, tmig => 'completed'));
+    ok($d->{ok},
+        'source gone, the target\'s incoming migration completed: the VM runs whole there');
+    $d = $m->diagnose($seen_pc->(s => 'stopped', t => 'paused', tmig => 'postcopy-active'));
+    ok($d->{lost}, 'no record, but the target says it is in post-copy: lost');
+    $d = $m->diagnose($seen_pc->(s => 'stopped', t => 'running', st => $ran));
+    ok($d->{undecided} && !$d->{ok},
+        'source gone, the target cannot tell its migration: decided by hand');
 }
 
 done_testing();

@@ -16,6 +16,8 @@ my %module = (
     'PVE::MTunnel' => "$top/perl/lib/PVE/MTunnel.pm",
     'PVE::MTunnel::Tunnel' => "$top/perl/lib/PVE/MTunnel/Tunnel.pm",
     'PVE::MTunnel::Migrate' => "$top/perl/lib/PVE/MTunnel/Migrate.pm",
+    'PVE::MTunnel::Postcopy' => "$top/perl/lib/PVE/MTunnel/Postcopy.pm",
+    'PVE::MTunnel::Check' => "$top/perl/lib/PVE/MTunnel/Check.pm",
 );
 my $cli = "$top/perl/bin/mtunnel-migrate";
 

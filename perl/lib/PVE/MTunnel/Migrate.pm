@@ -11,10 +11,12 @@ package PVE::MTunnel::Migrate;
 # paused (-S) until it is told to resume, so before `resume` is sent the source may always be
 # continued. Once RAM migration completed, the source is continued only when the target is
 # known not to run (its QEMU confirmed stopped or gone); when that cannot be known (target
-# unreachable) the source stays paused and the verdict says what to run where.
+# unreachable) the source stays paused and the verdict says what to run where. Post-copy
+# (PVE::MTunnel::Postcopy) tightens it from the moment its switch is sent: see its allows().
 # INT, TERM, QUIT, HUP and PIPE are deferred while a migration runs and become "interrupted by
-# signal" at the next safe point (as PVE's AbstractMigrate); after completion the migration is
-# finished instead, and signals during cleanup only get noted.
+# signal" at the next safe point (as PVE's AbstractMigrate); after completion or the switch to
+# post-copy the migration is finished instead, and signals during cleanup only get noted.
+# Where is the VM after a failure, and what settles it: PVE::MTunnel::Check.
 
 use strict;
 use warnings;
@@ -27,6 +29,8 @@ use Socket qw(inet_aton);
 use Time::HiRes qw(usleep time);
 
 use PVE::MTunnel;
+use PVE::MTunnel::Check;
+use PVE::MTunnel::Postcopy;
 
 # Statuses during which QEMU is still working on the migration. Anything not final counts as
 # running, so a status added by a newer QEMU does not abort a migration.
@@ -37,13 +41,10 @@ my $MAX_DOWNTIME_MS = 2000 * 1000;
 
 my $JSON = JSON::PP->new->canonical;
 
-# How far a storage migration got, as its record says (see write_state); from
-# 'mirrors-finished' on the target's disks are complete (every mirror ended without error
-# after the RAM migration completed, the source paused).
+# How far a migration got, as its record says (see write_state).
 my %PHASES = map { $_ => 1 }
     qw(starting started mirroring migrating finishing-mirrors mirrors-finished mirrors-failed resumed
     postcopy);
-my %DISKS_COMPLETE = map { $_ => 1 } qw(mirrors-finished resumed);
 
 sub new {
     my ($class, %param) = @_;
@@ -74,7 +75,10 @@ sub new {
         . "migrate VMs with local disks with --postcopy off\n"
         if $postcopy ne 'off' && $param{with_local_disks};
 
-    for my $k (qw(postcopy_recover_timeout_ms postcopy_stall_ms)) {
+    die
+        "invalid postcopy_bwlimit '$param{postcopy_bwlimit}' (KiB/s, a whole number; 0 = no limit)\n"
+        if defined $param{postcopy_bwlimit} && $param{postcopy_bwlimit} !~ /^[0-9]{1,12}$/;
+    for my $k (qw(postcopy_recover_timeout_ms postcopy_stall_ms qmp_timeout_ms)) {
         die "invalid $k '$param{$k}' (a whole number of milliseconds, more than 0)\n"
             if defined $param{$k} && $param{$k} !~ /^[1-9][0-9]{0,11}$/;
     }
@@ -128,6 +132,12 @@ sub new {
         # in post-copy a channel without progress this long is paused, then recovered (a hung
         # link or a stopped ssh never fails by itself)
         postcopy_stall_ms => 10_000,
+        # KiB/s after the switch (max-postcopy-bandwidth); 0 = no limit: the VM's memory is
+        # split between the nodes until the last page arrived, so the window is kept short,
+        # as libvirt's default
+        postcopy_bwlimit => 0,
+        # each QMP call of post-copy's (the monitor may be busy for a while)
+        qmp_timeout_ms => 10_000,
         tunnel_options => {},
         # the cluster's config tree in pmxcfs's layout (/etc/pve on a node; the lab's copy):
         # the VM's config DIR/nodes/NODE/qemu-server/VMID.conf moves to the target by rename
@@ -248,11 +258,8 @@ sub migrate {
     eval { $self->phase2() };
     if (my $err = $@) {
         $self->log('err', "migration failed: $err");
-        if ($self->{postcopy_split}) {
-            # nothing may be undone: the VM's memory is split between the nodes
-            $self->close_tunnel_quickly();
-            return $self->fail($err);
-        }
+        # post-copy's rule: after the switch only what its run did may be undone
+        return $self->fail($err) if $self->postcopy_sent();
         # a cancel that came too late leaves a completed migration: finish it instead
         $self->phase2_cleanup($err);
         return $self->fail($err) if !$self->{completed};
@@ -267,10 +274,11 @@ sub migrate {
     $self->log('info',
         "received signal SIG$self->{signal} after the migration completed: it was finished")
         if $self->{signal};
-    $self->remove_state() if $self->{state};
-    $self->remove_recovery_sockets() if $self->{recover_seq};
-    $self->log('info', "post-copy migration recovered $self->{postcopy_recovered} time(s)")
-        if $self->{postcopy_recovered};
+    $self->remove_state();
+    my $pc = $self->{pc};
+    $self->remove_recovery_sockets() if $pc && $pc->{attempts};
+    $self->log('info', "post-copy migration recovered $pc->{recovered} time(s)")
+        if $pc && $pc->{recovered};
     $self->log(
         'info',
         sprintf("migration finished successfully (duration %s)",
@@ -298,7 +306,7 @@ sub prepare {
         die "VM $vmid has no config on node '$node' ($path does not exist)\n" if !-f $path;
     }
     $self->{machine} //= $self->target_machine();
-    $self->check_postcopy_source() if $self->{postcopy} ne 'off';
+    $self->postcopy->check_source() if $self->{postcopy} ne 'off';
     $self->check_interrupt();
 }
 
@@ -316,16 +324,39 @@ sub fail {
     die "$err - $where\n";
 }
 
-# At a safe point: a deferred signal ends the phase. Not in post-copy: the VM's memory is split
-# between the nodes, and only finishing the migration puts it back together.
+# At a safe point: a deferred signal ends the phase. Not once the switch to post-copy was
+# sent: the VM's memory may be split between the nodes, and only finishing the migration puts
+# it back together.
 sub check_interrupt {
     my ($self) = @_;
     return if !$self->{signal};
-    die "interrupted by signal SIG$self->{signal}\n" if !$self->{postcopy_started};
+    die "interrupted by signal SIG$self->{signal}\n" if !$self->postcopy_sent();
     $self->log('info',
         "received signal SIG$self->{signal} during post-copy: the VM's memory is split between "
             . "the nodes, the migration is finished, not cancelled")
         if !$self->{signal_noted}++;
+}
+
+# The post-copy part of this migration (PVE::MTunnel::Postcopy), made on first use.
+sub postcopy {
+    my ($self) = @_;
+    return $self->{pc} //= PVE::MTunnel::Postcopy->new($self);
+}
+
+# Whether migrate-start-postcopy was sent (answered or not): post-copy's rule holds from then.
+sub postcopy_sent {
+    my ($self) = @_;
+    return $self->{pc} && $self->{pc}{sent} ? 1 : 0;
+}
+
+# Whether post-copy's rule lets $action ('stop target', 'cancel', 'continue source') be done
+# now: the live migration's state, or (for --check) the record's. Says why not when it does not.
+sub undo_allowed {
+    my ($self, $action) = @_;
+    my $state = $self->postcopy_sent() ? $self->{pc}->rule_state() : $self->{rule_state};
+    my ($ok, $why) = PVE::MTunnel::Postcopy::allows($state, $action, $self->{target_gone});
+    $self->log('err', "not done: $action for VM $self->{vmid} - $why") if !$ok;
+    return $ok;
 }
 
 # As QemuMigrate.pm phase2_start_local_cluster: the target's `qm start`, with upstream's
@@ -429,6 +460,7 @@ sub phase2 {
     # From here on the target may be running; cleanup must stop it.
     $self->{target_started} = 1;
     $self->check_interrupt();
+    my %record;
     if ($self->{with_local_disks}) {
         # what the target has of this VM before its start allocates anything: a failure frees
         # only what is new, whether the start named it or not
@@ -439,9 +471,10 @@ sub phase2 {
         $self->log('info',
             "VM $vmid already has volumes on node '$self->{target}' (kept whatever happens): @had")
             if @had;
-        $self->write_state(phase => 'starting', target_volumes_before => $before);
-        $self->check_interrupt();
+        $record{target_volumes_before} = $before;
     }
+    $self->write_state(phase => 'starting', %record);
+    $self->check_interrupt();
     my $listen = eval { $self->start_target() };
     if (my $err = $@) {
         # its answer may be lost (ssh killed or timed out) while it goes on there
@@ -450,13 +483,20 @@ sub phase2 {
     }
     # new volumes on the target: freed by the cleanup unless the migration completes
     $self->{target_volumes} = [map { ($_->{volume} =~ /^([^,]+)/)[0] } @{ $listen->{nbd} }];
-    $self->write_state(phase => 'started', target_volumes => $self->{target_volumes})
-        if $self->{state};
+    # what its qm mtunnel takes beyond resume and quit (a patched target announces it)
+    $self->{target_commands} = $listen->{commands} // [];
+    $self->write_state(
+        phase => 'started',
+        target_volumes => $self->{target_volumes},
+        target_commands => $self->{target_commands}
+    );
     # the target's listening sockets: the tunnel's close removes them, else the cleanup
     $self->{target_sockets} =
         [grep { defined } $listen->{socket}, map { $_->{socket} } @{ $listen->{nbd} }];
     $self->check_interrupt();
     $self->check_listen($listen);
+    my $postcopy = $self->{postcopy} ne 'off';
+    $self->postcopy->check_target($self->{target_commands}) if $postcopy;
     $self->{ruri} = $listen->{uri};
     my @nbd = @{ $listen->{nbd} };
     die "target exported disks for storage migration ("
@@ -468,18 +508,9 @@ sub phase2 {
     # insecure: no forwards, the tunnel carries the commands (resume) only
     my @forwards =
         $self->{migration_type} eq 'secure' ? ($listen->{socket}, map { $_->{socket} } @nbd) : ();
-    $self->{tunnel} = PVE::MTunnel->open(
-        ssh => $self->{ssh},
-        forwards => \@forwards,
-        command => [@{ $self->{qm} }, 'mtunnel'],
-        socket_dir => $self->{socket_dir},
-        log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
-        %{ $self->{ssh_options} },
-        %{ $self->{tunnel_options} },
-    );
     $self->{tunnel_opened} = 1;
     my $t0 = time();
-    $self->{tunnel}->wait_ready(timeout_ms => 70_000);
+    $self->open_tunnel(\@forwards, timeout_ms => 70_000);
     $self->{tunnel_ready} = 1;
     $self->{timing}{open_to_ready} = time() - $t0;
     $self->check_interrupt();
@@ -493,21 +524,26 @@ sub phase2 {
     $self->log('info', "set migration capabilities");
     # 'events': QEMU's MIGRATION events wake the completion wait (and the lab's run-state log)
     my $caps = { %{ $self->{capabilities} }, events => 1 };
-    my $postcopy = $self->{postcopy} ne 'off';
     if ($postcopy) {
-        # both sides need it; preempt only where both offer it
-        my $preempt = $self->setup_postcopy_target();
+        # both sides need it; preempt only where both take it
+        my $preempt = $self->postcopy->setup_target();
         # throttling the guest is what post-copy spares it
         $caps->{'auto-converge'} = 0;
         $caps->{'postcopy-preempt'} = $preempt;
+        # after the switch: 0 = no limit, the split ends soonest (as libvirt's default)
+        $params->{'max-postcopy-bandwidth'} = int($self->{postcopy_bwlimit} * 1024);
     }
     my $applied = PVE::MTunnel::qmp_migrate_setup($self->{qmp_socket},
         { capabilities => $caps, parameters => $params, postcopy => $postcopy ? 1 : 0 });
-    $self->log('info',
-        "post-copy: $self->{postcopy}"
-            . ($applied->{capabilities}{'postcopy-preempt'} ? ' (with postcopy-preempt)' : ''))
-        if $postcopy;
     my $set = $applied->{parameters};
+    if ($postcopy) {
+        $self->log('info',
+            "post-copy: $self->{postcopy}"
+                . ($applied->{capabilities}{'postcopy-preempt'} ? ' (with postcopy-preempt)' : ''));
+        my $pcbw = $set->{'max-postcopy-bandwidth'} // 0;
+        $self->log('info',
+            "post-copy speed limit: " . ($pcbw ? render_bytes($pcbw) . "/s" : 'none'));
+    }
     $self->log('info', "migration speed limit: " . render_bytes($set->{'max-bandwidth'}) . "/s")
         if $self->{bwlimit};
     $self->log('info', "capping downtime limit to maximum possible: $set->{'downtime-limit'} ms")
@@ -519,9 +555,55 @@ sub phase2 {
 
     $self->log('info', "start migrate command to $self->{ruri}");
     $self->{migration_started} = 1;
-    $self->write_state(phase => 'migrating') if $self->{state};
+    $self->write_state(phase => 'migrating');
     PVE::MTunnel::qmp_migrate($self->{qmp_socket}, $self->{ruri}, { setup => 0 });
     $self->wait_for_completion($set->{'downtime-limit'});
+}
+
+# A ready tunnel to the target's `qm mtunnel` forwarding @$forwards (none: commands only); the
+# driver's tunnel from now on (the caller closed the one before).
+sub open_tunnel {
+    my ($self, $forwards, %opts) = @_;
+    $self->{tunnel} = $self->tunnel_to_target($forwards, %opts);
+    return $self->{tunnel};
+}
+
+sub tunnel_to_target {
+    my ($self, $forwards, %opts) = @_;
+    my $tunnel = PVE::MTunnel->open(
+        ssh => $self->{ssh},
+        forwards => $forwards,
+        command => [@{ $self->{qm} }, 'mtunnel'],
+        socket_dir => $self->{socket_dir},
+        log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
+        %{ $self->{ssh_options} },
+        %{ $self->{tunnel_options} },
+    );
+    $tunnel->wait_ready(timeout_ms => $opts{timeout_ms} // 70_000);
+    return $tunnel;
+}
+
+# Whether the target's `qm mtunnel` announced $command (its `qm start`'s `mtunnel commands:`).
+sub target_offers {
+    my ($self, $command) = @_;
+    return scalar grep { $_ eq $command } @{ $self->{target_commands} // [] };
+}
+
+# One command to the target's `qm mtunnel` that returns data (its post-copy commands, patch
+# 0009): through the driver's tunnel, or (fresh => 1, or none open) a tunnel of its own for
+# it. Returns the answer decoded ('OK' for none). Dies with the tunnel's error.
+sub target_request {
+    my ($self, $line, %opts) = @_;
+    my $own;
+    my $tunnel = $opts{fresh} ? undef : $self->{tunnel};
+    $own = $tunnel = $self->tunnel_to_target([], timeout_ms => 30_000) if !$tunnel;
+    my $reply = eval { $tunnel->command($line, timeout_ms => $opts{timeout_ms} // 30_000) };
+    my $err = $@;
+    if ($own) {
+        eval { $own->close(quit_timeout_ms => 2000, exit_timeout_ms => 2000) };
+    }
+    die $err if $err;
+    return $reply eq 'OK' ? 'OK' : $JSON->decode($reply);
 }
 
 # Mirror each exported drive into its NBD export (drive-mirror, as BlockJob.pm for QEMU
@@ -557,8 +639,7 @@ sub storage_migration {
         }
         push @{ $self->{mirror_jobs} },
             PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
-        $self->write_state(phase => 'mirroring', mirror_jobs => $self->{mirror_jobs})
-            if $self->{state};
+        $self->write_state(phase => 'mirroring', mirror_jobs => $self->{mirror_jobs});
     }
     $self->wait_mirror_ready();
 }
@@ -620,21 +701,27 @@ sub wait_mirror_ready {
 # qmp_wait_migration, which holds the monitor up to hold_ms waiting for QEMU's MIGRATION event;
 # 'poll' is this driver before (1 s sleeps, 100 ms once the rest fits in a second's transfer),
 # 'pve' is QemuMigrate.pm's (1 s, 100 ms once the rest is below the average per look). Both
-# notice the end only at their next look: the guest stays paused meanwhile.
+# notice the end only at their next look: the guest stays paused meanwhile. With post-copy
+# the looks also wake when a new pass begins, where the switch is decided; after the switch
+# PVE::MTunnel::Postcopy's run takes over.
 sub wait_for_completion {
     my ($self, $downtime) = @_;
     my $mode = $self->{completion_wait};
+    my $pc = $self->{postcopy} ne 'off' ? $self->postcopy : undef;
     my $usleep = $self->{poll_interval_ms} * 1000;
     my ($lasttrans, $lastrem, $downtimecounter, $errors, $i, $laststatus) =
         (-1, undef, 0, 0, 0, '');
-    my ($sync_seen, @pass_rem) = (0);
     my $start = time();
     my ($last_progress, $last_look) = ($start, 0);
     while (1) {
         my $stat;
         if ($mode eq 'events') {
             $stat = eval {
-                PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => $self->{hold_ms});
+                PVE::MTunnel::qmp_wait_migration(
+                    $self->{qmp_socket},
+                    hold_ms => $self->{hold_ms},
+                    ($pc ? (pass => 1) : ())
+                );
             };
         } else {
             usleep($usleep);
@@ -642,99 +729,24 @@ sub wait_for_completion {
         }
         if (my $err = $@) {
             $self->log('info', "query migrate failed: $err");
-            die "too many query migrate failures - aborting\n"
-                if ++$errors > 5 && !$self->{postcopy_split};
+            die "too many query migrate failures - aborting\n" if ++$errors > 5;
             usleep($self->{poll_interval_ms} * 1000) if $mode eq 'events';
             next;
         }
         $errors = 0;
         my $status = $stat->{status} // 'none';
         my $ram = $stat->{ram} // {};
+        return $self->completed($stat, $start) if $status eq 'completed';
         if ($FINAL{$status}) {
             $self->{timing}{noticed} = time();
-            $self->{timing}{qemu_downtime_ms} = $stat->{downtime};
-        }
-        if ($status eq 'completed') {
-            $self->{completed} = 1;
-            $self->{timing}{migration} = time() - $start;
-            $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
-            $self->{completed_stat} = $stat;
-            my $delay = time() - $start;
-            $self->log(
-                'info',
-                sprintf(
-                    "average migration speed: %s/s - downtime %s ms",
-                    render_bytes(($ram->{total} // 0) / ($delay || 1)),
-                    $stat->{downtime} // 0
-                )
-            );
-            $self->log('info',
-                      "migration completed, transferred "
-                    . render_bytes($ram->{transferred})
-                    . " VM-state")
-                if $ram->{transferred};
-            $self->log('info', "migration status: completed");
-            return $stat;
-        }
-        if ($FINAL{$status}) {
-            # a post-copy that failed (before its devices went over) left the VM on the source
-            delete $self->{postcopy_split};
             my $message = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
             $self->log('info', "migration status error: $message");
             die "aborting phase 2 - $message\n";
         }
-        if ($status =~ /^postcopy-/) {
-            $self->{postcopy_split} = 1;
-            if ($status ne $laststatus) {
-                $self->log('info', "migration status: $status");
-                $laststatus = $status;
-            }
-            if ($status eq 'postcopy-paused') {
-                $self->postcopy_recover('its channel broke');
-                ($last_progress, $lasttrans, $laststatus) = (time(), -1, '');
-                next;
-            }
-            $self->resume_target_in_postcopy()
-                if $status eq 'postcopy-active' && $self->{target_resume_pending};
-            $self->check_interrupt();
-            next if $mode eq 'events' && time() - $last_look < 1;
-            $last_look = time();
-            $i++;
-            my $trans = $ram->{transferred} // 0;
-            if ($status eq 'postcopy-active' && $trans == $lasttrans) {
-                my $stalled = time() - $last_progress;
-                if ($stalled * 1000 > $self->{postcopy_stall_ms}) {
-                    $self->postcopy_recover(sprintf("no progress for %.0f s", $stalled),
-                        pause => 1);
-                    ($last_progress, $lasttrans, $laststatus) = (time(), -1, '');
-                }
-                next;
-            }
-            ($last_progress, $lasttrans) = (time(), $trans);
-            $self->log(
-                'info',
-                sprintf(
-                    "post-copy active, transferred %s of %s VM-state, %s remaining",
-                    render_bytes($trans),
-                    render_bytes($ram->{total} // 0),
-                    render_bytes($ram->{remaining} // 0)
-                )
-            ) if $i % 10 == 0;
-            next;
-        }
-        if ($status eq 'active' && $self->{postcopy} ne 'off') {
-            # what each pass starts with (the memory dirtied during the one before), seen
-            # within a hold of the pass's start
-            my $sync = $ram->{'dirty-sync-count'} // 0;
-            if ($sync > $sync_seen) {
-                push @pass_rem, $ram->{remaining} // 0 if $sync >= 2;
-                $sync_seen = $sync;
-            }
-            my $why = $self->postcopy_reason(\@pass_rem);
-            if (defined $why) {
-                $self->switch_to_postcopy($why);
-                $lasttrans = -1;
-                next;
+        if ($pc && $status eq 'active') {
+            if (defined(my $why = $pc->decide($stat))) {
+                $pc->switch($why);
+                return $pc->run($start);
             }
         }
         # not completed: a deferred signal cancels it (completion, when seen first, wins)
@@ -776,8 +788,8 @@ sub wait_for_completion {
         }
         $downtimecounter++ if ($lastrem && $rem > $lastrem) || $rem == 0;
         $lastrem = $rem;
-        # post-copy (auto) is the remedy instead
-        if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS && $self->{postcopy} eq 'off') {
+        # as upstream, also under 'auto' until it switches
+        if ($downtimecounter > 5 && $downtime < $MAX_DOWNTIME_MS) {
             $downtimecounter = 0;
             $downtime *= 2;
             $downtime = $MAX_DOWNTIME_MS if $downtime > $MAX_DOWNTIME_MS;
@@ -792,248 +804,34 @@ sub wait_for_completion {
     }
 }
 
+# The RAM migration completed ($stat: query-migrate's answer; $start: when the wait began):
+# noted with upstream's lines; returns $stat.
+sub completed {
+    my ($self, $stat, $start) = @_;
+    my $ram = $stat->{ram} // {};
+    $self->{timing}{noticed} = time();
+    $self->{timing}{qemu_downtime_ms} = $stat->{downtime};
+    $self->{completed} = 1;
+    $self->{timing}{migration} = time() - $start;
+    $self->{timing}{qemu_total_ms} = $stat->{'total-time'};
+    $self->{completed_stat} = $stat;
+    $self->log(
+        'info',
+        sprintf(
+            "average migration speed: %s/s - downtime %s ms",
+            render_bytes(($ram->{total} // 0) / ((time() - $start) || 1)),
+            $stat->{downtime} // 0
+        )
+    );
+    $self->log('info',
+        "migration completed, transferred " . render_bytes($ram->{transferred}) . " VM-state")
+        if $ram->{transferred};
+    $self->log('info', "migration status: completed");
+    return $stat;
+}
+
 # How many passes in a row must fail to shrink what is left before 'auto' switches.
 my $POSTCOPY_STALLED_PASSES = 2;
-
-# Why to switch to post-copy now, or undef: 'always' once the first pass is done; 'auto' once
-# what each pass starts with stopped shrinking (by a tenth) over $POSTCOPY_STALLED_PASSES
-# passes. $pass_rem: the remaining bytes at the start of each pass from the second on.
-sub postcopy_reason {
-    my ($self, $pass_rem) = @_;
-    my $mode = $self->{postcopy};
-    return undef if $mode eq 'off' || $self->{postcopy_started} || !@$pass_rem;
-    return 'the first pass is done' if $mode eq 'always';
-    return undef if @$pass_rem <= $POSTCOPY_STALLED_PASSES;
-    my @last = @$pass_rem[-($POSTCOPY_STALLED_PASSES + 1) .. -1];
-    for my $k (1 .. $#last) {
-        return undef if $last[$k] < 0.9 * $last[$k - 1];
-    }
-    return sprintf("pre-copy is not converging (remaining at the last %d passes: %s)",
-        scalar(@last), join(', ', map { render_bytes($_) } @last));
-}
-
-# The source's QEMU must offer post-copy: checked before anything happens on the target.
-sub check_postcopy_source {
-    my ($self) = @_;
-    my ($vmid, $node) = @$self{qw(vmid node)};
-    my $caps = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-migrate-capabilities');
-    my %offered = map { $_->{capability} => 1 } @$caps;
-    die "--postcopy $self->{postcopy}: the QEMU of VM $vmid on node '$node' does not offer "
-        . "post-copy (no migration capability 'postcopy-ram')\n"
-        if !$offered{'postcopy-ram'};
-    $self->{source_preempt} = $offered{'postcopy-preempt'} ? 1 : 0;
-}
-
-# HMP commands to the target's QEMU through `qm monitor VMID` (what a stock node has); returns
-# what it printed. Dies when the monitor cannot be reached.
-sub target_monitor {
-    my ($self, @commands) = @_;
-    my $res = $self->remote(
-        ['monitor', $self->{vmid}],
-        input => join('', map { "$_\n" } @commands, 'quit'),
-        timeout_ms => 30_000,
-        connect_timeout_s => 5,
-        connect_retries => 1
-    );
-    my $out = $res->{stdout} // '';
-    die "qm monitor on node '$self->{target}': $1\n" if $out =~ /^(?:qm> )*ERROR: (.*)$/m;
-    return $out;
-}
-
-# Post-copy on the target's QEMU (before `migrate`, as QEMU wants it on both sides):
-# postcopy-ram, and postcopy-preempt where both QEMUs offer it. Returns whether preempt is on.
-sub setup_postcopy_target {
-    my ($self) = @_;
-    my ($vmid, $target) = @$self{qw(vmid target)};
-    my @set = ('migrate_set_capability postcopy-ram on');
-    push @set, 'migrate_set_capability postcopy-preempt on' if $self->{source_preempt};
-    my $out = $self->target_monitor(@set, 'info migrate_capabilities');
-    my %on = $out =~ /^(?:qm> )*([a-z0-9-]+): (on|off)\s*$/mg;
-    die "--postcopy $self->{postcopy}: post-copy could not be turned on for VM $vmid on node "
-        . "'$target' (its QEMU said: "
-        . join(' ', grep { /\S/ && !/^(?:qm> )*[a-z0-9-]+: o(?:n|ff)\s*$/ } split /\n/, $out)
-        . ")\n"
-        if ($on{'postcopy-ram'} // '') ne 'on';
-    return ($on{'postcopy-preempt'} // '') eq 'on' ? 1 : 0;
-}
-
-# Switches the running migration to post-copy. The target (waiting with -S) is resumed as soon
-# as the switch is through (see resume_target_in_postcopy).
-sub switch_to_postcopy {
-    my ($self, $why) = @_;
-    $self->log('info', "switching to post-copy: $why");
-    $self->write_state(phase => 'postcopy');
-    $self->{timing}{switched} = time();
-    PVE::MTunnel::qmp_migrate_start_postcopy($self->{qmp_socket});
-    # from here the VM's memory may be split: no cancel, no continuing the source
-    $self->{postcopy_started} = 1;
-    $self->{postcopy_split} = 1;
-    $self->{target_resume_pending} = 1;
-}
-
-# Resumes the target once the source's side of the switch is through. Not before: QEMU's 'cont'
-# on an incoming VM takes its disks at once (QEMU 7.2), while the source holds them until it
-# stopped and let them go, right before it sends its devices; pages sent in post-copy
-# (postcopy-bytes) come after that. A 'cont' that comes before the devices arrive makes QEMU
-# run the target as soon as they do.
-sub resume_target_in_postcopy {
-    my ($self) = @_;
-    my $vmid = $self->{vmid};
-    my $end = time() + 30;
-    while (1) {
-        my $stat = PVE::MTunnel::qmp_query_migrate($self->{qmp_socket});
-        my $status = $stat->{status} // 'none';
-        return if $status ne 'postcopy-active' && $status ne 'completed';
-        last if $status eq 'completed' || ($stat->{ram}{'postcopy-bytes'} // 0) > 0;
-        die "the switch to post-copy did not get through in 30 s\n" if time() > $end;
-        usleep(2000);
-    }
-    eval {
-        die "no tunnel\n" if !$self->{tunnel};
-        $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
-    };
-    if (my $err = $@) {
-        chomp $err;
-        $self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
-        eval { $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000) };
-        if (my $err2 = $@) {
-            # still pending: tried again at the next look (after a recovery, if it comes to that)
-            $self->log('warn', "resuming VM $vmid on node '$self->{target}' failed: $err2");
-            return;
-        }
-    }
-    $self->{timing}{resumed} = time();
-    delete $self->{target_resume_pending};
-    $self->log('info', "VM $vmid resumed on node '$self->{target}' (post-copy)");
-}
-
-# The target's post-copy status as `info migrate` in its monitor tells it; undef when its QEMU
-# is not there (the monitor said so).
-sub target_migration_status {
-    my ($self) = @_;
-    my $out = eval { $self->target_monitor('info migrate') };
-    if (my $err = $@) {
-        # whatever the monitor says: `qm status` tells whether the QEMU is there
-        my $state = $self->target_state();
-        return undef if defined $state && $state eq 'stopped';
-        die $err;
-    }
-    return $out =~ /^(?:qm> )*Migration status: (\S+)/m ? $1 : 'none';
-}
-
-# A paused post-copy migration: recovered through new tunnels, retried until
-# postcopy_recover_timeout_ms. pause => 1: the channel hangs; pause both sides first.
-sub postcopy_recover {
-    my ($self, $why, %opts) = @_;
-    my ($vmid, $target) = @$self{qw(vmid target)};
-    my $deadline = time() + $self->{postcopy_recover_timeout_ms} / 1000;
-    $self->log('warn', "post-copy migration paused ($why): recovering it through a new tunnel");
-    if ($opts{pause}) {
-        eval { PVE::MTunnel::qmp_migrate_pause($self->{qmp_socket}) };
-        $self->log('info', "pausing the migration on node '$self->{node}': $@") if $@;
-        my $status = $self->wait_source_status(10, 'postcopy-paused');
-        die
-            "the stalled post-copy migration on node '$self->{node}' could not be paused ($status)\n"
-            if $status ne 'postcopy-paused' && $status ne 'completed';
-        return if $status eq 'completed';
-    }
-    $self->abandon_tunnel();
-    my $attempt = 0;
-    while (1) {
-        $attempt++;
-        my $ok = eval { $self->postcopy_recover_once($attempt); 1 };
-        if ($ok) {
-            $self->{postcopy_recovered}++;
-            $self->log('info', "post-copy migration recovered (attempt $attempt)");
-            return;
-        }
-        my $err = $@;
-        chomp $err;
-        $self->abandon_tunnel();
-        die "$err\n" if $self->{postcopy_lost};
-        die "post-copy recovery failed for "
-            . render_duration($self->{postcopy_recover_timeout_ms} / 1000)
-            . " ($attempt attempts), the last one: $err\n"
-            if time() >= $deadline;
-        $self->log('warn', "post-copy recovery attempt $attempt failed: $err - retrying");
-        usleep(1_000_000);
-    }
-}
-
-# A broken or hung tunnel (a stopped ssh never answers 'quit'): closed without waiting for it;
-# what fails in the close is expected and only noted.
-sub abandon_tunnel {
-    my ($self) = @_;
-    $self->close_tunnel_quickly(
-        quit_timeout_ms => 500,
-        exit_timeout_ms => 500,
-        level => 'info',
-        failed => 'closing the broken tunnel'
-    );
-}
-
-# One recovery: the source paused; the target paused (a hung channel is paused there too) and
-# listening on a new socket; a new tunnel forwarding it; the source resumed into it.
-sub postcopy_recover_once {
-    my ($self, $attempt) = @_;
-    my ($vmid, $node, $target, $qmp) = @$self{qw(vmid node target qmp_socket)};
-    my $src = PVE::MTunnel::qmp_query_migrate($qmp)->{status} // 'none';
-    # an earlier attempt's resume got through after all
-    return if $src eq 'completed' || $src eq 'postcopy-active';
-    die "the migration on node '$node' is $src, not postcopy-paused\n" if $src ne 'postcopy-paused';
-    my $dst = $self->target_migration_status();
-    if (!defined $dst) {
-        $self->{postcopy_lost} = 1;
-        die "VM $vmid is lost: its QEMU on node '$target' is gone after the switch to "
-            . "post-copy, and the part of its memory that was only there is gone with it "
-            . "(the source on node '$node' holds no complete state; it is kept paused)\n";
-    }
-    if ($dst eq 'postcopy-active') {
-        # its end of a hung channel never fails by itself
-        $self->target_monitor('migrate_pause');
-        for (1 .. 50) {
-            $dst = $self->target_migration_status() // 'gone';
-            last if $dst ne 'postcopy-active';
-            usleep(100_000);
-        }
-    }
-    die "the incoming migration on node '$target' is $dst, not postcopy-paused\n"
-        if $dst ne 'postcopy-paused';
-    # a new path each time: QEMU may still listen on an earlier one
-    my $seq = ++$self->{recover_seq};
-    my $path = "$self->{socket_dir}/${vmid}_recover$seq.migrate";
-    my $out = $self->target_monitor("migrate_recover unix:$path");
-    die "node '$target' did not listen for the recovery: $1\n" if $out =~ /^(?:qm> )*(Error: .*)$/m;
-    $self->log('info', "node '$target' listens for the recovery on unix:$path");
-    $self->{tunnel} = PVE::MTunnel->open(
-        ssh => $self->{ssh},
-        forwards => [$path],
-        command => [@{ $self->{qm} }, 'mtunnel'],
-        socket_dir => $self->{socket_dir},
-        log => sub { my ($level, $msg) = @_; $self->log($level, $msg) if $level ne 'debug' },
-        %{ $self->{ssh_options} },
-        %{ $self->{tunnel_options} },
-    );
-    $self->{tunnel}->wait_ready(timeout_ms => 30_000);
-    PVE::MTunnel::qmp_migrate_resume($qmp, "unix:$path");
-    $src = $self->wait_source_status(30, 'postcopy-active', 'completed');
-    die "the resumed migration is $src\n" if $src ne 'postcopy-active' && $src ne 'completed';
-}
-
-# --check --fix of a post-copy migration whose driver is gone: waits for its end, recovering
-# it when it pauses or hangs, then resumes the target (a no-op when it runs) and stops the
-# source, as phase 3.
-sub postcopy_finish {
-    my ($self) = @_;
-    my $vmid = $self->{vmid};
-    @$self{qw(postcopy_started postcopy_split)} = (1, 1);
-    $self->wait_for_completion($self->{downtime_ms});
-    $self->move_config($self->{target});
-    $self->remote(['resume', $vmid, '--skiplock', '--nocheck'], timeout_ms => 30_000);
-    $self->{target_resumed} = 1;
-    $self->remove_state() if $self->read_state();
-    $self->finish_source();
-}
 
 # A recovered migration's abandoned tunnels could not always remove their sockets (a cut
 # link), and failed attempts leave theirs (QEMU's listener on the target, a forward whose
@@ -1046,21 +844,6 @@ sub remove_recovery_sockets {
     $self->remove_target_sockets(@remote) if @remote;
 }
 
-# Waits up to $limit_s for the source's migration to reach one of @want (or a final status);
-# returns the last status.
-sub wait_source_status {
-    my ($self, $limit_s, @want) = @_;
-    my %want = map { $_ => 1 } @want;
-    my $end = time() + $limit_s;
-    my $status = 'none';
-    while (time() < $end) {
-        my $stat = PVE::MTunnel::qmp_wait_migration($self->{qmp_socket}, hold_ms => 250);
-        $status = $stat->{status} // 'none';
-        last if $want{$status} || $FINAL{$status};
-    }
-    return $status;
-}
-
 # Once RAM migration completed: the complete state is on both nodes, paused. Forward only.
 sub phase3 {
     my ($self) = @_;
@@ -1070,7 +853,7 @@ sub phase3 {
         # without switching the source over to it; the source lets go of the NBD connection.
         $self->log('info', "$_: Completing block job...") for @$jobs;
         # a job that ends without error from here on synced the target with the paused source
-        $self->write_state(phase => 'finishing-mirrors') if $self->{state};
+        $self->write_state(phase => 'finishing-mirrors');
         eval {
             PVE::MTunnel::qmp_mirror_finish(
                 $self->{qmp_socket}, $jobs,
@@ -1081,10 +864,10 @@ sub phase3 {
         if (my $err = $@) {
             # the target's disks may lack the last writes: it must not run
             $self->{target_disks_incomplete} = 1;
-            $self->write_state(phase => 'mirrors-failed') if $self->{state};
+            $self->write_state(phase => 'mirrors-failed');
             die "Failed to complete storage migration: $err";
         }
-        $self->write_state(phase => 'mirrors-finished') if $self->{state};
+        $self->write_state(phase => 'mirrors-finished');
         $self->log('info', "$_: Completed successfully.") for @$jobs;
         $self->log('info', "$_: mirror-job finished") for @$jobs;
         $self->{mirror_done} = 1;
@@ -1095,9 +878,13 @@ sub phase3 {
     }
     # As upstream: the VM belongs to the target from here on, then it may run there.
     $self->move_config($self->{target});
-    # From here on the target may run the VM.
-    eval { $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000) };
-    $self->{timing}{resumed} = time();
+    # From here on the target may run the VM (after post-copy it runs already: a no-op).
+    $self->write_state(target_resume_sent => 1);
+    eval {
+        die "no tunnel\n" if !$self->{tunnel};
+        $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
+    };
+    $self->{timing}{resumed} //= time();
     if (my $err = $@) {
         chomp $err;
         $self->log('warn', "resume through tunnel failed: $err - trying 'qm resume' over ssh");
@@ -1113,7 +900,7 @@ sub phase3 {
     }
     # The VM runs on the target; the source must never be continued.
     $self->{target_resumed} = 1;
-    $self->write_state(phase => 'resumed') if $self->{state};
+    $self->write_state(phase => 'resumed');
     $self->finish_source();
 }
 
@@ -1160,6 +947,7 @@ sub phase3_recover {
         $state = $self->target_state();
     }
     if (($state // '') eq 'stopped') {
+        $self->{target_gone} = 1;
         # back where it runs; a config that cannot move back keeps the source paused
         eval { $self->move_config($self->{node}) };
         if (my $err = $@) {
@@ -1184,7 +972,7 @@ sub phase2_cleanup {
     my ($self, $err) = @_;
     my $vmid = $self->{vmid};
     $self->log('info', "aborting phase 2 - cleanup resources");
-    if ($self->{migration_started}) {
+    if ($self->{migration_started} && $self->undo_allowed('cancel')) {
         $self->log('info', "migrate_cancel");
         my $stat =
             eval { PVE::MTunnel::qmp_migrate_cancel($self->{qmp_socket}, timeout_ms => 30_000) };
@@ -1219,11 +1007,37 @@ sub phase2_cleanup {
     $self->remove_target_sockets() if !$self->{tunnel_ready} && $self->{target_stopped};
 }
 
+# After the switch to post-copy, before the target ran (the rule allows it then): the target's
+# QEMU is stopped and confirmed gone, then the source continued; otherwise it stays paused.
+sub undo_to_source {
+    my ($self) = @_;
+    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    eval { $self->stop_target() };
+    $self->log('err', "stopping target VM failed: $@") if $@;
+    my $state = $self->target_state();
+    for (1 .. 15) {
+        last if ($state // '') eq 'stopped';
+        usleep(1_000_000);
+        $state = $self->target_state();
+    }
+    if (($state // '') ne 'stopped') {
+        $self->log('err',
+                  "VM $vmid on node '$target' could not be confirmed stopped ("
+                . ($state // 'unreachable')
+                . "): it stays paused on node '$node'");
+        return;
+    }
+    $self->{target_gone} = $self->{target_stopped} = 1;
+    $self->cont_source();
+}
+
 # Stops the incoming VM on the target: with `--migratedfrom` while the config is on the
-# source (upstream's vm_stop asserts it is there), as a plain stop once it moved there.
+# source (upstream's vm_stop asserts it is there), as a plain stop once it moved there. Only
+# where post-copy's rule allows it.
 sub stop_target {
     my ($self) = @_;
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
+    die "the rule of post-copy forbids it\n" if !$self->undo_allowed('stop target');
     my @how = $self->config_node() eq $target ? () : ('--migratedfrom', $node);
     $self->remote(['stop', $vmid, '--skiplock', @how]);
 }
@@ -1311,12 +1125,15 @@ sub stale_target_sockets {
     return [grep { length } split /\n/, $res->{stdout} // ''];
 }
 
-# Continue the source if the migration left it paused (postmigrate).
+# Continue the source if the migration left it paused (postmigrate; finish-migrate or paused
+# after a switch to post-copy that failed before the target ran), where post-copy's rule
+# allows it.
 sub cont_source {
     my ($self) = @_;
     my $status = eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status')->{status} };
     $self->log('err', "query-status error: $@") if $@;
-    return if ($status // '') ne 'postmigrate';
+    return if ($status // '') !~ /^(?:postmigrate|finish-migrate|paused)$/;
+    return if !$self->undo_allowed('continue source');
     eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'cont') };
     $self->log('err', "resuming VM failed: $@") if $@;
 }
@@ -1463,17 +1280,22 @@ sub wait_target_start_gone {
     $self->log('warn', "waiting for the start of VM $vmid on node '$target' to end: $@") if $@;
 }
 
-# The tunnel is broken or idle by now: do not wait long for its 'quit'.
+# The tunnel is broken or idle by now: do not wait long for its 'quit'. broken => 1: a tunnel
+# known broken or hung (a stopped ssh never answers): shorter waits, and its failures are
+# expected (info, not an error).
 sub close_tunnel_quickly {
     my ($self, %opts) = @_;
     my $tunnel = delete $self->{tunnel} or return;
+    my $broken = $opts{broken};
     eval {
         $tunnel->close(
-            quit_timeout_ms => $opts{quit_timeout_ms} // 5000,
-            exit_timeout_ms => $opts{exit_timeout_ms} // 2000
+            quit_timeout_ms => $broken ? 500 : 5000,
+            exit_timeout_ms => $broken ? 500 : 2000
         );
     };
-    $self->log($opts{level} // 'err', ($opts{failed} // 'closing tunnel failed') . ": $@") if $@;
+    $self->log($broken ? 'info' : 'err',
+        ($broken ? 'closing the broken tunnel' : 'closing tunnel failed') . ": $@")
+        if $@;
 }
 
 # As upstream's phase3_cleanup: the migrated disks' source volumes go once the VM runs on
@@ -1533,12 +1355,14 @@ sub stop_source {
 
 # ------------------------------------------------------------ the migration's record
 
-# A storage migration keeps a record on the source node, next to the VM's pid file and
-# monitor, of what a `--check` after the driver's death cannot ask QEMU: the target, the
-# source QEMU migrated (its pid), the target's volumes of the VM before its start, the new
-# volumes the target named, the mirror jobs and how far they got (phase: starting, started,
-# mirroring, migrating, finishing-mirrors, mirrors-finished, mirrors-failed, resumed). It is
-# removed once the VM runs on one node and nothing is left to clean up.
+# Every migration keeps a record on the source node, next to the VM's pid file and monitor, of
+# what a `--check` after the driver's death cannot ask QEMU: the driver (pid and start time:
+# --fix refuses while it runs), the target, the source QEMU migrated (its pid), what the
+# target's qm mtunnel takes, the target's volumes of the VM before its start, the new volumes
+# the target named, the mirror jobs and how far they got (phase: starting, started,
+# mirroring, migrating, finishing-mirrors, mirrors-finished, mirrors-failed, postcopy,
+# resumed), and post-copy's facts (postcopy_sent, target_resume_sent, recover_path: written
+# before they happen). It is removed once the VM runs on one node and nothing is left.
 sub state_path {
     my ($self) = @_;
     return "$self->{socket_dir}/$self->{vmid}.mtunnel";
@@ -1553,6 +1377,7 @@ sub write_state {
         node => $self->{node},
         target => $self->{target},
         source_pid => $self->source_pid(),
+        driver => [$$, PVE::MTunnel::Check::process_start($$)],
         started => int(time()),
     };
     %$st = (%$st, %set);
@@ -1597,456 +1422,82 @@ sub remove_state {
 
 # ------------------------------------------------------------ where is the VM?
 
-# The target's run state as `qm status --verbose` tells it (running, paused, inmigrate,
-# prelaunch, postmigrate, … or stopped); undef when the node cannot be reached.
+# The target's run state (running, paused, inmigrate, prelaunch, postmigrate, … or stopped;
+# 'present' when only its QEMU's presence can be told); undef when it cannot be told.
 sub target_state {
     my ($self) = @_;
+    return $self->target_status()->{state};
+}
+
+# The target's {state => as target_state, migration => its incoming migration's status where
+# its qm mtunnel tells it}. Asked through its `qm mtunnel` (postcopy-status) where announced:
+# that needs no config. Else `qm status --verbose`, which loads the config from the target's
+# own node: while it is still on the source (a migration that did not complete) only whether
+# the VM's QEMU runs there can be told.
+sub target_status {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    if ($self->target_offers('postcopy-status')) {
+        my $t = eval {
+            $self->target_request("postcopy-status $vmid", fresh => 1, timeout_ms => 20_000);
+        };
+        if (ref $t eq 'HASH') {
+            return { state => 'stopped' } if ($t->{status} // '') eq 'stopped';
+            return { state => $t->{qmpstatus}, migration => $t->{migration}{status} // 'none' };
+        }
+    }
     my $res = eval {
         $self->remote(
-            ['status', $self->{vmid}, '--verbose'],
+            ['status', $vmid, '--verbose'],
             timeout_ms => 20_000,
             connect_timeout_s => 5,
             connect_retries => 1
         );
     };
-    return undef if !$res;
+    if (!$res) {
+        return { state => $self->target_qemu_state() }
+            if "$@" =~ /does not exist|unable to find configuration file/;
+        return { state => undef };
+    }
     my $out = $res->{stdout} // '';
-    return $1 if $out =~ /^qmpstatus: (\S+)$/m;
-    return $1 if $out =~ /^status: (\S+)$/m;
-    return undef;
+    return { state => $1 } if $out =~ /^qmpstatus: (\S+)$/m;
+    return { state => $1 } if $out =~ /^status: (\S+)$/m;
+    return { state => undef };
 }
 
-# Both nodes' view: source {state, migration, jobs, pid}, target {state} (undef = unreachable),
-# and this migration's record when it is about the source QEMU that runs now (state). With
-# volumes => 1 (and the target reachable, not running the VM): target {new_volumes}, its
-# volumes of the VM allocated for the migration (see new_target_volumes).
-sub inspect {
-    my ($self, %opts) = @_;
-    my %src = (state => 'stopped', migration => 'none', jobs => []);
-    my $pid = $self->source_pid();
-    if ($pid && !process_gone($pid)) {
-        $src{pid} = $pid;
-        my $st = eval {
-            PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-status', undef,
-                timeout_ms => 5000);
-        };
-        $src{state} = $st ? $st->{status} : 'unknown';
-        $src{error} = $@ if !$st;
-        my $mig = eval { PVE::MTunnel::qmp_query_migrate($self->{qmp_socket}, timeout_ms => 5000) };
-        $src{migration} = $mig->{status} // 'none' if $mig;
-        my $jobs = eval {
-            PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block-jobs', undef,
-                timeout_ms => 5000);
-        };
-        $src{jobs} = $jobs // [];
-    }
-    # a start refused before ssh ran left nothing there (the target is not asked: it may be
-    # unreachable with the same ssh command)
-    my $untouched = defined $self->{target_started} && !$self->{target_started};
-    my %seen = (
-        source => \%src,
-        target => { state => $untouched ? 'stopped' : $self->target_state() }
-    );
-    my $st = $self->read_state();
-    if ($st && $st->{node} eq $self->{node} && $st->{target} eq $self->{target}) {
-        # the record is about this source QEMU only while it is the one that was migrated
-        if ($src{pid} && ($st->{source_pid} // 0) == $src{pid}) {
-            $seen{state} = $st;
-            my $t = $seen{target}{state};
-            $seen{target}{new_volumes} =
-                $self->new_target_volumes($st->{target_volumes_before}, $st->{target_volumes})
-                if $opts{volumes} && defined $t && $t ne 'running';
-        } else {
-            $seen{old_state} = $st;
-        }
-    }
-    return \%seen;
+# Whether the VM's QEMU runs on the target, as upstream's vm_running_locally tells it (its pid
+# file names a process whose command line has that pid file): 'present' or 'stopped'; undef
+# when the target cannot be asked.
+sub target_qemu_state {
+    my ($self) = @_;
+    my $pidfile = "$self->{socket_dir}/$self->{vmid}.pid";
+    my $script =
+          'pid=$(cat "$1" 2>/dev/null) || { echo stopped; exit 0; }; '
+        . 'if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] '
+        . '&& tr "\\000" "\\n" <"/proc/$pid/cmdline" | grep -qxF -- "$1"; '
+        . 'then echo present; else echo stopped; fi';
+    my $res = eval {
+        $self->remote_command(
+            ['sh', '-c', $script, 'sh', $pidfile],
+            timeout_ms => 20_000,
+            connect_timeout_s => 5,
+            connect_retries => 1
+        );
+    } or return undef;
+    return ($res->{stdout} // '') =~ /^(present|stopped)$/m ? $1 : undef;
 }
 
-# Whether the target's disks are shown complete after the RAM migration completed: (1) or
-# (0, why not). Shown complete: no disk was mirrored; or the record says the mirrors were
-# finished; or it says they were being finished (block-job-cancel of ready mirrors, sent
-# only after completion) and every one of them ended without an error (QEMU syncs the
-# target and flushes it before such a job ends). A mirror still ready proves nothing: the
-# driver's death took its NBD connection, and the writes it had not copied are lost to it.
+# (PVE::MTunnel::Check)
+sub inspect { my ($self, %opts) = @_; return PVE::MTunnel::Check::inspect($self, %opts) }
+
 sub disks_complete {
-    my ($self, $st, $jobs) = @_;
-    my %job = map { $_->{device} => $_ } @$jobs;
-    my @ids = $st ? @{ $st->{mirror_jobs} // [] } : ();
-    my %all = map { $_ => 1 } @ids, keys %job;
-    return (0, 'the disk mirrors failed')
-        if $self->{target_disks_incomplete} || ($st && $st->{phase} eq 'mirrors-failed');
-    return (0, 'its new volumes were never mirrored')
-        if !%all && $st && @{ $st->{target_volumes} // [] };
-    return (1) if !%all;
-    my @failed = grep { defined $_->{error} } @$jobs;
-    return (0, join(', ', map { "$_->{device}: $_->{error}" } @failed)) if @failed;
-    return (0, 'no record of its disk mirrors') if !$st;
-    return (1) if $DISKS_COMPLETE{ $st->{phase} };
-    my @unproven =
-        grep { !$job{$_} || $job{$_}{status} ne 'concluded' } sort keys %all;
-    return (1) if $st->{phase} eq 'finishing-mirrors' && !@unproven;
-    return (
-        0,
-        'the disk mirrors were not finished ('
-            . join(', ',
-            map { $job{$_} ? "$_: $job{$_}{status}" : "$_: gone" }
-                @unproven ? @unproven : sort keys %all)
-            . ')'
-    );
+    my ($self, @args) = @_;
+    return PVE::MTunnel::Check::disks_complete($self, @args);
 }
 
-# What the two states mean: {state => sentence, ok => VM runs on exactly one node,
-# fix => [steps] (each [description, code]), undecided => 1 when no fix is safe,
-# left => [what the migration left behind: block jobs, the target's new volumes]}.
-sub diagnose {
-    my ($self, $seen) = @_;
-    my ($vmid, $node, $target, $qmp) = @$self{qw(vmid node target qmp_socket)};
-    my ($s, $t) = ($seen->{source}{state}, $seen->{target}{state});
-    my $completed = $seen->{source}{migration} eq 'completed' || $s eq 'postmigrate';
-    my $check = $self->{check_command}
-        // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix";
-    my %incoming = map { $_ => 1 } qw(inmigrate prelaunch paused);
-    my $st = $seen->{state};
-    my @jobs = @{ $seen->{source}{jobs} };
-    my @job_ids = map { $_->{device} } @jobs;
-    my $new = $seen->{target}{new_volumes};
+sub diagnose { my ($self, $seen) = @_; return PVE::MTunnel::Check::diagnose($self, $seen) }
 
-    # what the migration left: its block jobs, and (unless the VM is to run there) the
-    # target's new volumes
-    my (@left, @left_jobs);
-    push @left,
-        "block jobs on '$node': "
-        . join(', ',
-        map { "$_->{device} ($_->{status}" . (defined $_->{error} ? ": $_->{error}" : '') . ')' }
-            @jobs)
-        if @jobs;
-    @left_jobs = @left;
-    push @left, "volumes allocated for this migration on '$target': @$new"
-        if $new && @$new && defined $t && $t ne 'running';
-
-    my $stop_target = [
-        "stop the incoming VM $vmid on '$target'",
-        sub {
-            # a start whose answer was lost may still run there
-            $self->wait_target_start_gone() if $st && $st->{phase} eq 'starting';
-            $self->stop_target();
-            my $now = $self->target_state() // 'unreachable';
-            die "VM $vmid on '$target' is $now after 'qm stop'\n" if $now ne 'stopped';
-        }
-    ];
-    # only with the record: the volumes new since the start (listed again when it runs)
-    my @free_new = (
-        $st && (($new && @$new) || $st->{phase} eq 'starting')
-        ? [
-            "free the volumes allocated for this migration on '$target'"
-                . ($new && @$new ? ": @$new" : ''),
-            sub {
-                $self->free_new_target_volumes($st->{target_volumes_before}, $st->{target_volumes});
-            }
-            ]
-        : ()
-    );
-    my @cancel_jobs = (
-        @jobs
-        ? [
-            "cancel the block jobs on '$node': @job_ids",
-            sub { PVE::MTunnel::qmp_mirror_cancel($qmp, \@job_ids, timeout_ms => 60_000) }
-            ]
-        : ()
-    );
-    my $cont = [
-        "continue VM $vmid on '$node'",
-        sub {
-            $self->move_config($node);
-            PVE::MTunnel::qmp_execute($qmp, 'cont');
-        }
-    ];
-    my $resume_target = [
-        "resume VM $vmid on '$target'",
-        sub {
-            $self->move_config($target);
-            $self->remote(['resume', $vmid, '--skiplock', '--nocheck']);
-        }
-    ];
-    # where the VM runs, its config must be (pve_dir)
-    my $config_to = sub {
-        my ($to) = @_;
-        return () if $self->config_node() eq $to;
-        return ["move the config of VM $vmid to node '$to'", sub { $self->move_config($to) }];
-    };
-    # the target's copy must not run: stop it (confirmed), free what it got, end the mirrors,
-    # and only then continue the source
-    my $to_source = sub {
-        return [
-            ($t eq 'stopped' ? () : $stop_target), @free_new,
-            @cancel_jobs, ($s eq 'postmigrate' ? $cont : ())
-        ];
-    };
-    my $result = sub { return { left => \@left, fix => [], @_ } };
-
-    my $mig = $seen->{source}{migration};
-    if ($mig =~ /^postcopy-/) {
-        # the VM's memory is split between the nodes: only finishing the migration helps
-        return $result->(
-            state =>
-                "VM $vmid is in post-copy ($mig): its memory is split between node '$node' and node '$target', which cannot be reached. Nothing may be stopped or continued: once '$target' is reachable, run on '$node': $check",
-            undecided => 1
-        ) if !defined $t;
-        return $result->(
-            state =>
-                "VM $vmid is lost: in post-copy ($mig) its memory was split between node '$node' and node '$target', and its QEMU on '$target' is gone. The source on '$node' holds no complete state (it is kept paused, QEMU state $s, for inspection; 'qm stop $vmid' there ends it)",
-            undecided => 1,
-            lost => 1
-        ) if $t eq 'stopped';
-        return $result->(
-            state => "VM $vmid "
-                . ($t eq 'running' ? "runs on node '$target' (target)" : "is $t on node '$target'")
-                . " in post-copy ($mig): the rest of its memory is still on '$node'",
-            fix => [
-                [
-                    "finish the post-copy migration (recovered through a new tunnel if it is paused), then stop VM $vmid on '$node'",
-                    sub { $self->postcopy_finish() }
-                ]
-            ]
-        );
-    }
-
-    if (!defined $t) {
-        return $result->(
-            state =>
-                "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)",
-            undecided => 1
-        ) if $s eq 'running';
-        my ($complete) = $self->disks_complete($st, \@jobs);
-        return $result->(
-            state =>
-                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'",
-            undecided => 1
-        ) if $completed && $self->{target_disks_incomplete};
-        return $result->(
-            state =>
-                "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached: "
-                . (
-                $complete
-                ? 'it holds the migrated state and may run it'
-                : 'its copy there must not run (its disks cannot be shown complete)'
-                )
-                . ". Once '$target' is reachable, run on '$node': $check",
-            undecided => 1
-        ) if $completed;
-        return $result->(
-            state =>
-                "VM $vmid is $s on node '$node' (source); node '$target' cannot be reached: run on '$node' once it is: $check",
-            undecided => 1
-        );
-    }
-    if ($s eq 'running' && $t eq 'stopped') {
-        my @config = $config_to->($node);
-        return $result->(
-            state => "VM $vmid runs on node '$node' (source) only"
-                . (@config ? ", but its config is on '$target'" : ''),
-            ok => !@config,
-            fix => [@config, @free_new, @cancel_jobs]
-        );
-    }
-    if ($t eq 'running' && $s eq 'stopped') {
-        my @config = $config_to->($target);
-        return $result->(
-            state => "VM $vmid runs on node '$target' (target) only"
-                . (@config ? ", but its config is on '$node'" : ''),
-            ok => !@config,
-            fix => \@config
-        );
-    }
-    return $result->(
-        state =>
-            "VM $vmid runs on BOTH nodes '$node' and '$target': stop the copy whose guest is not the current one by hand",
-        undecided => 1
-    ) if $s eq 'running' && $t eq 'running';
-    if ($s eq 'running' && $incoming{$t}) {
-        return $result->(
-            state =>
-                "VM $vmid runs on node '$node' (source); an incoming copy is left $t on '$target'"
-                . (
-                $st
-                ? ''
-                : " (new volumes it got for local disks, if any, stay: see 'pvesm list' there)"
-                ),
-            fix => $to_source->()
-        );
-    }
-    if ($t eq 'running') {
-        # the target runs its new volumes: the source's copies go, as after a migration
-        my @migrated = $st && $DISKS_COMPLETE{ $st->{phase} } ? @{ $st->{mirror_jobs} // [] } : ();
-        return $result->(
-            state => "VM $vmid runs on node '$target' (target); its copy on '$node' is left $s",
-            fix => [
-                [
-                    "stop VM $vmid on '$node'"
-                        . (@migrated ? " and free its migrated volumes there" : ''),
-                    sub {
-                        $self->move_config($target);
-                        $self->stop_source();
-                        $self->{mirror_jobs} = \@migrated;
-                        $self->free_source_volumes() if @migrated;
-                    }
-                ]
-            ]
-        );
-    }
-    if ($completed && $t eq 'paused') {
-        my ($complete, $why) = $self->disks_complete($st, \@jobs);
-        return $result->(
-            state =>
-                "VM $vmid is paused on both nodes after its migration completed, but its disks on '$target' cannot be shown complete ($why): the copy on '$target' must not run",
-            fix => $to_source->()
-        ) if !$complete;
-        my @mirrored = $st ? @{ $st->{mirror_jobs} // [] } : ();
-        my @fix;
-        push @fix, [
-            "dismiss the ended disk mirrors on '$node'",
-            sub {
-                PVE::MTunnel::qmp_execute($qmp, 'job-dismiss', { id => $_ }) for @job_ids;
-            }
-        ] if @jobs;
-        push @fix, [
-            "stop the NBD server on '$target'",
-            sub {
-                # it may be stopped already (the driver got that far): not an error
-                eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
-                $self->log('warn', "stopping the NBD server on '$target': $@") if $@;
-            }
-        ] if @mirrored;
-        push @fix, $resume_target, [
-            "stop its copy on '$node'" . (@mirrored ? " and free the migrated volumes there" : ''),
-            sub {
-                $self->stop_source();
-                # as phase 3: the mirrored disks' source volumes go once the VM runs on the target
-                $self->{mirror_jobs} = \@mirrored;
-                $self->free_source_volumes() if @mirrored;
-            }
-        ];
-        return $result->(
-            state =>
-                "VM $vmid is paused on both nodes after its migration completed: the target was never resumed",
-            fix => \@fix,
-            # its new volumes are the VM's disks from now on
-            left => \@left_jobs
-        );
-    }
-    if ($completed && $t eq 'stopped') {
-        return $result->(
-            state =>
-                "VM $vmid is paused on node '$node' (source, $s) and stopped on '$target': its state is only on '$node'",
-            fix => $to_source->()
-        );
-    }
-    if ($s eq 'stopped' && $t eq 'paused') {
-        # the source's QEMU is gone, its record cannot be tied to it: a storage migration
-        # whose mirrors were not finished leaves the target's disks unproven
-        my $old = $seen->{old_state};
-        return $result->(
-            state =>
-                "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration, but the disk mirrors of that migration were not finished ($old->{phase}): its disks on '$target' may be incomplete, decide by hand (the disks on '$node' are intact; the VM's memory is only on '$target')",
-            undecided => 1
-            )
-            if $old
-            && @{ $old->{mirror_jobs} // [] }
-            && !$DISKS_COMPLETE{ $old->{phase} };
-        return $result->(
-            state =>
-                "VM $vmid is stopped on node '$node' and paused on '$target' with a completed incoming migration",
-            fix => [$resume_target]
-        );
-    }
-    return $result->(
-        state => "VM $vmid runs on neither node ('$node': $s, '$target': $t)"
-            . (
-            $t eq 'inmigrate' ? "; the incoming VM on '$target' never got the complete state" : ''
-            ),
-        undecided => 1
-    ) if $s ne 'running' && $t ne 'running';
-    return $result->(state => "VM $vmid is $s on node '$node' and $t on '$target'", undecided => 1);
-}
-
-# mtunnel-migrate --check: say what is where; with $fix, apply the fix that diagnose found
-# (a step that fails ends the fix; the state is looked at again either way) and, once the VM
-# runs on exactly one node with nothing left, remove the migration's stale sockets of both
-# nodes and its record.
-sub check {
-    my ($self, %opts) = @_;
-    my ($vmid, $node, $target) = @$self{qw(vmid node target)};
-    my $seen = $self->inspect(volumes => 1);
-    my $src = $seen->{source};
-    $self->log(
-        'info',
-        "node '$node' (source): VM $vmid $src->{state}"
-            . ($src->{migration} ne 'none' ? ", migration $src->{migration}" : '')
-            . (
-            @{ $src->{jobs} }
-            ? ", block jobs: "
-                . join(', ',
-                map { "$_->{device} $_->{status}" . ($_->{ready} ? ' ready' : '') }
-                    @{ $src->{jobs} })
-            : ''
-            )
-    );
-    $self->log(
-        'info',
-        "node '$target' (target): "
-            . (
-            defined $seen->{target}{state}
-            ? "VM $vmid $seen->{target}{state}"
-            : 'cannot be reached'
-            )
-    );
-    if (my $st = $seen->{state}) {
-        $self->log('info',
-            "record of the storage migration to '$target': $st->{phase}"
-                . (@{ $st->{mirror_jobs} // [] } ? ", mirrors @{ $st->{mirror_jobs} }" : ''));
-    }
-    my $d = $self->diagnose($seen);
-    $self->log('info', "state: $d->{state}");
-    $self->log('info', "left behind: $_") for @{ $d->{left} };
-    my $todo = !$d->{undecided} && @{ $d->{fix} } && (!$d->{ok} || @{ $d->{left} });
-
-    if ($opts{fix} && $todo) {
-        for my $step (@{ $d->{fix} }) {
-            $self->log('info', "fix: $step->[0]");
-            eval { $step->[1]->() };
-            if (my $err = $@) {
-                chomp $err;
-                $self->log('err', "fix failed: $err");
-                last;
-            }
-        }
-        $seen = $self->inspect(volumes => 1);
-        $d = $self->diagnose($seen);
-        $self->log('info', "state: $d->{state}");
-        $self->log('info', "left behind: $_") for @{ $d->{left} };
-    } elsif ($todo) {
-        $self->log('info',
-            "to fix (run again with --fix): " . join('; ', map { $_->[0] } @{ $d->{fix} }));
-    }
-    # sockets left by a killed driver's ssh and by a target QEMU that is gone
-    return $d
-        if !$d->{ok}
-        || $seen->{source}{migration} =~ /^(active|setup|device|pre-switchover|postcopy)/;
-    # the VM runs on one node, no migration is under way: the migration sockets of both
-    # nodes are stale (QEMU unlinks its incoming socket on accept; nbdstop leaves its own)
-    my @stale = $self->stale_sockets();
-    my $remote = $self->stale_target_sockets() // [];
-    my $how = $opts{fix} ? 'removed' : 'left (--fix removes them)';
-    $self->log('info', "stale socket files on '$node' $how: @stale") if @stale;
-    $self->log('info', "stale socket files on '$target' $how: @$remote") if @$remote;
-    if ($opts{fix}) {
-        unlink(grep { -S $_ } @stale);
-        $self->remove_target_sockets(@$remote) if @$remote;
-        $self->remove_state() if !@{ $d->{left} };
-    }
-    return $d;
-}
+sub check { my ($self, %opts) = @_; return PVE::MTunnel::Check::check($self, %opts) }
 
 1;
 
@@ -2135,13 +1586,17 @@ C<wait_for_completion>).
 Abort when no progress is made that long; abort when the mirrors are not ready in time; how
 often mirror status is looked at.
 
-=item C<postcopy> (C<off>), C<postcopy_recover_timeout_ms> (600000), C<postcopy_stall_ms> (10000)
+=item C<postcopy> (C<off>), C<postcopy_bwlimit> (0), C<postcopy_recover_timeout_ms> (600000), C<postcopy_stall_ms> (10000), C<qmp_timeout_ms> (10000)
 
-C<auto>: switch to post-copy when what each pass starts with stopped shrinking (by a tenth)
-over two passes, instead of doubling the downtime; C<always>: once the first pass is done.
-Both QEMUs must offer C<postcopy-ram>; not with C<with_local_disks> yet. A paused post-copy
-migration is recovered through new tunnels until C<postcopy_recover_timeout_ms>; one without
-progress for C<postcopy_stall_ms> is paused first (a hung link never fails by itself).
+C<auto>: switch to post-copy, decided at each pass's start, when the smallest pass so far did
+not shrink by a tenth for two passes or after eight passes (the downtime is doubled as
+upstream's until then); C<always>: once the first pass is done. The source's QEMU must offer
+C<postcopy-ram> and report C<postcopy-bytes>; the target's C<qm mtunnel> must announce the
+post-copy commands (qemu-server patch 0009); not with C<with_local_disks> yet.
+C<postcopy_bwlimit>: KiB/s after the switch (0: no limit, which ends the split soonest). A
+paused post-copy migration is recovered through new tunnels until
+C<postcopy_recover_timeout_ms>; one without progress for C<postcopy_stall_ms> is paused first
+(a hung link never fails by itself). C<qmp_timeout_ms>: each QMP call after the switch.
 
 =item C<pve_dir> (none)
 
@@ -2224,7 +1679,7 @@ C<diagnose>); the second part is kept in C<< $m->{verdict} >>.
 =head2 check_interrupt()
 
 Method: at a safe point: dies C<"interrupted by signal SIGNAME\n"> if a deferred signal
-arrived.
+arrived; once the switch to post-copy was sent only notes it (the migration is finished).
 
 =head2 start_target()
 
@@ -2253,53 +1708,54 @@ deferred signal.
 Method: waits until QEMU reports the migration final and returns the final C<query-migrate>
 answer when it completed; dies C<"aborting phase 2 - STATUS\n"> when it failed or was
 cancelled, on a stall, after 5 failed queries in a row, or on a deferred signal. Logs progress
-and doubles the downtime limit when the migration does not converge, as QemuMigrate.pm, or,
-with C<postcopy>, switches to post-copy; in post-copy it resumes the target, recovers a
-paused or hung migration, and neither a signal nor failed queries end it.
+and doubles the downtime limit when the migration does not converge, as QemuMigrate.pm; with
+C<postcopy> its looks also wake at each pass's start, where C<PVE::MTunnel::Postcopy> decides
+the switch, and after the switch that module's C<run> drives the migration to its end.
 C<completion_wait> C<events> waits on QEMU's C<MIGRATION> event (C<qmp_wait_migration>,
 holding the monitor at most C<hold_ms>); C<poll> and C<pve> query every
 C<poll_interval_ms>, 100 ms near the end.
 
-=head2 postcopy_reason(\@pass_remaining)
+=head2 completed($stat, $start)
 
-Method: why to switch to post-copy now (a sentence for the log), or C<undef>. The argument
-holds the remaining bytes at the start of each pass from the second on.
+Method: the RAM migration completed (C<$stat>: C<query-migrate>'s answer): timings and
+upstream's lines (average speed, downtime, C<migration status: completed>); returns C<$stat>.
 
-=head2 check_postcopy_source(), setup_postcopy_target()
+=head2 postcopy(), postcopy_sent(), undo_allowed($action)
 
-Methods: the source's QEMU must offer C<postcopy-ram> (dies naming it, before anything
-starts); post-copy on the target's QEMU through C<qm monitor> (C<postcopy-preempt> where both
-offer it; returns whether it is on).
+Methods: the migration's L<PVE::MTunnel::Postcopy> part (made on first use); whether
+C<migrate-start-postcopy> was sent (answered or not); whether post-copy's rule
+(C<PVE::MTunnel::Postcopy::allows>, asked with the live state, or with the record's under
+C<--check>) lets C<$action> (C<stop target>, C<cancel>, C<continue source>) be done now,
+logging why not when it does not. C<phase2_cleanup>, C<cont_source>, C<stop_target> and
+C<--check>'s fix steps ask it.
 
-=head2 switch_to_postcopy($why), resume_target_in_postcopy()
+=head2 undo_to_source()
 
-Methods: C<migrate-start-postcopy> (from then on nothing is cancelled or continued on the
-source); the target resumed once the switch's devices went over (C<postcopy-bytes>), through
-the tunnel, else C<qm resume> over ssh.
+Method: after a switch to post-copy that failed before the target ran (the rule allows it
+then): stops the target, waits until it is confirmed gone (15 s at most), then continues the
+source; else the source stays paused.
 
-=head2 postcopy_recover($why, pause =E<gt> 0|1), postcopy_recover_once($attempt), postcopy_finish()
+=head2 open_tunnel(\@forwards, timeout_ms =E<gt> N), tunnel_to_target(\@forwards, timeout_ms =E<gt> N)
 
-Methods: a paused (or, with C<pause>, hung) post-copy migration recovered through a new tunnel
-to a new socket (F<VMID_recoverN.migrate>): the target paused and listening
-(C<migrate_recover> through C<qm monitor>), the source resumed (C<qmp_migrate_resume>);
-retried until C<postcopy_recover_timeout_ms>. Dies at once, saying the VM is lost, when the
-target's QEMU is gone. C<postcopy_finish> is C<--check --fix>'s: the migration waited for and
-recovered as needed, then the target resumed and the source stopped.
+Methods: a ready tunnel to the target's C<qm mtunnel> forwarding C<@forwards> (none: commands
+only), as the driver's tunnel from now on (C<open_tunnel>), or just returned.
 
-=head2 target_monitor(@hmp_commands), target_migration_status()
+=head2 target_offers($command), target_request($line, fresh =E<gt> 0|1, timeout_ms =E<gt> N)
 
-Methods: HMP commands through C<qm monitor VMID> on the target (its output); the target's
-migration status from C<info migrate> (C<undef> when its QEMU is gone).
+Methods: whether the target's C<qm start> announced C<$command> (C<mtunnel commands:>); one
+command through the driver's tunnel, or (C<fresh>, or none open) a tunnel of its own, its
+C<OK JSON> answer decoded (C<'OK'> for a bare one). Dies with the tunnel's error.
 
-=head2 abandon_tunnel(), remove_recovery_sockets(), wait_source_status($seconds, @statuses)
+=head2 remove_recovery_sockets()
 
-Methods: a broken tunnel closed without waiting for its C<quit>; every stale migration socket
-of the VM removed on both nodes after a recovered migration; the source's migration status
-once it is one of C<@statuses> (or final, or the time is up).
+Method: every stale migration socket of the VM removed on both nodes after a recovered
+post-copy migration.
 
 =head2 cont_source()
 
-Method: continues the source VM if the migration left it paused (C<postmigrate>).
+Method: continues the source VM if the migration left it paused (C<postmigrate>; after a
+switch to post-copy that failed before the target ran also C<finish-migrate> or C<paused>),
+where post-copy's rule allows it.
 
 =head2 cancel_mirrors()
 
@@ -2352,31 +1808,24 @@ after it, not raced with (C<pgrep -f> there).
 
 =head2 state_path(), write_state(%set), read_state(), remove_state()
 
-Methods: the storage migration's record on the source node, F<SOCKET_DIR/VMID.mtunnel>
-(JSON: C<vmid>, C<node>, C<target>, C<source_pid>, C<started>, C<phase>,
-C<target_volumes_before>, C<target_volumes>, C<mirror_jobs>), which a C<--check> after the
-driver's death reads. C<phase> is one of C<starting> (before the target's C<qm start>),
-C<started>, C<mirroring>, C<migrating>, C<finishing-mirrors> (C<block-job-cancel> of the
-ready mirrors after RAM completed), C<mirrors-finished>, C<mirrors-failed>, C<resumed>.
-C<write_state> merges C<%set> into it and writes it through a temp file of its own renamed
-over the path (a failure only warns); C<read_state> returns it (C<undef>: none, invalid, or
-another VM's); C<remove_state> removes it (a plain file only). Written only with
-C<with_local_disks>; removed after success, and after a failure once the VM runs on one node
-with nothing left behind.
+Methods: the migration's record on the source node, F<SOCKET_DIR/VMID.mtunnel> (JSON:
+C<vmid>, C<node>, C<target>, C<source_pid>, C<driver> (pid and start time of the process that
+writes it: C<--check --fix> refuses while it runs), C<started>, C<phase>, C<target_commands>,
+C<target_volumes_before>, C<target_volumes>, C<mirror_jobs>, and post-copy's
+C<postcopy_sent>, C<target_resume_sent> and C<recover_path>, each written before it happens),
+which a C<--check> after the driver's death reads. C<phase> is one of C<starting> (before the
+target's C<qm start>), C<started>, C<mirroring>, C<migrating>, C<postcopy>,
+C<finishing-mirrors> (C<block-job-cancel> of the ready mirrors after RAM completed),
+C<mirrors-finished>, C<mirrors-failed>, C<resumed>. C<write_state> merges C<%set> into it and
+writes it through a temp file of its own renamed over the path (a failure only warns);
+C<read_state> returns it (C<undef>: none, invalid, or another VM's); C<remove_state> removes
+it (a plain file only). Written for every migration; removed after success, and after a
+failure once the VM runs on one node with nothing left behind.
 
-=head2 disks_complete($record, \@jobs)
+=head2 close_tunnel_quickly(broken =E<gt> 0|1)
 
-Method: whether the target's disks are shown complete after RAM migration completed:
-C<(1)>, or C<(0, WHY)>. Complete: no disk was mirrored; or the record says the mirrors were
-finished (C<mirrors-finished>, C<resumed>); or it says they were being finished
-(C<finishing-mirrors>) and every mirror job is there and ended without an error (QEMU syncs
-and flushes the target before such a job ends). A mirror that is still ready proves nothing:
-the driver's death took its NBD connection. Without a record, a disk mirror is never shown
-complete.
-
-=head2 close_tunnel_quickly()
-
-Method: closes the tunnel with short deadlines (5 s for C<quit>, 2 s for ssh to exit).
+Method: closes the tunnel with short deadlines (5 s for C<quit>, 2 s for ssh to exit; with
+C<broken>, a tunnel known broken or hung, 0.5 s each and its failures logged as info).
 
 =head2 config_path($node), config_node(), move_config($node)
 
@@ -2435,37 +1884,22 @@ Methods: run C<qm ARGS> (resp. any command) on the target over ssh with
 C<PVE::MTunnel::ssh_run> (default timeout 120 s, plus C<ssh_options>); return its
 C<{ exit_code, stdout, stderr }>; die when it fails.
 
-=head2 target_state()
+=head2 target_state(), target_status(), target_qemu_state()
 
-Method: the VM's state on the target as C<qm status --verbose> tells it (C<running>,
-C<paused>, C<inmigrate>, C<prelaunch>, C<postmigrate>, ... or C<stopped>); C<undef> when the
-target cannot be reached.
+Methods: the VM's state on the target (C<running>, C<paused>, C<inmigrate>, C<prelaunch>,
+C<postmigrate>, ..., C<stopped>, or C<present> when only its QEMU's presence can be told;
+C<undef> when it cannot be told); C<target_status> adds its incoming migration's status
+(C<< { state, migration } >>). Asked through the target's C<qm mtunnel> (C<postcopy-status>)
+where it announced that, which needs no config; else C<qm status --verbose>, which loads the
+config from the target's own node: while it is still on the source, C<target_qemu_state>
+tells only whether the VM's QEMU runs there (its pid file naming a process whose command line
+has it, as upstream's C<vm_running_locally>).
 
-=head2 inspect(volumes => 0|1)
+=head2 inspect(volumes =E<gt> 0|1), disks_complete($record, \@jobs), diagnose($seen), check(fix =E<gt> 0|1)
 
-Method: both nodes' view: C<< { source => { state, migration, jobs, pid }, target => { state
-}, state => RECORD } >>; C<state> is the storage migration's record (C<read_state>) when it
-is about this target and the source QEMU that runs now (its pid). With C<volumes> and a
-reachable target that does not run the VM: C<< target => { new_volumes => [...] } >>, its
-volumes allocated for the migration (C<new_target_volumes>).
-
-=head2 diagnose($seen)
-
-Method: what C<inspect>'s view means: C<< { state => SENTENCE, ok => 1 } >> when the VM runs
-on exactly one node, C<< { state, fix => [[DESCRIPTION, CODE], ...] } >> when a safe fix
-exists, C<< { state, undecided => 1 } >> when none does; C<< left => [...] >> names what the
-migration left behind (the source's block jobs, the target's new volumes unless the VM is
-to run there), which the fix also removes. After RAM migration completed with local disks,
-the fix finishes on the target only when C<disks_complete> says so; otherwise it stops the
-target (and confirms it stopped), frees its new volumes, cancels and dismisses the source's
-block jobs and continues the source.
-
-=head2 check(fix => 0|1)
-
-Method: C<mtunnel-migrate --check>: logs both nodes' state, the record, the diagnosis and
-what was left behind; with C<fix>, applies the fix (a step that fails ends it and is logged)
-and, once the VM runs on one node with nothing left, removes the migration's stale sockets
-of both nodes and its record. Returns the (final) diagnosis.
+Methods: L<PVE::MTunnel::Check>'s functions of the same names for this migration: both nodes'
+view, whether the target's disks are shown complete, what the view means and what would settle
+it, and C<mtunnel-migrate --check [--fix]>.
 
 =head2 log($level, $msg)
 
@@ -2489,6 +1923,7 @@ True when the process no longer exists or is a zombie.
 
 =head1 SEE ALSO
 
-L<mtunnel-migrate(1)>, L<PVE::MTunnel>, L<PVE::MTunnel::Tunnel>
+L<mtunnel-migrate(1)>, L<PVE::MTunnel>, L<PVE::MTunnel::Tunnel>, L<PVE::MTunnel::Postcopy>,
+L<PVE::MTunnel::Check>
 
 =cut
