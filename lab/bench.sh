@@ -7,8 +7,12 @@ export MTUNNEL_LAB=${MTUNNEL_LAB:-bench}
 LAB=/run/mtunnel-lab/$MTUNNEL_LAB
 trap '"$LABSH" down >/dev/null 2>&1 || true' EXIT
 "$LABSH" up 2 >/dev/null
-conf() {   # conf VMID LINE... : written to a temp file of ours and renamed
-    local f=$LAB/pve/qemu-server/$1.conf; shift
+# conf VMID LINE... : the VM's config on node1, where it starts (pmxcfs's layout: the node that
+# owns it), written to a temp file of ours and renamed; the copy a migration moved to another
+# node is removed first (one node holds a config)
+conf() {
+    local v=$1 f=$LAB/pve/nodes/node1/qemu-server/$1.conf; shift
+    rm -f "$LAB"/pve/nodes/node*/qemu-server/"$v.conf"
     rm -f "$f.tmp.$$"; printf '%s\n' "$@" >"$f.tmp.$$" && mv -f "$f.tmp.$$" "$f"
 }
 echo "== mtunnel bench ($(date -u +%FT%TZ), $(nproc) cores, accel $(. "$LAB/env"; echo "${LAB_ACCEL:-auto}"))"
@@ -20,7 +24,7 @@ echo "-- one migration, 256 MiB guest that keeps dirtying memory"
 conf 100 'memory: 256'
 "$LABSH" exec node1 qm start 100 >/dev/null
 "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 100 >/dev/null
-out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 100 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 256)
+out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 100 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --memory 256)
 "$LABSH" exec node2 qm stop 100 >/dev/null
 echo "$out" | grep -E '^(TIMING|TASK)' | sed 's/^/  /'
 echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
@@ -37,8 +41,12 @@ echo "-- post-copy: a guest that dirties memory twice as fast as the link carrie
 "$TOP/lab/bench-postcopy"
 
 echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
-for v in 500 501; do conf $v 'memory: 1024' 'guest: idle'; done
-fresh_source() { "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null; }
+conf 501 'memory: 1024' 'guest: idle'
+# VM 500 on node1 again, its config too (the last migration moved it to node2)
+fresh_source() {
+    conf 500 'memory: 1024' 'guest: idle'
+    "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null
+}
 mibps() { awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
     ms = v["qemu_total_ms"] ? v["qemu_total_ms"] : v["total_ms"]; printf "%.0f MiB/s (%d ms)", v["transferred"] / ms * 1000 / 1048576, ms }'; }
 rate() { echo "$1" | sed 's/ MiB.*//'; }
@@ -46,7 +54,7 @@ for c in default ssh-default insecure; do
     fresh_source
     opt=(); [ "$c" = ssh-default ] && opt=(--ssh-option ciphers=)
     [ "$c" = insecure ] && opt=(--migration_type insecure --migration_network "$(. "$LAB/env"; echo "$LAB_MIGRATION_NETWORK")")
-    out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --memory 1024 "${opt[@]}" 2>&1 || true)
+    out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --memory 1024 "${opt[@]}" 2>&1 || true)
     t=$(echo "$out" | grep '^TIMING open_to_ready' || true)
     [ -n "$t" ] || { echo "  migration ($c ciphers) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
     "$LABSH" exec node2 qm stop 500 >/dev/null
@@ -68,11 +76,11 @@ awk -v a="$(rate "$tun_default")" -v i="$(rate "$tun_insecure")" \
     'BEGIN { printf "  tunnel/insecure = %.2f\n", a / i }'
 
 echo "-- disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
-conf 600 'memory: 64' 'guest: idle' 'ide0: local:600/vm-600-disk-0.raw,size=1G'
 conf 601 'memory: 64' 'guest: idle' 'ide0: local:601/vm-601-disk-0.raw,size=1G'
 # a fresh VM 600 on node1 whose disk holds 1023 MiB of non-zero data after its boot sector
-# (zeros would be skipped by the mirror and measure nothing)
+# (zeros would be skipped by the mirror and measure nothing); its config on node1 again
 data_source() {
+    conf 600 'memory: 64' 'guest: idle' 'ide0: local:600/vm-600-disk-0.raw,size=1G'
     "$LABSH" exec node1 qm start 600 >/dev/null
     "$LABSH" exec node1 qm stop 600 >/dev/null
     "$LABSH" exec node1 sh -c "tr '\\0' x </dev/zero | dd of=\"\$(pvesm path local:600/vm-600-disk-0.raw)\" bs=1M seek=1 count=1023 conv=notrunc iflag=fullblock status=none"
@@ -80,7 +88,7 @@ data_source() {
     "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 600 >/dev/null
 }
 data_source
-out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 600 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --with-local-disks 2>&1 || true)
+out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 600 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --with-local-disks 2>&1 || true)
 t=$(echo "$out" | grep '^TIMING open_to_ready' || true)
 [ -n "$t" ] || { echo "  storage migration failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
 "$LABSH" exec node2 qm stop 600 >/dev/null; "$LABSH" exec node2 pvesm free local:600/vm-600-disk-0.raw >/dev/null

@@ -17,8 +17,12 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "bringing up a two-node lab (network + mount namespaces, an sshd per node)"
 "$LABSH" up 2
+# the VM's config where pmxcfs keeps it: in the directory of node1, the node that owns the VM
+# (a file of ours, renamed into place); the migration moves it to node2
+conf=$LAB/pve/nodes/node1/qemu-server/$VMID.conf
 printf 'memory: %s\nguest: disk\nide0: local:%s/vm-%s-disk-0.raw,size=64M\n' "$MEM" "$VMID" "$VMID" \
-    >"$LAB/pve/qemu-server/$VMID.conf"
+    >"$conf.tmp.$$"
+mv -f "$conf.tmp.$$" "$conf"
 
 step "starting VM $VMID ($MEM MiB, a 64 MiB disk on node1's own storage; the guest keeps writing to every page and to its disk) on node1"
 "$LABSH" exec node1 qm start "$VMID"
@@ -29,10 +33,11 @@ echo "node1 storage local: $("$LABSH" exec node1 pvesm list local | tail -n +2)"
 
 step "live-migrating VM $VMID with its local disk from node1 to node2 (perl/bin/mtunnel-migrate --online --with-local-disks, run on node1)"
 "$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" "$VMID" node2 --node node1 \
-    --ssh-file "$LAB/ssh_prefix_node2" --online --with-local-disks
+    --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --online --with-local-disks
 
-step "where is the VM now?"
-echo "node1: $("$LABSH" exec node1 qm status "$VMID")"
+step "where is the VM now? (its config moved with it: qm status on node1 would not find it)"
+echo "config: $(cd "$LAB/pve" && ls nodes/*/qemu-server/"$VMID.conf")"
+echo "node1: $("$LABSH" exec node1 sh -c "test -e /run/qemu-server/$VMID.pid && echo running || echo 'no QEMU of VM $VMID'")"
 echo "node2: $("$LABSH" exec node2 qm status "$VMID" --verbose | tr '\n' ' ')"
 
 echo "node1 storage local: $("$LABSH" exec node1 pvesm list local | tail -n +2)"

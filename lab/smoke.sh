@@ -2,8 +2,9 @@
 # Smoke test of the lab itself: a manual PVE-style live migration of a 256 MiB
 # guest from node1 to node2 through a plain OpenSSH UNIX-socket tunnel to
 # `/usr/sbin/qm mtunnel` (no mtunnel library involved), with the config locked
-# (lock: migrate) as PVE's source holds it, then the memory pattern check and a
-# full teardown check.
+# (lock: migrate) as PVE's source holds it and moved from node1's directory to node2's
+# once the migration completed (as PVE's phase 3 renames it), then the memory pattern
+# check and a full teardown check.
 #
 #   lab/smoke.sh                 (MTUNNEL_LAB defaults to "smoke" here)
 #   SMOKE_ACCEL=tcg lab/smoke.sh (run the VMs under TCG instead of KVM)
@@ -39,11 +40,16 @@ bail() {
     exit 1
 }
 x() { "$LABSH" exec "$@"; }
-conf() {   # conf LINE... : the VM config, written to a temp file of ours and renamed
-    rm -f "$LAB/pve/qemu-server/$VMID.conf.tmp.$$"
-    printf '%s\n' "$@" >"$LAB/pve/qemu-server/$VMID.conf.tmp.$$"
-    mv -f "$LAB/pve/qemu-server/$VMID.conf.tmp.$$" "$LAB/pve/qemu-server/$VMID.conf"
+# the VM's config in node NODE's directory, as pmxcfs keeps it
+confpath() { echo "$LAB/pve/nodes/$1/qemu-server/$VMID.conf"; }
+conf() {   # conf LINE... : the VM config on node1, the source: a temp file of ours, renamed
+    local f
+    f=$(confpath node1)
+    rm -f "$f.tmp.$$"
+    printf '%s\n' "$@" >"$f.tmp.$$"
+    mv -f "$f.tmp.$$" "$f"
 }
+qmpstatus() { x "$1" qmp $VMID query-status | jq_perl status; }   # QEMU's own run state
 jq_perl() { perl -MJSON::PP -0777 -e 'my $d = decode_json(<STDIN>); for (split /\./, shift) { $d = ref $d eq "HASH" ? $d->{$_} : undef } print defined $d ? $d : "", "\n"' "$1"; }
 
 no_lab_procs() {   # no process mentions $LAB/ in its argv (pure bash: no grep matching itself)
@@ -103,7 +109,7 @@ check "node1: qm start refuses a running VM" sh -c "! '$LABSH' exec node1 qm sta
 # migration parameters on stdin)
 conf "memory: $MEM" "lock: migrate"
 check "node2: qm start refuses the locked config without --skiplock" \
-    sh -c "'$LABSH' exec node2 qm start $VMID </dev/null 2>&1 | grep -qx 'VM is locked (migrate)'"
+    sh -c "'$LABSH' exec node2 qm start $VMID --migratedfrom node1 </dev/null 2>&1 | grep -qx 'VM is locked (migrate)'"
 t=$(now)
 out=$(printf 'nbd_protocol_version: 1\n' | x node2 qm start $VMID --skiplock --migratedfrom node1 \
     --migration_type secure --stateuri unix) ||
@@ -116,8 +122,10 @@ check "node2: qm-start.log records the start and its stdin" \
     "$LAB/node2/qm-start.log"
 check "node2: incoming socket exists at once" x node2 test -S "$SOCK"
 check "node1: no socket yet at $SOCK (separate /run/qemu-server)" x node1 test ! -e "$SOCK"
-st=$(x node2 qm status $VMID --verbose)
-check "node2: qmpstatus inmigrate" grep -qx 'qmpstatus: inmigrate' <<<"$st"
+# qm status on node2 loads node2's config, which is still on node1 (as on PVE): ask QEMU
+check "node2: qm status does not find the config (still on node1)" \
+    sh -c "'$LABSH' exec node2 qm status $VMID 2>&1 | grep -qx \"Configuration file 'nodes/node2/qemu-server/$VMID.conf' does not exist\""
+check "node2: qmpstatus inmigrate" test "$(qmpstatus node2)" = inmigrate
 
 # --- the tunnel: plain OpenSSH, as PVE does it
 t=$(now)
@@ -159,7 +167,9 @@ echo "    total-time $(jq_perl total-time <<<"$q") ms, downtime $(jq_perl downti
      "dirty-sync-count $(jq_perl ram.dirty-sync-count <<<"$q")," \
      "$(jq_perl ram.mbps <<<"$q") Mbps"
 
-# --- phase 3: resume through the tunnel, quit
+# --- phase 3: the config moves to the target (one rename, as move_config_to_node), resume
+# through the tunnel, quit
+mv "$(confpath node1)" "$(confpath node2)"
 echo "resume $VMID" >&"$TIN"
 read_tun r 10 || bail "tunnel: no reply to resume"
 check "tunnel: resume -> OK" test "$r" = OK
@@ -180,12 +190,14 @@ st=$(x node2 qm status $VMID --verbose)
 echo "$st" | sed 's/^/    node2: /'
 check "node2: status running" grep -qx 'status: running' <<<"$st"
 check "node2: qmpstatus running" grep -qx 'qmpstatus: running' <<<"$st"
-st=$(x node1 qm status $VMID --verbose)
-check "node1: source qmpstatus postmigrate" grep -qx 'qmpstatus: postmigrate' <<<"$st"
-x node1 qm stop $VMID --skiplock || fail "qm stop on node1"
+check "node1: source qmpstatus postmigrate" test "$(qmpstatus node1)" = postmigrate
+# upstream stops the source with vm_stop(..., nocheck) in-process: its config is gone from
+# node1; the lab's qm stop does that with its MTUNNEL_LAB_QM_NOCHECK hook
+x node1 env MTUNNEL_LAB_QM_NOCHECK=1 qm stop $VMID --skiplock || fail "qm stop (nocheck) on node1"
 x node2 qm unlock $VMID || fail "qm unlock on node2"
-check "qm unlock removed the lock" sh -c "! grep -q '^lock:' '$LAB/pve/qemu-server/$VMID.conf'"
-check "node1: status stopped" test "$(x node1 qm status $VMID)" = "status: stopped"
+check "qm unlock removed the lock" sh -c "! grep -q '^lock:' '$(confpath node2)'"
+check "node1: qm status finds no config there (it moved)" \
+    sh -c "! '$LABSH' exec node1 qm status $VMID >/dev/null 2>&1"
 check "node1: no QEMU left" sh -c "! ls '$LAB'/node1/qemu-*.pid >/dev/null 2>&1"
 x node1 test -e "$SOCK" && echo "    note: ssh left $SOCK behind on node1 (expected: OpenSSH does not unlink it)"
 

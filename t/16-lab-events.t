@@ -73,8 +73,11 @@ sleep 0.5;
 
 # ---------------------------------------------------------------- migrate to node2
 
-my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
-    $vmid, 'node2', '--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2");
+my ($rc, $out, $err) = $lab->run(
+    'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
+    '--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2",
+    '--pve-dir', "$dir/pve"
+);
 is($rc, 0, 'migration node1 -> node2: driver exits 0') or diag("$out$err");
 like($out, qr/^TASK OK$/m, 'task OK');
 my ($qemu2) = $lab->qemu_pids('node2');
@@ -182,6 +185,7 @@ is(($lab->run('node2', 'test', '-e', "/run/qemu-server/$vmid.events"))[0],
 
 # ---------------------------------------------------------------- a second QEMU in one log
 
+$lab->move_vm_config($vmid, 'node1');    # the migration moved it to node2
 $lab->run_ok('node1', 'qm', 'start', $vmid);
 my ($qemu3) = $lab->qemu_pids('node1');
 $ev1 = $lab->vm_events('node1', $vmid);

@@ -76,7 +76,7 @@ sub cmdline {
     isnt($rc, 0, 'hot: without guest: hot is refused');
     like($err, qr/^VM 101: 'hot' needs 'guest: hot'$/m, 'saying why') or diag($err);
     is_deeply([$lab->qemu_pids('node1')], [], 'no QEMU from the refused starts');
-    unlink("$dir/pve/qemu-server/101.conf");
+    $lab->remove_vm_config(101);
 }
 
 # ------------------------------------------------------------ the hot guest on node1
@@ -155,8 +155,11 @@ note(
         ($mig->{ram} // {})->{'dirty-sync-count'} // -1
     )
 );
-$lab->run_ok('node2', 'qm', 'resume', $vmid);
+# as a source ends a migration: its QEMU stopped, the config moved to the target (a rename),
+# the target resumed
 $lab->run_ok('node1', 'qm', 'stop', $vmid);
+$lab->move_vm_config($vmid, 'node2');
+$lab->run_ok('node2', 'qm', 'resume', $vmid);
 
 # the guest goes on where it was: the target's passes continue the source's
 my $after = wait_until(

@@ -30,7 +30,7 @@ sleep(1);
 my ($rc, $out, $err) = $lab->run(
     'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
     '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2',
-    '--memory', $mem
+    '--pve-dir', $lab->dir . '/pve', '--memory', $mem
 );
 is($rc, 0, 'driver exits 0') or diag("$out$err");
 is($err, '', 'driver writes nothing to stderr (no Perl warning)');
@@ -65,11 +65,8 @@ like(
     qr/qmpstatus: running/,
     'target VM is running on node2'
 );
-like(
-    scalar($lab->run_ok('node1', 'qm', 'status', $vmid)),
-    qr/^status: stopped$/m,
-    'VM is stopped on node1'
-);
+# (qm status on node1 would not find the config: it moved to node2)
+is($lab->qmpstatus('node1', $vmid), 'stopped', 'VM is stopped on node1');
 is_deeply([$lab->qemu_pids('node1')], [], 'no QEMU process left on node1');
 
 my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
@@ -93,7 +90,7 @@ sub migrate_refused {
     my ($what, $v, $ssh_file, $error) = @_;
     my $starts = () = MTunnelLab::slurp($lab->dir . '/node2/qm-start.log') =~ /^start /mg;
     my ($rc, $out, $err) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
-        $v, 'node2', '--node', 'node1', '--ssh-file', $ssh_file);
+        $v, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--pve-dir', $lab->dir . '/pve');
     is($rc, 1, "$what: the driver exits 1") or diag("$out$err");
     like($out, $error, "$what: the error says what is wrong") or diag($out);
     unlike($out, qr/left waiting|cannot be reached|qm stop/, "$what: no alarm about node2")

@@ -22,7 +22,8 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $flow = "$top/examples/perl/qemu-migrate-flow";
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
-my $confdir = "$dir/pve/qemu-server";
+# the flow's --config-dir: the directory of the source node, which holds the VM's config
+sub confdir { return "$dir/pve/nodes/$_[0]/qemu-server" }
 my ($vmid, $mem) = (100, 256);
 
 *slurp = \&MTunnelLab::slurp;
@@ -32,7 +33,7 @@ sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 sub run_flow {
     my ($from, $to, @args) = @_;
     return $lab->run($from, $flow, $vmid, $to, '--node', $from, '--ssh-file',
-        "$dir/ssh_prefix_$to", '--config-dir', $confdir, @args);
+        "$dir/ssh_prefix_$to", '--config-dir', confdir($from), @args);
 }
 
 # Both nodes clean: no socket file, nothing but sshd in their netns, no lock, no zombie.
@@ -48,7 +49,8 @@ sub clean_ok {
         is_deeply(\@left, [], "$name: no ssh or qm process left in $node")
             or diag(`ps -o pid,args -p @{[join(',', @left)]}`);
     }
-    unlike(slurp("$confdir/$vmid.conf"), qr/^lock:/m, "$name: the migrate lock is gone");
+    unlike(slurp($lab->vm_config_path($vmid) // ''), qr/^lock:/m,
+        "$name: the migrate lock is gone");
     is_deeply([MTunnelLab::zombies_since($since)], [], "$name: no zombie left");
 }
 
@@ -165,7 +167,7 @@ sleep(1);
             "$top/lab/lab.sh", 'exec', 'node1',
             $flow, $vmid, 'node2',
             '--node', 'node1', '--ssh-file',
-            "$dir/ssh_prefix_node2", '--config-dir', $confdir,
+            "$dir/ssh_prefix_node2", '--config-dir', confdir('node1'),
             '--tunnel-version', 2, '--bwlimit',
             8192
         ) or die;
@@ -218,6 +220,8 @@ $lab->run_ok('node1', 'qm', 'stop', $vmid);
 # ------------------------------------------------------------ the drop-in's contract
 
 $lab->write_vm_config(300, memory => 64);
+# on node2 first: the v2 tunnel's commands load node2's config (as upstream's endpoint)
+$lab->move_vm_config(300, 'node2');
 $lab->enter('node1');
 my @ssh = @{ $lab->ssh_prefix('node2') };
 my $sock = '/run/qemu-server/200.migrate';
@@ -442,6 +446,7 @@ PM
 
 {
     # qmp_migrate_setup on a real QEMU: capabilities as set_migration_caps, parameters as phase 2.
+    $lab->move_vm_config(300, 'node1');
     $lab->run_ok('node1', 'qm', 'start', 300);
     my $qmp = '/run/qemu-server/300.qmp';
     PVE::MTunnel::qmp_execute($qmp, 'migrate-set-capabilities',

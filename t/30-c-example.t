@@ -45,6 +45,8 @@ sub volumes { return $lab->volumes($_[0], 'local') }
     like($out, qr/^resume $vmid: OK$/m, 'resume through the tunnel answered OK');
     like($result // '', qr/^RESULT: VM $vmid migrated from node1/, 'C example reports success');
     unlike($out, qr/^mirror /m, 'RAM only: no mirror');
+    # the example leaves configs alone (no PVE node): its config moves as a source would move it
+    $lab->move_vm_config($vmid, 'node2');
 
     like(
         scalar($lab->run_ok('node2', 'qm', 'status', $vmid, '--verbose')),
@@ -122,6 +124,8 @@ sub volumes { return $lab->volumes($_[0], 'local') }
         qr/^RESULT: VM $vmid migrated from node1/,
         'disk: C example reports success'
     );
+    # the example leaves configs alone (no PVE node): its config moves as a source would move it
+    $lab->move_vm_config($vmid, 'node2');
 
     is(qmpstatus('node2', $vmid), 'running', 'disk: VM runs on node2');
     for (1 .. 50) { last if !$lab->qemu_pids('node1'); select(undef, undef, undef, 0.1) }

@@ -32,7 +32,7 @@ sub migrate {
     my ($vmid, @args) = @_;
     return $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
         $vmid, 'node2', '--node', 'node1',
-        '--ssh-file', "$dir/ssh_prefix_node2", '--online', @args);
+        '--ssh-file', "$dir/ssh_prefix_node2", '--pve-dir', "$dir/pve", '--online', @args);
 }
 
 # a VM writing its memory and its local disk, running on node1

@@ -77,6 +77,7 @@ my $only = $ENV{MTUNNEL_FAULT};    # a regex, to run some scenarios only
 for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $s = $scenario{$name};
     $lab->write_vm_config($vmid, memory => $mem, accel => 'tcg');
+    $lab->move_vm_config($vmid, 'node1');    # a round that migrated moved it to node2
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
@@ -86,7 +87,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         "$top/perl/bin/mtunnel-migrate", $vmid,
         'node2', '--node',
         'node1', '--ssh-file',
-        "$dir/ssh_prefix_node2", '--memory',
+        "$dir/ssh_prefix_node2", '--pve-dir',
+        "$dir/pve", '--memory',
         $mem, '--bwlimit',
         4096, @{ $s->{args} // [] }
     );
@@ -117,11 +119,12 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, "$name: guest memory intact on node1") or diag($check);
     if ($s->{unreachable_target}) {
-        $lab->run('node2', 'qm', 'stop', $vmid);
+        # its incoming copy: the config is on node1 (as on PVE, a plain stop there fails)
+        $lab->run('node2', 'qm', 'stop', $vmid, '--migratedfrom', 'node1');
         $lab->run_ok('node1', 'qm', 'resume', $vmid);
         my ($rc2, $out2) = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
             $vmid, 'node2', '--node', 'node1',
-            '--ssh-file', "$dir/ssh_prefix_node2", '--memory', $mem);
+            '--ssh-file', "$dir/ssh_prefix_node2", '--pve-dir', "$dir/pve", '--memory', $mem);
         is($rc2, 0, "$name: once node2 is reachable again, the VM migrates there") or diag($out2);
         is(qmpstatus('node2'), 'running', "$name: VM runs on node2 after the new migration");
     }

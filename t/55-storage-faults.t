@@ -180,6 +180,7 @@ my $only = $ENV{MTUNNEL_FAULT};    # a regex, to run some scenarios only
 for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $s = $scenario{$name};
     $lab->write_vm_config($vmid, memory => $mem, guest => 'disk', ide0 => "$volid,size=32M");
+    $lab->move_vm_config($vmid, 'node1');    # a round that migrated moved it to node2
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     # an unrelated volume of this VMID on the target, there before the migration
@@ -193,7 +194,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         "$top/perl/bin/mtunnel-migrate", $vmid,
         'node2', '--node',
         'node1', '--ssh-file',
-        "$dir/ssh_prefix_node2", '--online',
+        "$dir/ssh_prefix_node2", '--pve-dir',
+        "$dir/pve", '--online',
         '--with-local-disks', @{ $s->{args} // [] }
     );
     if ($s->{at_start}) {

@@ -30,7 +30,7 @@ my ($vmid, $mem) = (600, 128);
 my $ssh_file = "$dir/ssh_prefix_node2";
 my @check = (
     "$top/perl/bin/mtunnel-migrate",
-    '--check', $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file
+    '--check', $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--pve-dir', "$dir/pve"
 );
 # fast failure detection when the link is cut
 my @fast = (
@@ -262,7 +262,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
             }
         ],
         verdict =>
-            qr/^TASK ERROR: .* - VM $vmid is paused on node 'node1' \(source, postmigrate\) after its migration completed, and node 'node2' cannot be reached: it holds the migrated state and may run it\. Once 'node2' is reachable, run on 'node1': \S+ --check $vmid node2 --node node1 --ssh-file \S+ --fix$/m,
+            qr/^TASK ERROR: .* - VM $vmid is paused on node 'node1' \(source, postmigrate\) after its migration completed, and node 'node2' cannot be reached: it holds the migrated state and may run it\. Once 'node2' is reachable, run on 'node1': \S+ --check $vmid node2 --node node1 --ssh-file \S+ --pve-dir \S+ --fix$/m,
         source_paused => 1,
         restore => sub { link_node2('up'); kill('KILL', mtunnel_pids()) },
     },
@@ -276,13 +276,15 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         memory => $mem,
         $s->{disk} ? (guest => 'disk', ide0 => "$volid,size=32M") : ()
     );
+    $lab->move_vm_config($vmid, 'node1');    # a round that migrated moved it to node2
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     $lab->run_ok('node2', 'pvesm', 'alloc', 'local', $vmid, "vm-$vmid-disk-0.raw", '1M')
         if $s->{disk};
     my $t0 = time();
     my $bg = $lab->background('node1', "$dir/interrupt-$vmid.log", "$top/perl/bin/mtunnel-migrate",
-        $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, @{ $s->{args} // [] });
+        $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--pve-dir', "$dir/pve",
+        @{ $s->{args} // [] });
     my $pid = $bg->pid;
     ok($bg->wait_for($s->{trigger}, 30), "$name: the moment came") or diag($bg->output);
 
@@ -391,13 +393,19 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
 {
     my $name = 'stdout reader gone';
     $lab->write_vm_config($vmid, memory => $mem);
+    $lab->move_vm_config($vmid, 'node1');    # a round that migrated moved it to node2
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
     local $ENV{MTUNNEL_LAB} = $lab->name;
-    my $pid =
-        open(my $fh, '-|', "$top/lab/lab.sh", 'exec', 'node1', "$top/perl/bin/mtunnel-migrate",
-        $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--bwlimit', 4096) // die;
+    my $pid = open(
+        my $fh, '-|', "$top/lab/lab.sh",
+        'exec', 'node1', "$top/perl/bin/mtunnel-migrate",
+        $vmid, 'node2', '--node',
+        'node1', '--ssh-file', $ssh_file,
+        '--pve-dir', "$dir/pve", '--bwlimit',
+        4096
+    ) // die;
     my $seen = 0;
 
     while (my $line = <$fh>) {

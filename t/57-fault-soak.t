@@ -238,10 +238,12 @@ sub run_round {
         accel => 'tcg',
         $r->{disk} ? (guest => 'disk', ide0 => "$volid,size=32M") : (guest => 'dirty')
     );
+    $lab->move_vm_config($v, $src);
     $lab->run_ok($src, 'qm', 'start', $v);
     $lab->run_ok($src, "$top/lab/guest-check", '--wait', $v);
 
-    my @args = ($v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst");
+    my @args =
+        ($v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst", '--pve-dir', "$dir/pve");
     push @args, '--with-local-disks' if $r->{disk};
     push @args, '--bwlimit', $bwlimit if $r->{moment} eq 'mid';
     # the mirror's 32 MiB in 2 s, then RAM slow enough to be hit mid-way
@@ -483,7 +485,8 @@ sub run_round {
             10
         );
         my ($rc, $fix_out, $fix_err) = $lab->run($src, "$top/perl/bin/mtunnel-migrate",
-            '--check', $v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst", '--fix');
+            '--check', $v, $dst, '--node', $src, '--ssh-file', "$dir/ssh_prefix_$dst", '--pve-dir',
+            "$dir/pve", '--fix');
         $check->(
             $rc == 0,
             'mtunnel-migrate --check --fix settles it (exit 0)',

@@ -83,8 +83,12 @@ $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     $bg->wait_for(qr/^ok /m, 30);
     my ($rc, $out, $err) = $lab->run(
         'node1', "$top/perl/bin/mtunnel-migrate",
-        $vmid, 'node2', '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2',
-        '--memory', $mem, '--bwlimit', 102400
+        $vmid, 'node2',
+        '--node', 'node1',
+        '--ssh-file', $lab->dir . '/ssh_prefix_node2',
+        '--pve-dir', $lab->dir . '/pve',
+        '--memory', $mem,
+        '--bwlimit', 102400
     );
     my ($ok, $bad) = stop_prober($bg);
     like($out, qr/^TASK OK$/m, 'migration with the event wait: task OK') or diag("$out$err");
@@ -154,7 +158,10 @@ like(
         (
             $lab->run(
                 'node1', "$top/perl/bin/mtunnel-migrate",
-                $vmid, 'node2', '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2',
+                $vmid, 'node2',
+                '--node', 'node1',
+                '--ssh-file', $lab->dir . '/ssh_prefix_node2',
+                '--pve-dir', $lab->dir . '/pve',
                 '--completion-wait', 'sometimes'
             )
         )[1]

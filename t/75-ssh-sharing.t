@@ -332,7 +332,8 @@ $lab->leave;
         "$top/perl/bin/mtunnel-migrate", $vmid,
         'node2', '--node',
         'node1', '--ssh-file',
-        "$dir/ssh_prefix_node2", '--memory',
+        "$dir/ssh_prefix_node2", '--pve-dir',
+        "$dir/pve", '--memory',
         $mem, '--bwlimit',
         4096, '--ssh-option',
         "share=$share"

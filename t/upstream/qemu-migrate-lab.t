@@ -64,7 +64,8 @@ sub check_vm {
     is_deeply([$lab->socket_files($_)], [], "$name: no migration socket left on $_")
         for qw(node1 node2);
     is_deeply([$lab->ssh_pids('node1', $vmid)], [], "$name: no tunnel ssh left");
-    unlike(MTunnelLab::slurp("$dir/pve/qemu-server/$vmid.conf"),
+    is($lab->vm_config_node($vmid), $node, "$name: the config is on $node, with the VM");
+    unlike(MTunnelLab::slurp($lab->vm_config_path($vmid) // ''),
         qr/^lock:/m, "$name: the config is unlocked");
     $lab->run($_, 'qm', 'stop', $vmid) for qw(node1 node2);
 }
