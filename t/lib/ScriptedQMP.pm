@@ -12,6 +12,9 @@ package ScriptedQMP;
 #   # get QEMU's CommandNotFound error; any number of connections, one at a time, as QEMU
 #   my $mon = ScriptedQMP->monitor($path, { 'query-status' => { status => 'running' } });
 #   $mon->received;    # the commands it was asked, in order: ['qmp_capabilities', ...]
+#   $mon->received_args;   # the same with their arguments: [['migrate', {uri => ...}], ...]
+#   # a code ref may answer with QEMU's error instead of a return value:
+#   sub { return ScriptedQMP::error('GenericError', 'migrate-pause is currently only ...') }
 #   $mon->stop;
 #
 # Core Perl modules only.
@@ -58,11 +61,15 @@ sub monitor {
     my ($class, $path, $replies) = @_;
     my $l = _listen($path);
     my $log = "$path.log";
-    unlink($log);
+    unlink($log, "$log.args");
     open(my $lfh, '>>', $log) or die "$log: $!\n";
     $lfh->autoflush(1);
+    open(my $afh, '>>', "$log.args") or die "$log.args: $!\n";
+    $afh->autoflush(1);
     my $pid = fork() // die "fork: $!\n";
     if (!$pid) {
+        # a client that gave up on a slow reply closed its end: QEMU lives on, and so do we
+        $SIG{PIPE} = 'IGNORE';
         while (my $c = $l->accept) {
             $c->autoflush(1);
             print $c $GREETING;
@@ -82,13 +89,19 @@ sub monitor {
                 }
                 my $name = $cmd->{execute};
                 print $lfh "$name\n";
+                print $afh $JSON->encode([$name, $cmd->{arguments} // {}]), "\n";
                 my %reply;
                 $reply{id} = $cmd->{id} if exists $cmd->{id};
                 if ($name eq 'qmp_capabilities') {
                     $reply{return} = {};
                 } elsif (exists $replies->{$name}) {
                     my $r = $replies->{$name};
-                    $reply{return} = ref $r eq 'CODE' ? $r->($cmd->{arguments}) : $r;
+                    $r = $r->($cmd->{arguments}) if ref $r eq 'CODE';
+                    if (ref $r eq 'ScriptedQMP::Error') {
+                        $reply{error} = {%$r};
+                    } else {
+                        $reply{return} = $r;
+                    }
                 } else {
                     $reply{error} = {
                         class => 'CommandNotFound',
@@ -104,6 +117,21 @@ sub monitor {
     close($l);
     close($lfh);
     return bless { pid => $pid, path => $path, log => $log, owner => $$ }, $class;
+}
+
+# QEMU's error reply, for a code ref of monitor() to answer with
+sub error {
+    my ($class, $desc) = @_;
+    return bless { class => $class, desc => $desc }, 'ScriptedQMP::Error';
+}
+
+# the commands a monitor was asked with their arguments, in order: [[name, {args}], ...]
+sub received_args {
+    my ($self) = @_;
+    open(my $fh, '<', "$self->{log}.args") or return [];
+    my @cmds = map { $JSON->decode($_) } <$fh>;
+    close($fh);
+    return \@cmds;
 }
 
 sub pid { $_[0]->{pid} }
@@ -134,7 +162,7 @@ sub stop {
     waitpid($self->{pid}, 0);
     delete $self->{pid};
     unlink($self->{path}) if -S $self->{path};
-    unlink($self->{log}) if $self->{log};
+    unlink($self->{log}, "$self->{log}.args") if $self->{log};
 }
 
 sub DESTROY {
