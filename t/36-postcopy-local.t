@@ -2,8 +2,10 @@
 # Post-copy through the library against real QEMUs on this host (no lab, no ssh): a source
 # QEMU running the lab's guest (lab/guest/guest.asm, which keeps dirtying its memory)
 # migrates over a UNIX socket into a target QEMU started with -incoming and -S, as PVE's
-# target. Both get "postcopy" in qmp_migrate_setup; the target is resumed before the switch
-# (QEMU then runs it as soon as post-copy starts); qmp_migrate_start_postcopy switches;
+# target, both on the one disk image (shared storage, no snapshot: QEMU's image locks hand
+# it over at the switch). Both get "postcopy" in qmp_migrate_setup; qmp_migrate_start_postcopy
+# switches, and the target is resumed only once the source's side of the switch is through
+# (postcopy-bytes), as the driver does;
 # qmp_migrate_pause breaks the channel as a hung link would; qmp_migrate_recover on the target
 # and qmp_migrate_resume on the source continue it over a new socket; qmp_wait_migration wakes
 # on each post-copy status. At the end the guest runs on the target with its memory intact.
@@ -44,7 +46,7 @@ $SIG{$_} = sub { exit(1) }
 
 sub slurp { my ($f) = @_; open(my $fh, '<', $f) or return ''; local $/; return <$fh> }
 
-# The guest: the boot sector in a 1 MiB raw disk, each QEMU writing to its own snapshot.
+# The guest: the boot sector in a 1 MiB raw disk, opened by both QEMUs as shared storage is.
 system($nasm, '-f', 'bin', '-o', "$T/guest.img", "$FindBin::Bin/../lab/guest/guest.asm") == 0
     or BAIL_OUT('nasm failed on lab/guest/guest.asm');
 truncate("$T/guest.img", 1 << 20) or die "truncate: $!";
@@ -60,7 +62,7 @@ sub start_qemu {
         @accel, '-cpu',
         'qemu64,-pni', '-m',
         $MEM, '-drive',
-        "file=$T/guest.img,format=raw,if=ide,id=drive-ide0,snapshot=on", '-qmp',
+        "file=$T/guest.img,format=raw,if=ide,id=drive-ide0", '-qmp',
         "unix:$T/$name.qmp,server=on,wait=off", '-pidfile',
         "$T/$name.pid", '-daemonize',
         @extra
@@ -147,8 +149,6 @@ for my $side ([src => $src], [dst => $dst]) {
 
 PVE::MTunnel::qmp_migrate($src, "unix:$T/migrate.sock", { setup => 0 });
 is(run_state($dst), 'inmigrate', 'the target waits for the incoming migration');
-# resumed before the switch: QEMU runs the target the moment post-copy starts
-qmp($dst, 'cont');
 sleep(1);
 is(PVE::MTunnel::qmp_query_migrate($src)->{status}, 'active', 'pre-copy runs');
 my $switch_t = time();
@@ -156,8 +156,20 @@ PVE::MTunnel::qmp_migrate_start_postcopy($src);
 my ($seen, $stat) = wait_status($src, 60, 'postcopy-active', 'completed');
 is($stat->{status}, 'postcopy-active', 'after the switch the source reports postcopy-active')
     or diag("statuses seen: @$seen");
-# postcopy-active comes before the device state went over: a pause then fails the migration.
-# Switched is when the target runs (the source stays in finish-migrate until the end).
+isnt(run_state($dst), 'running',
+    'the target is not run by the switch itself (-S): ' . run_state($dst));
+# postcopy-active comes before the device state went over (a pause then fails the migration,
+# a 'cont' then takes the disk the source still holds): the target is resumed once the
+# source's side is through, when pages are sent in post-copy
+my $through;
+for (1 .. 5000) {
+    $through = PVE::MTunnel::qmp_query_migrate($src)->{ram}{'postcopy-bytes'} // 0;
+    last if $through > 0;
+    sleep(0.002);
+}
+cmp_ok($through, '>', 0, 'the source reports its side of the switch through (postcopy-bytes)');
+is(run_state($src), 'finish-migrate', 'the source is stopped when the target is resumed');
+qmp($dst, 'cont');
 my ($src_run, $dst_run);
 for (1 .. 300) {
     ($src_run, $dst_run) = (run_state($src), run_state($dst));
