@@ -247,7 +247,7 @@ sub run {
         }
         $unanswered = undef;
         my $status = $stat->{status} // 'none';
-        if ($status ne $last) {
+        if ($status ne $last && $status ne 'completed') {
             $m->log('info', "migration status: $status");
             ($last, $last_progress) = ($status, time());
         }
@@ -488,8 +488,7 @@ sub next_recover_path {
 sub is_recover_path {
     my ($self, $path) = @_;
     my $m = $self->{m};
-    return
-        defined $path
+    return defined $path
         && $path =~ m{^\Q$m->{socket_dir}/$m->{vmid}\E_recover[1-9][0-9]{0,9}\.migrate\z};
 }
 
