@@ -362,7 +362,7 @@ sub undone {
     $mon->stop;
     like(
         $err,
-        qr/^VM 600 is lost: its QEMU on node 'node1' \(source\) is gone after the switch to post-copy, and the part of its memory that had not reached 'node2' is gone with it \(it is running on node 'node2', whose incoming migration is postcopy-paused\)/,
+        qr/^the QEMU of VM 600 on node 'node1' \(source\) is gone after the switch to post-copy \(the incoming migration on node 'node2' is postcopy-paused\) - VM 600 is lost: its QEMU on node 'node1' \(source\) is gone after the switch to post-copy, and 'node2' \(running, incoming migration postcopy-paused\) lacks the part of its memory that was only on 'node1'/,
         'source gone: the verdict says lost, and why'
     );
     cmp_ok(scalar(grep { /query migrate failed/ } @log),

@@ -12,8 +12,15 @@
 # ready (RAM about to start) and mid-RAM after the mirror; and postcopy-active (RAM VMs with
 # --postcopy always: half a second after the target was resumed in post-copy) for every
 # fault but the target QEMU killed (that loses the VM by the fault itself, as post-copy's
-# risk is documented): the migration must be recovered and end with the VM on the target. After each round, once settled (a
+# risk is documented). Post-copy's rounds run in their own mode (MTUNNEL_SOAK_MODE=postcopy,
+# t/59-postcopy-soak.t): every fault once at postcopy-active, the source QEMU killed too, on
+# nodes whose qm is qemu-server with the series (the post-copy commands); each round says
+# whether a recovery must happen (kill ssh, SIGSTOP ssh, cut link, SIGKILL then --fix) and
+# checks that it happened, and exactly then; a QEMU killed there loses the VM: the verdict
+# must say lost, and the source must never be continued. After each round, once settled (a
 # SIGKILLed driver or a source left paused settled with `mtunnel-migrate --check --fix`):
+#   - the fault fired (a round whose fault never came fails);
+#   - QEMU's own events show that the source never resumed after the target first ran;
 #   - the driver ended in bounded time; --check --fix, where needed, exits 0;
 #   - the verdict matches where the VM runs;
 #   - exactly one node runs the VM, and according to both nodes' run-state logs the two
@@ -26,7 +33,7 @@
 #     incoming QEMU, its new volume and listening sockets, removed by the test once X is
 #     reachable, and the migration's record that names them).
 # The seed is printed first; MTUNNEL_SOAK_SEED=N repeats a run, MTUNNEL_SOAK_N sets the
-# number of rounds (default 20), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
+# number of rounds (default 16; the post-copy mode runs each of its pairs once), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
 # plan, MTUNNEL_SOAK_LOGS=DIR keeps each round's task log there (DIR/round-N.log),
 # MTUNNEL_SOAK_ONLY=REGEX draws only from the pairs "FAULT at MOMENT" it matches (moments:
 # start, tunnel, mid, switchover, after, ready, midram; e.g. 'SIGKILL at (mid|after)').
@@ -53,7 +60,9 @@ my $seed = $ENV{MTUNNEL_SOAK_SEED} // int(time());
 die "MTUNNEL_SOAK_SEED must be a non-negative integer\n" if $seed !~ /^[0-9]{1,15}$/;
 diag("soak seed: $seed (re-run: MTUNNEL_SOAK_SEED=$seed prove t/57-fault-soak.t)");
 srand($seed);
-my $rounds = $ENV{MTUNNEL_SOAK_N} // 20;
+my $mode = $ENV{MTUNNEL_SOAK_MODE} // 'draw';
+die "MTUNNEL_SOAK_MODE must be draw or postcopy\n" if $mode !~ /^(draw|postcopy)$/;
+my $rounds = $ENV{MTUNNEL_SOAK_N} // 16;
 die "MTUNNEL_SOAK_N must be a positive integer\n" if $rounds !~ /^[1-9][0-9]{0,3}$/;
 
 my $top = abs_path(dirname(__FILE__) . '/..');
@@ -73,7 +82,9 @@ my @all_moments = qw(start tunnel mid switchover after);
 my %moments_of = (
     'kill ssh' => [qw(tunnel mid switchover after postcopy)],
     'SIGSTOP ssh' => [qw(mid after postcopy)],
-    'kill target QEMU' => [@all_moments],
+    'kill target QEMU' => [@all_moments, 'postcopy'],
+    # after the switch only: before it the source runs the VM, and its loss is no migration's
+    'kill source QEMU' => ['postcopy'],
     'cut link' => [@all_moments, 'postcopy'],
     'kill qm mtunnel' => [qw(tunnel mid switchover after postcopy)],
     'SIGTERM' => [@all_moments, 'postcopy'],
@@ -86,6 +97,7 @@ my @faults = (
     'kill ssh',
     'SIGSTOP ssh',
     'kill target QEMU',
+    'kill source QEMU',
     'cut link',
     'kill qm mtunnel',
     'SIGTERM',
@@ -96,6 +108,21 @@ my @pairs = map {
     my $f = $_;
     map { [$f, $_] } @{ $moments_of{$f} }
 } @faults;
+# post-copy's pairs each once in their own mode, the others drawn
+@pairs = grep { ($_->[1] eq 'postcopy') == ($mode eq 'postcopy') } @pairs;
+# post-copy: whether the fault must be recovered from (the tunnel's ssh gone or stuck, the link
+# cut, the driver killed: its ssh dies with it); 'lost' when it loses the VM by itself
+my %postcopy_expects = (
+    'kill ssh' => 'recovery',
+    'SIGSTOP ssh' => 'recovery',
+    'cut link' => 'recovery',
+    'SIGKILL' => 'recovery',
+    'kill qm mtunnel' => 'no recovery',
+    'SIGTERM' => 'no recovery',
+    'SIGINT' => 'no recovery',
+    'kill target QEMU' => 'lost',
+    'kill source QEMU' => 'lost',
+);
 if (defined(my $re = $ENV{MTUNNEL_SOAK_ONLY})) {
     # a regex on "FAULT at MOMENT" (moment as in @all_moments), to soak some pairs only
     @pairs = grep { "$_->[0] at $_->[1]" =~ /$re/ } @pairs;
@@ -108,6 +135,7 @@ if (defined(my $re = $ENV{MTUNNEL_SOAK_ONLY})) {
 # slow pairs (a stopped ssh waits out the driver's 30 s and 60 s deadlines, a cut link its
 # ssh timeouts) come at most once per deck and the file keeps its time bound.
 my (@plan, @deck);
+$rounds = @pairs if $mode eq 'postcopy';
 for my $i (1 .. $rounds) {
     if (!@deck) {
         @deck = @pairs;
@@ -150,6 +178,8 @@ sub moment_name {
 
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
+# post-copy drives the target through its qm mtunnel's post-copy commands (patch 0009)
+$lab->qemu_server_series($_, 1) for $mode eq 'postcopy' ? qw(node1 node2) : ();
 my $t_start = time();
 
 sub link_set {
@@ -251,7 +281,9 @@ sub run_round {
     push @args, '--stall-timeout', 4000 if $fault eq 'SIGSTOP ssh';
     # the switch once the first pass is done: the post-copy phase then moves all the RAM the
     # guest dirtied meanwhile (its whole RAM) at the limit, seconds to hit it in
-    push @args, '--postcopy', 'always', '--bwlimit', 8 * $bwlimit if $r->{moment} eq 'postcopy';
+    push @args, '--postcopy', 'always', '--bwlimit', 8 * $bwlimit, '--postcopy-bwlimit',
+        8 * $bwlimit
+        if $r->{moment} eq 'postcopy';
     push @args, @fast if $fault eq 'cut link';
     my $hold =
         $r->{moment} eq 'after' || ($r->{moment} eq 'switchover' && $fault eq 'kill target QEMU');
@@ -301,6 +333,7 @@ sub run_round {
         'kill ssh' => sub { $lab->ssh_pids($src, $v) },
         'SIGSTOP ssh' => sub { $lab->ssh_pids($src, $v) },
         'kill target QEMU' => sub { qemu_pid($dst, $v) },
+        'kill source QEMU' => sub { qemu_pid($src, $v) },
         'kill qm mtunnel' => sub { mtunnel_pids($dst) },
     }->{$fault};
     my @victims;
@@ -343,9 +376,11 @@ sub run_round {
             @victims = $wait_pids->($find, $fault eq 'kill target QEMU' ? 10 : 5) if !@victims;
         }
         if ($find && !@victims) {
-            $missed =
-                { 'kill target QEMU' => 'no target QEMU', 'kill qm mtunnel' => 'no qm mtunnel' }
-                ->{$fault} // 'no tunnel ssh';
+            $missed = {
+                'kill target QEMU' => 'no target QEMU',
+                'kill source QEMU' => 'no source QEMU',
+                'kill qm mtunnel' => 'no qm mtunnel'
+            }->{$fault} // 'no tunnel ssh';
         } elsif ($fault eq 'SIGSTOP ssh') {
             kill('STOP', @victims);
             @stopped = @victims;
@@ -392,6 +427,8 @@ sub run_round {
     my $secs = $t_end - $t0;
     my $out = slurp($log);
     my ($verdict) = $out =~ /^(TASK (?:OK|ERROR: .*))$/m;
+    $check->(!$missed, 'the fault fired', $missed);
+    my $expects = $r->{moment} eq 'postcopy' ? $postcopy_expects{$fault} : '';
     # nothing runs after SIGKILL (the fault's, or ours after 2 min): no verdict to expect
     my $sigkilled = ($status & 127) == 9;
     my $killed = $sigkilled && !defined $verdict;
@@ -413,7 +450,20 @@ sub run_round {
             "exit $exit, $verdict"
         ) if !$sigkilled;
         my $reach = qr/node '$dst' cannot be reached/;
-        if ($verdict eq 'TASK OK') {
+        if ($expects eq 'lost') {
+            # the fault itself loses the VM: the verdict says so, and nothing is undone
+            $class = 'lost';
+            $check->(
+                $verdict =~ /^TASK ERROR: .* - VM $v is lost: /,
+                'the verdict says the VM is lost',
+                "$verdict; $seen_text"
+            );
+            $check->(
+                $seen->{$src} ne 'running',
+                'the source was not continued',
+                "$verdict; $seen_text"
+            );
+        } elsif ($verdict eq 'TASK OK') {
             $class = 'target';
             $check->(
                 $seen->{$src} eq 'stopped' && $seen->{$dst} eq 'running',
@@ -532,9 +582,32 @@ sub run_round {
     # where the VM runs now
     my %st = ($src => $lab->qmpstatus($src, $v), $dst => $lab->qmpstatus($dst, $v));
     my @on = grep { $st{$_} eq 'running' } ($src, $dst);
-    my $on = @on == 1 ? $on[0] : undef;
+    my $on = @on == 1 && $class ne 'lost' ? $on[0] : undef;
     my $where = @on == 2 ? 'both' : @on ? $on[0] : 'none';
-    $check->(@on == 1, 'exactly one node runs the VM', "$src: $st{$src}, $dst: $st{$dst}");
+    $check->(@on == 1, 'exactly one node runs the VM', "$src: $st{$src}, $dst: $st{$dst}")
+        if $class ne 'lost';
+    $check->($st{$src} ne 'running', "the source does not run the lost VM", "$src: $st{$src}")
+        if $class eq 'lost';
+    my @rollback = $lab->resumed_after_target($src, $dst, $v);
+    $check->(
+        !@rollback,
+        'the source never resumed after the target ran (QEMU\'s STOP/RESUME events)',
+        scalar(@rollback)
+            . " RESUME on $src after ${dst}'s first:\n"
+            . dump_events($src, $v)
+            . dump_events($dst, $v)
+    );
+
+    if ($expects =~ /recovery/) {
+        my $recovered = ($out . ($fix_log // '')) =~ /post-copy migration recovered \(attempt/;
+        $check->(
+            ($recovered ? 1 : 0) == ($expects eq 'recovery' ? 1 : 0),
+            $expects eq 'recovery'
+            ? 'the post-copy migration was recovered'
+            : 'no recovery was needed',
+            $recovered ? 'recovered' : 'not recovered'
+        );
+    }
     my $expect = { target => $dst, source => $src, 'source, target unreachable' => $src }->{$class};
     $check->(
         $where eq $expect,
@@ -561,6 +634,15 @@ sub run_round {
         'the VM never ran on both nodes at once',
         scalar(@both) . " overlapping runs:\n" . dump_events($src, $v) . dump_events($dst, $v)
     );
+
+    if ($class eq 'lost') {
+        # nothing settles a lost VM: its QEMUs are ended here, as an admin would
+        $lab->run($dst, 'qm', 'stop', $v, '--migratedfrom', $src)
+            if $lab->qmpstatus($dst, $v) ne 'stopped';
+        $lab->run($src, 'qm', 'stop', $v, '--skiplock') if $lab->qmpstatus($src, $v) ne 'stopped';
+        $lab->run($src, 'rm', '-f', "/run/qemu-server/$v.mtunnel");
+        push @notes, 'lost as the fault makes it: its QEMUs stopped here';
+    }
 
     # nothing left
     my %qemu = map { $_ => [$lab->qemu_pids($_)] } ($src, $dst);

@@ -585,6 +585,26 @@ sub run_intervals {
     return [sort { $a->{start} <=> $b->{start} } @runs];
 }
 
+# A rollback: the RESUME events of VMID on $src (the migration's source) that came after its
+# target $dst first ran it (its first RESUME), from QEMU's own events in both nodes' logs, the
+# records from $since_ns on only. () when the source never resumed after the target ran.
+sub resumed_after_target {
+    my ($self, $src, $dst, $vmid, $since_ns) = @_;
+    $since_ns //= 0;
+    my ($first) =
+        grep { $_->{kind} eq 'RESUME' && $_->{t} >= $since_ns } @{ $self->vm_events($dst, $vmid) };
+    return () if !$first;
+    return
+        grep { $_->{kind} eq 'RESUME' && $_->{t} > $first->{t} } @{ $self->vm_events($src, $vmid) };
+}
+
+# Now as the event logs' times (CLOCK_REALTIME in ns): the $since_ns of resumed_after_target.
+sub now_ns {
+    require Time::HiRes;
+    my $t = Time::HiRes::clock_gettime(Time::HiRes::CLOCK_REALTIME());
+    return int($t) * 1_000_000_000 + int(($t - int($t)) * 1e9);
+}
+
 # MTunnelLab::overlaps(\@a, \@b): the pairs [$x, $y] of an interval $x of @a and $y of @b that
 # overlap in time; () = never both at once. Intervals are { start => ns, end => ns|undef } (as
 # run_intervals returns them) or [start, end]; an undef end is "now". Half-open: touching

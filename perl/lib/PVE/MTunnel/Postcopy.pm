@@ -404,14 +404,10 @@ sub source_gone {
         $m->{completed} = 1;
         return { status => 'completed', ram => {} };
     }
+    # the verdict (PVE::MTunnel::Check) says what that means
     $m->{postcopy_lost} = 1;
-    my $where =
-          ref $t ne 'HASH' ? "node '$target' could not be asked: " . ($@ =~ s/\s+\z//r)
-        : $t->{status} eq 'stopped' ? "its QEMU on node '$target' is gone too"
-        : "it is $t->{qmpstatus} on node '$target', whose incoming migration is $tmig";
-    die "VM $vmid is lost: its QEMU on node '$node' (source) is gone after the switch to "
-        . "post-copy, and the part of its memory that had not reached '$target' is gone with it "
-        . "($where)\n";
+    die "the QEMU of VM $vmid on node '$node' (source) is gone after the switch to post-copy "
+        . "(the incoming migration on node '$target' is $tmig)\n";
 }
 
 # A final 'failed' or 'cancelled' after the switch. A target that never ran is stopped, then the
@@ -527,10 +523,10 @@ sub recover_once {
     $m->open_tunnel(\@forwards, timeout_ms => 30_000);
     my $t = $m->target_request("postcopy-status $vmid");
     if ($t->{status} eq 'stopped') {
+        # the verdict (PVE::MTunnel::Check) says what that means
         $m->{postcopy_lost} = 1;
-        die "VM $vmid is lost: its QEMU on node '$target' is gone after the switch to "
-            . "post-copy, and the part of its memory that was only there is gone with it "
-            . "(the source on node '$node' holds no complete state; it is kept paused)\n";
+        die "the QEMU of VM $vmid on node '$target' (target) is gone after the switch to "
+            . "post-copy\n";
     }
     my $dst = $t->{migration}{status} // 'none';
     return if $dst eq 'completed';
