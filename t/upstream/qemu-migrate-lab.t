@@ -47,6 +47,7 @@ sub migrate {
 sub start_vm {
     my ($vmid, %conf) = @_;
     $lab->write_vm_config($vmid, memory => $mem, %conf);
+    $lab->move_vm_config($vmid, 'node1');    # a migration of this VMID moved it to node2
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
 }
