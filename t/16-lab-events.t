@@ -127,6 +127,8 @@ ok(defined $run1->[0]{end} && $run1->[0]{end} <= $run2->[0]{start},
     'node1\'s run ends before node2\'s begins');
 is_deeply([MTunnelLab::overlaps($run1, $run2)],
     [], 'overlaps: the VM never ran on both nodes at once');
+is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid)],
+    [], "the source never resumed after the target's first RESUME");
 
 # ---------------------------------------------------------------- the check can fail
 
@@ -163,6 +165,31 @@ is_deeply([MTunnelLab::overlaps([], [[0, undef]])], [], 'nothing ran: no overlap
     is_deeply($lab->vm_events('node1', 998), [], 'vm_events: no log, no records');
     is_deeply($lab->run_intervals('node1', 998), [], 'run_intervals: no log, no runs');
     unlink($path);
+}
+
+# a made-up rollback: the source resumed after the target's first RESUME (a failed
+# post-copy continued on the source), and the same without it
+{
+    my %log = (
+        node1 => "1000 21 status running\n2000 21 STOP -\n",
+        node2 => "1500 22 status inmigrate\n2500 22 RESUME -\n",
+    );
+    for my $node (sort keys %log) {
+        my $path = "$dir/$node/events-997.log";
+        open(my $fh, '>', $path) or die "$path: $!\n";
+        print $fh $log{$node};
+        close($fh) or die "$path: $!\n";
+    }
+    is_deeply([$lab->resumed_after_target('node1', 'node2', 997)],
+        [], 'resumed_after_target: the source stopped, the target ran: no rollback');
+    open(my $fh, '>>', "$dir/node1/events-997.log") or die;
+    print $fh "3000 21 RESUME -\n";
+    close($fh);
+    is_deeply([map { $_->{t} } $lab->resumed_after_target('node1', 'node2', 997)],
+        [3000], 'resumed_after_target: the source\'s RESUME after the target\'s first is found');
+    is_deeply([$lab->resumed_after_target('node1', 'node2', 997, 2600)],
+        [], 'resumed_after_target: only the records since the given time');
+    unlink("$dir/$_/events-997.log") for keys %log;
 }
 
 # ---------------------------------------------------------------- qm stop ends the logger

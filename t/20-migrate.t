@@ -27,6 +27,7 @@ like(
 $lab->run_ok("node1", "$top/lab/guest-check", "--wait", $vmid);
 sleep(1);
 
+my $since = MTunnelLab::now_ns();
 my ($rc, $out, $err) = $lab->run(
     'node1', "$top/perl/bin/mtunnel-migrate", $vmid, 'node2',
     '--node', 'node1', '--ssh-file', $lab->dir . '/ssh_prefix_node2',
@@ -56,6 +57,8 @@ like(
     'parameters logged as upstream: downtime limit, xbzrle cache of a tenth of 256 MiB rounded up'
 );
 like($out, qr/^TASK OK$/m, 'task OK');
+is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+    [], "the source never resumed after the target ran (QEMU's events)");
 my ($timing) = $out =~ /^(TIMING .*)$/m;
 diag($timing // 'no timing line');
 note($out);

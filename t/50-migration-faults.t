@@ -81,6 +81,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node1', 'qm', 'start', $vmid);
     $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     my $t0 = time();
+    my $since = MTunnelLab::now_ns();
     # 4 MiB/s: the migration lasts long enough to hit it in the middle.
     my $bg = $lab->background(
         'node1', "$dir/fault-$vmid.log",
@@ -116,6 +117,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
 
     is(qmpstatus('node1'), 'running', "$name: VM runs on node1");
     isnt(qmpstatus('node2'), 'running', "$name: VM does not run on node2");
+    is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+        [], "$name: the source never resumed after the target ran (QEMU's events)");
     my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
     is($crc, 0, "$name: guest memory intact on node1") or diag($check);
     if ($s->{unreachable_target}) {

@@ -189,6 +189,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         if @existing;
     $s->{prepare}->() if $s->{prepare};
     my $t0 = time();
+    my $since = MTunnelLab::now_ns();
     my $bg = $lab->background(
         'node1', "$dir/fault-$vmid.log",
         "$top/perl/bin/mtunnel-migrate", $vmid,
@@ -218,6 +219,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     my $out = $bg->output;
     my ($err) = $out =~ /^(TASK (?:ERROR: .*|OK))$/m;
     diag("$name: " . ($err // 'no TASK line') . sprintf(" (%.1f s)", $took));
+    is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+        [], "$name: the source never resumed after the target ran (QEMU's events)");
 
     if ($s->{succeeds}) {
         is(($status // -1) >> 8, 0, "$name: the migration succeeds") or diag($out);

@@ -282,6 +282,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     $lab->run_ok('node2', 'pvesm', 'alloc', 'local', $vmid, "vm-$vmid-disk-0.raw", '1M')
         if $s->{disk};
     my $t0 = time();
+    my $since = MTunnelLab::now_ns();
     my $bg = $lab->background('node1', "$dir/interrupt-$vmid.log", "$top/perl/bin/mtunnel-migrate",
         $vmid, 'node2', '--node', 'node1', '--ssh-file', $ssh_file, '--pve-dir', "$dir/pve",
         @{ $s->{args} // [] });
@@ -362,6 +363,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     }
     my $on = $s->{on} // (($verdict // '') eq 'TASK OK' ? 'node2' : 'node1');
     is(placement(), $on, "$name: the VM runs on $on only");
+    is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+        [], "$name: the source never resumed after the target ran (QEMU's events)");
     for my $node (grep { qmpstatus($_) ne 'stopped' } qw(node1 node2)) {
         is(qmp($node, 'query-block-jobs'), "[]\n", "$name: no block job left on $node");
     }
