@@ -22,8 +22,8 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $flow = "$top/examples/perl/qemu-migrate-flow";
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
-# the flow's --config-dir: the directory of the source node, which holds the VM's config
-sub confdir { return "$dir/pve/nodes/$_[0]/qemu-server" }
+# the flow's --pve-dir: the lab's config tree, pmxcfs's layout (it moves the config as upstream)
+my $pve_dir = "$dir/pve";
 my ($vmid, $mem) = (100, 256);
 
 *slurp = \&MTunnelLab::slurp;
@@ -33,7 +33,7 @@ sub qmpstatus { return $lab->qmpstatus($_[0], $vmid) }
 sub run_flow {
     my ($from, $to, @args) = @_;
     return $lab->run($from, $flow, $vmid, $to, '--node', $from, '--ssh-file',
-        "$dir/ssh_prefix_$to", '--config-dir', confdir($from), @args);
+        "$dir/ssh_prefix_$to", '--pve-dir', $pve_dir, @args);
 }
 
 # Both nodes clean: no socket file, nothing but sshd in their netns, no lock, no zombie.
@@ -167,7 +167,7 @@ sleep(1);
             "$top/lab/lab.sh", 'exec', 'node1',
             $flow, $vmid, 'node2',
             '--node', 'node1', '--ssh-file',
-            "$dir/ssh_prefix_node2", '--config-dir', confdir('node1'),
+            "$dir/ssh_prefix_node2", '--pve-dir', $pve_dir,
             '--tunnel-version', 2, '--bwlimit',
             8192
         ) or die;

@@ -107,7 +107,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     like(
         $out,
         $s->{unreachable_target}
-        ? qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\); node 'node2' cannot be reached to confirm that its incoming copy is gone \(run 'qm stop $vmid' there once it is reachable\)$/m
+        ? qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\); node 'node2' cannot be reached to confirm that its incoming copy is gone \(run 'qm stop $vmid --skiplock --migratedfrom node1' there once it is reachable\)$/m
         : qr/^TASK ERROR: .* - VM $vmid runs on node 'node1' \(source\) only$/m,
         "$name: the verdict says where the VM runs"
     ) or diag($out);

@@ -67,6 +67,7 @@ sub monitor {
     open(my $afh, '>>', "$log.args") or die "$log.args: $!\n";
     $afh->autoflush(1);
     my $pid = fork() // die "fork: $!\n";
+
     if (!$pid) {
         # a client that gave up on a slow reply closed its end: QEMU lives on, and so do we
         $SIG{PIPE} = 'IGNORE';

@@ -339,7 +339,7 @@ sub postcopy_failed {
     return result(
         $c,
         state =>
-            "VM $vmid is paused on node '$node' (source, $s) with incomplete memory: post-copy $mig after VM $vmid ran on '$target', which holds the rest of its memory; $where. Nothing is continued or stopped automatically: the guest on '$target' stops at the first page it lacks, and continuing '$node' would roll it back to older memory (and disk writes since the switch would not match it). Decide by hand: 'qm stop $vmid' on both nodes and start it from its disks, or restore it",
+            "VM $vmid is paused on node '$node' (source, $s) with incomplete memory: post-copy $mig after VM $vmid ran on '$target', which holds the rest of its memory; $where. Nothing is continued or stopped automatically: the guest on '$target' stops at the first page it lacks, and continuing '$node' would roll it back to older memory (and disk writes since the switch would not match it). Decide by hand: 'qm stop $vmid' on '$node' and 'qm stop $vmid --skiplock --migratedfrom $node' on '$target' (its config is on '$node'), then start it from its disks, or restore it",
         undecided => 1,
         lost => !defined $t || $t eq 'stopped' ? 1 : 0
     );
@@ -375,7 +375,7 @@ sub postcopy_source_gone {
     return result(
         $c,
         state =>
-            "VM $vmid is lost: its QEMU on node '$node' (source) is gone after the switch to post-copy, and '$target' ($t, incoming migration $tmig) lacks the part of its memory that was only on '$node'. 'qm stop $vmid' on '$target' ends it; start it again from its disks",
+            "VM $vmid is lost: its QEMU on node '$node' (source) is gone after the switch to post-copy, and '$target' ($t, incoming migration $tmig) lacks the part of its memory that was only on '$node'. 'qm stop $vmid --skiplock --migratedfrom $node' on '$target' ends it; start it again from its disks",
         undecided => 1,
         lost => 1
     );
@@ -402,14 +402,14 @@ sub target_unreachable {
     return result(
         $c,
         state =>
-            "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid' there once it is reachable)",
+            "VM $vmid runs on node '$node' (source); node '$target' cannot be reached to confirm that its incoming copy is gone (run 'qm stop $vmid --skiplock --migratedfrom $node' there once it is reachable)",
         undecided => 1
     ) if $s eq 'running';
     my ($complete) = disks_complete($c->{m}, $c->{st}, $c->{jobs});
     return result(
         $c,
         state =>
-            "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid' there, then 'qm resume $vmid' on '$node'",
+            "VM $vmid is paused on node '$node' (source, $s) after its migration completed, and node '$target' cannot be reached. Its copy there has incomplete disks and must never be resumed: once '$target' is reachable, run 'qm stop $vmid --skiplock --migratedfrom $node' there (or without --migratedfrom where its config moved), then 'qm resume $vmid' on '$node'",
         undecided => 1
     ) if $c->{completed} && $c->{m}{target_disks_incomplete};
     return result(

@@ -995,7 +995,8 @@ sub phase2_cleanup {
             $self->log('err', "stopping target VM failed: $err");
             $self->log('err',
                 "VM $vmid may be left waiting for incoming migration on node '$self->{target}': "
-                    . "run 'qm stop $vmid' there once it is reachable");
+                    . "run 'qm stop $vmid --skiplock --migratedfrom $self->{node}' there once it is reachable"
+            );
         } else {
             $self->{target_stopped} = 1;
         }
@@ -1471,14 +1472,16 @@ sub target_status {
 sub target_qemu_state {
     my ($self) = @_;
     my $pidfile = "$self->{socket_dir}/$self->{vmid}.pid";
+    # upstream names it /var/run/qemu-server/VMID.pid in QEMU's argv (/var/run is /run)
+    my $named = $pidfile =~ m{^/run/} ? "/var$pidfile" : $pidfile;
     my $script =
           'pid=$(cat "$1" 2>/dev/null) || { echo stopped; exit 0; }; '
         . 'if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] '
-        . '&& tr "\\000" "\\n" <"/proc/$pid/cmdline" | grep -qxF -- "$1"; '
+        . '&& tr "\\000" "\\n" <"/proc/$pid/cmdline" | grep -qxF -e "$1" -e "$2"; '
         . 'then echo present; else echo stopped; fi';
     my $res = eval {
         $self->remote_command(
-            ['sh', '-c', $script, 'sh', $pidfile],
+            ['sh', '-c', $script, 'sh', $pidfile, $named],
             timeout_ms => 20_000,
             connect_timeout_s => 5,
             connect_retries => 1
