@@ -408,18 +408,27 @@ sub steps {
 {
     my $allows = \&PVE::MTunnel::Postcopy::allows;
     for my $action ('stop target', 'cancel', 'continue source') {
-        is(($allows->({}, $action, 0))[0], 1, "rule: before the switch, $action is allowed");
-        my ($ok, $why) = $allows->({ postcopy_sent => 1, target_resume_sent => 1 }, $action, 1);
+        is(($allows->({}, $action))[0], 1, "rule: before the switch, $action is allowed");
+        my ($ok, $why) =
+            $allows->({ postcopy_sent => 1, target_resume_sent => 1 }, $action, target_gone => 1);
         ok(!$ok, "rule: the target may have run: never $action, even with its QEMU gone");
         like($why, qr/its newest state is there/, "rule: $action: says why");
     }
-    is(($allows->({ postcopy_sent => 1 }, 'stop target', 0))[0],
+    is(($allows->({ postcopy_sent => 1 }, 'stop target'))[0],
         1, 'rule: the switch sent, the target never ran: it may be stopped');
     ok(
-        !($allows->({ postcopy_sent => 1 }, 'continue source', 0))[0],
+        !($allows->({ postcopy_sent => 1 }, 'continue source'))[0],
         'rule: ... but the source is continued only once its QEMU is confirmed gone'
     );
-    is(($allows->({ postcopy_sent => 1 }, 'continue source', 1))[0], 1, 'rule: ... and then it is');
+    is(($allows->({ postcopy_sent => 1 }, 'continue source', target_gone => 1))[0],
+        1, 'rule: ... and then it is');
+    my $ran = { postcopy_sent => 1, target_resume_sent => 1 };
+    ok(!($allows->($ran, 'stop source'))[0],
+        'rule: the source is not stopped while pages may be only there');
+    is(($allows->($ran, 'stop source', completed => 1))[0],
+        1, 'rule: ... only once every page reached the target');
+    is(($allows->({}, 'stop source'))[0],
+        1, 'rule: before the switch stopping the source is pre-copy\'s business');
 }
 
 # ---------------------------------------------------------------- post-copy's verdicts

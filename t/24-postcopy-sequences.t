@@ -107,6 +107,9 @@ sub target_with {
         }
         if ($line =~ /^postcopy-status /) {
             return { status => 'stopped' } if $t->{stopped};
+            # a stuck state that falls back to postcopy-paused after that many looks
+            $t->{migration} = 'postcopy-paused'
+                if defined $t->{fall_back_after} && $t->{fall_back_after}-- <= 0;
             return {
                 status => 'running',
                 qmpstatus => $t->{qmpstatus} // 'running',
@@ -178,6 +181,7 @@ sub source {
             'migrate-pause' => sub { return $o{on_pause} ? $o{on_pause}->(\%st) : {} },
             'cont' => sub { $status = 'running'; return {} },
             'migrate_cancel' => {},
+            'stop' => sub { $status = 'paused'; return {} },
             'quit' => {},
             'query-migrate' => sub {
                 if (!$switched) {
@@ -382,8 +386,9 @@ sub undone {
     is($err, undef, 'source gone after the target got everything: the migration is finished');
 }
 
-# A channel that breaks after the resume; recovery as the test case says ($rec: what the
-# target's recovery commands do).
+# A channel that breaks after the resume, then recovery; %o: target (its status script),
+# source_after_resume (what the source reports after each resume: a list of statuses, the
+# last one repeated), source_paused (the statuses before the first resume, after the break).
 sub broken_then_recovered {
     my (%o) = @_;
     my $t = { migration => 'postcopy-paused', %{ $o{target} // {} } };
@@ -394,19 +399,37 @@ sub broken_then_recovered {
             my ($args, $st) = @_;
             $st->{resumes}++;
             $st->{uri} = $args->{uri};
+            @$st{qw(k paused)} = (0, 0);
             return {};
         },
-        on_pause => $o{source_pause},
+        on_pause => sub {
+            my ($st) = @_;
+            return ScriptedQMP::error('GenericError',
+                'migrate-pause is currently only supported during postcopy-active state')
+                if !$o{source_pausable};
+            $st->{paused} = 1;
+            return {};
+        },
         after => sub {
             my ($n, $st) = @_;
             return active() if !marked('resumed');
             if (!$st->{resumes}) {
-                return { status => 'postcopy-paused' };
+                my @before = @{ $o{source_paused} // ['postcopy-paused'] };
+                my $b =
+                    $st->{paused}
+                    ? 'postcopy-paused'
+                    : $before[$st->{b}++ < $#before ? $st->{b} - 1 : $#before];
+                return { status => $b };
             }
-            # a failed attempt falls back at once
-            return { status => 'postcopy-paused' } if $st->{resumes} <= ($o{failing_resumes} // 0);
-            $st->{after_resume}++;
-            return $st->{after_resume} < 5 ? active() : { status => 'completed', ram => {} };
+            # paused (migrate-pause) until the next resume
+            return { status => 'postcopy-paused' } if $st->{paused};
+            my @seq = @{ $o{source_after_resume}[$st->{resumes} - 1]
+                    // ['postcopy-recover', 'postcopy-active'] };
+            my $k = $st->{k}++;
+            my $status = $seq[$k < $#seq ? $k : $#seq];
+            $st->{after_resume}++ if $status eq 'postcopy-active';
+            return { status => 'completed', ram => {} } if ($st->{after_resume} // 0) >= 5;
+            return $status eq 'postcopy-active' ? active() : { status => $status };
         }
     );
     my @r = run_migration($mon, %{ $o{param} // {} });
@@ -414,73 +437,153 @@ sub broken_then_recovered {
     return (@r, $t);
 }
 
-{
-    # the target still listens from an earlier attempt (postcopy-recover, QEMU 7.2 cannot be
-    # paused there): the same socket is forwarded again and the source resumed into it
-    my $old = "$tmp/600_recover1001.migrate";
-    my ($err, $asked, $took, $m) = broken_then_recovered(
-        target => {
-            migration => 'postcopy-recover',
-            extra => { 'socket-address' => [{ type => 'unix', path => $old }] },
-            on => sub {
-                return 'OK' if $_[0] !~ /^postcopy-pause/;
-                die
-                    "tunnel replied 'ERR: postcopy-pause failed - migrate-pause is currently only supported during postcopy-active state' to command '$_[0]'\n";
-            }
-        }
-    );
-    is($err, undef, 'postcopy-recover leftover: recovered') or diag(join("\n", @log));
-    my ($resume) = grep { $_->[1]{resume} } asked_for($asked, 'migrate');
-    is($resume->[1]{uri},
-        "unix:$old", 'postcopy-recover leftover: resumed into the socket the target listens on');
-    ok(
-        !grep({ /^tunnel: postcopy-recover/ } @calls),
-        'postcopy-recover leftover: no new listener asked for'
-    );
-    ok(
-        grep({ /^tunnel open: .*\Q$old\E/ } @calls),
-        'postcopy-recover leftover: that socket forwarded'
-    );
+sub resumed_into {
+    my ($asked) = @_;
+    return map { $_->[1]{uri} } grep { $_->[1]{resume} } asked_for($asked, 'migrate');
 }
 
 {
-    # QEMU 9.1 and later: postcopy-recover-setup left over; it can be paused there: paused, then a
-    # new socket
-    my $t;
-    my ($err, $asked, $took, $m);
-    ($err, $asked, $took, $m, $t) = broken_then_recovered(
-        target => {
-            migration => 'postcopy-recover-setup',
-            extra =>
-                { 'socket-address' => [{ type => 'unix', path => "$tmp/600_recover7.migrate" }] },
-        }
-    );
-    is($err, undef, 'postcopy-recover-setup leftover: recovered') or diag(join("\n", @log));
-    ok(
-        grep({ /^tunnel: postcopy-pause 600$/ } @calls),
-        'postcopy-recover-setup leftover: the target paused'
-    );
+    # the channel breaks: the target is paused and listens on a new socket of this run, the
+    # source resumed into it
+    my ($err, $asked) = broken_then_recovered();
+    is($err, undef, 'a broken channel: recovered') or diag(join("\n", @log));
     my ($listen) = grep { /^tunnel: postcopy-recover 600 / } @calls;
     my ($path) = ($listen // '') =~ m{ (\S+)$};
     like(
         $path // '',
-        qr{/600_recover${$}0\d\d\.migrate$},
+        qr{/600_recover${$}00\d\.migrate$},
         'recovery sockets are named by the driver\'s pid (unique per run)'
     );
-    my ($resume) = grep { $_->[1]{resume} } asked_for($asked, 'migrate');
-    is($resume->[1]{uri},
-        "unix:$path", 'postcopy-recover-setup leftover: resumed into the new socket');
+    is_deeply([resumed_into($asked)],
+        ["unix:$path"], 'a broken channel: the source resumed into it');
+    ok(grep({ /^tunnel open: \Q$path\E$/ } @calls), 'a broken channel: a new tunnel forwards it');
 }
 
 {
-    # a failed attempt is noticed as soon as the source falls back to postcopy-paused
-    my ($err, $asked, $took) = broken_then_recovered(failing_resumes => 1);
+    # the target's end of a recovery whose handshake hangs (postcopy-recover; QEMU before 8.2
+    # cannot pause it): once the hung tunnel is gone it falls back to postcopy-paused, then it
+    # listens again
+    my $asks = 0;
+    my ($err, $asked) = broken_then_recovered(
+        target => {
+            migration => 'postcopy-recover',
+            fall_back_after => 3,
+            on => sub {
+                my ($line) = @_;
+                die
+                    "tunnel replied 'ERR: postcopy-pause failed - migrate-pause is currently only supported during postcopy-active state' to command '$line'\n"
+                    if $line =~ /^postcopy-pause /;
+                return 'OK';
+            },
+        },
+        param => { postcopy_recover_timeout_ms => 60_000 },
+    );
+    is($err, undef, 'a target stuck in postcopy-recover: recovered once it fell back')
+        or diag(join("\n", @log));
+    ok(
+        grep({ /pausing the incoming migration on node 'node2': .*postcopy-pause failed/ } @log),
+        'a target stuck in postcopy-recover: a pause was tried (refused, as QEMU before 8.2 does)'
+    );
+    ok(grep({ /^tunnel: postcopy-recover 600 / } @calls),
+        'a target stuck in postcopy-recover: asked to listen again once paused');
+}
+
+{
+    # the source's resume hangs (postcopy-recover for 30 s; QEMU 8.2 and later can pause it
+    # there): kicked, paused, recovered
+    my ($err, $asked) = broken_then_recovered(
+        source_after_resume => [['postcopy-recover'], ['postcopy-recover', 'postcopy-active']],
+        source_pausable => 1,
+        param => { postcopy_recover_timeout_ms => 60_000 },
+    );
+    is($err, undef, 'a resume that hangs: recovered') or diag(join("\n", @log));
+    ok(
+        grep(
+            { /the migration is postcopy-recover for 30 s: kicking it|the resumed migration is postcopy-recover/
+            } @log),
+        'a resume that hangs: noticed'
+    );
+    ok(asked_for($asked, 'migrate-pause'),
+        'a resume that hangs: the source paused (migrate-pause)');
+}
+
+{
+    # a failed attempt is noticed as soon as the source falls back to postcopy-paused after its
+    # recovery began; before it began (QEMU before 9.1 stays paused while it connects) it is not
+    my ($err, $asked, $took) = broken_then_recovered(
+        source_after_resume => [
+            ['postcopy-recover', 'postcopy-paused'],
+            [
+                'postcopy-paused', 'postcopy-paused', 'postcopy-paused', 'postcopy-recover',
+                'postcopy-active'
+            ]
+        ]
+    );
     is($err, undef, 'a failed attempt: recovered at the next one') or diag(join("\n", @log));
-    is(scalar(grep { $_->[1]{resume} } asked_for($asked, 'migrate')),
-        2, 'a failed attempt: two resumes');
+    is(scalar(resumed_into($asked)), 2, 'a failed attempt: two resumes');
     ok(grep({ /recovery attempt 1 failed: the resumed migration is postcopy-paused/ } @log),
         'a failed attempt: the fall back is what failed it');
-    cmp_ok($took, '<', 20, 'a failed attempt: not waited out (30 s per attempt before)');
+    ok(
+        !grep({ /recovery attempt 2 failed/ } @log),
+        'a resume still connecting (postcopy-paused before postcopy-recover) is not taken for a failure'
+    );
+    cmp_ok($took, '<', 20, 'a failed attempt: not waited out (30 s per attempt)');
+}
+
+{
+    # the source paused, the target's incoming migration completed (the last acknowledgement
+    # lost): finished, not recovered for ever
+    my ($err, $asked) = broken_then_recovered(target => { migration => 'completed' });
+    is($err, undef, 'paused, but complete on the target: finished') or diag(join("\n", @log));
+    ok(!resumed_into($asked), 'paused, but complete on the target: nothing resumed');
+    is(scalar(grep { /^tunnel open: / } @calls),
+        2, 'paused, but complete on the target: one recovery tunnel, not a loop');
+}
+
+{
+    # the source's QEMU dies while its migration is being recovered: found at the next attempt
+    my $mon;
+    local $on_resume = sub { mark('resumed') };
+    my $t = {
+        migration => 'postcopy-paused',
+        on => sub { kill('KILL', $mon->pid) if $_[0] =~ /^postcopy-recover /; return 'OK' }
+    };
+    local $target = target_with($t);
+    $mon = source(
+        after => sub { return marked('resumed') ? { status => 'postcopy-paused' } : active() });
+    my ($err, $asked, $took) = run_migration($mon, postcopy_recover_timeout_ms => 120_000);
+    $mon->stop;
+    like(
+        $err,
+        qr/^the QEMU of VM 600 on node 'node1' \(source\) is gone after the switch to post-copy/,
+        'the source dies during recovery: found, not retried until the deadline'
+    );
+    cmp_ok($took, '<', 30, 'the source dies during recovery: within seconds');
+}
+
+{
+    # QEMU 8.x and later continue the source by themselves after a failed post-copy: paused
+    # again at once, nothing else (the target ran)
+    local $on_resume = sub { mark('resumed') };
+    local $target = target_with({ migration => 'postcopy-paused' });
+    my $mon = source(
+        run_state => 'running',
+        after => sub {
+            return marked('resumed') ? { status => 'failed', 'error-desc' => 'x' } : active();
+        }
+    );
+    my ($err, $asked) = run_migration($mon);
+    $mon->stop;
+    ok(asked_for($asked, 'stop'),
+        'QEMU continued the source after a failed post-copy: paused again');
+    ok(
+        grep(
+            { /QEMU continued VM 600 on node 'node1' by itself after post-copy failed: paused it again/
+            } @log),
+        'QEMU continued the source: said so'
+    );
+    is_deeply([undone($asked)], [],
+        'QEMU continued the source: nothing continued, cancelled or stopped by the driver');
 }
 
 {

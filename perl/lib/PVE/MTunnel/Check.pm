@@ -55,6 +55,8 @@ sub inspect {
         $seen{$key} = $st;
         # what the target's qm mtunnel announced: how it can be asked
         $m->{target_commands} //= $st->{target_commands};
+        # a fix goes on with this record (post-copy's rule reads it), never a new one
+        $m->{state} //= {%$st};
     }
     # a start refused before ssh ran left nothing there (the target is not asked: it may be
     # unreachable with the same ssh command)
@@ -113,9 +115,10 @@ sub diagnose {
     my $c = context($m, $seen);
     for my $case (
         \&postcopy_split, \&postcopy_failed, \&postcopy_source_gone,
-        \&target_unreachable, \&on_one_node, \&both_running,
-        \&incoming_left, \&target_runs, \&completed_both_paused,
-        \&completed_target_stopped, \&source_gone_target_paused, \&neither,
+        \&postcopy_unknown, \&target_unreachable, \&on_one_node,
+        \&both_running, \&incoming_left, \&target_runs,
+        \&completed_both_paused, \&completed_target_stopped, \&source_gone_target_paused,
+        \&neither,
         )
     {
         my $d = $case->($c);
@@ -154,8 +157,10 @@ sub context {
             // "mtunnel-migrate --check $vmid $target --node $node --ssh-file FILE --fix",
     );
     $c{completed} = $c{smig} eq 'completed' || ($c{s} eq 'postmigrate' && $c{smig} eq 'none');
-    # the fix steps' own undo_allowed() asks the rule with this record (no live post-copy)
-    $m->{rule_state} = $c{rule};
+    # what the fix steps' own undo_allowed() may go by: the target's QEMU seen gone, every page
+    # on the target
+    $m->{target_gone} = 1 if defined $c{t} && $c{t} eq 'stopped';
+    $m->{completed} = 1 if $c{smig} eq 'completed' || ($c{tmig} // '') eq 'completed';
 
     # what the migration left: its block jobs, and (unless the VM is to run there) the
     # target's new volumes
@@ -217,6 +222,7 @@ sub context {
         "resume VM $vmid on '$target'",
         sub {
             $m->move_config($target);
+            $m->note_resume();
             $m->remote(['resume', $vmid, '--skiplock', '--nocheck']);
         }
     ];
@@ -327,11 +333,34 @@ sub postcopy_failed {
         return result(
             $c,
             state =>
+                "VM $vmid runs on node '$target' although the record of its migration says no resume was sent there (post-copy $mig; '$node': $s): decide by hand",
+            undecided => 1
+        ) if $t eq 'running';
+        return result(
+            $c,
+            state =>
                 "VM $vmid is $s on node '$node' after post-copy $mig before it ran on '$target' ($t): its state is only on '$node'",
             fix => to_source($c)
         );
     }
     return whole_on_target($c, "post-copy $mig on '$node'") if ($tmig // '') eq 'completed';
+    if ($s eq 'running') {
+        # QEMU 8.x and later continue the source by themselves after a failed post-copy
+        my $m = $c->{m};
+        return result(
+            $c,
+            state =>
+                "VM $vmid runs again on node '$node' (source): QEMU continued it by itself after post-copy $mig, although it ran on '$target' ("
+                . ($t // 'cannot be reached')
+                . ") since the switch, from older memory",
+            fix => [
+                [
+                    "pause VM $vmid on '$node' (its guest must not go on from older memory)",
+                    sub { PVE::MTunnel::qmp_execute($m->{qmp_socket}, 'stop') }
+                ]
+            ]
+        );
+    }
     my $where =
           !defined $t ? "node '$target' cannot be reached"
         : $t eq 'stopped' ? "its QEMU on '$target' is gone"
@@ -378,6 +407,23 @@ sub postcopy_source_gone {
             "VM $vmid is lost: its QEMU on node '$node' (source) is gone after the switch to post-copy, and '$target' ($t, incoming migration $tmig) lacks the part of its memory that was only on '$node'. 'qm stop $vmid --skiplock --migratedfrom $node' on '$target' ends it; start it again from its disks",
         undecided => 1,
         lost => 1
+    );
+}
+
+# The switch was sent and the source's QEMU is there, but its migration says neither
+# post-copy, nor an end, nor completed (its monitor did not answer, or a newer QEMU's status):
+# nothing can be decided safely.
+sub postcopy_unknown {
+    my ($c) = @_;
+    my ($vmid, $node, $target, $mig, $s, $t) = @$c{qw(vmid node target smig s t)};
+    return undef if !$c->{rule}{postcopy_sent} || $mig eq 'completed';
+    return result(
+        $c,
+        state =>
+            "VM $vmid switched to post-copy, and its migration on node '$node' ($s) says '$mig' ('$target': "
+            . ($t // 'cannot be reached')
+            . "): whether every page reached '$target' cannot be told. Nothing may be stopped or continued: run on '$node' again: $c->{check}",
+        undecided => 1
     );
 }
 
@@ -677,6 +723,10 @@ sub check {
     my $todo = !$d->{undecided} && @{ $d->{fix} } && (!$d->{ok} || @{ $d->{left} });
 
     if ($opts{fix} && $todo) {
+        # a signal ends no step half-way (a post-copy being finished goes on): noted, as the
+        # driver does; a closed output (PIPE) is no reason to stop either
+        local @SIG{qw(INT TERM QUIT HUP PIPE)} =
+            (sub { $m->{signal} //= $_[0]; $m->{signals}++ }) x 5;
         for my $step (@{ $d->{fix} }) {
             $m->log('info', "fix: $step->[0]");
             eval { $step->[1]->() };
@@ -767,7 +817,7 @@ The cases' shared parts: the states, the record, the rule's view, what is left a
 steps; a result; moving the config where the VM runs; settling on the source; stopping the
 source's copy; a VM whole on the target.
 
-=head2 postcopy_split, postcopy_failed, postcopy_source_gone, target_unreachable, on_one_node, both_running, incoming_left, target_runs, completed_both_paused, completed_target_stopped, source_gone_target_paused, neither
+=head2 postcopy_split, postcopy_failed, postcopy_source_gone, postcopy_unknown, target_unreachable, on_one_node, both_running, incoming_left, target_runs, completed_both_paused, completed_target_stopped, source_gone_target_paused, neither
 
 The cases, each C<($context)>, returning a result or undef when they do not apply.
 

@@ -349,14 +349,36 @@ sub postcopy_sent {
     return $self->{pc} && $self->{pc}{sent} ? 1 : 0;
 }
 
-# Whether post-copy's rule lets $action ('stop target', 'cancel', 'continue source') be done
-# now: the live migration's state, or (for --check) the record's. Says why not when it does not.
+# What post-copy's rule sees: the migration's record (this driver's, or the one --check read)
+# together with the live post-copy state; either one saying so is enough.
+sub rule_state {
+    my ($self) = @_;
+    my ($st, $pc) = ($self->{state} // {}, $self->{pc} // {});
+    return {
+        postcopy_sent => $st->{postcopy_sent} || $pc->{sent} ? 1 : 0,
+        target_resume_sent => $st->{target_resume_sent} || $pc->{target_ran} ? 1 : 0,
+    };
+}
+
+# Whether post-copy's rule lets $action ('stop target', 'cancel', 'continue source', 'stop
+# source') be done now. Says why not when it does not.
 sub undo_allowed {
     my ($self, $action) = @_;
-    my $state = $self->postcopy_sent() ? $self->{pc}->rule_state() : $self->{rule_state};
-    my ($ok, $why) = PVE::MTunnel::Postcopy::allows($state, $action, $self->{target_gone});
+    my ($ok, $why) = PVE::MTunnel::Postcopy::allows(
+        $self->rule_state(), $action,
+        target_gone => $self->{target_gone},
+        completed => $self->{completed}
+    );
     $self->log('err', "not done: $action for VM $self->{vmid} - $why") if !$ok;
     return $ok;
+}
+
+# A resume is about to be sent to the target: from now on it may run the guest (the record
+# says so first; returns whether it could be written).
+sub note_resume {
+    my ($self) = @_;
+    $self->{pc}{target_ran} = 1 if $self->{pc};
+    return $self->write_state(target_resume_sent => 1);
 }
 
 # As QemuMigrate.pm phase2_start_local_cluster: the target's `qm start`, with upstream's
@@ -411,14 +433,20 @@ sub check_listen {
 }
 
 # The source's config as `qm config` on this (the source) node prints it: key => value
-# ({} when it cannot be read)
+# ({} when it cannot be read). With pve_dir the file itself, wherever it is now (a --fix may
+# find it moved to the target already, where this node's `qm config` cannot read it).
 sub source_config {
     my ($self) = @_;
     return $self->{source_config} if $self->{source_config};
     my %conf;
     # a host without qm: no config (and no "Can't exec" warning)
     no warnings 'exec';
-    if (open(my $fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid})) {
+    my $fh;
+    my $ok =
+        defined $self->{pve_dir}
+        ? open($fh, '<', $self->config_path($self->config_node()))
+        : open($fh, '-|', @{ $self->{local_qm} }, 'config', $self->{vmid});
+    if ($ok) {
         while (my $line = <$fh>) {
             $conf{$1} = $2 if $line =~ /^([a-z][a-z0-9_-]*): (.*?)\s*$/i;
         }
@@ -830,9 +858,6 @@ sub completed {
     return $stat;
 }
 
-# How many passes in a row must fail to shrink what is left before 'auto' switches.
-my $POSTCOPY_STALLED_PASSES = 2;
-
 # A recovered migration's abandoned tunnels could not always remove their sockets (a cut
 # link), and failed attempts leave theirs (QEMU's listener on the target, a forward whose
 # tunnel never got ready): once the migration is over, every migration socket of the VM on
@@ -879,7 +904,7 @@ sub phase3 {
     # As upstream: the VM belongs to the target from here on, then it may run there.
     $self->move_config($self->{target});
     # From here on the target may run the VM (after post-copy it runs already: a no-op).
-    $self->write_state(target_resume_sent => 1);
+    $self->note_resume();
     eval {
         die "no tunnel\n" if !$self->{tunnel};
         $self->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
@@ -1040,7 +1065,11 @@ sub stop_target {
     my ($vmid, $node, $target) = @$self{qw(vmid node target)};
     die "the rule of post-copy forbids it\n" if !$self->undo_allowed('stop target');
     my @how = $self->config_node() eq $target ? () : ('--migratedfrom', $node);
+    # taken before: the stop removes the pid file while QEMU may still exit
+    my $pid = $self->target_qemu_pid();
     $self->remote(['stop', $vmid, '--skiplock', @how]);
+    die "the QEMU of VM $vmid (pid $pid) on node '$target' is still there 15 s after 'qm stop'\n"
+        if $pid && !$self->wait_target_pid_gone($pid, 15);
 }
 
 # pmxcfs's path of the VM's config on $node (see pve_dir)
@@ -1337,10 +1366,12 @@ sub source_pid {
     return defined $pid && $pid =~ /^\s*([0-9]+)\s*$/ ? $1 : undef;
 }
 
-# As vm_stop on the source: QMP quit, then wait until the process is gone.
+# As vm_stop on the source: QMP quit, then wait until the process is gone. Only where
+# post-copy's rule allows it (after a switch: once every page reached the target).
 sub stop_source {
     my ($self) = @_;
     my $vmid = $self->{vmid};
+    die "the rule of post-copy forbids it\n" if !$self->undo_allowed('stop source');
     my $pid = $self->source_pid();
     eval { PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'quit') };
     $self->log('warn', "stopping source VM: $@") if $@;
@@ -1378,9 +1409,11 @@ sub write_state {
         node => $self->{node},
         target => $self->{target},
         source_pid => $self->source_pid(),
-        driver => [$$, PVE::MTunnel::Check::process_start($$)],
         started => int(time()),
     };
+    # the process that writes it drives the migration now (a --fix takes it over)
+    $st->{driver} = [$$, PVE::MTunnel::Check::process_start($$)]
+        if !$st->{driver} || $st->{driver}[0] != $$;
     %$st = (%$st, %set);
     my $path = $self->state_path();
     my $tmp = "$path.tmp.$$";
@@ -1471,14 +1504,22 @@ sub target_status {
 # when the target cannot be asked.
 sub target_qemu_state {
     my ($self) = @_;
+    my $pid = $self->target_qemu_pid();
+    return defined $pid ? ($pid ? 'present' : 'stopped') : undef;
+}
+
+# The pid of the VM's QEMU on the target (as vm_running_locally finds it), 0 when none runs,
+# undef when the target cannot be asked.
+sub target_qemu_pid {
+    my ($self) = @_;
     my $pidfile = "$self->{socket_dir}/$self->{vmid}.pid";
     # upstream names it /var/run/qemu-server/VMID.pid in QEMU's argv (/var/run is /run)
     my $named = $pidfile =~ m{^/run/} ? "/var$pidfile" : $pidfile;
     my $script =
-          'pid=$(cat "$1" 2>/dev/null) || { echo stopped; exit 0; }; '
+          'pid=$(cat "$1" 2>/dev/null) || { echo 0; exit 0; }; '
         . 'if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] '
         . '&& tr "\\000" "\\n" <"/proc/$pid/cmdline" | grep -qxF -e "$1" -e "$2"; '
-        . 'then echo present; else echo stopped; fi';
+        . 'then echo "$pid"; else echo 0; fi';
     my $res = eval {
         $self->remote_command(
             ['sh', '-c', $script, 'sh', $pidfile, $named],
@@ -1487,7 +1528,22 @@ sub target_qemu_state {
             connect_retries => 1
         );
     } or return undef;
-    return ($res->{stdout} // '') =~ /^(present|stopped)$/m ? $1 : undef;
+    return ($res->{stdout} // '') =~ /^([0-9]+)$/m ? $1 : undef;
+}
+
+# Waits (up to $limit_s) until process $pid on the target is gone (or a zombie): upstream's
+# `qm stop --migratedfrom` only sends SIGTERM, and removes the pid file while QEMU still
+# exits. Returns whether it is gone; undef when the target cannot be asked.
+sub wait_target_pid_gone {
+    my ($self, $pid, $limit_s) = @_;
+    my $script =
+        'i=0; while [ -e "/proc/$1" ] && ! grep -q "^State:[[:space:]]*Z" "/proc/$1/status" 2>/dev/null; do '
+        . 'i=$((i+1)); if [ "$i" -ge "$2" ]; then echo running; exit 0; fi; sleep 0.1; done; echo gone';
+    my $res = eval {
+        $self->remote_command(['sh', '-c', $script, 'sh', $pid, $limit_s * 10],
+            timeout_ms => ($limit_s + 20) * 1000);
+    } or return undef;
+    return ($res->{stdout} // '') =~ /^gone$/m ? 1 : 0;
 }
 
 # (PVE::MTunnel::Check)
@@ -1732,6 +1788,12 @@ C<--check>) lets C<$action> (C<stop target>, C<cancel>, C<continue source>) be d
 logging why not when it does not. C<phase2_cleanup>, C<cont_source>, C<stop_target> and
 C<--check>'s fix steps ask it.
 
+=head2 rule_state(), note_resume()
+
+Methods: what post-copy's rule sees (C<postcopy_sent>, C<target_resume_sent> of the record and
+of the live post-copy, either one counting); a resume about to be sent to the target, written
+to the record first (returns whether it could be).
+
 =head2 undo_to_source()
 
 Method: after a switch to post-copy that failed before the target ran (the rule allows it
@@ -1841,7 +1903,8 @@ no-op where it is already, and without C<pve_dir>).
 
 Method: C<qm stop VMID --skiplock> on the target, with C<--migratedfrom SOURCE> while the
 config is on the source (upstream's C<vm_stop> asserts that), without it once the config moved
-there. Dies when the stop fails.
+there, then waits until the QEMU process that ran is gone. Only where post-copy's rule allows
+it. Dies when the stop fails or the process stays.
 
 =head2 remove_target_sockets(@sockets)
 
@@ -1879,7 +1942,8 @@ C<prepare> uses it unless C<machine> was given.
 =head2 source_config()
 
 Method: the source VM's config as C<qm config> on this node prints it (key => value; C<{}>
-when it cannot be read), read once.
+when it cannot be read), read once; with C<pve_dir> the config file itself, on whichever node
+it is now.
 
 =head2 remote(\@qm_args, %opts), remote_command(\@argv, %opts)
 
@@ -1887,7 +1951,7 @@ Methods: run C<qm ARGS> (resp. any command) on the target over ssh with
 C<PVE::MTunnel::ssh_run> (default timeout 120 s, plus C<ssh_options>); return its
 C<{ exit_code, stdout, stderr }>; die when it fails.
 
-=head2 target_state(), target_status(), target_qemu_state()
+=head2 target_state(), target_status(), target_qemu_state(), target_qemu_pid(), wait_target_pid_gone($pid, $seconds)
 
 Methods: the VM's state on the target (C<running>, C<paused>, C<inmigrate>, C<prelaunch>,
 C<postmigrate>, ..., C<stopped>, or C<present> when only its QEMU's presence can be told;
@@ -1895,8 +1959,11 @@ C<undef> when it cannot be told); C<target_status> adds its incoming migration's
 (C<< { state, migration } >>). Asked through the target's C<qm mtunnel> (C<postcopy-status>)
 where it announced that, which needs no config; else C<qm status --verbose>, which loads the
 config from the target's own node: while it is still on the source, C<target_qemu_state>
-tells only whether the VM's QEMU runs there (its pid file naming a process whose command line
-has it, as upstream's C<vm_running_locally>).
+tells only whether the VM's QEMU runs there (C<target_qemu_pid>: its pid file naming a process
+whose command line has it, as upstream's C<vm_running_locally>). C<wait_target_pid_gone>
+waits until that process is gone: C<stop_target> takes the pid before the stop and waits
+for it (upstream's C<qm stop --migratedfrom> only sends SIGTERM and removes the pid file at
+once).
 
 =head2 inspect(volumes =E<gt> 0|1), disks_complete($record, \@jobs), diagnose($seen), check(fix =E<gt> 0|1)
 

@@ -55,26 +55,27 @@ sub new {
 # ------------------------------------------------------------ the rule
 
 # The one rule, for the live driver and for --check alike. $state: {postcopy_sent,
-# target_resume_sent} (the driver's or its record's); $action: 'stop target', 'cancel' or
-# 'continue source'; $target_gone: the target's QEMU was confirmed gone after it was stopped.
+# target_resume_sent} (the driver's and its record's); $action: 'stop target', 'cancel',
+# 'continue source' or 'stop source'; %facts: target_gone (the target's QEMU confirmed gone),
+# completed (every page reached the target: the source's or the target's migration completed).
 # Returns (1) or (0, why not).
 sub allows {
-    my ($state, $action, $target_gone) = @_;
+    my ($state, $action, %facts) = @_;
     return (1) if !$state || !$state->{postcopy_sent};
+    if ($action eq 'stop source') {
+        return (1) if $facts{completed};
+        return (0,
+                  "the migration did not complete after the switch to post-copy: the source holds "
+                . "pages the target lacks");
+    }
     return (0,
         "the VM may have run on the target since the switch to post-copy (a resume was sent): "
             . "its newest state is there")
         if $state->{target_resume_sent};
-    return (1) if $action eq 'stop target' || $target_gone;
+    return (1) if $action eq 'stop target' || $facts{target_gone};
     return (0,
         "the switch to post-copy was sent and the target's QEMU is not confirmed gone: it may "
             . "hold part of the VM's memory");
-}
-
-# What the rule sees now.
-sub rule_state {
-    my ($self) = @_;
-    return { postcopy_sent => $self->{sent}, target_resume_sent => $self->{target_ran} };
 }
 
 # ------------------------------------------------------------ before anything starts
@@ -147,17 +148,17 @@ sub setup_target {
 # pass so far did not shrink by a tenth for $STALLED_PASSES passes, or after $MAX_PASSES
 # passes. $passes: what each pass started with, from the second pass on.
 sub reason {
-    my ($mode, $passes) = @_;
+    my ($mode, $passes, $pass) = @_;
     return undef if $mode eq 'off' || !@$passes;
     return 'the first pass is done' if $mode eq 'always';
+    # the pass under way: QEMU's count where known (a look may miss a pass), else the samples'
+    $pass //= @$passes + 1;
     my $shown = sub {
-        join(', ', map { PVE::MTunnel::Migrate::render_bytes($_) } @_);
+        join(', ', map { PVE::MTunnel::Migrate::render_bytes($_) } grep { defined } @_);
     };
-    return sprintf(
-        "pre-copy did not converge in %d passes (the last ones: %s)",
-        @$passes + 1,
-        $shown->(@$passes[-3 .. -1])
-    ) if @$passes + 1 >= $MAX_PASSES;
+    return sprintf("pre-copy did not converge in %d passes (the last ones: %s)",
+        $pass, $shown->(@$passes[-3 .. -1]))
+        if $pass >= $MAX_PASSES;
     return undef if @$passes <= $STALLED_PASSES;
     my ($min, $since) = ($passes->[0], 0);
     for my $k (1 .. $#$passes) {
@@ -186,20 +187,22 @@ sub decide {
     return undef if $self->{sent} || $sync <= $self->{sync_seen};
     $self->{sync_seen} = $sync;
     push @{ $self->{passes} }, $ram->{remaining} // 0 if $sync >= 2;
-    return reason($self->{m}{postcopy}, $self->{passes});
+    return reason($self->{m}{postcopy}, $self->{passes}, $sync);
 }
 
 # ------------------------------------------------------------ the switch
 
-# migrate-start-postcopy. The rule holds from before it is sent (also in the record): a reply
-# that is lost may hide a switch that happened. Only QEMU's own refusal (an error reply: it did
-# nothing) takes it back.
+# migrate-start-postcopy. The rule holds from before it is sent, in the record too (no record,
+# no switch: a killed driver's --check must know): a reply that is lost may hide a switch that
+# happened. Only QEMU's own refusal (an error reply: it did nothing) takes it back.
 sub switch {
     my ($self, $why) = @_;
     my $m = $self->{m};
     $m->log('info', "switching to post-copy: $why");
+    $m->write_state(phase => 'postcopy', postcopy_sent => 1)
+        or die "not switching to post-copy: the migration's record cannot be kept, and after "
+        . "the switch it is what tells --check what may be undone\n";
     $self->{sent} = 1;
-    $m->write_state(phase => 'postcopy', postcopy_sent => 1);
     $m->{timing}{switched} = time();
     eval {
         PVE::MTunnel::qmp_migrate_start_postcopy($m->{qmp_socket},
@@ -261,7 +264,7 @@ sub run {
             next;
         }
         if ($status eq 'postcopy-paused') {
-            $self->recover('its channel broke');
+            return $self->complete_on_target() if $self->recover('its channel broke');
             ($last, $last_trans, $last_progress) = ('', -1, time());
             next;
         }
@@ -294,9 +297,20 @@ sub run {
         next if $stalled * 1000 <= $m->{postcopy_stall_ms};
         # a hung channel (a stopped ssh, a cut link) never fails by itself
         $self->pause_source();
-        $self->recover(sprintf("no progress for %.0f s", $stalled));
+        return $self->complete_on_target()
+            if $self->recover(sprintf("no progress for %.0f s", $stalled));
         ($last, $last_trans, $last_progress) = ('', -1, time());
     }
+}
+
+# Every page reached the target (its incoming migration completed) while the source's
+# migration could not say so: finished as a completed migration.
+sub complete_on_target {
+    my ($self) = @_;
+    my $m = $self->{m};
+    $m->log('info', "VM $m->{vmid} has all its memory on node '$m->{target}': finishing");
+    $m->{completed} = 1;
+    return $m->{completed_stat} = { status => 'completed', ram => {} };
 }
 
 # The switch was sent and QEMU still runs pre-copy: its answer was lost, or the migration
@@ -333,9 +347,13 @@ sub resume_target {
         return if time() > $end;
         usleep(2000);
     }
-    # from here the target may run the guest: in the record before it is sent
-    $self->{target_ran} = 1;
-    $m->write_state(target_resume_sent => 1);
+    # from here the target may run the guest: in the record before it is sent (a record that
+    # cannot be written is only logged: the guest would wait paused for a file otherwise, and
+    # this driver holds the rule itself)
+    $m->note_resume()
+        or $m->log('err',
+              "the record cannot say that VM $vmid is resumed on node '$target': "
+            . "a --check after this driver's death will not know it");
     eval {
         die "no tunnel\n" if !$m->{tunnel};
         $m->{tunnel}->command("resume $vmid", timeout_ms => 30_000);
@@ -379,10 +397,23 @@ sub source_unanswered {
     $gone ||= time() - $since >= 2 && $err =~ /Connection refused|No such file or directory/;
     return $self->source_gone($err) if $gone;
     $m->log('info', "query migrate failed: $err") if !$self->{unanswered_noted}++;
-    die "the source's monitor did not answer for "
-        . PVE::MTunnel::Migrate::render_duration(time() - $since)
-        . " during post-copy ($err): nothing was stopped or continued\n"
-        if (time() - $since) * 1000 > $m->{postcopy_recover_timeout_ms};
+
+    if ((time() - $since) * 1000 > $m->{postcopy_recover_timeout_ms}) {
+        # still streaming to the target: ending the driver would end its tunnel
+        my $t = eval { $m->target_request("postcopy-status $m->{vmid}", fresh => 1) };
+        my $tmig = ref $t eq 'HASH' ? $t->{migration}{status} // 'none' : 'unknown';
+        if ($tmig eq 'postcopy-active') {
+            $m->log('warn',
+                      "the source's monitor does not answer, the incoming migration "
+                    . "on node '$m->{target}' goes on: waiting");
+            $_[2] = time();
+        } else {
+            die "the source's monitor did not answer for "
+                . PVE::MTunnel::Migrate::render_duration(time() - $since)
+                . " during post-copy ($err; the incoming migration on node '$m->{target}' is "
+                . "$tmig): nothing was stopped or continued\n";
+        }
+    }
     usleep(200_000);
     return undef;
 }
@@ -410,9 +441,12 @@ sub source_gone {
         . "(the incoming migration on node '$target' is $tmig)\n";
 }
 
-# A final 'failed' or 'cancelled' after the switch. A target that never ran is stopped, then the
-# source continued; one that may have run keeps the VM: nothing is touched, unless its incoming
-# migration completed (then the VM is whole there: finished as a completed migration).
+# A final 'failed' or 'cancelled' after the switch. QEMU 8.x and later continue the source by
+# themselves there (migration_iteration_finish: its run state before the switch was
+# 'running'): it is paused again at once, whatever follows. A target that never ran is
+# stopped, then the source continued; one that may have run keeps the VM: nothing is
+# touched, unless its incoming migration completed (the VM is whole there: finished as a
+# completed migration).
 sub ended {
     my ($self, $stat) = @_;
     my $m = $self->{m};
@@ -420,6 +454,7 @@ sub ended {
     my $status = $stat->{status};
     my $what = $stat->{'error-desc'} ? "$status - $stat->{'error-desc'}" : $status;
     $m->log('info', "migration status error: $what");
+    $self->pause_source_vm();
     if (!$self->{target_ran}) {
         $m->log('info',
                   "VM $vmid never ran on node '$target': stopping it there, then "
@@ -440,10 +475,28 @@ sub ended {
     die "post-copy migration $what after VM $vmid ran on node '$target'\n";
 }
 
+# The source's guest run again (QEMU continued it after a failed post-copy): paused at once,
+# before anything else is decided (pausing never loses state).
+sub pause_source_vm {
+    my ($self) = @_;
+    my $m = $self->{m};
+    my $run = eval {
+        PVE::MTunnel::qmp_execute($m->{qmp_socket}, 'query-status', undef, timeout_ms => 5000)
+            ->{status};
+    } // '';
+    return if $run ne 'running';
+    eval { PVE::MTunnel::qmp_execute($m->{qmp_socket}, 'stop', undef, timeout_ms => 5000) };
+    $m->log('err',
+        "QEMU continued VM $m->{vmid} on node '$m->{node}' by itself after post-copy failed: "
+            . ($@ ? "pausing it failed: $@" : "paused it again (the target may have run it)"));
+}
+
 # ------------------------------------------------------------ recovery
 
 # A paused post-copy migration, recovered through new tunnels until
-# postcopy_recover_timeout_ms. Dies when the VM is lost or the deadline passed.
+# postcopy_recover_timeout_ms. Returns 1 when it turned out complete on the target (its
+# incoming migration completed: every page is there), else once it runs again. Dies when the
+# VM is lost or the deadline passed.
 sub recover {
     my ($self, $why) = @_;
     my $m = $self->{m};
@@ -452,12 +505,20 @@ sub recover {
     my $attempt = 0;
     while (1) {
         $attempt++;
+        # the old tunnel is broken; closing it also fails a resume that hangs in it
         $m->close_tunnel_quickly(broken => 1);
-        my $ok = eval { $self->recover_once(); 1 };
-        if ($ok) {
-            $self->{recovered}++;
-            $m->log('info', "post-copy migration recovered (attempt $attempt)");
-            return;
+        my $pid = $self->{source_pid};
+        if ($pid && PVE::MTunnel::Migrate::process_gone($pid)) {
+            $self->source_gone("its process $pid is gone");
+            return 1;
+        }
+        my $done = eval { $self->recover_once() };
+        if (defined $done) {
+            return 1 if $done eq 'complete on the target';
+            $self->{recovered}++ if $done eq 'recovered';
+            $m->log('info', "post-copy migration recovered (attempt $attempt)")
+                if $done eq 'recovered';
+            return 0;
         }
         my $err = $@;
         chomp $err;
@@ -471,8 +532,8 @@ sub recover {
     }
 }
 
-# A recovery socket of this run: VMID_recoverN.migrate, N = pid * 1000 + attempt, unique per
-# driver run (a --fix after a killed driver never reuses its names).
+# A recovery socket of this run: VMID_recoverN.migrate, N = pid * 1000 + attempt (its last
+# three digits), unique per driver run: a --fix after a killed driver never reuses its names.
 sub next_recover_path {
     my ($self) = @_;
     my $m = $self->{m};
@@ -480,48 +541,32 @@ sub next_recover_path {
     return "$m->{socket_dir}/$m->{vmid}_recover$n.migrate";
 }
 
-# Whether $path names one of this VM's recovery sockets.
-sub is_recover_path {
-    my ($self, $path) = @_;
-    my $m = $self->{m};
-    return defined $path
-        && $path =~ m{^\Q$m->{socket_dir}/$m->{vmid}\E_recover[1-9][0-9]{0,9}\.migrate\z};
-}
-
-# Where the target listens for a recovery (it is in postcopy-recover or
-# postcopy-recover-setup): the last of this VM's recovery sockets QEMU reports listening on.
-sub target_listens_on {
-    my ($self, $t) = @_;
-    my @unix = map { $_->{path} }
-        grep { ($_->{type} // '') eq 'unix' } @{ $t->{migration}{'socket-address'} // [] };
-    my ($path) = grep { $self->is_recover_path($_) } reverse @unix;
-    return $path;
-}
-
-# One recovery: the source paused; a new tunnel forwarding a new recovery socket (and the one
-# the target may still listen on); the target paused too and listening; the source resumed
-# into it. Dies with why it failed (postcopy_lost set when the target's QEMU is gone).
+# One recovery: the source paused; a new tunnel forwarding a new recovery socket; the target
+# paused too and listening there (QEMU releases a listener of an earlier attempt); the source
+# resumed into it. Returns 'recovered', 'running' (an earlier resume got through after all)
+# or 'complete on the target'; dies with why it failed (postcopy_lost set when the target's
+# QEMU is gone).
 sub recover_once {
     my ($self) = @_;
     my $m = $self->{m};
     my ($vmid, $node, $target, $qmp) = @$m{qw(vmid node target qmp_socket)};
     my $src = $self->source_status();
     if ($src =~ /^postcopy-recover/) {
-        # a resume that never got through: closing its tunnel fails it (QEMU 7.2), or a pause
-        $src = $self->wait_source(5, 'postcopy-paused');
-        if ($src =~ /^postcopy-recover/) {
+        # a resume that hangs: its tunnel is closed (its connection fails, QEMU 7.2 falls back
+        # to postcopy-paused, 9.1 from postcopy-recover-setup too); QEMU 8.2 and later can also
+        # be paused in postcopy-recover
+        $src = $self->wait_source(5, 'postcopy-paused', 'postcopy-active');
+        if ($src eq 'postcopy-recover') {
             $self->pause_source();
-            $src = $self->wait_source(5, 'postcopy-paused');
+            $src = $self->wait_source(5, 'postcopy-paused', 'postcopy-active');
         }
     }
-    # an earlier attempt's resume got through after all
-    return if $src eq 'completed' || $src eq 'postcopy-active';
+    return 'running' if $src eq 'completed' || $src eq 'postcopy-active';
     die "the migration on node '$node' is $src, not postcopy-paused\n" if $src ne 'postcopy-paused';
 
     my $path = $self->next_recover_path();
-    my @forwards = ($path, grep { $self->is_recover_path($_) } $self->{recover_path});
-    $m->open_tunnel(\@forwards, timeout_ms => 30_000);
-    my $t = $m->target_request("postcopy-status $vmid");
+    $m->open_tunnel([$path], timeout_ms => 30_000);
+    my $t = $self->target_status();
     if ($t->{status} eq 'stopped') {
         # the verdict (PVE::MTunnel::Check) says what that means
         $m->{postcopy_lost} = 1;
@@ -529,44 +574,69 @@ sub recover_once {
             . "post-copy\n";
     }
     my $dst = $t->{migration}{status} // 'none';
-    return if $dst eq 'completed';
-    if ($dst eq 'postcopy-active') {
-        # its end of a hung channel never fails by itself
-        $m->target_request("postcopy-pause $vmid");
+    return 'complete on the target' if $dst eq 'completed';
+    if ($dst eq 'postcopy-active' || $dst =~ /^postcopy-recover/) {
+        # its end of a hung channel, or of a recovery's handshake that hangs, never fails by
+        # itself (QEMU before 8.2 cannot pause the latter: its channel breaks with the tunnel)
+        eval { $m->target_request("postcopy-pause $vmid") };
+        $m->log('info', "pausing the incoming migration on node '$target': $@") if $@;
         $t = $self->wait_target(5, 'postcopy-paused');
         $dst = $t->{migration}{status} // 'none';
     }
-    my $into;
-    if ($dst =~ /^postcopy-recover/) {
-        # still listening from an earlier attempt (QEMU before 8.2 cannot be paused there)
-        my $listening = $self->target_listens_on($t);
-        if ($listening && grep { $_ eq $listening } @forwards) {
-            $into = $listening;
-        } else {
-            eval { $m->target_request("postcopy-pause $vmid") };
-            $t = $self->wait_target(5, 'postcopy-paused');
-            $dst = $t->{migration}{status} // 'none';
-            if ($dst =~ /^postcopy-recover/ && ($listening = $self->target_listens_on($t))) {
-                # forwarded by a tunnel of its own
-                $m->open_tunnel([$listening], timeout_ms => 30_000);
-                $into = $listening;
-            }
-        }
-    }
-    if (!$into) {
-        die "the incoming migration on node '$target' is $dst, not postcopy-paused\n"
-            if $dst ne 'postcopy-paused';
-        # where it listens, in the record before it is asked to
-        $self->{recover_path} = $path;
-        $m->write_state(recover_path => $path);
-        $m->target_request("postcopy-recover $vmid $path");
-        $m->log('info', "node '$target' listens for the recovery on unix:$path");
-        $into = $path;
-    }
-    PVE::MTunnel::qmp_migrate_resume($qmp, "unix:$into", timeout_ms => $m->{qmp_timeout_ms});
-    # a failed attempt falls back to postcopy-paused: noticed at once
-    $src = $self->wait_source(30, 'postcopy-active', 'completed', 'postcopy-paused');
+    die "the incoming migration on node '$target' is $dst, not postcopy-paused\n"
+        if $dst ne 'postcopy-paused';
+    # where it listens, in the record before it is asked to
+    $self->{recover_path} = $path;
+    $m->write_state(recover_path => $path);
+    $m->target_request("postcopy-recover $vmid $path");
+    $m->log('info', "node '$target' listens for the recovery on unix:$path");
+    PVE::MTunnel::qmp_migrate_resume($qmp, "unix:$path", timeout_ms => $m->{qmp_timeout_ms});
+    $src = $self->wait_resumed(30);
     die "the resumed migration is $src\n" if $src ne 'postcopy-active' && $src ne 'completed';
+    return 'recovered';
+}
+
+# After `migrate` with resume: the source's status once it runs again (postcopy-active,
+# completed), fails (a final status, or postcopy-paused again: QEMU goes to postcopy-recover
+# (postcopy-recover-setup on 9.1+) once connected, and back when that fails), or after
+# $limit_s. QEMU before 9.1 stays postcopy-paused while it connects, which through a ready
+# forward takes milliseconds, and a look may miss the short postcopy-recover in between: a
+# postcopy-paused counts as the fall back once a recovery status was seen, or 2 s after the
+# resume.
+sub wait_resumed {
+    my ($self, $limit_s) = @_;
+    my $m = $self->{m};
+    my $start = time();
+    my ($status, $began) = ('none', 0);
+    while (time() < $start + $limit_s) {
+        my $stat = eval {
+            PVE::MTunnel::qmp_wait_migration(
+                $m->{qmp_socket},
+                hold_ms => 250,
+                timeout_ms => $m->{qmp_timeout_ms}
+            );
+        };
+        if (!$stat) {
+            usleep(100_000);
+            next;
+        }
+        $status = $stat->{status} // 'none';
+        $began = 1 if $status =~ /^postcopy-recover/;
+        last if $status =~ /^(postcopy-active|completed|failed|cancelled)$/;
+        last if $status eq 'postcopy-paused' && ($began || time() - $start >= 2);
+    }
+    return $status;
+}
+
+# The target's postcopy-status answer (a hash: {status} at least); dies on anything else.
+sub target_status {
+    my ($self) = @_;
+    my $m = $self->{m};
+    my $t = $m->target_request("postcopy-status $m->{vmid}");
+    die "node '$m->{target}' answered postcopy-status with "
+        . (ref $t ? JSON::PP->new->canonical->encode($t) : "'$t'") . "\n"
+        if ref $t ne 'HASH' || !defined $t->{status};
+    return $t;
 }
 
 # The source's migration status ('none' when it cannot be asked).
@@ -612,7 +682,7 @@ sub wait_target {
     my $m = $self->{m};
     my $end = time() + $limit_s;
     while (1) {
-        my $t = $m->target_request("postcopy-status $m->{vmid}");
+        my $t = $self->target_status();
         return $t if ($t->{migration}{status} // '') eq $want || $t->{status} eq 'stopped';
         return $t if time() >= $end;
         usleep(100_000);
@@ -624,6 +694,7 @@ sub wait_target {
 sub finish {
     my ($self, $st) = @_;
     my $m = $self->{m};
+    # without a record the target may have run: counted as resumed
     @$self{qw(sent target_ran recover_path source_pid)} = (
         1,
         $st ? $st->{target_resume_sent} : 1,
@@ -633,6 +704,7 @@ sub finish {
     $m->{target_commands} //= $st->{target_commands} if $st;
     $self->run();
     $m->move_config($m->{target});
+    $m->note_resume();
     $m->remote(['resume', $m->{vmid}, '--skiplock', '--nocheck'], timeout_ms => 30_000);
     $m->{target_resumed} = 1;
     $m->finish_source();
@@ -674,18 +746,16 @@ status> cannot find it. Their answers are QMP's JSON.
 
 =head1 THE RULE
 
-=head2 allows($state, $action, $target_gone)
+=head2 allows($state, $action, target_gone =E<gt> 0|1, completed =E<gt> 0|1)
 
 Function. From the moment C<migrate-start-postcopy> is sent (C<$state-E<gt>{postcopy_sent}>,
 set before it is sent), C<$action> (C<stop target>, C<cancel>, C<continue source>) is allowed
 only while no resume was ever sent to the target (C<$state-E<gt>{target_resume_sent}>), and
 C<cancel> or C<continue source> only once the target's QEMU is confirmed gone
-(C<$target_gone>). Returns C<(1)> or C<(0, $why)>. The driver's C<undo_allowed> and
-C<--check>'s C<diagnose> both ask it.
-
-=head2 rule_state()
-
-Method: C<{postcopy_sent, target_resume_sent}> of this migration.
+(C<target_gone>); C<stop source> only once every page reached the target (C<completed>).
+Returns C<(1)> or C<(0, $why)>. The driver's C<undo_allowed> (its C<cont_source>,
+C<phase2_cleanup>'s cancel, C<stop_target>, C<stop_source>) and C<--check>'s fix steps all
+ask it.
 
 =head1 METHODS
 
@@ -720,15 +790,26 @@ or ended (dies). Resumes the target once C<postcopy-bytes> shows the source's si
 switch through (recorded before it is sent), recovers a paused channel, pauses and recovers a
 hung one (no progress for C<postcopy_stall_ms>), kicks a resume stuck in C<postcopy-recover>,
 notes signals, ends at once when the source's QEMU is gone (by its pid or its monitor), and on
-a final C<failed>/C<cancelled> undoes the migration only when the target never ran.
+a final C<failed>/C<cancelled> pauses a source QEMU continued by itself and undoes the
+migration only when the target never ran.
 
-=head2 recover($why), recover_once(), next_recover_path(), is_recover_path($path), target_listens_on($status)
+=head2 recover($why), recover_once(), next_recover_path(), wait_resumed($seconds), target_status()
 
-Methods of the recovery: retried through new tunnels until C<postcopy_recover_timeout_ms>; one
-attempt pauses what still runs, reuses the socket a target still listens on (in
-C<postcopy-recover>), else asks it to listen on a new C<VMID_recoverN.migrate> (N = pid * 1000
-+ attempt: unique per run) and resumes the source into it; a fall back to C<postcopy-paused>
-fails the attempt at once.
+Methods of the recovery: retried through new tunnels until C<postcopy_recover_timeout_ms>
+(C<recover> returns 1 when the migration turned out complete on the target, and ends at once
+when the source's QEMU is gone); one attempt lets a resume that hangs fail (its tunnel
+closed; C<migrate-pause> where QEMU takes it), pauses the target's end where it still runs,
+asks it to listen on a new C<VMID_recoverN.migrate> (N = pid * 1000 + attempt: unique per
+run; QEMU releases an earlier listener) and resumes the source into it. C<wait_resumed>
+notices a fall back to C<postcopy-paused> once a recovery status was seen or 2 s after the
+resume (QEMU before 9.1 stays paused while it connects). C<target_status> is the target's
+C<postcopy-status> answer, checked.
+
+=head2 complete_on_target(), pause_source_vm()
+
+Methods: every page reached the target while the source's migration could not say so:
+finished as completed; a source guest that QEMU continued by itself after a failed post-copy
+(QEMU 8.x and later) paused again at once.
 
 =head2 switch_pending($stat), resume_target(), pause_source(), source_unanswered($err, $since), source_gone($err), ended($stat)
 
