@@ -270,8 +270,9 @@ sub run {
         }
         if ($status =~ /^postcopy-recover/) {
             # a resume under way (left by a recovery or a driver before us): stuck, it is kicked
-            next if time() - $last_progress < 30;
-            $m->log('warn', "the migration is $status for 30 s: kicking it");
+            my $stuck = time() - $last_progress;
+            next if $stuck * 1000 <= $m->{postcopy_stall_ms};
+            $m->log('warn', sprintf("the migration is $status for %.0f s: kicking it", $stuck));
             $m->close_tunnel_quickly(broken => 1);
             $self->pause_source();
             $last_progress = time();
@@ -591,7 +592,8 @@ sub recover_once {
     $m->target_request("postcopy-recover $vmid $path");
     $m->log('info', "node '$target' listens for the recovery on unix:$path");
     PVE::MTunnel::qmp_migrate_resume($qmp, "unix:$path", timeout_ms => $m->{qmp_timeout_ms});
-    $src = $self->wait_resumed(30);
+    # a resume without an answer for postcopy_stall_ms hangs as a stalled channel does
+    $src = $self->wait_resumed($m->{postcopy_stall_ms} / 1000);
     die "the resumed migration is $src\n" if $src ne 'postcopy-active' && $src ne 'completed';
     return 'recovered';
 }
@@ -788,7 +790,8 @@ sent; only QEMU's error reply takes it back (then it dies).
 Method: after the switch, until the migration completed (returns C<query-migrate>'s answer)
 or ended (dies). Resumes the target once C<postcopy-bytes> shows the source's side of the
 switch through (recorded before it is sent), recovers a paused channel, pauses and recovers a
-hung one (no progress for C<postcopy_stall_ms>), kicks a resume stuck in C<postcopy-recover>,
+hung one (no progress for C<postcopy_stall_ms>), kicks a resume stuck in C<postcopy-recover>
+as long,
 notes signals, ends at once when the source's QEMU is gone (by its pid or its monitor), and on
 a final C<failed>/C<cancelled> pauses a source QEMU continued by itself and undoes the
 migration only when the target never ran.
