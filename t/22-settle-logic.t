@@ -416,10 +416,8 @@ sub steps {
     }
     is(($allows->({ postcopy_sent => 1 }, 'stop target'))[0],
         1, 'rule: the switch sent, the target never ran: it may be stopped');
-    ok(
-        !($allows->({ postcopy_sent => 1 }, 'continue source'))[0],
-        'rule: ... but the source is continued only once its QEMU is confirmed gone'
-    );
+    ok(!($allows->({ postcopy_sent => 1 }, 'continue source'))[0],
+        'rule: ... but the source is continued only once its QEMU is confirmed gone');
     is(($allows->({ postcopy_sent => 1 }, 'continue source', target_gone => 1))[0],
         1, 'rule: ... and then it is');
     my $ran = { postcopy_sent => 1, target_resume_sent => 1 };
