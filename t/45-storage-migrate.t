@@ -30,9 +30,13 @@ sub tunnel_ssh { return $lab->ssh_pids('node1') }
 
 sub migrate {
     my ($vmid, @args) = @_;
-    return $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
+    my $since = MTunnelLab::now_ns();
+    my @res = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
         $vmid, 'node2', '--node', 'node1',
         '--ssh-file', "$dir/ssh_prefix_node2", '--pve-dir', "$dir/pve", '--online', @args);
+    is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+        [], "VM $vmid: the source never resumed after the target ran (QEMU's events)");
+    return @res;
 }
 
 # a VM writing its memory and its local disk, running on node1

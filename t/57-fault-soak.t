@@ -33,7 +33,7 @@
 #     incoming QEMU, its new volume and listening sockets, removed by the test once X is
 #     reachable, and the migration's record that names them).
 # The seed is printed first; MTUNNEL_SOAK_SEED=N repeats a run, MTUNNEL_SOAK_N sets the
-# number of rounds (default 16; the post-copy mode runs each of its pairs once), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
+# number of rounds (default 12; the post-copy mode runs each of its pairs once), MTUNNEL_SOAK_ROUNDS=3,7 runs only those rounds of the seed's
 # plan, MTUNNEL_SOAK_LOGS=DIR keeps each round's task log there (DIR/round-N.log),
 # MTUNNEL_SOAK_ONLY=REGEX draws only from the pairs "FAULT at MOMENT" it matches (moments:
 # start, tunnel, mid, switchover, after, ready, midram; e.g. 'SIGKILL at (mid|after)').
@@ -62,7 +62,7 @@ diag("soak seed: $seed (re-run: MTUNNEL_SOAK_SEED=$seed prove t/57-fault-soak.t)
 srand($seed);
 my $mode = $ENV{MTUNNEL_SOAK_MODE} // 'draw';
 die "MTUNNEL_SOAK_MODE must be draw or postcopy\n" if $mode !~ /^(draw|postcopy)$/;
-my $rounds = $ENV{MTUNNEL_SOAK_N} // 16;
+my $rounds = $ENV{MTUNNEL_SOAK_N} // 12;
 die "MTUNNEL_SOAK_N must be a positive integer\n" if $rounds !~ /^[1-9][0-9]{0,3}$/;
 
 my $top = abs_path(dirname(__FILE__) . '/..');
@@ -281,7 +281,8 @@ sub run_round {
     push @args, '--stall-timeout', 4000 if $fault eq 'SIGSTOP ssh';
     # the switch once the first pass is done: the post-copy phase then moves all the RAM the
     # guest dirtied meanwhile (its whole RAM) at the limit, seconds to hit it in
-    push @args, '--postcopy', 'always', '--bwlimit', 8 * $bwlimit, '--postcopy-bwlimit',
+    # (the first pass at twice that: the window after the switch is what the faults need)
+    push @args, '--postcopy', 'always', '--bwlimit', 16 * $bwlimit, '--postcopy-bwlimit',
         8 * $bwlimit
         if $r->{moment} eq 'postcopy';
     push @args, @fast if $fault eq 'cut link';

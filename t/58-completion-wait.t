@@ -81,6 +81,7 @@ $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
 {
     my $bg = start_prober("$tmp/prober.log");
     $bg->wait_for(qr/^ok /m, 30);
+    my $since = MTunnelLab::now_ns();
     my ($rc, $out, $err) = $lab->run(
         'node1', "$top/perl/bin/mtunnel-migrate",
         $vmid, 'node2',
@@ -92,6 +93,8 @@ $lab->run_ok('node1', "$top/lab/guest-check", '--wait', $vmid);
     );
     my ($ok, $bad) = stop_prober($bg);
     like($out, qr/^TASK OK$/m, 'migration with the event wait: task OK') or diag("$out$err");
+    is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
+        [], "the source never resumed after the target ran (QEMU's events)");
     is_deeply($bad, [],
         "another client's query-status was answered within 1 s every time during the migration");
     cmp_ok(scalar(@$ok), '>=', 10,
