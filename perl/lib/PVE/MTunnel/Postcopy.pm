@@ -607,27 +607,16 @@ sub recover_once {
 # resume.
 sub wait_resumed {
     my ($self, $limit_s) = @_;
-    my $m = $self->{m};
-    my $start = time();
-    my ($status, $began) = ('none', 0);
-    while (time() < $start + $limit_s) {
-        my $stat = eval {
-            PVE::MTunnel::qmp_wait_migration(
-                $m->{qmp_socket},
-                hold_ms => 250,
-                timeout_ms => $m->{qmp_timeout_ms}
-            );
-        };
-        if (!$stat) {
-            usleep(100_000);
-            next;
+    my $began = 0;
+    return $self->watch_source(
+        $limit_s,
+        sub {
+            my ($status, $since) = @_;
+            $began = 1 if $status =~ /^postcopy-recover/;
+            return $status =~ /^(postcopy-active|completed|failed|cancelled)$/
+                || ($status eq 'postcopy-paused' && ($began || $since >= 2));
         }
-        $status = $stat->{status} // 'none';
-        $began = 1 if $status =~ /^postcopy-recover/;
-        last if $status =~ /^(postcopy-active|completed|failed|cancelled)$/;
-        last if $status eq 'postcopy-paused' && ($began || time() - $start >= 2);
-    }
-    return $status;
+    );
 }
 
 # The target's postcopy-status answer (a hash: {status} at least); dies on anything else.
@@ -655,11 +644,18 @@ sub source_status {
 # returns the last status.
 sub wait_source {
     my ($self, $limit_s, @want) = @_;
-    my $m = $self->{m};
     my %want = map { $_ => 1 } @want, qw(completed failed cancelled);
-    my $end = time() + $limit_s;
+    return $self->watch_source($limit_s, sub { $want{ $_[0] } });
+}
+
+# The source's migration status, looked at (qmp_wait_migration: woken by its events) until
+# $done->($status, $seconds_since_start) is true or $limit_s passed; returns the last status.
+sub watch_source {
+    my ($self, $limit_s, $done) = @_;
+    my $m = $self->{m};
+    my $start = time();
     my $status = 'none';
-    while (time() < $end) {
+    while (time() < $start + $limit_s) {
         my $stat = eval {
             PVE::MTunnel::qmp_wait_migration(
                 $m->{qmp_socket},
@@ -672,7 +668,7 @@ sub wait_source {
             next;
         }
         $status = $stat->{status} // 'none';
-        last if $want{$status};
+        last if $done->($status, time() - $start);
     }
     return $status;
 }
@@ -818,10 +814,11 @@ finished as completed; a source guest that QEMU continued by itself after a fail
 
 Methods: the steps of C<run>.
 
-=head2 source_status(), wait_source($seconds, @statuses), wait_target($seconds, $status)
+=head2 source_status(), wait_source($seconds, @statuses), watch_source($seconds, $done), wait_target($seconds, $status)
 
 Methods: the source's migration status; waiting for one of the source's statuses (or a final
-one); asking the target until its migration is C<$status> (or its QEMU is gone).
+one), through C<watch_source>, the one loop that looks at the source until C<$done> says so;
+asking the target until its migration is C<$status> (or its QEMU is gone).
 
 =head2 finish($record)
 
