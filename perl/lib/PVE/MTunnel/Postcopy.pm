@@ -401,7 +401,7 @@ sub source_unanswered {
 
     if ((time() - $since) * 1000 > $m->{postcopy_recover_timeout_ms}) {
         # still streaming to the target: ending the driver would end its tunnel
-        my $t = eval { $m->target_request("postcopy-status $m->{vmid}", fresh => 1) };
+        my $t = eval { $self->postcopy_status(fresh => 1) };
         my $tmig = ref $t eq 'HASH' ? $t->{migration}{status} // 'none' : 'unknown';
         if ($tmig eq 'postcopy-active') {
             $m->log('warn',
@@ -427,7 +427,7 @@ sub source_gone {
     my ($vmid, $node, $target) = @$m{qw(vmid node target)};
     $m->log('err', "the QEMU of VM $vmid on node '$node' is gone during post-copy ($err)");
     $m->close_tunnel_quickly(broken => 1);
-    my $t = eval { $m->target_request("postcopy-status $vmid") };
+    my $t = eval { $self->postcopy_status() };
     my $tmig = ref $t eq 'HASH' ? ($t->{migration}{status} // 'none') : 'unknown';
     if ($tmig eq 'completed') {
         $m->log('info',
@@ -464,7 +464,7 @@ sub ended {
         $m->undo_to_source();
         die "post-copy migration $what before VM $vmid ran on node '$target'\n";
     }
-    my $t = eval { $m->target_request("postcopy-status $vmid") };
+    my $t = eval { $self->postcopy_status() };
     if (ref $t eq 'HASH' && ($t->{migration}{status} // '') eq 'completed') {
         $m->log('info',
                   "the incoming migration on node '$target' completed: VM $vmid has all "
@@ -567,7 +567,7 @@ sub recover_once {
 
     my $path = $self->next_recover_path();
     $m->open_tunnel([$path], timeout_ms => 30_000);
-    my $t = $self->target_status();
+    my $t = $self->postcopy_status();
     if ($t->{status} eq 'stopped') {
         # the verdict (PVE::MTunnel::Check) says what that means
         $m->{postcopy_lost} = 1;
@@ -620,10 +620,10 @@ sub wait_resumed {
 }
 
 # The target's postcopy-status answer (a hash: {status} at least); dies on anything else.
-sub target_status {
-    my ($self) = @_;
+sub postcopy_status {
+    my ($self, %opts) = @_;
     my $m = $self->{m};
-    my $t = $m->target_request("postcopy-status $m->{vmid}");
+    my $t = $m->target_request("postcopy-status $m->{vmid}", %opts);
     die "node '$m->{target}' answered postcopy-status with "
         . (ref $t ? JSON::PP->new->canonical->encode($t) : "'$t'") . "\n"
         if ref $t ne 'HASH' || !defined $t->{status};
@@ -680,7 +680,7 @@ sub wait_target {
     my $m = $self->{m};
     my $end = time() + $limit_s;
     while (1) {
-        my $t = $self->target_status();
+        my $t = $self->postcopy_status();
         return $t if ($t->{migration}{status} // '') eq $want || $t->{status} eq 'stopped';
         return $t if time() >= $end;
         usleep(100_000);
@@ -792,7 +792,7 @@ notes signals, ends at once when the source's QEMU is gone (by its pid or its mo
 a final C<failed>/C<cancelled> pauses a source QEMU continued by itself and undoes the
 migration only when the target never ran.
 
-=head2 recover($why), recover_once(), next_recover_path(), wait_resumed($seconds), target_status()
+=head2 recover($why), recover_once(), next_recover_path(), wait_resumed($seconds), postcopy_status(fresh =E<gt> 0|1)
 
 Methods of the recovery: retried through new tunnels until C<postcopy_recover_timeout_ms>
 (C<recover> returns 1 when the migration turned out complete on the target, and ends at once
@@ -801,7 +801,7 @@ closed; C<migrate-pause> where QEMU takes it), pauses the target's end where it 
 asks it to listen on a new C<VMID_recoverN.migrate> (N = pid * 1000 + attempt: unique per
 run; QEMU releases an earlier listener) and resumes the source into it. C<wait_resumed>
 notices a fall back to C<postcopy-paused> once a recovery status was seen or 2 s after the
-resume (QEMU before 9.1 stays paused while it connects). C<target_status> is the target's
+resume (QEMU before 9.1 stays paused while it connects). C<postcopy_status> is the target's
 C<postcopy-status> answer, checked.
 
 =head2 complete_on_target(), pause_source_vm()
