@@ -10,14 +10,18 @@
 # Environment: MTUNNEL_LAB (lab name, default "default"; [A-Za-z0-9_], so that two
 # labs can coexist), MTUNNEL_LAB_ACCEL (auto|kvm|tcg: default accelerator of the
 # VMs that lab/qm starts, written to $LAB/env; a VM config's "accel:" wins),
-# MTUNNEL_LAB_KEEP_BASHRC=1 (keep the host's /root/.bashrc visible on the nodes).
+# MTUNNEL_LAB_KEEP_BASHRC=1 (keep the host's /root/.bashrc visible on the nodes),
+# MTUNNEL_LAB_QEMU (the nodes' QEMU: 10.0 (default, what PVE 9 runs) or 7.2 (Debian 12's);
+# a comma list gives node1, node2, ... their own, the last one repeating: "7.2,10.0" is a
+# cluster being upgraded; written to $LAB/env as LAB_nodeI_QEMU).
 #
 # Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24 (cluster
 # network) and eth1 198.19.0.$i/24 (migration network), each on its own bridge in namespace
 # mtl-NAME-br; a persistent mount namespace
 # ($LAB/node$i/mnt) with private tmpfs on /run/qemu-server and /usr/local/sbin
 # (wrappers qm, qmp, guest-check) and a read-only overlay on /usr/sbin that adds
-# /usr/sbin/qm and /usr/sbin/pvesm (PVE runs `/usr/sbin/qm mtunnel`), and the node's own
+# /usr/sbin/qm and /usr/sbin/pvesm (PVE runs `/usr/sbin/qm mtunnel`), its QEMU (10.0: the
+# wrapper of lab/setup-qemu bind-mounted over /usr/bin/qemu-system-x86_64), and the node's own
 # storages: tmpfs on $LAB/local ("local") and $LAB/small ("small", 1 MiB); an sshd on 198.18.0.$i:22 with the
 # lab's own config and keys. VM configs in pmxcfs's layout,
 # $LAB/pve/nodes/nodeI/qemu-server/VMID.conf. State: /run/mtunnel-lab/NAME ($LAB). No traffic leaves the
@@ -265,10 +269,11 @@ no_ipv6() {   # only 198.18.0.0/15 addresses in the lab: no IPv6 link-local eith
         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6'
 }
 
-# runs inside a node's new mount namespace (sh): $1=LAB $2=index $3=LAB_SRC
+# runs inside a node's new mount namespace (sh): $1=LAB $2=index $3=LAB_SRC $4=the node's
+# QEMU binary when it is not Debian's /usr/bin/qemu-system-x86_64 (else empty)
 NODE_MNT_SETUP='
 set -eu
-LAB=$1 i=$2 SRC=$3
+LAB=$1 i=$2 SRC=$3 QEMU=$4
 # copies of namespace bind mounts (other nodes/labs, /run/netns/*) would keep
 # those namespaces alive after their lab is down: drop them in this namespace
 awk "\$0 ~ / - nsfs / {print \$5}" /proc/self/mountinfo | while read -r m; do
@@ -316,6 +321,12 @@ mount -t tmpfs -o mode=0755,size=1m mtl-usrsbin "$u"
 cp -p "$s/qm" "$s/pvesm" "$u/"
 mount -t overlay -o "lowerdir=$u:/usr/sbin" mtl-usr-sbin /usr/sbin
 mount --move "$s" /usr/local/sbin
+# this node QEMU, for every program on it (lab/qm, the vm_start of upstream): a read-only bind
+# mount over the binary in this namespace only
+if [ -n "$QEMU" ]; then
+    mount --bind "$QEMU" /usr/bin/qemu-system-x86_64
+    mount -o remount,bind,ro /usr/bin/qemu-system-x86_64
+fi
 '
 
 # write_sshd_config N [KEYWORD VALUE]... : the node's sshd_config, extra options at the end
@@ -394,6 +405,23 @@ cmd_up() {
         die "NODES must be 1..$MAX_NODES"
     local accel=${MTUNNEL_LAB_ACCEL:-auto}
     [[ $accel =~ ^(auto|kvm|tcg)$ ]] || die "MTUNNEL_LAB_ACCEL must be auto, kvm or tcg"
+    local qemus=${MTUNNEL_LAB_QEMU:-10.0} v
+    local -a node_qemu node_qemu_bin
+    [[ $qemus =~ ^[0-9.]+(,[0-9.]+)*$ ]] ||
+        die "MTUNNEL_LAB_QEMU must be 10.0 or 7.2, or a comma list of them (one per node), not '$qemus'"
+    IFS=, read -r -a node_qemu <<<"$qemus"
+    [ ${#node_qemu[@]} -le "$n" ] ||
+        die "MTUNNEL_LAB_QEMU names ${#node_qemu[@]} QEMUs for $n nodes"
+    for i in $(seq "$n"); do
+        v=${node_qemu[$((i - 1))]:-${node_qemu[-1]}}
+        case $v in
+            10.0) node_qemu_bin[i]=$("$LAB_SRC/setup-qemu" --path) ||
+                die "QEMU 10.0 is not installed (run lab/setup-packages)" ;;
+            7.2) node_qemu_bin[i]= ;;
+            *) die "MTUNNEL_LAB_QEMU: no QEMU '$v' in the lab (10.0 or 7.2)" ;;
+        esac
+        node_qemu[i - 1]=$v
+    done
     need_tools
     lock
     t0=$(now)
@@ -463,8 +491,10 @@ cmd_up() {
         # persistent mount namespace
         touch "$LAB/node$i/mnt"
         unshare --mount="$LAB/node$i/mnt" --propagation private -- \
-            /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" 9>&- ||
+            /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" "${node_qemu_bin[i]}" 9>&- ||
             die "node$i: mount namespace setup failed"
+        node_exec "$i" /usr/bin/qemu-system-x86_64 -version | grep -q "version ${node_qemu[i - 1]}[.(]" ||
+            die "node$i: /usr/bin/qemu-system-x86_64 is not QEMU ${node_qemu[i - 1]}: $(node_exec "$i" /usr/bin/qemu-system-x86_64 -version | head -1)"
 
         # sshd
         ssh-keygen -q -t ed25519 -N '' -C "node$i" -f "$LAB/node$i/ssh_host_ed25519_key"
@@ -496,6 +526,7 @@ cmd_up() {
             echo "LAB_node${i}_MIGRATION_IP=$(ip_migration "$i")"
             echo "LAB_node${i}_NETNS=$(ns_node "$i")"
             echo "LAB_node${i}_MNT=$LAB/node$i/mnt"
+            echo "LAB_node${i}_QEMU=${node_qemu[i - 1]}"
         done
     } >"$LAB/env"
 
@@ -524,7 +555,7 @@ cmd_up() {
     done
 
     trap - EXIT
-    log "up: $n nodes in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')s, dir $LAB, accel $accel"
+    log "up: $n nodes in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')s, dir $LAB, accel $accel, QEMU $(for i in $(seq "$n"); do printf '%s ' "${node_qemu[i - 1]}"; done | sed 's/ $//')"
 }
 
 # ---------------------------------------------------------------- status
@@ -551,7 +582,8 @@ cmd_status() {
             f=${f##*/qemu-}; f=${f%.pid}
             alive "$pid" && vms="$vms $f(pid $pid)"
         done
-        echo "  node$i $(ip_node "$i") netns $(ns_node "$i") sshd $st vms:${vms:- none}"
+        v=LAB_node${i}_QEMU
+        echo "  node$i $(ip_node "$i") netns $(ns_node "$i") QEMU ${!v:-7.2} sshd $st vms:${vms:- none}"
     done
 }
 

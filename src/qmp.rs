@@ -390,7 +390,9 @@ pub(crate) fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
 
 /// Sets capabilities (see [`MigrateOptions::capabilities`]) and parameters (see
 /// [`parameters`]) on a connected monitor. Returns what was applied:
-/// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set).
+/// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set),
+/// with `"postcopy-preempt-refused": QEMU's error` when post-copy's preempt was refused and
+/// left off.
 pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
     let mut applied = Map::new();
     let mut wanted = opts.capabilities.clone();
@@ -422,19 +424,28 @@ pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline)
                 names.join(", ")
             )));
         }
-        let states: Map<String, Value> = names
+        let mut states: Map<String, Value> = names
             .iter()
             .map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true)))))
             .collect();
-        let caps: Vec<Value> = states
-            .iter()
-            .map(|(k, v)| json!({"capability": k, "state": v}))
-            .collect();
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(json!({"capabilities": caps})),
-            deadline,
-        )?;
+        // postcopy-preempt that post-copy added (the caller did not ask for it) may be refused
+        // where QEMU offers it: QEMU 8.1 and later on a target whose incoming migration
+        // already listens (-incoming unix:). Then post-copy goes on without it, and the
+        // refusal is returned for the caller to match on the other side.
+        let preempt_optional = opts.postcopy
+            && states.get(POSTCOPY_PREEMPT) == Some(&json!(true))
+            && !opts
+                .capabilities
+                .as_ref()
+                .is_some_and(|c| c.contains_key(POSTCOPY_PREEMPT));
+        match set_capabilities(qmp, &states, deadline) {
+            Err(e) if preempt_optional && e.kind == Kind::Qmp => {
+                states.insert(POSTCOPY_PREEMPT.into(), json!(false));
+                set_capabilities(qmp, &states, deadline)?;
+                applied.insert("postcopy-preempt-refused".into(), json!(e.message));
+            }
+            other => other?,
+        }
         applied.insert("capabilities".into(), Value::Object(states));
     }
     let xbzrle = wanted
@@ -453,6 +464,19 @@ pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline)
     )?;
     applied.insert("parameters".into(), Value::Object(params));
     Ok(Value::Object(applied))
+}
+
+fn set_capabilities(qmp: &mut Qmp, states: &Map<String, Value>, deadline: Deadline) -> Result<()> {
+    let caps: Vec<Value> = states
+        .iter()
+        .map(|(k, v)| json!({"capability": k, "state": v}))
+        .collect();
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": caps})),
+        deadline,
+    )
+    .map(drop)
 }
 
 /// [`setup_on`] on a fresh connection.

@@ -20,9 +20,10 @@ use POSIX ();
 use Time::HiRes qw(time sleep);
 
 use PVE::MTunnel;
+use EachQEMU;
 
-my ($qemu) = grep { -x } map { "$_/qemu-system-x86_64" } split(/:/, $ENV{PATH} // '');
-plan skip_all => 'qemu-system-x86_64 is not installed' if !$qemu;
+# once per QEMU (Debian's 7.2, and 10.0 where lab/setup-qemu installed it), each a subtest
+my ($qemu, $qemu_version) = EachQEMU::qemu();
 my ($nasm) = grep { -x } map { "$_/nasm" } split(/:/, $ENV{PATH} // '');
 plan skip_all => 'nasm is not installed (lab/setup-packages installs it)' if !$nasm;
 
@@ -125,24 +126,49 @@ is($PVE::MTunnel::last_error_code, $PVE::MTunnel::ERROR_CODE{qmp}, '... with the
 note("start_postcopy refused: $@") if $ENV{SHOW_ERRORS};
 
 my $bw = 16 << 20;    # the first pass takes a few seconds: the switch comes mid-way
-for my $side ([src => $src], [dst => $dst]) {
+# the target first, as the driver does: the source's postcopy-preempt follows what the target
+# took (QEMU 8.1 and later refuse it on a target whose -incoming already listens)
+my $dst_preempt;
+for my $side ([dst => $dst], [src => $src]) {
+    my %caps = (events => 1);
+    $caps{'postcopy-preempt'} = $dst_preempt if $side->[0] eq 'src' && !$dst_preempt;
     my $applied = PVE::MTunnel::qmp_migrate_setup(
         $side->[1],
         {
-            capabilities => { events => 1 },
+            capabilities => \%caps,
             parameters => { 'max-bandwidth' => $bw },
             postcopy => 1
         }
     );
     ok($applied->{capabilities}{'postcopy-ram'}, "$side->[0]: postcopy-ram on");
-    is(
-        $applied->{capabilities}{'postcopy-preempt'} ? 1 : 0,
-        (
-            grep { $_->{capability} eq 'postcopy-preempt' }
-                @{ qmp($side->[1], 'query-migrate-capabilities') }
-        ) ? 1 : 0,
-        "$side->[0]: postcopy-preempt on exactly where QEMU offers it"
-    );
+    my $offered = (grep { $_->{capability} eq 'postcopy-preempt' }
+            @{ qmp($side->[1], 'query-migrate-capabilities') }) ? 1 : 0;
+    my $on = $applied->{capabilities}{'postcopy-preempt'} ? 1 : 0;
+    if ($side->[0] eq 'dst') {
+        $dst_preempt = $on;
+        # on or refused, never silently off: where QEMU offers it and is off, QEMU said why
+        is($on || defined $applied->{'postcopy-preempt-refused'} ? 1 : 0,
+            $offered, 'dst: postcopy-preempt on where QEMU offers it, unless QEMU refused it');
+        note(
+            "QEMU $qemu_version, dst: postcopy-preempt "
+                . (
+                  $on ? 'on'
+                : $offered ? "refused: $applied->{'postcopy-preempt-refused'}"
+                : 'not offered'
+                )
+        );
+        like(
+            $applied->{'postcopy-preempt-refused'},
+            qr/Postcopy preempt must be set before incoming starts/,
+            'dst: QEMU 10.0 refuses postcopy-preempt on a listening target, and the refusal is returned'
+        ) if $qemu_version eq '10.0';
+    } else {
+        is(
+            $on,
+            $dst_preempt && $offered ? 1 : 0,
+            'src: postcopy-preempt exactly as the target took it'
+        );
+    }
     is($applied->{parameters}{'max-postcopy-bandwidth'},
         $bw, "$side->[0]: the limit holds after the switch");
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/perl
 # A seeded randomized fault soak (docs/faults.md). Each round migrates a fresh VM (VMID
-# 700 + round) between the two lab nodes (odd rounds node1 -> node2, even rounds back) and
+# 700 + round) between two lab nodes (odd rounds between node1 and node2 on QEMU 10.0, even
+# rounds between node3 and node4 on 7.2, each pair in turn both ways) and
 # hits it with one fault at one moment, both picked at random (uniform over the pairs that
 # make sense, the filled cells of the fault x moment table); about a third of the VMs (two
 # thirds of the SIGKILL rounds) have a local disk that is mirrored with --with-local-disks.
@@ -156,7 +157,10 @@ for my $i (1 .. $rounds) {
     $disk = 1 if $disk_only{$moment};
     # post-copy does not take local disks (yet)
     $disk = 0 if $moment eq 'postcopy';
-    my ($src, $dst) = $i % 2 ? ('node1', 'node2') : ('node2', 'node1');
+    # the rounds are spread across the two QEMUs, not doubled: odd rounds between node1 and
+    # node2 (QEMU 10.0), even ones between node3 and node4 (7.2), each pair both ways
+    my ($src, $dst) =
+        @{ [[qw(node4 node3)], [qw(node1 node2)], [qw(node3 node4)], [qw(node2 node1)]]->[$i % 4] };
     push @plan,
         {
         i => $i,
@@ -186,10 +190,11 @@ sub moment_name {
 
 # ---------------------------------------------------------------- the lab
 
-my $lab = MTunnelLab->up(nodes => 2);
+# node1 and node2 run QEMU 10.0, node3 and node4 Debian 12's 7.2 (MTUNNEL_LAB_QEMU: all alike)
+my $lab = MTunnelLab->up(nodes => 4, qemu => $ENV{MTUNNEL_LAB_QEMU} // '10.0,10.0,7.2,7.2');
 my $dir = $lab->dir;
 # post-copy drives the target through its qm mtunnel's post-copy commands (patch 0009)
-$lab->qemu_server_series($_, 1) for $mode eq 'postcopy' ? qw(node1 node2) : ();
+$lab->qemu_server_series($_, 1) for $mode eq 'postcopy' ? $lab->nodes : ();
 my $t_start = time();
 
 sub link_set {
@@ -721,13 +726,14 @@ sub run_round {
     $outcome .= " (fault missed: $missed)" if $missed;
     $tally{"$fault × $moment"}{$outcome}++;
     my $line = sprintf(
-        "round %d: %s at %s (%s, %s -> %s) -> %s (%.1f s) -> %s%s",
+        "round %d: %s at %s (%s, %s -> %s, QEMU %s) -> %s (%.1f s) -> %s%s",
         $i,
         $fault,
         $moment,
         $kind,
         $src,
         $dst,
+        $lab->qemu_version($src),
         $verdict // ($killed ? 'killed, no verdict' : 'no verdict'),
         $secs,
         $where eq 'none' || $where eq 'both'

@@ -562,6 +562,60 @@ fn postcopy_turns_on_postcopy_ram_and_preempt_where_offered_and_keeps_the_bandwi
 }
 
 #[test]
+fn postcopy_goes_on_without_preempt_when_a_listening_target_refuses_it() {
+    // QEMU 8.1 and later, on a target started with -incoming unix:
+    let server = FakeQmp::answering("pc-refuse", |command, args| match command {
+        "query-migrate-capabilities" => Ok(json!([
+            {"capability": "postcopy-ram", "state": false},
+            {"capability": "postcopy-preempt", "state": false}
+        ])),
+        "migrate-set-capabilities"
+            if args["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"capability": "postcopy-preempt", "state": true})) =>
+        {
+            Err((
+                "GenericError",
+                "Postcopy preempt must be set before incoming starts".into(),
+            ))
+        }
+        _ => Ok(json!({})),
+    });
+    let opts = MigrateOptions::from_json(&json!({"postcopy": true})).unwrap();
+    let applied = setup(&server.path, &opts).unwrap();
+    assert_eq!(
+        applied["capabilities"],
+        json!({"postcopy-preempt": false, "postcopy-ram": true}),
+        "post-copy must go on without preempt: {applied}"
+    );
+    assert!(
+        applied["postcopy-preempt-refused"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Postcopy preempt must be set before incoming starts"),
+        "the refusal must be returned: {applied}"
+    );
+    drop(server);
+
+    // asked for by the caller: QEMU's refusal is the caller's error
+    let server = FakeQmp::answering("pc-refuse2", |command, _| match command {
+        "query-migrate-capabilities" => Ok(json!([
+            {"capability": "postcopy-ram", "state": false},
+            {"capability": "postcopy-preempt", "state": false}
+        ])),
+        "migrate-set-capabilities" => Err(("GenericError", "refused".into())),
+        _ => Ok(json!({})),
+    });
+    let opts = MigrateOptions::from_json(
+        &json!({"postcopy": true, "capabilities": {"postcopy-preempt": true}}),
+    )
+    .unwrap();
+    let err = setup(&server.path, &opts).unwrap_err();
+    assert_eq!(err.kind, Kind::Qmp, "{err:?}");
+}
+
+#[test]
 fn postcopy_on_a_qemu_without_it_is_refused_before_anything_is_set() {
     let server = postcopy_monitor("pc-none", &["xbzrle", "events"]);
     let opts = MigrateOptions::from_json(&json!({"postcopy": true})).unwrap();

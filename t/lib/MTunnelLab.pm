@@ -18,7 +18,8 @@ package MTunnelLab;
 #
 # Options of up(): nodes (default 2), name (default: derived from the test
 # file's name, so that `prove -j` runs distinct labs), accel (auto|kvm|tcg:
-# the default accelerator of lab/qm's VMs).
+# the default accelerator of lab/qm's VMs), qemu (the nodes' QEMU: "10.0", "7.2" or a comma
+# list, one per node, as lab.sh's MTUNNEL_LAB_QEMU; default: MTUNNEL_LAB_QEMU, else 10.0).
 # Needs root. Only core modules.
 
 use strict;
@@ -72,7 +73,8 @@ sub up {
     weaken($LIVE{$name});
     _install_signal_handlers();
 
-    my ($rc, $out, $err) = $self->_lab_sh({ accel => $opt{accel} }, 'up', $nodes);
+    my ($rc, $out, $err) =
+        $self->_lab_sh({ accel => $opt{accel}, qemu => $opt{qemu} }, 'up', $nodes);
     if ($rc != 0) {
         delete $LIVE{$name};
         die "lab up failed (exit $rc):\n$out$err";
@@ -127,6 +129,12 @@ sub _read_env {
 sub ip {
     my ($self, $node) = @_;
     return $self->{env}->{"LAB_${\ $self->_node($node)}_IP"};
+}
+
+# the QEMU version NODE runs ("10.0", "7.2"), as lab.sh up chose it
+sub qemu_version {
+    my ($self, $node) = @_;
+    return $self->{env}->{"LAB_${\ $self->_node($node)}_QEMU"} // '7.2';
 }
 
 sub netns {
@@ -280,6 +288,7 @@ sub _lab_sh {
     my ($self, $opt, @args) = @_;
     my %env = (MTUNNEL_LAB => $self->{name});
     $env{MTUNNEL_LAB_ACCEL} = $opt->{accel} if $opt && $opt->{accel};
+    $env{MTUNNEL_LAB_QEMU} = $opt->{qemu} if $opt && $opt->{qemu};
     return $self->_capture(\%env, $LABSH, @args);
 }
 

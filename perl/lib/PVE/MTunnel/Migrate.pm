@@ -634,16 +634,23 @@ sub target_request {
     return $reply eq 'OK' ? 'OK' : $JSON->decode($reply);
 }
 
-# Mirror each exported drive into its NBD export (drive-mirror, as BlockJob.pm for QEMU
-# before 10.0) and wait until every job is ready; the jobs stay ready (guest writes keep
-# being mirrored) while RAM migrates.
+# Mirror each exported drive into its NBD export and wait until every job is ready; the jobs
+# stay ready (guest writes keep being mirrored) while RAM migrates. The library mirrors as
+# BlockJob.pm does for what the VM has attached: drive-mirror on a -drive BlockBackend,
+# blockdev-mirror below a -blockdev disk's top node (machine versions >= 10.0).
 sub storage_migration {
     my ($self, $nbd) = @_;
     my $vmid = $self->{vmid};
     $self->log('info', "starting storage migration");
-    # the disks come from the running QEMU: every export must name one of its drives
+    # the disks come from the running QEMU: every export must name one of its drives, a
+    # BlockBackend drive-KEY or, with -blockdev, the device KEY (whose top node is drive-KEY)
     my $blocks = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block');
-    my %device = map { $_->{device} => $_ } grep { $_->{inserted} } @$blocks;
+    my %device;
+    for my $b (grep { $_->{inserted} } @$blocks) {
+        my $name = $b->{device} // '';
+        $name = 'drive-' . (($b->{qdev} // '') =~ s|.*/||r) if $name eq '';
+        $device{$name} = $b;
+    }
     my $volumes = $self->source_volumes();
     for my $export (@$nbd) {
         my $device = "drive-$export->{drive}";
