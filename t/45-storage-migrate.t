@@ -98,13 +98,13 @@ for my $case (
     );
     like(
         $out,
-        qr/^\S+ \S+ drive-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
+        qr/^\S+ \S+ (?:drive|mirror)-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
         "$type: disk progress, PVE style"
     );
     like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
     like(
         $out,
-        qr/all 'mirror' jobs are ready.*starting online\/live migration.*drive-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
+        qr/all 'mirror' jobs are ready.*starting online\/live migration.*(?:drive|mirror)-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
         "$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped"
     );
     like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too")

@@ -205,7 +205,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     }
     if ($s->{inject}) {
         ok(
-            $bg->wait_for(qr/drive-ide0: transferred/, 30),
+            $bg->wait_for(qr/(?:drive|mirror)-ide0: transferred/, 30),
             "$name: the mirror was under way when the fault hit"
         ) or diag($bg->output);
         eval { $s->{inject}->() };
@@ -235,7 +235,7 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         like($out, $s->{error}, "$name: error says what happened") or diag($out);
         like(
             $out,
-            qr/drive-ide0: Cancelling block job/,
+            qr/(?:drive|mirror)-ide0: Cancelling block job/,
             "$name: the cleanup cancelled the block job"
         ) if !$s->{at_start};
         like(

@@ -369,7 +369,7 @@ sub run_round {
     my $trigger = {
         start => qr/starting VM $v on remote node/,
         tunnel => qr/start remote tunnel/,
-        mid => $r->{disk} ? qr/drive-ide0: transferred/ : qr/migration active/,
+        mid => $r->{disk} ? qr/(?:drive|mirror)-ide0: transferred/ : qr/migration active/,
         switchover => qr/migration active|migration status: completed/,
         after => qr/migration status: completed/,
         ready => qr/all 'mirror' jobs are ready/,
