@@ -5,8 +5,12 @@ TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 LABSH=$TOP/lab/lab.sh
 export MTUNNEL_LAB=${MTUNNEL_LAB:-bench}
 LAB=/run/mtunnel-lab/$MTUNNEL_LAB
-trap '"$LABSH" down >/dev/null 2>&1 || true' EXIT
-"$LABSH" up 2 >/dev/null
+OUT=$(mktemp -d)
+trap '"$LABSH" down >/dev/null 2>&1 || true; rm -rf "$OUT"' EXIT
+# the figures that depend on QEMU are measured on both, in this run: 10.0 (the lab's default,
+# what PVE 9 runs) and Debian 12's 7.2, each on a lab whose nodes all run it
+QEMUS=(10.0 7.2)
+MTUNNEL_LAB_QEMU=${QEMUS[0]} "$LABSH" up 2 >/dev/null
 # conf VMID LINE... : the VM's config on node1, where it starts (pmxcfs's layout: the node that
 # owns it), written to a temp file of ours and renamed; the copy a migration moved to another
 # node is removed first (one node holds a config)
@@ -31,16 +35,18 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
     printf "  completion detected %.0f ms after QEMU finished (driver %.3f s vs QEMU total-time %d ms)\n",
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
-echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
+# guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end
+sec_pause() {
 "$TOP/lab/bench-pause" --runs 10 --failures 3 --guests dirty,idle,disk
+}
 
-echo "-- upstream's QemuMigrate.pm on the lab: the guest's pause, qemu-server as released against with the series"
-"$TOP/lab/bench-upstream-pause" --runs 5
-
-echo "-- post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto"
+# post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto
+sec_postcopy() {
 "$TOP/lab/bench-postcopy"
+}
 
-echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
+# throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket
+sec_throughput() {
 conf 501 'memory: 1024' 'guest: idle'
 # VM 500 on node1 again, its config too (the last migration moved it to node2)
 fresh_source() {
@@ -74,8 +80,10 @@ awk -v a="$(rate "$tun_default")" -v b="$(rate "$tun_ssh_default")" -v l="$(rate
 echo "  insecure (TCP on the migration network, no ssh):           $tun_insecure"
 awk -v a="$(rate "$tun_default")" -v i="$(rate "$tun_insecure")" \
     'BEGIN { printf "  tunnel/insecure = %.2f\n", a / i }'
+}
 
-echo "-- disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
+# disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node
+sec_mirror() {
 conf 601 'memory: 64' 'guest: idle' 'ide0: local:601/vm-601-disk-0.raw,size=1G'
 # a fresh VM 600 on node1 whose disk holds 1023 MiB of non-zero data after its boot sector
 # (zeros would be skipped by the mirror and measure nothing); its config on node1 again
@@ -103,6 +111,60 @@ for v in 600 601; do "$LABSH" exec node1 qm stop $v >/dev/null; done
 echo "  mirror through the tunnel (driver): $tun_mirror"
 echo "  mirror to a local NBD export:       $loc_mirror"
 awk -v a="$(rate "$tun_mirror")" -v l="$(rate "$loc_mirror")" 'BEGIN { if (l > 0) printf "  tunnel/local = %.2f\n", a / l }'
+}
+
+# each section per QEMU, the lab brought up again on the other one in between; printed below
+# one block per QEMU under the section's title, with a summary table at the end
+for q in "${QEMUS[@]}"; do
+    if [ "$q" != "${QEMUS[0]}" ]; then
+        "$LABSH" down >/dev/null
+        MTUNNEL_LAB_QEMU=$q "$LABSH" up 2 >/dev/null
+    fi
+    for sec in pause postcopy throughput mirror; do
+        "sec_$sec" >"$OUT/$sec.$q" 2>&1 || echo "  (section failed: exit $?)" >>"$OUT/$sec.$q"
+    done
+done
+"$LABSH" down >/dev/null
+MTUNNEL_LAB_QEMU=${QEMUS[0]} "$LABSH" up 2 >/dev/null
+echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
+for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/pause.$q"; done
+echo "-- post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto"
+for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/postcopy.$q"; done
+echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
+for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/throughput.$q"; done
+echo "-- disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
+for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/mirror.$q"; done
+
+# the summary: one figure per QEMU from the sections' output above
+fig() { sed -n "$2" "$1" | head -n1; }   # fig FILE SED-SCRIPT: the first line it prints
+# the events-mode (the driver's) row of one guest in bench-pause's table: "pause / downtime"
+pause_fig() {
+    awk -v g="$2" '/guest that/ { cur = index($0, g) > 0 } cur && /events \(new default\)/ {
+        printf "%s %s / %s %s", $4, $5, $9, $10; exit }' "$1"
+}
+f_pause_dirty() { pause_fig "$OUT/pause.$1" 'keeps dirtying its memory:'; }
+f_pause_disk() { pause_fig "$OUT/pause.$1" 'local disk'; }
+f_postcopy() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: completed in \([0-9.]* s\) (\([0-9.]*\) x.*/\1 (\2 x)/p'; }
+f_postcopy_pause() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: .*; pause \([0-9]* ms\) (QEMU downtime \([0-9]* ms\).*/\1 \/ \2/p'; }
+f_tunnel() { fig "$OUT/throughput.$1" 's/.*tunnel, library ciphers[^:]*: *\([0-9]* MiB\/s\).*/\1/p'; }
+f_local() { fig "$OUT/throughput.$1" 's/.*local UNIX socket, no ssh: *\([0-9]* MiB\/s\).*/\1/p'; }
+f_mirror() { fig "$OUT/mirror.$1" 's/.*mirror through the tunnel (driver): *\([0-9]* MiB\/s\).*/\1/p'; }
+f_mirror_local() { fig "$OUT/mirror.$1" 's/.*mirror to a local NBD export: *\([0-9]* MiB\/s\).*/\1/p'; }
+echo "-- QEMU ${QEMUS[*]} side by side (from the sections above, all measured in this run)"
+printf '  %-46s' ''; for q in "${QEMUS[@]}"; do printf ' %22s' "QEMU $q"; done; echo
+for r in 'f_pause_dirty:RAM: pause / QEMU downtime (dirty guest)' \
+         'f_pause_disk:local disk: pause / QEMU downtime' \
+         'f_tunnel:RAM through the tunnel' 'f_local:RAM over a local UNIX socket' \
+         'f_mirror:disk mirror through the tunnel' 'f_mirror_local:disk mirror to a local NBD export' \
+         'f_postcopy:--postcopy auto: time (x one RAM transfer)' \
+         'f_postcopy_pause:--postcopy auto: pause / QEMU downtime'; do
+    printf '  %-46s' "${r#*:}"
+    for q in "${QEMUS[@]}"; do v=$("${r%%:*}" "$q" || true); printf ' %22s' "${v:-n/a}"; done
+    echo
+done
+
+echo "-- upstream's QemuMigrate.pm on the lab: the guest's pause, qemu-server as released against with the series"
+"$TOP/lab/bench-upstream-pause" --runs 5
 
 echo "-- parallel migrations node1 -> node2 (64 MiB idle guests, stock sshd)"
 one=$("$TOP/lab/parallel-migrate" 1 --vmid-base 2000 | sed -n 's/.*wall \([0-9.]*\) s.*/\1/p')

@@ -1,14 +1,24 @@
 //! Storage migration: local disks mirrored into the target's NBD export with QMP
-//! `drive-mirror`, finished or cancelled as Proxmox VE's `QemuServer/BlockJob.pm` does.
+//! `drive-mirror` or `blockdev-mirror`, finished or cancelled as Proxmox VE's
+//! `QemuServer/BlockJob.pm` does.
 //!
-//! The flow: [`mirror_start`] once per disk (job id = device, `auto-dismiss: false` so that a
-//! failed job stays visible with its error), [`wait_ready`] until every job is `ready`,
-//! migrate RAM, then [`finish`] (`block-job-cancel` without force: a READY mirror first
-//! syncs the target and then ends without pivoting, the target holds the data). The abort
-//! path is [`cancel`] (`force: true`), which tolerates jobs that are already gone.
+//! The flow: [`mirror_start`] once per disk (`auto-dismiss: false` so that a failed job stays
+//! visible with its error), [`wait_ready`] until every job is `ready`, migrate RAM, then
+//! [`finish`] (`block-job-cancel` without force: a READY mirror first syncs the target and then
+//! ends without pivoting, the target holds the data). The abort path is [`cancel`]
+//! (`force: true`), which tolerates jobs that are already gone.
 //!
-//! QEMU 7.2 (Debian 12) is what this is built for: `drive-mirror` is the call. `blockdev-mirror`,
-//! which PVE uses for machine versions ≥ 10, is not needed there and not implemented.
+//! Which call mirrors a disk follows from what the VM's QEMU has attached, never from a version
+//! number ([`mirror_method`]): a disk attached with `-drive` (QEMU 7.2, and machine versions
+//! below 10.0 on Proxmox VE 9) has a BlockBackend named after it (`drive-scsi0`) and gets
+//! `drive-mirror` (job id = device). A disk attached with `-blockdev` (Proxmox VE 9, machine
+//! versions ≥ 10.0) has no BlockBackend of that name, only a top node `drive-scsi0` (a
+//! `throttle` filter above the format and file nodes); it gets `blockdev-mirror`, as upstream's
+//! `blockdev_mirror` does: the target is a node of our own (`blockdev-add` of an `nbd` node,
+//! named by [`blockdev::target_node_names`] from the job id), the job (`mirror-scsi0`) mirrors the top
+//! node and `replaces` the node below the throttle filter, and once the job is gone the target
+//! node is deleted (`blockdev-del`) unless the job switched the disk over to it (`complete`),
+//! in which case the old node is deleted instead. See `blockjob/blockdev.rs`.
 //!
 //! Every look at the jobs (`query-block-jobs`) uses its own QMP connection, closed before the
 //! next poll, so other clients of the monitor (PVE's `pvestatd`) are never starved while we
@@ -21,7 +31,12 @@ use crate::options;
 use crate::qmp::{self, Qmp};
 use crate::validate::MAX_SOCKET_PATH;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+mod blockdev;
+
+pub use blockdev::Method;
 
 /// Longest device or job id accepted (QEMU ids are short; PVE's are `drive-scsi0`).
 pub(crate) const MAX_ID: usize = 64;
@@ -36,6 +51,10 @@ const END_POLL_MS: u64 = 50;
 /// Deadline of one look at the jobs, whatever is left of the whole wait.
 const LOOK_TIMEOUT_MS: i64 = qmp::DEFAULT_TIMEOUT_MS;
 
+/// How long [`finish`] and [`cancel`] may still take past their deadline to delete the target
+/// nodes of the blockdev-mirror jobs that did end.
+const CLEANUP_GRACE_MS: i64 = 1000;
+
 /// Options of [`mirror_start`].
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,13 +62,15 @@ pub struct MirrorOptions {
     /// The target's format; `None` = `nbd` for an `nbd:` target, required otherwise (a
     /// guessed format could write raw data into a qcow2 file).
     pub format: Option<String>,
-    /// `existing` (default: the target exists, as the NBD export does) or `absolute-paths`.
+    /// `existing` (default: the target exists, as the NBD export does) or `absolute-paths`
+    /// (`drive-mirror` only: `blockdev-mirror` always writes into a target that exists).
     pub mode: String,
     /// `full` (default), `top` or `none`.
     pub sync: String,
     /// Bandwidth limit in bytes per second (PVE: bwlimit KiB/s × 1024); `None` = no limit.
     pub speed: Option<u64>,
-    /// The job id; `None` = the device name, as PVE does.
+    /// The job id; `None` = as PVE names it: the device name for `drive-mirror`, `mirror-ID`
+    /// for `blockdev-mirror` of the node `drive-ID` (`mirror-NODE` for another node name).
     pub job_id: Option<String>,
     /// Deadline of the call.
     pub timeout_ms: i64,
@@ -255,9 +276,24 @@ pub fn mirror_arguments(
     Ok((job, args))
 }
 
-/// Starts mirroring `device` of the VM behind `path` into `target` (`drive-mirror`,
-/// `auto-dismiss: false`). Returns the job id. QEMU's refusal (a busy device, an NBD
-/// server that cannot be reached) is a [`Kind::Qmp`] error with QEMU's description.
+/// Which call mirrors `device` of the VM behind `path`: [`Method::DriveMirror`] when
+/// `query-block` lists a device (BlockBackend) of that name, [`Method::BlockdevMirror`] when
+/// there is none but a block node of that name (`query-named-block-nodes`), the top node of a
+/// `-blockdev` disk. Neither: a [`Kind::InvalidArgument`] error naming the device.
+pub fn mirror_method(path: &str, device: &str, timeout_ms: i64) -> Result<Method> {
+    check_id("device", device)?;
+    let deadline = Deadline::after_ms(timeout_ms);
+    blockdev::method(&mut Qmp::connect(path, deadline)?, device, deadline)
+}
+
+/// Starts mirroring `device` of the VM behind `path` into `target` (`auto-dismiss: false`) and
+/// returns the job id. The call follows [`mirror_method`]: `drive-mirror` of the device (job id
+/// = device), or for a `-blockdev` top node `blockdev-add` of the target node
+/// ([`blockdev::target_node_names`]) and `blockdev-mirror` (job id `mirror-ID` for `drive-ID`,
+/// `replaces` the node below a throttle top); if `blockdev-mirror` fails, the target node is
+/// deleted again. An explicit `job_id` option wins. Arguments are checked before anything is
+/// sent. QEMU's refusal (a busy device, an NBD server that cannot be reached) is a
+/// [`Kind::Qmp`] error with QEMU's description; so is a job id already in use.
 pub fn mirror_start(
     path: &str,
     device: &str,
@@ -266,10 +302,21 @@ pub fn mirror_start(
 ) -> Result<String> {
     let (job, args) = mirror_arguments(device, target, opts)?;
     let deadline = Deadline::after_ms(opts.timeout_ms);
-    Qmp::connect(path, deadline)?
-        .execute("drive-mirror", Some(args), deadline)
-        .map_err(|e| e.context(format!("{device}: starting the mirror to '{target}'")))?;
-    Ok(job)
+    let mut qmp = Qmp::connect(path, deadline)?;
+    let step = |e: Error| e.context(format!("{device}: starting the mirror to '{target}'"));
+    match blockdev::method(&mut qmp, device, deadline) {
+        Ok(Method::DriveMirror) => {
+            qmp.execute("drive-mirror", Some(args), deadline)
+                .map_err(step)?;
+            Ok(job)
+        }
+        Ok(Method::BlockdevMirror) => {
+            blockdev::start(&mut qmp, device, target, opts, deadline).map_err(step)
+        }
+        // names the device itself
+        Err(e) if e.kind == Kind::InvalidArgument => Err(e),
+        Err(e) => Err(step(e)),
+    }
 }
 
 /// How [`finish`] ends the jobs.
@@ -395,19 +442,28 @@ fn joined(errors: Vec<Error>) -> Result<()> {
 }
 
 /// One look, judged: every listed job must be there and not concluded. A concluded job is
-/// dismissed (a failed one is reported with QEMU's error), so none is left behind.
+/// dismissed (a failed one is reported with QEMU's error), so none is left behind; the target
+/// node of a blockdev-mirror job that ended so is deleted (a failure to delete it is part of
+/// the error).
 fn status_once(path: &str, jobs: &[String], deadline: Deadline) -> Result<Value> {
     let (mut qmp, found) = look(path, deadline)?;
     let mut errors = Vec::new();
     let mut out = Vec::new();
+    let mut ended = Vec::new();
     for id in jobs {
         match found.get(id) {
-            None => errors.push(Error::new(
-                Kind::Qmp,
-                format!("{id}: block job has vanished (cancelled?)"),
-            )),
+            None => {
+                errors.push(Error::new(
+                    Kind::Qmp,
+                    format!("{id}: block job has vanished (cancelled?)"),
+                ));
+                ended.push(id.clone());
+            }
             Some(info) if text(info, "status") == "concluded" => {
                 let dismissed = dismiss(&mut qmp, id, deadline);
+                if dismissed.is_ok() {
+                    ended.push(id.clone());
+                }
                 errors.push(failure(id, info, &dismissed).unwrap_or_else(|| {
                     noted(
                         format!("{id}: mirror ended before it was finished (cancelled or completed by another client?)"),
@@ -417,6 +473,10 @@ fn status_once(path: &str, jobs: &[String], deadline: Deadline) -> Result<Value>
             }
             Some(info) => out.push(summary(id, info)),
         }
+    }
+    if !ended.is_empty() {
+        let done = blockdev::cleanup(&mut qmp, &ended, &BTreeMap::new(), deadline);
+        errors.extend(done.errors);
     }
     joined(errors)?;
     let all_ready = out.iter().all(|j| j["ready"] == json!(true));
@@ -532,11 +592,53 @@ fn wait_gone(
     joined(errors)
 }
 
+/// Deletes, on a connection of its own, what the blockdev-mirror jobs among `gone` left
+/// behind (see `blockdev::cleanup`); nothing is sent for drive-mirror jobs but one query. Once
+/// the call's deadline has passed (the jobs that are left make it fail) it still gets
+/// [`CLEANUP_GRACE_MS`], so that the nodes of the jobs that did end are not left behind.
+fn clean_up(
+    path: &str,
+    gone: &[String],
+    replaced: &BTreeMap<String, String>,
+    deadline: Deadline,
+) -> blockdev::Cleanup {
+    if gone.is_empty() {
+        return blockdev::Cleanup::default();
+    }
+    let deadline = if deadline.expired() {
+        Deadline::after_ms(CLEANUP_GRACE_MS)
+    } else {
+        deadline.min(Deadline::after_ms(LOOK_TIMEOUT_MS))
+    };
+    match Qmp::connect(path, deadline) {
+        Ok(mut qmp) => blockdev::cleanup(&mut qmp, gone, replaced, deadline),
+        Err(e) => blockdev::Cleanup {
+            detached: Vec::new(),
+            errors: vec![e.context("deleting the mirror target nodes")],
+        },
+    }
+}
+
+/// `errors` joined, with the cleanup's errors after them.
+fn joined_with(mut errors: Vec<Error>, done: blockdev::Cleanup) -> Result<()> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    errors.extend(done.errors);
+    joined(errors)
+}
+
 /// Ends every job; all must be ready (else [`Kind::InvalidArgument`] naming the ones that are
 /// not, and nothing is sent). [`Finish::Cancel`] sends `block-job-cancel` without force,
 /// [`Finish::Complete`] `job-complete`; then waits until each job is gone or concluded
 /// (concluded ones are dismissed; one that concluded with an error fails the call, naming
-/// it). Returns `{"jobs": [{"id", "offset", "len"}…]}`, the last figures seen.
+/// it). Then, for blockdev-mirror jobs, deletes the target nodes left unused (cancel, or a
+/// failed job) and, after `complete`, the node the disk was switched away from (found before
+/// `job-complete` was sent). Returns `{"jobs": [{"id", "offset", "len"}…]}`, the last figures
+/// seen, with `"detached": [node names deleted]` when nodes were deleted and
+/// `"detach_errors": [why a node could not be deleted]` when one could not be: that does not
+/// fail the call (the data is on the target). When the call fails, those errors are part of
+/// its error. Past the deadline, deleting may take up to [`CLEANUP_GRACE_MS`] more.
 pub fn finish(path: &str, jobs: &[String], mode: Finish, timeout_ms: i64) -> Result<Value> {
     require_jobs(jobs)?;
     let started = Instant::now();
@@ -564,6 +666,11 @@ pub fn finish(path: &str, jobs: &[String], mode: Finish, timeout_ms: i64) -> Res
     let mut errors = Vec::new();
     let mut pending = Vec::new();
     let mut qmp = Qmp::connect(path, deadline.min(Deadline::after_ms(LOOK_TIMEOUT_MS)))?;
+    // the node each blockdev job replaces, to delete once the disk was switched over
+    let replaced = match mode {
+        Finish::Cancel => BTreeMap::new(),
+        Finish::Complete => blockdev::replaced_nodes(&mut qmp, jobs, deadline)?,
+    };
     for id in jobs {
         let sent = match mode {
             Finish::Cancel => {
@@ -577,8 +684,13 @@ pub fn finish(path: &str, jobs: &[String], mode: Finish, timeout_ms: i64) -> Res
         }
     }
     drop(qmp);
+    let sent = pending.clone();
     errors.extend(wait_gone(path, &mut pending, &mut seen, true, deadline, started).err());
-    joined(errors)?;
+    let gone: Vec<String> = sent
+        .into_iter()
+        .filter(|id| !pending.contains(id))
+        .collect();
+    let done = clean_up(path, &gone, &replaced, deadline);
     let figures: Vec<Value> = jobs
         .iter()
         .map(|id| {
@@ -586,7 +698,10 @@ pub fn finish(path: &str, jobs: &[String], mode: Finish, timeout_ms: i64) -> Res
             json!({"id": id, "offset": number(&info, "offset"), "len": number(&info, "len")})
         })
         .collect();
-    Ok(json!({"jobs": figures}))
+    let mut result = json!({"jobs": figures});
+    done.report(&mut result);
+    joined_with(errors, done)?;
+    Ok(result)
 }
 
 /// Whether a `block-job-cancel` error says the job does not exist: QEMU answers class
@@ -596,10 +711,13 @@ fn is_not_found(e: &Error) -> bool {
 }
 
 /// The abort path: `block-job-cancel` with `force: true` for each job (one that does not exist
-/// is already gone: fine), concluded ones dismissed, then waits until none is left. Returns
-/// `{"cancelled": [ids that were still there], "already_gone": [ids]}`. An empty list does
-/// nothing. Fails on the deadline ([`Kind::Timeout`], naming what is left) or when the
-/// monitor cannot be reached, never because a job was already gone.
+/// is already gone: fine), concluded ones dismissed, then waits until none is left, and deletes
+/// the target nodes the blockdev-mirror jobs among them left behind (also of jobs that were
+/// already gone). Returns `{"cancelled": [ids that were still there], "already_gone": [ids]}`,
+/// with `"detached"` and `"detach_errors"` as for [`finish`]. An empty list does nothing.
+/// Fails on the deadline ([`Kind::Timeout`], naming what is left; deleting may take up to
+/// [`CLEANUP_GRACE_MS`] more) or when the monitor cannot be reached, never because a job was
+/// already gone.
 pub fn cancel(path: &str, jobs: &[String], timeout_ms: i64) -> Result<Value> {
     for id in jobs {
         check_id("job id", id)?;
@@ -632,7 +750,7 @@ pub fn cancel(path: &str, jobs: &[String], timeout_ms: i64) -> Result<Value> {
     drop(qmp);
     let cancelled = pending.clone();
     let mut seen = Map::new();
-    wait_gone(path, &mut pending, &mut seen, false, deadline, started).map_err(|e| {
+    let waited = wait_gone(path, &mut pending, &mut seen, false, deadline, started).map_err(|e| {
         let why: Vec<String> = pending
             .iter()
             .filter_map(|id| Some(format!("{id}: {}", refused.get(id)?.as_str()?)))
@@ -642,8 +760,17 @@ pub fn cancel(path: &str, jobs: &[String], timeout_ms: i64) -> Result<Value> {
         } else {
             Error::new(e.kind, format!("{} ({})", e.message, why.join("; ")))
         }
-    })?;
-    Ok(json!({"cancelled": cancelled, "already_gone": gone}))
+    });
+    let ended: Vec<String> = jobs
+        .iter()
+        .filter(|id| !pending.contains(id))
+        .cloned()
+        .collect();
+    let done = clean_up(path, &ended, &BTreeMap::new(), deadline);
+    let mut result = json!({"cancelled": cancelled, "already_gone": gone});
+    done.report(&mut result);
+    joined_with(waited.err().into_iter().collect(), done)?;
+    Ok(result)
 }
 
 #[cfg(test)]

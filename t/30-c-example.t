@@ -93,19 +93,28 @@ sub volumes { return $lab->volumes($_[0], 'local') }
         'disk: the NBD export and its new volume'
     );
     like($out, qr/^tunnel ready after [\d.]+ s$/m, 'disk: tunnel became ready');
+    # QEMU 10.0's default machine (10.0) has its disk attached with -blockdev, 7.2's with -drive
+    my $method = $lab->qemu_version('node1') eq '7.2' ? 'drive-mirror' : 'blockdev-mirror';
     like(
         $out,
-        qr/^mirror started: drive-ide0 -> \Q$nbd\E$/m,
+        qr/^mirror method for drive-ide0: $method$/m,
+        "disk: the library picked $method from what QEMU "
+            . $lab->qemu_version('node1')
+            . ' attached'
+    );
+    like(
+        $out,
+        qr/^mirror started: (?:drive|mirror)-ide0 -> \Q$nbd\E$/m,
         'disk: mirror into the NBD export through the tunnel'
     );
     like(
         $out,
-        qr/^mirror ready: drive-ide0 \d+ of \d+ bytes after [\d.]+ s$/m,
+        qr/^mirror ready: (?:drive|mirror)-ide0 \d+ of \d+ bytes after [\d.]+ s$/m,
         'disk: mirror ready'
     );
     like(
         $out,
-        qr/^mirror finished: drive-ide0 \d+ of \d+ bytes$/m,
+        qr/^mirror finished: (?:drive|mirror)-ide0 \d+ of \d+ bytes$/m,
         'disk: mirror finished (block-job-cancel)'
     );
     like($out, qr/^NBD server stopped on the target$/m, 'disk: qm nbdstop on the target');
@@ -174,7 +183,7 @@ sub volumes { return $lab->volumes($_[0], 'local') }
     isnt($rc, 0, 'full: C example fails') or diag("$out$err");
     like(
         $err,
-        qr/^migrate: qmp_mirror_wait_ready failed: drive-ide0: mirror failed: No space left on device/m,
+        qr/^migrate: qmp_mirror_wait_ready failed: (?:drive|mirror)-ide0: mirror failed: No space left on device/m,
         'full: the error says the mirror failed for lack of space'
     ) or diag("$out$err");
     unlike($out, qr/^migration completed/m, 'full: RAM was not migrated');

@@ -17,9 +17,10 @@ use POSIX ();
 use Time::HiRes qw(time sleep);
 
 use PVE::MTunnel;
+use EachQEMU;
 
-my ($qemu) = grep { -x } map { "$_/qemu-system-x86_64" } split(/:/, $ENV{PATH} // '');
-plan skip_all => 'qemu-system-x86_64 is not installed' if !$qemu;
+# once per QEMU (Debian's 7.2, and 10.0 where lab/setup-qemu installed it), each a subtest
+my ($qemu, $qemu_version) = EachQEMU::qemu();
 
 # KVM when /dev/kvm opens (TCG still as QEMU's fallback), else TCG.
 my $accel = 'tcg';

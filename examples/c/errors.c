@@ -65,6 +65,15 @@ int main(void)
     expect(qmp_mirror_start("/nonexistent/100.qmp", "drive-scsi0", "nbd:unix:/run/qemu-server/100_nbd.migrate:exportname=drive-scsi0",
                             "{\"speed\": -1}", &out),
            MTUNNEL_ERR_INVALID_ARGUMENT, "a negative mirror speed is refused", "option 'speed' must be a non-negative integer");
+    expect(qmp_mirror_method(NULL, "drive-scsi0", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "qmp_mirror_method(NULL socket) is refused", "qmp_socket is NULL");
+    expect(qmp_mirror_method("/nonexistent/100.qmp", NULL, 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "qmp_mirror_method(NULL device) is refused", "device is NULL");
+    expect(qmp_mirror_method("/nonexistent/100.qmp", "drive scsi0", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
+           "qmp_mirror_method: a device name with a space is refused before connecting", "invalid device 'drive scsi0'");
+    expect(qmp_mirror_method("/nonexistent/100.qmp", "drive-scsi0", 1000, &out), MTUNNEL_ERR_IO,
+           "qmp_mirror_method names a missing QMP socket", "does not exist");
+    expect(out == NULL, 1, "qmp_mirror_method wrote nothing on failure", NULL);
     expect(qmp_mirror_status("/nonexistent/100.qmp", NULL, 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,
            "qmp_mirror_status(NULL jobs) is refused", "jobs_json is NULL");
     expect(qmp_mirror_wait_ready("/nonexistent/100.qmp", "{\"drive-scsi0\": 1}", 1000, &out), MTUNNEL_ERR_INVALID_ARGUMENT,

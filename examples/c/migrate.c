@@ -13,12 +13,18 @@
  * With --with-local-disks it also migrates the VM's local disks, as `qm migrate --online
  * --with-local-disks` does: the target is started with `--targetstorage 1` (same storage
  * names), allocates a new volume for each local disk and exports it over NBD on a UNIX
- * socket; the tunnel forwards that socket next to the RAM socket; each disk is mirrored with
- * drive-mirror into its export (qmp_mirror_start) and the RAM migration starts once every
- * mirror is ready (qmp_mirror_wait_ready). Once RAM has converged, the mirrors are ended with
- * block-job-cancel (qmp_mirror_finish "cancel": the target gets every write, the source keeps
- * its disk), the target's NBD server is stopped (`qm nbdstop VMID`) and the VM resumed there.
- * The source's volumes are left in place (free them with `pvesm free` on the source).
+ * socket; the tunnel forwards that socket next to the RAM socket; each disk is mirrored into
+ * its export (qmp_mirror_start) and the RAM migration starts once every mirror is ready
+ * (qmp_mirror_wait_ready). The library picks the QMP call from how the VM attached the disk,
+ * and the example prints which (qmp_mirror_method): drive-mirror for a disk attached with
+ * -drive (QEMU 7.2; machine versions below 10.0 on Proxmox VE 9; the job id is the device,
+ * drive-ide0), blockdev-mirror for one attached with -blockdev (Proxmox VE 9, machine versions
+ * 10.0 and later: the target becomes a block node of its own, mt-mirror-ide0, and the job is
+ * mirror-ide0). Once RAM has converged, the mirrors are ended with block-job-cancel
+ * (qmp_mirror_finish "cancel": the target gets every write, the source keeps its disk; for
+ * blockdev-mirror the library then deletes the target nodes, and the example prints them), the
+ * target's NBD server is stopped (`qm nbdstop VMID`) and the VM resumed there. The source's
+ * volumes are left in place (free them with `pvesm free` on the source).
  *
  * If that fails after the target was started, the example cleans up as the Perl driver's
  * phase2_cleanup does: migrate_cancel (if RAM was migrating), `cont` of a source left in
@@ -410,8 +416,14 @@ static int start_mirrors(struct migration *m)
 
     strcpy(m->jobs, "[");
     for (int i = 0; i < m->n_nbd; i++) {
-        char device[80], *job = NULL;
+        char device[80], *job = NULL, *method = NULL;
         snprintf(device, sizeof device, "drive-%s", m->nbd[i].drive);
+        /* only informative: qmp_mirror_start decides the same way by itself */
+        if (qmp_mirror_method(m->qmp, device, 10000, &method) == MTUNNEL_OK)
+            printf("mirror method for %s: %s\n", device, method);
+        else
+            fprintf(stderr, "migrate: qmp_mirror_method %s failed: %s\n", device, mtunnel_last_error());
+        mtunnel_string_free(method);
         if (qmp_mirror_start(m->qmp, device, m->nbd[i].uri, NULL, &job) != MTUNNEL_OK) {
             fprintf(stderr, "migrate: qmp_mirror_start %s failed: %s\n", device, mtunnel_last_error());
             if (!strcmp(m->jobs, "["))
@@ -600,6 +612,17 @@ int main(int argc, char **argv)
             if (json_str(job, "id", id, sizeof id) < 0)
                 strcpy(id, "?");
             printf("mirror finished: %s %lld of %lld bytes\n", id, json_num(job, "offset"), json_num(job, "len"));
+        }
+        /* blockdev-mirror only: the target nodes deleted, and any that could not be */
+        {
+            const char *nodes = json_get(result, "detached"), *errs = json_get(result, "detach_errors"), *e;
+            char name[64], msg[1024];
+            for (int i = 0; nodes && (e = json_at(nodes, i)); i++)
+                if (*e == '"' && json_decode(e, name, sizeof name))
+                    printf("mirror target node deleted: %s\n", name);
+            for (int i = 0; errs && (e = json_at(errs, i)); i++)
+                if (*e == '"' && json_decode(e, msg, sizeof msg))
+                    fprintf(stderr, "migrate: warning: a mirror target node is left: %s\n", msg);
         }
         mtunnel_string_free(result);
         result = NULL;

@@ -79,6 +79,9 @@ $ffi->attach(
 $ffi->attach(
     [qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] =>
         'int');
+$ffi->attach(
+    [qmp_mirror_method => '_qmp_mirror_method'] => ['string', 'string', 'sint64', 'opaque*'] =>
+        'int');
 $ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] =>
         ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
 $ffi->attach(
@@ -359,6 +362,13 @@ sub _jobs_json {
     return $json->encode([map { "$_" } @$jobs]);
 }
 
+sub qmp_mirror_method {
+    my ($qmp_socket, $device, %opts) = @_;
+    my $out;
+    _check(_qmp_mirror_method($qmp_socket, $device, $opts{timeout_ms} // 10_000, \$out));
+    return _take_string($out);
+}
+
 sub qmp_mirror_start {
     my ($qmp_socket, $device, $target, $opts) = @_;
     die "qmp_mirror_start: options must be a hash reference\n"
@@ -621,24 +631,62 @@ need them.
 As Proxmox VE's C<PVE::QemuServer::BlockJob> does it for a migration with local disks:
 C<qmp_mirror_start> per disk (into the C<nbd:...> URI the target printed after C<storage
 migration listens on>), C<qmp_mirror_wait_ready>, migrate RAM, then C<qmp_mirror_finish>;
-on failure C<qmp_mirror_cancel>. The library speaks C<drive-mirror>, the call of QEMU 7.2
-(Debian 12); C<blockdev-mirror>, which PVE uses for machine versions 10 and later, is not
-implemented. Every look at the jobs uses its own QMP connection, so other monitor clients
-(C<pvestatd>) are not starved during a wait. Jobs run with C<auto-dismiss> off; a job seen
-concluded is dismissed, and one that failed dies with C<"JOB: mirror failed: ERROR
-(io-status: S)\n">.
+on failure C<qmp_mirror_cancel>. Every look at the jobs uses its own QMP connection, so other
+monitor clients (C<pvestatd>) are not starved during a wait. Jobs run with C<auto-dismiss>
+off; a job seen concluded is dismissed, and one that failed dies with C<"JOB: mirror failed:
+ERROR (io-status: S)\n">.
+
+The library picks the QMP call from what the VM's QEMU has attached, never from a version
+(C<qmp_mirror_method> tells which):
 
 =over
 
+=item C<drive-mirror>
+
+A disk attached with C<-drive> (QEMU 7.2; machine versions below 10.0 on Proxmox VE 9) has a
+device (BlockBackend) named C<drive-ID> in C<query-block>. The job id is the device.
+
+    my $job = PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd_uri);   # 'drive-scsi0'
+
+=item C<blockdev-mirror>
+
+A disk attached with C<-blockdev> (Proxmox VE 9, machine versions 10.0 and later) has no such
+device, only a top block node C<drive-ID> (a C<throttle> filter above the format and file
+nodes). As qemu-server 9 does, the target is added as a block node of its own (C<nbd>, named
+C<mt-JOB>; C<mt2-JOB> when C<mt-JOB> is the disk itself after an earlier completed mirror;
+a job id too long for QEMU's 31 characters is cut to C<mt-> + 19 characters + C<-> + 8 hex
+digits of its FNV-1a hash), and the job C<mirror-ID> mirrors the top node and C<replaces>
+the node below the throttle filter. C<qmp_mirror_finish> (cancel mode) and
+C<qmp_mirror_cancel> delete the target node (C<blockdev-del>) once the job is gone;
+C<qmp_mirror_finish> in complete mode keeps it (it is the disk now) and deletes the node the
+disk left, if that is still there.
+
+    my $job = PVE::MTunnel::qmp_mirror_start($qmp, 'drive-scsi0', $nbd_uri);   # 'mirror-scsi0'
+
+=back
+
+The calls after C<qmp_mirror_start> take the job ids it returned, whichever the method.
+
+=over
+
+=item C<qmp_mirror_method($qmp_socket, $device, timeout_ms =E<gt> 10000)>
+
+Function: C<'drive-mirror'> when C<query-block> lists a device named C<$device>,
+C<'blockdev-mirror'> when there is none but a block node of that name. Dies naming the device
+when it is neither (C<"'DEVICE' is neither a drive (...) nor a block node (...)\n">,
+C<invalid_argument>).
+
 =item C<qmp_mirror_start($qmp_socket, $device, $target, { speed => N, format => ..., mode => ..., sync => ..., job_id => ..., timeout_ms => N })>
 
-Function: C<drive-mirror> of C<$device> (e.g. C<drive-scsi0>: 1-64 characters of
-C<A-Za-z0-9_.->) into C<$target>: C<nbd:unix:/PATH:exportname=NAME>,
+Function: mirrors C<$device> (e.g. C<drive-scsi0>: 1-64 characters of C<A-Za-z0-9_.->) with
+the call C<qmp_mirror_method> names into C<$target>: C<nbd:unix:/PATH:exportname=NAME>,
 C<nbd:HOST:PORT:exportname=NAME> or an absolute path. Options (all optional): C<speed> in
 bytes per second (PVE: bwlimit KiB/s * 1024; an integer, no limit without it), C<format>
-(C<nbd> for an C<nbd:> target, required for a path), C<mode> (C<existing>), C<sync>
-(C<full>), C<job_id> (the device). Returns the job id. QEMU's refusal (a busy device, an
-unreachable NBD server) dies with QEMU's description.
+(C<nbd> for an C<nbd:> target, required for a path), C<mode> (C<existing>; C<absolute-paths>
+only for drive-mirror), C<sync> (C<full>), C<job_id> (the device for drive-mirror, C<mirror-ID>
+for blockdev-mirror of C<drive-ID>). Returns the job id. QEMU's refusal (a busy device, an
+unreachable NBD server) dies with QEMU's description; so does a job id in use already. If
+C<blockdev-mirror> fails, the target node it added is deleted again.
 
 =item C<qmp_mirror_status($qmp_socket, \@jobs, timeout_ms => 10000)>
 
@@ -659,14 +707,20 @@ Function: every job must be ready (else it dies and sends nothing). C<mode> C<ca
 default) sends C<block-job-cancel> without force: the mirror syncs the target and ends
 without switching the VM over, as a migration wants; C<complete> sends C<job-complete>.
 Waits until the jobs are gone (concluded ones are dismissed) and returns C<< { jobs => [{ id,
-offset, len }, ...] } >>, the last figures seen.
+offset, len }, ...] } >>, the last figures seen. For blockdev-mirror jobs it then deletes the
+target nodes left unused (cancel; a job that failed) or, after C<complete>, the node the disk
+left; the result gets C<< detached => [node names] >> when nodes were deleted and C<<
+detach_errors => [messages] >> when one could not be (that does not fail the call: the data is
+on the target). Drive-mirror results have neither key.
 
 =item C<qmp_mirror_cancel($qmp_socket, \@jobs, timeout_ms => 30000)>
 
 Function: the abort path: C<block-job-cancel> with C<force> for each job, concluded ones
-dismissed, waits until none is left; a job that no longer exists is fine. Returns C<<
-{ cancelled => [...], already_gone => [...] } >>; an empty C<@jobs> does nothing. Dies on the
-deadline naming the jobs still there.
+dismissed, waits until none is left; a job that no longer exists is fine. Then deletes the
+target nodes the blockdev-mirror jobs among them left (also of jobs already gone). Returns
+C<< { cancelled => [...], already_gone => [...] } >>, with C<detached> and C<detach_errors> as
+for C<qmp_mirror_finish>; an empty C<@jobs> does nothing. Dies on the deadline naming the jobs
+still there.
 
 =back
 

@@ -1341,7 +1341,8 @@ sub free_source_volumes {
     my ($self) = @_;
     my $volumes = $self->source_volumes();
     for my $job (@{ $self->{mirror_jobs} }) {
-        my ($drive) = $job =~ /^drive-(.+)$/;
+        # the library's job ids: the drive (drive-mirror) or mirror-KEY (blockdev-mirror)
+        my ($drive) = $job =~ /^(?:drive|mirror)-(.+)$/ or next;
         my $volid = $volumes->{$drive} // next;
         my $ok = open(my $fh, '-|', @{ $self->{pvesm} }, 'free', $volid);
         if ($ok) { local $/; <$fh>; $ok = close($fh) }
