@@ -32,6 +32,7 @@ use POSIX qw(WNOHANG);
 use Symbol qw(gensym);
 use Time::HiRes qw(time sleep);
 
+use Digest::SHA ();
 use MTunnelLab;
 
 my $vmid = 100;
@@ -490,11 +491,44 @@ sub v2_call {
     );
     is(scalar($lab->run_ok('node2', 'pvesm', 'list', 'local')) =~ tr/\n//,
         1, 'node2 does not see node1\'s local storage');
-    like(
-        $cmdline->('node1'),
-        qr/-drive file=\Q$dir\E\/local\/images\/$v\/vm-$v-disk-0\.raw,format=raw,if=ide,index=0,id=drive-ide0/,
-        'QEMU opens it as drive-ide0'
-    );
+    my $path = "$dir/local/images/$v/vm-$v-disk-0.raw";
+
+    if ($lab->qemu_version('node1') eq '7.2') {
+        like(
+            $cmdline->('node1'),
+            qr/-drive file=\Q$path\E,format=raw,if=ide,index=0,id=drive-ide0/,
+            'QEMU 7.2 (machine pc-i440fx-7.2): QEMU opens it with -drive as drive-ide0'
+        );
+    } else {
+        # qemu-server 9 for machine >= 10.0: throttle drive-ide0 -> raw f<hash> -> file e<hash>
+        my $hash = Digest::SHA::sha256_hex("drive=ide0,volid=$volid");
+        my $c = $cmdline->('node1');
+        like(
+            $c,
+            qr/-object \{"id":"throttle-drive-ide0","limits":\{\},"qom-type":"throttle-group"\} -blockdev \{[^ ]*"driver":"throttle","file":\{[^ ]*"driver":"raw","file":\{[^ ]*"driver":"file","filename":"\Q$path\E","node-name":"e\Q${\ substr($hash, 0, 30)}\E"[^ ]*"node-name":"f\Q${\ substr($hash, 0, 30)}\E"[^ ]*"node-name":"drive-ide0"[^ ]*"throttle-group":"throttle-drive-ide0"\} -device ide-hd,bus=ide\.0,unit=0,drive=drive-ide0,id=ide0 /,
+            'QEMU 10.0 (machine pc = 10.0): the disk is attached with -blockdev as qemu-server 9 does'
+        ) or diag($c);
+        unlike($c, qr/ -drive /, 'QEMU 10.0 (machine 10.0): no -drive');
+
+        # a machine type pinned in the config, older than 10.0: -drive, as qemu-server 9
+        my $p = 119;
+        $lab->write_vm_config($p, memory => 64, guest => 'idle', machine => 'pc-i440fx-9.2');
+        my ($prc, undef, $perr) = qm('node1', 'start', $p);
+        is($prc, 0, 'a VM with machine: pc-i440fx-9.2 starts on QEMU 10.0') or diag($perr);
+        my ($pc) = grep { / -name vm$p / }
+            map { MTunnelLab::slurp("/proc/$_/cmdline") =~ tr/\0/ /r } $lab->qemu_pids('node1');
+        like(
+            $pc // '',
+            qr/ -machine pc-i440fx-9\.2 .* -drive file=[^ ]*,format=raw,if=ide,index=0,id=drive-ide0 /,
+            'machine pc-i440fx-9.2 pinned: that machine, and the disk attached with -drive'
+        );
+        qm('node1', 'stop', $p);
+        $lab->write_vm_config($p, memory => 64, guest => 'idle', machine => 'pc-i440fx-99.0');
+        ($prc, undef, $perr) = qm('node1', 'start', $p);
+        isnt($prc, 0, 'a machine type this QEMU lacks: the start fails');
+        like($perr, qr/unsupported machine type/, "... with QEMU's error") or diag($perr);
+        $lab->remove_vm_config($p);
+    }
 
     # a target without --targetstorage cannot have the local volume (as upstream)
     ($rc, $out, $err) = run_input('node2', "nbd_protocol_version: 1\n",
