@@ -18,6 +18,8 @@ use Time::HiRes qw(time);
 use MTunnelLab;
 
 my $top = abs_path(dirname(__FILE__) . '/..');
+plan skip_all => 'QEMU 10.0 is not installed (lab/setup-qemu)'
+    if system("$top/lab/setup-qemu --path >/dev/null 2>&1") != 0;
 my $lab = MTunnelLab->up(nodes => 3, qemu => '7.2,10.0,7.2');
 my $dir = $lab->dir;
 my $mem = 128;
@@ -173,6 +175,12 @@ sub memory_intact {
         $out,
         qr/switching to post-copy: .*\n(?s:.*)VM $vmid resumed on node 'node2' \(post-copy\)/m,
         '7.2 -> 10.0 post-copy: the migration switched and the target resumed in post-copy'
+    ) or diag($out);
+    # 7.2 offers postcopy-preempt; the 10.0 target, listening already, refuses it
+    like(
+        $out,
+        qr/^\S+ \S+ postcopy-preempt not taken on node 'node2' \(.*Postcopy preempt must be set before incoming starts.*\): without it$/m,
+        '7.2 -> 10.0 post-copy: the 10.0 target refuses postcopy-preempt, and post-copy goes on without it'
     ) or diag($out);
     runs_only_on('7.2 -> 10.0 post-copy', $vmid, 'node2');
     memory_intact('7.2 -> 10.0 post-copy', 'node2', $vmid);

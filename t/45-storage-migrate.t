@@ -19,6 +19,7 @@ my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
 my $mem = 128;
 my $net = '198.19.0.0/24';
+my $job = $lab->mirror_job('node1', 'ide0');    # drive-ide0 (7.2) or mirror-ide0 (10.0)
 
 *slurp = \&MTunnelLab::slurp;
 
@@ -98,13 +99,13 @@ for my $case (
     );
     like(
         $out,
-        qr/^\S+ \S+ (?:drive|mirror)-ide0: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
+        qr/^\S+ \S+ $job: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
         "$type: disk progress, PVE style"
     );
     like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
     like(
         $out,
-        qr/all 'mirror' jobs are ready.*starting online\/live migration.*(?:drive|mirror)-ide0: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
+        qr/all 'mirror' jobs are ready.*starting online\/live migration.*$job: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
         "$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped"
     );
     like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too")

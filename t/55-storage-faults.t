@@ -27,6 +27,7 @@ use MTunnelLab;
 my $top = abs_path(dirname(__FILE__) . '/..');
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
+my $job = $lab->mirror_job('node1', 'ide0');    # drive-ide0 (7.2) or mirror-ide0 (10.0)
 my ($vmid, $mem) = (500, 128);
 my $volid = "local:$vmid/vm-$vmid-disk-0.raw";
 
@@ -107,13 +108,13 @@ sub wait_disk_written {
 my %scenario = (
     'cancel the mirror' => {
         args => ['--bwlimit', 4096],
-        inject => sub { qmp('node1', 'block-job-cancel', '{"device":"drive-ide0","force":true}') },
-        error => qr/^TASK ERROR: .*drive-ide0.*(cancel|vanished)/mi,
+        inject => sub { qmp('node1', 'block-job-cancel', qq({"device":"$job","force":true})) },
+        error => qr/^TASK ERROR: .*$job.*(cancel|vanished)/mi,
     },
     'kill ssh' => {
         args => ['--bwlimit', 4096],
         inject => sub { kill('KILL', tunnel_ssh()) or die "no tunnel ssh found\n" },
-        error => qr/^TASK ERROR: .*drive-ide0/m,
+        error => qr/^TASK ERROR: .*$job/m,
     },
     'kill the target QEMU' => {
         args => ['--bwlimit', 4096],
@@ -121,14 +122,14 @@ my %scenario = (
             my @p = $lab->qemu_pids('node2');
             kill('KILL', @p) or die "no target QEMU (@p)\n";
         },
-        error => qr/^TASK ERROR: .*drive-ide0/m,
+        error => qr/^TASK ERROR: .*$job/m,
     },
     'target storage full' => {
         # once the guest has written 2 MiB of its disk, more than the 1 MiB "small" storage holds
         prepare => sub { wait_disk_written(2 << 20) },
         args => ['--targetstorage', 'small'],
         target_store => 'small',
-        error => qr/^TASK ERROR: .*drive-ide0.*(No space left|ENOSPC|nospace|error)/mi,
+        error => qr/^TASK ERROR: .*$job.*(No space left|ENOSPC|nospace|error)/mi,
     },
     'mirror never ready' => {
         args => ['--bwlimit', 1024, '--mirror-timeout', 3],
@@ -204,10 +205,9 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
         is($@, '', "$name: fault injected during the target's start");
     }
     if ($s->{inject}) {
-        ok(
-            $bg->wait_for(qr/(?:drive|mirror)-ide0: transferred/, 30),
-            "$name: the mirror was under way when the fault hit"
-        ) or diag($bg->output);
+        ok($bg->wait_for(qr/$job: transferred/, 30),
+            "$name: the mirror was under way when the fault hit")
+            or diag($bg->output);
         eval { $s->{inject}->() };
         is($@, '', "$name: fault injected");
     }
@@ -233,11 +233,8 @@ for my $name (sort grep { !defined($only) || /$only/ } keys %scenario) {
     } else {
         isnt(($status // 0) >> 8, 0, "$name: driver reports failure");
         like($out, $s->{error}, "$name: error says what happened") or diag($out);
-        like(
-            $out,
-            qr/(?:drive|mirror)-ide0: Cancelling block job/,
-            "$name: the cleanup cancelled the block job"
-        ) if !$s->{at_start};
+        like($out, qr/$job: Cancelling block job/, "$name: the cleanup cancelled the block job")
+            if !$s->{at_start};
         like(
             $out,
             qr/^\S+ \S+ freed volume '\Q$s->{freed}\E' on node 'node2' \(allocated for this migration\)$/m,

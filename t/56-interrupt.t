@@ -26,6 +26,7 @@ use MTunnelLab;
 my $top = abs_path(dirname(__FILE__) . '/..');
 my $lab = MTunnelLab->up(nodes => 2);
 my $dir = $lab->dir;
+my $job = $lab->mirror_job('node1', 'ide0');    # drive-ide0 (7.2) or mirror-ide0 (10.0)
 my ($vmid, $mem) = (600, 128);
 my $ssh_file = "$dir/ssh_prefix_node2";
 my @check = (
@@ -171,7 +172,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
     'SIGKILL during the mirror sync (local disk)' => {
         disk => 1,
         args => [@disk, '--bwlimit', 4096],
-        trigger => qr/(?:drive|mirror)-ide0: transferred/,
+        trigger => qr/$job: transferred/,
         signal => 'KILL',
         killed => 1,
         check_state => qr/state: VM $vmid runs on node 'node1' \(source\)/,
@@ -206,7 +207,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
         then => [sub { wait_completed($_[0]) }, 'KILL'],
         killed => 1,
         check_state =>
-            qr/state: VM $vmid is paused on both nodes after its migration completed, but its disks on 'node2' cannot be shown complete \(the disk mirrors were not finished \((?:drive|mirror)-ide0: ready\)\): the copy on 'node2' must not run/,
+            qr/state: VM $vmid is paused on both nodes after its migration completed, but its disks on 'node2' cannot be shown complete \(the disk mirrors were not finished \($job: ready\)\): the copy on 'node2' must not run/,
         on => 'node1',
     },
     'SIGKILL during the mirror completion (local disk)' => {
@@ -223,7 +224,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
                 wait_completed($since) or return 0;
                 link_node2('down');
                 kill('CONT', $bg->pid);
-                return $bg->wait_for(qr/(?:drive|mirror)-ide0: Completing block job/, 30);
+                return $bg->wait_for(qr/$job: Completing block job/, 30);
             },
             'KILL'
         ],
@@ -231,7 +232,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
         unlike => qr/Completed successfully/,
         restore => sub { link_node2('up'); kill('KILL', mtunnel_pids()) },
         check_state =>
-            qr/state: VM $vmid is paused on both nodes after its migration completed, but its disks on 'node2' cannot be shown complete \(((?:drive|mirror)-ide0: .+|the disk mirrors were not finished \((?:drive|mirror)-ide0: \w+\))\): the copy on 'node2' must not run/,
+            qr/state: VM $vmid is paused on both nodes after its migration completed, but its disks on 'node2' cannot be shown complete \(($job: .+|the disk mirrors were not finished \($job: \w+\))\): the copy on 'node2' must not run/,
         on => 'node1',
     },
     'SIGKILL after the mirrors finished (local disk)' => {
@@ -240,7 +241,7 @@ for my $sig (qw(INT TERM QUIT HUP PIPE)) {
         args => [@disk],
         trigger => qr/start migrate command/,
         inject => sub { kill('STOP', mtunnel_pids()) or die "no qm mtunnel on node2\n" },
-        then => [qr/(?:drive|mirror)-ide0: mirror-job finished/, 'KILL'],
+        then => [qr/$job: mirror-job finished/, 'KILL'],
         killed => 1,
         restore => sub { kill('KILL', mtunnel_pids()) },
         check_state =>

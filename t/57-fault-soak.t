@@ -369,7 +369,9 @@ sub run_round {
     my $trigger = {
         start => qr/starting VM $v on remote node/,
         tunnel => qr/start remote tunnel/,
-        mid => $r->{disk} ? qr/(?:drive|mirror)-ide0: transferred/ : qr/migration active/,
+        mid => $r->{disk}
+        ? qr/\Q${\ $lab->mirror_job($src, 'ide0')}\E: transferred/
+        : qr/migration active/,
         switchover => qr/migration active|migration status: completed/,
         after => qr/migration status: completed/,
         ready => qr/all 'mirror' jobs are ready/,
@@ -424,7 +426,9 @@ sub run_round {
     }
     if (!$missed && $r->{moment} eq 'mid' && $fault eq 'kill qm mtunnel') {
         # the migration goes on without its command channel: no need to wait for it at 4 MiB/s
-        qmp($src, $v, 'block-job-set-speed', '{"device":"drive-ide0","speed":0}') if $r->{disk};
+        qmp($src, $v, 'block-job-set-speed',
+            qq({"device":"${\ $lab->mirror_job($src, 'ide0')}","speed":0}))
+            if $r->{disk};
         $wait_log->(qr/start migrate command/) if $r->{disk};
         qmp($src, $v, 'migrate-set-parameters', '{"max-bandwidth":17179869184}') if !$done;
     }

@@ -89,7 +89,8 @@ pub fn default_job_id(node: &str) -> Result<String> {
 /// `path`, or `inet` with `host`, without the brackets of an IPv6 address, and `port` as a
 /// string, as QAPI wants), a path a `file` node (`host_device` for a block or character
 /// device). A `format` other than `nbd` puts a node of that driver on top, with the protocol
-/// node as its inline `file` child; a path needs one.
+/// node as its inline `file` child; a path needs one. The top node gets `detect-zeroes: on`
+/// and `discard: ignore`, PVE's defaults.
 pub fn target_arguments(node: &str, target: &str, format: Option<&str>) -> Result<Value> {
     check_target(target)?;
     let protocol = match target.strip_prefix("nbd:") {
@@ -130,6 +131,10 @@ pub fn target_arguments(node: &str, target: &str, format: Option<&str>) -> Resul
     };
     args["node-name"] = json!(node);
     args["read-only"] = json!(false);
+    // as qemu-server's add_common_options with PVE's defaults: zeroes the guest wrote cross
+    // the tunnel as write-zeroes requests, not as data
+    args["detect-zeroes"] = json!("on");
+    args["discard"] = json!("ignore");
     Ok(args)
 }
 

@@ -1039,7 +1039,7 @@ fn blockdev_start_adds_an_nbd_unix_node_and_mirrors_the_top_node_replacing_the_o
             call("x-debug-query-block-graph", Value::Null),
             call(
                 "blockdev-add",
-                json!({"driver": "nbd", "node-name": "mt-mirror-ide0", "read-only": false,
+                json!({"driver": "nbd", "node-name": "mt-mirror-ide0", "read-only": false, "detect-zeroes": "on", "discard": "ignore",
                        "server": {"type": "unix", "path": "/run/qemu-server/100_nbd.migrate"},
                        "export": "drive-ide0"})
             ),
@@ -1073,7 +1073,7 @@ fn blockdev_start_over_tcp_and_ipv6_with_speed_job_id_and_format() {
         [
             call(
                 "blockdev-add",
-                json!({"driver": "nbd", "node-name": "mt-disk-a", "read-only": false,
+                json!({"driver": "nbd", "node-name": "mt-disk-a", "read-only": false, "detect-zeroes": "on", "discard": "ignore",
                        "server": {"type": "inet", "host": "198.18.0.2", "port": "60001"},
                        "export": "drive-ide0"})
             ),
@@ -1087,13 +1087,13 @@ fn blockdev_start_over_tcp_and_ipv6_with_speed_job_id_and_format() {
     assert_eq!(
         blockdev::target_arguments("mt-x", "nbd:[fd00::2]:60001:exportname=drive-scsi0", None)
             .unwrap(),
-        json!({"driver": "nbd", "node-name": "mt-x", "read-only": false, "export": "drive-scsi0",
+        json!({"driver": "nbd", "node-name": "mt-x", "read-only": false, "detect-zeroes": "on", "discard": "ignore", "export": "drive-scsi0",
                "server": {"type": "inet", "host": "fd00::2", "port": "60001"}}),
         "an IPv6 host goes without brackets, the port as a string"
     );
     assert_eq!(
         blockdev::target_arguments("mt-x", NBD_IDE0, Some("raw")).unwrap(),
-        json!({"driver": "raw", "node-name": "mt-x", "read-only": false,
+        json!({"driver": "raw", "node-name": "mt-x", "read-only": false, "detect-zeroes": "on", "discard": "ignore",
                "file": {"driver": "nbd", "export": "drive-ide0",
                         "server": {"type": "unix", "path": "/run/qemu-server/100_nbd.migrate"}}}),
         "a format other than nbd sits on top of the nbd node"
@@ -1101,7 +1101,7 @@ fn blockdev_start_over_tcp_and_ipv6_with_speed_job_id_and_format() {
     assert_eq!(
         blockdev::target_arguments("mt-x", "/var/lib/vz/images/100/new.qcow2", Some("qcow2"))
             .unwrap(),
-        json!({"driver": "qcow2", "node-name": "mt-x", "read-only": false,
+        json!({"driver": "qcow2", "node-name": "mt-x", "read-only": false, "detect-zeroes": "on", "discard": "ignore",
                "file": {"driver": "file", "filename": "/var/lib/vz/images/100/new.qcow2"}})
     );
     assert_eq!(

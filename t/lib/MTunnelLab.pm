@@ -137,6 +137,14 @@ sub qemu_version {
     return $self->{env}->{"LAB_${\ $self->_node($node)}_QEMU"} // '7.2';
 }
 
+# The id of the mirror job of disk KEY (ide0) of a VM that runs NODE's default machine: its
+# QEMU attaches the disk with -drive on 7.2 (drive-mirror, job drive-KEY) and with -blockdev on
+# 10.0, as qemu-server 9 does (blockdev-mirror, job mirror-KEY).
+sub mirror_job {
+    my ($self, $node, $key) = @_;
+    return ($self->qemu_version($node) eq '7.2' ? 'drive-' : 'mirror-') . $key;
+}
+
 sub netns {
     my ($self, $node) = @_;
     return $self->{env}->{"LAB_${\ $self->_node($node)}_NETNS"};

@@ -179,6 +179,10 @@ sub context {
 
     my @job_ids = map { $_->{device} } @jobs;
     $c{job_ids} = \@job_ids;
+    # the migration's own mirror jobs too: a blockdev-mirror job already dismissed may have
+    # left its NBD target node on the source, which cancelling the gone job detaches
+    my %live = map { $_ => 1 } @job_ids;
+    my @recorded = grep { !$live{$_} } @{ $st ? $st->{mirror_jobs} // [] : [] };
     $c{stop_target} = [
         "stop the incoming VM $vmid on '$target'",
         sub {
@@ -206,7 +210,9 @@ sub context {
         @jobs
         ? [
             "cancel the block jobs on '$node': @job_ids",
-            sub { PVE::MTunnel::qmp_mirror_cancel($qmp, \@job_ids, timeout_ms => 60_000) }
+            sub {
+                PVE::MTunnel::qmp_mirror_cancel($qmp, [@job_ids, @recorded], timeout_ms => 60_000);
+            }
             ]
         : ()
     ];
@@ -214,6 +220,9 @@ sub context {
         "continue VM $vmid on '$node'",
         sub {
             die "the rule of post-copy forbids it\n" if !$m->undo_allowed('continue source');
+            # no NBD node of a gone mirror job may stay attached to a running source
+            eval { PVE::MTunnel::qmp_mirror_cancel($qmp, \@recorded, timeout_ms => 10_000) }
+                if @recorded && !@jobs;
             $m->move_config($node);
             PVE::MTunnel::qmp_execute($qmp, 'cont');
         }

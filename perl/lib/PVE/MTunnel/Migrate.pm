@@ -643,13 +643,14 @@ sub storage_migration {
     my $vmid = $self->{vmid};
     $self->log('info', "starting storage migration");
     # the disks come from the running QEMU: every export must name one of its drives, a
-    # BlockBackend drive-KEY or, with -blockdev, the device KEY (whose top node is drive-KEY)
+    # BlockBackend drive-KEY or, with -blockdev, a device whose top node is drive-KEY (its qdev
+    # id says less: virtio disks are /machine/peripheral/virtio0/virtio-backend)
     my $blocks = PVE::MTunnel::qmp_execute($self->{qmp_socket}, 'query-block');
     my %device;
     for my $b (grep { $_->{inserted} } @$blocks) {
         my $name = $b->{device} // '';
-        $name = 'drive-' . (($b->{qdev} // '') =~ s|.*/||r) if $name eq '';
-        $device{$name} = $b;
+        $name = $b->{inserted}{'node-name'} // '' if $name eq '';
+        $device{$name} = $b if $name ne '';
     }
     my $volumes = $self->source_volumes();
     for my $export (@$nbd) {
@@ -672,8 +673,19 @@ sub storage_migration {
         } else {
             $self->log('info', "drive mirror is starting for $device");
         }
-        push @{ $self->{mirror_jobs} },
+        my $job = eval {
             PVE::MTunnel::qmp_mirror_start($self->{qmp_socket}, $device, $export->{uri}, \%opts);
+        };
+        if (my $err = $@) {
+            # not QEMU's refusal (a timeout, a lost connection): the job may have started
+            # anyway, under the id the library gives it (drive-mirror: the device; blockdev:
+            # mirror-KEY); the abort path must not leave it running
+            push @{ $self->{mirror_jobs} }, $device, "mirror-$export->{drive}"
+                if !grep { $PVE::MTunnel::last_error_code == $PVE::MTunnel::ERROR_CODE{$_} }
+                qw(qmp invalid_argument);
+            die $err;
+        }
+        push @{ $self->{mirror_jobs} }, $job;
         $self->write_state(phase => 'mirroring', mirror_jobs => $self->{mirror_jobs});
     }
     $self->wait_mirror_ready();
@@ -886,13 +898,14 @@ sub phase3 {
         $self->log('info', "$_: Completing block job...") for @$jobs;
         # a job that ends without error from here on synced the target with the paused source
         $self->write_state(phase => 'finishing-mirrors');
-        eval {
+        my $finished = eval {
             PVE::MTunnel::qmp_mirror_finish(
                 $self->{qmp_socket}, $jobs,
                 mode => 'cancel',
                 timeout_ms => 600_000
             );
         };
+        $self->warn_detach_errors($finished);
         if (my $err = $@) {
             # the target's disks may lack the last writes: it must not run
             $self->{target_disks_incomplete} = 1;
@@ -1180,13 +1193,29 @@ sub cancel_mirrors {
     my $jobs = $self->{mirror_jobs};
     return if !$jobs || $self->{mirror_done};
     $self->log('info', "$_: Cancelling block job") for @$jobs;
-    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 10_000) };
-    return if !$@;
+    my $cancelled =
+        eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 10_000) };
+    if (!$@) {
+        $self->warn_detach_errors($cancelled);
+        return;
+    }
     # NBD writes stuck in a stopped ssh hold the cancel: closing the tunnel breaks them
     $self->log('info', "block jobs still running: closing the tunnel first");
     $self->close_tunnel_quickly();
-    eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
+    $cancelled =
+        eval { PVE::MTunnel::qmp_mirror_cancel($self->{qmp_socket}, $jobs, timeout_ms => 60_000) };
     $self->log('err', "cancelling block jobs failed: $@") if $@;
+    $self->warn_detach_errors($cancelled);
+}
+
+# A blockdev-mirror's NBD target node that the library could not detach from the source once
+# its job was gone (the data is where it belongs; the node is left): a warning, as upstream's
+# qemu_handle_concluded_blockjob gives.
+sub warn_detach_errors {
+    my ($self, $result) = @_;
+    return if ref $result ne 'HASH';
+    $self->log('warn', "unable to delete blockdev node - $_")
+        for @{ $result->{detach_errors} // [] };
 }
 
 # As upstream's cleanup_remotedisks: the target's new volumes, once its QEMU is gone. New are
@@ -1839,6 +1868,11 @@ stopped ssh hold the cancel, closes the tunnel first and tries again.
 
 Method: as C<vm_stop> on the source: QMP C<quit>, wait up to 10 s for the process to be gone,
 then SIGKILL.
+
+=head2 warn_detach_errors($result)
+
+Method: one warning per C<detach_errors> entry of a C<qmp_mirror_finish> or
+C<qmp_mirror_cancel> result (a blockdev-mirror's NBD target node left on the source).
 
 =head2 free_source_volumes(), free_target_volumes()
 
