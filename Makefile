@@ -55,9 +55,10 @@ test-c:
 	@echo "== C example: argument checks (no lab) =="
 	examples/c/build/errors
 
-# reap-run: the lab's daemons are reaped by us, as systemd would on a PVE host.
+# reap-run: the lab's daemons are reaped by us, as systemd would on a PVE host. prove-lanes:
+# the tests that do not measure run two at a time, the others alone (lab/prove-lanes).
 test-perl:
-	MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run $(PROVE) -v --timer $(PERL5) t/ 2>&1 | tee target/prove.log | grep -E '^(\[[0-9:]+\] )?(t/|ok|not ok|#|Files=|Result:|All tests)' ; exit $${PIPESTATUS[0]}
+	MTUNNEL_LIB=$(CURDIR)/$(LIB) lab/reap-run lab/prove-lanes $(PERL5)
 
 # Upstream's migration suite on qemu-server with the series, and the lab harness running
 # upstream's QemuMigrate.pm (needs QEMU_SERVER_SRC and the other trees, or PVE_SRC: README,

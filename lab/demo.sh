@@ -30,6 +30,11 @@ step "starting VM $VMID ($MEM MiB, a 64 MiB disk on node1's own storage; the gue
 "$LABSH" exec node1 qm status "$VMID" --verbose
 
 echo "node1 storage local: $("$LABSH" exec node1 pvesm list local | tail -n +2)"
+# how the library will mirror the disk, from what QEMU attached (QEMU 10.0, machine 10.0:
+# -blockdev, as qemu-server 9 attaches it, so blockdev-mirror)
+echo "QEMU on node1: $("$LABSH" exec node1 qmp "$VMID" query-version | perl -MJSON::PP -0ne 'my $q = decode_json($_)->{qemu}; print "$q->{major}.$q->{minor}.$q->{micro}"')"
+echo "disk drive-ide0: $("$LABSH" exec node1 perl -I"$TOP/perl/lib" -MPVE::MTunnel -e \
+    'print PVE::MTunnel::qmp_mirror_method("/run/qemu-server/$ARGV[0].qmp", "drive-ide0")' "$VMID")"
 
 step "live-migrating VM $VMID with its local disk from node1 to node2 (perl/bin/mtunnel-migrate --online --with-local-disks, run on node1)"
 "$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" "$VMID" node2 --node node1 \
@@ -51,6 +56,10 @@ step "leftovers"
 left=$( { "$LABSH" exec node1 find /run/qemu-server -name '*.migrate'; "$LABSH" exec node2 find /run/qemu-server -name '*.migrate'; } | wc -l)
 echo "socket files left on the nodes: $left"
 [ "$left" -eq 0 ]
+# the source's copy of the migrated disk was freed once the VM ran on node2 (as upstream)
+src_vols=$("$LABSH" exec node1 pvesm list local | tail -n +2 | wc -l)
+echo "volumes left on node1's local storage: $src_vols"
+[ "$src_vols" -eq 0 ]
 
 step "tearing down"
 "$LABSH" down
