@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 # The driver stopped, interrupted or cut at a given moment: INT, TERM and PIPE mid-RAM (QUIT
-# and HUP share their handler); TERM during the target start, with the tunnel up, at the switchover and after
+# and HUP share their handler; TERM as the first of two); TERM during the target start, with the tunnel up, at the switchover and after
 # completion; a second signal during the cleanup; a real closed stdout pipe; SIGKILL after
 # completion (settled by `mtunnel-migrate --check --fix`); and the link cut right after
 # completion, where the source must stay paused until the target can be asked. SIGKILL of a
@@ -106,9 +106,9 @@ my @disk = ('--with-local-disks');
 my $source_settled = qr/^\S+ \S+ state: VM $vmid runs on node 'node1' \(source\) only$/m;
 
 my %scenario;
-# INT, TERM and PIPE: QUIT and HUP are deferred by the same list (@DEFERRED_SIGNALS) and
-# handler as these, and are not run again here
-for my $sig (qw(INT TERM PIPE)) {
+# INT and PIPE: QUIT and HUP are deferred by the same list (@DEFERRED_SIGNALS) and handler as
+# these, and TERM mid-RAM is the first signal of 'second SIGTERM during the cleanup' below
+for my $sig (qw(INT PIPE)) {
     $scenario{"SIG$sig mid-RAM"} = {
         args => ['--bwlimit', 4096],
         trigger => qr/migration active/,
