@@ -21,6 +21,8 @@ conf() {
 }
 echo "== mtunnel bench ($(date -u +%FT%TZ), $(nproc) cores, accel $(. "$LAB/env"; echo "${LAB_ACCEL:-auto}"))"
 
+# MTUNNEL_BENCH_QEMU_ONLY=1: only the sections measured on both QEMUs (and their summary)
+if [ -z "${MTUNNEL_BENCH_QEMU_ONLY:-}" ]; then
 echo "-- tunnel"
 "$LABSH" exec node1 "$TOP/lab/bench-tunnel"
 
@@ -35,9 +37,13 @@ echo "$out" | awk '/^TIMING/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v
     printf "  completion detected %.0f ms after QEMU finished (driver %.3f s vs QEMU total-time %d ms)\n",
         v["migration"] * 1000 - v["qemu_total_ms"], v["migration"], v["qemu_total_ms"] }'
 
+fi
+
 # guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end
 sec_pause() {
-"$TOP/lab/bench-pause" --runs 10 --failures 3 --guests dirty,idle,disk
+# MTUNNEL_BENCH_PAUSE_ARGS: other bench-pause options (fewer runs, one mode)
+    # shellcheck disable=SC2086
+    "$TOP/lab/bench-pause" ${MTUNNEL_BENCH_PAUSE_ARGS:---runs 10 --failures 3 --guests dirty,idle,disk}
 }
 
 # post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto
@@ -162,6 +168,8 @@ for r in 'f_pause_dirty:RAM: pause / QEMU downtime (dirty guest)' \
     for q in "${QEMUS[@]}"; do v=$("${r%%:*}" "$q" || true); printf ' %22s' "${v:-n/a}"; done
     echo
 done
+
+[ -n "${MTUNNEL_BENCH_QEMU_ONLY:-}" ] && exit 0
 
 echo "-- upstream's QemuMigrate.pm on the lab: the guest's pause, qemu-server as released against with the series"
 "$TOP/lab/bench-upstream-pause" --runs 5

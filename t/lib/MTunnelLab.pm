@@ -502,6 +502,26 @@ sub zombies_since {
     return @z;
 }
 
+# the parent pid of PID (/proc/PID/stat), 0 if gone
+sub _ppid {
+    my ($pid) = @_;
+    my ($rest) = _slurp("/proc/$pid/stat") =~ /^\d+ \(.*\) (.*)$/s or return 0;
+    return (split / /, $rest)[1] // 0;
+}
+
+# Under lab/reap-run (MTUNNEL_REAPER): only the processes below that reaper are this test's
+# (tests in two lanes at once, each under its reaper: lab/prove-lanes).
+sub _ours {
+    my ($pid) = @_;
+    my $reaper = $ENV{MTUNNEL_REAPER} or return 1;
+    for (1 .. 64) {
+        $pid = _ppid($pid) or return 0;
+        return 1 if $pid == $reaper;
+        return 0 if $pid == 1;
+    }
+    return 0;
+}
+
 sub _zombies_since {
     my ($since) = @_;
     my ($btime) = _slurp('/proc/stat') =~ /^btime (\d+)$/m;
@@ -512,7 +532,7 @@ sub _zombies_since {
         my ($pid, $comm, $rest) = $stat =~ /^(\d+) \((.*)\) (.*)$/s or next;
         my @f = split / /, $rest;    # $f[0] = state, $f[19] = starttime
         next if $f[0] ne 'Z' || !$LAB_COMM{$comm};
-        push @z, "$pid($comm)" if $btime + $f[19] / $hz >= $since - 1;
+        push @z, "$pid($comm)" if $btime + $f[19] / $hz >= $since - 1 && _ours($pid);
     }
     return @z;
 }
