@@ -13,7 +13,12 @@
 # MTUNNEL_LAB_KEEP_BASHRC=1 (keep the host's /root/.bashrc visible on the nodes),
 # MTUNNEL_LAB_QEMU (the nodes' QEMU: 10.0 (default, what PVE 9 runs) or 7.2 (Debian 12's);
 # a comma list gives node1, node2, ... their own, the last one repeating: "7.2,10.0" is a
-# cluster being upgraded; written to $LAB/env as LAB_nodeI_QEMU).
+# cluster being upgraded; written to $LAB/env as LAB_nodeI_QEMU),
+# MTUNNEL_LAB_PVE=PROG (a Proxmox VE lab, lab/upstream/README.md: the nodes' qm, pvesm and
+# pvecm run PROG NAME ARGS... instead of the lab's stand-ins, and each node gets its own /run,
+# a copy-on-write /etc, /var and /usr (changes kept in a tmpfs of the node), the lab's pve/ as
+# /etc/pve (/etc/pve/local: the node's directory), /var/lib/vz on its "local" storage,
+# /etc/hosts naming the nodes, an ssh client config with the lab's key; LAB_PVE=1 in $LAB/env).
 #
 # Node i = "node$i": network namespace mtl-NAME-n$i with eth0 198.18.0.$i/24 (cluster
 # network) and eth1 198.19.0.$i/24 (migration network), each on its own bridge in namespace
@@ -270,10 +275,11 @@ no_ipv6() {   # only 198.18.0.0/15 addresses in the lab: no IPv6 link-local eith
 }
 
 # runs inside a node's new mount namespace (sh): $1=LAB $2=index $3=LAB_SRC $4=the node's
-# QEMU binary when it is not Debian's /usr/bin/qemu-system-x86_64 (else empty)
+# QEMU binary when it is not Debian's /usr/bin/qemu-system-x86_64 (else empty) $5=the
+# program of a PVE lab's qm, pvesm and pvecm (MTUNNEL_LAB_PVE; else empty) $6=the node count
 NODE_MNT_SETUP='
 set -eu
-LAB=$1 i=$2 SRC=$3 QEMU=$4
+LAB=$1 i=$2 SRC=$3 QEMU=$4 PVE=$5 NODES=$6
 # copies of namespace bind mounts (other nodes/labs, /run/netns/*) would keep
 # those namespaces alive after their lab is down: drop them in this namespace
 awk "\$0 ~ / - nsfs / {print \$5}" /proc/self/mountinfo | while read -r m; do
@@ -313,12 +319,23 @@ for t in qm qmp guest-check pvesm; do
         "$LAB" "$i" "$SRC" "$t" > "$s/$t"
     chmod 0755 "$s/$t"
 done
+pve_cmds=
+if [ -n "$PVE" ]; then
+    # a PVE lab: the commands of PVE itself (lab/upstream/README.md)
+    pve_cmds=pvecm
+    for t in qm pvesm pvecm; do
+        rm -f "$s/$t"
+        printf "#!/bin/sh\nexec env MTUNNEL_LAB_DIR=%s MTUNNEL_LAB_NODE=node%s %s %s \"\$@\"\n" \
+            "$LAB" "$i" "$PVE" "$t" > "$s/$t"
+        chmod 0755 "$s/$t"
+    done
+fi
 # PVE runs the tunnel as /usr/sbin/qm: the same wrapper there, by a read-only overlay of
 # /usr/sbin in this namespace (two lower layers, no upper): nothing is written to the host
 u=$LAB/node$i/.usrsbin
 mkdir -p "$u"
 mount -t tmpfs -o mode=0755,size=1m mtl-usrsbin "$u"
-cp -p "$s/qm" "$s/pvesm" "$u/"
+cp -p "$s/qm" "$s/pvesm" ${pve_cmds:+"$s/$pve_cmds"} "$u/"
 mount -t overlay -o "lowerdir=$u:/usr/sbin" mtl-usr-sbin /usr/sbin
 mount --move "$s" /usr/local/sbin
 # this node QEMU, for every program on it (lab/qm, the vm_start of upstream): a read-only bind
@@ -327,6 +344,47 @@ if [ -n "$QEMU" ]; then
     mount --bind "$QEMU" /usr/bin/qemu-system-x86_64
     mount -o remount,bind,ro /usr/bin/qemu-system-x86_64
 fi
+[ -n "$PVE" ] || exit 0
+# A PVE node (MTUNNEL_LAB_PVE): what PVE writes outside the lab stays in this namespace
+p=$LAB/node$i/.pve
+mkdir -p "$p"
+mount -t tmpfs -o mode=0755,size=64m mtl-pve "$p"
+mkdir "$p/etc" "$p/etc.work" "$p/var" "$p/var.work" "$p/usr" "$p/usr.work"
+# a /run of its own (config locks, port reservations, ...), with the lab state and this node
+# /run/qemu-server in it; the old /run stays reachable through the cwd
+cd /run
+mount -t tmpfs -o mode=0755,size=64m mtl-run /run
+mkdir -m 0755 /run/mtunnel-lab /run/qemu-server /run/sshd
+mkdir -m 1777 /run/lock
+mount --no-canonicalize --rbind ./mtunnel-lab /run/mtunnel-lab
+mount --no-canonicalize --rbind ./qemu-server /run/qemu-server
+cd /
+# copy-on-write /etc, /var and /usr (PVE installs files there); mount points below them (the
+# node /usr/sbin, its QEMU, a container bind-mounting /etc/hosts) mounted again over the
+# overlay, except where the node gets its own
+for d in etc var usr; do
+    subs=$(awk -v d="/$d/" "index(\$5, d) == 1 {print \$5}" /proc/self/mountinfo)
+    cd "/$d"
+    mount -t overlay -o "lowerdir=/$d,upperdir=$p/$d,workdir=$p/$d.work" "mtl-$d" "/$d"
+    for m in $subs; do
+        case $m in /etc/hosts | /etc/ssh/ssh_config | /etc/pve | /etc/pve/* | /var/lib/vz | /var/lib/vz/*) continue ;; esac
+        if [ -e "$m" ]; then mount --no-canonicalize --bind ".${m#/$d}" "$m"; fi
+    done
+    cd /
+done
+rm -f /etc/hosts /etc/ssh/ssh_config /etc/pve-local
+n=1
+{
+    echo "127.0.0.1 localhost"
+    while [ "$n" -le "$NODES" ]; do echo "198.18.0.$n node$n"; n=$((n + 1)); done
+} >/etc/hosts
+mkdir -p /etc/ssh /etc/pve /var/lib/vz
+printf "%s\n" "# mtunnel lab node (lab.sh): ssh with the lab key" "Host *" \
+    "    IdentityFile $LAB/id_ed25519" "    IdentitiesOnly yes" >/etc/ssh/ssh_config
+# /etc/pve/local is a link to /etc/pve-local, which is this node directory
+ln -s "/etc/pve/nodes/node$i" /etc/pve-local
+mount --bind "$LAB/pve" /etc/pve
+mount --bind "$LAB/local" /var/lib/vz
 '
 
 # write_sshd_config N [KEYWORD VALUE]... : the node's sshd_config, extra options at the end
@@ -404,6 +462,9 @@ cmd_up() {
     [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le $MAX_NODES ] ||
         die "NODES must be 1..$MAX_NODES"
     local accel=${MTUNNEL_LAB_ACCEL:-auto}
+    local pve=${MTUNNEL_LAB_PVE:-}
+    [ -z "$pve" ] || [[ $pve =~ ^/[A-Za-z0-9_./+-]+$ && -x $pve ]] ||
+        die "MTUNNEL_LAB_PVE must be the absolute path of an executable, not '$pve'"
     [[ $accel =~ ^(auto|kvm|tcg)$ ]] || die "MTUNNEL_LAB_ACCEL must be auto, kvm or tcg"
     local qemus=${MTUNNEL_LAB_QEMU:-10.0} v
     local -a node_qemu node_qemu_bin
@@ -434,6 +495,8 @@ cmd_up() {
     # (pve/nodes/nodeI/qemu-server/VMID.conf, moved by rename); qm's config locks in pve/lock
     mkdir -p "$LAB/pve/lock"
     for i in $(seq "$n"); do mkdir -p "$LAB/pve/nodes/node$i/qemu-server"; done
+    # a PVE lab: pmxcfs's per-node link, here to /etc/pve-local, which each node has its own of
+    [ -z "$pve" ] || ln -s /etc/pve-local "$LAB/pve/local"
     # mount points of the node-local storages (an empty directory on the host)
     mkdir -m 0755 "$LAB/local" "$LAB/small"
 
@@ -491,7 +554,8 @@ cmd_up() {
         # persistent mount namespace
         touch "$LAB/node$i/mnt"
         unshare --mount="$LAB/node$i/mnt" --propagation private -- \
-            /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" "${node_qemu_bin[i]}" 9>&- ||
+            /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" "${node_qemu_bin[i]}" \
+            "$pve" "$n" 9>&- ||
             die "node$i: mount namespace setup failed"
         node_exec "$i" /usr/bin/qemu-system-x86_64 -version | grep -q "version ${node_qemu[i - 1]}[.(]" ||
             die "node$i: /usr/bin/qemu-system-x86_64 is not QEMU ${node_qemu[i - 1]}: $(node_exec "$i" /usr/bin/qemu-system-x86_64 -version | head -1)"
@@ -521,6 +585,7 @@ cmd_up() {
         echo "LAB_ACCEL=$accel"
         echo "LAB_BRIDGE_NETNS=$NS_BR"
         echo "LAB_MIGRATION_NETWORK=198.19.0.0/24"
+        [ -z "$pve" ] || echo "LAB_PVE=1"
         for i in $(seq "$n"); do
             echo "LAB_node${i}_IP=$(ip_node "$i")"
             echo "LAB_node${i}_MIGRATION_IP=$(ip_migration "$i")"

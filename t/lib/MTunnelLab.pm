@@ -19,7 +19,9 @@ package MTunnelLab;
 # Options of up(): nodes (default 2), name (default: derived from the test
 # file's name, so that `prove -j` runs distinct labs), accel (auto|kvm|tcg:
 # the default accelerator of lab/qm's VMs), qemu (the nodes' QEMU: "10.0", "7.2" or a comma
-# list, one per node, as lab.sh's MTUNNEL_LAB_QEMU; default: MTUNNEL_LAB_QEMU, else 10.0).
+# list, one per node, as lab.sh's MTUNNEL_LAB_QEMU; default: MTUNNEL_LAB_QEMU, else 10.0), pve
+# (a Proxmox VE lab: the program the nodes' qm, pvesm and pvecm run, as lab.sh's
+# MTUNNEL_LAB_PVE; lab/upstream/README.md).
 # Needs root. Only core modules.
 
 use strict;
@@ -74,7 +76,8 @@ sub up {
     _install_signal_handlers();
 
     my ($rc, $out, $err) =
-        $self->_lab_sh({ accel => $opt{accel}, qemu => $opt{qemu} }, 'up', $nodes);
+        $self->_lab_sh({ accel => $opt{accel}, qemu => $opt{qemu}, pve => $opt{pve} }, 'up',
+        $nodes);
     if ($rc != 0) {
         delete $LIVE{$name};
         die "lab up failed (exit $rc):\n$out$err";
@@ -297,6 +300,7 @@ sub _lab_sh {
     my %env = (MTUNNEL_LAB => $self->{name});
     $env{MTUNNEL_LAB_ACCEL} = $opt->{accel} if $opt && $opt->{accel};
     $env{MTUNNEL_LAB_QEMU} = $opt->{qemu} if $opt && $opt->{qemu};
+    $env{MTUNNEL_LAB_PVE} = $opt->{pve} if $opt && $opt->{pve};
     return $self->_capture(\%env, $LABSH, @args);
 }
 
@@ -422,8 +426,18 @@ sub qemu_pids {
         next if !kill(0, $pid);
         my $stat = _slurp("/proc/$pid/stat");
         next if $stat =~ /^\d+ \(.*\) [ZX] /s;
-        # the pid may have been reused: it must be a QEMU of this lab
-        next if index(_slurp("/proc/$pid/cmdline"), "$self->{dir}/") < 0;
+        # the pid may have been reused: it must be a QEMU of this lab (the lab qm's names a
+        # file of the lab; qemu-server's, in a PVE lab, is VM VMID's in the node's namespace)
+        my $cmdline = _slurp("/proc/$pid/cmdline");
+        if (index($cmdline, "$self->{dir}/") < 0) {
+            my ($vmid) = $f =~ /qemu-([0-9]+)\.pid$/;
+            my ($ino) = (stat("$dir/mnt"))[1];
+            next
+                if !defined($vmid)
+                || index($cmdline, "\0-name\0vm$vmid,") < 0
+                || !defined($ino)
+                || (readlink("/proc/$pid/ns/mnt") // '') ne "mnt:[$ino]";
+        }
         push @pids, $pid + 0;
     }
     return @pids;
@@ -437,8 +451,12 @@ sub qmpstatus {
     _vmid($vmid);
     my $pid =
         _slurp("$self->{dir}/" . $self->_node($node) . "/qemu-$vmid.pid") =~ /^([0-9]+)/ ? $1 : 0;
+    # the lab qm's QEMU has "-name vmVMID", qemu-server's "-name vmVMID,debug-threads=on"
+    my $cmdline = $pid ? _slurp("/proc/$pid/cmdline") : '';
     return 'stopped'
-        if !$pid || !alive($pid) || index(_slurp("/proc/$pid/cmdline"), "\0-name\0vm$vmid\0") < 0;
+        if !$pid
+        || !alive($pid)
+        || (index($cmdline, "\0-name\0vm$vmid\0") < 0 && index($cmdline, "\0-name\0vm$vmid,") < 0);
     # 5 s, as `qm status --verbose` waits for the monitor
     my ($rc, $out) = $self->run($node, 'timeout', '5', 'qmp', $vmid, 'query-status');
     return $rc == 0 && $out =~ /"status"\s*:\s*"([^"]+)"/ ? $1 : 'unknown';

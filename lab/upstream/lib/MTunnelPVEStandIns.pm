@@ -1,8 +1,34 @@
 package MTunnelPVEStandIns;
 
-# The cluster, config and storage layers of a Proxmox VE node, on a lab node, so that
-# upstream's PVE::QemuMigrate runs there unchanged: with PVE's own monitor code talking to the
-# real QEMU, the lab's sshd and `qm` on the target, and (with the series) libmtunnel.
+# Stand-ins for the parts of a Proxmox VE node a lab node lacks, so that upstream's code runs
+# there unchanged. Two kinds of lab, two sets; install() picks by MTUNNEL_LAB_PVE.
+#
+# A PVE lab (MTUNNEL_LAB_PVE=1; lab.sh up with MTUNNEL_LAB_PVE, lab/upstream/README.md): every
+# node runs PVE's own qm, pvesm and pvecm; PVE::Cluster works on the lab's /etc/pve (pmxcfs's
+# IPC: MTunnelCompiledStandIns), PVE::Storage on dir storages, PVE's vm_start and vm_stop start
+# and stop QEMU. Stood in here only what needs a daemon or hardware the lab lacks:
+# - PVE::INotify::nodename: the lab node's name (MTUNNEL_LAB_NODE): the nodes share this host's
+#   UTS namespace, uname says the host's name on all of them.
+# - PVE::Systemd's D-Bus calls (enter_systemd_scope, wait_for_unit_removed, is_unit_active):
+#   no systemd on the lab. QEMU stays where qm started it, and daemonizes as it does there.
+#   So a VM has no scope's cgroup (qemu.slice/VMID.scope) either: its memory and pressure
+#   figures (PVE::CGroup::get_memory_stat, PVE::ProcFSTools::read_cgroup_pressure of that
+#   cgroup, read by vmstatus: qm status, qm list) are zeros, not warnings.
+# - QEMU's argv for Debian's QEMU (config_to_command's result): the "+pveN" of the machine
+#   type in -machine and the "-id VMID" option exist only in Proxmox's QEMU; Debian's gets the
+#   same machine without the suffix, and no -id (its -name vmVMID,... names the VM).
+# - query-machines' "is-current" (PVE::QemuServer::Machine::get_current_qemu_machine): only
+#   Proxmox's QEMU marks the machine a VM runs; without it upstream takes QEMU's default
+#   machine, so a VM pinned to an older one would be migrated as the newest and mirrored
+#   with blockdev-mirror. The running machine is then QOM's type of /machine (the same name
+#   with "-machine" appended), marked "is-current" before upstream reads the list.
+# - PVE::SafeSyslog::initlog: no syslog daemon (no /dev/log) on the lab; PVE's syslog() calls
+#   then fail, which PVE ignores (without this initlog warns on every command).
+#
+# The lab's own nodes (no MTUNNEL_LAB_PVE; make bench's): the target is the lab's qm (lab/qm),
+# and the cluster, config and storage layers of a Proxmox VE node are stood in on the source,
+# so that upstream's PVE::QemuMigrate runs there unchanged: with PVE's own monitor code talking
+# to the real QEMU, the lab's sshd and `qm` on the target, and (with the series) libmtunnel.
 #
 # What stands in for what (everything else is upstream's code as it is):
 # - pmxcfs (PVE::Cluster): cfs_read_file/cfs_write_file of the VM's config (the lab's
@@ -32,20 +58,14 @@ use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW);
 use File::Basename qw(dirname);
 
 use lib dirname(__FILE__) . '/../..';    # lab/
-use LabStorage;
 
-use PVE::AccessControl;
-use PVE::Cluster;
-use PVE::HA::Config;
-use PVE::INotify;
-use PVE::Network;
-use PVE::QemuConfig;
-use PVE::QemuServer;
-use PVE::ReplicationConfig;
-use PVE::SSHInfo;
-use PVE::Storage;
-use PVE::Storage::Plugin;
-use PVE::Tools;
+# the lab's own nodes: what their stand-ins use (loaded by install_lab_nodes)
+my @LAB_NODE_MODULES = qw(
+    LabStorage
+    PVE::AccessControl PVE::Cluster PVE::HA::Config PVE::INotify PVE::Network PVE::QemuConfig
+    PVE::QemuServer PVE::ReplicationConfig PVE::SSHInfo PVE::Storage PVE::Storage::Plugin
+    PVE::Tools
+);
 
 my $LAB = $ENV{MTUNNEL_LAB_DIR} or die "MTunnelPVEStandIns: MTUNNEL_LAB_DIR not set\n";
 my $NODE = $ENV{MTUNNEL_LAB_NODE} or die "MTunnelPVEStandIns: MTUNNEL_LAB_NODE not set\n";
@@ -169,7 +189,7 @@ my sub run_lab_qm {
 my sub stand_in {
     my ($package, $name, $code) = @_;
     no strict 'refs';
-    no warnings 'redefine';
+    no warnings qw(redefine prototype);
     my $original = defined(&{"${package}::${name}"}) ? \&{"${package}::${name}"} : undef;
     *{"${package}::${name}"} = $code;
     return if !$original;
@@ -182,8 +202,102 @@ my sub stand_in {
     }
 }
 
-# Call once upstream's modules are loaded (PVE::QemuMigrate and what it uses).
+# Call once upstream's modules are loaded (PVE::QemuMigrate, PVE::CLI::qm and what they use).
 sub install {
+    return $ENV{MTUNNEL_LAB_PVE} ? install_pve() : install_lab_nodes();
+}
+
+# ---- a PVE lab
+
+# QEMU's argv for Debian's QEMU: the "+pveN" suffix dropped from -machine's type, and no
+# "-id VMID"; both exist only in Proxmox's QEMU
+my sub debian_qemu_argv {
+    my ($cmd) = @_;
+    my @argv;
+    for (my $i = 0; $i < @$cmd; $i++) {
+        if ($cmd->[$i] eq '-id') {
+            $i++;
+            next;
+        }
+        push @argv, $cmd->[$i];
+        push @argv, $cmd->[++$i] =~ s/(^|,)(type=[^,]*?)\+pve\d+(?=,|$)/$1$2/r
+            if $cmd->[$i] eq '-machine' && $i < $#$cmd;
+    }
+    @$cmd = @argv;
+    return $cmd;
+}
+
+sub install_pve {
+    require PVE::INotify;
+    stand_in('PVE::INotify', 'nodename', sub { $NODE });
+
+    require PVE::SafeSyslog;
+    stand_in('PVE::SafeSyslog', 'initlog', sub { return });
+
+    require PVE::Systemd;
+    stand_in('PVE::Systemd', 'enter_systemd_scope', sub { return 1 });
+    stand_in('PVE::Systemd', 'wait_for_unit_removed', sub { return 1 });
+    stand_in('PVE::Systemd', 'is_unit_active', sub { return 0 });
+
+    if (defined(&PVE::CGroup::get_memory_stat)) {
+        stand_in('PVE::CGroup', 'get_memory_stat', sub { return { mem => 0, swap => 0 } });
+    }
+    if (defined(&PVE::ProcFSTools::read_cgroup_pressure)) {
+        my $read_cgroup_pressure = \&PVE::ProcFSTools::read_cgroup_pressure;
+        my $zero = { avg10 => 0, avg60 => 0, avg300 => 0, total => 0 };
+        stand_in(
+            'PVE::ProcFSTools',
+            'read_cgroup_pressure',
+            sub {
+                my ($path) = @_;
+                return $read_cgroup_pressure->(@_) if $path !~ m!^qemu\.slice/\d+\.scope$!;
+                return { map { $_ => { some => {%$zero}, full => {%$zero} } } qw(cpu memory io) };
+            },
+        );
+    }
+
+    if (defined(&PVE::QemuServer::Machine::get_current_qemu_machine)) {
+        stand_in(
+            'PVE::QemuServer::Machine',
+            'get_current_qemu_machine',
+            sub {
+                my ($vmid) = @_;
+                my $machines = PVE::QemuServer::Monitor::mon_cmd($vmid, 'query-machines');
+                if (!grep { $_->{'is-current'} } @$machines) {
+                    my $type = PVE::QemuServer::Monitor::mon_cmd(
+                        $vmid, 'qom-get',
+                        path => '/machine',
+                        property => 'type',
+                    );
+                    $type =~ s/-machine$//;
+                    $_->{'is-current'} = JSON::true() for grep { $_->{name} eq $type } @$machines;
+                }
+                return PVE::QemuServer::Machine::current_from_query_machines($machines);
+            },
+        );
+    }
+
+    if (defined(&PVE::QemuServer::config_to_command)) {
+        my $config_to_command = \&PVE::QemuServer::config_to_command;
+        stand_in(
+            'PVE::QemuServer',
+            'config_to_command',
+            sub {
+                return debian_qemu_argv(scalar($config_to_command->(@_))) if !wantarray;
+                my ($cmd, @rest) = $config_to_command->(@_);
+                return (debian_qemu_argv($cmd), @rest);
+            },
+        );
+    }
+}
+
+# ---- the lab's own nodes
+
+sub install_lab_nodes {
+    for my $module (@LAB_NODE_MODULES) {
+        (my $file = "$module.pm") =~ s!::!/!g;
+        require $file;
+    }
     stand_in('PVE::INotify', 'nodename', sub { $NODE });
 
     stand_in('PVE::Cluster', 'cfs_read_file', \&cfs_read_file);
