@@ -26,8 +26,15 @@ sub sources {
 }
 
 # qemu-server's tree in a temporary directory: 'off' as released, 'on' with the whole series.
+# MTUNNEL_UPSTREAM_TREE_ON / _OFF name a tree made beforehand instead (lab/upstream/tree DEST
+# [N]; e.g. the series at another commit).
 sub tree {
     my ($stage) = @_;
+    my $given = $ENV{ 'MTUNNEL_UPSTREAM_TREE_' . uc($stage) };
+    if ($given) {
+        die "$given is not a qemu-server tree\n" if !-f "$given/src/PVE/QemuMigrate.pm";
+        return abs_path($given);
+    }
     my $dir = tempdir('mtunnel-qemu-server-XXXXXX', TMPDIR => 1, CLEANUP => 1) . "/$stage";
     my @upto = $stage eq 'off' ? (0) : $stage eq 'on' ? () : die "tree: 'on' or 'off'\n";
     my $out = `"$TOP/lab/upstream/tree" "$dir" @upto 2>&1`;
@@ -209,7 +216,7 @@ use Time::HiRes qw(time);
 
 use MTunnelLab;
 
-my $MEM = 256;
+my $MEM = 128;
 
 # (harness, undef) or (undef, why not): the upstream trees, qemu-server as released ('off')
 # and with the series ('on'), a PVE lab of NODES nodes running the series everywhere.

@@ -56,6 +56,11 @@ my $lab = $h->lab;
     my $out = $h->migrate_ok('disk', $vmid, 'node1', 'node2', opts => ['--with-local-disks']);
     like($out, qr/^drive-ide0: Completed successfully\.$/m, 'disk: the mirror was finished');
     like($out, qr/ stopping NBD storage migration server on target\.$/m, 'disk: NBD stopped');
+    unlike(
+        MTunnelLab::slurp($lab->dir . '/node2/pve-cli.log'),
+        qr/^qm nbdstop $vmid$/m,
+        'disk: through the tunnel (no qm nbdstop over ssh)'
+    );
     like(
         MTunnelLab::slurp($lab->dir . '/node2/qm-start.log'),
         qr/^start $vmid args=.*--targetstorage 1 .*stdin=nbd_protocol_version:1$/m,
