@@ -4,7 +4,10 @@
 # secure (RAM and NBD through the ssh tunnel's two UNIX socket forwards) and insecure (both
 # straight over TCP on the migration network, the tunnel carrying commands only). The guest
 # keeps writing its memory and its disk throughout; afterwards its memory and the target's
-# disk must hold exactly what it wrote, and nothing is left behind.
+# disk must hold exactly what it wrote, and nothing is left behind. The target's NBD server
+# is stopped before it resumes: through the tunnel where its qm announces `nbdstop`
+# (qemu-server with the series), else with `qm nbdstop` over ssh; a failure there is a
+# warning, and the VM still runs on the target.
 
 use strict;
 use warnings;
@@ -29,12 +32,46 @@ sub volumes { return $lab->volumes(@_) }
 
 sub tunnel_ssh { return $lab->ssh_pids('node1') }
 
-sub migrate {
-    my ($vmid, @args) = @_;
+# The driver's ssh to node2 through a wrapper that logs each call's argv: which commands ran
+# there over a connection of their own (the tunnel's commands go through `qm mtunnel`).
+my $ssh_log = "$dir/ssh-node2.log";
+{
+    my $wrapper = "$dir/ssh-logged";
+    open(my $fh, '>', $wrapper) or die "cannot write $wrapper: $!\n";
+    print $fh "#!/bin/sh\nprintf '%s\\n' \"\$*\" >>'$ssh_log'\nexec /usr/bin/ssh \"\$@\"\n";
+    close($fh) or die "cannot write $wrapper: $!\n";
+    chmod(0755, $wrapper) or die "cannot chmod $wrapper: $!\n";
+    my @prefix = split /\n/, slurp("$dir/ssh_prefix_node2");
+    $prefix[0] = $wrapper;
+    open($fh, '>', "$dir/ssh_prefix_node2_logged") or die "cannot write prefix: $!\n";
+    print $fh map { "$_\n" } @prefix;
+    close($fh) or die "cannot write prefix: $!\n";
+}
+
+# the remote commands of the driver's ssh calls to node2 since the log was last cleared
+sub ssh_commands {
+    return map { /\s--\s(.*)$/ ? $1 : () } split /\n/, (-e $ssh_log ? slurp($ssh_log) : '');
+}
+
+# The target's NBD exports (none once its NBD server stopped).
+sub nbd_exports {
+    my ($vmid) = @_;
+    my ($rc, $out, $err) = $lab->run('node2', 'qmp', $vmid, 'query-block-exports');
+    return $rc == 0 ? $out =~ s/\s+//gr : "qmp failed: $err";
+}
+
+sub migrate { return migrate_via([], @_) }
+
+# mtunnel-migrate run by @$pre (perl with a fault's module preloaded)
+sub migrate_via {
+    my ($pre, $vmid, @args) = @_;
     my $since = MTunnelLab::now_ns();
-    my @res = $lab->run('node1', "$top/perl/bin/mtunnel-migrate",
-        $vmid, 'node2', '--node', 'node1',
-        '--ssh-file', "$dir/ssh_prefix_node2", '--pve-dir', "$dir/pve", '--online', @args);
+    unlink($ssh_log);
+    my @res = $lab->run(
+        'node1', @$pre, "$top/perl/bin/mtunnel-migrate",
+        $vmid, 'node2', '--node', 'node1', '--ssh-file', "$dir/ssh_prefix_node2_logged",
+        '--pve-dir', "$dir/pve", '--online', @args
+    );
     is_deeply([$lab->resumed_after_target('node1', 'node2', $vmid, $since)],
         [], "VM $vmid: the source never resumed after the target ran (QEMU's events)");
     return @res;
@@ -65,23 +102,102 @@ sub nothing_left {
     is_deeply([MTunnelLab::zombies_since($t0)], [], "$what: no zombie left");
 }
 
-# ------------------------------------------------------------ secure, with a local disk
+# A lab fault, preloaded into the driver: the target's NBD server is stopped by someone else
+# as soon as the mirrors are finished, so that the driver's own nbdstop fails there.
+my $nbd_gone = "$dir/NbdStoppedFirst.pm";
+{
+    (my $code = <<'EOM') =~ s/\@PREFIX\@/$dir\/ssh_prefix_node2/;
+package NbdStoppedFirst;
+use strict;
+use warnings;
+use PVE::MTunnel;
+my $finish = \&PVE::MTunnel::qmp_mirror_finish;
+no warnings 'redefine';
+*PVE::MTunnel::qmp_mirror_finish = sub {
+    my $res = $finish->(@_);
+    open(my $fh, '<', '@PREFIX@') or die "no ssh prefix: $!\n";
+    chomp(my @ssh = <$fh>);
+    my ($vmid) = $_[0] =~ m{/([0-9]+)\.qmp$} or die "no VMID in $_[0]\n";
+    PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['qmp', $vmid, 'nbd-server-stop']);
+    print "lab fault: NBD server of VM $vmid stopped on node2\n";
+    return $res;
+};
+1;
+EOM
+    open(my $fh, '>', $nbd_gone) or die "cannot write $nbd_gone: $!\n";
+    print $fh $code;
+    close($fh) or die "cannot write $nbd_gone: $!\n";
+}
+
+# ------------------------------------------------------------ with a local disk
 
 for my $case (
-    [secure => 400, []],
-    [insecure => 401, ['--migration_type', 'insecure', '--migration_network', $net]],
+    { name => 'secure', type => 'secure', vmid => 400 },
+    {
+        name => 'insecure',
+        type => 'insecure',
+        vmid => 401,
+        args => ['--migration_type', 'insecure', '--migration_network', $net]
+    },
+    # qemu-server with the series on node2: its qm start announces nbdstop
+    { name => 'secure, target with the series', type => 'secure', vmid => 405, series => 1 },
+    {
+        name => 'nbdstop failing on the target',
+        type => 'secure',
+        vmid => 406,
+        series => 1,
+        pre => ['perl', "-I$top/perl/lib", "-I$dir", '-MNbdStoppedFirst']
+    },
     )
 {
-    my ($type, $vmid, $args) = @$case;
+    my ($name, $type, $vmid, $args) = (@$case{qw(name type vmid)}, $case->{args} // []);
     my $t0 = time();
+    $lab->qemu_server_series('node2', $case->{series});
     start_disk_vm($vmid);
-    my ($rc, $out, $err) = migrate($vmid, '--with-local-disks', @$args);
-    is($rc, 0, "$type with a local disk: TASK OK") or diag("$out$err");
-    like($out, qr/^TASK OK$/m, "$type with a local disk: the task says OK");
+    my ($rc, $out, $err) = migrate_via($case->{pre} // [], $vmid, '--with-local-disks', @$args);
+    is($rc, 0, "$name with a local disk: TASK OK") or diag("$out$err");
+    my @nbdstop_ssh = grep { /\bnbdstop\b/ } ssh_commands();
+
+    if (!$case->{series}) {
+        is_deeply(\@nbdstop_ssh, ["qm nbdstop $vmid"],
+            "$name: a target as released: qm nbdstop over ssh, once");
+        unlike(
+            $out,
+            qr/nbdstop through tunnel|does not know nbdstop/,
+            "$name: nbdstop was never sent through the tunnel"
+        );
+    } elsif (!$case->{pre}) {
+        is_deeply(\@nbdstop_ssh, [],
+            "$name: no qm nbdstop over ssh: the NBD server stopped through the tunnel");
+        unlike(
+            $out,
+            qr/ERROR:|nbdstop through tunnel failed|does not know nbdstop/,
+            "$name: nbdstop through the tunnel went through without a word"
+        );
+    } else {
+        like(
+            $out,
+            qr/^lab fault: NBD server of VM $vmid stopped on node2$/m,
+            "$name: the fault was injected once the mirrors were finished"
+        ) or diag($out);
+        like(
+            $out,
+            qr/^\S+ \S+ stopping NBD server on target failed: tunnel replied 'ERR: nbdstop failed - [^\n]*NBD server not running[^\n]*' to command 'nbdstop $vmid'$/m,
+            "$name: a warning with the target's answer"
+        );
+        is_deeply(\@nbdstop_ssh, [], "$name: not tried again over ssh");
+        like(
+            $out,
+            qr/^\S+ \S+ migration finished successfully/m,
+            "$name: the migration goes on and finishes, as upstream's qm nbdstop only warns"
+        );
+    }
+    is(nbd_exports($vmid), '[]', "$name: the target's NBD server has no export left");
+    like($out, qr/^TASK OK$/m, "$name with a local disk: the task says OK");
     like(
         slurp("$dir/node2/qm-start.log"),
         qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type $type .*--targetstorage 1 stdin=nbd_protocol_version:1$/m,
-        "$type: the target was started with --targetstorage 1, as upstream without a storage map"
+        "$name: the target was started with --targetstorage 1, as upstream without a storage map"
     );
     my $nbd =
         $type eq 'secure'
@@ -90,56 +206,57 @@ for my $case (
     like(
         $out,
         qr/^\S+ \S+ ide0: start migration to $nbd$/m,
-        "$type: the disk is mirrored into the target's NBD export"
+        "$name: the disk is mirrored into the target's NBD export"
     );
     like(
         $out,
         qr/^\S+ \S+ volume 'local:$vmid\/vm-$vmid-disk-0\.raw' is 'local:$vmid\/vm-$vmid-disk-0\.raw' on the target$/m,
-        "$type: the volume mapping is logged as upstream does"
+        "$name: the volume mapping is logged as upstream does"
     );
     like(
         $out,
         qr/^\S+ \S+ $job: transferred \d+\.\d \S+ of 3\d\.\d MiB \(\d+\.\d\d%\) in \d+s/m,
-        "$type: disk progress, PVE style"
+        "$name: disk progress, PVE style"
     );
-    like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$type: all mirrors ready before RAM");
+    like($out, qr/^\S+ \S+ all 'mirror' jobs are ready$/m, "$name: all mirrors ready before RAM");
     like(
         $out,
         qr/all 'mirror' jobs are ready.*starting online\/live migration.*$job: Completed successfully\..*stopping NBD storage migration server on target\..*stopped VM $vmid on source node/s,
-        "$type: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped"
+        "$name: upstream's order: mirrors ready, RAM, block jobs finished, NBD stopped, source stopped"
     );
-    like($out, qr/^\S+ \S+ migration active, transferred/m, "$type: RAM progress too")
+    like($out, qr/^\S+ \S+ migration active, transferred/m, "$name: RAM progress too")
         if $out =~ /migration active/;
     like(
         $out,
         $type eq 'secure'
         ? qr/starting online\/live migration on unix:/
         : qr/starting online\/live migration on tcp:198\.19\.0\.2:\d+$/m,
-        "$type: RAM goes "
+        "$name: RAM goes "
             . ($type eq 'secure' ? 'through the tunnel' : 'over the migration network')
     );
 
-    is(qmpstatus('node2', $vmid), 'running', "$type: the VM runs on node2");
-    is(qmpstatus('node1', $vmid), 'stopped', "$type: and not on node1");
+    is(qmpstatus('node2', $vmid), 'running', "$name: the VM runs on node2");
+    is(qmpstatus('node1', $vmid), 'stopped', "$name: and not on node1");
     my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
-    is($crc, 0, "$type: guest memory and disk intact on node2") or diag($check);
-    like($check, qr/^guest memory ok:/m, "$type: memory pattern ok");
+    is($crc, 0, "$name: guest memory and disk intact on node2") or diag($check);
+    like($check, qr/^guest memory ok:/m, "$name: memory pattern ok");
     like(
         $check,
         qr/^guest disk ok: \d+ sectors, pass \d+, next sector \d+/m,
-        "$type: every disk write the guest made is on node2's disk"
+        "$name: every disk write the guest made is on node2's disk"
     );
     is_deeply([volumes('node1', 'local')],
-        [], "$type: the source's volume was freed after the migration");
+        [], "$name: the source's volume was freed after the migration");
     is_deeply(
         [volumes('node2', 'local')],
         ["local:$vmid/vm-$vmid-disk-0.raw"],
-        "$type: node2 has the new volume"
+        "$name: node2 has the new volume"
     );
     $lab->run_ok('node2', 'qm', 'stop', $vmid);
     $lab->run_ok('node2', 'pvesm', 'free', "local:$vmid/vm-$vmid-disk-0.raw");
-    nothing_left($type, $t0);
+    nothing_left($name, $t0);
 }
+$lab->qemu_server_series('node2', 0);
 
 # ------------------------------------------------------------ insecure, RAM only
 

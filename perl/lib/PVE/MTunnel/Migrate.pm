@@ -918,8 +918,7 @@ sub phase3 {
         $self->{mirror_done} = 1;
         # upstream: the target's NBD server must stop before it resumes
         $self->log('info', "stopping NBD storage migration server on target.");
-        eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
-        $self->log('err', "stopping NBD server on target failed: $@") if $@;
+        $self->stop_target_nbd();
     }
     # As upstream: the VM belongs to the target from here on, then it may run there.
     $self->move_config($self->{target});
@@ -947,6 +946,34 @@ sub phase3 {
     $self->{target_resumed} = 1;
     $self->write_state(phase => 'resumed');
     $self->finish_source();
+}
+
+# The target's NBD server, stopped while the guest is paused on both nodes: through the open
+# tunnel where the target's qm announced nbdstop (patch 0005), which saves a new ssh
+# connection and qm process, else with `qm nbdstop` over ssh, also when the tunnel does not
+# know the command, took too long or is gone. A failure never fails the migration, as
+# upstream's `qm nbdstop` only warns: the mirrors are finished, the target's disks complete.
+sub stop_target_nbd {
+    my ($self) = @_;
+    my $vmid = $self->{vmid};
+    if ($self->{tunnel} && $self->target_offers('nbdstop')) {
+        eval { $self->{tunnel}->command("nbdstop $vmid", timeout_ms => 30_000) };
+        my $err = $@ or return;
+        chomp $err;
+        if ($PVE::MTunnel::last_error_code != $PVE::MTunnel::ERROR_CODE{remote}) {
+            # no answer in time, or none at all: a late one would be read as resume's
+            $self->log('warn', "nbdstop through tunnel failed: $err - using 'qm nbdstop' over ssh");
+            $self->close_tunnel_quickly(broken => 1);
+        } elsif ($err =~ /^tunnel replied 'ERR: unknown command/) {
+            $self->log('info', "tunnel does not know nbdstop, using 'qm nbdstop'");
+        } else {
+            # as `qm nbdstop`, which warns and exits 0
+            $self->log('warn', "stopping NBD server on target failed: $err");
+            return;
+        }
+    }
+    eval { $self->remote(['nbdstop', $vmid], timeout_ms => 30_000) };
+    $self->log('err', "stopping NBD server on target failed: $@") if $@;
 }
 
 # The target runs the VM: close the tunnel, stop and clean up the source (failures only warn:
@@ -1748,6 +1775,16 @@ the state it reached is kept in the object for the cleanup.
 Method: after the RAM migration completed: finish the mirrors, stop the target's NBD server,
 C<resume> the target (through the tunnel, else C<qm resume> over ssh, else it asks whether
 the VM runs there), then C<finish_source>. Dies when the target could not be resumed.
+
+=head2 stop_target_nbd()
+
+Method: stops the target's NBD server (storage migration) before its C<resume>: C<nbdstop VMID>
+through the tunnel where the target's C<qm start> announced it (C<mtunnel commands:>), else
+C<qm nbdstop> over ssh, also when the tunnel answers C<ERR: unknown command>, gives no answer
+within 30 s (the tunnel is then closed: a late answer would be taken for the next command's)
+or is gone. Never dies, as upstream's C<qm nbdstop> only warns: the target's
+C<ERR: nbdstop failed - ...> is logged as a warning, C<qm nbdstop> failing (ssh) as an error,
+and the migration goes on.
 
 =head2 phase2_cleanup($err)
 
