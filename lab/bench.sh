@@ -43,7 +43,7 @@ fi
 sec_pause() {
 # MTUNNEL_BENCH_PAUSE_ARGS: other bench-pause options (fewer runs, one mode)
     # shellcheck disable=SC2086
-    "$TOP/lab/bench-pause" ${MTUNNEL_BENCH_PAUSE_ARGS:---runs 10 --failures 3 --guests dirty,idle,disk}
+    "$TOP/lab/bench-pause" ${MTUNNEL_BENCH_PAUSE_ARGS:---runs 10 --failures 3 --guests dirty,idle,disk,disk-released}
 }
 
 # post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto
@@ -149,7 +149,8 @@ pause_fig() {
         printf "%s %s / %s %s", $4, $5, $9, $10; exit }' "$1"
 }
 f_pause_dirty() { pause_fig "$OUT/pause.$1" 'keeps dirtying its memory:'; }
-f_pause_disk() { pause_fig "$OUT/pause.$1" 'local disk'; }
+f_pause_disk() { pause_fig "$OUT/pause.$1" 'local disk, target with the series'; }
+f_pause_disk_released() { pause_fig "$OUT/pause.$1" 'local disk, target as released'; }
 f_postcopy() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: completed in \([0-9.]* s\) (\([0-9.]*\) x.*/\1 (\2 x)/p'; }
 f_postcopy_pause() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: .*; pause \([0-9]* ms\) (QEMU downtime \([0-9]* ms\).*/\1 \/ \2/p'; }
 f_tunnel() { fig "$OUT/throughput.$1" 's/.*tunnel, library ciphers[^:]*: *\([0-9]* MiB\/s\).*/\1/p'; }
@@ -159,7 +160,8 @@ f_mirror_local() { fig "$OUT/mirror.$1" 's/.*mirror to a local NBD export: *\([0
 echo "-- QEMU ${QEMUS[*]} side by side (from the sections above, all measured in this run)"
 printf '  %-46s' ''; for q in "${QEMUS[@]}"; do printf ' %22s' "QEMU $q"; done; echo
 for r in 'f_pause_dirty:RAM: pause / QEMU downtime (dirty guest)' \
-         'f_pause_disk:local disk: pause / QEMU downtime' \
+         'f_pause_disk:disk, nbdstop in the tunnel: pause / downtime' \
+         'f_pause_disk_released:disk, qm nbdstop over ssh: pause / downtime' \
          'f_tunnel:RAM through the tunnel' 'f_local:RAM over a local UNIX socket' \
          'f_mirror:disk mirror through the tunnel' 'f_mirror_local:disk mirror to a local NBD export' \
          'f_postcopy:--postcopy auto: time (x one RAM transfer)' \
