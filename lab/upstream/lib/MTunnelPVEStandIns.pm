@@ -22,6 +22,11 @@ package MTunnelPVEStandIns;
 #   machine, so a VM pinned to an older one would be migrated as the newest and mirrored
 #   with blockdev-mirror. The running machine is then QOM's type of /machine (the same name
 #   with "-machine" appended), marked "is-current" before upstream reads the list.
+# - query-proxmox-support (PVE::QMPClient::queue_cmd): a QMP command only Proxmox's QEMU has.
+#   vmstatus queues it first of the commands that fill in 'running-qemu', 'running-machine'
+#   and the block stats, and a failed command aborts the ones queued after it: on Debian's
+#   QEMU `qm status --verbose` would never say 'running-qemu' (which the series' 0004 needs
+#   to trust 'qmpstatus'). It is answered {} (none of Proxmox's additions) without asking.
 # - PVE::SafeSyslog::initlog: no syslog daemon (no /dev/log) on the lab; PVE's syslog() calls
 #   then fail, which PVE ignores (without this initlog warns on every command).
 #
@@ -273,6 +278,20 @@ sub install_pve {
                     $_->{'is-current'} = JSON::true() for grep { $_->{name} eq $type } @$machines;
                 }
                 return PVE::QemuServer::Machine::current_from_query_machines($machines);
+            },
+        );
+    }
+
+    if (defined(&PVE::QMPClient::queue_cmd)) {
+        my $queue_cmd = \&PVE::QMPClient::queue_cmd;
+        stand_in(
+            'PVE::QMPClient',
+            'queue_cmd',
+            sub {
+                my ($self, $peer, $callback, $execute, @params) = @_;
+                return $queue_cmd->(@_) if $execute ne 'query-proxmox-support';
+                $callback->(ref($peer) ? $peer->{id} : $peer, { return => {} }) if $callback;
+                return;
             },
         );
     }
