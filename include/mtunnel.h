@@ -392,7 +392,7 @@ int qmp_migrate_resume(const char *qmp_socket, const char *uri, int64_t timeout_
 //
 // `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 // "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
-// ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
+// ssh options of `tunnel_open` (keepalive, `"ciphers"`, handshake slots, retries: a connection that failed
 // before authentication is retried, so the command never runs twice; `"share"`: the command
 // runs as a client of a pooled shared master, holding one of its session slots while it runs). With `"check": true` a non-zero exit is an error
 // (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
@@ -477,8 +477,10 @@ int migrate_listen_parse(const char *output,
 //   given (a target that runs nothing else, e.g. a forced command), the sockets removed by
 //   close;
 // - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
-// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
-//   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
+// - `"ciphers"` (default none): a `-o Ciphers=` list, e.g.
+//   `"aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"`
+//   (AES-GCM moved RAM ~1.1x faster than ssh's chacha20-poly1305 default on an AES-NI CPU,
+//   docs/ssh-options.md); without it, or `""`, ssh and the admin's `ssh_config` choose;
 // - `"share"` (default off): OpenSSH connection sharing (docs/sharing.md). `true` or an
 //   object `{"control_dir": "/run/mtunnel/ssh-ctl", "persist_s": 30, "max_sessions": 10,
 //   "exit_idle": false}`. The tunnel becomes a client (`-o ControlMaster=no -o ControlPath=…

@@ -485,7 +485,10 @@ is passed as a string. C<cleanup_in_command> (default 1): the remote command rem
 forwards' sockets on the target when it ends, so a normal close needs no second connection;
 C<adaptive_slots> (default 1): a node that drops handshakes gets fewer concurrent ones for a
 while; C<connect_retries>: a maximum of retries of a pre-authentication drop (default: until
-the deadline); C<share>: OpenSSH connection sharing (F<docs/sharing.md>).
+the deadline); C<share>: OpenSSH connection sharing (F<docs/sharing.md>); C<ciphers>: a
+C<-o Ciphers=> list for ssh, e.g. C<'aes128-gcm@openssh.com,chacha20-poly1305@openssh.com'>
+(none by default: ssh and the admin's F<ssh_config> choose; C<''> is the same as none).
+Every ssh option the library adds, and why: F<docs/ssh-options.md>.
 
 =item C<< $t->wait_ready(timeout_ms => N) >>, C<< $t->command($cmd, timeout_ms => N) >>, C<< $t->read_line(timeout_ms => N) >>
 
