@@ -508,17 +508,31 @@ caller has to act on (e.g. a file that is no socket at a socket path, kept and n
 
 =item C<qmp_migrate_setup($qmp_socket, { capabilities => {...}, parameters => {...} })>
 
-Function: capabilities as Proxmox VE's C<set_migration_caps> (the ones named true on, every
-other one off) and parameters as its phase 2 (C<max-bandwidth> 16 GiB/s unless given,
-C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what was applied.
+Function: sets what it is given, and only that. C<capabilities> as Proxmox VE's
+C<set_migration_caps> (the ones named true on, every other one off); C<parameters> as its
+phase 2 (C<max-bandwidth> 16 GiB/s unless given, C<downtime-limit> capped, and when the same
+call turns xbzrle on, the xbzrle cache from the guest's memory). Only C<capabilities>: only
+capabilities are set; only C<parameters>: only parameters; neither: the default parameters
+(C<< parameters => {} >>). Both: one call sets capabilities, then parameters, and the
+parameters are set even when the capabilities failed (as phase 2 does). Returns what was
+applied (C<capabilities>, C<parameters>: each only when set).
+
+A failed step dies naming each step that failed, with QEMU's reason:
+C<"migrate-set-capabilities failed - REASON\n">, C<"migrate-set-parameters failed - REASON\n">,
+or both joined by C<"; ">. So a caller can log a capability failure as a warning and go on,
+as upstream does, knowing the parameters (its bandwidth limit) were still set when only the
+first step is named. A capability this QEMU does not offer, post-copy on a QEMU without it or
+a C<downtime-limit> that is no integer dies before anything is set.
+
 C<< postcopy => 1 >> makes the migration able to switch to post-copy: C<postcopy-ram> on (a
 QEMU without it is refused before anything is set), C<postcopy-preempt> on where QEMU offers
-it, the other capabilities as C<capabilities> says (off when absent), and
+it, the other capabilities as C<capabilities> says (off when absent), and with C<parameters>
 C<max-postcopy-bandwidth> as C<max-bandwidth> unless given. QEMU needs it on both sides.
 
 =item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
 
-Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
+Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>; a failed setup step
+dies as C<qmp_migrate_setup> does, before C<migrate> is sent.
 
 =item C<< $t->status() >>, C<< $t->pid() >>
 
