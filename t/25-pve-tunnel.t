@@ -399,23 +399,67 @@ dies_like(
     pass('finish_tunnel v2: quit with cleanup answered');
 }
 
+# A stand-in for pve-guest-common's PVE::Tunnel (not installable here) that records what
+# reaches it, in a directory of its own for @INC.
+my $pve_tunnel_inc = File::Temp->newdir();
 {
-    # The one-line switch, `use PVE::MTunnel::Tunnel ':pve-tunnel'`, against a stand-in for
-    # pve-guest-common's PVE::Tunnel (not installable here) that records what reaches it.
-    my $inc = File::Temp->newdir();
-    mkdir("$inc/PVE") or die;
-    open(my $fh, '>', "$inc/PVE/Tunnel.pm") or die;
+    mkdir("$pve_tunnel_inc/PVE") or die;
+    open(my $fh, '>', "$pve_tunnel_inc/PVE/Tunnel.pm") or die;
     print $fh <<'PM';
 package PVE::Tunnel;
 our @calls;
 sub fork_ssh_tunnel { push @calls, 'fork_ssh_tunnel'; return { pid => 1 } }
-sub read_tunnel { push @calls, 'read_tunnel'; return 'line' }
-sub write_tunnel { push @calls, "write_tunnel $_[2]"; return { success => 1 } }
-sub finish_tunnel { push @calls, 'finish_tunnel'; return }
+sub read_tunnel { push @calls, "read_tunnel $_[1]"; return 'line' }
+sub write_tunnel { push @calls, "write_tunnel $_[2]"; return { success => 1, args => scalar(@_) } }
+sub finish_tunnel { push @calls, 'finish_tunnel' . (defined $_[1] ? " $_[1]" : ''); return }
 1;
 PM
     close($fh);
-    local @INC = ("$inc", @INC);
+}
+
+{
+    # The scoped way: PVE::MTunnel::Tunnel's functions by name. Tunnels they did not open go to
+    # PVE::Tunnel's own functions (loaded only then); PVE::Tunnel itself is left as it is.
+    local @INC = ("$pve_tunnel_inc", @INC);
+    ok(!$INC{'PVE/Tunnel.pm'},
+        'scoped: PVE::Tunnel is not loaded before a foreign tunnel needs it');
+    my $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
+    ok($t->{mtunnel} && -S $sock, 'scoped: fork_ssh_tunnel opens the tunnel through the library');
+    ok(!$INC{'PVE/Tunnel.pm'}, 'scoped: ... without loading PVE::Tunnel');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 30, "resume 999") },
+        qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/,
+        'scoped: write_tunnel on our tunnel is the library\'s'
+    );
+    my $websocket = { version => 2, pid => 1 };
+    is_deeply(
+        PVE::MTunnel::Tunnel::write_tunnel($websocket, 10, 'stop', { cleanup => 1 }),
+        { success => 1, args => 4 },
+        'scoped: a websocket tunnel goes to upstream\'s write_tunnel, every argument passed on'
+    );
+    ok($INC{'PVE/Tunnel.pm'}, 'scoped: PVE::Tunnel was loaded for it');
+    is(PVE::MTunnel::Tunnel::read_tunnel($websocket, 7),
+        'line', 'scoped: ... and to upstream\'s read_tunnel, with its return value');
+    PVE::MTunnel::Tunnel::finish_tunnel({ pid => 1 }, 1);
+    no warnings 'once';
+    is_deeply(
+        \@PVE::Tunnel::calls,
+        ['write_tunnel stop', 'read_tunnel 7', 'finish_tunnel 1'],
+        'scoped: only the foreign tunnels reached upstream\'s functions'
+    );
+    is(PVE::Tunnel::fork_ssh_tunnel(\@ssh, $qm, [], sub { })->{pid},
+        1, 'scoped: PVE::Tunnel::fork_ssh_tunnel is still upstream\'s (nothing redefined)');
+    is(PVE::Tunnel::write_tunnel($t, 30, 'resume 999')->{success},
+        1, 'scoped: ... and so is PVE::Tunnel::write_tunnel, even for our tunnel');
+    PVE::MTunnel::Tunnel::finish_tunnel($t);
+    ok(!-e $sock, 'scoped: finish_tunnel closes our tunnel');
+    @PVE::Tunnel::calls = ();
+}
+
+{
+    # The one-line switch, `use PVE::MTunnel::Tunnel ':pve-tunnel'`, process-wide (PVE::Tunnel's
+    # functions redefined), against the stand-in.
+    local @INC = ("$pve_tunnel_inc", @INC);
     PVE::MTunnel::Tunnel->import(':pve-tunnel');
     my $t = PVE::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
     ok($t->{mtunnel} && -S $sock,
@@ -430,7 +474,7 @@ PM
     my $websocket = { version => 2, pid => 1 };
     is_deeply(
         PVE::Tunnel::write_tunnel($websocket, 10, 'stop'),
-        { success => 1 },
+        { success => 1, args => 3 },
         'one-line switch: another tunnel goes to upstream\'s write_tunnel'
     );
     PVE::Tunnel::finish_tunnel($websocket);
@@ -439,7 +483,7 @@ PM
     no warnings 'once';
     is_deeply(
         \@PVE::Tunnel::calls,
-        ['write_tunnel stop', 'finish_tunnel', 'read_tunnel'],
+        ['write_tunnel stop', 'finish_tunnel', 'read_tunnel 1'],
         'one-line switch: only the other tunnel reached upstream\'s functions'
     );
 }
