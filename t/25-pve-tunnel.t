@@ -212,10 +212,36 @@ sleep(1);
     clean_ok('target killed', $t0);
 }
 
-my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
-is($crc, 0, 'after four migrations and two failures the guest memory is intact on node1')
-    or diag($check);
-$lab->run_ok('node1', 'qm', 'stop', $vmid);
+{
+    # QemuMigrate.pm's legacy tcp path: a target that answers tcp:localhost:PORT (as qemu-server
+    # did before UNIX sockets) gets the TCP forward PORT:localhost:PORT, and QEMU migrates
+    # through it to the target's localhost.
+    my $t0 = time();
+    my ($rc, $out, $err) = run_flow('node1', 'node2', '--stateuri', 'tcp');
+    is($rc, 0, 'legacy tcp path: the flow migrates node1 -> node2 through a TCP forward')
+        or diag("$out$err");
+    like(
+        slurp("$dir/node2/qm-start.log"),
+        qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri tcp /m,
+        'legacy tcp path: the target was started with --stateuri tcp'
+    );
+    like(
+        $out,
+        qr/start migrate command to tcp:localhost:(\d+)$/m,
+        'legacy tcp path: QEMU migrated to tcp:localhost:PORT on the source (the forward)'
+    );
+    unlike($out, qr/ERROR/, 'legacy tcp path: no error in the task log');
+    is(qmpstatus('node2'), 'running', 'legacy tcp path: VM runs on node2');
+    is(qmpstatus('node1'), 'stopped', 'legacy tcp path: VM is stopped on node1');
+    note($out);
+    clean_ok('legacy tcp path', $t0);
+}
+
+my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
+is($crc, 0,
+    'after five migrations (one through a TCP forward) and two failures the guest memory is intact on node2'
+) or diag($check);
+$lab->run_ok('node2', 'qm', 'stop', $vmid);
 
 # ------------------------------------------------------------ the drop-in's contract
 
@@ -328,16 +354,16 @@ sub dies_like {
 
 dies_like(
     sub {
-        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:localhost:60000'], sub { });
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:198.18.0.2:60000'], sub { });
     },
-    qr/^can't open tunnel - unsupported forward '60000:localhost:60000': only UNIX socket forwards/,
-    'fork_ssh_tunnel: a TCP forward spec is refused, naming it'
+    qr/^can't open tunnel - unsupported forward '60000:198\.18\.0\.2:60000': expected a UNIX socket forward \('PATH' or 'LOCAL_PATH:REMOTE_PATH'\) or a TCP forward to the target's loopback \('PORT:localhost:PORT'\)$/,
+    'fork_ssh_tunnel: a TCP forward to another host than the target\'s loopback is refused, naming it'
 );
 dies_like(
     sub {
         PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, "$sock:$sock", sub { });
     },
-    qr/^can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE' socket pairs, not '\Q$sock:$sock\E'$/,
+    qr/^can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE' socket pairs or 'PORT:localhost:PORT' TCP forwards, not '\Q$sock:$sock\E'$/,
     'fork_ssh_tunnel: forwards given as a string, not a list, are refused clearly'
 );
 dies_like(

@@ -544,7 +544,11 @@ module (a PVE daemon) starts without the library; only the calls that need it fa
 =item C<< PVE::MTunnel->open(ssh => \@rem_ssh, forwards => [...], command => [...], log => $cb, %opts) >>
 
 Class method: starts ssh. A forward is one socket path (the same on both nodes) or
-C<"LOCAL:REMOTE">; TCP forwards are refused. Options that are numbers by name (C<*_ms>,
+C<"LOCAL:REMOTE">; or a TCP forward to the target's loopback, C<"PORT:localhost:PORT"> (PVE's
+legacy path for a target that answers C<tcp:localhost:PORT>), which listens on this node's
+loopback only and is ready once ssh holds the port and no other process listens there
+(else it dies C<forward P:localhost:P: another process listens on ADDR:P too ...>); any other
+spec dies C<unsupported forward '...'>. Options that are numbers by name (C<*_ms>,
 C<*_s>, C<*_slots>, C<*_retries>, C<*_count_max>) must be plain integers; every other scalar
 is passed as a string. C<cleanup_in_command> (default 1): the remote command removes the
 forwards' sockets on the target when it ends, so a normal close needs no second connection;

@@ -88,7 +88,7 @@ sub fork_ssh_tunnel {
 
     $log //= sub { };
     die "can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE'"
-        . " socket pairs, not '$ssh_forward_info'\n"
+        . " socket pairs or 'PORT:localhost:PORT' TCP forwards, not '$ssh_forward_info'\n"
         if defined($ssh_forward_info) && ref($ssh_forward_info) ne 'ARRAY';
     # The library's lines come without "\n"; upstream's callers get them with one.
     my $relay = sub {
@@ -256,8 +256,13 @@ foreign tunnel given to this package's functions dies C<PVE::MTunnel::Tunnel: PV
 Starts C<@$rem_ssh -o ExitOnForwardFailure=yes -L LOCAL:REMOTE … @$cmd> and returns when the
 tunnel is ready: C<tunnel online> (60 s) and C<ver N> (10 s) read, and every local socket a
 listening socket held by this very ssh (never probed by connecting). C<$ssh_forward_info> is a
-list of C<"LOCAL:REMOTE"> UNIX socket pairs or single paths (may be empty or undef: a
-command-only tunnel); a TCP spec (C<PORT:localhost:PORT>) is refused, naming it. A stale
+list of C<"LOCAL:REMOTE"> UNIX socket pairs or single paths, or of TCP forwards to the
+target's loopback, C<"LPORT:localhost:PORT"> (QemuMigrate.pm's legacy path for a target that
+answers C<tcp:localhost:PORT>), which listen on this node's loopback only and are ready once
+this ssh holds LPORT and no other process listens there (else C<can't open tunnel - forward
+LPORT:localhost:PORT: another process listens on ADDR:LPORT too ...>); may be empty or undef
+(a command-only tunnel). Any other spec dies C<can't open tunnel - unsupported forward '...'>.
+A stale
 socket at a local path is removed first; anything else there is refused and kept.
 C<$cmd> words are shell-quoted for the remote shell. C<$log> gets C<($level, "msg\n")>.
 
@@ -300,7 +305,8 @@ even when a stage fails; then it dies with the first failure. Calling it again d
 Deadlines instead of C<alarm>; a forward that is not proven listening is an error (upstream
 left that to the caller's C<-S> poll, which a stale file from a crashed run passes); sockets
 are removed only if they are sockets, and the forwards are removed even when the caller never
-set C<unix_sockets>; TCP forwards are refused; ssh's stderr tail is part of every error; the
+set C<unix_sockets>; a TCP forward listens on loopback only and must be ours alone, and
+goes to the target's loopback only; ssh's stderr tail is part of every error; the
 websocket functions (C<fork_websocket_tunnel>, C<forward_unix_socket>) are not provided.
 
 =cut
