@@ -17,6 +17,8 @@ my $top = abs_path(dirname(__FILE__) . '/..');
 my $lib = $ENV{MTUNNEL_LIB} // "$top/target/release/libmtunnel.so";
 plan skip_all => "no $lib: build first (cargo build --release)" if !-f $lib;
 my $tmp = tempdir('mtunnel-lazy-load.XXXXXX', TMPDIR => 1, CLEANUP => 1);
+my ($version) = `cat $top/Cargo.toml` =~ /^version\s*=\s*"([^"]+)"/m
+    or die "no version in Cargo.toml";
 
 # Runs perl with @args in a clean environment plus %env; returns its stdout and stderr, joined.
 sub perl_out {
@@ -86,7 +88,7 @@ SKIP: {
     is(
         $out,
         "compiled\nlibmtunnel0 is missing or broken: cannot load $other - it has no function"
-            . " 'mtunnel_last_error' (older than PVE::MTunnel 0.1.0?)\n",
+            . " 'mtunnel_last_error' (older than PVE::MTunnel $version?)\n",
         'a library without our functions: broken, naming the first function missing'
     );
 }
@@ -102,7 +104,7 @@ print "qmp: $@";
 PERL
 is(
     $out,
-    "compiled\nfirst: died\nthen: 0.1.0\n"
+    "compiled\nfirst: died\nthen: $version\n"
         . "qmp: QMP socket '/nonexistent-mtunnel/100.qmp' does not exist (VM not running?)\n",
     'once the library can be loaded, the same process uses it'
 );
@@ -135,7 +137,7 @@ $out = perl_out(
 );
 is(
     $out,
-    "compiled\nlibmtunnel.so.0\n0.1.0\n$tmp/installed/lib/libmtunnel.so.0\n",
+    "compiled\nlibmtunnel.so.0\n$version\n$tmp/installed/lib/libmtunnel.so.0\n",
     'installed: MTUNNEL_LIB is ignored, the library is loaded by its soname'
 );
 SKIP: {
