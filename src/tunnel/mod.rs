@@ -1333,6 +1333,14 @@ mod tests {
         let o = OpenOptions::from_json(&json!({"ssh": ssh, "socket_dir": null})).unwrap();
         assert_eq!(o.socket_dir, validate::DEFAULT_SOCKET_DIR);
         assert_eq!(o.command, ["qm", "mtunnel"]);
+        assert_eq!(o.ssh.ciphers, None, "no ciphers unless asked for");
+        let o = OpenOptions::from_json(&json!({"ssh": ssh, "ciphers": "aes128-gcm@openssh.com"}))
+            .unwrap();
+        assert_eq!(
+            o.ssh.ciphers.as_deref(),
+            Some("aes128-gcm@openssh.com"),
+            "tunnel_open's JSON takes the ciphers option"
+        );
 
         let close = |v: Value| CloseOptions::from_json(&v);
         let c = close(json!({"cleanup_timeout_ms": 100, "remote_cleanup": false})).unwrap();
