@@ -247,7 +247,7 @@ but prefer the scoped way above: it changes nothing outside its caller.
 
 Without C<PVE::Tunnel> (pve-guest-common) installed, C<:pve-tunnel> dies at import, and a
 foreign tunnel given to this package's functions dies C<PVE::MTunnel::Tunnel: PVE::Tunnel
-(pve-guest-common) cannot be loaded: …>; the package's own tunnels need neither.
+(pve-guest-common) cannot be loaded: …>; the package's own tunnels do not need it.
 
 =head1 FUNCTIONS
 
