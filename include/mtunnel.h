@@ -286,7 +286,8 @@ int qmp_mirror_cancel(const char *qmp_socket,
 //
 // `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
 // {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true,
-// "postcopy": false}` (`"postcopy"`: see `qmp_migrate_setup`).
+// "postcopy": false}` (what is set with `"setup"`: see `qmp_migrate_setup`; a failed setup
+// step fails the call before `migrate` is sent).
 // `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
 // `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 // `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
@@ -294,27 +295,37 @@ int qmp_mirror_cancel(const char *qmp_socket,
 int qmp_migrate(const char *qmp_socket, const char *uri, const char *options_json);
 
 // Prepares the VM behind `qmp_socket` for a migration as Proxmox VE does, without starting
-// it (also what PVE does on the target before the incoming migration):
-// - `"capabilities"` (optional): the ones named `true` are turned on and every other one
-//   QEMU reports (`query-migrate-capabilities`) off, so nothing left on by an earlier run
-//   leaks in; without the key, capabilities are left alone;
-// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
+// it (also what PVE does on the target before the incoming migration). It sets what the
+// options name, and only that:
+// - `"capabilities"` given (or `"postcopy": true`): the ones named `true` are turned on and
+//   every other one QEMU reports (`query-migrate-capabilities`) off, so nothing left on by
+//   an earlier run leaks in; without the key, capabilities are left alone;
+// - `"parameters"` given: `migrate-set-parameters` with them, where `max-bandwidth`
 //   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
-//   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
-//   guest's RAM (asked from QEMU) rounded up to a power of two;
+//   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and, when the same call turns xbzrle
+//   on, `xbzrle-cache-size` defaults to a tenth of the guest's RAM (asked from QEMU) rounded
+//   up to a power of two; without the key, parameters are left alone, except that a call
+//   with neither key sets the default parameters (as `{"parameters": {}}`);
+// - both: one call, capabilities first, then parameters; the parameters are set even when
+//   the capabilities failed (as PVE's phase 2 does). A failed step makes the call fail with
+//   a last error naming each step that failed and QEMU's reason:
+//   `migrate-set-capabilities failed - REASON`, `migrate-set-parameters failed - REASON`,
+//   or both joined by `"; "` (the result code is the first failure's: `MTUNNEL_ERR_QMP`
+//   for a refusal). What the caller got wrong (a capability this QEMU does not offer,
+//   post-copy on a QEMU without it, a `downtime-limit` that is no integer) is
+//   `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set;
 // - `"postcopy": true` makes the migration able to switch to post-copy
 //   (`qmp_migrate_start_postcopy`): `postcopy-ram` on, `postcopy-preempt` on where QEMU
-//   offers it, the other capabilities as `"capabilities"` says (off when absent), and
-//   `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without `postcopy-ram`
-//   → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the target as well:
-//   QEMU needs `postcopy-ram` on both sides before `migrate`.
+//   offers it, the other capabilities as `"capabilities"` says (off when absent), and, with
+//   `"parameters"`, `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without
+//   `postcopy-ram` → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the
+//   target as well: QEMU needs `postcopy-ram` on both sides before `migrate`.
 //
 // `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
 // NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
-// "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
-int qmp_migrate_setup(const char *qmp_socket,
-                      const char *options_json,
-                      char **applied_out);
+// "parameters": {…}}`, what was set (each key only when that step ran). Same codes as
+// `qmp_migrate`.
+int qmp_migrate_setup(const char *qmp_socket, const char *options_json, char **applied_out);
 
 // Runs `query-migrate` and writes QEMU's answer as JSON to `*status_out` (free with
 // `mtunnel_string_free`; may be NULL). Unknown statuses are passed through unchanged: treat
@@ -392,7 +403,7 @@ int qmp_migrate_resume(const char *qmp_socket, const char *uri, int64_t timeout_
 //
 // `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 // "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
-// ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
+// ssh options of `tunnel_open` (keepalive, `"ciphers"`, handshake slots, retries: a connection that failed
 // before authentication is retried, so the command never runs twice; `"share"`: the command
 // runs as a client of a pooled shared master, holding one of its session slots while it runs). With `"check": true` a non-zero exit is an error
 // (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the
@@ -452,11 +463,18 @@ int migrate_listen_parse(const char *output,
 // - `"ssh"`: argv prefix, the binary, its options and `user@host` last (required); the library
 //   adds `-e none -o BatchMode=yes -o ExitOnForwardFailure=yes` ahead of it, and
 //   `ConnectTimeout`/`ServerAlive*` defaults after it (yours win);
-// - `"forwards"`: UNIX socket forwards (default `[]`: a command-only tunnel), each either
+// - `"forwards"`: forwards (default `[]`: a command-only tunnel). A UNIX socket forward is
 //   one path, forwarded to the same path on the remote (as PVE does), or `"LOCAL:REMOTE"`;
 //   every path must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket
-//   at a local path is removed, anything else there is refused; a TCP forward
-//   (`PORT:HOST:PORT`) is refused, naming it;
+//   at a local path is removed, anything else there is refused. A TCP forward
+//   (`"PORT:localhost:PORT"`, PVE's legacy path for a target that answers
+//   `tcp:localhost:PORT`; also `127.0.0.1` or `[::1]` as the host) goes to the target's own
+//   loopback and listens on this node's loopback only (`-L localhost:PORT:…`, whatever
+//   `GatewayPorts` says); it is ready when ssh holds a listening socket on the port and no
+//   other process listens there on a loopback or wildcard address (that is an error,
+//   `MTUNNEL_ERR_IO`: `forward P:localhost:P: another process listens on ADDR:P too …`).
+//   Any other spec is refused, naming it (`unsupported forward '…': expected a UNIX socket
+//   forward … or a TCP forward to the target's loopback ('PORT:localhost:PORT')`);
 // - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 // - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 //   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
@@ -477,8 +495,10 @@ int migrate_listen_parse(const char *output,
 //   given (a target that runs nothing else, e.g. a forced command), the sockets removed by
 //   close;
 // - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
-// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
-//   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
+// - `"ciphers"` (default none): a `-o Ciphers=` list, e.g.
+//   `"aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"`
+//   (AES-GCM moved RAM 1.17-1.36x as fast as ssh's chacha20-poly1305 default on an AES-NI
+//   CPU, docs/ssh-options.md); without it, or `""`, ssh and the admin's `ssh_config` choose;
 // - `"share"` (default off): OpenSSH connection sharing (docs/sharing.md). `true` or an
 //   object `{"control_dir": "/run/mtunnel/ssh-ctl", "persist_s": 30, "max_sessions": 10,
 //   "exit_idle": false}`. The tunnel becomes a client (`-o ControlMaster=no -o ControlPath=…
@@ -502,8 +522,9 @@ int tunnel_open(const char *options_json,
                 mtunnel_tunnel **tunnel_out);
 
 // Waits until the tunnel is ready: `tunnel online` and `ver N` received (each within its
-// own deadline), and every forward is a listening socket held by our ssh. Never connects to
-// the forwarded socket. `timeout_ms` bounds the whole wait (negative = only the greeting
+// own deadline), and every forward is a listening socket held by our ssh (a TCP forward's
+// port: also listened on by no other process where `localhost` reaches it). Never connects
+// to a forward. `timeout_ms` bounds the whole wait (negative = only the greeting
 // deadlines apply). Calling it again on a ready tunnel returns at once.
 //
 // `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_TIMEOUT`,

@@ -51,6 +51,8 @@ sec_postcopy() {
 "$TOP/lab/bench-postcopy"
 }
 
+# the cipher list a caller asks for with the ciphers option (the library sets none by default)
+AES_GCM=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com
 # throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket
 sec_throughput() {
 conf 501 'memory: 1024' 'guest: idle'
@@ -59,33 +61,55 @@ fresh_source() {
     conf 500 'memory: 1024' 'guest: idle'
     "$LABSH" exec node1 qm start 500 >/dev/null; "$LABSH" exec node1 "$TOP/lab/guest-check" --wait 500 >/dev/null
 }
-mibps() { awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
+mibps() { [ -n "$1" ] || { echo "n/a (failed)"; return; }; awk -v line="$1" 'BEGIN { n = split(line, f, " "); for (i = 1; i <= n; i++) { split(f[i], kv, "="); v[kv[1]] = kv[2] }
     ms = v["qemu_total_ms"] ? v["qemu_total_ms"] : v["total_ms"]; printf "%.0f MiB/s (%d ms)", v["transferred"] / ms * 1000 / 1048576, ms }'; }
 rate() { echo "$1" | sed 's/ MiB.*//'; }
-for c in default ssh-default insecure; do
+# one migration of VM 500 node1 -> node2 with mtunnel-migrate's extra options "$@"; prints its
+# TIMING line (empty when it failed, the failure on stderr)
+migrate_500() {
+    local out t
     fresh_source
-    opt=(); [ "$c" = ssh-default ] && opt=(--ssh-option ciphers=)
-    [ "$c" = insecure ] && opt=(--migration_type insecure --migration_network "$(. "$LAB/env"; echo "$LAB_MIGRATION_NETWORK")")
-    out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --memory 1024 "${opt[@]}" 2>&1 || true)
+    out=$("$LABSH" exec node1 "$TOP/perl/bin/mtunnel-migrate" 500 node2 --node node1 --ssh-file "$LAB/ssh_prefix_node2" --pve-dir "$LAB/pve" --memory 1024 "$@" 2>&1 || true)
     t=$(echo "$out" | grep '^TIMING open_to_ready' || true)
-    [ -n "$t" ] || { echo "  migration ($c ciphers) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; }
+    [ -n "$t" ] || { echo "  migration ($*) failed:"; echo "$out" | tail -5 | sed 's/^/    /'; } >&2
     "$LABSH" exec node2 qm stop 500 >/dev/null
-    eval "tun_$(echo $c | tr - _)=\"$(mibps "$t")\""
+    echo "$t"
+}
+# the median of the numbers among the arguments (a failed run's "n/a" is left out)
+median() { printf '%s\n' "$@" | { grep -E '^[0-9]+([.][0-9]+)?$' || true; } | sort -n | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+# ssh-default: no Ciphers option (the library's default: ssh and its ssh_config choose,
+# chacha20-poly1305 on a stock OpenSSH); aes-gcm: the same with the ciphers option. Paired
+# runs, the order alternating, so that both see the same (shared) machine: the ratio is the
+# median of the pairs' ratios. MTUNNEL_BENCH_CIPHER_RUNS pairs (default 3).
+runs=${MTUNNEL_BENCH_CIPHER_RUNS:-3}
+def=(); gcm=(); pairs=()
+for ((r = 1; r <= runs; r++)); do
+    order=(ssh-default aes-gcm); [ $((r % 2)) = 0 ] && order=(aes-gcm ssh-default)
+    for c in "${order[@]}"; do
+        if [ "$c" = aes-gcm ]; then g=$(rate "$(mibps "$(migrate_500 --ssh-option "ciphers=$AES_GCM")")")
+        else d=$(rate "$(mibps "$(migrate_500)")")
+        fi
+    done
+    def+=("$d"); gcm+=("$g")
+    pairs+=("$(awk -v g="$g" -v d="$d" 'BEGIN { if (d > 0) printf "%.2f", g / d }')")
 done
+tun_insecure=$(mibps "$(migrate_500 --migration_type insecure --migration_network "$(. "$LAB/env"; echo "$LAB_MIGRATION_NETWORK")")")
 fresh_source
 # an incoming target as QemuMigrate starts it (qm reads the stdin lines until EOF)
 echo 'nbd_protocol_version: 1' | "$LABSH" exec node1 qm start 501 --skiplock --migratedfrom node1 \
     --migration_type secure --stateuri unix >/dev/null
 loc=$(mibps "$("$LABSH" exec node1 "$TOP/lab/bench-local-migrate" 500 501)")
 "$LABSH" exec node1 qm stop 500 >/dev/null; "$LABSH" exec node1 qm stop 501 >/dev/null
-echo "  tunnel, library ciphers (AES-GCM first if the CPU has AES): $tun_default"
-echo "  tunnel, ssh's default cipher (chacha20-poly1305):           $tun_ssh_default"
-echo "  local UNIX socket, no ssh:                                  $loc"
-awk -v a="$(rate "$tun_default")" -v b="$(rate "$tun_ssh_default")" -v l="$(rate "$loc")" \
-    'BEGIN { printf "  tunnel/local = %.2f (library ciphers), %.2f (ssh default); library/ssh-default = %.2f\n", a / l, b / l, a / b }'
-echo "  insecure (TCP on the migration network, no ssh):           $tun_insecure"
-awk -v a="$(rate "$tun_default")" -v i="$(rate "$tun_insecure")" \
-    'BEGIN { printf "  tunnel/insecure = %.2f\n", a / i }'
+d=$(median "${def[@]}"); g=$(median "${gcm[@]}")
+echo "  tunnel, ssh's default cipher (no ciphers option, the default): $d MiB/s (median of $runs: ${def[*]})"
+echo "  tunnel, AES-GCM through the ciphers option ($(grep -qw aes /proc/cpuinfo && echo 'CPU has AES' || echo 'CPU without AES')): $g MiB/s (median of $runs: ${gcm[*]})"
+echo "  local UNIX socket, no ssh:                                      $loc"
+awk -v g="$g" -v d="$d" -v l="$(rate "$loc")" \
+    'BEGIN { if (d > 0 && l > 0) printf "  tunnel/local = %.2f (ssh default), %.2f (AES-GCM)\n", d / l, g / l }'
+echo "  AES-GCM/ssh-default = $(median "${pairs[@]}") (median of the paired runs' ratios: ${pairs[*]})"
+echo "  insecure (TCP on the migration network, no ssh):               $tun_insecure"
+awk -v a="$d" -v i="$(rate "$tun_insecure")" \
+    'BEGIN { if (i > 0) printf "  tunnel/insecure = %.2f (ssh default)\n", a / i }'
 }
 
 # disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node
@@ -120,31 +144,40 @@ awk -v a="$(rate "$tun_mirror")" -v l="$(rate "$loc_mirror")" 'BEGIN { if (l > 0
 }
 
 # each section per QEMU, the lab brought up again on the other one in between; printed below
-# one block per QEMU under the section's title, with a summary table at the end
+# one block per QEMU under the section's title, with a summary table at the end.
+# MTUNNEL_BENCH_SECTIONS: only these of them ("throughput", "pause postcopy", ...); with
+# MTUNNEL_BENCH_QEMU_ONLY=1, `MTUNNEL_BENCH_QEMU_ONLY=1 MTUNNEL_BENCH_SECTIONS=throughput
+# lab/bench.sh` measures the tunnel's throughput (ciphers) alone
+SECTIONS=(${MTUNNEL_BENCH_SECTIONS:-pause postcopy throughput mirror})
+for sec in "${SECTIONS[@]}"; do
+    case $sec in pause|postcopy|throughput|mirror) ;; *) echo "bench: unknown section '$sec' in MTUNNEL_BENCH_SECTIONS" >&2; exit 2;; esac
+done
 for q in "${QEMUS[@]}"; do
     if [ "$q" != "${QEMUS[0]}" ]; then
         "$LABSH" down >/dev/null
         MTUNNEL_LAB_QEMU=$q "$LABSH" up 2 >/dev/null
     fi
-    for sec in pause postcopy throughput mirror; do
+    for sec in "${SECTIONS[@]}"; do
         "sec_$sec" >"$OUT/$sec.$q" 2>&1 || echo "  (section failed: exit $?)" >>"$OUT/$sec.$q"
     done
 done
 "$LABSH" down >/dev/null
-MTUNNEL_LAB_QEMU=${QEMUS[0]} "$LABSH" up 2 >/dev/null
-echo "-- guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
-for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/pause.$q"; done
-echo "-- post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto"
-for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/postcopy.$q"; done
-echo "-- throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
-for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/throughput.$q"; done
-echo "-- disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
-for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/mirror.$q"; done
+[ -n "${MTUNNEL_BENCH_QEMU_ONLY:-}" ] || MTUNNEL_LAB_QEMU=${QEMUS[0]} "$LABSH" up 2 >/dev/null
+section_out() {   # section_out SECTION TITLE: its block per QEMU, if it ran
+    [ -f "$OUT/$1.${QEMUS[0]}" ] || return 0
+    echo "-- $2"
+    for q in "${QEMUS[@]}"; do echo "  [QEMU $q]"; sed 's/^/  /' "$OUT/$1.$q"; done
+}
+section_out pause "guest pause: source STOP to target RESUME (QEMU's event timestamps), per way of waiting for the end"
+section_out postcopy "post-copy: a guest that dirties memory twice as fast as the link carries, pre-copy against --postcopy auto"
+section_out throughput "throughput: the same 1 GiB guest (every page holds data, no dirtying) over the tunnel and over a local UNIX socket"
+section_out mirror "disk mirror: a 1 GiB local disk full of data through the tunnel's NBD forward and to an NBD export on the same node"
 
 # the summary: one figure per QEMU from the sections' output above
-fig() { sed -n "$2" "$1" | head -n1; }   # fig FILE SED-SCRIPT: the first line it prints
+fig() { [ -f "$1" ] || return 0; sed -n "$2" "$1" | head -n1; }   # fig FILE SED-SCRIPT: the first line it prints
 # the events-mode (the driver's) row of one guest in bench-pause's table: "pause / downtime"
 pause_fig() {
+    [ -f "$1" ] || return 0
     awk -v g="$2" '/guest that/ { cur = index($0, g) > 0 } cur && /events \(new default\)/ {
         printf "%s %s / %s %s", $4, $5, $9, $10; exit }' "$1"
 }
@@ -153,7 +186,9 @@ f_pause_disk() { pause_fig "$OUT/pause.$1" 'local disk, target with the series';
 f_pause_disk_released() { pause_fig "$OUT/pause.$1" 'local disk, target as released'; }
 f_postcopy() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: completed in \([0-9.]* s\) (\([0-9.]*\) x.*/\1 (\2 x)/p'; }
 f_postcopy_pause() { fig "$OUT/postcopy.$1" 's/.*--postcopy auto: .*; pause \([0-9]* ms\) (QEMU downtime \([0-9]* ms\).*/\1 \/ \2/p'; }
-f_tunnel() { fig "$OUT/throughput.$1" 's/.*tunnel, library ciphers[^:]*: *\([0-9]* MiB\/s\).*/\1/p'; }
+f_tunnel() { fig "$OUT/throughput.$1" "s/.*tunnel, ssh's default cipher[^:]*: *\\([0-9]* MiB\\/s\\).*/\\1/p"; }
+f_tunnel_aes() { fig "$OUT/throughput.$1" 's/.*tunnel, AES-GCM through the ciphers option[^:]*: *\([0-9]* MiB\/s\).*/\1/p'; }
+f_aes_ratio() { fig "$OUT/throughput.$1" 's/.*AES-GCM\/ssh-default = \([0-9.]*\).*/\1/p'; }
 f_local() { fig "$OUT/throughput.$1" 's/.*local UNIX socket, no ssh: *\([0-9]* MiB\/s\).*/\1/p'; }
 f_mirror() { fig "$OUT/mirror.$1" 's/.*mirror through the tunnel (driver): *\([0-9]* MiB\/s\).*/\1/p'; }
 f_mirror_local() { fig "$OUT/mirror.$1" 's/.*mirror to a local NBD export: *\([0-9]* MiB\/s\).*/\1/p'; }
@@ -162,7 +197,9 @@ printf '  %-46s' ''; for q in "${QEMUS[@]}"; do printf ' %22s' "QEMU $q"; done; 
 for r in 'f_pause_dirty:RAM: pause / QEMU downtime (dirty guest)' \
          'f_pause_disk:disk, nbdstop in the tunnel: pause / downtime' \
          'f_pause_disk_released:disk, qm nbdstop over ssh: pause / downtime' \
-         'f_tunnel:RAM through the tunnel' 'f_local:RAM over a local UNIX socket' \
+         "f_tunnel:RAM through the tunnel (ssh's default cipher)" \
+         'f_tunnel_aes:RAM through the tunnel (ciphers=AES-GCM)' 'f_aes_ratio:AES-GCM / ssh default' \
+         'f_local:RAM over a local UNIX socket' \
          'f_mirror:disk mirror through the tunnel' 'f_mirror_local:disk mirror to a local NBD export' \
          'f_postcopy:--postcopy auto: time (x one RAM transfer)' \
          'f_postcopy_pause:--postcopy auto: pause / QEMU downtime'; do

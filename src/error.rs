@@ -49,6 +49,8 @@ pub enum Detail {
     Qmp {
         /// QEMU's error class.
         class: String,
+        /// QEMU's description of the error, as it sent it.
+        desc: String,
     },
     /// A process (ssh or a remote command through it) ended badly.
     Exit {
@@ -89,7 +91,15 @@ impl Error {
     /// QEMU's error class, for a refused QMP command.
     pub fn qmp_class(&self) -> Option<&str> {
         match &self.detail {
-            Detail::Qmp { class } => Some(class),
+            Detail::Qmp { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+
+    /// QEMU's description, for a refused QMP command.
+    pub fn qmp_desc(&self) -> Option<&str> {
+        match &self.detail {
+            Detail::Qmp { desc, .. } => Some(desc),
             _ => None,
         }
     }

@@ -234,7 +234,7 @@ impl Qmp {
                         Kind::Qmp,
                         format!("QMP command '{command}' failed: {class}: {desc}"),
                     )
-                    .with(Detail::Qmp { class }));
+                    .with(Detail::Qmp { class, desc }));
                 }
                 // Events, and replies to someone else's ids, are not ours.
                 _ => continue,
@@ -268,8 +268,10 @@ pub(crate) struct MigrateOptions {
     /// they are. When given, every other capability QEMU knows is turned off, as PVE's
     /// `set_migration_caps` does, so one left on by an earlier run cannot leak in.
     pub(crate) capabilities: Option<Map<String, Value>>,
-    /// `migrate-set-parameters`; see [`parameters`] for the defaults filled in.
-    pub(crate) parameters: Map<String, Value>,
+    /// `migrate-set-parameters`; see [`parameters`] for the defaults filled in. `None` (the
+    /// key absent) leaves QEMU's parameters alone when capabilities are set in the same call;
+    /// a call that sets neither sets the default parameters (see [`setup_on`]).
+    pub(crate) parameters: Option<Map<String, Value>>,
     /// Deadline of the whole call.
     pub(crate) timeout_ms: i64,
     /// Whether [`migrate`] sets capabilities and parameters first (default) or only migrates.
@@ -284,7 +286,7 @@ impl Default for MigrateOptions {
     fn default() -> Self {
         MigrateOptions {
             capabilities: None,
-            parameters: Map::new(),
+            parameters: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             setup: true,
             postcopy: false,
@@ -305,6 +307,22 @@ impl MigrateOptions {
             }
         }
         Ok(o)
+    }
+
+    /// Whether this call sets capabilities: they are given, or post-copy adds its own.
+    fn sets_capabilities(&self) -> bool {
+        self.capabilities.is_some() || self.postcopy
+    }
+
+    /// The parameters this call sets: those given; when no capabilities are set either, the
+    /// defaults (`{}` filled in by [`parameters`]), so that a bare setup still lifts QEMU's
+    /// 128 MiB/s; `None` when only capabilities are set.
+    fn parameters_to_set(&self) -> Option<Map<String, Value>> {
+        match &self.parameters {
+            Some(p) => Some(p.clone()),
+            None if !self.sets_capabilities() => Some(Map::new()),
+            None => None,
+        }
     }
 
     /// The capabilities to turn on, with post-copy's added; `None` leaves them alone.
@@ -345,6 +363,18 @@ pub(crate) fn round_up_power_of_two(n: u64) -> u64 {
     n.max(1).next_power_of_two()
 }
 
+/// Checks the parameters the library reads itself, before anything is set.
+fn check_parameters(given: &Map<String, Value>) -> Result<()> {
+    if let Some(limit) = given.get("downtime-limit") {
+        if limit.as_u64().is_none() {
+            return Err(Error::invalid(format!(
+                "parameter 'downtime-limit' must be a non-negative number of milliseconds, not {limit}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The `migrate-set-parameters` arguments, as PVE's phase 2 sets them: the caller's, with
 /// `max-bandwidth` always present ([`DEFAULT_MAX_BANDWIDTH`] unless given), `downtime-limit`
 /// capped at QEMU's maximum, with `postcopy` `max-postcopy-bandwidth` as `max-bandwidth`
@@ -356,11 +386,11 @@ pub(crate) fn parameters(
     xbzrle: bool,
     memory_bytes: Option<u64>,
 ) -> Result<Map<String, Value>> {
+    check_parameters(given)?;
     let mut p = given.clone();
     p.entry("max-bandwidth")
         .or_insert(json!(DEFAULT_MAX_BANDWIDTH));
-    if let Some(limit) = p.get("downtime-limit") {
-        let ms = limit.as_u64().ok_or_else(|| Error::invalid(format!("parameter 'downtime-limit' must be a non-negative number of milliseconds, not {limit}")))?;
+    if let Some(ms) = p.get("downtime-limit").and_then(Value::as_u64) {
         p.insert(
             "downtime-limit".into(),
             json!(ms.min(MAX_DOWNTIME_LIMIT_MS)),
@@ -388,82 +418,160 @@ pub(crate) fn memory_size(qmp: &mut Qmp, deadline: Deadline) -> Result<u64> {
     Ok(part("base-memory") + part("plugged-memory"))
 }
 
+/// The capabilities QEMU offers (`query-migrate-capabilities`), by name.
+fn offered_capabilities(qmp: &mut Qmp, deadline: Deadline) -> Result<Vec<String>> {
+    let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
+    Ok(known
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("capability").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The name a failed step of the setup goes by in its error: the QMP command that sets it.
+const CAPABILITIES_STEP: &str = "migrate-set-capabilities";
+/// See [`CAPABILITIES_STEP`].
+const PARAMETERS_STEP: &str = "migrate-set-parameters";
+
+/// Why a QMP command of the setup failed: QEMU's own description for a refused command (as
+/// PVE logs a monitor error), else the library's message; `command` named unless it is the
+/// step's own.
+fn reason(step: &str, command: &str, e: &Error) -> String {
+    let why = e.qmp_desc().unwrap_or(&e.message);
+    if command == step || e.qmp_desc().is_none() {
+        why.to_string()
+    } else {
+        format!("{command}: {why}")
+    }
+}
+
 /// Sets capabilities (see [`MigrateOptions::capabilities`]) and parameters (see
-/// [`parameters`]) on a connected monitor. Returns what was applied:
-/// `{"capabilities": {NAME: bool, …}, "parameters": {…}}` (`capabilities` only when set),
-/// with `"postcopy-preempt-refused": QEMU's error` when post-copy's preempt was refused and
-/// left off.
+/// [`parameters`]) on a connected monitor, each only when the call asks for it: capabilities
+/// only → only capabilities; parameters only → only parameters; neither → the default
+/// parameters. With both, capabilities first, and the parameters are still set when the
+/// capabilities failed (as PVE's phase 2 does); the error then names each step that failed
+/// with QEMU's reason (`migrate-set-capabilities failed - …; migrate-set-parameters failed -
+/// …`) and has the first failure's kind. What the caller got wrong (a capability QEMU does not
+/// offer, post-copy on a QEMU without it, a bad `downtime-limit`) is refused before anything
+/// is set. Returns what was applied: `{"capabilities": {NAME: bool, …}, "parameters": {…}}`
+/// (each only when set), with `"postcopy-preempt-refused": QEMU's error` when post-copy's
+/// preempt was refused and left off.
 pub(crate) fn setup_on(qmp: &mut Qmp, opts: &MigrateOptions, deadline: Deadline) -> Result<Value> {
     let mut applied = Map::new();
-    let mut wanted = opts.capabilities.clone();
-    if wanted.is_some() || opts.postcopy {
-        let known = qmp.execute("query-migrate-capabilities", None, deadline)?;
-        let names: Vec<String> = known
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("capability").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
-        if opts.postcopy && !names.iter().any(|n| n == POSTCOPY_RAM) {
-            return Err(Error::invalid(format!(
-                "post-copy needs the migration capability '{POSTCOPY_RAM}', which this QEMU does not offer (supported: {})",
-                names.join(", ")
-            )));
-        }
-        wanted = opts.wanted_capabilities(&names);
-        let wanted = wanted
-            .as_ref()
-            .expect("capabilities are given or post-copy adds them");
-        if let Some((name, _)) = wanted
-            .iter()
-            .find(|(name, on)| **on == json!(true) && !names.contains(name))
-        {
-            return Err(Error::invalid(format!(
-                "migration capability '{name}' is not supported by this QEMU (supported: {})",
-                names.join(", ")
-            )));
-        }
-        let mut states: Map<String, Value> = names
-            .iter()
-            .map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true)))))
-            .collect();
-        // postcopy-preempt that post-copy added (the caller did not ask for it) may be refused
-        // where QEMU offers it: QEMU 8.1 and later on a target whose incoming migration
-        // already listens (-incoming unix:). Then post-copy goes on without it, and the
-        // refusal is returned for the caller to match on the other side.
-        let preempt_optional = opts.postcopy
-            && states.get(POSTCOPY_PREEMPT) == Some(&json!(true))
-            && !opts
-                .capabilities
-                .as_ref()
-                .is_some_and(|c| c.contains_key(POSTCOPY_PREEMPT));
-        match set_capabilities(qmp, &states, deadline) {
-            Err(e) if preempt_optional && e.kind == Kind::Qmp => {
-                states.insert(POSTCOPY_PREEMPT.into(), json!(false));
-                set_capabilities(qmp, &states, deadline)?;
-                applied.insert("postcopy-preempt-refused".into(), json!(e.message));
-            }
-            other => other?,
-        }
-        applied.insert("capabilities".into(), Value::Object(states));
+    let given_params = opts.parameters_to_set();
+    if let Some(p) = &given_params {
+        check_parameters(p)?;
     }
-    let xbzrle = wanted
-        .as_ref()
-        .is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
-    let memory = if xbzrle && !opts.parameters.contains_key("xbzrle-cache-size") {
-        Some(memory_size(qmp, deadline)?)
-    } else {
-        None
+    // each failed step: "STEP failed - REASON", and its error
+    let mut failed: Vec<(String, Error)> = Vec::new();
+    let mut wanted = None;
+    if opts.sets_capabilities() {
+        let step = CAPABILITIES_STEP;
+        let caps = offered_capabilities(qmp, deadline)
+            .map_err(|e| (reason(step, "query-migrate-capabilities", &e), e))
+            .and_then(|names| {
+                wanted = opts.wanted_capabilities(&names);
+                capabilities_on(qmp, opts, &names, deadline)
+                    .map_err(|e| (reason(step, step, &e), e))
+            });
+        match caps {
+            Ok(caps) => applied.extend(caps),
+            // the caller's mistake: nothing is set
+            Err((_, e)) if e.kind == Kind::InvalidArgument => return Err(e),
+            Err((why, e)) => failed.push((format!("{step} failed - {why}"), e)),
+        }
+    }
+    if let Some(given) = given_params {
+        let xbzrle = wanted
+            .as_ref()
+            .is_some_and(|c| c.get("xbzrle") == Some(&json!(true)));
+        let step = PARAMETERS_STEP;
+        let params = if xbzrle && !given.contains_key("xbzrle-cache-size") {
+            memory_size(qmp, deadline)
+                .map_err(|e| (reason(step, "query-memory-size-summary", &e), e))
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+        .and_then(|memory| {
+            parameters(&given, opts.postcopy, xbzrle, memory).map_err(|e| (e.message.clone(), e))
+        })
+        .and_then(|params| {
+            qmp.execute(step, Some(Value::Object(params.clone())), deadline)
+                .map(|_| params)
+                .map_err(|e| (reason(step, step, &e), e))
+        });
+        match params {
+            Ok(params) => {
+                applied.insert("parameters".into(), Value::Object(params));
+            }
+            Err((why, e)) => failed.push((format!("{step} failed - {why}"), e)),
+        }
+    }
+    let Some((_, first)) = failed.first() else {
+        return Ok(Value::Object(applied));
     };
-    let params = parameters(&opts.parameters, opts.postcopy, xbzrle, memory)?;
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(Value::Object(params.clone())),
-        deadline,
-    )?;
-    applied.insert("parameters".into(), Value::Object(params));
-    Ok(Value::Object(applied))
+    let message = failed
+        .iter()
+        .map(|(text, _)| text.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(Error::new(first.kind, message).with(first.detail.clone()))
+}
+
+/// The capabilities step of [`setup_on`], QEMU offering `names`: the wanted ones on, every
+/// other one off. Returns `{"capabilities": {…}}` and post-copy's preempt refusal, if any.
+fn capabilities_on(
+    qmp: &mut Qmp,
+    opts: &MigrateOptions,
+    names: &[String],
+    deadline: Deadline,
+) -> Result<Map<String, Value>> {
+    let mut applied = Map::new();
+    if opts.postcopy && !names.iter().any(|n| n == POSTCOPY_RAM) {
+        return Err(Error::invalid(format!(
+            "post-copy needs the migration capability '{POSTCOPY_RAM}', which this QEMU does not offer (supported: {})",
+            names.join(", ")
+        )));
+    }
+    let wanted = opts
+        .wanted_capabilities(names)
+        .expect("capabilities are given or post-copy adds them");
+    if let Some((name, _)) = wanted
+        .iter()
+        .find(|(name, on)| **on == json!(true) && !names.contains(name))
+    {
+        return Err(Error::invalid(format!(
+            "migration capability '{name}' is not supported by this QEMU (supported: {})",
+            names.join(", ")
+        )));
+    }
+    let mut states: Map<String, Value> = names
+        .iter()
+        .map(|n| (n.clone(), json!(wanted.get(n) == Some(&json!(true)))))
+        .collect();
+    // postcopy-preempt that post-copy added (the caller did not ask for it) may be refused
+    // where QEMU offers it: QEMU 8.1 and later on a target whose incoming migration
+    // already listens (-incoming unix:). Then post-copy goes on without it, and the
+    // refusal is returned for the caller to match on the other side.
+    let preempt_optional = opts.postcopy
+        && states.get(POSTCOPY_PREEMPT) == Some(&json!(true))
+        && !opts
+            .capabilities
+            .as_ref()
+            .is_some_and(|c| c.contains_key(POSTCOPY_PREEMPT));
+    match set_capabilities(qmp, &states, deadline) {
+        Err(e) if preempt_optional && e.kind == Kind::Qmp => {
+            states.insert(POSTCOPY_PREEMPT.into(), json!(false));
+            set_capabilities(qmp, &states, deadline)?;
+            applied.insert("postcopy-preempt-refused".into(), json!(e.message));
+        }
+        other => other?,
+    }
+    applied.insert("capabilities".into(), Value::Object(states));
+    Ok(applied)
 }
 
 fn set_capabilities(qmp: &mut Qmp, states: &Map<String, Value>, deadline: Deadline) -> Result<()> {

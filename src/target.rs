@@ -43,8 +43,8 @@ fn tcp_host_ok(host: &str) -> bool {
 /// beyond `resume` and `quit`; none from a released target); `messages` holds the text of
 /// `QEMU: …` lines and every line the parser does not know, so nothing is dropped silently.
 /// A socket whose VMID differs from `vmid` is an error, as is output without an address or
-/// with a legacy `port N` address (a TCP port on the target's localhost, which no UNIX
-/// socket forward can carry).
+/// with a legacy `port N` address (a TCP port on the target's localhost, from a qemu-server
+/// older than this parser takes; QemuMigrate.pm forwards it with a TCP forward).
 pub fn parse_start_output(output: &str, vmid: &str, socket_dir: &str) -> Result<Value> {
     validate::vmid(vmid)?;
     let mut parsed = StartOutput {
@@ -137,7 +137,7 @@ impl StartOutput<'_> {
             self.result.insert("socket".into(), json!(path));
         } else if addr.strip_prefix("port ").and_then(port).is_some() {
             return Err(protocol(format!(
-                "target answered with the legacy address '{shown}' (a TCP port on its localhost, which only a TCP forward could carry; forwards are UNIX sockets): upgrade qemu-server on the target"
+                "target answered with the legacy address '{shown}' (a TCP port on its localhost, from a qemu-server older than this parser takes): upgrade qemu-server on the target"
             )));
         } else {
             let (host, p) = addr

@@ -182,9 +182,9 @@ qr/^unable to detect remote migration address$/m, 'no address is the PVE error';
         'capabilities are booleans');
 }
 
-dies_like { PVE::MTunnel->open(ssh => \@ssh, forwards => ['60000:localhost:60000']) }
-qr/^unsupported forward '60000:localhost:60000': only UNIX socket forwards/,
-    'a TCP forward spec is refused, naming it';
+dies_like { PVE::MTunnel->open(ssh => \@ssh, forwards => ['60000:198.18.0.2:60000']) }
+qr/^unsupported forward '60000:198\.18\.0\.2:60000': expected a UNIX socket forward \('PATH' or 'LOCAL_PATH:REMOTE_PATH'\) or a TCP forward to the target's loopback \('PORT:localhost:PORT'\)$/,
+    'a TCP forward to another host than the target\'s loopback is refused, naming it';
 dies_like {
     PVE::MTunnel->open(ssh => \@ssh, forwards => ['/run/qemu-server/100.migrate:/etc/passwd'])
 }

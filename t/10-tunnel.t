@@ -6,6 +6,7 @@
 use strict;
 use warnings;
 use Test::More;
+use IO::Socket::INET;
 use IO::Socket::UNIX;
 use POSIX ();
 use Time::HiRes qw(time);
@@ -78,6 +79,136 @@ sub error_like {
         qr/^tunnel is closed$/,
         'closed', 'command after close fails clearly'
     );
+}
+
+# Listening TCP sockets on PORT in this (node1's) network namespace: "ADDRESS inode" each.
+sub tcp_listeners {
+    my ($port) = @_;
+    my @out;
+    for my $table ('/proc/net/tcp', '/proc/net/tcp6') {
+        open(my $fh, '<', $table) or next;
+        <$fh>;
+        while (my $line = <$fh>) {
+            my @f = split(' ', $line);
+            my ($addr, $p) = split(/:/, $f[1]);
+            next if $f[3] ne '0A' || hex($p) != $port;
+            my $ip =
+                length($addr) == 8
+                ? join('.', reverse(unpack('C4', pack('H8', $addr))))
+                : "[$addr]";
+            push @out, "$ip $f[9]";
+        }
+    }
+    return @out;
+}
+
+sub socket_inodes_of {
+    my ($pid) = @_;
+    return map { readlink($_) =~ /^socket:\[(\d+)\]$/ ? ($1) : () } glob("/proc/$pid/fd/*");
+}
+
+{
+    # PVE's legacy path: a target that answers tcp:localhost:PORT gets a TCP forward. It
+    # listens on node1's loopback only (even where ssh_config says GatewayPorts yes), is ready
+    # once ssh holds the port, carries a connection to node2's localhost:PORT, and is gone
+    # after close.
+    my $port = 60123;
+    my $log = "$lab_dir/tcp-echo.log";
+    my $echo = $lab->background(
+        'node2',
+        $log,
+        'perl',
+        '-MIO::Socket::INET',
+        '-e',
+        'my $l = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ARGV[0],'
+            . ' Listen => 1, ReuseAddr => 1) or die "listen: $!";'
+            . ' $| = 1; print "listening\n"; my $c = $l->accept or die;'
+            . ' my $line = <$c>; print $c "echo: $line"; close($c);',
+        $port
+    );
+    ok($echo->wait_for(qr/listening/, 30), 'TCP forward: a server listens on node2\'s localhost')
+        or diag($echo->output);
+    my @warn;
+    my $t = PVE::MTunnel->open(
+        ssh => [$ssh[0], '-o', 'GatewayPorts=yes', @ssh[1 .. $#ssh]],
+        forwards => ["$port:localhost:$port"],
+        log => sub { push @warn, $_[1] if $_[0] eq 'warn' },
+    );
+    my $pid = $t->pid;
+    $t->wait_ready(timeout_ms => 30_000);
+    my $st = $t->status;
+    is($st->{state}, 'ready', 'TCP forward: the tunnel is ready');
+    is_deeply($st->{forwards}, ["$port:localhost:$port"], 'TCP forward: status shows it as given');
+    like(
+        MTunnelLab::slurp("/proc/$pid/cmdline"),
+        qr/\0-L\0localhost:$port:localhost:$port\0/,
+        'TCP forward: ssh is told to bind localhost explicitly'
+    );
+    my %ours = map { $_ => 1 } socket_inodes_of($pid);
+    my @listen = tcp_listeners($port);
+    ok(@listen, "TCP forward: something listens on port $port") or diag(join(', ', @listen));
+    is_deeply([grep { !$ours{ (split ' ', $_)[1] } } @listen],
+        [], 'TCP forward: every listener on the port is held by our ssh');
+    is_deeply([grep { !/^(127\.0\.0\.1|\[0+10+\]) / } @listen],
+        [], 'TCP forward: on loopback only, although the caller asked for GatewayPorts yes');
+    my $c = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Timeout => 10)
+        or die "connect: $!";
+    print $c "hello\n";
+    is(scalar(<$c>), "echo: hello\n", 'TCP forward: a connection reaches node2\'s localhost:PORT');
+    close($c);
+    ok($echo->finish(30), 'TCP forward: the server on node2 is done');
+    error_like(
+        sub { $t->command('resume 999') },
+        qr/^tunnel replied 'ERR: .*999.*' to command 'resume 999'$/,
+        'remote', 'TCP forward: commands go through the tunnel as usual'
+    );
+    $t->close;
+    is_deeply([tcp_listeners($port)], [], 'TCP forward: nothing listens on the port after close');
+    is_deeply([$lab->socket_files('node2')], [], 'TCP forward: no socket file on node2');
+    gone_ok($pid, 'TCP forward');
+    note("TCP forward, ssh's warnings: @warn") if @warn;
+
+    # the port taken by another process (here: this one): ssh cannot bind it and exits
+    # (ExitOnForwardFailure); a wildcard or loopback listener of someone else never passes
+    my $taken = IO::Socket::INET->new(
+        LocalAddr => '127.0.0.1',
+        LocalPort => $port,
+        Listen => 1,
+        ReuseAddr => 1
+    ) or die "listen: $!";
+    $t = PVE::MTunnel->open(ssh => \@ssh, forwards => ["$port:localhost:$port"]);
+    $pid = $t->pid;
+    error_like(
+        sub { $t->wait_ready(timeout_ms => 30_000) },
+        qr/^ssh to root\@198\.18\.0\.2 exit code 255 while waiting for 'tunnel online'; stderr: .*bind \[127\.0\.0\.1\]:$port: Address already in use.*(cannot listen to port|Could not request local forwarding)/,
+        'ssh_exited',
+        'TCP forward: a port another process listens on fails the open, with ssh\'s reason'
+    );
+    $t->close(remote_cleanup => 0);
+    is_deeply(
+        [tcp_listeners($port)],
+        [join(' ', '127.0.0.1', (stat($taken))[1])],
+        'TCP forward: the other listener is untouched'
+    );
+    close($taken);
+    gone_ok($pid, 'TCP forward on a taken port');
+
+    # through a shared master: the master holds the port, close cancels it there
+    my $ctl = "$lab_dir/ctl-tcp";
+    $t = PVE::MTunnel->open(
+        ssh => \@ssh,
+        forwards => ["$port:localhost:$port"],
+        share => { control_dir => $ctl, exit_idle => 1 }
+    );
+    $t->wait_ready(timeout_ms => 30_000);
+    my $master = $t->status->{master_pid};
+    my %held = map { $_ => 1 } socket_inodes_of($master);
+    ok(
+        (grep { $held{ (split ' ', $_)[1] } } tcp_listeners($port)),
+        'TCP forward, shared: the master holds the port'
+    );
+    $t->close;
+    is_deeply([tcp_listeners($port)], [], 'TCP forward, shared: the port is cancelled at close');
 }
 
 {

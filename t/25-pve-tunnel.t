@@ -212,10 +212,36 @@ sleep(1);
     clean_ok('target killed', $t0);
 }
 
-my ($crc, $check) = $lab->run('node1', "$top/lab/guest-check", $vmid, $mem);
-is($crc, 0, 'after four migrations and two failures the guest memory is intact on node1')
-    or diag($check);
-$lab->run_ok('node1', 'qm', 'stop', $vmid);
+{
+    # QemuMigrate.pm's legacy tcp path: a target that answers tcp:localhost:PORT (as qemu-server
+    # did before UNIX sockets) gets the TCP forward PORT:localhost:PORT, and QEMU migrates
+    # through it to the target's localhost.
+    my $t0 = time();
+    my ($rc, $out, $err) = run_flow('node1', 'node2', '--stateuri', 'tcp');
+    is($rc, 0, 'legacy tcp path: the flow migrates node1 -> node2 through a TCP forward')
+        or diag("$out$err");
+    like(
+        slurp("$dir/node2/qm-start.log"),
+        qr/^start $vmid args=--skiplock --migratedfrom node1 --migration_type secure --stateuri tcp /m,
+        'legacy tcp path: the target was started with --stateuri tcp'
+    );
+    like(
+        $out,
+        qr/start migrate command to tcp:localhost:(\d+)$/m,
+        'legacy tcp path: QEMU migrated to tcp:localhost:PORT on the source (the forward)'
+    );
+    unlike($out, qr/ERROR/, 'legacy tcp path: no error in the task log');
+    is(qmpstatus('node2'), 'running', 'legacy tcp path: VM runs on node2');
+    is(qmpstatus('node1'), 'stopped', 'legacy tcp path: VM is stopped on node1');
+    note($out);
+    clean_ok('legacy tcp path', $t0);
+}
+
+my ($crc, $check) = $lab->run('node2', "$top/lab/guest-check", $vmid, $mem);
+is($crc, 0,
+    'after five migrations (one through a TCP forward) and two failures the guest memory is intact on node2'
+) or diag($check);
+$lab->run_ok('node2', 'qm', 'stop', $vmid);
 
 # ------------------------------------------------------------ the drop-in's contract
 
@@ -328,16 +354,16 @@ sub dies_like {
 
 dies_like(
     sub {
-        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:localhost:60000'], sub { });
+        PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ['60000:198.18.0.2:60000'], sub { });
     },
-    qr/^can't open tunnel - unsupported forward '60000:localhost:60000': only UNIX socket forwards/,
-    'fork_ssh_tunnel: a TCP forward spec is refused, naming it'
+    qr/^can't open tunnel - unsupported forward '60000:198\.18\.0\.2:60000': expected a UNIX socket forward \('PATH' or 'LOCAL_PATH:REMOTE_PATH'\) or a TCP forward to the target's loopback \('PORT:localhost:PORT'\)$/,
+    'fork_ssh_tunnel: a TCP forward to another host than the target\'s loopback is refused, naming it'
 );
 dies_like(
     sub {
         PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, "$sock:$sock", sub { });
     },
-    qr/^can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE' socket pairs, not '\Q$sock:$sock\E'$/,
+    qr/^can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE' socket pairs or 'PORT:localhost:PORT' TCP forwards, not '\Q$sock:$sock\E'$/,
     'fork_ssh_tunnel: forwards given as a string, not a list, are refused clearly'
 );
 dies_like(
@@ -399,23 +425,67 @@ dies_like(
     pass('finish_tunnel v2: quit with cleanup answered');
 }
 
+# A stand-in for pve-guest-common's PVE::Tunnel (not installable here) that records what
+# reaches it, in a directory of its own for @INC.
+my $pve_tunnel_inc = File::Temp->newdir();
 {
-    # The one-line switch, `use PVE::MTunnel::Tunnel ':pve-tunnel'`, against a stand-in for
-    # pve-guest-common's PVE::Tunnel (not installable here) that records what reaches it.
-    my $inc = File::Temp->newdir();
-    mkdir("$inc/PVE") or die;
-    open(my $fh, '>', "$inc/PVE/Tunnel.pm") or die;
+    mkdir("$pve_tunnel_inc/PVE") or die;
+    open(my $fh, '>', "$pve_tunnel_inc/PVE/Tunnel.pm") or die;
     print $fh <<'PM';
 package PVE::Tunnel;
 our @calls;
 sub fork_ssh_tunnel { push @calls, 'fork_ssh_tunnel'; return { pid => 1 } }
-sub read_tunnel { push @calls, 'read_tunnel'; return 'line' }
-sub write_tunnel { push @calls, "write_tunnel $_[2]"; return { success => 1 } }
-sub finish_tunnel { push @calls, 'finish_tunnel'; return }
+sub read_tunnel { push @calls, "read_tunnel $_[1]"; return 'line' }
+sub write_tunnel { push @calls, "write_tunnel $_[2]"; return { success => 1, args => scalar(@_) } }
+sub finish_tunnel { push @calls, 'finish_tunnel' . (defined $_[1] ? " $_[1]" : ''); return }
 1;
 PM
     close($fh);
-    local @INC = ("$inc", @INC);
+}
+
+{
+    # The scoped way: PVE::MTunnel::Tunnel's functions by name. Tunnels they did not open go to
+    # PVE::Tunnel's own functions (loaded only then); PVE::Tunnel itself is left as it is.
+    local @INC = ("$pve_tunnel_inc", @INC);
+    ok(!$INC{'PVE/Tunnel.pm'},
+        'scoped: PVE::Tunnel is not loaded before a foreign tunnel needs it');
+    my $t = PVE::MTunnel::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
+    ok($t->{mtunnel} && -S $sock, 'scoped: fork_ssh_tunnel opens the tunnel through the library');
+    ok(!$INC{'PVE/Tunnel.pm'}, 'scoped: ... without loading PVE::Tunnel');
+    dies_like(
+        sub { PVE::MTunnel::Tunnel::write_tunnel($t, 30, "resume 999") },
+        qr/^tunnel replied 'ERR: resume failed - VM 999 not running' to command 'resume 999'$/,
+        'scoped: write_tunnel on our tunnel is the library\'s'
+    );
+    my $websocket = { version => 2, pid => 1 };
+    is_deeply(
+        PVE::MTunnel::Tunnel::write_tunnel($websocket, 10, 'stop', { cleanup => 1 }),
+        { success => 1, args => 4 },
+        'scoped: a websocket tunnel goes to upstream\'s write_tunnel, every argument passed on'
+    );
+    ok($INC{'PVE/Tunnel.pm'}, 'scoped: PVE::Tunnel was loaded for it');
+    is(PVE::MTunnel::Tunnel::read_tunnel($websocket, 7),
+        'line', 'scoped: ... and to upstream\'s read_tunnel, with its return value');
+    PVE::MTunnel::Tunnel::finish_tunnel({ pid => 1 }, 1);
+    no warnings 'once';
+    is_deeply(
+        \@PVE::Tunnel::calls,
+        ['write_tunnel stop', 'read_tunnel 7', 'finish_tunnel 1'],
+        'scoped: only the foreign tunnels reached upstream\'s functions'
+    );
+    is(PVE::Tunnel::fork_ssh_tunnel(\@ssh, $qm, [], sub { })->{pid},
+        1, 'scoped: PVE::Tunnel::fork_ssh_tunnel is still upstream\'s (nothing redefined)');
+    is(PVE::Tunnel::write_tunnel($t, 30, 'resume 999')->{success},
+        1, 'scoped: ... and so is PVE::Tunnel::write_tunnel, even for our tunnel');
+    PVE::MTunnel::Tunnel::finish_tunnel($t);
+    ok(!-e $sock, 'scoped: finish_tunnel closes our tunnel');
+    @PVE::Tunnel::calls = ();
+}
+
+{
+    # The one-line switch, `use PVE::MTunnel::Tunnel ':pve-tunnel'`, process-wide (PVE::Tunnel's
+    # functions redefined), against the stand-in.
+    local @INC = ("$pve_tunnel_inc", @INC);
     PVE::MTunnel::Tunnel->import(':pve-tunnel');
     my $t = PVE::Tunnel::fork_ssh_tunnel(\@ssh, $qm, ["$sock:$sock"], sub { });
     ok($t->{mtunnel} && -S $sock,
@@ -430,7 +500,7 @@ PM
     my $websocket = { version => 2, pid => 1 };
     is_deeply(
         PVE::Tunnel::write_tunnel($websocket, 10, 'stop'),
-        { success => 1 },
+        { success => 1, args => 3 },
         'one-line switch: another tunnel goes to upstream\'s write_tunnel'
     );
     PVE::Tunnel::finish_tunnel($websocket);
@@ -439,7 +509,7 @@ PM
     no warnings 'once';
     is_deeply(
         \@PVE::Tunnel::calls,
-        ['write_tunnel stop', 'finish_tunnel', 'read_tunnel'],
+        ['write_tunnel stop', 'finish_tunnel', 'read_tunnel 1'],
         'one-line switch: only the other tunnel reached upstream\'s functions'
     );
 }

@@ -114,9 +114,11 @@ sub round_trip {
         or diag("@fds");
     like(
         slurp("/proc/$pid/cmdline"),
-        qr/\0-o\0ConnectTimeout=10\0(-o\0Ciphers=[^\0]+\0)?-o\0ServerAliveInterval=15\0-o\0ServerAliveCountMax=3\0/,
+        qr/\0-o\0ConnectTimeout=10\0-o\0ServerAliveInterval=15\0-o\0ServerAliveCountMax=3\0/,
         'ssh gets ConnectTimeout and ServerAlive defaults'
     );
+    unlike(slurp("/proc/$pid/cmdline"),
+        qr/Ciphers/, 'no Ciphers unless asked for: ssh_config decides');
     $t->close;
     close($canary);
     sigprocmask(SIG_SETMASK, $old);
@@ -124,9 +126,15 @@ sub round_trip {
         ssh => [$ssh[0], '-o', 'ConnectTimeout=3', @ssh[1 .. $#ssh]],
         forwards => [$sock],
         server_alive_interval_s => 5,
-        server_alive_count_max => 2
+        server_alive_count_max => 2,
+        ciphers => 'aes128-gcm@openssh.com,chacha20-poly1305@openssh.com',
     );
     my $cmd = slurp("/proc/" . $t2->pid . "/cmdline");
+    like(
+        $cmd,
+        qr/\0-o\0Ciphers=aes128-gcm\@openssh\.com,chacha20-poly1305\@openssh\.com\0/,
+        'the ciphers option reaches ssh'
+    );
     like(
         $cmd,
         qr/\0-o\0ConnectTimeout=3\0.*\0-o\0ConnectTimeout=10\0/,
@@ -138,6 +146,15 @@ sub round_trip {
         'keepalive settings can be changed'
     );
     $t2->close(remote_cleanup => 0);
+    my $out = PVE::MTunnel::ssh_run(
+        ssh => \@ssh,
+        command => ['true'],
+        ciphers => 'aes256-gcm@openssh.com'
+    );
+    is($out->{exit_code}, 0, 'ssh_run takes the ciphers option');
+    eval { PVE::MTunnel::ssh_run(ssh => \@ssh, command => ['true'], ciphers => 'no-such-cipher'); };
+    like($@, qr/no-such-cipher|cipher/i,
+        "ssh_run's ciphers reach ssh (an unknown one fails there)");
 }
 
 {

@@ -40,8 +40,8 @@ int main(void)
     expect(tunnel_wait_ready(NULL, 0), MTUNNEL_ERR_INVALID_ARGUMENT, "wait_ready(NULL) is refused", "tunnel is NULL");
     expect(tunnel_command(NULL, "quit", 0, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "command(NULL) is refused", "tunnel is NULL");
     expect(tunnel_read_line(NULL, 0, &out), MTUNNEL_ERR_INVALID_ARGUMENT, "read_line(NULL) is refused", "tunnel is NULL");
-    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"forwards\": [\"60000:localhost:60000\"]}", NULL, NULL, &t),
-           MTUNNEL_ERR_INVALID_ARGUMENT, "a TCP forward is refused, naming it", "unsupported forward '60000:localhost:60000'");
+    expect(tunnel_open("{\"ssh\": [\"ssh\", \"root@198.18.0.2\"], \"forwards\": [\"60000:198.18.0.2:60000\"]}", NULL, NULL, &t),
+           MTUNNEL_ERR_INVALID_ARGUMENT, "a TCP forward to another host is refused, naming it", "unsupported forward '60000:198.18.0.2:60000'");
     expect(tunnel_close(NULL, NULL), MTUNNEL_OK, "close(NULL) is a no-op", NULL);
     tunnel_free(NULL);
     mtunnel_string_free(NULL);

@@ -19,7 +19,8 @@ const _: () = assert!(MTUNNEL_MAX_DOWNTIME_LIMIT_MS == qmp::MAX_DOWNTIME_LIMIT_M
 ///
 /// `options_json` may be NULL: `{"capabilities": {"auto-converge": true, …}, "parameters":
 /// {"downtime-limit": 100, "max-bandwidth": N, …}, "timeout_ms": 10000, "setup": true,
-/// "postcopy": false}` (`"postcopy"`: see `qmp_migrate_setup`).
+/// "postcopy": false}` (what is set with `"setup"`: see `qmp_migrate_setup`; a failed setup
+/// step fails the call before `migrate` is sent).
 /// `qmp_socket` or `uri` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`,
 /// `MTUNNEL_ERR_INVALID_ARGUMENT` (bad URI or options, a wanted capability QEMU lacks),
 /// `MTUNNEL_ERR_QMP` (QEMU's class and desc in the last error), `MTUNNEL_ERR_TIMEOUT` (busy or
@@ -44,24 +45,36 @@ pub unsafe extern "C" fn qmp_migrate(
 }
 
 /// Prepares the VM behind `qmp_socket` for a migration as Proxmox VE does, without starting
-/// it (also what PVE does on the target before the incoming migration):
-/// - `"capabilities"` (optional): the ones named `true` are turned on and every other one
-///   QEMU reports (`query-migrate-capabilities`) off, so nothing left on by an earlier run
-///   leaks in; without the key, capabilities are left alone;
-/// - `migrate-set-parameters` with the caller's `"parameters"`, where `max-bandwidth`
+/// it (also what PVE does on the target before the incoming migration). It sets what the
+/// options name, and only that:
+/// - `"capabilities"` given (or `"postcopy": true`): the ones named `true` are turned on and
+///   every other one QEMU reports (`query-migrate-capabilities`) off, so nothing left on by
+///   an earlier run leaks in; without the key, capabilities are left alone;
+/// - `"parameters"` given: `migrate-set-parameters` with them, where `max-bandwidth`
 ///   defaults to 16 GiB/s (QEMU's own default is 128 MiB/s), `downtime-limit` is capped at
-///   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and with xbzrle on `xbzrle-cache-size` defaults to a tenth of the
-///   guest's RAM (asked from QEMU) rounded up to a power of two;
+///   `MTUNNEL_MAX_DOWNTIME_LIMIT_MS` (QEMU's 2000 s), and, when the same call turns xbzrle
+///   on, `xbzrle-cache-size` defaults to a tenth of the guest's RAM (asked from QEMU) rounded
+///   up to a power of two; without the key, parameters are left alone, except that a call
+///   with neither key sets the default parameters (as `{"parameters": {}}`);
+/// - both: one call, capabilities first, then parameters; the parameters are set even when
+///   the capabilities failed (as PVE's phase 2 does). A failed step makes the call fail with
+///   a last error naming each step that failed and QEMU's reason:
+///   `migrate-set-capabilities failed - REASON`, `migrate-set-parameters failed - REASON`,
+///   or both joined by `"; "` (the result code is the first failure's: `MTUNNEL_ERR_QMP`
+///   for a refusal). What the caller got wrong (a capability this QEMU does not offer,
+///   post-copy on a QEMU without it, a `downtime-limit` that is no integer) is
+///   `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set;
 /// - `"postcopy": true` makes the migration able to switch to post-copy
 ///   (`qmp_migrate_start_postcopy`): `postcopy-ram` on, `postcopy-preempt` on where QEMU
-///   offers it, the other capabilities as `"capabilities"` says (off when absent), and
-///   `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without `postcopy-ram`
-///   → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the target as well:
-///   QEMU needs `postcopy-ram` on both sides before `migrate`.
+///   offers it, the other capabilities as `"capabilities"` says (off when absent), and, with
+///   `"parameters"`, `max-postcopy-bandwidth` as `max-bandwidth` unless given. A QEMU without
+///   `postcopy-ram` → `MTUNNEL_ERR_INVALID_ARGUMENT` before anything is set. Set it on the
+///   target as well: QEMU needs `postcopy-ram` on both sides before `migrate`.
 ///
 /// `options_json` as for `qmp_migrate` (may be NULL). On success `*applied_out` (may be
 /// NULL; free with `mtunnel_string_free`) gets `{"capabilities": {NAME: bool, …},
-/// "parameters": {…}}`, what was set. Same codes as `qmp_migrate`.
+/// "parameters": {…}}`, what was set (each key only when that step ran). Same codes as
+/// `qmp_migrate`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn qmp_migrate_setup(
     qmp_socket: *const c_char,

@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int};
 ///
 /// `options_json` (required): `{"ssh": [prefix…, "user@host"], "command": ["qm", "start", …],
 /// "input": "secret on stdin" (never argv), "timeout_ms": 60000, "check": true}` plus the
-/// ssh options of `tunnel_open` (keepalive, handshake slots, retries: a connection that failed
+/// ssh options of `tunnel_open` (keepalive, `"ciphers"`, handshake slots, retries: a connection that failed
 /// before authentication is retried, so the command never runs twice; `"share"`: the command
 /// runs as a client of a pooled shared master, holding one of its session slots while it runs). With `"check": true` a non-zero exit is an error
 /// (`MTUNNEL_ERR_SSH_EXITED` for ssh's own 255, else `MTUNNEL_ERR_REMOTE`, stderr tail in the

@@ -36,11 +36,18 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 /// - `"ssh"`: argv prefix, the binary, its options and `user@host` last (required); the library
 ///   adds `-e none -o BatchMode=yes -o ExitOnForwardFailure=yes` ahead of it, and
 ///   `ConnectTimeout`/`ServerAlive*` defaults after it (yours win);
-/// - `"forwards"`: UNIX socket forwards (default `[]`: a command-only tunnel), each either
+/// - `"forwards"`: forwards (default `[]`: a command-only tunnel). A UNIX socket forward is
 ///   one path, forwarded to the same path on the remote (as PVE does), or `"LOCAL:REMOTE"`;
 ///   every path must be `<socket_dir>/<vmid>.migrate` or `<vmid>_nbd.migrate`; a stale socket
-///   at a local path is removed, anything else there is refused; a TCP forward
-///   (`PORT:HOST:PORT`) is refused, naming it;
+///   at a local path is removed, anything else there is refused. A TCP forward
+///   (`"PORT:localhost:PORT"`, PVE's legacy path for a target that answers
+///   `tcp:localhost:PORT`; also `127.0.0.1` or `[::1]` as the host) goes to the target's own
+///   loopback and listens on this node's loopback only (`-L localhost:PORT:…`, whatever
+///   `GatewayPorts` says); it is ready when ssh holds a listening socket on the port and no
+///   other process listens there on a loopback or wildcard address (that is an error,
+///   `MTUNNEL_ERR_IO`: `forward P:localhost:P: another process listens on ADDR:P too …`).
+///   Any other spec is refused, naming it (`unsupported forward '…': expected a UNIX socket
+///   forward … or a TCP forward to the target's loopback ('PORT:localhost:PORT')`);
 /// - `"command"`: remote argv, each word shell-quoted (default `["qm", "mtunnel"]`);
 /// - `"socket_dir"` (default `/run/qemu-server`), `"greeting_timeout_ms"` (60000),
 ///   `"version_timeout_ms"` (10000), `"connect_timeout_s"` (10), `"server_alive_interval_s"`
@@ -61,8 +68,10 @@ unsafe fn handle<'a>(t: *mut mtunnel_tunnel) -> Result<&'a mut Tunnel> {
 ///   given (a target that runs nothing else, e.g. a forced command), the sockets removed by
 ///   close;
 /// - `"lock_dir"` (default `/run/mtunnel`): where the slot files live;
-/// - `"ciphers"`: `-o Ciphers=` list; by default AES-GCM first when the CPU has AES
-///   instructions (faster than ssh's chacha20 default for bulk data), `""` = ssh's default;
+/// - `"ciphers"` (default none): a `-o Ciphers=` list, e.g.
+///   `"aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"`
+///   (AES-GCM moved RAM 1.17-1.36x as fast as ssh's chacha20-poly1305 default on an AES-NI
+///   CPU, docs/ssh-options.md); without it, or `""`, ssh and the admin's `ssh_config` choose;
 /// - `"share"` (default off): OpenSSH connection sharing (docs/sharing.md). `true` or an
 ///   object `{"control_dir": "/run/mtunnel/ssh-ctl", "persist_s": 30, "max_sessions": 10,
 ///   "exit_idle": false}`. The tunnel becomes a client (`-o ControlMaster=no -o ControlPath=…
@@ -110,8 +119,9 @@ pub unsafe extern "C" fn tunnel_open(
 }
 
 /// Waits until the tunnel is ready: `tunnel online` and `ver N` received (each within its
-/// own deadline), and every forward is a listening socket held by our ssh. Never connects to
-/// the forwarded socket. `timeout_ms` bounds the whole wait (negative = only the greeting
+/// own deadline), and every forward is a listening socket held by our ssh (a TCP forward's
+/// port: also listened on by no other process where `localhost` reaches it). Never connects
+/// to a forward. `timeout_ms` bounds the whole wait (negative = only the greeting
 /// deadlines apply). Calling it again on a ready tunnel returns at once.
 ///
 /// `tunnel` NULL → `MTUNNEL_ERR_INVALID_ARGUMENT`. Returns `MTUNNEL_OK`, `MTUNNEL_ERR_TIMEOUT`,

@@ -145,6 +145,193 @@ fn a_wanted_capability_qemu_lacks_is_refused_before_anything_is_set() {
     assert_eq!(names, ["qmp_capabilities", "query-migrate-capabilities"]);
 }
 
+/// A monitor offering xbzrle and auto-converge, 1 GiB of RAM, that refuses
+/// `migrate-set-capabilities` and/or `migrate-set-parameters` as told.
+fn refusing_monitor(tag: &str, refuse_caps: bool, refuse_params: bool) -> FakeQmp {
+    FakeQmp::answering(tag, move |command, _| match command {
+        "query-migrate-capabilities" => Ok(json!([
+            {"capability": "xbzrle", "state": false},
+            {"capability": "auto-converge", "state": false},
+        ])),
+        "query-memory-size-summary" => Ok(json!({"base-memory": 1u64 << 30})),
+        "migrate-set-capabilities" if refuse_caps => Err((
+            "GenericError",
+            "There's a migration process in progress".into(),
+        )),
+        "migrate-set-parameters" if refuse_params => Err((
+            "GenericError",
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds"
+                .into(),
+        )),
+        _ => Ok(json!({})),
+    })
+}
+
+fn setup_json(server: &FakeQmp, opts: Value) -> Result<Value> {
+    setup(&server.path, &MigrateOptions::from_json(&opts).unwrap())
+}
+
+#[test]
+fn setup_with_only_capabilities_sets_only_capabilities() {
+    let server = migration_monitor("caps-only");
+    let applied = setup_json(&server, json!({"capabilities": {"xbzrle": true}})).unwrap();
+    assert_eq!(
+        server.commands(),
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-capabilities"
+        ],
+        "no migrate-set-parameters, not even the default bandwidth"
+    );
+    assert_eq!(
+        applied,
+        json!({"capabilities": {"auto-converge": false, "postcopy-ram": false, "xbzrle": true}})
+    );
+}
+
+#[test]
+fn setup_with_only_parameters_sets_only_parameters_with_the_default_bandwidth() {
+    let server = migration_monitor("params-only");
+    let applied = setup_json(&server, json!({"parameters": {"downtime-limit": 100}})).unwrap();
+    let reqs = server.finish();
+    let names: Vec<&str> = reqs
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["qmp_capabilities", "migrate-set-parameters"]);
+    let params = json!({"downtime-limit": 100, "max-bandwidth": 16u64 << 30});
+    assert_eq!(reqs[1]["arguments"], params);
+    assert_eq!(applied, json!({ "parameters": params }));
+
+    // neither: the default parameters, as a bare qmp_migrate always had them
+    let server = migration_monitor("neither");
+    let applied = setup_json(&server, json!({})).unwrap();
+    assert_eq!(
+        server.commands(),
+        ["qmp_capabilities", "migrate-set-parameters"]
+    );
+    assert_eq!(
+        applied,
+        json!({"parameters": {"max-bandwidth": 16u64 << 30}})
+    );
+}
+
+#[test]
+fn setup_with_both_still_sets_the_parameters_when_the_capabilities_fail_and_names_the_step() {
+    let server = refusing_monitor("caps-fail", true, false);
+    let err = setup_json(
+        &server,
+        json!({"capabilities": {"xbzrle": true}, "parameters": {"max-bandwidth": 52428800}}),
+    )
+    .unwrap_err();
+    let reqs = server.finish();
+    let names: Vec<&str> = reqs
+        .iter()
+        .map(|r| r["execute"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-capabilities",
+            "query-memory-size-summary",
+            "migrate-set-parameters"
+        ],
+        "the parameters must be set after the capabilities failed"
+    );
+    assert_eq!(
+        reqs[4]["arguments"]["max-bandwidth"],
+        json!(52428800),
+        "the caller's limit, not the default, reached QEMU"
+    );
+    assert_eq!(
+        err.message,
+        "migrate-set-capabilities failed - There's a migration process in progress"
+    );
+    assert_eq!(err.kind, Kind::Qmp);
+    assert_eq!(err.qmp_class(), Some("GenericError"));
+}
+
+#[test]
+fn setup_with_both_names_a_failed_parameters_step_and_both_when_both_fail() {
+    let server = refusing_monitor("params-fail", false, true);
+    let err = setup_json(
+        &server,
+        json!({"capabilities": {"auto-converge": true}, "parameters": {"downtime-limit": 100}}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        server.commands(),
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-capabilities",
+            "migrate-set-parameters"
+        ]
+    );
+    assert_eq!(
+        err.message,
+        "migrate-set-parameters failed - Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds"
+    );
+    assert_eq!(err.kind, Kind::Qmp);
+
+    let server = refusing_monitor("both-fail", true, true);
+    let err = setup_json(
+        &server,
+        json!({"capabilities": {"auto-converge": true}, "parameters": {}}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.message,
+        "migrate-set-capabilities failed - There's a migration process in progress; migrate-set-parameters failed - Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds"
+    );
+}
+
+#[test]
+fn a_capabilities_query_qemu_refuses_is_the_capabilities_step_failing_naming_the_query() {
+    let server = FakeQmp::answering("query-fail", |command, _| match command {
+        "query-migrate-capabilities" => Err(("CommandNotFound", "not here".into())),
+        _ => Ok(json!({})),
+    });
+    let err = setup_json(
+        &server,
+        json!({"capabilities": {"xbzrle": true}, "parameters": {}}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        server.commands(),
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-parameters"
+        ]
+    );
+    assert_eq!(
+        err.message,
+        "migrate-set-capabilities failed - query-migrate-capabilities: not here"
+    );
+}
+
+#[test]
+fn a_bad_downtime_limit_is_refused_before_the_capabilities_are_set() {
+    let server = migration_monitor("bad-downtime");
+    let err = setup_json(
+        &server,
+        json!({"capabilities": {"xbzrle": true}, "parameters": {"downtime-limit": "100"}}),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, Kind::InvalidArgument);
+    assert!(
+        err.message
+            .starts_with("parameter 'downtime-limit' must be"),
+        "{}",
+        err.message
+    );
+    assert_eq!(server.commands(), ["qmp_capabilities"]);
+}
+
 #[test]
 fn parameters_follow_pve_bandwidth_downtime_cap_and_cache_rounding() {
     let given = |v: Value| v.as_object().unwrap().clone();
@@ -556,8 +743,17 @@ fn postcopy_turns_on_postcopy_ram_and_preempt_where_offered_and_keeps_the_bandwi
         json!({"postcopy-ram": true, "xbzrle": false})
     );
     assert_eq!(
-        applied["parameters"]["max-postcopy-bandwidth"],
-        applied["parameters"]["max-bandwidth"]
+        applied.get("parameters"),
+        None,
+        "post-copy without parameters sets capabilities only"
+    );
+    assert_eq!(
+        server.commands(),
+        [
+            "qmp_capabilities",
+            "query-migrate-capabilities",
+            "migrate-set-capabilities"
+        ]
     );
 }
 

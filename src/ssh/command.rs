@@ -31,7 +31,9 @@ pub struct Ssh {
     pub connect_retries: u32,
     /// Directory of the handshake slot files.
     pub lock_dir: String,
-    /// Cipher preference for the bulk transfer (`-o Ciphers=`); `None` leaves ssh's default.
+    /// Cipher preference for the bulk transfer (`-o Ciphers=`), only when the caller asks for
+    /// one (the `ciphers` option); `None` (the default) leaves the choice to ssh and the
+    /// admin's `ssh_config`.
     pub ciphers: Option<String>,
     /// OpenSSH connection sharing (see [`super::share`]); `None` = a connection per use.
     pub share: Option<ShareConfig>,
@@ -40,21 +42,6 @@ pub struct Ssh {
 /// `connect_retries` default: a handshake the destination dropped is retried until the
 /// caller's deadline (with jittered backoff), not a fixed number of times.
 pub(crate) const UNTIL_DEADLINE: u32 = u32::MAX;
-
-/// With AES instructions, AES-GCM moves migration data ~30% faster than OpenSSH's default
-/// chacha20-poly1305 (measured by `make bench`); chacha20 stays as the fallback.
-const AES_GCM_FIRST: &str =
-    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
-
-fn cpu_has_aes() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| {
-            info.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "aes"))
-        })
-        .unwrap_or(false)
-}
 
 /// The ssh options of every call that connects (`tunnel_open`, `ssh_run`), beside the
 /// call's own options in the same object (so it does not deny unknown fields: the call's own
@@ -95,7 +82,7 @@ impl Ssh {
             adaptive_slots: true,
             connect_retries: UNTIL_DEADLINE,
             lock_dir: throttle::DEFAULT_LOCK_DIR.into(),
-            ciphers: cpu_has_aes().then(|| AES_GCM_FIRST.to_string()),
+            ciphers: None,
             share: None,
         })
     }
@@ -499,6 +486,29 @@ mod tests {
             err.message.contains("invalid ssh destination"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn no_ciphers_are_set_unless_the_caller_asks_so_ssh_config_decides() {
+        let ssh = Ssh::from_options(&serde_json::json!({"ssh": prefix()})).unwrap();
+        assert_eq!(ssh.ciphers, None);
+        let argv = ssh.argv(&[], &["true".into()]);
+        assert!(
+            !argv.iter().any(|a| a.starts_with("Ciphers")),
+            "a Ciphers option was added by default: {argv:?}"
+        );
+        let opts = serde_json::json!({"ssh": prefix(), "ciphers": "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"});
+        let argv = Ssh::from_options(&opts)
+            .unwrap()
+            .argv(&[], &["true".into()]);
+        assert!(
+            argv.windows(2).any(|w| w
+                == [
+                    "-o",
+                    "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"
+                ]),
+            "{argv:?}"
         );
     }
 

@@ -19,47 +19,171 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 /// Tunnel lines are short; anything longer is garbage.
 const MAX_LINE: usize = 4096;
 
-/// One `-L LOCAL:REMOTE` UNIX socket forward.
+/// One `-L` forward: a UNIX socket (PVE's secure migration) or a TCP port (PVE's legacy
+/// path: a target that answers `tcp:localhost:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Forward {
-    /// Where ssh listens on this node.
-    pub(crate) local: String,
-    /// The socket ssh connects to on the target node.
-    pub(crate) remote: String,
+pub(crate) enum Forward {
+    /// `-L LOCAL:REMOTE`, both UNIX socket paths.
+    Unix {
+        /// Where ssh listens on this node.
+        local: String,
+        /// The socket ssh connects to on the target node.
+        remote: String,
+    },
+    /// `-L localhost:PORT:HOST:HOST_PORT`: ssh listens on this node's loopback addresses only
+    /// (whatever `GatewayPorts` says), and connects to HOST:HOST_PORT on the target, HOST
+    /// being the target's own loopback.
+    Tcp {
+        /// The local port.
+        port: u16,
+        /// `localhost`, `127.0.0.1` or `[::1]`, as given.
+        host: String,
+        /// The port on the target.
+        host_port: u16,
+    },
+}
+
+/// The targets a TCP forward may name: the target node's own loopback, as PVE's legacy path
+/// (`PORT:localhost:PORT`) does. Never another host: the tunnel is no general relay.
+const TCP_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// A TCP port as ssh takes it: 1-65535, decimal digits, no sign or leading zero.
+fn tcp_port(s: &str) -> Option<u16> {
+    let digits = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || s.starts_with('0') {
+        return None;
+    }
+    s.parse().ok().filter(|p| *p > 0)
 }
 
 impl Forward {
     /// Parses `PATH` (the same path on both nodes, as PVE forwards migration sockets) or
-    /// `LOCAL:REMOTE`, both validated against `socket_dir`. A TCP forward (`PORT:HOST:PORT`,
-    /// PVE's legacy path) is refused with an error naming the spec.
+    /// `LOCAL:REMOTE`, both validated against `socket_dir`; or a TCP forward to the target's
+    /// loopback, `PORT:localhost:HOST_PORT` (PVE's legacy path; also `127.0.0.1` or `[::1]`).
+    /// Anything else is refused, naming the spec.
     pub(crate) fn parse(spec: &str, socket_dir: &str) -> Result<Forward> {
+        let shown = printable(spec.as_bytes(), 120);
+        if !spec.starts_with('/') {
+            return Self::parse_tcp(spec).ok_or_else(|| {
+                Error::invalid(format!(
+                    "unsupported forward '{shown}': expected a UNIX socket forward ('PATH' or 'LOCAL_PATH:REMOTE_PATH') or a TCP forward to the target's loopback ('PORT:localhost:PORT')"
+                ))
+            });
+        }
         let (local, remote) = spec.split_once(':').unwrap_or((spec, spec));
-        if !local.starts_with('/') || !remote.starts_with('/') || remote.contains(':') {
+        if !remote.starts_with('/') || remote.contains(':') {
             return Err(Error::invalid(format!(
-                "unsupported forward '{}': only UNIX socket forwards are supported ('PATH' or 'LOCAL_PATH:REMOTE_PATH'), not TCP ports",
-                printable(spec.as_bytes(), 120)
+                "unsupported forward '{shown}': a UNIX socket forward is 'PATH' or 'LOCAL_PATH:REMOTE_PATH'"
             )));
         }
         validate::socket_path(local, socket_dir)?;
         validate::socket_path(remote, socket_dir)?;
-        Ok(Forward {
+        Ok(Forward::Unix {
             local: local.into(),
             remote: remote.into(),
         })
     }
 
-    /// The `-L` argument.
-    fn spec(&self) -> String {
-        format!("{}:{}", self.local, self.remote)
+    /// `PORT:HOST:HOST_PORT` with HOST one of [`TCP_HOSTS`].
+    fn parse_tcp(spec: &str) -> Option<Forward> {
+        let (port, rest) = spec.split_once(':')?;
+        let (host, host_port) = rest.rsplit_once(':')?;
+        Some(Forward::Tcp {
+            port: tcp_port(port)?,
+            host: TCP_HOSTS.contains(&host).then(|| host.to_string())?,
+            host_port: tcp_port(host_port)?,
+        })
     }
 
-    /// As given: one path when both ends are the same.
-    fn shown(&self) -> String {
-        if self.local == self.remote {
-            self.local.clone()
-        } else {
-            self.spec()
+    /// The `-L` argument. A TCP forward names its bind address: `localhost` makes ssh listen on
+    /// the loopback addresses even where `ssh_config` says `GatewayPorts yes`.
+    fn spec(&self) -> String {
+        match self {
+            Forward::Unix { local, remote } => format!("{local}:{remote}"),
+            Forward::Tcp {
+                port,
+                host,
+                host_port,
+            } => format!("localhost:{port}:{host}:{host_port}"),
         }
+    }
+
+    /// As given: one path when both ends are the same; a TCP forward as `PORT:HOST:PORT`.
+    fn shown(&self) -> String {
+        match self {
+            Forward::Unix { local, remote } if local == remote => local.clone(),
+            Forward::Unix { local, remote } => format!("{local}:{remote}"),
+            Forward::Tcp {
+                port,
+                host,
+                host_port,
+            } => format!("{port}:{host}:{host_port}"),
+        }
+    }
+
+    /// Where ssh listens, for messages: the socket path, or `localhost:PORT`.
+    fn listen_shown(&self) -> String {
+        match self {
+            Forward::Unix { local, .. } => local.clone(),
+            Forward::Tcp { port, .. } => format!("localhost:{port}"),
+        }
+    }
+
+    /// The local socket file, for a UNIX socket forward.
+    fn local_socket(&self) -> Option<&str> {
+        match self {
+            Forward::Unix { local, .. } => Some(local),
+            Forward::Tcp { .. } => None,
+        }
+    }
+
+    /// The target's socket file, for a UNIX socket forward.
+    fn remote_socket(&self) -> Option<&str> {
+        match self {
+            Forward::Unix { remote, .. } => Some(remote),
+            Forward::Tcp { .. } => None,
+        }
+    }
+
+    /// Whether two forwards listen at the same place on this node.
+    fn same_listener(&self, other: &Forward) -> bool {
+        match (self, other) {
+            (Forward::Unix { local: a, .. }, Forward::Unix { local: b, .. }) => a == b,
+            (Forward::Tcp { port: a, .. }, Forward::Tcp { port: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+
+    /// Whether process `pid` listens for this forward (never by connecting): a listening
+    /// socket at the path, or on the port, held by `pid`.
+    fn held_by(&self, pid: i32) -> Result<bool> {
+        match self {
+            Forward::Unix { local, .. } => listen::is_listening(local, pid),
+            Forward::Tcp { port, .. } => Ok(listen::tcp_port(*port, pid)?.held()),
+        }
+    }
+
+    /// Whether the forward is ready: listening and held by process `pid`, and, for a TCP
+    /// port, no other process listens on that port at a loopback or wildcard address (a
+    /// connection to `localhost:PORT` could reach it instead of the tunnel). `Err` for that
+    /// conflict, which waiting does not resolve.
+    fn ready(&self, pid: i32) -> Result<bool> {
+        let Forward::Tcp { port, .. } = self else {
+            return self.held_by(pid);
+        };
+        let state = listen::tcp_port(*port, pid)?;
+        if let Some(other) = state.foreign.first() {
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "forward {}: another process listens on {} too (socket inode {}), so a connection to localhost:{port} may not reach the tunnel",
+                    self.shown(),
+                    other.0,
+                    other.1
+                ),
+            ));
+        }
+        Ok(state.held())
     }
 }
 
@@ -76,7 +200,7 @@ const SOCKET_CLEANUP: &str = "kept=; for p; do if [ -S \"$p\" ]; then rm -f -- \
 /// close's separate cleanup comes after it. Exit status: the command's, or 75 when a
 /// non-socket was kept (then close's separate cleanup names it).
 fn remote_command(command: &[String], forwards: &[Forward]) -> Vec<String> {
-    let remote = unique(forwards.iter().map(|f| f.remote.as_str()));
+    let remote = unique(forwards.iter().filter_map(Forward::remote_socket));
     if remote.is_empty() {
         return command.to_vec();
     }
@@ -97,7 +221,7 @@ fn remote_command(command: &[String], forwards: &[Forward]) -> Vec<String> {
 pub(crate) struct OpenOptions {
     /// The ssh invocation (prefix and keepalive settings).
     pub(crate) ssh: Ssh,
-    /// UNIX socket forwards; may be empty (command-only tunnel).
+    /// UNIX socket and TCP forwards; may be empty (command-only tunnel).
     pub(crate) forwards: Vec<Forward>,
     /// Remote command, default `qm mtunnel`.
     pub(crate) command: Vec<String>,
@@ -124,13 +248,18 @@ impl OpenOptions {
         for spec in o.forwards {
             let f = Forward::parse(&spec, &socket_dir)?;
             // Every disk of a VM reports the same NBD socket; ssh must get each -L once.
-            match forwards.iter().find(|g| g.local == f.local) {
+            match forwards.iter().find(|g| g.same_listener(&f)) {
                 Some(g) if *g == f => {}
                 Some(g) => {
                     return Err(Error::invalid(format!(
-                        "forwards '{}' and '{}' listen on the same local socket",
-                        g.spec(),
-                        f.spec()
+                        "forwards '{}' and '{}' listen on the same local {}",
+                        g.shown(),
+                        f.shown(),
+                        if f.local_socket().is_some() {
+                            "socket"
+                        } else {
+                            "port"
+                        }
                     )));
                 }
                 None => forwards.push(f),
@@ -258,9 +387,9 @@ impl Tunnel {
         let deadline = Deadline::after_ms(opts.greeting_timeout_ms);
         // From here on, an early return releases the route (a lease ends when dropped).
         let route = Self::route(&opts, deadline, &mut log)?;
-        for f in &opts.forwards {
-            if sockfile::prepare(&f.local)? {
-                log.emit(Level::Info, &format!("removed stale socket {}", f.local));
+        for path in opts.forwards.iter().filter_map(Forward::local_socket) {
+            if sockfile::prepare(path)? {
+                log.emit(Level::Info, &format!("removed stale socket {path}"));
             }
         }
         let mut enforced = vec!["-o".into(), "ExitOnForwardFailure=yes".into()];
@@ -317,7 +446,7 @@ impl Tunnel {
         let stale: Vec<String> = opts
             .forwards
             .iter()
-            .filter(|f| listen::is_listening(&f.local, lease.master_pid()).unwrap_or(false))
+            .filter(|f| f.held_by(lease.master_pid()).unwrap_or(false))
             .map(Forward::spec)
             .collect();
         if !stale.is_empty() {
@@ -557,20 +686,21 @@ impl Tunnel {
         // ssh binds -L before it opens the session, so this normally holds at once.
         for i in 0..self.opts.forwards.len() {
             loop {
-                let path = &self.opts.forwards[i].local;
-                if listen::is_listening(path, self.holder_pid())? {
+                let forward = &self.opts.forwards[i];
+                let at = forward.listen_shown();
+                if forward.ready(self.holder_pid())? {
                     break;
                 }
                 let master_gone = self.route.lease().is_some_and(|l| !l.alive());
                 if master_gone || self.child.try_wait()?.is_some() {
-                    let what = format!("waiting for forward {path} to listen");
+                    let what = format!("waiting for forward {at} to listen");
                     return Err(self.exited(&what));
                 }
                 if overall.expired() {
                     return Err(Error::new(
                         Kind::Timeout,
                         format!(
-                            "forward {path} is not a listening socket of ssh (pid {}) within {timeout_ms} ms",
+                            "forward {at} is not a listening socket of ssh (pid {}) within {timeout_ms} ms",
                             self.holder_pid()
                         ),
                     ));
@@ -761,7 +891,7 @@ impl Tunnel {
 
     /// Removes the forwards' local socket files and the caller's extra ones on this node.
     fn remove_local_sockets(&self, extra: &[String], errors: &mut Vec<Error>) {
-        let local = self.opts.forwards.iter().map(|f| f.local.as_str());
+        let local = self.opts.forwards.iter().filter_map(Forward::local_socket);
         for path in unique(local.chain(extra.iter().map(String::as_str))) {
             if let Err(e) = sockfile::remove_socket(path) {
                 errors.push(e);
@@ -782,7 +912,7 @@ impl Tunnel {
         overall: Deadline,
         errors: &mut Vec<Error>,
     ) {
-        let forwards = || self.opts.forwards.iter().map(|f| f.remote.as_str());
+        let forwards = || self.opts.forwards.iter().filter_map(Forward::remote_socket);
         // the forwards' remote sockets went with the remote command when it ended normally
         let cleaned: Vec<&str> = if remote_done {
             forwards().collect()
@@ -992,10 +1122,10 @@ mod tests {
     fn a_forward_is_one_path_or_a_local_remote_pair() {
         let f = Forward::parse("/run/qemu-server/100.migrate", DIR).unwrap();
         assert_eq!(
-            (f.local.as_str(), f.remote.as_str()),
+            (f.local_socket(), f.remote_socket()),
             (
-                "/run/qemu-server/100.migrate",
-                "/run/qemu-server/100.migrate"
+                Some("/run/qemu-server/100.migrate"),
+                Some("/run/qemu-server/100.migrate")
             )
         );
         assert_eq!(
@@ -1008,7 +1138,7 @@ mod tests {
             DIR,
         )
         .unwrap();
-        assert_eq!(f.remote, "/run/qemu-server/4100.migrate");
+        assert_eq!(f.remote_socket(), Some("/run/qemu-server/4100.migrate"));
         assert_eq!(
             f.shown(),
             "/run/qemu-server/100.migrate:/run/qemu-server/4100.migrate"
@@ -1016,23 +1146,118 @@ mod tests {
     }
 
     #[test]
-    fn tcp_forwards_are_refused_naming_the_spec() {
+    fn a_tcp_forward_goes_to_the_targets_loopback_and_listens_on_ours_only() {
+        let f = Forward::parse("60000:localhost:60001", DIR).unwrap();
+        assert_eq!(
+            f,
+            Forward::Tcp {
+                port: 60000,
+                host: "localhost".into(),
+                host_port: 60001
+            }
+        );
+        assert_eq!(
+            f.spec(),
+            "localhost:60000:localhost:60001",
+            "the bind address keeps ssh on loopback even with GatewayPorts yes"
+        );
+        assert_eq!(f.shown(), "60000:localhost:60001");
+        assert_eq!((f.local_socket(), f.remote_socket()), (None, None));
+        for host in ["127.0.0.1", "[::1]"] {
+            let f = Forward::parse(&format!("1:{host}:65535"), DIR).unwrap();
+            assert_eq!(f.spec(), format!("localhost:1:{host}:65535"));
+        }
+    }
+
+    #[test]
+    fn other_tcp_forwards_are_refused_naming_the_spec() {
         for spec in [
-            "60000:localhost:60000",
-            "60000:127.0.0.1:60000",
-            "/run/qemu-server/100.migrate:localhost:60000",
+            "60000:198.18.0.2:60000",
+            "60000:node2:60000",
+            "60000:[::]:60000",
+            "0:localhost:60000",
+            "60000:localhost:0",
+            "65536:localhost:60000",
+            "060000:localhost:60000",
+            "+6000:localhost:60000",
             "localhost:60000",
+            "localhost:60000:localhost:60000",
+            "127.0.0.1:60000:localhost:60000",
+            "60000",
+            "60000:localhost",
+            "",
         ] {
             let err = Forward::parse(spec, DIR).unwrap_err();
             assert_eq!(err.kind, Kind::InvalidArgument);
-            assert!(
-                err.message.starts_with(&format!(
-                    "unsupported forward '{spec}': only UNIX socket forwards"
-                )),
-                "{}",
-                err.message
+            assert_eq!(
+                err.message,
+                format!(
+                    "unsupported forward '{spec}': expected a UNIX socket forward ('PATH' or 'LOCAL_PATH:REMOTE_PATH') or a TCP forward to the target's loopback ('PORT:localhost:PORT')"
+                )
             );
         }
+        let err = Forward::parse("/run/qemu-server/100.migrate:localhost:60000", DIR).unwrap_err();
+        assert_eq!(
+            err.message,
+            "unsupported forward '/run/qemu-server/100.migrate:localhost:60000': a UNIX socket forward is 'PATH' or 'LOCAL_PATH:REMOTE_PATH'"
+        );
+    }
+
+    #[test]
+    fn a_tcp_forward_is_ready_only_when_held_and_alone_on_its_port() {
+        let me = std::process::id() as i32;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let f = Forward::parse(&format!("{port}:localhost:{port}"), DIR).unwrap();
+        assert!(f.ready(me).unwrap(), "our own listener on 127.0.0.1");
+        // the same port held by someone else (here: not pid 1): a connection to localhost
+        // could reach it, which waiting does not change
+        let err = f.ready(1).unwrap_err();
+        assert_eq!(err.kind, Kind::Io);
+        assert_eq!(
+            err.message,
+            format!(
+                "forward {port}:localhost:{port}: another process listens on 127.0.0.1:{port} too (socket inode {}), so a connection to localhost:{port} may not reach the tunnel",
+                listen::tcp_port(port, 1).unwrap().foreign[0].1
+            )
+        );
+        drop(listener);
+        assert!(!f.ready(me).unwrap(), "nobody listens: not ready (yet)");
+    }
+
+    #[test]
+    fn tcp_and_unix_forwards_mix_and_one_local_port_takes_one_forward() {
+        let opts = |forwards: Value| {
+            OpenOptions::from_json(
+                &json!({"ssh": ["ssh", "root@198.18.0.2"], "forwards": forwards}),
+            )
+        };
+        let o = opts(json!([
+            "60000:localhost:60000",
+            "/run/qemu-server/100_nbd.migrate",
+            "60000:localhost:60000"
+        ]))
+        .unwrap();
+        assert_eq!(o.forwards.len(), 2);
+        let err = opts(json!(["60000:localhost:60000", "60000:localhost:60001"]))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.message,
+            "forwards '60000:localhost:60000' and '60000:localhost:60001' listen on the same local port"
+        );
+        // the remote command cleans up the UNIX sockets only
+        let argv = remote_command(&["qm".into(), "mtunnel".into()], &o.forwards);
+        assert!(
+            argv[2].contains("set -- /run/qemu-server/100_nbd.migrate;"),
+            "{argv:?}"
+        );
+        let tcp_only = opts(json!(["60000:localhost:60000"])).unwrap();
+        assert_eq!(
+            remote_command(&["qm".into(), "mtunnel".into()], &tcp_only.forwards),
+            ["qm", "mtunnel"],
+            "no socket to remove on the target for a TCP forward"
+        );
     }
 
     #[test]
@@ -1108,6 +1333,14 @@ mod tests {
         let o = OpenOptions::from_json(&json!({"ssh": ssh, "socket_dir": null})).unwrap();
         assert_eq!(o.socket_dir, validate::DEFAULT_SOCKET_DIR);
         assert_eq!(o.command, ["qm", "mtunnel"]);
+        assert_eq!(o.ssh.ciphers, None, "no ciphers unless asked for");
+        let o = OpenOptions::from_json(&json!({"ssh": ssh, "ciphers": "aes128-gcm@openssh.com"}))
+            .unwrap();
+        assert_eq!(
+            o.ssh.ciphers.as_deref(),
+            Some("aes128-gcm@openssh.com"),
+            "tunnel_open's JSON takes the ciphers option"
+        );
 
         let close = |v: Value| CloseOptions::from_json(&v);
         let c = close(json!({"cleanup_timeout_ms": 100, "remote_cleanup": false})).unwrap();

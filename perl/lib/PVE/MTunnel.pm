@@ -8,7 +8,6 @@ use warnings;
 
 use Cwd ();
 use File::Basename ();
-use FFI::Platypus 2.00;
 use JSON::PP ();
 
 our $VERSION = '0.1.0';
@@ -30,75 +29,126 @@ our %ERROR_CODE = (
 );
 my %LEVEL_NAME = (1 => 'err', 2 => 'warn', 3 => 'info', 4 => 'debug');
 
-sub library_path {
-    return $ENV{MTUNNEL_LIB} if $ENV{MTUNNEL_LIB};
+# In a build tree (perl/lib/PVE/MTunnel.pm next to Cargo.toml): its top directory, else undef.
+sub _build_tree {
     my $top = Cwd::abs_path(File::Basename::dirname(__FILE__) . '/../../..');
-    # in a build tree (perl/lib/PVE/MTunnel.pm next to Cargo.toml): its own cargo build
-    if (defined($top) && -f "$top/Cargo.toml") {
-        for my $profile (qw(release debug)) {
-            my $so = "$top/target/$profile/libmtunnel.so";
-            return $so if -f $so;
-        }
+    return defined($top) && -f "$top/Cargo.toml" ? $top : undef;
+}
+
+sub library_path {
+    # installed (libmtunnel0): by soname, through the dynamic loader's search path, whatever
+    # the environment says: a daemon that loads this module must not load a library named
+    # by whoever set its environment
+    my $top = _build_tree() // return 'libmtunnel.so.0';
+    # in a build tree: MTUNNEL_LIB, else its own cargo build
+    return $ENV{MTUNNEL_LIB} if $ENV{MTUNNEL_LIB};
+    for my $profile (qw(release debug)) {
+        my $so = "$top/target/$profile/libmtunnel.so";
+        return $so if -f $so;
     }
-    # installed (libmtunnel0): by soname, through the dynamic loader's search path
     return 'libmtunnel.so.0';
 }
 
-my $json = JSON::PP->new->canonical->allow_nonref;
-my $ffi = FFI::Platypus->new(api => 2, lib => [library_path()]);
-$ffi->type('(opaque,int,string)->void' => 'mtunnel_log_fn');
+# The library's functions: C name, Perl name, argument types, return type. The module compiles
+# without the library (and without FFI::Platypus): each Perl name starts as a stub that loads
+# the library and attaches every function on the first call (_load), then runs the real one.
+# So a missing or broken libmtunnel fails only the calls that need it, never the compilation
+# of a daemon that merely uses this module.
+my @FUNCTIONS = (
+    [mtunnel_last_error => 'mtunnel_last_error', [] => 'string'],
+    [mtunnel_string_free => 'mtunnel_string_free', ['opaque'] => 'void'],
+    [mtunnel_version => 'version', [] => 'string'],
+    [tunnel_open => '_tunnel_open', ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int'],
+    [tunnel_wait_ready => '_tunnel_wait_ready', ['opaque', 'sint64'] => 'int'],
+    [tunnel_command => '_tunnel_command', ['opaque', 'string', 'sint64', 'opaque*'] => 'int'],
+    [tunnel_read_line => '_tunnel_read_line', ['opaque', 'sint64', 'opaque*'] => 'int'],
+    [tunnel_close => '_tunnel_close', ['opaque', 'string'] => 'int'],
+    [tunnel_status => '_tunnel_status', ['opaque', 'opaque*'] => 'int'],
+    [tunnel_free => '_tunnel_free', ['opaque'] => 'void'],
+    [qmp_migrate => '_qmp_migrate', ['string', 'string', 'string'] => 'int'],
+    [qmp_migrate_setup => '_qmp_migrate_setup', ['string', 'string', 'opaque*'] => 'int'],
+    [qmp_query_migrate => '_qmp_query_migrate', ['string', 'sint64', 'opaque*'] => 'int'],
+    [qmp_wait_migration => '_qmp_wait_migration', ['string', 'string', 'opaque*'] => 'int'],
+    [qmp_migrate_cancel => '_qmp_migrate_cancel', ['string', 'sint64', 'opaque*'] => 'int'],
+    [qmp_migrate_start_postcopy => '_qmp_migrate_start_postcopy', ['string', 'sint64'] => 'int'],
+    [qmp_migrate_pause => '_qmp_migrate_pause', ['string', 'sint64'] => 'int'],
+    [qmp_migrate_recover => '_qmp_migrate_recover', ['string', 'string', 'sint64'] => 'int'],
+    [qmp_migrate_resume => '_qmp_migrate_resume', ['string', 'string', 'sint64'] => 'int'],
+    [
+        qmp_execute => '_qmp_execute',
+        ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int'
+    ],
+    [qmp_mirror_method => '_qmp_mirror_method', ['string', 'string', 'sint64', 'opaque*'] => 'int'],
+    [
+        qmp_mirror_start => '_qmp_mirror_start',
+        ['string', 'string', 'string', 'string', 'opaque*'] => 'int'
+    ],
+    [qmp_mirror_status => '_qmp_mirror_status', ['string', 'string', 'sint64', 'opaque*'] => 'int'],
+    [
+        qmp_mirror_wait_ready => '_qmp_mirror_wait_ready',
+        ['string', 'string', 'sint64', 'opaque*'] => 'int'
+    ],
+    [
+        qmp_mirror_finish => '_qmp_mirror_finish',
+        ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int'
+    ],
+    [qmp_mirror_cancel => '_qmp_mirror_cancel', ['string', 'string', 'sint64', 'opaque*'] => 'int'],
+    [mtunnel_ssh_run => '_ssh_run', ['string', 'opaque*'] => 'int'],
+    [mtunnel_ssh_remove_sockets => '_ssh_remove_sockets', ['string'] => 'int'],
+    [
+        mtunnel_migrate_listen_parse => '_migrate_listen_parse',
+        ['string', 'string', 'opaque*'] => 'int'
+    ],
+);
 
-$ffi->attach(mtunnel_last_error => [] => 'string');
-$ffi->attach(mtunnel_string_free => ['opaque'] => 'void');
-$ffi->attach([mtunnel_version => 'version'] => [] => 'string');
-$ffi->attach(
-    [tunnel_open => '_tunnel_open'] => ['string', 'mtunnel_log_fn', 'opaque', 'opaque*'] => 'int');
-$ffi->attach([tunnel_wait_ready => '_tunnel_wait_ready'] => ['opaque', 'sint64'] => 'int');
-$ffi->attach(
-    [tunnel_command => '_tunnel_command'] => ['opaque', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([tunnel_read_line => '_tunnel_read_line'] => ['opaque', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([tunnel_close => '_tunnel_close'] => ['opaque', 'string'] => 'int');
-$ffi->attach([tunnel_status => '_tunnel_status'] => ['opaque', 'opaque*'] => 'int');
-$ffi->attach([tunnel_free => '_tunnel_free'] => ['opaque'] => 'void');
-$ffi->attach([qmp_migrate => '_qmp_migrate'] => ['string', 'string', 'string'] => 'int');
-$ffi->attach(
-    [qmp_migrate_setup => '_qmp_migrate_setup'] => ['string', 'string', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_query_migrate => '_qmp_query_migrate'] => ['string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_wait_migration => '_qmp_wait_migration'] => ['string', 'string', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_migrate_cancel => '_qmp_migrate_cancel'] => ['string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_migrate_start_postcopy => '_qmp_migrate_start_postcopy'] => ['string', 'sint64'] => 'int');
-$ffi->attach([qmp_migrate_pause => '_qmp_migrate_pause'] => ['string', 'sint64'] => 'int');
-$ffi->attach(
-    [qmp_migrate_recover => '_qmp_migrate_recover'] => ['string', 'string', 'sint64'] => 'int');
-$ffi->attach(
-    [qmp_migrate_resume => '_qmp_migrate_resume'] => ['string', 'string', 'sint64'] => 'int');
-$ffi->attach(
-    [qmp_execute => '_qmp_execute'] => ['string', 'string', 'string', 'sint64', 'opaque*'] =>
-        'int');
-$ffi->attach(
-    [qmp_mirror_method => '_qmp_mirror_method'] => ['string', 'string', 'sint64', 'opaque*'] =>
-        'int');
-$ffi->attach([qmp_mirror_start => '_qmp_mirror_start'] =>
-        ['string', 'string', 'string', 'string', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_mirror_status => '_qmp_mirror_status'] => ['string', 'string', 'sint64', 'opaque*'] =>
-        'int');
-$ffi->attach([qmp_mirror_wait_ready => '_qmp_mirror_wait_ready'] =>
-        ['string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach([qmp_mirror_finish => '_qmp_mirror_finish'] =>
-        ['string', 'string', 'string', 'sint64', 'opaque*'] => 'int');
-$ffi->attach(
-    [qmp_mirror_cancel => '_qmp_mirror_cancel'] => ['string', 'string', 'sint64', 'opaque*'] =>
-        'int');
-$ffi->attach([mtunnel_ssh_run => '_ssh_run'] => ['string', 'opaque*'] => 'int');
-$ffi->attach([mtunnel_ssh_remove_sockets => '_ssh_remove_sockets'] => ['string'] => 'int');
-$ffi->attach(
-    [mtunnel_migrate_listen_parse => '_migrate_listen_parse'] => ['string', 'string', 'opaque*'] =>
-        'int');
+my $json = JSON::PP->new->canonical->allow_nonref;
+
+# The FFI::Platypus instance once the library is loaded and every function attached.
+my $ffi;
+
+# Loads the library and attaches every function, or dies saying which package is missing or
+# broken and why. Tried again at every call until it succeeds (a library installed meanwhile
+# is found); nothing is attached unless everything is.
+sub _load {
+    return $ffi if $ffi;
+    eval { require FFI::Platypus; FFI::Platypus->VERSION('2.00'); 1 } or do {
+        my ($err) = split(/\n/, $@);    # the first line: what is missing
+        die "libffi-platypus-perl is missing or broken: cannot load FFI::Platypus 2.00 - $err\n";
+    };
+    my $path = library_path();
+    my $broken = sub {
+        die "libmtunnel0 is missing or broken: cannot load $path - $_[0]\n";
+    };
+    require FFI::Platypus::DL;
+    # the dynamic loader's own reason (FFI::Platypus would only say a symbol is missing)
+    my $handle = FFI::Platypus::DL::dlopen($path, FFI::Platypus::DL::RTLD_PLATYPUS_DEFAULT());
+    $broken->((FFI::Platypus::DL::dlerror() // 'dlopen failed') =~ s/\s+\z//r) if !$handle;
+    my $new = FFI::Platypus->new(api => 2, lib => [$path]);
+    $new->type('(opaque,int,string)->void' => 'mtunnel_log_fn');
+    my %sub;
+    for my $f (@FUNCTIONS) {
+        my ($c_name, $name, $args, $ret) = @$f;
+        my $function = eval { $new->function($c_name => $args => $ret) };
+        if (!$function) {
+            FFI::Platypus::DL::dlclose($handle);
+            $broken->("it has no function '$c_name' (older than PVE::MTunnel $VERSION?)");
+        }
+        $sub{$name} = $function->sub_ref;
+    }
+    FFI::Platypus::DL::dlclose($handle);    # FFI::Platypus holds its own
+    no strict 'refs';
+    no warnings 'redefine';
+    *{ __PACKAGE__ . "::$_" } = $sub{$_} for keys %sub;
+    return $ffi = $new;
+}
+
+for my $f (@FUNCTIONS) {
+    my $name = $f->[1];
+    my $full = __PACKAGE__ . "::$name";
+    no strict 'refs';
+    # _load replaces this stub by the attached function, which the goto then runs
+    *$full = sub { _load(); goto &$full };
+}
 
 # Dies PVE-style with the library's message unless $rc is 0.
 sub _check {
@@ -113,7 +163,7 @@ sub _check {
 sub _take_string {
     my ($ptr) = @_;
     return undef if !$ptr;
-    my $s = $ffi->cast('opaque', 'string', $ptr);
+    my $s = _load()->cast('opaque', 'string', $ptr);
     mtunnel_string_free($ptr);
     utf8::decode($s);
     return $s;
@@ -201,7 +251,7 @@ sub open {
     my $closure;
     if ($log) {
         # A die inside a callback must not unwind through Rust: report it as a warning.
-        $closure = $ffi->closure(
+        $closure = _load()->closure(
             sub {
                 my (undef, $level, $msg) = @_;
                 eval { $log->($LEVEL_NAME{$level} // 'info', $msg) };
@@ -472,6 +522,21 @@ PVE::MTunnel - ssh UNIX-socket migration tunnel and QMP calls for QemuMigrate-st
 Every failure dies with a message ending in "\n"; C<$PVE::MTunnel::last_error_code> holds the
 library's result code. Timeouts are in milliseconds (C<timeout_ms>).
 
+=head1 LOADING THE LIBRARY
+
+C<use PVE::MTunnel> compiles without the library and without FFI::Platypus: the first call
+that needs the library (any function below but C<library_path>) loads C<library_path()> and
+attaches every function. If that fails, the call dies, and so does every later one until a
+load succeeds (each call tries again; nothing is attached unless everything is):
+
+  libmtunnel0 is missing or broken: cannot load libmtunnel.so.0 - REASON
+
+REASON is the dynamic loader's (C<libmtunnel.so.0: cannot open shared object file: No such
+file or directory>, C<invalid ELF header>, ...) or C<it has no function 'NAME' (older than
+PVE::MTunnel VERSION?)>. Without FFI::Platypus 2.00 the call dies C<libffi-platypus-perl is
+missing or broken: cannot load FFI::Platypus 2.00 - REASON>. So a program that only uses this
+module (a PVE daemon) starts without the library; only the calls that need it fail.
+
 =head1 METHODS AND FUNCTIONS
 
 =over
@@ -479,13 +544,20 @@ library's result code. Timeouts are in milliseconds (C<timeout_ms>).
 =item C<< PVE::MTunnel->open(ssh => \@rem_ssh, forwards => [...], command => [...], log => $cb, %opts) >>
 
 Class method: starts ssh. A forward is one socket path (the same on both nodes) or
-C<"LOCAL:REMOTE">; TCP forwards are refused. Options that are numbers by name (C<*_ms>,
+C<"LOCAL:REMOTE">; or a TCP forward to the target's loopback, C<"PORT:localhost:PORT"> (PVE's
+legacy path for a target that answers C<tcp:localhost:PORT>), which listens on this node's
+loopback only and is ready once ssh holds the port and no other process listens there
+(else it dies C<forward P:localhost:P: another process listens on ADDR:P too ...>); any other
+spec dies C<unsupported forward '...'>. Options that are numbers by name (C<*_ms>,
 C<*_s>, C<*_slots>, C<*_retries>, C<*_count_max>) must be plain integers; every other scalar
 is passed as a string. C<cleanup_in_command> (default 1): the remote command removes the
 forwards' sockets on the target when it ends, so a normal close needs no second connection;
 C<adaptive_slots> (default 1): a node that drops handshakes gets fewer concurrent ones for a
 while; C<connect_retries>: a maximum of retries of a pre-authentication drop (default: until
-the deadline); C<share>: OpenSSH connection sharing (F<docs/sharing.md>).
+the deadline); C<share>: OpenSSH connection sharing (F<docs/sharing.md>); C<ciphers>: a
+C<-o Ciphers=> list for ssh, e.g. C<'aes128-gcm@openssh.com,chacha20-poly1305@openssh.com'>
+(none by default: ssh and the admin's F<ssh_config> choose; C<''> is the same as none).
+Every ssh option the library adds, and why: F<docs/ssh-options.md>.
 
 =item C<< $t->wait_ready(timeout_ms => N) >>, C<< $t->command($cmd, timeout_ms => N) >>, C<< $t->read_line(timeout_ms => N) >>
 
@@ -505,17 +577,31 @@ caller has to act on (e.g. a file that is no socket at a socket path, kept and n
 
 =item C<qmp_migrate_setup($qmp_socket, { capabilities => {...}, parameters => {...} })>
 
-Function: capabilities as Proxmox VE's C<set_migration_caps> (the ones named true on, every
-other one off) and parameters as its phase 2 (C<max-bandwidth> 16 GiB/s unless given,
-C<downtime-limit> capped, xbzrle cache from the guest's memory); returns what was applied.
+Function: sets what it is given, and only that. C<capabilities> as Proxmox VE's
+C<set_migration_caps> (the ones named true on, every other one off); C<parameters> as its
+phase 2 (C<max-bandwidth> 16 GiB/s unless given, C<downtime-limit> capped, and when the same
+call turns xbzrle on, the xbzrle cache from the guest's memory). Only C<capabilities>: only
+capabilities are set; only C<parameters>: only parameters; neither: the default parameters
+(C<< parameters => {} >>). Both: one call sets capabilities, then parameters, and the
+parameters are set even when the capabilities failed (as phase 2 does). Returns what was
+applied (C<capabilities>, C<parameters>: each only when set).
+
+A failed step dies naming each step that failed, with QEMU's reason:
+C<"migrate-set-capabilities failed - REASON\n">, C<"migrate-set-parameters failed - REASON\n">,
+or both joined by C<"; ">. So a caller can log a capability failure as a warning and go on,
+as upstream does, knowing the parameters (its bandwidth limit) were still set when only the
+first step is named. A capability this QEMU does not offer, post-copy on a QEMU without it or
+a C<downtime-limit> that is no integer dies before anything is set.
+
 C<< postcopy => 1 >> makes the migration able to switch to post-copy: C<postcopy-ram> on (a
 QEMU without it is refused before anything is set), C<postcopy-preempt> on where QEMU offers
-it, the other capabilities as C<capabilities> says (off when absent), and
+it, the other capabilities as C<capabilities> says (off when absent), and with C<parameters>
 C<max-postcopy-bandwidth> as C<max-bandwidth> unless given. QEMU needs it on both sides.
 
 =item C<qmp_migrate($qmp_socket, $uri, { ..., setup => 0|1 })>
 
-Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>.
+Function: C<qmp_migrate_setup> (unless C<setup> is 0), then C<migrate>; a failed setup step
+dies as C<qmp_migrate_setup> does, before C<migrate> is sent.
 
 =item C<< $t->status() >>, C<< $t->pid() >>
 
@@ -612,11 +698,12 @@ release.
 
 =item C<library_path()>
 
-Function: where the library is loaded from: C<$ENV{MTUNNEL_LIB}> if set; in a build tree
-(this module under F<perl/lib> next to F<Cargo.toml>) its F<target/release> (or
-F<target/debug>) F<libmtunnel.so>; otherwise the soname C<libmtunnel.so.0>, found by the
-dynamic loader (the Debian package libmtunnel0 installs it in the multiarch library
-directory).
+Function: where the library is loaded from. Installed (this module not in a build tree): the
+soname C<libmtunnel.so.0>, found by the dynamic loader (the Debian package libmtunnel0
+installs it in the multiarch library directory), whatever the environment says. In a build
+tree (this module under F<perl/lib> next to F<Cargo.toml>): C<$ENV{MTUNNEL_LIB}> if set, else
+its F<target/release> (or F<target/debug>) F<libmtunnel.so>, else the soname. Needs no
+library.
 
 =item C<mtunnel_last_error()>, C<mtunnel_string_free($ptr)>
 

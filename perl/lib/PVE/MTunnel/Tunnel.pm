@@ -17,8 +17,10 @@ my $json = JSON::PP->new->canonical;
 my $QUIT_TIMEOUT_MS = 30_000;
 my $EXIT_TIMEOUT_MS = 30_000;
 
-# `use PVE::MTunnel::Tunnel ':pve-tunnel';` — the one-line switch: PVE::Tunnel's ssh functions
-# run here; a tunnel this package did not open (a websocket tunnel) still goes to upstream's.
+# `use PVE::MTunnel::Tunnel ':pve-tunnel';` — the one-line switch, process-wide: PVE::Tunnel's
+# ssh functions run here, for every caller in the process; a tunnel this package did not open
+# (a websocket tunnel) still goes to upstream's. The scoped way is to call this package's
+# functions by name: they pass foreign tunnels to upstream's themselves.
 sub import {
     my ($class, @tags) = @_;
     for my $tag (@tags) {
@@ -28,12 +30,17 @@ sub import {
     }
 }
 
+# PVE::Tunnel's own functions, once ':pve-tunnel' replaced them there.
 my %upstream;
+
+sub _require_pve_tunnel {
+    eval { require PVE::Tunnel; 1 }
+        or die "PVE::MTunnel::Tunnel: PVE::Tunnel (pve-guest-common) cannot be loaded: $@";
+}
 
 sub _take_over_pve_tunnel {
     return if %upstream;
-    eval { require PVE::Tunnel; 1 }
-        or die "PVE::MTunnel::Tunnel: PVE::Tunnel (pve-guest-common) cannot be loaded: $@";
+    _require_pve_tunnel();
     no strict 'refs';
     no warnings 'redefine';
     for my $name (qw(fork_ssh_tunnel read_tunnel write_tunnel finish_tunnel)) {
@@ -41,11 +48,27 @@ sub _take_over_pve_tunnel {
         $upstream{$name} = \&{"PVE::Tunnel::$name"};
         *{"PVE::Tunnel::$name"} = $name eq 'fork_ssh_tunnel' ? $ours : sub {
             my ($tunnel) = @_;
-            goto &$ours if ref($tunnel) eq 'HASH' && $tunnel->{mtunnel};
+            goto &$ours if _ours($tunnel);
             goto &{ $upstream{$name} };
         };
     }
     return;
+}
+
+# Whether $tunnel was opened by this package's fork_ssh_tunnel.
+sub _ours {
+    my ($tunnel) = @_;
+    return ref($tunnel) eq 'HASH' && $tunnel->{mtunnel};
+}
+
+# Upstream's PVE::Tunnel::$name (loaded on first need): where a tunnel this package did not
+# open goes.
+sub _upstream {
+    my ($name) = @_;
+    return $upstream{$name} if $upstream{$name};
+    _require_pve_tunnel();
+    no strict 'refs';
+    return \&{"PVE::Tunnel::$name"};
 }
 
 sub _mtunnel {
@@ -65,7 +88,7 @@ sub fork_ssh_tunnel {
 
     $log //= sub { };
     die "can't open tunnel - ssh_forward_info must be an array reference of 'LOCAL:REMOTE'"
-        . " socket pairs, not '$ssh_forward_info'\n"
+        . " socket pairs or 'PORT:localhost:PORT' TCP forwards, not '$ssh_forward_info'\n"
         if defined($ssh_forward_info) && ref($ssh_forward_info) ne 'ARRAY';
     # The library's lines come without "\n"; upstream's callers get them with one.
     my $relay = sub {
@@ -103,6 +126,9 @@ sub fork_ssh_tunnel {
 sub read_tunnel {
     my ($tunnel, $timeout) = @_;
 
+    # a websocket tunnel, or any this package did not open: upstream's
+    goto &{ _upstream('read_tunnel') } if !_ours($tunnel);
+
     $timeout = 60 if !defined($timeout);
     my $line = eval { _mtunnel($tunnel)->read_line(timeout_ms => int($timeout * 1000)) };
     if (my $err = $@) {
@@ -115,6 +141,9 @@ sub read_tunnel {
 
 sub write_tunnel {
     my ($tunnel, $timeout, $command, $params) = @_;
+
+    # a websocket tunnel, or any this package did not open: upstream's
+    goto &{ _upstream('write_tunnel') } if !_ours($tunnel);
 
     $timeout = 60 if !defined($timeout);
     my $t = _mtunnel($tunnel);
@@ -142,6 +171,9 @@ sub write_tunnel {
 
 sub finish_tunnel {
     my ($tunnel, $cleanup) = @_;
+
+    # a websocket tunnel, or any this package did not open: upstream's
+    goto &{ _upstream('finish_tunnel') } if !_ours($tunnel);
 
     my $t = _mtunnel($tunnel);
     # Set by the caller after fork_ssh_tunnel (QemuMigrate.pm: after its -S poll). Removed on
@@ -187,15 +219,35 @@ All timeouts are seconds, as upstream's, but kept by the library with monotonic 
 instead of C<alarm>: a host's own C<alarm> or signal handlers cannot cut them short or
 extend them, and no C<SIGALRM> handler is installed.
 
-To switch QemuMigrate.pm with one line, put
+=head2 The scoped way (recommended): call this package by name
+
+In QemuMigrate.pm, call C<PVE::MTunnel::Tunnel::fork_ssh_tunnel>, C<read_tunnel>,
+C<write_tunnel> and C<finish_tunnel> where it calls C<PVE::Tunnel::…> for its tunnel. Only
+that caller changes: C<PVE::Tunnel> stays as it is for everyone else in the process
+(pve-container's migration, other plugins). C<read_tunnel>, C<write_tunnel> and
+C<finish_tunnel> hand a tunnel this package did not open (a websocket tunnel of a remote
+migration, any hash without C<mtunnel>) to C<PVE::Tunnel>'s own functions, with the same
+arguments, and return what they return; C<PVE::Tunnel> is loaded (C<require>) only then. So
+the calls can be renamed wherever a tunnel arrives, websocket or ssh:
+
+  my $tunnel = PVE::MTunnel::Tunnel::fork_ssh_tunnel($rem_ssh, $cmd, $forwards, $log);
+  PVE::MTunnel::Tunnel::write_tunnel($self->{tunnel}, 30, "resume $vmid");   # ssh or websocket
+  PVE::MTunnel::Tunnel::finish_tunnel($self->{tunnel});
+
+=head2 The one-line switch: C<:pve-tunnel> (process-wide)
 
   use PVE::MTunnel::Tunnel ':pve-tunnel';
 
-after its C<use PVE::Tunnel;>: C<PVE::Tunnel::fork_ssh_tunnel> then opens tunnels through
-the library, and C<PVE::Tunnel::read_tunnel>, C<write_tunnel> and C<finish_tunnel> handle
-them here; a tunnel this package did not open (a websocket tunnel of a remote migration) is
-passed on to upstream's functions unchanged. Calling C<PVE::MTunnel::Tunnel::…> by name
-instead does the same without touching C<PVE::Tunnel>.
+after C<use PVE::Tunnel;> redefines C<PVE::Tunnel::fork_ssh_tunnel>, C<read_tunnel>,
+C<write_tunnel> and C<finish_tunnel> in the whole process, for every caller (pve-container's
+calls too), from the moment it is imported until the process ends: C<PVE::Tunnel::fork_ssh_tunnel>
+then opens tunnels through the library, and the other three handle them here; a tunnel this
+package did not open is passed on to upstream's functions unchanged. It is kept as a contract,
+but prefer the scoped way above: it changes nothing outside its caller.
+
+Without C<PVE::Tunnel> (pve-guest-common) installed, C<:pve-tunnel> dies at import, and a
+foreign tunnel given to this package's functions dies C<PVE::MTunnel::Tunnel: PVE::Tunnel
+(pve-guest-common) cannot be loaded: …>; the package's own tunnels do not need it.
 
 =head1 FUNCTIONS
 
@@ -204,8 +256,13 @@ instead does the same without touching C<PVE::Tunnel>.
 Starts C<@$rem_ssh -o ExitOnForwardFailure=yes -L LOCAL:REMOTE … @$cmd> and returns when the
 tunnel is ready: C<tunnel online> (60 s) and C<ver N> (10 s) read, and every local socket a
 listening socket held by this very ssh (never probed by connecting). C<$ssh_forward_info> is a
-list of C<"LOCAL:REMOTE"> UNIX socket pairs or single paths (may be empty or undef: a
-command-only tunnel); a TCP spec (C<PORT:localhost:PORT>) is refused, naming it. A stale
+list of C<"LOCAL:REMOTE"> UNIX socket pairs or single paths, or of TCP forwards to the
+target's loopback, C<"LPORT:localhost:PORT"> (QemuMigrate.pm's legacy path for a target that
+answers C<tcp:localhost:PORT>), which listen on this node's loopback only and are ready once
+this ssh holds LPORT and no other process listens there (else C<can't open tunnel - forward
+LPORT:localhost:PORT: another process listens on ADDR:LPORT too ...>); may be empty or undef
+(a command-only tunnel). Any other spec dies C<can't open tunnel - unsupported forward '...'>.
+A stale
 socket at a local path is removed first; anything else there is refused and kept.
 C<$cmd> words are shell-quoted for the remote shell. C<$log> gets C<($level, "msg\n")>.
 
@@ -220,7 +277,8 @@ always after stopping and reaping ssh and removing the local sockets.
 
 =head2 read_tunnel($tunnel, $timeout)
 
-Reads one line (default timeout 60 s) and returns it without its newline, or C<undef> at the
+A tunnel not opened by C<fork_ssh_tunnel> here goes to C<PVE::Tunnel::read_tunnel> (so do
+those of C<write_tunnel> and C<finish_tunnel> to upstream's of the same name). Reads one line (default timeout 60 s) and returns it without its newline, or C<undef> at the
 end of the stream. Dies C<reading from tunnel failed: …> on timeout.
 
 =head2 write_tunnel($tunnel, $timeout, $command, $params)
@@ -247,7 +305,8 @@ even when a stage fails; then it dies with the first failure. Calling it again d
 Deadlines instead of C<alarm>; a forward that is not proven listening is an error (upstream
 left that to the caller's C<-S> poll, which a stale file from a crashed run passes); sockets
 are removed only if they are sockets, and the forwards are removed even when the caller never
-set C<unix_sockets>; TCP forwards are refused; ssh's stderr tail is part of every error; the
+set C<unix_sockets>; a TCP forward listens on loopback only and must be ours alone, and
+goes to the target's loopback only; ssh's stderr tail is part of every error; the
 websocket functions (C<fork_websocket_tunnel>, C<forward_unix_socket>) are not provided.
 
 =cut
