@@ -387,6 +387,22 @@ mount --bind "$LAB/pve" /etc/pve
 mount --bind "$LAB/local" /var/lib/vz
 '
 
+# A PVE node's /sys (node_exec, in its network namespace): a sysfs mounted there shows the
+# node's network devices (PVE looks for its bridges and taps in /sys/class/net); the mounts
+# below /sys (cgroups, ...) mounted again over it from the old /sys, reached through the cwd
+NODE_SYSFS_SETUP='
+set -eu
+subs=$(awk "index(\$5, \"/sys/\") == 1 {print \$5}" /proc/self/mountinfo)
+cd /sys
+mount -t sysfs mtl-sys /sys
+done=
+for m in $subs; do
+    case " $done " in *" ${m%/*} "* | *" ${m%/*/*} "*) continue ;; esac
+    if [ -e "$m" ]; then mount --no-canonicalize --rbind ".${m#/sys}" "$m"; fi
+    done="$done $m"
+done
+'
+
 # write_sshd_config N [KEYWORD VALUE]... : the node's sshd_config, extra options at the end
 # (written to a temp name of ours and renamed over the file)
 write_sshd_config() {
@@ -557,6 +573,8 @@ cmd_up() {
             /bin/sh -c "$NODE_MNT_SETUP" node-setup "$LAB" "$i" "$LAB_SRC" "${node_qemu_bin[i]}" \
             "$pve" "$n" 9>&- ||
             die "node$i: mount namespace setup failed"
+        [ -z "$pve" ] || node_exec "$i" /bin/sh -c "$NODE_SYSFS_SETUP" ||
+            die "node$i: /sys setup failed"
         node_exec "$i" /usr/bin/qemu-system-x86_64 -version | grep -q "version ${node_qemu[i - 1]}[.(]" ||
             die "node$i: /usr/bin/qemu-system-x86_64 is not QEMU ${node_qemu[i - 1]}: $(node_exec "$i" /usr/bin/qemu-system-x86_64 -version | head -1)"
 

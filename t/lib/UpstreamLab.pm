@@ -120,6 +120,17 @@ END
         my ($key) = $known =~ /^\Q$node\E,\S+ (.*)$/m or die "no host key of $node\n";
         write_file("$pve/nodes/$node/ssh_known_hosts", "$node $key\n");
     }
+    # each node's bridge vmbr0 for VMs with a NIC, as a PVE node declares it in
+    # /etc/network/interfaces, MAC learning off (PVE then keeps static fdb entries for the VMs)
+    for my $node ($lab->nodes) {
+        $lab->run_ok(
+            $node, 'sh', '-ec', 'ip link add vmbr0 type bridge; ip link set vmbr0 up
+            rm -f /etc/network/interfaces; mkdir -p /etc/network
+            printf "%s\n" "auto lo" "iface lo inet loopback" "" "auto vmbr0" \
+                "iface vmbr0 inet manual" "	bridge-ports none" "	bridge-stp off" \
+                "	bridge-fd 0" "	bridge-disable-mac-learning 1" >/etc/network/interfaces',
+        );
+    }
     # the VMs' hookscript (lab/upstream/pve-hook: the lab's run-state log)
     write_file("$dir/shared/snippets/lab-hook",
         "#!/bin/sh\nexec perl $TOP/lab/upstream/pve-hook \"\$@\"\n", 0755);
@@ -250,6 +261,7 @@ sub node_series {
 #   guest   dirty (default: keeps writing its memory) | disk (also its disk)
 #   store   the boot disk's storage: shared (default, 1 MiB) | local (16 MiB, a local disk)
 #   machine the config's machine (default: a disk on local pins pc-i440fx-9.2: README)
+#   net     1: a NIC (e1000, a static MAC) on the node's bridge vmbr0 (MAC learning off)
 #   conf    more config keys
 sub start_vm {
     my ($self, $vmid, %o) = @_;
@@ -262,13 +274,31 @@ sub start_vm {
     my %conf = (memory => $MEM, ide0 => "$volid,cache=writeback,size=$size", %{ $o{conf} // {} });
     my $machine = exists($o{machine}) ? $o{machine} : $store eq 'shared' ? undef : 'pc-i440fx-9.2';
     $conf{machine} = $machine if defined($machine);
+    $conf{net0} = 'e1000=' . mac($vmid) . ',bridge=vmbr0' if $o{net};
     $lab->remove_vm_config($vmid);
     UpstreamLab::pve_vm_config($lab, $vmid, %conf);
     $lab->move_vm_config($vmid, $node);
     $lab->run_ok($node, 'qm', 'start', $vmid);
     $lab->run_ok($node, "$TOP/lab/guest-check", '--wait', $vmid);
-    $self->{vm}->{$vmid} = { volid => $volid, store => $store, node => $node };
+    $self->{vm}->{$vmid} = { volid => $volid, store => $store, node => $node, net => $o{net} };
     return $volid;
+}
+
+# the static MAC of VMID's NIC
+sub mac {
+    my ($vmid) = @_;
+    return sprintf('BC:24:11:%02X:%02X:%02X', ($vmid >> 16) & 255, ($vmid >> 8) & 255, $vmid & 255);
+}
+
+# The static fdb entries of VMID's NIC on NODE's bridge: the lines of `bridge fdb show` for its
+# tap device with its MAC ('' when it has no tap there)
+sub fdb {
+    my ($self, $node, $vmid) = @_;
+    my $mac = lc(mac($vmid));
+    my (undef, $out) =
+        $self->{lab}->run($node, 'sh', '-c', 'bridge fdb show dev "$1" 2>/dev/null || true',
+        'fdb', "tap${vmid}i0");
+    return join('', grep { /^\Q$mac\E .*\bstatic\b/ } split(/^/, $out));
 }
 
 # upstream's migration of VMID from SRC to DST, in the background: the task log in
@@ -340,6 +370,12 @@ sub check_vm {
             [$vm->{volid}], "$name: the VM's local volume is on $node");
         is_deeply([$self->volumes($_, 'local', $vmid)], [], "$name: no volume of VM $vmid on $_")
             for @others;
+    }
+    if ($vm->{net}) {
+        # the bridge forwards to the VM's NIC on NODE only: learning is off, PVE adds the MAC
+        like($self->fdb($node, $vmid), qr/ master vmbr0 /,
+            "$name: the NIC's fdb entry is on $node");
+        is($self->fdb($_, $vmid), '', "$name: no fdb entry of the NIC on $_") for @others;
     }
     if (defined($o{since})) {
         is_deeply([MTunnelLab::zombies_since($o{since})], [], "$name: no zombie left");

@@ -75,6 +75,16 @@ my @LAB_NODE_MODULES = qw(
 my $LAB = $ENV{MTUNNEL_LAB_DIR} or die "MTunnelPVEStandIns: MTUNNEL_LAB_DIR not set\n";
 my $NODE = $ENV{MTUNNEL_LAB_NODE} or die "MTunnelPVEStandIns: MTUNNEL_LAB_NODE not set\n";
 
+# In a PVE lab the node's name is in place as soon as this module is loaded, before anything
+# else of PVE: its modules take it into lexicals of their own when they are loaded, and the
+# programs PVE runs on its own (QEMU's tap script pve-bridge) load this by PERL5OPT
+# (lab/upstream/pve-node) and nothing else of the lab.
+if ($ENV{MTUNNEL_LAB_PVE}) {
+    require PVE::INotify;
+    no warnings 'redefine';
+    *PVE::INotify::nodename = sub { $NODE };
+}
+
 # the lab's keys of a VM config that PVE does not know
 my $LAB_KEYS = qr/^(?:guest|accel)$/;
 
