@@ -117,7 +117,7 @@ my $vmid = 500;
 {
     my $name = 'NBD export broken';
     my $t0 = time();
-    # a guest that wrote its memory and halts: the RAM migration takes 16 s at 8 MiB/s (the
+    # a guest that wrote its memory and halts: the RAM migration takes 8 s at 16 MiB/s (the
     # window for the fault) and its disk stays as it was (compared by checksum)
     my $volid = $h->start_vm(++$vmid, guest => 'idle', store => 'local');
     my $sum = sub { scalar $lab->run_ok('node1', 'sh', '-c', 'sha256sum < "$1"', 'sum', $_[0]) };
@@ -129,7 +129,7 @@ my $vmid = 500;
     };
     my $nodes_before = $nodes->();
     my $bg =
-        $h->migrate($vmid, 'node1', 'node2', opts => ['--with-local-disks', '--bwlimit', 8192]);
+        $h->migrate($vmid, 'node1', 'node2', opts => ['--with-local-disks', '--bwlimit', 16384]);
     ok($bg->wait_for(qr/ migration active, /, 120), "$name: the RAM migration was under way")
         or diag($bg->output);
     my ($rc, $o, $e) = $lab->run('node2', 'qmp', $vmid, 'nbd-server-stop');
