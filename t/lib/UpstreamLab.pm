@@ -2,7 +2,9 @@ package UpstreamLab;
 
 # Upstream's QemuMigrate.pm on the lab (lab/upstream/qemu-migrate): the source trees, the
 # qemu-server tree as released or with the series, the command that runs a migration on a
-# node, and what the tests read off the nodes afterwards.
+# node, and what the tests read off the nodes afterwards; a PVE lab (pve_lab: every node runs
+# PVE's own qm, lab/upstream/README.md) and the runs of t/upstream/ on it
+# (UpstreamLab::Harness).
 
 use strict;
 use warnings;
