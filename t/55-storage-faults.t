@@ -58,6 +58,26 @@ sub wait_new_volume {
     die "node2 never allocated $new_volid\n";
 }
 
+# node2's QEMU started 2 s late, by a wrapper bind-mounted over it in node2's mount namespace
+# that starts nothing once its `qm start` is gone; or as before
+sub slow_target_qemu {
+    my ($on) = @_;
+    if (!$on) {
+        $lab->run_ok('node2', 'umount', '/usr/bin/qemu-system-x86_64');
+        return;
+    }
+    my ($real, $slow) = ("$dir/node2/qemu-real", "$dir/node2/qemu-slow");
+    unlink($real, $slow);
+    $lab->run_ok('node2', 'cp', '/usr/bin/qemu-system-x86_64', $real);
+    open(my $fh, '>', "$slow.tmp") or die "$slow.tmp: $!\n";
+    print $fh "#!/bin/sh\nqm=\$PPID\nsleep 2\nkill -0 \$qm 2>/dev/null || exit 1\n"
+        . "exec $real \"\$@\"\n";
+    close($fh) or die "$slow.tmp: $!\n";
+    chmod(0755, "$slow.tmp");
+    rename("$slow.tmp", $slow) or die "$slow: $!\n";
+    $lab->run_ok('node2', 'mount', '--bind', $slow, '/usr/bin/qemu-system-x86_64');
+}
+
 # the ssh on node1 running the target's `qm start`
 sub start_ssh {
     return grep { slurp("/proc/$_/cmdline") =~ /\bqm\W+start\W+$vmid\b/ } $lab->ssh_pids('node1');
@@ -137,8 +157,11 @@ my %scenario = (
             qr/^TASK ERROR: storage migration not ready after \d+ s \(mirror timeout\) - aborting - /m,
     },
     'ssh of the target start killed' => {
-        # once node2's qm allocated the new volume, before it printed where it listens
+        # once node2's qm allocated the new volume, before it printed where it listens: its
+        # QEMU starts 2 s late, so `qm start` still runs however busy the machine is
         existing => 1,
+        prepare => sub { slow_target_qemu(1) },
+        restore => sub { slow_target_qemu(0) },
         at_start => sub {
             wait_new_volume();
             my @ssh = start_ssh();
