@@ -3,6 +3,13 @@
 use super::*;
 use crate::fake_qmp::{FakeQmp, GREETING, event, ok};
 
+/// The commands a fake monitor received, in order.
+fn executed(reqs: &[Value]) -> Vec<&str> {
+    reqs.iter()
+        .map(|r| r["execute"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn decode_tells_greeting_event_return_and_error_apart() {
     assert!(matches!(
@@ -56,10 +63,7 @@ fn migrate_turns_wanted_capabilities_on_and_every_other_off_then_sets_parameters
     let opts = MigrateOptions::from_json(&json!({"capabilities": {"xbzrle": true, "auto-converge": true}, "parameters": {"downtime-limit": 100}})).unwrap();
     let applied = migrate(&server.path, "unix:/run/qemu-server/100.migrate", &opts).unwrap();
     let reqs = server.finish();
-    let names: Vec<&str> = reqs
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap())
-        .collect();
+    let names = executed(&reqs);
     assert_eq!(
         names,
         [
@@ -195,10 +199,7 @@ fn setup_with_only_parameters_sets_only_parameters_with_the_default_bandwidth() 
     let server = migration_monitor("params-only");
     let applied = setup_json(&server, json!({"parameters": {"downtime-limit": 100}})).unwrap();
     let reqs = server.finish();
-    let names: Vec<&str> = reqs
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap())
-        .collect();
+    let names = executed(&reqs);
     assert_eq!(names, ["qmp_capabilities", "migrate-set-parameters"]);
     let params = json!({"downtime-limit": 100, "max-bandwidth": 16u64 << 30});
     assert_eq!(reqs[1]["arguments"], params);
@@ -226,10 +227,7 @@ fn setup_with_both_still_sets_the_parameters_when_the_capabilities_fail_and_name
     )
     .unwrap_err();
     let reqs = server.finish();
-    let names: Vec<&str> = reqs
-        .iter()
-        .map(|r| r["execute"].as_str().unwrap())
-        .collect();
+    let names = executed(&reqs);
     assert_eq!(
         names,
         [
